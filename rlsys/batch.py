@@ -1,0 +1,34 @@
+"""Rollouts + rewards -> the learner's TrainBatch (group advantages computed here, once)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlsys.algo import group_advantages
+from rlsys.config import AlgoConfig
+from rlsys.types import Rollout, TrainBatch
+
+
+def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, pad_id: int) -> TrainBatch:
+    """Rollouts must come group by group (G consecutive samples of one question)."""
+    G = cfg.group_size
+    assert len(rollouts) == len(rewards) and len(rollouts) % G == 0, \
+        f"{len(rollouts)} rollouts, {len(rewards)} rewards, group_size {G}"
+    for i in range(0, len(rollouts), G):
+        groups = {r.group for r in rollouts[i:i + G]}
+        assert len(groups) == 1, f"rollouts {i}..{i + G - 1} mix groups {sorted(groups)}"
+    B = len(rollouts)
+    L = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)          # (B, L)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)             # (B, L)
+    loss_mask = torch.zeros(B, L)                                     # (B, L)
+    gen_logprobs = torch.zeros(B, L)                                  # (B, L)
+    for i, r in enumerate(rollouts):
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        input_ids[i, :p + n] = torch.tensor(r.prompt_ids + r.response_ids)
+        attention_mask[i, :p + n] = 1
+        loss_mask[i, p:p + n] = 1
+        gen_logprobs[i, p:p + n] = torch.tensor(r.response_logprobs)
+    reward_t = torch.tensor(rewards, dtype=torch.float32)            # (B,)
+    advantages = group_advantages(reward_t, G, std_normalize=cfg.std_normalize)
+    return TrainBatch(input_ids, attention_mask, loss_mask, gen_logprobs, advantages, reward_t)

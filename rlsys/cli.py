@@ -1,0 +1,33 @@
+"""rlsys train [CONFIG.yaml] [key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlsys.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlsys", description="R1-Zero-style GRPO on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="run GRPO; no CONFIG runs the embedded default (tiny model, toy task)")
+    p_train.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        path = args.args[0] if args.args and "=" not in args.args[0] else None
+        overrides = args.args[1:] if path else args.args
+        try:
+            cfg = load_config(path, overrides)
+        except ConfigError as e:
+            print(f"rlsys: {e}", file=sys.stderr)
+            return 2
+        from rlsys.trainer import train
+
+        run_dir = train(cfg)
+        print(f"[rlsys] done: {run_dir}/metrics.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The configuration tree: typed dataclasses with defaults, read with omegaconf.
+
+The defaults ARE the embedded default config (a tiny model built in code, a toy task, a local
+Ray cluster on CPU), so `rlsys train` with no file runs. An experiment's YAML holds only what
+differs; `key=value` overrides come last. Every slice below is handed to one component only.
+
+An unknown key or a value of the wrong type stops in `load_config`, before any actor starts,
+with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """A local HF folder, a hub id, or "tiny": a small random Qwen2 with a BPE tokenizer trained in
+    code, built deterministically from `tiny_seed` into the run's cache (no download)."""
+    dtype: str = "float32"
+    """float32 | bfloat16. Learner modules and generator engines use the same dtype, so the
+    weights a generator serves are bit-identical to the learner's."""
+    tiny_seed: int = 0
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    """head_dim = tiny_hidden / tiny_heads must be one the CPU attention kernels take (32, 64, ...)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "configs/data/toy_digits.jsonl"
+    """A .jsonl or .parquet file; relative paths resolve against the working directory, then
+    against the rlsys source tree (so the embedded default works from anywhere)."""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: str = "r1_zero"
+    """r1_zero: the R1-Zero text template | chat: the tokenizer's chat template | none: the raw prompt."""
+    prompts_per_step: int = 16
+    """Questions per step; each gets `algo.group_size` samples."""
+
+
+@dataclass
+class GeneratorConfig:
+    num_engines: int = 2
+    """Ray actors, each hosting one vLLM engine."""
+    tensor_parallel_size: int = 1
+    """GPU only: GPUs per engine."""
+    num_cpus: float = 1.0
+    """Logical CPUs reserved per engine actor (CPU runs)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    max_model_len: int = 512
+    kv_cache_gib: int = 1
+    """CPU only: VLLM_CPU_KVCACHE_SPACE per engine."""
+    gpu_memory_utilization: float = 0.5
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 2
+    num_cpus: float = 0.25
+    """Logical CPUs reserved per reward actor."""
+    accuracy_weight: float = 0.8
+    format_weight: float = 0.2
+    """reward = accuracy_weight * accuracy + format_weight * format (defaults sum to 1, so the
+    reward lies in [0, 1])."""
+    require_answer_tag: bool = False
+    """False: accuracy reads the <answer>...</answer> block when there is one, else math-verify
+    looks for the final answer anywhere in the completion (the format reward pays for the tags
+    separately). True: only the block counts, strictly as in R1."""
+    timeout_s: float = 5.0
+    """Per-sample limit; a sample over it scores 0 and its scoring process is killed."""
+
+
+@dataclass
+class AlgoConfig:
+    group_size: int = 8
+    """G: samples per question (16 in the paper)."""
+    std_normalize: bool = True
+    """Divide advantages by the group std (GRPO); false is the Dr.GRPO variant."""
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None means epsilon."""
+    beta: float = 0.001
+    """KL coefficient (k3, inside the loss). 0 loads no reference model at all."""
+    aggregation: str = "token"
+    """token: every response token of a mini-batch weighs the same (DAPO) | sequence: every
+    sequence weighs the same (original GRPO)."""
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    num_cpus: float = 1.0
+    zero_stage: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mini_batch_size: int = 64
+    """Samples per optimizer step, over all ranks; must divide the rollout batch."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on one rank."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    sync_bucket_mb: float = 32.0
+    """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """None: start a local Ray cluster in-process. Otherwise ray.init(address=...), e.g. "auto"."""
+    num_cpus: int | None = None
+    """Logical CPUs of the local cluster; None: as many as the actors ask for (at least os.cpu_count())."""
+    backend: str = "auto"
+    """Collective backend for the learners and the weight sync: auto (nccl when CUDA is there,
+    else gloo) | gloo | nccl."""
+    placement_timeout_s: float = 120.0
+    """A placement group not placed by then is an error, not a silent wait."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 30
+    output_dir: str = "runs/default"
+    seed: int = 0
+    progress: bool = True
+    """Progress bar with the live reward on the terminal."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.data.prompts_per_step * self.algo.group_size
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; then checks that span slices."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        where = f" in {path}" if path is not None else ""
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"bad config{where}: key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that no single field's type can express; each message names the keys."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    need(cfg.data.template in ("r1_zero", "chat", "none"), f"data.template must be r1_zero, chat or none, got {cfg.data.template!r}")
+    need(cfg.algo.aggregation in ("token", "sequence"), f"algo.aggregation must be token or sequence, got {cfg.algo.aggregation!r}")
+    need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")
+    need(cfg.algo.beta >= 0, f"algo.beta must be >= 0, got {cfg.algo.beta}")
+    need(cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
+    need(cfg.cluster.backend in ("auto", "gloo", "nccl"), f"cluster.backend must be auto, gloo or nccl, got {cfg.cluster.backend!r}")
+    for name in ("generator.num_engines", "reward.num_workers", "learner.num_ranks", "data.prompts_per_step",
+                 "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "generator.max_tokens"):
+        section, key = name.split(".")
+        need(getattr(getattr(cfg, section), key) >= 1, f"{name} must be >= 1")
+    batch, mini = cfg.rollout_batch_size, cfg.learner.mini_batch_size
+    need(batch % mini == 0,
+         f"learner.mini_batch_size={mini} must divide the rollout batch data.prompts_per_step * algo.group_size = {batch}")
+    per_rank = cfg.learner.num_ranks * cfg.learner.micro_batch_size
+    need(mini % per_rank == 0,
+         f"learner.mini_batch_size={mini} must be a multiple of learner.num_ranks * learner.micro_batch_size = {per_rank}")
+    need(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,129 @@
+"""Prompts: read from jsonl or parquet with pyarrow, wrapped in a template, streamed resumably.
+
+Templates:
+- r1_zero: the DeepSeek-R1-Zero text template, word for word, for base models: it constrains
+  only the structure (<think> then <answer>), never the content.
+- chat: the tokenizer's chat template with the question as the user turn (instruct models).
+- none: the raw prompt field (toy tasks).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from rlsys.config import DataConfig
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {prompt}. Assistant:"
+)
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Prompt:
+    index: int
+    """Row of the dataset it came from."""
+    text: str
+    """The templated prompt the generators see."""
+    question: str
+    answer: str
+
+
+class DataError(ValueError):
+    pass
+
+
+def resolve_data_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (SOURCE_ROOT / p).is_file():
+        return SOURCE_ROOT / p
+    raise DataError(f"data.path={path}: file not found (looked in {Path.cwd()} and {SOURCE_ROOT})")
+
+
+def load_rows(cfg: DataConfig) -> list[tuple[str, str]]:
+    """(question, answer) for every row; a missing or empty field stops with file, row and field."""
+    path = resolve_data_path(cfg.path)
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    elif path.suffix in (".jsonl", ".json"):
+        try:
+            table = pa_json.read_json(path)
+        except Exception as e:  # pyarrow's message names the line; keep it, add the file
+            raise DataError(f"{path}: cannot parse as JSON lines: {e}") from e
+    else:
+        raise DataError(f"data.path={path}: unsupported extension {path.suffix!r} (use .jsonl or .parquet)")
+    for name, field in (("data.prompt_field", cfg.prompt_field), ("data.answer_field", cfg.answer_field)):
+        if field not in table.column_names:
+            raise DataError(f"{path}: no column {field!r} ({name}); columns are {table.column_names}")
+    questions = table.column(cfg.prompt_field).to_pylist()
+    answers = table.column(cfg.answer_field).to_pylist()
+    rows = []
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        for field, value in ((cfg.prompt_field, q), (cfg.answer_field, a)):
+            if value is None or str(value).strip() == "":
+                raise DataError(f"{path}: row {i}: field {field!r} is missing or empty")
+        rows.append((str(q), str(a)))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def apply_template(question: str, template: str, tokenizer=None) -> str:
+    if template == "r1_zero":
+        return R1_ZERO_TEMPLATE.format(prompt=question.strip().rstrip("."))
+    if template == "chat":
+        assert tokenizer is not None, "the chat template needs the tokenizer"
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    if template == "none":
+        return question
+    raise DataError(f"unknown data.template {template!r}")
+
+
+class PromptStream:
+    """Endless shuffled epochs over the rows; `state()`/`load_state()` make it resumable."""
+
+    def __init__(self, cfg: DataConfig, seed: int, tokenizer=None):
+        self.cfg = cfg
+        self.rows = load_rows(cfg)
+        self.texts = [apply_template(q, cfg.template, tokenizer) for q, _ in self.rows]
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self, n: int | None = None) -> list[Prompt]:
+        n = n or self.cfg.prompts_per_step
+        out = []
+        while len(out) < n:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            i = self.order[self.cursor]
+            self.cursor += 1
+            out.append(Prompt(index=i, text=self.texts[i], question=self.rows[i][0], answer=self.rows[i][1]))
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order(self.epoch)

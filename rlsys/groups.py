@@ -1,0 +1,221 @@
+"""The Ray edge: placement groups, actors, and the handles the loop calls.
+
+Nothing else in rlsys imports Ray's actor machinery: Generator, Learner and RewardWorker are
+plain classes; here each becomes an actor (a subclass that can also say where it runs), each
+group gets a placement group that must be placed within `cluster.placement_timeout_s` or the
+run stops with the resources it was waiting for, and the group handles below submit work to
+every member and `ray.get` once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlsys.config import Config
+from rlsys.generator import Generator, engine_env
+from rlsys.learner import Learner
+from rlsys.reward_worker import RewardResult, RewardWorker
+from rlsys.types import Rollout, TrainBatch
+from rlsys.weight_sync import Bucket
+
+
+class Placed:
+    """Mixed into every actor: where am I."""
+
+    def whereami(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
+
+
+@ray.remote
+class GeneratorActor(Generator, Placed):
+    pass
+
+
+@ray.remote
+class LearnerActor(Learner, Placed):
+    pass
+
+
+@ray.remote
+class RewardActor(RewardWorker, Placed):
+    pass
+
+
+def resolve_backend(cfg: Config) -> str:
+    if cfg.cluster.backend != "auto":
+        return cfg.cluster.backend
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _bundles(num: int, cpus: float, gpus: int) -> list[dict]:
+    bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    return [dict(bundle) for _ in range(num)]
+
+
+def _place(name: str, bundles: list[dict], strategy: str, timeout_s: float):
+    pg = placement_group(bundles, strategy=strategy, name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"placement group {name!r} ({len(bundles)} x {bundles[0]}, {strategy}) was not placed within "
+            f"{timeout_s:.0f}s; cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
+    return pg
+
+
+def _in(pg, index: int) -> dict:
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
+class GeneratorPool:
+    def __init__(self, actors: list, prompts_per_chunk: int):
+        self.actors = actors
+        self.prompts_per_chunk = prompts_per_chunk
+
+    def generate(self, prompts: list[tuple[int, int, str, str]], n: int) -> list[Rollout]:
+        """Spread prompts over engines by pending work: each engine holds one chunk at a time and
+        takes the next as soon as it returns, so a slow engine gets fewer chunks."""
+        chunks = [prompts[i:i + self.prompts_per_chunk] for i in range(0, len(prompts), self.prompts_per_chunk)]
+        results: dict[int, list[Rollout]] = {}
+        pending = {}
+        next_chunk = 0
+        idle = list(self.actors)
+        while next_chunk < len(chunks) or pending:
+            while idle and next_chunk < len(chunks):
+                actor = idle.pop()
+                pending[actor.generate.remote(chunks[next_chunk], n)] = (next_chunk, actor)
+                next_chunk += 1
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index, actor = pending.pop(done[0])
+            results[index] = ray.get(done[0])
+            idle.append(actor)
+        return [r for i in range(len(chunks)) for r in results[i]]
+
+    def versions(self) -> list[int]:
+        return ray.get([a.current_version.remote() for a in self.actors])
+
+
+class RewardPool:
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
+        samples = [(r.text, r.answer) for r in rollouts]
+        size = math.ceil(len(samples) / len(self.actors))
+        refs = [a.score.remote(samples[i * size:(i + 1) * size]) for i, a in enumerate(self.actors)]
+        return [res for chunk in ray.get(refs) for res in chunk]
+
+
+class LearnerGroup:
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        ref = ray.put(batch)  # one copy in the object store, read by every rank
+        return ray.get([a.train.remote(ref) for a in self.actors])[0]
+
+    def full_state_dict(self) -> dict:
+        return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
+
+
+class WeightSync:
+    """Learner rank 0 -> every generator worker, over a group of its own."""
+
+    def __init__(self, learners: LearnerGroup, generators: GeneratorPool, backend: str, workers_per_engine: int):
+        self.learners, self.generators = learners, generators
+        rank0 = learners.actors[0]
+        self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
+        addr, port = ray.get(rank0.address.remote())  # a fresh port beside the learners' own
+        world = 1 + len(generators.actors) * workers_per_engine
+        ray.get([rank0.join_sync.remote(addr, port, world)] + [
+            g.join_sync.remote(addr, port, 1 + i * workers_per_engine, world, backend)
+            for i, g in enumerate(generators.actors)])
+
+    def push(self, version: int) -> list[int]:
+        """Broadcast the learner's weights; returns the version each generator now reports."""
+        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
+        receives = [g.receive_weights.remote(self.plan, version) for g in self.generators.actors]
+        ray.get(sends)
+        return ray.get(receives)
+
+
+@dataclass
+class Groups:
+    generators: GeneratorPool
+    rewards: RewardPool
+    learner: LearnerGroup
+    sync: WeightSync
+    placement: list[dict]
+    placement_groups: list
+
+    def shutdown(self) -> None:
+        for actor in self.generators.actors + self.rewards.actors + self.learner.actors:
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address)
+        return
+    wanted = (cfg.generator.num_engines * cfg.generator.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus
+              + cfg.reward.num_workers * cfg.reward.num_cpus)
+    num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
+    # Logical CPUs: on a small machine the actors share cores; Ray only books them.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def launch(cfg: Config, model_path: str) -> Groups:
+    """Placement groups + actors, nothing else."""
+    backend = resolve_backend(cfg)
+    gpu = backend == "nccl"
+    timeout = cfg.cluster.placement_timeout_s
+    t0 = time.time()
+    learner_pg = _place("rlsys-learners", _bundles(cfg.learner.num_ranks, cfg.learner.num_cpus, int(gpu)), "PACK",
+                        timeout)
+    gen_pg = _place("rlsys-generators",
+                    _bundles(cfg.generator.num_engines, cfg.generator.num_cpus,
+                             cfg.generator.tensor_parallel_size if gpu else 0), "PACK", timeout)
+    threads = lambda cpus: {"OMP_NUM_THREADS": str(max(1, int(cpus)))}  # noqa: E731
+    learners = [
+        LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=int(gpu), **_in(learner_pg, r),
+                             runtime_env={"env_vars": threads(cfg.learner.num_cpus)}).remote(
+            model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
+            r, cfg.learner.num_ranks, backend, cfg.trainer.seed)
+        for r in range(cfg.learner.num_ranks)]
+    generators = [
+        GeneratorActor.options(num_cpus=cfg.generator.num_cpus,
+                               num_gpus=cfg.generator.tensor_parallel_size if gpu else 0, **_in(gen_pg, i),
+                               runtime_env={"env_vars": engine_env(cfg.generator) | threads(cfg.generator.num_cpus)}
+                               ).remote(model_path, cfg.generator, cfg.model.dtype, cfg.trainer.seed + i)
+        for i in range(cfg.generator.num_engines)]
+    rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(cfg.reward)
+               for _ in range(cfg.reward.num_workers)]
+    addr, port = ray.get(learners[0].address.remote())
+    ray.get([a.setup.remote(addr, port) for a in learners])
+    where = ray.get([a.whereami.remote() for a in learners + generators + rewards])
+    roles = ([("learner", r, cfg.learner.num_cpus, int(gpu)) for r in range(len(learners))]
+             + [("generator", i, cfg.generator.num_cpus, cfg.generator.tensor_parallel_size * int(gpu))
+                for i in range(len(generators))]
+             + [("reward", i, cfg.reward.num_cpus, 0) for i in range(len(rewards))])
+    placement = [{"role": role, "rank": rank, **w, "resources": {"CPU": cpus, "GPU": gpus}}
+                 for (role, rank, cpus, gpus), w in zip(roles, where)]
+    learner_group, pool = LearnerGroup(learners), GeneratorPool(
+        generators, max(1, math.ceil(cfg.data.prompts_per_step / (2 * len(generators)))))
+    sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
+    print(f"[rlsys] {len(learners)} learners, {len(generators)} generators, {len(rewards)} reward workers "
+          f"ready in {time.time() - t0:.1f}s (backend {backend})", flush=True)
+    return Groups(pool, RewardPool(rewards), learner_group, sync, placement, [learner_pg, gen_pg])

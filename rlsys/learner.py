@@ -1,0 +1,212 @@
+"""One learner rank: a DeepSpeed engine training the policy with GRPO (Ray is applied in groups.py).
+
+Per rollout batch (every rank gets the whole batch and takes its own rows, so the loss
+normalisers of a mini-batch are known without communication):
+1. old log-probs (and reference log-probs when beta > 0) for this rank's rows, no grad, with the
+   weights that generated them;
+2. for each epoch, for each mini-batch (a fixed shuffle of the batch): micro-batches of this
+   rank's share, loss normalised by the WHOLE mini-batch's token (or sequence) count times the
+   data-parallel world (DeepSpeed averages gradients over ranks), one optimizer step;
+3. metrics averaged over micro-batches and ranks.
+Log-probs use logits / temperature, the distribution the generators sampled from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from rlsys.algo import grpo_loss, masked_mean
+from rlsys.config import AlgoConfig, LearnerConfig
+from rlsys.types import TrainBatch
+from rlsys.weight_sync import Bucket, TensorMeta, device_for, make_group, plan_buckets, send_bucket
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (B, L, V) at positions 0..L-1, input_ids (B, L) -> (B, L) log-prob of token t given < t.
+
+    Column 0 (no prediction for the first token) is 0; it is never a response token.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)         # (B, L-1, V)
+    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)                    # (B, L-1)
+    return torch.nn.functional.pad(picked, (1, 0))                                  # (B, L)
+
+
+class Learner:
+    def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
+                 rank: int, world: int, backend: str, seed: int):
+        self.model_path, self.dtype, self.cfg, self.algo = model_path, dtype, cfg, algo
+        self.temperature, self.rank, self.world, self.backend, self.seed = temperature, rank, world, backend, seed
+        self.engine = self.ref = None
+        self.sync_group = None
+        self.steps = 0
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the learners' rendezvous."""
+        import ray.util  # only to learn this node's address; the class itself does not need Ray
+
+        from rlsys.weight_sync import free_port
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Collective: every rank calls it at once."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if self.backend == "gloo":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # The shared-memory comm op would be JIT-compiled for a minute at start; gloo needs none of it.
+            importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        deepspeed.init_distributed(dist_backend=self.backend)
+        torch.manual_seed(self.seed)
+        dtype = getattr(torch, self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        # Client-side AdamW: no JIT-compiled optimizer op, same math on CPU and GPU.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._ds_config(train=True))
+        if self.algo.beta > 0:
+            ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)
+            self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(train=False))
+
+    def _ds_config(self, train: bool) -> dict:
+        per_rank = self.cfg.mini_batch_size // self.world
+        cfg = {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "gradient_accumulation_steps": per_rank // self.cfg.micro_batch_size,
+            "train_batch_size": self.cfg.mini_batch_size,
+            "zero_optimization": {"stage": self.cfg.zero_stage if train or self.cfg.zero_stage == 3 else 0},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "steps_per_print": 1 << 30,
+        }
+        if train:
+            cfg["gradient_clipping"] = self.cfg.grad_clip
+        return cfg
+
+    # ---- training
+
+    def _logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        device = self.engine.device
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        return token_logprobs(logits, batch.input_ids.to(device), self.temperature)
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        """(B, L) log-probs of every row in micro-batches, padded back to the batch width."""
+        out = torch.zeros(batch.input_ids.shape)
+        for i in range(0, len(batch), self.cfg.micro_batch_size):
+            micro = batch.select(slice(i, i + self.cfg.micro_batch_size))
+            out[i:i + len(micro), :micro.input_ids.shape[1]] = self._logprobs(model, micro).float().cpu()
+        return out
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """One GRPO update on a rollout batch (every rank receives the same batch)."""
+        M, W = self.cfg.mini_batch_size, self.world
+        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(self.seed + self.steps))
+        minis = [order[i:i + M] for i in range(0, len(batch), M)]
+        mine = torch.cat([m[self.rank * (M // W):(self.rank + 1) * (M // W)] for m in minis])   # this rank's rows
+        local = batch.select(mine)
+        self.engine.eval()
+        old = self._frozen_logprobs(self.engine.module, local)                               # (b, L)
+        ref = self._frozen_logprobs(self.ref.module, local) if self.ref is not None else None
+        sums: dict[str, float] = defaultdict(float)
+        sums["gen_logprob_abs_diff"] = float(masked_mean((old - local.gen_logprobs).abs(), local.loss_mask))
+        self.engine.train()
+        micro_count = 0
+        per_rank = M // W
+        for _ in range(self.cfg.epochs):
+            for m, mini in enumerate(minis):
+                whole = batch.select(mini)
+                normalizer = float(whole.loss_mask.sum() if self.algo.aggregation == "token" else len(whole)) / W
+                for j in range(m * per_rank, (m + 1) * per_rank, self.cfg.micro_batch_size):
+                    idx = torch.arange(j, j + self.cfg.micro_batch_size)
+                    micro = local.select(idx)
+                    width = micro.input_ids.shape[1]
+                    logp = self._logprobs(self.engine, micro)
+                    loss, metrics = grpo_loss(
+                        logp, old[idx, :width].to(logp.device),
+                        None if ref is None else ref[idx, :width].to(logp.device),
+                        micro.advantages.to(logp.device), micro.loss_mask.to(logp.device),
+                        eps_low=self.algo.epsilon, eps_high=self.algo.epsilon_high or self.algo.epsilon,
+                        beta=self.algo.beta, aggregation=self.algo.aggregation, normalizer=normalizer,
+                    )
+                    # The normaliser already spans the mini-batch: no further 1/GAS scaling.
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    boundary_norm = self._plain_grad_norm() if self.engine.is_gradient_accumulation_boundary() else None
+                    self.engine.step()
+                    sums["loss"] += float(loss.detach())
+                    for k, v in metrics.items():
+                        sums[k] += float(v)
+                    micro_count += 1
+                norm = self.engine.get_global_grad_norm() if boundary_norm is None else boundary_norm
+                assert norm is not None, "DeepSpeed reported no gradient norm"
+                sums["grad_norm"] += float(norm)
+        self.steps += 1
+        n_steps = self.cfg.epochs * len(minis)
+        # Each micro-batch loss is its share of the mini-batch loss (whole-mini-batch normaliser):
+        # summed over micro-batches and averaged over ranks it is the mini-batch value, per step.
+        per_step = ("loss", "pg_loss", "kl", "grad_norm")
+        out = {k: v / (n_steps if k in per_step else micro_count) for k, v in sums.items()}
+        out["gen_logprob_abs_diff"] = sums["gen_logprob_abs_diff"]
+        return self._mean_over_ranks(out)
+
+    def _plain_grad_norm(self) -> float | None:
+        """Stage 0 in fp32 clips with torch and keeps no norm; there the gradients are whole and
+        already averaged over ranks after the boundary backward, so the norm is read here."""
+        if self.cfg.zero_stage != 0 or self.dtype != "float32":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device_for(self.backend))
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.cpu())}
+
+    # ---- weight sync
+
+    def _named_params(self):
+        return list(self.engine.module.named_parameters())
+
+    def sync_plan(self) -> list[Bucket]:
+        metas = [TensorMeta(n, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+                 for n, p in self._named_params()]
+        return plan_buckets(metas, int(self.cfg.sync_bucket_mb * 2**20))
+
+    def join_sync(self, addr: str, port: int, world: int) -> None:
+        """Rank 0 only: rank 0 of the sync group, hosting its rendezvous."""
+        assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
+        self.sync_group = make_group(self.backend, addr, port, 0, world)
+
+    def broadcast_weights(self, plan: list[Bucket]) -> None:
+        """Collective over all learner ranks (ZeRO-3 gathers need them); rank 0 sends."""
+        params = dict(self._named_params())
+        zero3 = self.cfg.zero_stage == 3
+        if not zero3 and self.rank != 0:
+            return
+        import deepspeed
+
+        for bucket in plan:
+            tensors = [params[m.name] for m in bucket]
+            if zero3:
+                with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+                    if self.rank == 0:
+                        send_bucket(self.sync_group, [t.data for t in tensors], device_for(self.backend))
+            else:
+                send_bucket(self.sync_group, [t.data for t in tensors], device_for(self.backend))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter, gathered, on CPU (collective under ZeRO-3); for checks and export."""
+        import deepspeed
+
+        out = {}
+        for name, p in self._named_params():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=self.cfg.zero_stage == 3):
+                out[name] = p.data.detach().cpu().clone()
+        return out

@@ -1,0 +1,231 @@
+"""Rule-based rewards for R1-Zero style RL: pure functions of (completion, gold answer).
+
+The R1-Zero template (see R1.md) asks the model to reason inside ``<think> ... </think>`` and to
+give its answer inside ``<answer> ... </answer>``. The *completion* is the model's text after the
+prompt; the prompt ends with ``Assistant:``, so a completion usually starts with a space.
+
+Two rule rewards, both binary as in the paper (no neural reward model):
+
+- **format** (:func:`format_reward`): 1.0 iff the completion is, up to surrounding whitespace,
+  exactly one ``<think>...</think>`` block followed (whitespace allowed between) by exactly one
+  ``<answer>...</answer>`` block whose content is not blank, and nothing else: no text before
+  ``<think>``, none after ``</answer>``, no extra or nested tags of either kind. An empty
+  ``<think></think>`` is allowed (the paper constrains the structure, not the content).
+- **accuracy** (:func:`accuracy_reward`): 1.0 iff math-verify finds the extracted answer equal to
+  the gold answer. What counts as the answer (:func:`extract_answer`):
+
+  * exactly one ``<answer>...</answer>`` block: its content (stripped);
+  * two or more ``<answer>`` (or ``</answer>``) tags: no answer, accuracy 0. Several answers are
+    hedging, and rewarding "any of them is right" would teach the model to list candidates;
+  * no complete block: no answer when ``require_tag`` (R1's "answer in a specified format");
+    otherwise the whole completion, where math-verify looks for the final answer in free text
+    (the last ``\\boxed{}``, else the last LaTeX expression or number).
+
+  The content of the answer block and the gold are bare answers ("0.5", "1/2", "\\frac12",
+  "\\boxed{12}", "x = 3"). math-verify only reads LaTeX between delimiters, so a bare answer
+  without ``$``/``\\boxed``/``\\(``/``\\[`` is parsed as ``$answer$``, falling back to the plain
+  text when that yields no expression (e.g. "**42**"). Equivalent forms then match: "0.5", "1/2",
+  "\\frac{1}{2}", "\\boxed{\\frac12}"; "3" and "3.0"; "12" and "\\boxed{12}"; "3" and "x = 3".
+  Numbers compare after rounding to 6 decimals (math-verify's default). A gold that parses to
+  nothing at all (e.g. empty) raises ``ValueError``: a data bug must not look like a 0 reward.
+
+The reward is ``accuracy_weight * accuracy + format_weight * format`` (:func:`combine`).
+
+Where rlsys differs from the paper: the paper gives no exact rule text, so the rules above are
+this module's reading of it. The weighted sum of the two rewards (defaults 0.8 / 0.2) is ours;
+the paper only says both rule rewards are used. ``require_answer_tag=True`` is R1's strict
+reading; ``False`` (an rlsys option) also credits a right final answer written without the tags,
+for models that cannot produce them yet, while the format reward still pays for the tags.
+
+math-verify runs with its own timeouts off (``parsing_timeout=None``, ``timeout_seconds=None``):
+they use ``signal.alarm``, which fails outside the main thread. A verifier that hangs is the
+caller's to stop: :class:`rlsys.reward_worker.RewardWorker` runs these functions in a child
+process that it kills after ``RewardConfig.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for annotations: this module stays importable without omegaconf
+    from rlsys.config import RewardConfig
+
+__all__ = ["format_reward", "extract_answer", "accuracy_reward", "score", "combine"]
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+_FORMAT_RE = re.compile(r"\A\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*\Z", re.DOTALL)
+# Already delimited for math-verify: unescaped $, \boxed, \( or \[ (an escaped \$ is a dollar sign).
+_DELIMITED_RE = re.compile(r"(?<!\\)\$|\\boxed|\\\(|\\\[")
+
+
+def format_reward(completion: str) -> float:
+    """1.0 iff the completion is exactly ``<think>...</think>`` then ``<answer>...</answer>``.
+
+    Whitespace is allowed around and between the blocks; the answer must not be blank; each of
+    the four tags must appear exactly once.
+
+    >>> format_reward(" <think> 2 + 2 = 4 </think> <answer> 4 </answer>")
+    1.0
+    >>> format_reward("\\n<think>\\nadd\\n</think>\\n<answer>4</answer>\\n")
+    1.0
+    >>> format_reward(" <answer> 4 </answer>")  # no think block
+    0.0
+    >>> format_reward(" <think> 4 </think>")  # no answer block
+    0.0
+    >>> format_reward(" <think> a </think> <answer> 4 </answer> more")  # text after </answer>
+    0.0
+    >>> format_reward(" So: <think> a </think> <answer> 4 </answer>")  # text before <think>
+    0.0
+    >>> format_reward(" <think> a </think> <answer> 4 </answer> <answer> 5 </answer>")
+    0.0
+    >>> format_reward(" <think> a <think> b </think> </think> <answer> 4 </answer>")  # nested
+    0.0
+    >>> format_reward(" <answer> 4 </answer> <think> a </think>")  # wrong order
+    0.0
+    >>> format_reward(" <think> a </think> <answer>  </answer>")  # blank answer
+    0.0
+    """
+    if any(completion.count(tag) != 1 for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)):
+        return 0.0
+    m = _FORMAT_RE.match(completion)
+    if m is None or not m.group(2).strip():
+        return 0.0
+    return 1.0
+
+
+def _answer_block(completion: str) -> tuple[str, str | None]:
+    """("one", content) | ("many", None) | ("none", None)."""
+    n_open, n_close = completion.count(ANSWER_OPEN), completion.count(ANSWER_CLOSE)
+    if n_open >= 2 or n_close >= 2:
+        return "many", None
+    if n_open == 1 and n_close == 1:
+        start = completion.index(ANSWER_OPEN) + len(ANSWER_OPEN)
+        end = completion.index(ANSWER_CLOSE)
+        if start <= end:
+            return "one", completion[start:end].strip()
+    return "none", None
+
+
+def extract_answer(completion: str, require_tag: bool) -> str | None:
+    """The answer to check: the stripped content of the single ``<answer>`` block.
+
+    None if there are two or more ``<answer>`` (or ``</answer>``) tags: several answers are
+    hedging and score as wrong. Without a complete block: None when ``require_tag``, else the
+    whole completion (math-verify then finds the final answer in the free text).
+
+    >>> extract_answer(" <think> 6 * 7 </think> <answer> 42 </answer>", require_tag=True)
+    '42'
+    >>> extract_answer(" <answer> 41 </answer> <answer> 42 </answer>", require_tag=False) is None
+    True
+    >>> extract_answer(" 6 * 7 = 42", require_tag=True) is None
+    True
+    >>> extract_answer(" 6 * 7 = 42", require_tag=False)
+    ' 6 * 7 = 42'
+    """
+    kind, content = _answer_block(completion)
+    if kind == "one":
+        return content
+    if kind == "many" or require_tag:
+        return None
+    return completion
+
+
+@functools.lru_cache(maxsize=1)
+def _math_verify() -> Any:
+    """Imports math_verify once (lazily: format_reward and the worker's parent never need it)."""
+    import math_verify
+
+    class _DropDisabledTimeoutWarning(logging.Filter):
+        # Disabling math-verify's signal-based timeouts is deliberate here (see the module doc).
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("Timeout is disabled")
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropDisabledTimeoutWarning())
+    return math_verify
+
+
+def _parse(text: str) -> list:
+    return _math_verify().parse(text, parsing_timeout=None)
+
+
+def _parse_bare(text: str) -> list:
+    """Parses a bare answer ("0.5", "\\frac12", "x = 3", "\\boxed{12}") with math-verify."""
+    text = text.strip()
+    if not text:
+        return []
+    if _DELIMITED_RE.search(text):
+        return _parse(text)
+    wrapped = _parse(f"${text}$")
+    if any(not isinstance(x, str) for x in wrapped):
+        return wrapped
+    return _parse(text) or wrapped
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    parsed = _parse_bare(gold)
+    if not parsed:
+        raise ValueError(f"gold answer {gold[:200]!r} could not be parsed by math-verify")
+    return parsed
+
+
+def accuracy_reward(completion: str, gold: str, require_tag: bool = True) -> float:
+    """1.0 iff math-verify says the extracted answer (see :func:`extract_answer`) equals ``gold``.
+
+    >>> accuracy_reward(" <think> half </think> <answer> 0.5 </answer>", "\\\\frac{1}{2}")
+    1.0
+    >>> accuracy_reward(" <think> half </think> <answer> \\\\boxed{\\\\frac12} </answer>", "1/2")
+    1.0
+    >>> accuracy_reward(" <think> 6 * 7 </think> <answer> 42 </answer>", "42")
+    1.0
+    >>> accuracy_reward(" <think> 6 * 7 </think> <answer> 41 </answer>", "42")
+    0.0
+    >>> accuracy_reward(" <answer> 41 </answer> <answer> 42 </answer>", "42")  # hedging
+    0.0
+    >>> accuracy_reward(" 6 * 7 = 42", "42")  # no tag, required
+    0.0
+    >>> accuracy_reward(" 6 * 7 = 42", "42", require_tag=False)  # free text: last number
+    1.0
+    """
+    gold_parsed = _parse_gold(gold)
+    kind, content = _answer_block(completion)
+    if kind == "one":
+        target = _parse_bare(content)
+    elif kind == "none" and not require_tag:
+        target = _parse(completion)
+    else:
+        return 0.0
+    if not target:
+        return 0.0
+    ok = _math_verify().verify(gold_parsed, target, timeout_seconds=None)
+    return 1.0 if ok else 0.0
+
+
+def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
+    """(accuracy, format) of one completion, with ``cfg.require_answer_tag``.
+
+    >>> from rlsys.config import RewardConfig
+    >>> score(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig())
+    (1.0, 1.0)
+    >>> score(" <think> 1 + 2 </think> 3", "3", RewardConfig(require_answer_tag=False))
+    (1.0, 0.0)
+    """
+    return accuracy_reward(completion, gold, cfg.require_answer_tag), format_reward(completion)
+
+
+def combine(accuracy: float, fmt: float, cfg: RewardConfig) -> float:
+    """``cfg.accuracy_weight * accuracy + cfg.format_weight * fmt``.
+
+    >>> from rlsys.config import RewardConfig
+    >>> combine(1.0, 1.0, RewardConfig(accuracy_weight=0.8, format_weight=0.2))
+    1.0
+    >>> combine(0.0, 1.0, RewardConfig(accuracy_weight=1.0, format_weight=0.5))
+    0.5
+    """
+    return cfg.accuracy_weight * accuracy + cfg.format_weight * fmt

@@ -1,0 +1,74 @@
+"""THE LOOP: synchronous GRPO, R1-Zero style (no SFT, rule rewards only).
+
+Each step: the generators sample `group_size` answers per question with the current weights,
+the reward workers score them, the learner group takes one GRPO update, and learner rank 0
+broadcasts the new weights to every generator. Synchronous: every rollout of a step must carry
+the weight version the learner last pushed; the loop checks it, it does not assume it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from rlsys.batch import make_batch
+from rlsys.config import Config, to_yaml
+from rlsys.data import PromptStream
+from rlsys.groups import init_ray, launch
+from rlsys.metrics import RunLog, Timer, rollout_stats
+from rlsys.models import resolve_model
+
+
+def train(cfg: Config) -> Path:
+    run_dir = Path(cfg.trainer.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    model_path = resolve_model(cfg.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
+    init_ray(cfg)
+    groups = launch(cfg, model_path)
+    (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
+    log, timer = RunLog(run_dir), Timer()
+    version = 0
+    bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            batch_prompts = [(g, p.index, p.text, p.answer) for g, p in enumerate(prompts.next())]
+            with timer("generate"):
+                rollouts = groups.generators.generate(batch_prompts, n=cfg.algo.group_size)
+            stale = {r.weight_version for r in rollouts} - {version}
+            assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
+            with timer("reward"):
+                scores = groups.rewards.score(rollouts)
+            batch = make_batch(rollouts, [s.reward for s in scores], cfg.algo, tokenizer.pad_token_id)
+            with timer("learn"):
+                learn = groups.learner.train(batch)
+            with timer("sync"):
+                versions = groups.sync.push(version + 1)
+            assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
+            version += 1
+            stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
+            timings = timer.pop()
+            tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+            metrics = {"weight_version": version, **stats, **learn, **timings,
+                       "throughput/tokens_per_s": tokens / sum(timings.values())}
+            sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text,
+                      "answer": rollouts[0].answer, "reward": scores[0].reward}
+            log.log(step, metrics, sample)
+            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
+                            fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}")
+    finally:
+        log.close()
+        groups.shutdown()
+    return run_dir
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,55 @@
+"""The data that flows between the actor groups, with shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One sampled answer to one prompt, as a generator produced it."""
+
+    prompt_index: int
+    """Dataset row of the question."""
+    group: int
+    """Which question of this step (the GRPO group it belongs to)."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    """The generator's log-prob of each sampled token."""
+    text: str
+    finish_reason: str
+    """stop (EOS or a stop string) | length (hit max_tokens: truncated)."""
+    weight_version: int
+    """The weight version of the engine that produced it."""
+    answer: str
+    """The gold answer, carried along for the reward."""
+
+
+@dataclass
+class TrainBatch:
+    """A rollout batch laid out for the learner: group by group, right-padded.
+
+    Token t of row i is a response token iff loss_mask[i, t] == 1; its log-prob comes from
+    the logits at position t - 1.
+    """
+
+    input_ids: torch.Tensor       # (B, L) long, prompt + response, pad after
+    attention_mask: torch.Tensor  # (B, L) long
+    loss_mask: torch.Tensor       # (B, L) float, 1 on response tokens
+    gen_logprobs: torch.Tensor    # (B, L) float, generator log-probs on response tokens, 0 elsewhere
+    advantages: torch.Tensor      # (B,) float
+    rewards: torch.Tensor         # (B,) float
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> "TrainBatch":
+        """Rows `index`, trimmed to the longest remaining row (micro-batches carry no dead padding)."""
+        rows = {k: getattr(self, k)[index] for k in self.__dataclass_fields__}
+        width = int(rows["attention_mask"].sum(dim=1).max())
+        for k in ("input_ids", "attention_mask", "loss_mask", "gen_logprobs"):
+            rows[k] = rows[k][:, :width]
+        return TrainBatch(**rows)

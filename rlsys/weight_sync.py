@@ -1,0 +1,144 @@
+"""Weight sync: learner rank 0 broadcasts every parameter to every generator engine.
+
+One process group of its own (gloo on CPU, NCCL on GPU) holds learner rank 0 (rank 0) and
+every inference worker of every engine (ranks 1..); the learners' own group is untouched.
+Parameters travel in buckets: a plan (names, shapes, dtypes, bucket boundaries) is agreed
+once, then each bucket is one flat buffer, one broadcast. ZeRO-3 learners gather one bucket
+at a time, never the whole model.
+
+The receiving side runs inside vLLM's worker (through `LLM.collective_rpc` with the plain
+functions below, so the same code serves an in-process CPU engine and a multi-GPU one). It
+feeds vLLM's in-place reload path a lazy iterator: each bucket is received only when the
+loader asks for its first tensor, so the engine never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+Bucket = list[TensorMeta]
+
+
+def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[Bucket]:
+    """Consecutive tensors of one dtype, up to bucket_bytes each (a larger tensor gets its own)."""
+    buckets: list[Bucket] = []
+    size = 0
+    for m in metas:
+        nbytes = m.numel * torch.empty(0, dtype=getattr(torch, m.dtype)).element_size()
+        if not buckets or size + nbytes > bucket_bytes or buckets[-1][0].dtype != m.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(m)
+        size += nbytes
+    return buckets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def make_group(backend: str, addr: str, port: int, rank: int, world: int) -> dist.ProcessGroup:
+    """A standalone process group (no global init), so it can sit beside any other group."""
+    store = dist.PrefixStore("rlsys-wsync", dist.TCPStore(addr, port, world, is_master=rank == 0,
+                                                          timeout=GROUP_TIMEOUT))
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = GROUP_TIMEOUT
+        return dist.ProcessGroupNCCL(store, rank, world, opts)
+    raise ValueError(f"unknown weight-sync backend {backend!r}")
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def send_bucket(group: dist.ProcessGroup, tensors: list[torch.Tensor], device: torch.device) -> None:
+    flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+    group.broadcast(flat, 0).wait()
+
+
+def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.device
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    for bucket in plan:
+        flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype), device=device)
+        group.broadcast(flat, 0).wait()
+        offset = 0
+        for m in bucket:
+            yield m.name, flat[offset:offset + m.numel].view(m.shape)
+            offset += m.numel
+
+
+# ---- run inside vLLM workers through LLM.collective_rpc(fn, args=...); `worker` is vLLM's worker.
+
+def worker_join(worker, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
+    """Join the sync group as first_rank + this worker's rank inside its engine."""
+    rank = first_rank + worker.rank
+    worker.rlsys_sync = (make_group(backend, addr, port, rank, world), backend)
+    return rank
+
+
+def worker_receive(worker, plan: list[Bucket]) -> int:
+    """Receive every bucket and load it in place; returns the number of tensors loaded."""
+    group, backend = worker.rlsys_sync
+    count = 0
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal count
+        for item in receive_buckets(group, plan, device_for(backend)):
+            count += 1
+            yield item
+
+    worker.reload_weights(weights_iterator=counted())
+    expected = sum(len(b) for b in plan)
+    # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
+    assert count == expected, f"the engine consumed {count} of {expected} tensors"
+    return count
+
+
+def worker_read_weights(worker) -> dict[str, torch.Tensor]:
+    """The weights the engine serves, by vLLM parameter name, for exactness checks.
+
+    On CPU vLLM repacks linear weights for oneDNN and leaves `layer.weight` empty, so a linear
+    layer's weight is read back by applying the layer's own kernel to an identity matrix
+    (y = I @ W^T is exact: each output is one product with 1.0 plus zeros).
+    """
+    model = worker.model_runner.get_model()
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if hasattr(module, "quant_method") and hasattr(module, "input_size_per_partition"):
+            eye = torch.eye(module.input_size_per_partition, dtype=module.params_dtype, device=weight.device)
+            with torch.no_grad():
+                out[f"{name}.weight"] = module.quant_method.apply(module, eye, bias=None).t().contiguous().cpu()
+        else:
+            out[f"{name}.weight"] = weight.detach().cpu().clone()
+    return out

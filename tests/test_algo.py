@@ -1,0 +1,225 @@
+"""Tests for rlsys.algo. Every expected number is worked out by hand in the comments."""
+import math
+
+import pytest
+import torch
+
+from rlsys.algo import (clipped_surrogate, group_advantages, grpo_loss, k3_kl,
+                        masked_aggregate, masked_mean)
+
+LN2 = 0.6931471805599453
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32),
+                          torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=0)
+
+
+# ---------------------------------------------------------------- advantages
+
+def test_group_advantages_with_std():
+    r = torch.tensor([1., 0, 0, 0, 1, 1, 0, 0])
+    adv = group_advantages(r, group_size=4, eps=0.0)
+    # group 0: mean 0.25, centered [.75,-.25,-.25,-.25], unbiased var = (.5625+3*.0625)/3 = .25,
+    #          std .5 -> [1.5, -.5, -.5, -.5]
+    # group 1: mean .5, centered [.5,.5,-.5,-.5], unbiased var = 1/3, std 0.5773503
+    #          -> .5/0.5773503 = 0.8660254
+    assert adv.dtype == torch.float32 and adv.shape == (8,)
+    assert close(adv, [1.5, -0.5, -0.5, -0.5, 0.8660254, 0.8660254, -0.8660254, -0.8660254])
+
+
+def test_group_advantages_default_eps_is_tiny():
+    adv = group_advantages(torch.tensor([1., 0, 0, 0]), group_size=4)
+    assert close(adv, [1.5, -0.5, -0.5, -0.5], tol=1e-4)
+
+
+def test_group_advantages_without_std():
+    r = torch.tensor([1., 0, 0, 0, 1, 1, 0, 0, 3, 1])
+    adv = group_advantages(r, group_size=2, std_normalize=False)
+    # pairs: (1,0) mean .5 -> [.5,-.5]; (0,0) -> 0; (1,1) -> 0; (0,0) -> 0; (3,1) mean 2 -> [1,-1]
+    assert close(adv, [.5, -.5, 0, 0, 0, 0, 0, 0, 1, -1])
+
+
+def test_group_advantages_all_equal_is_exactly_zero():
+    r = torch.tensor([0.1, 0.1, 0.1, 0.1, 1., 1., 1., 1.])
+    for eps in (0.0, 1e-6):
+        adv = group_advantages(r, group_size=4, eps=eps)
+        assert not torch.isnan(adv).any()
+        assert (adv == 0).all()
+    # group_size 1: every group is trivially all-equal
+    assert (group_advantages(torch.tensor([3., 5.]), group_size=1) == 0).all()
+
+
+def test_group_advantages_bad_batch():
+    with pytest.raises(AssertionError, match="group_size"):
+        group_advantages(torch.zeros(6), group_size=4)
+
+
+# ---------------------------------------------------------------- k3
+
+def test_k3_hand_values():
+    logp = torch.tensor([[math.log(0.5), math.log(0.3)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.3)]])
+    # token 0: d = ln .25 - ln .5 = -ln2 -> exp(-ln2) + ln2 - 1 = .5 + .693147 - 1 = .193147
+    # token 1: equal -> 0
+    kl = k3_kl(logp, ref)
+    assert kl.shape == (1, 2)
+    assert close(kl, [[0.5 + LN2 - 1.0, 0.0]])
+    # d = +ln2: exp(ln2) - ln2 - 1 = 2 - .693147 - 1 = .306853
+    assert close(k3_kl(ref, logp)[0, 0], 1.0 - LN2)
+
+
+def test_k3_nonnegative():
+    g = torch.Generator().manual_seed(0)
+    kl = k3_kl(torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g))
+    assert (kl >= 0).all()
+
+
+# ---------------------------------------------------------------- clipped surrogate
+
+def _ratio_logps(ratios):
+    """old_logp = 0, logp = ln(ratio), so exp(logp - old_logp) == ratio."""
+    r = torch.tensor(ratios, dtype=torch.float32)
+    return torch.log(r), torch.zeros_like(r)
+
+
+def test_clipped_surrogate_cases():
+    # row 0, A=+1: ratios 1.5 (above 1.2 -> clipped, loss -1.2), 1.1 (inside, loss -1.1),
+    #              0.5 (below 0.8, but A>0 so min picks ratio*A = .5: unclipped, loss -.5)
+    # row 1, A=-2: ratios 0.5 (below 0.8 -> min(-1, -1.6) = -1.6 clipped, loss 1.6),
+    #              1.5 (min(-3, -2.4) = -3 unclipped, loss 3), 1.0 (loss 2)
+    logp, old = _ratio_logps([[1.5, 1.1, 0.5], [0.5, 1.5, 1.0]])
+    loss, clipped = clipped_surrogate(logp, old, torch.tensor([1., -2.]), 0.2, 0.2)
+    assert close(loss, [[-1.2, -1.1, -0.5], [1.6, 3.0, 2.0]])
+    assert clipped.dtype == torch.bool
+    assert clipped.tolist() == [[True, False, False], [True, False, False]]
+
+
+def test_clip_higher_changes_result():
+    # ratio 1.25, A = 1: eps_high .28 -> band up to 1.28, unclipped, loss -1.25;
+    #                    eps_high .2  -> clipped to 1.2, loss -1.2
+    logp, old = _ratio_logps([[1.25]])
+    a = torch.tensor([1.])
+    loss_hi, clip_hi = clipped_surrogate(logp, old, a, eps_low=0.2, eps_high=0.28)
+    loss_sym, clip_sym = clipped_surrogate(logp, old, a, eps_low=0.2, eps_high=0.2)
+    assert close(loss_hi, [[-1.25]]) and not clip_hi.item()
+    assert close(loss_sym, [[-1.2]]) and clip_sym.item()
+    # eps_low governs the lower side: ratio .75, A = -1: eps_low .2 -> clamp .8, min(-.75,-.8)
+    # = -.8 clipped (loss .8); eps_low .3 -> inside the band, loss .75
+    logp, old = _ratio_logps([[0.75]])
+    a = torch.tensor([-1.])
+    assert close(clipped_surrogate(logp, old, a, 0.2, 0.28)[0], [[0.8]])
+    assert close(clipped_surrogate(logp, old, a, 0.3, 0.28)[0], [[0.75]])
+
+
+# ---------------------------------------------------------------- aggregation
+
+VALS = torch.tensor([[1., 2., 9.], [4., 9., 9.]])
+MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+def test_aggregate_token_and_sequence():
+    # token: (1+2+4)/3 = 7/3; sequence: ((1+2)/2 + 4/1)/2 = (1.5+4)/2 = 2.75
+    assert close(masked_aggregate(VALS, MASK, "token"), 7 / 3)
+    assert close(masked_aggregate(VALS, MASK, "sequence"), 2.75)
+    # explicit normalizers: token 7/6; sequence (1.5+4)/4 = 1.375
+    assert close(masked_aggregate(VALS, MASK, "token", normalizer=6), 7 / 6)
+    assert close(masked_aggregate(VALS, MASK, "sequence", normalizer=4), 1.375)
+
+
+def test_aggregate_micro_batches_sum_to_whole():
+    v2 = torch.tensor([[3., 3., 3.], [7., 7., 7.]])
+    m2 = torch.tensor([[1, 1, 1], [0, 0, 0]])  # second row fully masked -> contributes 0
+    whole_v, whole_m = torch.cat([VALS, v2]), torch.cat([MASK, m2])
+    # token: (1+2+4 + 3+3+3)/6 = 16/6; micro-batches with normalizer 6: 7/6 + 9/6
+    assert close(masked_aggregate(whole_v, whole_m, "token"), 16 / 6)
+    parts = [masked_aggregate(v, m, "token", normalizer=6) for v, m in ((VALS, MASK), (v2, m2))]
+    assert close(parts[0], 7 / 6) and close(parts[1], 9 / 6)
+    assert close(parts[0] + parts[1], 16 / 6)
+    # sequence: (1.5 + 4 + 3 + 0)/4 = 2.125; micro-batches with normalizer 4: 5.5/4 + 3/4
+    assert close(masked_aggregate(whole_v, whole_m, "sequence"), 2.125)
+    parts = [masked_aggregate(v, m, "sequence", normalizer=4) for v, m in ((VALS, MASK), (v2, m2))]
+    assert close(parts[0], 1.375) and close(parts[1], 0.75)
+    assert close(parts[0] + parts[1], 2.125)
+
+
+def test_aggregate_empty_mask():
+    z = torch.zeros(2, 3)
+    for mode in ("token", "sequence"):
+        out = masked_aggregate(VALS, z, mode)
+        assert not torch.isnan(out) and out.item() == 0.0
+    assert masked_mean(VALS, z).item() == 0.0
+
+
+def test_aggregate_unknown_mode():
+    with pytest.raises(ValueError, match="'bogus'.*token.*sequence"):
+        masked_aggregate(VALS, MASK, "bogus")
+
+
+def test_masked_mean():
+    assert close(masked_mean(VALS, MASK), 7 / 3)
+
+
+# ---------------------------------------------------------------- grpo_loss
+
+def test_grpo_loss_beta_zero_without_ref():
+    logp, old = _ratio_logps([[1.5, 1.1, 1.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, m = grpo_loss(logp, old, None, torch.tensor([1.]), mask, eps_low=0.2, eps_high=0.2,
+                        beta=0.0, aggregation="token")
+    # tokens: -1.2 (clipped), -1.1; third masked. mean = -2.3/2 = -1.15
+    assert close(loss, -1.15) and close(m["pg_loss"], -1.15)
+    assert m["kl"].item() == 0.0
+    assert close(m["clip_frac"], 0.5)         # 1 of 2 response tokens clipped
+    assert close(m["ratio_mean"], 1.3)        # (1.5 + 1.1)/2
+    assert all(not v.requires_grad and v.dim() == 0 for v in m.values())
+
+
+def test_grpo_loss_with_kl():
+    # ratio 1 everywhere, A = 1 -> pg per token -1, pg = -1 in both modes.
+    # k3: token 0 (ref .25 vs .5) = .193147, token 1 = 0 -> token mean .0965736
+    # beta .1 -> loss = -1 + .00965736 = -.99034264
+    logp = torch.log(torch.tensor([[0.5, 0.3]]))
+    ref = torch.log(torch.tensor([[0.25, 0.3]]))
+    mask = torch.ones(1, 2)
+    kl_tok = (0.5 + LN2 - 1.0) / 2
+    for agg in ("token", "sequence"):
+        loss, m = grpo_loss(logp, logp.clone(), ref, torch.tensor([1.]), mask, eps_low=0.2,
+                            eps_high=0.28, beta=0.1, aggregation=agg)
+        assert close(m["pg_loss"], -1.0) and close(m["kl"], kl_tok)
+        assert close(loss, -1.0 + 0.1 * kl_tok)
+        assert close(m["clip_frac"], 0.0) and close(m["ratio_mean"], 1.0)
+
+
+def test_grpo_loss_gradient():
+    # token mode, 3 response tokens, normalizer 3, eps .2/.2, beta 0.
+    # row 0 (A=2): ratio 1.1 unclipped -> d/dlogp (-A*ratio/3) = -2*1.1/3 = -.733333
+    #              ratio 1.5 clipped (constant) -> grad 0
+    # row 1 (A=-1): ratio 1.5 unclipped (min(-1.5,-1.2)) -> -(-1)*1.5/3 = .5; padding -> 0
+    r, old = _ratio_logps([[1.1, 1.5], [1.5, 1.0]])
+    logp = r.clone().requires_grad_(True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, _ = grpo_loss(logp, old, None, torch.tensor([2., -1.]), mask, eps_low=0.2,
+                        eps_high=0.2, beta=0.0, aggregation="token")
+    loss.backward()
+    assert close(logp.grad, [[-2 * 1.1 / 3, 0.0], [1.5 / 3, 0.0]])
+    # with explicit normalizer 6 the same gradient halves: -2*1.1/6 = -.366667
+    logp.grad = None
+    loss, _ = grpo_loss(logp, old, None, torch.tensor([2., -1.]), mask, eps_low=0.2,
+                        eps_high=0.2, beta=0.0, aggregation="token", normalizer=6)
+    loss.backward()
+    assert close(logp.grad[0, 0], -2 * 1.1 / 6)
+
+
+def test_bfloat16_inputs_give_float32():
+    logp = torch.log(torch.tensor([[0.5, 0.5]])).bfloat16().requires_grad_(True)
+    old = logp.detach().clone()
+    ref = torch.log(torch.tensor([[0.25, 0.5]])).bfloat16()
+    loss, m = grpo_loss(logp, old, ref, torch.tensor([1.]).bfloat16(), torch.ones(1, 2),
+                        eps_low=0.2, eps_high=0.28, beta=0.1, aggregation="token")
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in m.values())
+    # pg = -1, kl ~ .193147/2 (bf16 logs are rounded, so loose tolerance)
+    assert close(loss, -1.0 + 0.1 * (0.5 + LN2 - 1.0) / 2, tol=1e-2)
+    loss.backward()
+    assert logp.grad.dtype == torch.bfloat16
+    assert group_advantages(torch.tensor([1., 0.]).bfloat16(), 2).dtype == torch.float32

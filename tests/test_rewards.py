@@ -1,0 +1,167 @@
+import doctest
+
+import pytest
+
+import rlsys.rewards as rewards
+from rlsys.config import RewardConfig
+from rlsys.rewards import accuracy_reward, combine, extract_answer, format_reward, score
+
+
+def tagged(answer: str, think: str = "reasoning") -> str:
+    return f" <think> {think} </think> <answer> {answer} </answer>"
+
+
+# -- format ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion", [
+    " <think> 2 + 2 = 4 </think> <answer> 4 </answer>",
+    "<think>a</think><answer>4</answer>",                              # no whitespace at all
+    "\n\n  <think>\nmulti\nline\n</think>\n\n<answer>\n4\n</answer>\n  ",  # leading/trailing ws
+    " <think></think> <answer> 4 </answer>",                           # empty think is allowed
+])
+def test_format_good(completion):
+    assert format_reward(completion) == 1.0
+
+
+@pytest.mark.parametrize("completion", [
+    " <answer> 4 </answer>",                                           # missing think
+    " <think> a </think>",                                             # missing answer
+    " <think> a </think> 4",                                           # missing answer tags
+    " <think> a </think> <answer> 4 </answer> so 4",                   # text after </answer>
+    " <think> a </think> <answer> 4 </answer> <answer> 5 </answer>",   # two answer blocks
+    " <think> a <think> b </think> </think> <answer> 4 </answer>",     # nested think
+    " <think> a </think> <think> b </think> <answer> 4 </answer>",     # extra think block
+    " <think> a </think> <answer> 4 </answer> </think>",               # stray closing tag
+    " <think> a <answer> 3 </answer> </think> <answer> 4 </answer>",   # answer inside think
+    " <think> a </think> <answer> <answer> 4 </answer>",               # extra answer tag
+    " <think> a </think> <answer>  \n </answer>",                      # blank answer
+    " <think> a </think> <answer></answer>",                           # empty answer
+    " Sure. <think> a </think> <answer> 4 </answer>",                  # text before <think>
+    " <answer> 4 </answer> <think> a </think>",                        # wrong order
+    " <think> a </think> b <answer> 4 </answer>",                      # text between blocks
+    " <think> a <answer> 4 </answer>",                                 # unclosed think
+    " <think> a </think> <answer> 4",                                  # unclosed answer
+    "",
+])
+def test_format_bad(completion):
+    assert format_reward(completion) == 0.0
+
+
+# -- extract_answer ----------------------------------------------------------------------------
+
+def test_extract_answer():
+    assert extract_answer(tagged("42"), require_tag=True) == "42"
+    assert extract_answer(tagged("42"), require_tag=False) == "42"
+    two = " <answer> 41 </answer> <answer> 42 </answer>"
+    assert extract_answer(two, require_tag=True) is None
+    assert extract_answer(two, require_tag=False) is None
+    free = " so the answer is 42"
+    assert extract_answer(free, require_tag=True) is None
+    assert extract_answer(free, require_tag=False) == free
+    # An unclosed block is not a block.
+    assert extract_answer(" <answer> 42", require_tag=True) is None
+
+
+# -- accuracy ----------------------------------------------------------------------------------
+
+EQUIVALENT = ["0.5", "1/2", "\\frac{1}{2}", "\\frac12", "\\boxed{\\frac12}", "$\\frac{1}{2}$", "\\dfrac{1}{2}"]
+
+
+@pytest.mark.parametrize("gold", EQUIVALENT)
+@pytest.mark.parametrize("answer", EQUIVALENT)
+def test_accuracy_half_all_forms(answer, gold):
+    assert accuracy_reward(tagged(answer), gold) == 1.0
+
+
+@pytest.mark.parametrize("answer,gold", [
+    ("3", "3.0"), ("3.0", "3"), ("12", "\\boxed{12}"), ("\\boxed{12}", "12"), ("42", "42"),
+    ("x = 3", "3"), ("1,000", "1000"), ("-5", "-5"), ("\\sqrt{2}", "\\sqrt 2"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"), ("0.75", "\\frac{3}{4}"), ("\\$18", "18"),
+    ("18 apples", "18"), ("\\pi", "\\pi"), ("2^{10}", "1024"),
+])
+def test_accuracy_equivalent(answer, gold):
+    assert accuracy_reward(tagged(answer), gold) == 1.0
+
+
+@pytest.mark.parametrize("answer,gold", [
+    ("41", "42"), ("0.5", "\\frac{1}{3}"), ("\\frac{1}{2}", "0.25"), ("12", "\\boxed{13}"),
+    ("3 or 5", "5"), ("3, 5", "3"),           # listing candidates is not an answer
+    ("2x+3", "2"),                            # no "first number" guessing inside the tag
+    ("0.333", "\\frac{1}{3}"),                # beyond 6-decimal rounding
+    ("", "4"),
+])
+def test_accuracy_wrong(answer, gold):
+    assert accuracy_reward(tagged(answer), gold) == 0.0
+
+
+def test_accuracy_bare_integer_in_tag():
+    # Numbers inside <think> must not count; only the tag's content does.
+    assert accuracy_reward(" <think> 40 + 2 </think> <answer> 42 </answer>", "42") == 1.0
+    assert accuracy_reward(" <think> 40 + 2 = 42 </think> <answer> 41 </answer>", "42") == 0.0
+    assert accuracy_reward("<answer>42</answer>", "42") == 1.0
+
+
+def test_accuracy_boxed_inside_tag():
+    assert accuracy_reward(tagged("\\boxed{7}"), "7") == 1.0
+    assert accuracy_reward(tagged("The answer is $\\boxed{\\frac{7}{2}}$."), "3.5") == 1.0
+    assert accuracy_reward(tagged("\\boxed{8}"), "7") == 0.0
+
+
+def test_accuracy_missing_tags():
+    free = " <think> 6 * 7 </think> 6 * 7 = 42"
+    assert accuracy_reward(free, "42", require_tag=True) == 0.0
+    assert accuracy_reward(free, "42", require_tag=False) == 1.0       # last number in free text
+    assert accuracy_reward(" 40 then 42 then 41", "42", require_tag=False) == 0.0
+    assert accuracy_reward(" so it is \\boxed{42}. Done", "42", require_tag=False) == 1.0
+    # With require_tag=False the tag still wins when present.
+    assert accuracy_reward(" 42 <answer> 41 </answer>", "42", require_tag=False) == 0.0
+
+
+def test_accuracy_two_answer_blocks_is_wrong():
+    hedge = " <think> t </think> <answer> 42 </answer> <answer> 42 </answer>"
+    assert accuracy_reward(hedge, "42") == 0.0
+    assert accuracy_reward(hedge, "42", require_tag=False) == 0.0
+
+
+def test_accuracy_latex_fraction_vs_decimal():
+    assert accuracy_reward(tagged("\\frac{3}{8}"), "0.375") == 1.0
+    assert accuracy_reward(tagged("0.375"), "\\frac{3}{8}") == 1.0
+    assert accuracy_reward(tagged("0.38"), "\\frac{3}{8}") == 0.0
+
+
+def test_unparseable_gold_raises():
+    with pytest.raises(ValueError, match="gold"):
+        accuracy_reward(tagged("4"), "  ")
+
+
+# -- score / combine ---------------------------------------------------------------------------
+
+def test_score_and_combine():
+    cfg = RewardConfig(accuracy_weight=0.8, format_weight=0.2, require_answer_tag=True)
+    assert score(tagged("4"), "4", cfg) == (1.0, 1.0)
+    assert score(tagged("5"), "4", cfg) == (0.0, 1.0)
+    assert score(" 4", "4", cfg) == (0.0, 0.0)
+    assert score(" 4", "4", RewardConfig(require_answer_tag=False)) == (1.0, 0.0)
+    assert score(tagged("5") + " 4", "4", RewardConfig(require_answer_tag=False)) == (0.0, 0.0)
+    assert combine(1.0, 1.0, cfg) == pytest.approx(1.0)
+    assert combine(0.0, 1.0, cfg) == pytest.approx(0.2)
+    assert combine(1.0, 0.0, cfg) == pytest.approx(0.8)
+    assert combine(1.0, 1.0, RewardConfig(accuracy_weight=2.0, format_weight=0.0)) == 2.0
+    assert combine(0.0, 0.0, cfg) == 0.0
+
+
+def test_doctests():
+    result = doctest.testmod(rewards, raise_on_error=False)
+    assert result.attempted > 10
+    assert result.failed == 0
+
+
+def test_works_outside_the_main_thread():
+    # math-verify's signal.alarm timeouts would raise here; rlsys turns them off.
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(score(tagged("\\frac{1}{2}"), "0.5", RewardConfig())))
+    t.start()
+    t.join()
+    assert out == [(1.0, 1.0)]
