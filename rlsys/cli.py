@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlsys.config import ConfigError, load_config
+from rlsys.config import DEFAULT_CONFIG, ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
     args = parser.parse_args(argv)
     if args.command == "train":
-        path = args.args[0] if args.args and "=" not in args.args[0] else None
-        overrides = args.args[1:] if path else args.args
+        given = args.args[0] if args.args and "=" not in args.args[0] else None
+        overrides = args.args[1:] if given else args.args
+        path = given or DEFAULT_CONFIG
         try:
             cfg = load_config(path, overrides)
         except ConfigError as e:

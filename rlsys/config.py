@@ -1,8 +1,10 @@
 """The configuration tree: typed dataclasses with defaults, read with omegaconf.
 
-The defaults ARE the embedded default config (a tiny model built in code, a toy task, a local
-Ray cluster on CPU), so `rlsys train` with no file runs. An experiment's YAML holds only what
-differs; `key=value` overrides come last. Every slice below is handed to one component only.
+The dataclass defaults follow the R1-Zero recipe where it has a setting (G = 16, 32 questions a
+step, KL 0.001, temperature 1.0). An experiment's YAML holds only what differs; `key=value`
+overrides come last. `rlsys train` without a file uses the embedded `rlsys/default.yaml`: a tiny
+model built in code learning a toy task on a local CPU Ray cluster. Every slice below is handed
+to one component only.
 
 An unknown key or a value of the wrong type stops in `load_config`, before any actor starts,
 with a message that names the key.
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -43,7 +46,7 @@ class DataConfig:
     answer_field: str = "answer"
     template: str = "r1_zero"
     """r1_zero: the R1-Zero text template | chat: the tokenizer's chat template | none: the raw prompt."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     """Questions per step; each gets `algo.group_size` samples."""
 
 
@@ -57,8 +60,8 @@ class GeneratorConfig:
     """Logical CPUs reserved per engine actor (CPU runs)."""
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 16
-    max_model_len: int = 512
+    max_tokens: int = 1024
+    max_model_len: int = 2048
     kv_cache_gib: int = 1
     """CPU only: VLLM_CPU_KVCACHE_SPACE per engine."""
     gpu_memory_utilization: float = 0.5
@@ -85,7 +88,7 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
-    group_size: int = 8
+    group_size: int = 16
     """G: samples per question (16 in the paper)."""
     std_normalize: bool = True
     """Divide advantages by the group std (GRPO); false is the Dr.GRPO variant."""
@@ -105,12 +108,12 @@ class LearnerConfig:
     """DeepSpeed data-parallel ranks, one Ray actor each."""
     num_cpus: float = 1.0
     zero_stage: int = 0
-    lr: float = 1e-3
+    lr: float = 1e-6
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    mini_batch_size: int = 64
+    mini_batch_size: int = 128
     """Samples per optimizer step, over all ranks; must divide the rollout batch."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = 4
     """Samples per forward/backward on one rank."""
     epochs: int = 1
     """Passes over each rollout batch."""
@@ -133,7 +136,7 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 30
+    total_steps: int = 100
     output_dir: str = "runs/default"
     seed: int = 0
     progress: bool = True
@@ -156,6 +159,9 @@ class Config:
         return self.data.prompts_per_step * self.algo.group_size
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"
+
+
 class ConfigError(ValueError):
     pass
 
@@ -168,18 +174,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            _check_sections(loaded, str(path))
+            merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+        _check_sections(dotlist, "overrides")
+        merged = OmegaConf.merge(merged, dotlist)
     except OmegaConfBaseException as e:
         where = f" in {path}" if path is not None else ""
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"bad config{where}: key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ConfigError(f"bad config{where}: key {key!r}: {str(e).splitlines()[0]}") from None
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def _check_sections(node: Any, where: str) -> None:
+    """omegaconf reports a non-mapping file or section (`learner: 3`) without naming the key."""
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (model:, data:, ...)")
+    for key, value in node.items():
+        if key in Config.__dataclass_fields__ and value is not None and not isinstance(value, DictConfig):
+            raise ConfigError(f"{where}: key {key!r} is a section and must be a mapping, got {value!r}")
 
 
 def validate(cfg: Config) -> None:

@@ -43,13 +43,13 @@ class Generator:
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[tuple[int, int, str, str]], n: int, greedy: bool = False,
-                 min_tokens: int = 0) -> list[Rollout]:
+                 max_tokens: int | None = None, min_tokens: int = 0) -> list[Rollout]:
         """prompts: (group, dataset row, templated text, gold answer). Returns n rollouts per prompt, in order."""
         from vllm import SamplingParams
 
         params = SamplingParams(
             n=n, temperature=0.0 if greedy else self.cfg.temperature, top_p=1.0 if greedy else self.cfg.top_p,
-            max_tokens=self.cfg.max_tokens, min_tokens=min_tokens, logprobs=0,
+            max_tokens=max_tokens or self.cfg.max_tokens, min_tokens=min_tokens, logprobs=0,
         )
         outputs = self.llm.generate([text for _, _, text, _ in prompts], params, use_tqdm=False)
         rollouts = []

@@ -40,7 +40,7 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
         return str(local) if local.exists() else cfg.path  # a hub id, for clusters that reach a hub
     cache_dir = cache_dir or default_cache_dir()
     spec = {"seed": cfg.tiny_seed, "hidden": cfg.tiny_hidden, "layers": cfg.tiny_layers, "heads": cfg.tiny_heads,
-            "version": 3}
+            "version": 4}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir / f"tiny-{key}"
     if (target / "model.safetensors").is_file():
@@ -63,14 +63,19 @@ def build_tiny_tokenizer():
     """
     import string
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    # Byte-level symbols (space -> "Ġ") in a merge-free BPE: AutoTokenizer loads a qwen2 folder as
+    # Qwen2Tokenizer, which rebuilds a byte-level BPE from vocab + merges; this vocab makes that rebuild
+    # the same character-level tokenizer (a plain-character vocab would silently drop all whitespace).
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    chars = [byte_level.pre_tokenize_str(c)[0][0] for c in string.printable]
     specials = [EOS, "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     tok.add_tokens(THINK_TAGS)  # plain added tokens: one id each, kept by decode
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token="<unk>",

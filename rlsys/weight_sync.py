@@ -141,4 +141,7 @@ def worker_read_weights(worker) -> dict[str, torch.Tensor]:
                 out[f"{name}.weight"] = module.quant_method.apply(module, eye, bias=None).t().contiguous().cpu()
         else:
             out[f"{name}.weight"] = weight.detach().cpu().clone()
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            out[f"{name}.bias"] = bias.detach().cpu().clone()
     return out

