@@ -1,0 +1,255 @@
+"""Tests for rlsys.config: defaults <- YAML <- key=value, and every bad input names its key or file."""
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlsys.config import (DEFAULT_CONFIG, AlgoConfig, Config, ConfigError, LearnerConfig, load_config,
+                          validate)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def leaves(tree, prefix=""):
+    """{'learner.lr': 0.001, ...} for every scalar in a parsed YAML mapping."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def get(cfg, dotted):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def config_error(path=None, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- what loads
+
+def test_defaults_are_the_dataclass_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    # the R1-Zero recipe values the docstring promises
+    assert (cfg.algo.group_size, cfg.data.prompts_per_step, cfg.algo.beta, cfg.generator.temperature) == (16, 32, 0.001, 1.0)
+    assert cfg.rollout_batch_size == 32 * 16
+    validate(cfg)
+
+
+@pytest.mark.parametrize("path", [REPO / "configs" / "tiny.yaml", DEFAULT_CONFIG], ids=["tiny", "default"])
+def test_shipped_configs_load_and_override_only_what_they_list(path):
+    listed = leaves(yaml.safe_load(path.read_text()))
+    assert listed, f"{path} lists nothing"
+    cfg = load_config(path)
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            dotted = f"{section.name}.{f.name}"
+            expected = listed[dotted] if dotted in listed else get(defaults, dotted)
+            assert get(cfg, dotted) == expected, dotted
+    validate(cfg)
+
+
+def test_default_yaml_is_the_embedded_toy_run():
+    assert DEFAULT_CONFIG == REPO / "rlsys" / "default.yaml"
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.model.path == "tiny" and cfg.data.template == "none"
+
+
+def test_yaml_overrides_only_what_it_lists(tmp_path):
+    path = write(tmp_path, "learner:\n  lr: 0.5\nalgo:\n  group_size: 4\n")
+    cfg = load_config(path)
+    assert cfg.learner == dataclasses.replace(LearnerConfig(), lr=0.5)
+    assert cfg.algo == dataclasses.replace(AlgoConfig(), group_size=4)
+    assert (cfg.model, cfg.data, cfg.generator, cfg.reward, cfg.cluster, cfg.trainer) == \
+           (Config().model, Config().data, Config().generator, Config().reward, Config().cluster, Config().trainer)
+
+
+def test_empty_yaml_is_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = write(tmp_path, "learner:\n  lr: 0.5\n  epochs: 3\ntrainer:\n  seed: 7\n")
+    cfg = load_config(path, ["learner.lr=0.25", "trainer.seed=9", "algo.epsilon_high=0.28", "cluster.address=auto"])
+    assert cfg.learner.lr == 0.25           # file said 0.5
+    assert cfg.learner.epochs == 3          # from the file, not overridden
+    assert cfg.trainer.seed == 9            # file said 7
+    assert cfg.algo.epsilon_high == 0.28    # default None
+    assert cfg.cluster.address == "auto"
+    assert isinstance(cfg.learner.lr, float) and isinstance(cfg.trainer.seed, int)
+
+
+def test_overrides_without_file_and_later_override_wins():
+    cfg = load_config(None, ["learner.lr=0.1", "learner.lr=0.2"])
+    assert cfg.learner.lr == 0.2
+
+
+# ---------------------------------------------------------------- bad keys and values
+
+@pytest.mark.parametrize("overrides,key", [
+    (["learner.lrr=1"], "learner.lrr"),
+    (["lerner.lr=1"], "lerner"),
+    (["foo=1"], "foo"),
+    (["model.tiny_sed=3"], "model.tiny_sed"),
+])
+def test_unknown_key_in_overrides_names_it(overrides, key):
+    assert key in config_error(None, overrides)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("learner:\n  lrr: 1\n", "learner.lrr"),
+    ("foo: 1\n", "foo"),
+    ("algo:\n  group_size: 4\n  grup: 2\n", "algo.grup"),
+])
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    msg = config_error(path)
+    assert key in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("learner.lr=abc", "learner.lr"),
+    ("learner.num_ranks=two", "learner.num_ranks"),
+    ("algo.std_normalize=maybe", "algo.std_normalize"),
+])
+def test_wrong_type_in_override_names_key(override, key):
+    assert key in config_error(None, [override])
+
+
+def test_wrong_type_in_yaml_names_key_and_file(tmp_path):
+    path = write(tmp_path, "learner:\n  lr: abc\n")
+    msg = config_error(path)
+    assert "learner.lr" in msg and str(path) in msg
+
+
+def test_section_given_a_scalar_names_the_section(tmp_path):
+    path = write(tmp_path, "learner: 3\n")
+    msg = config_error(path)
+    assert "'learner'" in msg and str(path) in msg
+    assert "'learner'" in config_error(None, ["learner=3"])
+
+
+def test_yaml_that_is_not_a_mapping_names_the_file(tmp_path):
+    path = write(tmp_path, "- a\n- b\n")
+    assert str(path) in config_error(path)
+
+
+def test_yaml_syntax_error_is_a_config_error_naming_the_file(tmp_path):
+    path = write(tmp_path, "learner: [\n")
+    assert str(path) in config_error(path)
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert str(path) in config_error(path)
+
+
+@pytest.mark.parametrize("item", ["learner.lr", "learner"])
+def test_override_without_equals_is_refused(item):
+    msg = config_error(None, [item])
+    assert repr(item) in msg and "key=value" in msg
+
+
+# ---------------------------------------------------------------- cross-field checks
+
+def test_mini_batch_must_divide_rollout_batch():
+    # rollout batch 4 * 4 = 16; 12 does not divide it, and is a multiple of 1 * 4
+    msg = config_error(None, ["data.prompts_per_step=4", "algo.group_size=4", "learner.num_ranks=1",
+                              "learner.micro_batch_size=4", "learner.mini_batch_size=12"])
+    assert msg.startswith("learner.mini_batch_size=12") and "must divide" in msg and "= 16" in msg
+
+
+def test_mini_batch_must_be_multiple_of_ranks_times_micro():
+    # 16 divides the rollout batch 32 * 16, but is not a multiple of 2 ranks * 16 = 32
+    msg = config_error(None, ["learner.mini_batch_size=16", "learner.num_ranks=2", "learner.micro_batch_size=16"])
+    assert msg.startswith("learner.mini_batch_size=16") and "multiple of" in msg
+    assert "learner.num_ranks * learner.micro_batch_size = 32" in msg
+
+
+def test_consistent_batch_sizes_pass():
+    cfg = load_config(None, ["data.prompts_per_step=4", "algo.group_size=4", "learner.num_ranks=2",
+                             "learner.micro_batch_size=2", "learner.mini_batch_size=8"])
+    assert cfg.rollout_batch_size == 16
+
+
+def test_group_size_one_is_refused():
+    # rollout batch 32 * 1 = 32 and 32 % (2 * 4) == 0, so only the group size is wrong
+    msg = config_error(None, ["algo.group_size=1", "learner.mini_batch_size=32", "learner.micro_batch_size=4"])
+    assert msg.startswith("algo.group_size") and "got 1" in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.dtype=fp16", "model.dtype"),
+    ("data.template=alpaca", "data.template"),
+    ("algo.aggregation=sample", "algo.aggregation"),
+    ("cluster.backend=mpi", "cluster.backend"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+    ("algo.beta=-0.1", "algo.beta"),
+    ("reward.timeout_s=0", "reward.timeout_s"),
+    ("generator.num_engines=0", "generator.num_engines"),
+])
+def test_bad_values_name_their_key(override, key):
+    msg = config_error(None, [override])
+    assert msg.startswith(key), msg
+
+
+@pytest.mark.parametrize("override", ["model.dtype=bfloat16", "data.template=chat", "data.template=none",
+                                      "algo.aggregation=sequence", "cluster.backend=gloo", "cluster.backend=nccl"])
+def test_good_enum_values_pass(override):
+    key, value = override.split("=")
+    assert get(load_config(None, [override]), key) == value
+
+
+# ---------------------------------------------------------------- the CLI stops before anything starts
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A stand-in rlsys.trainer: the CLI reaching it fails the test instead of starting Ray."""
+    fake = types.ModuleType("rlsys.trainer")
+
+    def train(cfg):
+        raise AssertionError("the CLI started training despite a bad config")
+
+    fake.train = train
+    monkeypatch.setitem(sys.modules, "rlsys.trainer", fake)
+
+
+def test_cli_unknown_key_returns_2_and_names_it(capsys, no_training):
+    from rlsys.cli import main
+
+    assert main(["train", "learner.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "learner.lrr" in err
+
+
+def test_cli_missing_file_returns_2_and_names_it(capsys, no_training, tmp_path):
+    from rlsys.cli import main
+
+    path = tmp_path / "missing.yaml"
+    assert main(["train", str(path), "trainer.seed=1"]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+def test_cli_bad_value_in_file_returns_2(capsys, no_training, tmp_path):
+    from rlsys.cli import main
+
+    path = write(tmp_path, "model:\n  dtype: fp8\n")
+    assert main(["train", str(path)]) == 2
+    assert "model.dtype" in capsys.readouterr().err

@@ -1,0 +1,241 @@
+"""Tests for rlsys.data: reading rows, templates, and the resumable prompt stream."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlsys.config import DataConfig
+from rlsys.data import (R1_ZERO_TEMPLATE, SOURCE_ROOT, DataError, PromptStream, apply_template, load_rows,
+                        resolve_data_path)
+from rlsys.models import build_tiny_tokenizer
+
+ROWS = [("What is 2+3?", "5"), ("Copy the digit 7", "7"), ("Name a prime.", "2"),
+        ("What is 10-4?", "6"), ("Spell one", "one")]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_parquet(path, columns):
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def data_error(**cfg):
+    with pytest.raises(DataError) as info:
+        load_rows(DataConfig(**cfg))
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- reading rows
+
+def test_jsonl_and_parquet_give_the_same_rows(tmp_path):
+    jl = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "answer": a} for q, a in ROWS])
+    pqf = write_parquet(tmp_path / "d.parquet", {"prompt": [q for q, _ in ROWS], "answer": [a for _, a in ROWS]})
+    assert load_rows(DataConfig(path=str(jl))) == ROWS
+    assert load_rows(DataConfig(path=str(pqf))) == ROWS
+
+
+def test_custom_fields_and_extra_columns(tmp_path):
+    records = [{"id": i, "question": q, "solution": a, "prompt": "ignored"} for i, (q, a) in enumerate(ROWS)]
+    jl = write_jsonl(tmp_path / "d.jsonl", records)
+    pqf = write_parquet(tmp_path / "d.parquet", {k: [r[k] for r in records] for k in records[0]})
+    for path in (jl, pqf):
+        assert load_rows(DataConfig(path=str(path), prompt_field="question", answer_field="solution")) == ROWS
+
+
+def test_numeric_answers_become_strings(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "answer": 2}, {"prompt": "2+2", "answer": 4}])
+    assert load_rows(DataConfig(path=str(path))) == [("1+1", "2"), ("2+2", "4")]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_missing_column_names_file_and_column(tmp_path, ext):
+    path = tmp_path / f"d.{ext}"
+    if ext == "jsonl":
+        write_jsonl(path, [{"prompt": "q", "solution": "1"}])
+    else:
+        write_parquet(path, {"prompt": ["q"], "solution": ["1"]})
+    msg = data_error(path=str(path))
+    assert str(path) in msg and "'answer'" in msg and "data.answer_field" in msg
+
+    msg = data_error(path=str(path), prompt_field="question", answer_field="solution")
+    assert str(path) in msg and "'question'" in msg and "data.prompt_field" in msg
+
+
+@pytest.mark.parametrize("bad", [None, "", "   "])
+def test_empty_answer_names_file_row_and_field(tmp_path, bad):
+    records = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}, {"prompt": "c", "answer": bad}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    msg = data_error(path=str(path))
+    assert str(path) in msg and "row 2" in msg and "'answer'" in msg
+
+
+def test_missing_answer_key_in_one_jsonl_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
+    msg = data_error(path=str(path))
+    assert str(path) in msg and "row 1" in msg and "'answer'" in msg
+
+
+def test_empty_prompt_in_parquet_names_row_and_custom_field(tmp_path):
+    path = write_parquet(tmp_path / "d.parquet", {"q": ["x", "y", None, "z"], "a": ["1", "2", "3", "4"]})
+    msg = data_error(path=str(path), prompt_field="q", answer_field="a")
+    assert str(path) in msg and "row 2" in msg and "'q'" in msg
+
+
+def test_malformed_json_line_names_the_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n{"prompt": "c", "answer": "3"}\n')
+    msg = data_error(path=str(path))
+    assert str(path) in msg and "JSON" in msg
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,answer\na,1\n")
+    msg = data_error(path=str(path))
+    assert str(path) in msg and "'.csv'" in msg
+
+
+def test_missing_file_names_the_path(tmp_path):
+    msg = data_error(path="no/such/file.jsonl")
+    assert "data.path=no/such/file.jsonl" in msg
+
+
+def test_relative_path_falls_back_to_the_source_tree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_path("configs/data/toy_digits.jsonl") == SOURCE_ROOT / "configs" / "data" / "toy_digits.jsonl"
+    rows = load_rows(DataConfig(path="configs/data/toy_digits.jsonl"))
+    assert len(rows) == 200
+    assert rows[0] == ("Copy the digit 6", "6")
+    assert all(q == f"Copy the digit {a}" and a in "0123456789" for q, a in rows)
+
+
+def test_relative_path_prefers_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "configs" / "data" / "toy_digits.jsonl", [{"prompt": "local", "answer": "1"}])
+    monkeypatch.chdir(tmp_path)
+    assert load_rows(DataConfig(path="configs/data/toy_digits.jsonl")) == [("local", "1")]
+
+
+# ---------------------------------------------------------------- templates
+
+R1_EXPECTED = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: Copy the digit 6. Assistant:"
+)
+
+
+def test_r1_zero_template_word_for_word():
+    assert apply_template("Copy the digit 6", "r1_zero") == R1_EXPECTED
+    assert R1_ZERO_TEMPLATE.format(prompt="Copy the digit 6") == R1_EXPECTED
+
+
+def test_r1_zero_template_does_not_double_the_final_period():
+    text = apply_template("  Copy the digit 6.  ", "r1_zero")
+    assert text == R1_EXPECTED
+    assert ".." not in text
+    assert text.endswith("User: Copy the digit 6. Assistant:")
+
+
+def test_chat_template_uses_the_tokenizer():
+    tok = build_tiny_tokenizer()
+    text = apply_template("What is 2+3?", "chat", tok)
+    assert text == "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_without_tokenizer_fails():
+    with pytest.raises(AssertionError, match="tokenizer"):
+        apply_template("q", "chat")
+
+
+def test_none_template_is_the_raw_prompt():
+    assert apply_template(" Copy the digit 6. ", "none") == " Copy the digit 6. "
+
+
+def test_unknown_template_names_it():
+    with pytest.raises(DataError, match="data.template 'alpaca'"):
+        apply_template("q", "alpaca")
+
+
+# ---------------------------------------------------------------- the prompt stream
+
+@pytest.fixture
+def five_rows(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "answer": a} for q, a in ROWS])
+    return DataConfig(path=str(path), template="none", prompts_per_step=2)
+
+
+def indices(prompts):
+    return [p.index for p in prompts]
+
+
+def test_stream_prompts_carry_row_text_and_answer(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "answer": a} for q, a in ROWS])
+    stream = PromptStream(DataConfig(path=str(path), template="r1_zero", prompts_per_step=5), seed=0)
+    for p in stream.next():
+        q, a = ROWS[p.index]
+        assert (p.question, p.answer) == (q, a)
+        assert p.text == apply_template(q, "r1_zero")
+
+
+def test_stream_default_batch_is_prompts_per_step(five_rows):
+    assert len(PromptStream(five_rows, seed=0).next()) == 2
+    assert len(PromptStream(five_rows, seed=0).next(3)) == 3
+
+
+def test_stream_is_deterministic_for_a_seed(five_rows):
+    a = [indices(PromptStream(five_rows, seed=3).next(20))]
+    b = [indices(PromptStream(five_rows, seed=3).next(20))]
+    assert a == b
+    # 20 draws over 5 rows for other seeds: at least one of several seeds orders them differently
+    others = {tuple(indices(PromptStream(five_rows, seed=s).next(20))) for s in range(4, 10)}
+    assert len(others | {tuple(a[0])}) > 1
+
+
+def test_stream_covers_every_row_once_per_epoch(five_rows):
+    stream = PromptStream(five_rows, seed=1)
+    drawn = indices(stream.next(15))
+    for epoch in range(3):
+        assert sorted(drawn[5 * epoch:5 * epoch + 5]) == [0, 1, 2, 3, 4], drawn
+    assert stream.state() == {"epoch": 2, "cursor": 5}
+
+
+
+def test_stream_shuffles_and_reshuffles_each_epoch(five_rows):
+    firsts, reshuffled = set(), False
+    for seed in range(6):
+        drawn = indices(PromptStream(five_rows, seed=seed).next(10))
+        firsts.add(tuple(drawn[:5]))
+        reshuffled |= drawn[:5] != drawn[5:]
+    assert firsts != {(0, 1, 2, 3, 4)} and len(firsts) > 1, "the first epoch is not shuffled by seed"
+    assert reshuffled, "every epoch repeats the first epoch's order"
+
+
+def test_stream_resumes_the_exact_sequence(five_rows):
+    straight = PromptStream(five_rows, seed=7)
+    expected = indices(straight.next(3)) + indices(straight.next(9))
+
+    first = PromptStream(five_rows, seed=7)
+    head = indices(first.next(3))
+    state = first.state()
+    assert state == {"epoch": 0, "cursor": 3}
+    resumed = PromptStream(five_rows, seed=7)
+    resumed.load_state(json.loads(json.dumps(state)))  # survives a round trip through a checkpoint file
+    assert head + indices(resumed.next(9)) == expected
+
+
+def test_stream_resumes_at_an_epoch_boundary(five_rows):
+    straight = PromptStream(five_rows, seed=2)
+    expected = indices(straight.next(5)) + indices(straight.next(5))
+    first = PromptStream(five_rows, seed=2)
+    first.next(5)
+    resumed = PromptStream(five_rows, seed=2)
+    resumed.load_state(first.state())
+    assert indices(resumed.next(5)) == expected[5:]
