@@ -135,7 +135,8 @@ class WeightSync:
         self.learners, self.generators = learners, generators
         rank0 = learners.actors[0]
         self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
-        addr, port = ray.get(rank0.address.remote())  # a fresh port beside the learners' own
+        addr = ray.get(rank0.whereami.remote())["ip"]
+        port = ray.get(rank0.free_port.remote())  # a fresh port beside the learners' own
         world = 1 + len(generators.actors) * workers_per_engine
         ray.get([rank0.join_sync.remote(addr, port, world)] + [
             g.join_sync.remote(addr, port, 1 + i * workers_per_engine, world, backend)
@@ -204,9 +205,8 @@ def launch(cfg: Config, model_path: str) -> Groups:
         for i in range(cfg.generator.num_engines)]
     rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(cfg.reward)
                for _ in range(cfg.reward.num_workers)]
-    addr, port = ray.get(learners[0].address.remote())
-    ray.get([a.setup.remote(addr, port) for a in learners])
     where = ray.get([a.whereami.remote() for a in learners + generators + rewards])
+    ray.get([a.setup.remote(where[0]["ip"], ray.get(learners[0].free_port.remote())) for a in learners])
     roles = ([("learner", r, cfg.learner.num_cpus, int(gpu)) for r in range(len(learners))]
              + [("generator", i, cfg.generator.num_cpus, cfg.generator.tensor_parallel_size * int(gpu))
                 for i in range(len(generators))]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from rlsys.algo import grpo_loss, masked_mean
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
-from rlsys.weight_sync import Bucket, TensorMeta, device_for, make_group, plan_buckets, send_bucket
+from rlsys.weight_sync import Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, send_bucket
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -45,12 +45,9 @@ class Learner:
         self.sync_group = None
         self.steps = 0
 
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 hosts the learners' rendezvous."""
-        import ray.util  # only to learn this node's address; the class itself does not need Ray
-
-        from rlsys.weight_sync import free_port
-        return ray.util.get_node_ip_address(), free_port()
+    def free_port(self) -> int:
+        """A free port on this rank's node (rank 0 hosts the rendezvous of both groups)."""
+        return free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Collective: every rank calls it at once."""

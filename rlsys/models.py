@@ -37,6 +37,8 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
         local = Path(cfg.path).expanduser()
         if local.exists() and not (local / "config.json").is_file():
             raise FileNotFoundError(f"model.path={cfg.path}: folder has no config.json (not an HF model folder)")
+        if not local.exists() and (cfg.path.startswith(("/", ".", "~")) or cfg.path.count("/") != 1):
+            raise FileNotFoundError(f"model.path={cfg.path}: no such folder, and not a hub id (owner/name)")
         return str(local) if local.exists() else cfg.path  # a hub id, for clusters that reach a hub
     cache_dir = cache_dir or default_cache_dir()
     spec = {"seed": cfg.tiny_seed, "hidden": cfg.tiny_hidden, "layers": cfg.tiny_layers, "heads": cfg.tiny_heads,
