@@ -206,7 +206,8 @@ def launch(cfg: Config, model_path: str) -> Groups:
     rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(cfg.reward)
                for _ in range(cfg.reward.num_workers)]
     where = ray.get([a.whereami.remote() for a in learners + generators + rewards])
-    ray.get([a.setup.remote(where[0]["ip"], ray.get(learners[0].free_port.remote())) for a in learners])
+    port = ray.get(learners[0].free_port.remote())
+    ray.get([a.setup.remote(where[0]["ip"], port) for a in learners])
     roles = ([("learner", r, cfg.learner.num_cpus, int(gpu)) for r in range(len(learners))]
              + [("generator", i, cfg.generator.num_cpus, cfg.generator.tensor_parallel_size * int(gpu))
                 for i in range(len(generators))]
