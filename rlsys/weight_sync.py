@@ -14,6 +14,7 @@ loader asks for its first tensor, so the engine never holds a second copy of the
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -97,8 +98,17 @@ def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.
 
 # ---- run inside vLLM workers through LLM.collective_rpc(fn, args=...); `worker` is vLLM's worker.
 
+class _QuietRotaryReload(logging.Filter):
+    """Every in-place reload warns that RotaryEmbedding "failed to load weights": it has none (its
+    cos/sin cache is a buffer vLLM restores itself). Drop that one line, keep every other warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
 def worker_join(worker, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
     """Join the sync group as first_rank + this worker's rank inside its engine."""
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
     rank = first_rank + worker.rank
     worker.rlsys_sync = (make_group(backend, addr, port, rank, world), backend)
     return rank

@@ -1,0 +1,78 @@
+"""rlsys report RUN_DIR: the run's figures in a few lines, and plots of them.
+
+Prints the reward at the start and the end, wall time and the step-time split; writes
+`reward.png` (mean reward and its accuracy and format parts per step) and `timing.png`
+(seconds per phase per step) into the run folder.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from rlsys.metrics import read_jsonl
+
+PHASES = ("generate", "reward", "learn", "sync")
+
+
+def summarize(rows: list[dict], window: int = 10) -> dict:
+    if not rows:
+        raise ValueError("metrics.jsonl has no steps")
+    w = min(window, len(rows))
+    mean = lambda key, part: statistics.fmean(r[key] for r in part)  # noqa: E731
+    step_s = [sum(r[f"timing/{p}"] for p in PHASES) for r in rows]
+    return {
+        "steps": len(rows),
+        "reward_first": mean("reward/mean", rows[:w]),
+        "reward_last": mean("reward/mean", rows[-w:]),
+        "accuracy_first": mean("reward/accuracy", rows[:w]),
+        "accuracy_last": mean("reward/accuracy", rows[-w:]),
+        "window": w,
+        "loop_s": sum(step_s),
+        "split": {p: sum(r[f"timing/{p}"] for r in rows) / sum(step_s) for p in PHASES},
+        "tokens_per_s": statistics.fmean(r["throughput/tokens_per_s"] for r in rows[1:] or rows),
+    }
+
+
+def plot(rows: list[dict], run_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("reward/mean", "reward (mean)"), ("reward/accuracy", "accuracy"), ("reward/format", "format")):
+        ax.plot(steps, [r[key] for r in rows], label=label)
+    ax.set(xlabel="step", ylabel="per-sample mean", ylim=(-0.02, 1.02), title=f"GRPO reward: {run_dir.name}")
+    ax.legend()
+    fig.tight_layout()
+    out = [run_dir / "reward.png", run_dir / "timing.png"]
+    fig.savefig(out[0], dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(rows)
+    for p in PHASES:
+        vals = [r[f"timing/{p}"] for r in rows]
+        ax.bar(steps, vals, bottom=bottom, label=p, width=1.0)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(xlabel="step", ylabel="seconds", title="step time by phase")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out[1], dpi=100)
+    plt.close("all")
+    return out
+
+
+def report(run_dir: Path) -> str:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} an rlsys run folder?)")
+    rows = read_jsonl(path)
+    s = summarize(rows)
+    plots = plot(rows, run_dir)
+    split = ", ".join(f"{p} {100 * v:.0f}%" for p, v in s["split"].items())
+    return (f"{run_dir}: {s['steps']} steps, loop {s['loop_s']:.1f}s ({split})\n"
+            f"reward/mean  first {s['window']} steps {s['reward_first']:.3f} -> last {s['window']} {s['reward_last']:.3f}\n"
+            f"accuracy     first {s['window']} steps {s['accuracy_first']:.3f} -> last {s['window']} {s['accuracy_last']:.3f}\n"
+            f"throughput   {s['tokens_per_s']:.0f} tokens/s\n"
+            f"plots        {', '.join(str(p) for p in plots)}")

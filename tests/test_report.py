@@ -1,0 +1,27 @@
+import json
+
+import pytest
+
+from rlsys.report import report, summarize
+
+
+def rows(rewards):
+    return [{"step": i, "reward/mean": r, "reward/accuracy": r, "reward/format": 0.0, "timing/generate": 1.0,
+             "timing/reward": 0.5, "timing/learn": 2.0, "timing/sync": 0.5, "throughput/tokens_per_s": 100.0}
+            for i, r in enumerate(rewards)]
+
+
+def test_summary_figures_by_hand():
+    s = summarize(rows([0.0, 0.1, 0.2, 0.9, 1.0, 0.8]), window=2)
+    assert s["reward_first"] == pytest.approx(0.05) and s["reward_last"] == pytest.approx(0.9)
+    assert s["loop_s"] == pytest.approx(6 * 4.0)
+    assert s["split"] == pytest.approx({"generate": 0.25, "reward": 0.125, "learn": 0.5, "sync": 0.125})
+
+
+def test_report_writes_plots_and_names_a_missing_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows([0.1, 0.5, 0.9])))
+    text = report(tmp_path)
+    assert "0.100" in text or "0.500" in text
+    assert (tmp_path / "reward.png").stat().st_size > 1000 and (tmp_path / "timing.png").is_file()
+    with pytest.raises(FileNotFoundError, match="no metrics"):
+        report(tmp_path / "nope")
