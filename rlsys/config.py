@@ -39,6 +39,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    name: str | None = None
+    """A registry dataset (gsm8k, math500, math, countdown, basic_arithmetic, ...: see
+    rlsys/datasets.py); when set, `path` and the field names are not used."""
+    split: str = "train"
+    """Split of the registry dataset."""
     path: str = "configs/data/toy_digits.jsonl"
     """A .jsonl or .parquet file; relative paths resolve against the working directory, then
     against the rlsys source tree (so the embedded default works from anywhere)."""
@@ -84,6 +89,10 @@ class RewardConfig:
     separately). True: only the block counts, strictly as in R1."""
     timeout_s: float = 5.0
     """Per-sample limit; a sample over it scores 0 and its scoring process is killed."""
+    verifier: str = "auto"
+    """How accuracy is judged: math (math-verify against the gold) | reasoning_gym (the task's
+    own scorer; the gold is the task entry as JSON) | auto (from the dataset: the registry entry
+    or the metadata `rlsys data prepare` wrote; math otherwise)."""
 
 
 @dataclass
@@ -122,6 +131,22 @@ class LearnerConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps during training (and after the last one); 0 = never."""
+    dataset: str = "gsm8k"
+    split: str = "test"
+    limit: int = 50
+    """First N problems of the split (a fixed subset, so evaluations compare)."""
+    k: int = 4
+    """Samples per problem: pass@1 is their mean correctness, cons@k their majority vote."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int | None = None
+    """None: generator.max_tokens."""
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = None
     """None: start a local Ray cluster in-process. Otherwise ray.init(address=...), e.g. "auto"."""
@@ -139,6 +164,8 @@ class TrainerConfig:
     total_steps: int = 100
     output_dir: str = "runs/default"
     seed: int = 0
+    save_every: int = 0
+    """Write an HF checkpoint folder every N steps (and after the last step); 0 = only at the end."""
     progress: bool = True
     """Progress bar with the live reward on the terminal."""
 
@@ -151,6 +178,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -217,6 +245,10 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")
     need(cfg.algo.beta >= 0, f"algo.beta must be >= 0, got {cfg.algo.beta}")
     need(cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
+    need(cfg.reward.verifier in ("auto", "math", "reasoning_gym"),
+         f"reward.verifier must be auto, math or reasoning_gym, got {cfg.reward.verifier!r}")
+    need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,
+         "eval.k and eval.limit must be >= 1 and eval.every >= 0")
     need(cfg.cluster.backend in ("auto", "gloo", "nccl"), f"cluster.backend must be auto, gloo or nccl, got {cfg.cluster.backend!r}")
     for name in ("generator.num_engines", "reward.num_workers", "learner.num_ranks", "data.prompts_per_step",
                  "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "generator.max_tokens"):
