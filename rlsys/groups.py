@@ -9,6 +9,7 @@ every member and `ray.get` once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -78,14 +79,15 @@ def _in(pg, index: int) -> dict:
 
 
 class GeneratorPool:
-    def __init__(self, actors: list, prompts_per_chunk: int):
+    def __init__(self, actors: list):
         self.actors = actors
-        self.prompts_per_chunk = prompts_per_chunk
 
-    def generate(self, prompts: list[tuple[int, int, str, str]], n: int) -> list[Rollout]:
+    def generate(self, prompts: list[tuple[int, int, str, str]], n: int, **sampling) -> list[Rollout]:
         """Spread prompts over engines by pending work: each engine holds one chunk at a time and
-        takes the next as soon as it returns, so a slow engine gets fewer chunks."""
-        chunks = [prompts[i:i + self.prompts_per_chunk] for i in range(0, len(prompts), self.prompts_per_chunk)]
+        takes the next as soon as it returns, so a slow engine gets fewer chunks. Two chunks per
+        engine on average: small enough to balance, large enough for vLLM to batch."""
+        size = max(1, math.ceil(len(prompts) / (2 * len(self.actors))))
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         results: dict[int, list[Rollout]] = {}
         pending = {}
         next_chunk = 0
@@ -93,7 +95,7 @@ class GeneratorPool:
         while next_chunk < len(chunks) or pending:
             while idle and next_chunk < len(chunks):
                 actor = idle.pop()
-                pending[actor.generate.remote(chunks[next_chunk], n)] = (next_chunk, actor)
+                pending[actor.generate.remote(chunks[next_chunk], n, **sampling)] = (next_chunk, actor)
                 next_chunk += 1
             done, _ = ray.wait(list(pending), num_returns=1)
             index, actor = pending.pop(done[0])
@@ -127,6 +129,9 @@ class LearnerGroup:
     def full_state_dict(self) -> dict:
         return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
 
+    def save(self, path) -> None:
+        ray.get([a.save.remote(str(path)) for a in self.actors])
+
 
 class WeightSync:
     """Learner rank 0 -> every generator worker, over a group of its own."""
@@ -154,13 +159,14 @@ class WeightSync:
 class Groups:
     generators: GeneratorPool
     rewards: RewardPool
-    learner: LearnerGroup
-    sync: WeightSync
+    learner: LearnerGroup | None
+    sync: WeightSync | None
     placement: list[dict]
     placement_groups: list
 
     def shutdown(self) -> None:
-        for actor in self.generators.actors + self.rewards.actors + self.learner.actors:
+        learners = self.learner.actors if self.learner else []
+        for actor in self.generators.actors + self.rewards.actors + learners:
             ray.kill(actor)
         for pg in self.placement_groups:
             remove_placement_group(pg)
@@ -179,44 +185,65 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def launch(cfg: Config, model_path: str) -> Groups:
-    """Placement groups + actors, nothing else."""
-    backend = resolve_backend(cfg)
-    gpu = backend == "nccl"
-    timeout = cfg.cluster.placement_timeout_s
-    t0 = time.time()
-    learner_pg = _place("rlsys-learners", _bundles(cfg.learner.num_ranks, cfg.learner.num_cpus, int(gpu)), "PACK",
-                        timeout)
-    gen_pg = _place("rlsys-generators",
-                    _bundles(cfg.generator.num_engines, cfg.generator.num_cpus,
-                             cfg.generator.tensor_parallel_size if gpu else 0), "PACK", timeout)
-    threads = lambda cpus: {"OMP_NUM_THREADS": str(max(1, int(cpus)))}  # noqa: E731
-    learners = [
-        LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=int(gpu), **_in(learner_pg, r),
-                             runtime_env={"env_vars": threads(cfg.learner.num_cpus)}).remote(
-            model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
-            r, cfg.learner.num_ranks, backend, cfg.trainer.seed)
+def _threads(cpus: float) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(max(1, int(cpus)))}
+
+
+def _start_generators(cfg: Config, model_path: str, gpu: bool):
+    gpus = cfg.generator.tensor_parallel_size if gpu else 0
+    pg = _place("rlsys-generators", _bundles(cfg.generator.num_engines, cfg.generator.num_cpus, gpus), "PACK",
+                cfg.cluster.placement_timeout_s)
+    env = engine_env(cfg.generator) | _threads(cfg.generator.num_cpus)
+    actors = [GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, **_in(pg, i),
+                                     runtime_env={"env_vars": env}
+                                     ).remote(model_path, cfg.generator, cfg.model.dtype, cfg.trainer.seed + i)
+              for i in range(cfg.generator.num_engines)]
+    return actors, pg, [("generator", i, cfg.generator.num_cpus, gpus) for i in range(len(actors))]
+
+
+def _start_rewards(cfg: Config, verifier: str):
+    reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
+    actors = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
+              for _ in range(cfg.reward.num_workers)]
+    return actors, [("reward", i, cfg.reward.num_cpus, 0) for i in range(len(actors))]
+
+
+def _start_learners(cfg: Config, model_path: str, backend: str):
+    gpu = int(backend == "nccl")
+    pg = _place("rlsys-learners", _bundles(cfg.learner.num_ranks, cfg.learner.num_cpus, gpu), "PACK",
+                cfg.cluster.placement_timeout_s)
+    actors = [LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=gpu, **_in(pg, r),
+                                   runtime_env={"env_vars": _threads(cfg.learner.num_cpus)}).remote(
+        model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
+        r, cfg.learner.num_ranks, backend, cfg.trainer.seed)
         for r in range(cfg.learner.num_ranks)]
-    generators = [
-        GeneratorActor.options(num_cpus=cfg.generator.num_cpus,
-                               num_gpus=cfg.generator.tensor_parallel_size if gpu else 0, **_in(gen_pg, i),
-                               runtime_env={"env_vars": engine_env(cfg.generator) | threads(cfg.generator.num_cpus)}
-                               ).remote(model_path, cfg.generator, cfg.model.dtype, cfg.trainer.seed + i)
-        for i in range(cfg.generator.num_engines)]
-    rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(cfg.reward)
-               for _ in range(cfg.reward.num_workers)]
-    where = ray.get([a.whereami.remote() for a in learners + generators + rewards])
-    port = ray.get(learners[0].free_port.remote())
-    ray.get([a.setup.remote(where[0]["ip"], port) for a in learners])
-    roles = ([("learner", r, cfg.learner.num_cpus, int(gpu)) for r in range(len(learners))]
-             + [("generator", i, cfg.generator.num_cpus, cfg.generator.tensor_parallel_size * int(gpu))
-                for i in range(len(generators))]
-             + [("reward", i, cfg.reward.num_cpus, 0) for i in range(len(rewards))])
-    placement = [{"role": role, "rank": rank, **w, "resources": {"CPU": cpus, "GPU": gpus}}
-                 for (role, rank, cpus, gpus), w in zip(roles, where)]
-    learner_group, pool = LearnerGroup(learners), GeneratorPool(
-        generators, max(1, math.ceil(cfg.data.prompts_per_step / (2 * len(generators)))))
-    sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
+    return actors, pg, [("learner", r, cfg.learner.num_cpus, gpu) for r in range(len(actors))]
+
+
+def _placement(actors: list, roles: list[tuple]) -> list[dict]:
+    where = ray.get([a.whereami.remote() for a in actors])
+    return [{"role": role, "rank": rank, **w, "resources": {"CPU": cpus, "GPU": gpus}}
+            for (role, rank, cpus, gpus), w in zip(roles, where)]
+
+
+def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> Groups:
+    """Placement groups + actors, nothing else. train=False starts generators and reward workers
+    only (evaluation)."""
+    backend = resolve_backend(cfg)
+    t0 = time.time()
+    learners, learner_pgs, learner_roles = [], [], []
+    if train:
+        learners, learner_pg, learner_roles = _start_learners(cfg, model_path, backend)
+        learner_pgs = [learner_pg]
+    generators, gen_pg, gen_roles = _start_generators(cfg, model_path, backend == "nccl")
+    rewards, reward_roles = _start_rewards(cfg, verifier)
+    placement = _placement(learners + generators + rewards, learner_roles + gen_roles + reward_roles)
+    pool, learner_group, sync = GeneratorPool(generators), None, None
+    if train:
+        port = ray.get(learners[0].free_port.remote())
+        ray.get([a.setup.remote(placement[0]["ip"], port) for a in learners])
+        learner_group = LearnerGroup(learners)
+        sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
     print(f"[rlsys] {len(learners)} learners, {len(generators)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend})", flush=True)
-    return Groups(pool, RewardPool(rewards), learner_group, sync, placement, [learner_pg, gen_pg])
+    return Groups(pool, RewardPool(rewards), learner_group, sync, placement, learner_pgs + [gen_pg])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from collections import defaultdict
 
 import torch
@@ -207,3 +208,21 @@ class Learner:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=self.cfg.zero_stage == 3):
                 out[name] = p.data.detach().cpu().clone()
         return out
+
+    def save(self, path: str) -> None:
+        """An HF folder (safetensors, config, tokenizer) that transformers and vLLM load directly.
+        Collective under ZeRO-3 (every rank gathers); rank 0 writes, to a temporary name first."""
+        import shutil
+
+        from transformers import AutoTokenizer
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return
+        out = Path(path)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # a reader never sees a half-written checkpoint

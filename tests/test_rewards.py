@@ -1,4 +1,5 @@
 import doctest
+import json
 
 import pytest
 
@@ -137,12 +138,13 @@ def test_unparseable_gold_raises():
 # -- score / combine ---------------------------------------------------------------------------
 
 def test_score_and_combine():
-    cfg = RewardConfig(accuracy_weight=0.8, format_weight=0.2, require_answer_tag=True)
+    cfg = RewardConfig(accuracy_weight=0.8, format_weight=0.2, require_answer_tag=True, verifier="math")
     assert score(tagged("4"), "4", cfg) == (1.0, 1.0)
     assert score(tagged("5"), "4", cfg) == (0.0, 1.0)
     assert score(" 4", "4", cfg) == (0.0, 0.0)
-    assert score(" 4", "4", RewardConfig(require_answer_tag=False)) == (1.0, 0.0)
-    assert score(tagged("5") + " 4", "4", RewardConfig(require_answer_tag=False)) == (0.0, 0.0)
+    free = RewardConfig(require_answer_tag=False, verifier="math")
+    assert score(" 4", "4", free) == (1.0, 0.0)
+    assert score(tagged("5") + " 4", "4", free) == (0.0, 0.0)
     assert combine(1.0, 1.0, cfg) == pytest.approx(1.0)
     assert combine(0.0, 1.0, cfg) == pytest.approx(0.2)
     assert combine(1.0, 0.0, cfg) == pytest.approx(0.8)
@@ -161,7 +163,75 @@ def test_works_outside_the_main_thread():
     import threading
 
     out = []
-    t = threading.Thread(target=lambda: out.append(score(tagged("\\frac{1}{2}"), "0.5", RewardConfig())))
+    t = threading.Thread(target=lambda: out.append(score(tagged("\\frac{1}{2}"), "0.5",
+                                                                 RewardConfig(verifier="math"))))
     t.start()
     t.join()
     assert out == [(1.0, 1.0)]
+
+
+# -- verifier dispatch -------------------------------------------------------------------------
+
+def rg_gold(task, answer, **metadata):
+    return json.dumps({"question": "q", "answer": answer, "metadata": {"source_dataset": task, **metadata}})
+
+
+COUNTDOWN = rg_gold("countdown", "42*(30 - 4 - 23)", numbers=[30, 23, 42, 4], target=126,
+                    expression="42*(30 - 4 - 23)")
+RG = RewardConfig(verifier="reasoning_gym", require_answer_tag=True)
+
+
+def test_auto_verifier_must_be_resolved_before_scoring():
+    with pytest.raises(ValueError, match="reward.verifier=auto must be resolved"):
+        score(tagged("4"), "4", RewardConfig(verifier="auto"))
+
+
+def test_math_verifier_is_the_default_behaviour():
+    assert score(tagged("\\frac{1}{2}"), "0.5", RewardConfig(verifier="math")) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("42*(30 - 4 - 23)", 1.0),        # the stored expression
+    ("(30 - 23 - 4) * 42", 1.0),      # another expression reaching 126 with all the numbers
+    ("42*30 - 4 - 23", 0.0),          # right numbers, wrong value: reasoning-gym's 0.05 counts as 0
+    ("126", 0.0),                     # not using the numbers
+    ("__import__('os').getpid()", 0.0),  # never handed to sympy's parse_expr
+    ("42**30**4**23", 0.0),           # power towers neither
+])
+def test_reasoning_gym_countdown(answer, expected):
+    assert score(tagged(answer), COUNTDOWN, RG) == (expected, 1.0)
+
+
+def test_reasoning_gym_missing_or_hedged_answer_scores_zero():
+    assert score(" <think> x </think>", COUNTDOWN, RG) == (0.0, 0.0)
+    assert score(" <answer> 1 </answer> <answer> 2 </answer>", COUNTDOWN, RG)[0] == 0.0
+    # without a required tag the whole completion is the answer (and free text is no expression)
+    free = RewardConfig(verifier="reasoning_gym", require_answer_tag=False)
+    assert score(" (30 - 23 - 4) * 42", COUNTDOWN, free) == (1.0, 0.0)
+    assert score(" so it is (30 - 23 - 4) * 42", COUNTDOWN, free) == (0.0, 0.0)
+
+
+def test_reasoning_gym_partial_credit_is_zero():
+    gold = rg_gold("basic_arithmetic", "3", expression="2 - -1")
+    assert score(tagged("3"), gold, RG)[0] == 1.0
+    assert score(tagged("12345"), gold, RG)[0] == 0.0  # the library's default scorer gives 0.2 here
+
+
+def test_reasoning_gym_gold_must_be_an_entry():
+    with pytest.raises(ValueError, match="reasoning-gym entry"):
+        score(tagged("3"), "3", RG)
+
+
+def test_reasoning_gym_scorer_uses_the_options_the_data_was_made_with():
+    # puzzle24's scorer checks the numbers against its config's value range (default 1..10)
+    gold = json.loads(rg_gold("puzzle24", "4*6*1*1", numbers=[4, 6, 1, 1]))
+    assert score(tagged("4*6*1*1"), json.dumps(gold), RG)[0] == 1.0
+    gold["rlsys_config"] = {"min_value": 2, "max_value": 10}
+    assert score(tagged("4*6*1*1"), json.dumps(gold), RG)[0] == 0.0
+
+
+def test_unknown_verifier():
+    cfg = RewardConfig(verifier="math")
+    cfg.verifier = "code"
+    with pytest.raises(ValueError, match="code"):
+        score(tagged("4"), "4", cfg)

@@ -50,7 +50,7 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, zero_stage, dtype):
                                "learner.sync_bucket_mb=0.05"])  # several buckets, even for the tiny model
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    groups = launch(cfg, model_path)
+    groups = launch(cfg, model_path, verifier="math")
     try:
         assert len(groups.sync.plan) > 3, "the test should exercise several buckets"
         prompts, metrics = one_step(groups, cfg, tokenizer)

@@ -1,0 +1,133 @@
+"""R1-style evaluation: K samples per problem at temperature 0.6, top-p 0.95 (the paper's
+protocol), pass@1 = mean correctness over the K samples averaged over problems, cons@K =
+correctness of the majority answer. Generation runs on the generator actors in parallel,
+scoring on the reward workers (the same rules as training, so "correct" means the same thing).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlsys.config import EvalConfig
+from rlsys.data import apply_template
+from rlsys.rewards import extract_answer
+
+
+@dataclass
+class ProblemResult:
+    index: int
+    question: str
+    gold: str
+    answers: list[str | None]
+    """The extracted answer of each sample (None: none found)."""
+    correct: list[bool]
+    consensus: str | None = None
+    consensus_correct: bool = False
+    lengths: list[int] = field(default_factory=list)
+
+
+def pass_at_1(results: list[ProblemResult]) -> float:
+    """Mean over problems of the share of correct samples."""
+    return statistics.fmean(statistics.fmean(r.correct) for r in results)
+
+
+def consensus(answers: list[str | None], correct: list[bool]) -> tuple[str | None, bool]:
+    """Majority vote over the extracted answers (whitespace-insensitive; samples with no answer
+    do not vote; ties go to the answer seen first). Returns (answer, whether it is correct)."""
+    keys = ["".join(a.split()) if a is not None else None for a in answers]
+    votes = Counter(k for k in keys if k)
+    if not votes:
+        return None, False
+    top = max(votes.values())
+    winner = next(k for k in keys if k and votes[k] == top)
+    i = keys.index(winner)
+    return answers[i], correct[i]
+
+
+def cons_at_k(results: list[ProblemResult]) -> float:
+    return statistics.fmean(r.consensus_correct for r in results)
+
+
+def run_eval(groups, problems: list[tuple[str, str]], cfg: EvalConfig, template: str, tokenizer,
+             require_answer_tag: bool, max_tokens: int) -> dict:
+    """Generate cfg.k samples per problem on the generator pool, score them on the reward pool."""
+    t0 = time.time()
+    prompts = [(i, i, apply_template(q, template, tokenizer), a) for i, (q, a) in enumerate(problems)]
+    rollouts = groups.generators.generate(prompts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                                          max_tokens=cfg.max_tokens or max_tokens)
+    scores = groups.rewards.score(rollouts)
+    results = []
+    for i, (question, gold) in enumerate(problems):
+        mine = list(zip(rollouts[i * cfg.k:(i + 1) * cfg.k], scores[i * cfg.k:(i + 1) * cfg.k]))
+        answers = [extract_answer(r.text, require_answer_tag) for r, _ in mine]
+        correct = [s.accuracy == 1.0 for _, s in mine]
+        cons, cons_ok = consensus(answers, correct)
+        results.append(ProblemResult(i, question, gold, answers, correct, cons, cons_ok,
+                                     [len(r.response_ids) for r, _ in mine]))
+    return {
+        "pass@1": pass_at_1(results),
+        f"cons@{cfg.k}": cons_at_k(results),
+        "problems": len(results),
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "response_length/mean": statistics.fmean(n for r in results for n in r.lengths),
+        "seconds": time.time() - t0,
+        "results": [r.__dict__ for r in results],
+    }
+
+
+def table(name: str, summary: dict) -> str:
+    k = summary["k"]
+    return (f"{'model':<40} {'problems':>8} {'k':>3} {'pass@1':>8} {f'cons@{k}':>8}\n"
+            f"{name[-40:]:<40} {summary['problems']:>8} {k:>3} {summary['pass@1']:>8.3f} "
+            f"{summary[f'cons@{k}']:>8.3f}")
+
+
+def write(summary: dict, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    return out
+
+
+def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step: int | None, out: Path | None,
+                 config: str | None, overrides: list[str]) -> int:
+    """`rlsys eval`: generation settings come from CONFIG (or, for a run folder, the run's own
+    config.yaml), then overrides; the model from --model."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from rlsys import datasets
+    from rlsys.checkpoint import find_checkpoint, is_run_dir
+    from rlsys.config import load_config
+    from rlsys.groups import init_ray, launch
+    from rlsys.models import resolve_model
+
+    run = Path(model)
+    if config is None and is_run_dir(run) and (run / "config.yaml").is_file():
+        config = str(run / "config.yaml")
+    cfg = load_config(config, overrides)
+    model_path = str(find_checkpoint(run, step)) if is_run_dir(run) else resolve_model(
+        dataclasses.replace(cfg.model, path=model))
+    cfg.eval = dataclasses.replace(cfg.eval, dataset=dataset, split=split, limit=limit, k=k)
+    problems = datasets.load(dataset, split, limit)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    init_ray(cfg)
+    groups = launch(cfg, model_path, datasets.verifier_for(dataset), train=False)
+    try:
+        summary = run_eval(groups, problems, cfg.eval, cfg.data.template, tokenizer, cfg.reward.require_answer_tag,
+                           cfg.generator.max_tokens)
+    finally:
+        groups.shutdown()
+    summary |= {"model": model_path, "dataset": dataset, "split": split}
+    name = Path(model_path).name if Path(model_path).exists() else model_path.replace("/", "_")
+    path = write(summary, out or Path("runs") / "eval" / f"{dataset}-{split}-{name}-k{k}-n{len(problems)}.json")
+    print(table(model_path, summary))
+    print(f"[rlsys] per-problem results: {path}")
+    return 0

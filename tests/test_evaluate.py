@@ -1,0 +1,55 @@
+"""pass@1 and cons@K on hand-made results; checkpoint lookup and export."""
+
+import pytest
+
+from rlsys.checkpoint import export, find_checkpoint, list_checkpoints
+from rlsys.evaluate import ProblemResult, cons_at_k, consensus, pass_at_1
+
+
+def result(answers, correct):
+    cons, ok = consensus(answers, correct)
+    return ProblemResult(0, "q", "g", answers, correct, cons, ok)
+
+
+def test_pass_at_1_is_the_mean_over_problems_of_the_mean_over_samples():
+    # problem A: 1 of 4 correct (0.25); problem B: 4 of 4 (1.0); problem C: 0 of 4 -> (0.25 + 1 + 0) / 3
+    rs = [result(["1", "2", "3", "4"], [True, False, False, False]),
+          result(["5"] * 4, [True] * 4),
+          result([None] * 4, [False] * 4)]
+    assert pass_at_1(rs) == pytest.approx(1.25 / 3)
+
+
+def test_consensus_majority_ties_and_no_answers():
+    # "7" twice beats "8" once: correct if the "7"s are correct
+    assert consensus(["7", "8", "7", None], [True, False, True, False]) == ("7", True)
+    # whitespace does not split a vote: " 1 / 2" and "1/2" are one answer with 2 votes
+    assert consensus([" 1 / 2", "3", "1/2", "3 "], [False, True, False, True])[0] in (" 1 / 2", "3")
+    # tie 2-2: the answer seen first wins
+    assert consensus(["3", "1/2", "1/2", "3"], [True, False, False, True]) == ("3", True)
+    # samples without an answer do not vote; all None: no consensus, counted wrong
+    assert consensus([None, None, "4"], [False, False, False]) == ("4", False)
+    assert consensus([None, None], [False, False]) == (None, False)
+
+
+def test_cons_at_k_can_beat_or_trail_pass_at_1():
+    rs = [result(["7", "7", "8", "9"], [True, True, False, False]),   # majority right, pass 0.5
+          result(["1", "2", "2", "2"], [True, False, False, False])]  # majority wrong, pass 0.25
+    assert cons_at_k(rs) == 0.5 and pass_at_1(rs) == pytest.approx(0.375)
+
+
+def test_checkpoints_found_latest_or_by_step_and_exported(tmp_path):
+    for step in (2, 10):
+        (tmp_path / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step}" / "config.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_12.partial").mkdir()  # half-written: never listed
+    assert sorted(list_checkpoints(tmp_path)) == [2, 10]
+    assert find_checkpoint(tmp_path).name == "step_10"
+    assert find_checkpoint(tmp_path, 2).name == "step_2"
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 3"):
+        find_checkpoint(tmp_path, 3)
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        find_checkpoint(tmp_path / "elsewhere")
+    out = export(tmp_path, tmp_path / "out", step=2)
+    assert (out / "config.json").is_file()
+    with pytest.raises(FileExistsError):
+        export(tmp_path, tmp_path / "out")
