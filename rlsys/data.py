@@ -139,3 +139,13 @@ class PromptStream:
     def load_state(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
+
+
+def check_prompt_lengths(texts: list[str], tokenizer, budget: int, what: str) -> None:
+    """Stop before any actor starts if a prompt leaves no room to answer: vLLM would refuse it
+    mid-run. budget = generator.max_model_len - generator.max_tokens."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise DataError(f"{what}: row {i} is {n} tokens once templated, over generator.max_model_len - "
+                            f"generator.max_tokens = {budget}; raise generator.max_model_len or drop the row")

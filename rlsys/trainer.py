@@ -16,7 +16,7 @@ from tqdm import tqdm
 from rlsys import datasets
 from rlsys.batch import make_batch
 from rlsys.config import Config, to_yaml
-from rlsys.data import PromptStream
+from rlsys.data import PromptStream, apply_template, check_prompt_lengths
 from rlsys.evaluate import run_eval
 from rlsys.groups import Groups, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats
@@ -30,7 +30,12 @@ def train(cfg: Config) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)  # bad data stops here
+    budget = cfg.generator.max_model_len - cfg.generator.max_tokens
+    check_prompt_lengths(prompts.texts, tokenizer, budget, f"training data {cfg.data.name or cfg.data.path}")
     eval_problems = datasets.load(cfg.eval.dataset, cfg.eval.split, cfg.eval.limit) if cfg.eval.every else []
+    check_prompt_lengths([apply_template(q, cfg.data.template, tokenizer) for q, _ in eval_problems], tokenizer,
+                         cfg.generator.max_model_len - (cfg.eval.max_tokens or cfg.generator.max_tokens),
+                         f"eval dataset {cfg.eval.dataset}")
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
         raise ValueError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
