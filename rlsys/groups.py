@@ -108,11 +108,12 @@ class GeneratorPool:
 
 
 class RewardPool:
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, prefill: str = ""):
         self.actors = actors
+        self.prefill = prefill  # written by the prompt, scored as the model's own text
 
     def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
-        samples = [(r.text, r.answer) for r in rollouts]
+        samples = [(self.prefill + r.text, r.answer) for r in rollouts]
         size = math.ceil(len(samples) / len(self.actors))
         refs = [a.score.remote(samples[i * size:(i + 1) * size]) for i, a in enumerate(self.actors)]
         return [res for chunk in ray.get(refs) for res in chunk]
@@ -246,4 +247,4 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
     print(f"[rlsys] {len(learners)} learners, {len(generators)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend})", flush=True)
-    return Groups(pool, RewardPool(rewards), learner_group, sync, placement, learner_pgs + [gen_pg])
+    return Groups(pool, RewardPool(rewards, cfg.data.prefill), learner_group, sync, placement, learner_pgs + [gen_pg])

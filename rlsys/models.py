@@ -60,6 +60,7 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
         return str(local) if local.exists() else cfg.path  # a hub id, for clusters that reach a hub
     cache_dir = cache_dir or default_cache_dir()
     spec = {"seed": cfg.tiny_seed, "hidden": cfg.tiny_hidden, "layers": cfg.tiny_layers, "heads": cfg.tiny_heads,
+            **({"tied": True} if cfg.tiny_tied else {}),
             "version": 4}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir / f"tiny-{key}"
@@ -102,7 +103,7 @@ def build_tiny_tokenizer():
                                    chat_template=CHATML)
 
 
-def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int) -> None:
+def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int, tied: bool = False) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tiny_tokenizer()
@@ -110,7 +111,7 @@ def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, dtype="float32",
+        tie_word_embeddings=tied, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, dtype="float32",
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

@@ -63,6 +63,20 @@ def plot(rows: list[dict], run_dir: Path) -> list[Path]:
     return out
 
 
+def eval_line(run_dir: Path) -> str:
+    """Held-out figures of the first and last evaluation of the run, if it made any."""
+    import json
+
+    found = sorted((int(p.stem.removeprefix("step_")), p) for p in (run_dir / "evals").glob("step_*.json"))
+    if not found:
+        return ""
+    (first, a), (last, b) = found[0], found[-1]
+    a, b = json.loads(a.read_text()), json.loads(b.read_text())
+    k = a["k"]
+    return (f"held-out     pass@1 {a['pass@1']:.3f} (step {first}) -> {b['pass@1']:.3f} (step {last}); "
+            f"cons@{k} {a[f'cons@{k}']:.3f} -> {b[f'cons@{k}']:.3f}; format {a['format']:.3f} -> {b['format']:.3f}\n")
+
+
 def report(run_dir: Path) -> str:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -71,8 +85,9 @@ def report(run_dir: Path) -> str:
     s = summarize(rows)
     plots = plot(rows, run_dir)
     split = ", ".join(f"{p} {100 * v:.0f}%" for p, v in s["split"].items())
+    evals = eval_line(run_dir)
     return (f"{run_dir}: {s['steps']} steps, loop {s['loop_s']:.1f}s ({split})\n"
             f"reward/mean  first {s['window']} steps {s['reward_first']:.3f} -> last {s['window']} {s['reward_last']:.3f}\n"
             f"accuracy     first {s['window']} steps {s['accuracy_first']:.3f} -> last {s['window']} {s['accuracy_last']:.3f}\n"
-            f"throughput   {s['tokens_per_s']:.0f} tokens/s\n"
+            f"throughput   {s['tokens_per_s']:.0f} tokens/s\n{evals}"
             f"plots        {', '.join(str(p) for p in plots)}")

@@ -105,6 +105,24 @@ def format_reward(completion: str) -> float:
     return 1.0
 
 
+def partial_format_reward(completion: str) -> float:
+    """A ladder to the R1 format: 1.0 for the full format (as format_reward), 0.5 for a
+    well-formed think block alone (starts with <think>, one <think> and one </think>), else 0.
+
+    >>> partial_format_reward(" <think> 2 + 2 = 4 </think> <answer> 4 </answer>")
+    1.0
+    >>> partial_format_reward("<think> 2 + 2 = 4 </think> so it is 4")
+    0.5
+    >>> partial_format_reward("<think> 2 + 2 = 4, so 4")
+    0.0
+    """
+    if format_reward(completion) == 1.0:
+        return 1.0
+    think_ok = (completion.lstrip().startswith(THINK_OPEN) and completion.count(THINK_OPEN) == 1
+                and completion.count(THINK_CLOSE) == 1)
+    return 0.5 if think_ok else 0.0
+
+
 def _answer_block(completion: str) -> tuple[str, str | None]:
     """("one", content) | ("many", None) | ("none", None)."""
     n_open, n_close = completion.count(ANSWER_OPEN), completion.count(ANSWER_CLOSE)
@@ -295,7 +313,8 @@ def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
                          "(rlsys.datasets.resolve_verifier)")
     else:
         raise ValueError(f"reward.verifier must be math or reasoning_gym, got {verifier!r}")
-    return accuracy, format_reward(completion)
+    fmt = format_reward(completion) if cfg.format_mode == "strict" else partial_format_reward(completion)
+    return accuracy, fmt
 
 
 def combine(accuracy: float, fmt: float, cfg: RewardConfig) -> float:

@@ -33,7 +33,7 @@ def train(cfg: Config) -> Path:
     budget = cfg.generator.max_model_len - cfg.generator.max_tokens
     check_prompt_lengths(prompts.texts, tokenizer, budget, f"training data {cfg.data.name or cfg.data.path}")
     eval_problems = datasets.load(cfg.eval.dataset, cfg.eval.split, cfg.eval.limit) if cfg.eval.every else []
-    check_prompt_lengths([apply_template(q, cfg.data.template, tokenizer) for q, _ in eval_problems], tokenizer,
+    check_prompt_lengths([apply_template(q, cfg.data, tokenizer) for q, _ in eval_problems], tokenizer,
                          cfg.generator.max_model_len - (cfg.eval.max_tokens or cfg.generator.max_tokens),
                          f"eval dataset {cfg.eval.dataset}")
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
@@ -47,6 +47,8 @@ def train(cfg: Config) -> Path:
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir), Timer()
     version = 0
+    if cfg.eval.every:  # the untrained weights, for comparison
+        evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / "step_0.json")
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
     try:
         for step in bar:
@@ -94,7 +96,7 @@ def evaluate(groups: Groups, problems: list[tuple[str, str]], cfg: Config, token
     """Held-out evaluation with the weights the generators now serve; the summary goes to the step's metrics."""
     from rlsys.evaluate import write
 
-    summary = run_eval(groups, problems, cfg.eval, cfg.data.template, tokenizer, cfg.reward.require_answer_tag,
+    summary = run_eval(groups, problems, cfg.eval, cfg.data, tokenizer, cfg.reward.require_answer_tag,
                        cfg.generator.max_tokens)
     write(summary, out)
     return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float) and k != "temperature"

@@ -125,11 +125,35 @@ def worker_receive(worker, plan: list[Bucket]) -> int:
             count += 1
             yield item
 
+    model = worker.model_runner.get_model()
+    aliases = tied_parameters(model)
     worker.reload_weights(weights_iterator=counted())
+    # A layer that loaded nothing because its weight is tied (lm_head = embed_tokens) keeps the
+    # kernel vLLM derived from the OLD weight (on CPU a packed GEMM copy), so the engine would
+    # serve new embeddings with a stale output layer. Re-tie it and derive its kernel again.
+    for alias, primary in aliases:
+        module_name, _, attr = alias.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, model.get_parameter(primary))
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None:
+            quant_method.process_weights_after_loading(module)
     expected = sum(len(b) for b in plan)
     # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
     assert count == expected, f"the engine consumed {count} of {expected} tensors"
     return count
+
+
+def tied_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(alias, primary) for every parameter reachable under two names (tied embeddings)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
 
 
 def worker_read_weights(worker) -> dict[str, torch.Tensor]:

@@ -52,7 +52,8 @@ def test_defaults_are_the_dataclass_defaults():
     validate(cfg)
 
 
-@pytest.mark.parametrize("path", [REPO / "configs" / "tiny.yaml", DEFAULT_CONFIG], ids=["tiny", "default"])
+@pytest.mark.parametrize("path", [REPO / "configs" / "tiny.yaml", REPO / "configs" / "toy.yaml", DEFAULT_CONFIG],
+                         ids=["tiny", "toy", "default"])
 def test_shipped_configs_load_and_override_only_what_they_list(path):
     listed = leaves(yaml.safe_load(path.read_text()))
     assert listed, f"{path} lists nothing"
@@ -66,10 +67,10 @@ def test_shipped_configs_load_and_override_only_what_they_list(path):
     validate(cfg)
 
 
-def test_default_yaml_is_the_embedded_toy_run():
+def test_default_yaml_is_the_smollm2_quickstart():
     assert DEFAULT_CONFIG == REPO / "rlsys" / "default.yaml"
     cfg = load_config(DEFAULT_CONFIG)
-    assert cfg.model.path == "tiny" and cfg.data.template == "none"
+    assert cfg.model.path == "smollm2-135m-instruct" and cfg.data.name == "digit_add" and cfg.data.prefill == "<think>"
 
 
 def test_yaml_overrides_only_what_it_lists(tmp_path):

@@ -133,12 +133,12 @@ R1_EXPECTED = (
 
 
 def test_r1_zero_template_word_for_word():
-    assert apply_template("Copy the digit 6", "r1_zero") == R1_EXPECTED
+    assert apply_template("Copy the digit 6", DataConfig(template="r1_zero")) == R1_EXPECTED
     assert R1_ZERO_TEMPLATE.format(prompt="Copy the digit 6") == R1_EXPECTED
 
 
 def test_r1_zero_template_does_not_double_the_final_period():
-    text = apply_template("  Copy the digit 6.  ", "r1_zero")
+    text = apply_template("  Copy the digit 6.  ", DataConfig(template="r1_zero"))
     assert text == R1_EXPECTED
     assert ".." not in text
     assert text.endswith("User: Copy the digit 6. Assistant:")
@@ -146,22 +146,30 @@ def test_r1_zero_template_does_not_double_the_final_period():
 
 def test_chat_template_uses_the_tokenizer():
     tok = build_tiny_tokenizer()
-    text = apply_template("What is 2+3?", "chat", tok)
+    text = apply_template("What is 2+3?", DataConfig(template="chat"), tok)
     assert text == "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_chat_template_without_tokenizer_fails():
     with pytest.raises(AssertionError, match="tokenizer"):
-        apply_template("q", "chat")
+        apply_template("q", DataConfig(template="chat"))
 
 
 def test_none_template_is_the_raw_prompt():
-    assert apply_template(" Copy the digit 6. ", "none") == " Copy the digit 6. "
+    assert apply_template(" Copy the digit 6. ", DataConfig(template="none")) == " Copy the digit 6. "
+
+
+def test_system_prompt_and_prefill():
+    tok = build_tiny_tokenizer()
+    cfg = DataConfig(template="chat", system_prompt="Think first.", prefill="<think>")
+    assert apply_template("What is 2+3?", cfg, tok) == (
+        "<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>")
 
 
 def test_unknown_template_names_it():
     with pytest.raises(DataError, match="data.template 'alpaca'"):
-        apply_template("q", "alpaca")
+        apply_template("q", DataConfig(template="alpaca"))
 
 
 # ---------------------------------------------------------------- the prompt stream
@@ -182,7 +190,7 @@ def test_stream_prompts_carry_row_text_and_answer(tmp_path):
     for p in stream.next():
         q, a = ROWS[p.index]
         assert (p.question, p.answer) == (q, a)
-        assert p.text == apply_template(q, "r1_zero")
+        assert p.text == apply_template(q, DataConfig(template="r1_zero"))
 
 
 def test_stream_default_batch_is_prompts_per_step(five_rows):

@@ -1,15 +1,17 @@
-"""GRPO learns, not just runs: the embedded default (a random tiny model on the digit-copy toy
-task) starts near zero reward and rises clearly, through the real actors."""
+"""GRPO learns, not just runs: configs/toy.yaml (a random tiny model on the digit-copy toy task)
+starts near zero reward and rises clearly, through the real actors."""
 
 import statistics
 
-from rlsys.config import DEFAULT_CONFIG, load_config
+from pathlib import Path
+
+from rlsys.config import load_config
 from rlsys.metrics import read_jsonl
 from rlsys.trainer import train
 
 
 def test_grpo_raises_reward_on_the_toy_task(ray_cluster, tmp_path):
-    cfg = load_config(DEFAULT_CONFIG, [f"trainer.output_dir={tmp_path}", "trainer.total_steps=100",
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "toy.yaml", [f"trainer.output_dir={tmp_path}", "trainer.total_steps=100",
                                        "trainer.progress=false"])
     rows = read_jsonl(train(cfg) / "metrics.jsonl")
     rewards = [r["reward/mean"] for r in rows]
