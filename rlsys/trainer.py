@@ -74,7 +74,7 @@ def train(cfg: Config) -> Path:
             last = step + 1 == cfg.trainer.total_steps
             if due(step, cfg.eval.every, last):
                 metrics |= evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / f"step_{version}.json")
-            if due(step, cfg.trainer.save_every, last):
+            if due(step, cfg.trainer.save_every, last) or last:
                 groups.learner.save(run_dir / "checkpoints" / f"step_{version}")
             sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text, "answer": rollouts[0].answer,
                       "reward": scores[0].reward}
