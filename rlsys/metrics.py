@@ -69,6 +69,17 @@ class RunLog:
         self.samples.close()
 
 
+def sparkline(values: list[float], low: float = 0.0, high: float = 1.0) -> str:
+    """The reward curve in one line of block characters, for the progress bar.
+
+    >>> sparkline([0.0, 0.5, 1.0])
+    '▁▅█'
+    """
+    blocks = "▁▂▃▄▅▆▇█"
+    span = high - low
+    return "".join(blocks[min(len(blocks) - 1, max(0, int((v - low) / span * len(blocks))))] for v in values)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -19,7 +19,7 @@ from rlsys.config import Config, to_yaml
 from rlsys.data import PromptStream, apply_template, check_prompt_lengths
 from rlsys.evaluate import run_eval
 from rlsys.groups import Groups, init_ray, launch
-from rlsys.metrics import RunLog, Timer, rollout_stats
+from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.models import resolve_model
 
 
@@ -46,7 +46,7 @@ def train(cfg: Config) -> Path:
     groups = launch(cfg, model_path, verifier)
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir), Timer()
-    version = 0
+    version, curve = 0, []
     if cfg.eval.every:  # the untrained weights, for comparison
         evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / "step_0.json")
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
@@ -79,8 +79,10 @@ def train(cfg: Config) -> Path:
             sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text, "answer": rollouts[0].answer,
                       "reward": scores[0].reward}
             log.log(step, metrics, sample)
+            curve.append(stats["reward/mean"])
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
-                            fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}")
+                            fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}",
+                            curve=sparkline(curve[-30:]))
     finally:
         log.close()
         groups.shutdown()

@@ -25,3 +25,10 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
     assert (tmp_path / "reward.png").stat().st_size > 1000 and (tmp_path / "timing.png").is_file()
     with pytest.raises(FileNotFoundError, match="no metrics"):
         report(tmp_path / "nope")
+
+
+def test_sparkline_maps_zero_to_one_onto_eight_blocks():
+    from rlsys.metrics import sparkline
+
+    assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
+    assert sparkline([-1.0, 2.0]) == "▁█"  # out of range: clamped, never an IndexError

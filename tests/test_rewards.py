@@ -235,3 +235,12 @@ def test_unknown_verifier():
     cfg.verifier = "code"
     with pytest.raises(ValueError, match="code"):
         score(tagged("4"), "4", cfg)
+
+
+def test_partial_format_mode_is_a_ladder_to_the_full_format():
+    cfg = RewardConfig(verifier="math", format_mode="partial", require_answer_tag=False)
+    assert score("<think> 2 + 3 = 5 </think> <answer> 5 </answer>", "5", cfg) == (1.0, 1.0)
+    assert score("<think> 2 + 3 = 5 </think> so 5", "5", cfg) == (1.0, 0.5)
+    assert score("<think> 2 + 3 = 5, so 5", "5", cfg) == (1.0, 0.0)
+    strict = RewardConfig(verifier="math", format_mode="strict", require_answer_tag=False)
+    assert score("<think> 2 + 3 = 5 </think> so 5", "5", strict) == (1.0, 0.0)
