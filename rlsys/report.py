@@ -18,7 +18,7 @@ PHASES = ("generate", "reward", "learn", "sync")
 def summarize(rows: list[dict], window: int = 10) -> dict:
     if not rows:
         raise ValueError("metrics.jsonl has no steps")
-    w = min(window, len(rows))
+    w = min(window, max(1, len(rows) // 3))  # first and last windows never overlap
     mean = lambda key, part: statistics.fmean(r[key] for r in part)  # noqa: E731
     step_s = [sum(r[f"timing/{p}"] for p in PHASES) for r in rows]
     return {

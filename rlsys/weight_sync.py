@@ -100,10 +100,12 @@ def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.
 
 class _QuietRotaryReload(logging.Filter):
     """Every in-place reload warns that RotaryEmbedding "failed to load weights": it has none (its
-    cos/sin cache is a buffer vLLM restores itself). Drop that one line, keep every other warning."""
+    cos/sin cache is a buffer vLLM restores itself); a tied ParallelLMHead says the same, and
+    worker_receive re-ties it. Drop those two lines, keep every other warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+        message = record.getMessage()
+        return not any(f"{layer}: Failed to load weights" in message for layer in ("RotaryEmbedding", "ParallelLMHead"))
 
 
 def worker_join(worker, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
