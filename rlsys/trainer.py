@@ -40,6 +40,9 @@ def train(cfg: Config) -> Path:
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
         raise ValueError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
                          f"training data by {verifier}: the reward workers serve one verifier per run")
+    if (run_dir / "metrics.jsonl").exists():  # never mix two runs' metrics, never overwrite one
+        raise FileExistsError(f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl); "
+                              f"choose another trainer.output_dir or remove that folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)

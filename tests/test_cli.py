@@ -104,3 +104,10 @@ def test_unknown_key_stops_before_any_actor(tmp_path):
     assert proc.returncode == 2
     assert "learner.lrr" in proc.stderr
     assert not (tmp_path / "x").exists(), "nothing may be written before the config is valid"
+
+
+def test_a_new_run_never_appends_to_an_old_one(smoke_run):
+    before = (smoke_run / "metrics.jsonl").read_text()
+    proc = rlsys("train", "configs/tiny.yaml", f"trainer.output_dir={smoke_run}")
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (smoke_run / "metrics.jsonl").read_text() == before

