@@ -12,7 +12,6 @@ with a message that names the key.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +284,3 @@ def validate(cfg: Config) -> None:
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
-
-def as_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)

@@ -82,6 +82,3 @@ class Generator:
     def served_weights(self) -> dict:
         """The weights the engine serves (worker 0), by vLLM parameter name; for checks."""
         return self.llm.collective_rpc(worker_read_weights)[0]
-
-    def current_version(self) -> int:
-        return self.version

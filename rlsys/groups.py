@@ -103,9 +103,6 @@ class GeneratorPool:
             idle.append(actor)
         return [r for i in range(len(chunks)) for r in results[i]]
 
-    def versions(self) -> list[int]:
-        return ray.get([a.current_version.remote() for a in self.actors])
-
 
 class RewardPool:
     def __init__(self, actors: list, prefill: str = ""):
