@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from rlsys import datasets
 from rlsys.batch import make_batch
-from rlsys.config import Config, to_yaml
-from rlsys.data import PromptStream, apply_template, check_prompt_lengths
+from rlsys.config import Config, ConfigError, to_yaml
+from rlsys.data import DataError, PromptStream, apply_template, check_prompt_lengths
 from rlsys.evaluate import run_eval
 from rlsys.groups import Groups, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
@@ -25,24 +25,7 @@ from rlsys.models import resolve_model
 
 def train(cfg: Config) -> Path:
     run_dir = Path(cfg.trainer.output_dir)
-    model_path = resolve_model(cfg.model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)  # bad data stops here
-    budget = cfg.generator.max_model_len - cfg.generator.max_tokens
-    check_prompt_lengths(prompts.texts, tokenizer, budget, f"training data {cfg.data.name or cfg.data.path}")
-    eval_problems = datasets.load(cfg.eval.dataset, cfg.eval.split, cfg.eval.limit) if cfg.eval.every else []
-    check_prompt_lengths([apply_template(q, cfg.data, tokenizer) for q, _ in eval_problems], tokenizer,
-                         cfg.generator.max_model_len - (cfg.eval.max_tokens or cfg.generator.max_tokens),
-                         f"eval dataset {cfg.eval.dataset}")
-    verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
-    if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
-        raise ValueError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
-                         f"training data by {verifier}: the reward workers serve one verifier per run")
-    if (run_dir / "metrics.jsonl").exists():  # never mix two runs' metrics, never overwrite one
-        raise FileExistsError(f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl); "
-                              f"choose another trainer.output_dir or remove that folder")
+    model_path, tokenizer, prompts, eval_problems, verifier = preflight(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
@@ -50,10 +33,10 @@ def train(cfg: Config) -> Path:
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir), Timer()
     version, curve = 0, []
-    if cfg.eval.every:  # the untrained weights, for comparison
-        evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / "step_0.json")
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
     try:
+        if cfg.eval.every:  # the untrained weights, for comparison
+            evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / "step_0.json")
         for step in bar:
             batch_prompts = [(g, p.index, p.text, p.answer) for g, p in enumerate(prompts.next())]
             with timer("generate"):
@@ -90,6 +73,34 @@ def train(cfg: Config) -> Path:
         log.close()
         groups.shutdown()
     return run_dir
+
+
+def preflight(cfg: Config, run_dir: Path):
+    """Everything that can be wrong with the inputs, found before any actor starts."""
+    from transformers import AutoTokenizer
+
+    if (run_dir / "metrics.jsonl").exists():  # never mix two runs' metrics, never overwrite one
+        raise FileExistsError(f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl); "
+                              f"choose another trainer.output_dir or remove that folder")
+    model_path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
+    budget = cfg.generator.max_model_len - cfg.generator.max_tokens
+    check_prompt_lengths(prompts.texts, tokenizer, budget, f"training data {cfg.data.name or cfg.data.path}")
+    eval_problems = []
+    if cfg.eval.every:
+        try:
+            eval_problems = datasets.load(cfg.eval.dataset, cfg.eval.split, cfg.eval.limit)
+        except ValueError as e:
+            raise DataError(f"eval.dataset={cfg.eval.dataset} eval.split={cfg.eval.split}: {e}") from e
+        check_prompt_lengths([apply_template(q, cfg.data, tokenizer) for q, _ in eval_problems], tokenizer,
+                             cfg.generator.max_model_len - (cfg.eval.max_tokens or cfg.generator.max_tokens),
+                             f"eval dataset {cfg.eval.dataset}")
+    verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
+    if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
+        raise ConfigError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
+                          f"training data by {verifier}: the reward workers serve one verifier per run")
+    return model_path, tokenizer, prompts, eval_problems, verifier
 
 
 def due(step: int, every: int, last: bool) -> bool:
