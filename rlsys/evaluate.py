@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlsys.config import DataConfig, EvalConfig
-from rlsys.data import apply_template
+from rlsys.config import DataConfig, EvalConfig, GeneratorConfig
+from rlsys.data import DataError, apply_template, check_prompt_lengths
 from rlsys.rewards import extract_answer
 
 
@@ -51,6 +51,21 @@ def consensus(answers: list[str | None], correct: list[bool]) -> tuple[str | Non
 
 def cons_at_k(results: list[ProblemResult]) -> float:
     return statistics.fmean(r.consensus_correct for r in results)
+
+
+def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer) -> list[tuple[str, str]]:
+    """The evaluation problems, checked before any actor starts: a bad dataset name or split, or a
+    prompt that leaves no room to answer, stops with the key named."""
+    from rlsys import datasets
+
+    try:
+        problems = datasets.load(cfg.dataset, cfg.split, cfg.limit)
+    except ValueError as e:
+        raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
+    check_prompt_lengths([apply_template(q, data, tokenizer) for q, _ in problems], tokenizer,
+                         generator.max_model_len - (cfg.max_tokens or generator.max_tokens),
+                         f"eval dataset {cfg.dataset}")
+    return problems
 
 
 def run_eval(groups, problems: list[tuple[str, str]], cfg: EvalConfig, data: DataConfig, tokenizer,
@@ -117,8 +132,8 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
     model_path = str(find_checkpoint(run, step)) if is_run_dir(run) else resolve_model(
         dataclasses.replace(cfg.model, path=model))
     cfg.eval = dataclasses.replace(cfg.eval, dataset=dataset, split=split, limit=limit, k=k)
-    problems = datasets.load(dataset, split, limit)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer)
     init_ray(cfg)
     groups = launch(cfg, model_path, datasets.verifier_for(dataset), train=False)
     try:

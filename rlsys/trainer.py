@@ -16,8 +16,8 @@ from tqdm import tqdm
 from rlsys import datasets
 from rlsys.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
-from rlsys.data import DataError, PromptStream, apply_template, check_prompt_lengths
-from rlsys.evaluate import run_eval
+from rlsys.data import PromptStream, check_prompt_lengths
+from rlsys.evaluate import load_problems, run_eval
 from rlsys.groups import Groups, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.models import resolve_model
@@ -87,15 +87,7 @@ def preflight(cfg: Config, run_dir: Path):
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
     budget = cfg.generator.max_model_len - cfg.generator.max_tokens
     check_prompt_lengths(prompts.texts, tokenizer, budget, f"training data {cfg.data.name or cfg.data.path}")
-    eval_problems = []
-    if cfg.eval.every:
-        try:
-            eval_problems = datasets.load(cfg.eval.dataset, cfg.eval.split, cfg.eval.limit)
-        except ValueError as e:
-            raise DataError(f"eval.dataset={cfg.eval.dataset} eval.split={cfg.eval.split}: {e}") from e
-        check_prompt_lengths([apply_template(q, cfg.data, tokenizer) for q, _ in eval_problems], tokenizer,
-                             cfg.generator.max_model_len - (cfg.eval.max_tokens or cfg.generator.max_tokens),
-                             f"eval dataset {cfg.eval.dataset}")
+    eval_problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer) if cfg.eval.every else []
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
         raise ConfigError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "

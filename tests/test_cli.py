@@ -111,3 +111,9 @@ def test_a_new_run_never_appends_to_an_old_one(smoke_run):
     proc = rlsys("train", "configs/tiny.yaml", f"trainer.output_dir={smoke_run}")
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (smoke_run / "metrics.jsonl").read_text() == before
+
+
+def test_eval_with_an_unknown_dataset_stops_before_any_actor():
+    proc = rlsys("eval", "--model", "tiny", "--dataset", "nope", "--limit", "2")
+    assert proc.returncode == 2
+    assert "eval.dataset=nope" in proc.stderr and "gsm8k" in proc.stderr  # names the key and the known ones
