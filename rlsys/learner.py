@@ -105,9 +105,10 @@ class Learner:
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One GRPO update on a rollout batch (every rank receives the same batch)."""
         M, W = self.cfg.mini_batch_size, self.world
+        per_rank = M // W
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(self.seed + self.steps))
         minis = [order[i:i + M] for i in range(0, len(batch), M)]
-        mine = torch.cat([m[self.rank * (M // W):(self.rank + 1) * (M // W)] for m in minis])   # this rank's rows
+        mine = torch.cat([m[self.rank * per_rank:(self.rank + 1) * per_rank] for m in minis])   # this rank's rows
         local = batch.select(mine)
         self.engine.eval()
         old = self._frozen_logprobs(self.engine.module, local)                               # (b, L)
@@ -116,7 +117,6 @@ class Learner:
         sums["gen_logprob_abs_diff"] = float(masked_mean((old - local.gen_logprobs).abs(), local.loss_mask))
         self.engine.train()
         micro_count = 0
-        per_rank = M // W
         for _ in range(self.cfg.epochs):
             for m, mini in enumerate(minis):
                 whole = batch.select(mini)
