@@ -185,6 +185,12 @@ class TrainerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    enabled: bool = False
+    """Write <run_dir>/timeline.json: every actor's phases per step, in Chrome trace format (Perfetto)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,6 +201,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def rollout_batch_size(self) -> int:

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlsys.config import Config
 from rlsys.generator import Generator, engine_env
 from rlsys.learner import Learner
+from rlsys.profile import Span, Traced
 from rlsys.reward_worker import RewardResult, RewardWorker
 from rlsys.types import Rollout, TrainBatch
 from rlsys.weight_sync import Bucket
@@ -36,18 +37,18 @@ class Placed:
 
 
 @ray.remote
-class GeneratorActor(Generator, Placed):
-    pass
+class GeneratorActor(Traced, Generator, Placed):
+    PHASES = ("generate", "receive_weights")
 
 
 @ray.remote
-class LearnerActor(Learner, Placed):
-    pass
+class LearnerActor(Traced, Learner, Placed):
+    PHASES = ("train", "broadcast_weights")
 
 
 @ray.remote
-class RewardActor(RewardWorker, Placed):
-    pass
+class RewardActor(Traced, RewardWorker, Placed):
+    PHASES = ("score",)
 
 
 def resolve_backend(cfg: Config) -> str:
@@ -161,6 +162,14 @@ class Groups:
     sync: WeightSync | None
     placement: list[dict]
     placement_groups: list
+
+    def tracks(self) -> dict[str, list[Span]]:
+        """The spans every actor recorded since the last call, by track name ("generator 0", ...)."""
+        named = [(f"generator {i}", a) for i, a in enumerate(self.generators.actors)]
+        named += [(f"reward {i}", a) for i, a in enumerate(self.rewards.actors)]
+        named += [(f"learner {i}", a) for i, a in enumerate(self.learner.actors if self.learner else [])]
+        spans = ray.get([a.take_spans.remote() for _, a in named])
+        return {name: s for (name, _), s in zip(named, spans)}
 
     def shutdown(self) -> None:
         learners = self.learner.actors if self.learner else []

@@ -9,19 +9,24 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlsys.profile import Spans
 from rlsys.reward_worker import RewardResult
 from rlsys.types import Rollout
 
 
 class Timer:
+    """Seconds per phase for the step's metrics, and the same phases as spans for the timeline."""
+
     def __init__(self):
         self.totals: dict[str, float] = defaultdict(float)
+        self.spans = Spans()
 
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
         try:
-            yield
+            with self.spans.span(name):
+                yield
         finally:
             self.totals[f"timing/{name}"] += time.perf_counter() - start
 

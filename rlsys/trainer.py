@@ -21,6 +21,7 @@ from rlsys.evaluate import load_problems, run_eval
 from rlsys.groups import Groups, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.models import resolve_model
+from rlsys.profile import Timeline
 
 
 def train(cfg: Config) -> Path:
@@ -33,23 +34,25 @@ def train(cfg: Config) -> Path:
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir), Timer()
     version, curve = 0, []
+    timeline = Timeline() if cfg.profile.enabled else None
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
     try:
         if cfg.eval.every:  # the untrained weights, for comparison
             evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / "step_0.json")
         for step in bar:
             batch_prompts = [(g, p.index, p.text, p.answer) for g, p in enumerate(prompts.next())]
-            with timer("generate"):
-                rollouts = groups.generators.generate(batch_prompts, n=cfg.algo.group_size)
-            stale = {r.weight_version for r in rollouts} - {version}
-            assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
-            with timer("reward"):
-                scores = groups.rewards.score(rollouts)
-            batch = make_batch(rollouts, [s.reward for s in scores], cfg.algo, tokenizer.pad_token_id)
-            with timer("learn"):
-                learn = groups.learner.train(batch)
-            with timer("sync"):
-                versions = groups.sync.push(version + 1)
+            with timer.spans.span("step", step=step):
+                with timer("generate"):
+                    rollouts = groups.generators.generate(batch_prompts, n=cfg.algo.group_size)
+                stale = {r.weight_version for r in rollouts} - {version}
+                assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
+                with timer("reward"):
+                    scores = groups.rewards.score(rollouts)
+                batch = make_batch(rollouts, [s.reward for s in scores], cfg.algo, tokenizer.pad_token_id)
+                with timer("learn"):
+                    learn = groups.learner.train(batch)
+                with timer("sync"):
+                    versions = groups.sync.push(version + 1)
             assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
             version += 1
             stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
@@ -59,20 +62,35 @@ def train(cfg: Config) -> Path:
                        "throughput/tokens_per_s": tokens / sum(timings.values())}
             last = step + 1 == cfg.trainer.total_steps
             if due(step, cfg.eval.every, last):
-                metrics |= evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / f"step_{version}.json")
+                with timer.spans.span("eval"):
+                    metrics |= evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / f"step_{version}.json")
             if due(step, cfg.trainer.save_every, last) or last:
-                groups.learner.save(run_dir / "checkpoints" / f"step_{version}")
+                with timer.spans.span("save"):
+                    groups.learner.save(run_dir / "checkpoints" / f"step_{version}")
             sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text, "answer": rollouts[0].answer,
                       "reward": scores[0].reward}
             log.log(step, metrics, sample)
+            if timeline is not None:
+                collect(timeline, groups, timer)
             curve.append(stats["reward/mean"])
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
                             fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}",
                             curve=sparkline(curve[-30:]))
     finally:
         log.close()
-        groups.shutdown()
+        try:
+            if timeline is not None:  # also after a crash: the trace shows where it stopped
+                collect(timeline, groups, timer)
+                timeline.write(run_dir / "timeline.json")
+        finally:
+            groups.shutdown()
     return run_dir
+
+
+def collect(timeline: Timeline, groups: Groups, timer: Timer) -> None:
+    timeline.add("driver", timer.spans.take())
+    for track, spans in groups.tracks().items():
+        timeline.add(track, spans)
 
 
 def preflight(cfg: Config, run_dir: Path):
