@@ -13,7 +13,8 @@ import os
 
 from rlsys.config import GeneratorConfig
 from rlsys.types import Rollout
-from rlsys.weight_sync import Bucket, worker_join, worker_read_weights, worker_receive
+from rlsys.weight_sync import (Bucket, worker_join, worker_read_weights, worker_receive,
+                                worker_receive_raw, worker_receive_seconds)
 
 
 def engine_env(cfg: GeneratorConfig) -> dict[str, str]:
@@ -78,6 +79,14 @@ class Generator:
         self.llm.reset_prefix_cache()
         self.version = version
         return version
+
+    def receive_raw(self, numel: int, dtype: str) -> None:
+        """The receiving end of Learner.broadcast_raw (the sync benchmark's reference)."""
+        self.llm.collective_rpc(worker_receive_raw, args=(numel, dtype))
+
+    def receive_seconds(self) -> tuple[float, float]:
+        """(whole receive, waiting on the wire) of the last receive_weights, worker 0."""
+        return self.llm.collective_rpc(worker_receive_seconds)[0]
 
     def served_weights(self) -> dict:
         """The weights the engine serves (worker 0), by vLLM parameter name; for checks."""

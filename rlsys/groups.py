@@ -153,6 +153,14 @@ class WeightSync:
         ray.get(sends)
         return ray.get(receives)
 
+    def push_raw(self) -> None:
+        """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
+        dtype = self.plan[0][0].dtype
+        assert all(m.dtype == dtype for b in self.plan for m in b), "raw broadcast assumes one dtype"
+        numel = sum(m.numel for b in self.plan for m in b)
+        sends = [self.learners.actors[0].broadcast_raw.remote(numel, dtype)]
+        ray.get(sends + [g.receive_raw.remote(numel, dtype) for g in self.generators.actors])
+
 
 @dataclass
 class Groups:
@@ -225,6 +233,15 @@ def _start_learners(cfg: Config, model_path: str, backend: str):
         r, cfg.learner.num_ranks, backend, cfg.trainer.seed)
         for r in range(cfg.learner.num_ranks)]
     return actors, pg, [("learner", r, cfg.learner.num_cpus, gpu) for r in range(len(actors))]
+
+
+def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
+    """A learner group alone, set up and ready to train (benchmarks); returns it and its placement group."""
+    actors, pg, roles = _start_learners(cfg, model_path, resolve_backend(cfg))
+    ip = ray.get(actors[0].whereami.remote())["ip"]
+    port = ray.get(actors[0].free_port.remote())
+    ray.get([a.setup.remote(ip, port) for a in actors])
+    return LearnerGroup(actors), pg
 
 
 def _placement(actors: list, roles: list[tuple]) -> list[dict]:

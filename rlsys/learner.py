@@ -24,7 +24,8 @@ import torch.distributed as dist
 from rlsys.algo import grpo_loss, masked_mean
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
-from rlsys.weight_sync import Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, send_bucket
+from rlsys.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, raw_broadcast,
+                               send_buckets)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -190,14 +191,23 @@ class Learner:
             return
         import deepspeed
 
-        for bucket in plan:
-            tensors = [params[m.name] for m in bucket]
-            if zero3:
-                with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
-                    if self.rank == 0:
-                        send_bucket(self.sync_group, [t.data for t in tensors], device_for(self.backend))
-            else:
-                send_bucket(self.sync_group, [t.data for t in tensors], device_for(self.backend))
+        def buckets():
+            for bucket in plan:
+                tensors = [params[m.name] for m in bucket]
+                # ZeRO-3: every rank gathers the bucket; the copy into the flat buffer happens inside.
+                with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=zero3):
+                    yield [t.data for t in tensors]
+
+        if self.rank == 0:
+            send_buckets(self.sync_group, buckets(), device_for(self.backend))
+        else:
+            for _ in buckets():  # the other ranks take part in each gather
+                pass
+
+    def broadcast_raw(self, numel: int, dtype: str) -> None:
+        """Rank 0: one flat buffer over the sync group (the reference for the sync benchmark)."""
+        if self.rank == 0:
+            raw_broadcast(self.sync_group, numel, dtype, device_for(self.backend))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered, on CPU (collective under ZeRO-3); for checks and export."""

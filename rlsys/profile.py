@@ -148,5 +148,5 @@ def busy_split(tracks: dict[str, list[Span]], skip_steps: int = 0) -> dict[str, 
         busy["idle"] = max(0.0, 1.0 - sum(busy.values()))
         groups[role].append(busy)
     return {role: {phase: sum(a.get(phase, 0.0) for a in actors) / len(actors)
-                   for phase in sorted({p for a in actors for p in a})}
+                   for phase in sorted({p for a in actors for p in a}, key=lambda p: (p == "idle", p))}
             for role, actors in groups.items()}

@@ -47,7 +47,7 @@ def plot(rows: list[dict], run_dir: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="per-sample mean", ylim=(-0.02, 1.02), title=f"GRPO reward: {run_dir.name}")
     ax.legend()
     fig.tight_layout()
-    out = [run_dir / "reward.png", run_dir / "timing.png"]
+    out = [run_dir / "reward.png", run_dir / "timing.png", run_dir / "lengths.png"]
     fig.savefig(out[0], dpi=100)
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(rows)
@@ -59,6 +59,17 @@ def plot(rows: list[dict], run_dir: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out[1], dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["response_length/mean"] for r in rows], label="mean")
+    ax.plot(steps, [r["response_length/max"] for r in rows], label="max")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["truncated_frac"] for r in rows], "k:", label="truncated (right axis)")
+    ax2.set(ylabel="truncated share", ylim=(-0.02, 1.02))
+    ax.set(xlabel="step", ylabel="response tokens", title="response lengths")
+    ax.legend(loc="upper left")
+    ax2.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out[2], dpi=100)
     plt.close("all")
     return out
 
@@ -77,6 +88,20 @@ def eval_line(run_dir: Path) -> str:
             f"cons@{k} {a[f'cons@{k}']:.3f} -> {b[f'cons@{k}']:.3f}; format {a['format']:.3f} -> {b['format']:.3f}\n")
 
 
+def utilisation_line(run_dir: Path) -> str:
+    """Busy shares per actor group, from the timeline of a profiled run (profile.enabled=true)."""
+    from rlsys.profile import busy_split, read_tracks
+
+    path = run_dir / "timeline.json"
+    if not path.is_file():
+        return ""
+    tracks = read_tracks(path)
+    steps = sum(s["name"] == "step" for s in tracks.get("driver", []))
+    groups = busy_split(tracks, skip_steps=1 if steps > 1 else 0)
+    parts = [f"{role} " + " ".join(f"{p} {100 * v:.0f}%" for p, v in shares.items()) for role, shares in groups.items()]
+    return f"actors       {'; '.join(parts)} (timeline: {path})\n"
+
+
 def report(run_dir: Path) -> str:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -85,7 +110,7 @@ def report(run_dir: Path) -> str:
     s = summarize(rows)
     plots = plot(rows, run_dir)
     split = ", ".join(f"{p} {100 * v:.0f}%" for p, v in s["split"].items())
-    evals = eval_line(run_dir)
+    evals = eval_line(run_dir) + utilisation_line(run_dir)
     return (f"{run_dir}: {s['steps']} steps, loop {s['loop_s']:.1f}s ({split})\n"
             f"reward/mean  first {s['window']} steps {s['reward_first']:.3f} -> last {s['window']} {s['reward_last']:.3f}\n"
             f"accuracy     first {s['window']} steps {s['accuracy_first']:.3f} -> last {s['window']} {s['accuracy_last']:.3f}\n"

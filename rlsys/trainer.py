@@ -58,7 +58,7 @@ def train(cfg: Config) -> Path:
             stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
             timings = timer.pop()
             tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-            metrics = {"weight_version": version, **stats, **learn, **timings,
+            metrics = {"weight_version": version, **stats, **learn, **timings, "tokens/total": tokens,
                        "throughput/tokens_per_s": tokens / sum(timings.values())}
             last = step + 1 == cfg.trainer.total_steps
             if due(step, cfg.eval.every, last):

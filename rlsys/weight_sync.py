@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -80,20 +81,52 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def send_bucket(group: dist.ProcessGroup, tensors: list[torch.Tensor], device: torch.device) -> None:
-    flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
-    group.broadcast(flat, 0).wait()
+def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]], device: torch.device) -> None:
+    """Broadcast each bucket as one flat buffer. Two in flight: bucket k+1 is copied (and, under
+    ZeRO-3, gathered) while bucket k travels; receive_buckets pipelines the same way."""
+    in_flight: list[tuple[torch.Tensor, dist.Work]] = []
+    for tensors in buckets:
+        flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+        in_flight.append((flat, group.broadcast(flat, 0)))  # flat must live until its broadcast is done
+        if len(in_flight) > 1:
+            in_flight.pop(0)[1].wait()
+    for _, work in in_flight:
+        work.wait()
 
 
 def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.device
                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    for bucket in plan:
+    """Yield (name, tensor) bucket by bucket. The next bucket's broadcast is posted before this
+    one's tensors are handed out, so it arrives while the engine loads this one."""
+
+    def post(bucket: Bucket) -> tuple[torch.Tensor, dist.Work]:
         flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype), device=device)
-        group.broadcast(flat, 0).wait()
+        return flat, group.broadcast(flat, 0)
+
+    pending = post(plan[0]) if plan else None
+    for i, bucket in enumerate(plan):
+        flat, work = pending
+        work.wait()
+        if i + 1 < len(plan):
+            pending = post(plan[i + 1])
         offset = 0
         for m in bucket:
             yield m.name, flat[offset:offset + m.numel].view(m.shape)
             offset += m.numel
+
+
+_RAW_BUFFERS: dict[tuple[int, str, str], torch.Tensor] = {}
+
+
+def raw_broadcast(group: dist.ProcessGroup, numel: int, dtype: str, device: torch.device) -> None:
+    """One flat buffer of numel elements, rank 0 to all: the link's best case, with nothing to
+    gather, copy or load. The weight-sync benchmark measures `push` against it. The buffer is
+    allocated once and reused, so neither side pays for allocation or page faults."""
+    key = (numel, dtype, str(device))
+    if key not in _RAW_BUFFERS:
+        _RAW_BUFFERS.clear()  # keep one size at a time
+        _RAW_BUFFERS[key] = torch.ones(numel, dtype=getattr(torch, dtype), device=device)
+    group.broadcast(_RAW_BUFFERS[key], 0).wait()
 
 
 # ---- run inside vLLM workers through LLM.collective_rpc(fn, args=...); `worker` is vLLM's worker.
@@ -117,13 +150,23 @@ def worker_join(worker, addr: str, port: int, first_rank: int, world: int, backe
 
 
 def worker_receive(worker, plan: list[Bucket]) -> int:
-    """Receive every bucket and load it in place; returns the number of tensors loaded."""
+    """Receive every bucket and load it in place; returns the number of tensors loaded.
+
+    Leaves `worker.rlsys_receive_s` = (seconds in all, seconds spent waiting for the wire) for
+    the sync benchmark's breakdown (the rest is vLLM's in-place load: on CPU, repacking every
+    linear layer's weight for oneDNN)."""
     group, backend = worker.rlsys_sync
-    count = 0
+    count, waited, start = 0, 0.0, time.perf_counter()
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
-        nonlocal count
-        for item in receive_buckets(group, plan, device_for(backend)):
+        nonlocal count, waited
+        items = receive_buckets(group, plan, device_for(backend))
+        while True:
+            t = time.perf_counter()
+            item = next(items, None)
+            waited += time.perf_counter() - t
+            if item is None:
+                return
             count += 1
             yield item
 
@@ -140,10 +183,20 @@ def worker_receive(worker, plan: list[Bucket]) -> int:
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None:
             quant_method.process_weights_after_loading(module)
+    worker.rlsys_receive_s = (time.perf_counter() - start, waited)
     expected = sum(len(b) for b in plan)
     # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
     assert count == expected, f"the engine consumed {count} of {expected} tensors"
     return count
+
+
+def worker_receive_seconds(worker) -> tuple[float, float]:
+    return worker.rlsys_receive_s
+
+
+def worker_receive_raw(worker, numel: int, dtype: str) -> None:
+    group, backend = worker.rlsys_sync
+    raw_broadcast(group, numel, dtype, device_for(backend))
 
 
 def tied_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:

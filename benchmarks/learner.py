@@ -1,0 +1,107 @@
+"""Learner: GRPO training tokens/s per ZeRO stage and precision, and MFU.
+
+A 2-rank DeepSpeed learner group on the local Ray cluster trains on a synthetic rollout batch of
+fixed lengths (random tokens, random rewards: the cost of a step does not depend on what the
+tokens say). Each update is what a training step does: old log-probs without grad, then forward
++ backward + optimizer step per mini-batch. One warm-up update, then the median of `repeats`.
+
+tokens/s counts real tokens (prompt + response, no padding). MFU = model FLOPs of the update
+(rlsys/flops.py: matmuls and causal attention, 1 + 3 x epochs forwards) / seconds / the peak
+in benchmarks/hardware.yaml for the precision.
+
+    python benchmarks/learner.py [--quick]
+"""
+
+from __future__ import annotations
+
+import random
+
+if __package__ in (None, ""):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Figure, Section, hardware, main, ray_up, rlsys_config, timed, tiny_model
+
+
+def synthetic_batch(prompts: int, group: int, prompt_len: int, response_len: int, vocab: int, algo, pad_id: int,
+                    seed: int = 0):
+    from rlsys.batch import make_batch
+    from rlsys.types import Rollout
+
+    rng = random.Random(seed)
+    rollouts = []
+    for g in range(prompts):
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+        for _ in range(group):
+            response = [rng.randrange(vocab) for _ in range(response_len)]
+            rollouts.append(Rollout(g, g, prompt, response, [-1.0] * response_len, "", "length", 0, ""))
+    rewards = [rng.random() for _ in rollouts]
+    return make_batch(rollouts, rewards, algo, pad_id)
+
+
+def measure(model_path: str, zero: int, dtype: str, shape: dict, repeats: int) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+    from ray.util.placement_group import remove_placement_group
+    import ray
+
+    from rlsys.flops import Shape, grpo_step_flops
+    from rlsys.groups import init_ray, start_learner_group
+
+    P, G, Lp, Lr = shape["prompts"], shape["group"], shape["prompt_len"], shape["response_len"]
+    cfg = rlsys_config([f"model.path={model_path}", f"model.dtype={dtype}", f"learner.zero_stage={zero}",
+                        "learner.num_ranks=2", f"learner.mini_batch_size={P * G}", "learner.micro_batch_size=8",
+                        f"data.prompts_per_step={P}", f"algo.group_size={G}", "algo.beta=0"])
+    init_ray(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    batch = synthetic_batch(P, G, Lp, Lr, len(tokenizer), cfg.algo, tokenizer.pad_token_id)
+    group, pg = start_learner_group(cfg, model_path)
+    try:
+        group.train(batch)  # warm-up: allocator, optimizer state, DeepSpeed buffers
+        seconds, _ = timed(lambda: group.train(batch), repeats)
+    finally:
+        for a in group.actors:
+            ray.kill(a)
+        remove_placement_group(pg)
+    tokens = P * G * (Lp + Lr)
+    flops = grpo_step_flops(Shape.of(AutoConfig.from_pretrained(model_path)), [Lp + Lr] * (P * G),
+                            epochs=cfg.learner.epochs, reference=cfg.algo.beta > 0)
+    return {"zero": zero, "dtype": dtype, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "flops": flops, "flops_per_s": flops / seconds}
+
+
+def run(quick: bool) -> Section:
+    from rlsys.config import ModelConfig
+    from rlsys.models import resolve_model
+
+    shape = {"prompts": 4, "group": 8, "prompt_len": 32, "response_len": 96}
+    models = {"tiny-10M": tiny_model(384, 8, 6)[0]}
+    settings = [(0, "float32"), (0, "bfloat16"), (3, "float32"), (3, "bfloat16")]
+    if not quick:
+        models["smollm2-135m"] = resolve_model(ModelConfig(path="smollm2-135m-instruct"))
+        settings += [(1, "float32"), (2, "float32"), (2, "bfloat16")]
+    repeats = 2 if quick else 3
+    peak = {k: v * 1e12 for k, v in hardware()["peak_tflops"].items()}
+    section = Section("learner", {"batch": shape, "ranks": 2, "micro_batch": 8, "repeats": repeats,
+                                  "models": list(models), "peak_flops_per_s": peak})
+    ray_up()
+    for name, path in models.items():
+        base = None
+        for zero, dtype in settings:
+            m = measure(path, zero, dtype, shape, repeats)
+            section.rows.append({"model": name, **m})
+            print(f"[learner] {name} ZeRO-{zero} {dtype}: {m['tokens_per_s']:.0f} tokens/s "
+                  f"({m['seconds']:.2f}s an update)", flush=True)
+            base = base or m
+            section.figures.append(Figure(
+                f"learner {name} ZeRO-{zero} {dtype} tokens/s", m["tokens_per_s"], "tokens/s",
+                f"ZeRO-{base['zero']} {base['dtype']}, same model and batch", base["tokens_per_s"]))
+            section.figures.append(Figure(
+                f"learner {name} ZeRO-{zero} {dtype} MFU", m["flops_per_s"] / 1e12, "TFLOP/s",
+                f"peak {dtype} TFLOP/s of this machine (benchmarks/hardware.yaml)", peak[dtype] / 1e12,
+                note="ratio = MFU"))
+    return section
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,144 @@
+"""Plots of a result JSON, written beside it: <results>/<stem>/*.png.
+
+    python benchmarks/plots.py benchmarks/results/<timestamp>.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot_all(result_path: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(Path(result_path).read_text())
+    out_dir = Path(result_path).with_suffix("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    benches = result["benchmarks"]
+    written = []
+    for name, draw in PLOTS.items():
+        if name not in benches:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        draw(ax, benches[name])
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if _targets(ax, benches):
+        fig.tight_layout()
+        fig.savefig(out_dir / "targets.png", dpi=100)
+        written.append(out_dir / "targets.png")
+    plt.close(fig)
+    return written
+
+
+def _bars(ax, labels: list[str], values: list[float], ylabel: str, title: str, colors=None) -> None:
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.margins(y=0.15)
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.0f}" if v >= 100 else f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+
+
+def _rollout(ax, bench: dict) -> None:
+    labels, values, colors = [], [], []
+    for r in bench["rows"]:
+        if r["what"] == "vllm_vs_hf":
+            tokens = r["prompts"] * r["n"] * r["tokens"]
+            labels += [f"{r['model']}\nvLLM", f"{r['model']}\nHF generate"]
+            values += [tokens / r["vllm_s"], tokens / r["hf_s"]]
+            colors += ["tab:blue", "tab:gray"]
+        elif r["what"] == "pool":
+            labels.append(f"pool {r['engines']} eng\n{r['prompts']}x{r['n']}")
+            values.append(r["tokens_per_s"])
+            colors.append("tab:green")
+    _bars(ax, labels, values, "generated tokens/s", "rollout: vLLM vs HF generate; generator pool", colors)
+
+
+def _reward(ax, bench: dict) -> None:
+    worker = bench["figures"][0]
+    pools = [r for r in bench["rows"] if r["what"] == "pool"]
+    _bars(ax, ["in-process rule\n(no timeout)", "reward worker\n(killable child)"]
+          + [f"Ray pool\n{r['workers']} worker(s)" for r in pools],
+          [worker["reference"]["value"], worker["value"]] + [r["samples_per_s"] for r in pools],
+          "samples/s", "reward: scoring throughput")
+
+
+def _learner(ax, bench: dict) -> None:
+    rows = bench["rows"]
+    peak = bench["params"]["peak_flops_per_s"]
+    labels = [f"{r['model']}\nZeRO-{r['zero']} {r['dtype'].replace('bfloat', 'bf').replace('float', 'fp')}"
+              for r in rows]
+    _bars(ax, labels, [r["tokens_per_s"] for r in rows], "training tokens/s", "learner: tokens/s (MFU above bars)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"MFU {100 * r['flops_per_s'] / peak[r['dtype']]:.0f}%", (i, r["tokens_per_s"]),
+                    xytext=(0, 12), textcoords="offset points", ha="center", fontsize=7, color="tab:red")
+
+
+def _weight_sync(ax, bench: dict) -> None:
+    rows = bench["rows"]
+    params = [r["params"] for r in rows]
+    ax.loglog(params, [r["rlsys_s"] for r in rows], "o-", label="rlsys push (wire + engine load)")
+    ax.loglog(params, [r["raw_s"] for r in rows], "s--", label="raw flat-buffer broadcast, same bytes")
+    ax.loglog(params, [r["engine_load_s"] for r in rows], "^:", label="of which: vLLM in-place load")
+    ax.set(xlabel="parameters", ylabel="seconds", title=f"weight sync to {rows[0]['generators']} engines "
+                                                        f"({rows[0]['backend']})")
+    ax.legend(fontsize=8)
+
+
+def _end_to_end(ax, bench: dict) -> None:
+    labels, bottoms = [], []
+    phases = ["generate", "receive_weights", "score", "train", "broadcast_weights", "idle"]
+    colors = dict(zip(phases, ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "lightgray"]))
+    rows = [(r["workload"], g, shares) for r in bench["rows"] for g, shares in r["groups"].items()]
+    for i, (workload, group, shares) in enumerate(rows):
+        left = 0.0
+        for p in phases:
+            v = shares.get(p, 0.0)
+            ax.barh(i, v, left=left, color=colors[p], label=p if i == 0 else None)
+            left += v
+        labels.append(f"{workload}: {group}")
+        bottoms.append(i)
+    ax.set_yticks(bottoms, labels, fontsize=8)
+    ax.set(xlabel="share of step wall time", title="end to end: what each actor group does during a step")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _peer(ax, bench: dict) -> None:
+    labels, values, colors = [], [], []
+    for r in bench["rows"]:
+        labels += [f"{r['workload']}\nrlsys", f"{r['workload']}\nTRL GRPOTrainer"]
+        values += [r["rlsys"]["tokens_per_s"], r["trl"]["tokens_per_s"]]
+        colors += ["tab:blue", "tab:gray"]
+    _bars(ax, labels, values, "tokens/s (prompt + completion)", "end-to-end GRPO: rlsys vs TRL, same workload",
+          colors)
+
+
+def _targets(ax, benches: dict) -> bool:
+    figs = [f for b in benches.values() for f in b["figures"] if f["target"] is not None]
+    if not figs:
+        return False
+    ratios = [f["ratio"] for f in figs]
+    colors = ["tab:green" if f["target"]["met"] else "tab:red" for f in figs]
+    ax.barh(range(len(figs)), ratios, color=colors)
+    for i, f in enumerate(figs):
+        ax.plot([f["target"]["min_ratio"]] * 2, [i - 0.4, i + 0.4], "k-")
+    ax.set_yticks(range(len(figs)), [f["name"][:50] for f in figs], fontsize=7)
+    ax.set(xlabel="ratio to the reference (black: target)", title="targets: green met, red missed")
+    return True
+
+
+PLOTS = {"rollout": _rollout, "reward": _reward, "learner": _learner, "weight_sync": _weight_sync,
+         "end_to_end": _end_to_end, "peer": _peer}
+
+if __name__ == "__main__":
+    print("\n".join(str(p) for p in plot_all(Path(sys.argv[1]))))

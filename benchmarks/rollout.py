@@ -1,0 +1,168 @@
+"""Rollout: generated tokens/s of the generators, and vLLM against HF generate.
+
+1. vLLM vs HF `generate` (target: vLLM >= 1.5x): the same model, prompts, batch, group size,
+   sampling (temperature 1, top-p 1) and exactly T new tokens per sample on both sides (vLLM
+   min_tokens = max_tokens = T; HF min_new_tokens = max_new_tokens = T), fp32, each side in a
+   fresh process with the machine's threads. vLLM runs as rlsys runs it (rlsys.generator.Generator:
+   an in-process engine that also returns each token's log-prob); HF samples
+   num_return_sequences = n from a left-padded batch. One warm-up call each, then the median of
+   `repeats`.
+2. Prefix caching on group sampling: a long prompt, n = 16 samples each, a few new tokens: with
+   caching the n samples share the prompt's KV; without, each prefills it again.
+3. The generator pool on the Ray cluster (GeneratorPool over GeneratorActors, 1 CPU each):
+   tokens/s against the number of engines, the number of prompts in the batch, and the group size.
+
+    python benchmarks/rollout.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+if __package__ in (None, ""):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Figure, Section, in_fresh_process, main, ray_up, rlsys_config, timed, tiny_model
+
+TARGET_VS_HF = 1.5
+
+
+def _threads() -> None:
+    os.environ["OMP_NUM_THREADS"] = str(os.cpu_count())
+
+
+def vllm_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats: int,
+              prefix_caching: bool = True) -> float:
+    """Median seconds of one generate call over the whole batch (fresh process)."""
+    _threads()
+    from rlsys.config import GeneratorConfig
+    from rlsys.generator import Generator
+
+    cfg = GeneratorConfig(max_tokens=tokens, max_model_len=2048, enable_prefix_caching=prefix_caching,
+                          kv_cache_gib=2)
+    gen = Generator(model_path, cfg, "float32", seed=0)
+    batch = [(i, i, p, "") for i, p in enumerate(prompts)]
+    gen.generate(batch[:2], n=2, min_tokens=tokens)  # warm-up
+    seconds, rollouts = timed(lambda: gen.generate(batch, n=n, min_tokens=tokens), repeats)
+    assert all(len(r.response_ids) == tokens for r in rollouts), "vLLM did not generate exactly T tokens"
+    return seconds
+
+
+def hf_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats: int) -> float:
+    _threads()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count())
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def generate(inputs):
+        with torch.inference_mode():
+            return model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                  num_return_sequences=n, max_new_tokens=tokens, min_new_tokens=tokens,
+                                  pad_token_id=tokenizer.pad_token_id)
+
+    generate(tokenizer(prompts[:2], return_tensors="pt", padding=True, add_special_tokens=False))  # warm-up
+    seconds, out = timed(lambda: generate(batch), repeats)
+    assert out.shape[1] - batch["input_ids"].shape[1] == tokens, "HF did not generate exactly T tokens"
+    return seconds
+
+
+def workload_prompts(config: str | None, count: int) -> tuple[str, list[str]]:
+    """(model path, templated prompt texts) of an rlsys config: what its run would generate from."""
+    from transformers import AutoTokenizer
+
+    from rlsys.data import PromptStream
+    from rlsys.models import resolve_model
+
+    cfg = rlsys_config([], config)
+    path = resolve_model(cfg.model)
+    stream = PromptStream(cfg.data, seed=0, tokenizer=AutoTokenizer.from_pretrained(path))
+    return path, [p.text for p in stream.next(count)]
+
+
+def vllm_vs_hf(section: Section, name: str, model_path: str, prompts: list[str], n: int, tokens: int,
+               repeats: int) -> None:
+    generated = len(prompts) * n * tokens
+    ours = in_fresh_process(vllm_side, model_path, prompts, n, tokens, repeats)
+    hf = in_fresh_process(hf_side, model_path, prompts, n, tokens, repeats)
+    section.rows.append({"what": "vllm_vs_hf", "model": name, "prompts": len(prompts), "n": n, "tokens": tokens,
+                         "vllm_s": ours, "hf_s": hf})
+    print(f"[rollout] {name}: vLLM {generated / ours:.0f} tokens/s, HF generate {generated / hf:.0f}", flush=True)
+    section.figures.append(Figure(
+        f"vLLM generate {name} ({len(prompts)} prompts x {n}, {tokens} new) tokens/s", generated / ours, "tokens/s",
+        "HF generate, same model, prompts, batch and sampling, exactly as many tokens", generated / hf,
+        target=TARGET_VS_HF, note="vLLM side also returns every token's log-prob"))
+
+
+def prefix_caching(section: Section, model_path: str, prompt: str, prompts: int, n: int, tokens: int,
+                   repeats: int) -> None:
+    batch = [f"{i}: {prompt}" for i in range(prompts)]  # distinct prompts: only the n siblings may share
+    on = in_fresh_process(vllm_side, model_path, batch, n, tokens, repeats, True)
+    off = in_fresh_process(vllm_side, model_path, batch, n, tokens, repeats, False)
+    section.rows.append({"what": "prefix_caching", "prompts": prompts, "n": n, "tokens": tokens, "on_s": on,
+                         "off_s": off})
+    section.figures.append(Figure(
+        f"group sampling with prefix caching ({prompts} long prompts x {n}, {tokens} new) seconds", on, "s",
+        "the same with enable_prefix_caching=false", off, lower_is_better=True))
+
+
+def pool(section: Section, model_path: str, quick: bool) -> None:
+    from rlsys.groups import init_ray, launch
+
+    base_prompts = workload_prompts("configs/tiny.yaml", 64)[1]
+    tokens = 32
+    for engines in (1, 2):
+        cfg = rlsys_config([f"model.path={model_path}", f"generator.num_engines={engines}", "generator.num_cpus=1",
+                            f"generator.max_tokens={tokens}", "generator.max_model_len=512", "reward.num_workers=1"])
+        init_ray(cfg)
+        groups = launch(cfg, model_path, "math", train=False)
+        try:
+            def rate(prompts: int, n: int) -> float:
+                batch = [(i, i, p, "") for i, p in enumerate(base_prompts[:prompts])]
+                seconds, rollouts = timed(lambda: groups.generators.generate(batch, n=n, min_tokens=tokens),
+                                          1 if quick else 3)
+                return sum(len(r.response_ids) for r in rollouts) / seconds
+
+            rate(4, 2)  # warm-up
+            sweep = [(16, 8)] if engines == 1 else [(16, 8), (4, 8), (64, 8), (16, 2), (16, 32)]
+            for prompts, n in sweep:
+                section.rows.append({"what": "pool", "engines": engines, "prompts": prompts, "n": n,
+                                     "tokens_per_s": rate(prompts, n)})
+                print(f"[rollout] pool {engines} engines, {prompts} prompts x {n}: "
+                      f"{section.rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+        finally:
+            groups.shutdown()
+    rows = {(r["engines"], r["prompts"], r["n"]): r["tokens_per_s"] for r in section.rows if r["what"] == "pool"}
+    section.figures.append(Figure("generator pool, 2 engines (16 prompts x 8) tokens/s", rows[2, 16, 8], "tokens/s",
+                                  "1 engine, same batch", rows[1, 16, 8], note="1 CPU per engine"))
+    for prompts, n in ((4, 8), (64, 8)):
+        section.figures.append(Figure(f"generator pool, 2 engines, {prompts} prompts x {n} tokens/s",
+                                      rows[2, prompts, n], "tokens/s", "16 prompts x 8", rows[2, 16, 8]))
+    for prompts, n in ((16, 2), (16, 32)):
+        section.figures.append(Figure(f"generator pool, 2 engines, group size {n} (16 prompts) tokens/s",
+                                      rows[2, prompts, n], "tokens/s", "group size 8", rows[2, 16, 8]))
+
+
+def run(quick: bool) -> Section:
+    repeats = 2 if quick else 3
+    tiny_path, params = tiny_model(384, 8, 6)
+    section = Section("rollout", {"repeats": repeats, "dtype": "float32", "tiny_params": params,
+                                  "threads": os.cpu_count()})
+    _, tiny_prompts = workload_prompts("configs/tiny.yaml", 16)
+    vllm_vs_hf(section, "tiny-10M", tiny_path, tiny_prompts, n=8, tokens=64, repeats=repeats)
+    smol_path, smol_prompts = workload_prompts(None, 4)  # the quickstart's model and prompts
+    vllm_vs_hf(section, "smollm2-135m", smol_path, smol_prompts, n=8, tokens=32 if quick else 64, repeats=repeats)
+    long_prompt = " ".join(tiny_prompts) * 4
+    prefix_caching(section, tiny_path, long_prompt[:1500], prompts=4, n=16, tokens=4, repeats=repeats)
+    ray_up()
+    pool(section, tiny_path, quick)
+    return section
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,65 @@
+"""Every benchmark, one after the other, into one JSON and its plots.
+
+    python benchmarks/run_all.py [--quick] [--only rollout,reward,...]
+
+Writes benchmarks/results/<timestamp>.json (schema in benchmarks/common.py: every figure with its
+reference, measured in the same run, and their ratio; each target met or missed, by how much)
+and benchmarks/results/<timestamp>/*.png. Prints each benchmark's table as it finishes and a
+summary of the targets at the end. --quick finishes within 20 minutes on a 2-core machine.
+Run it on an otherwise idle machine: every side of every ratio shares the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import end_to_end, learner, reward, rollout, weight_sync  # noqa: E402
+from benchmarks.common import REPO, Section, timed_sections, write_result  # noqa: E402
+from benchmarks.plots import plot_all  # noqa: E402
+
+BENCHMARKS = {"rollout": rollout.run, "reward": reward.run, "learner": learner.run,
+              "weight_sync": weight_sync.run, "end_to_end": end_to_end.run}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (< 20 min here)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<timestamp>.json)")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    start = time.perf_counter()
+    sections: list[Section] = []
+    for name in names:
+        for section in timed_sections(BENCHMARKS[name], args.quick):
+            print(section.table(), flush=True)
+            sections.append(section)
+    out = args.out or REPO / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_result(sections, out, args.quick)
+    plots = plot_all(out)
+    print(f"\n{len(sections)} benchmarks in {(time.perf_counter() - start) / 60:.1f} min; wrote {out}")
+    print("plots: " + ", ".join(str(p) for p in plots))
+    print(targets(sections))
+    return out
+
+
+def targets(sections: list[Section]) -> str:
+    lines = ["targets:"]
+    for s in sections:
+        for f in s.figures:
+            if f.target is not None:
+                verdict = "met" if f.ratio >= f.target else f"MISSED by {100 * (1 - f.ratio / f.target):.0f}%"
+                lines.append(f"  {f.name}: {f.ratio:.2f}x (target {f.target:g}x) {verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Model FLOPs of a decoder-only transformer, for MFU (model FLOPs utilisation).
+
+Counted the usual way (Kaplan et al. 2020, PaLM appendix B): a multiply-add is 2 FLOPs; only
+matrix products count (norms, activations, softmax and the embedding lookup are left out); the
+backward pass costs twice the forward. Attention scores (QK^T and AV) are counted for the causal
+context each position actually attends to, so lengths matter, not just parameter counts.
+
+A GRPO learner step on a rollout batch does, per token:
+- one forward without grad for the old log-probs (and one for the reference model when beta > 0),
+- per epoch, one forward + backward (3 forwards' worth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool = True  # Llama/Qwen2: gate, up and down projections; GPT-2 style: up and down
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        """From a transformers PretrainedConfig (Llama, Qwen2, Mistral, ... field names)."""
+        heads = config.num_attention_heads
+        return cls(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   intermediate=config.intermediate_size, vocab=config.vocab_size)
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights that multiply every token's activations once per forward (lm_head included)."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attention = h * q + 2 * h * kv + q * h                      # q, k, v, o projections
+        mlp = (3 if self.gated_mlp else 2) * h * self.intermediate
+        return self.layers * (attention + mlp) + h * self.vocab
+
+
+def forward_flops(shape: Shape, seq_len: int) -> int:
+    """One forward pass over one causal sequence of seq_len tokens.
+
+    Position t (0-based) attends to t + 1 positions: QK^T and AV cost 2 * 2 * heads * head_dim
+    FLOPs per attended position, per layer.
+    """
+    dense = 2 * shape.matmul_params * seq_len
+    attended = seq_len * (seq_len + 1) // 2                                 # sum over t of (t + 1)
+    attention = shape.layers * 4 * shape.heads * shape.head_dim * attended
+    return dense + attention
+
+
+def grpo_step_flops(shape: Shape, seq_lens: list[int], epochs: int = 1, reference: bool = False) -> int:
+    """Model FLOPs of one learner update on a rollout batch of sequences (prompt + response)."""
+    forwards = 1 + int(reference) + 3 * epochs
+    return forwards * sum(forward_flops(shape, n) for n in seq_lens)
+
+
+def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:
+    """Achieved model FLOP/s over the hardware's peak."""
+    return flops / seconds / peak_flops_per_s

@@ -1,0 +1,142 @@
+"""The benchmark code itself: FLOP counting against torch's own counter and hand-worked numbers,
+the ratio and target arithmetic, the result schema, the timeline's busy shares, and two real
+benchmarks (weight sync, learner) on tiny settings."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.common import Figure, Section, check_result, ratio, write_result
+from rlsys.flops import Shape, forward_flops, grpo_step_flops, mfu
+from rlsys.profile import Spans, Timeline, busy_split, read_tracks
+
+TINY = Shape(hidden=4, layers=1, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
+
+
+def test_flops_by_hand():
+    # q 4x4 + k, v 4x2 each + o 4x4 = 48; gated MLP 3 x 4 x 8 = 96; lm_head 4 x 10 = 40
+    assert TINY.matmul_params == 48 + 96 + 40
+    # dense 2 x 184 x 3 = 1104; attention 1 layer x 4 x 2 heads x 2 dims x (1 + 2 + 3) = 96
+    assert forward_flops(TINY, 3) == 1104 + 96
+    # old log-probs (1 forward) + forward and backward (3 forwards) per epoch, two sequences
+    assert grpo_step_flops(TINY, [3, 3]) == 4 * 2 * 1200
+    assert grpo_step_flops(TINY, [3], epochs=2, reference=True) == (1 + 1 + 6) * 1200
+    assert mfu(1e12, 2.0, 1e12) == 0.5
+
+
+def _qwen2(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=100):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_matmul_params_are_the_models_linear_weights():
+    model = _qwen2()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert Shape.of(model.config).matmul_params == linear
+
+
+def test_forward_flops_agree_with_torchs_flop_counter():
+    """torch counts the eager attention's full S x S products; rlsys counts the causal half the
+    model needs. At one token both are the same; at S tokens they differ by exactly that."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _qwen2()
+    shape = Shape.of(model.config)
+
+    def counted(seq: int) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=torch.zeros(1, seq, dtype=torch.long))
+        return counter.get_total_flops()
+
+    assert forward_flops(shape, 1) == counted(1)
+    S = 12
+    full_minus_causal = shape.layers * 4 * shape.heads * shape.head_dim * (S * S - S * (S + 1) // 2)
+    assert forward_flops(shape, S) == counted(S) - full_minus_causal
+
+
+def test_ratios_read_higher_is_better_and_targets_report_the_shortfall():
+    assert ratio(300.0, 100.0) == 3.0
+    assert ratio(2.0, 1.0, lower_is_better=True) == 0.5  # twice the reference's time: half as good
+    with pytest.raises(ValueError, match="positive"):
+        ratio(0.0, 1.0)
+    missed = Figure("sync", 0.5, "s", "raw", 0.2, lower_is_better=True, target=0.8).to_json()
+    assert missed["ratio"] == pytest.approx(0.4)
+    assert missed["target"] == {"min_ratio": 0.8, "met": False, "shortfall": pytest.approx(0.5)}
+    met = Figure("gen", 300.0, "tokens/s", "hf", 100.0, target=1.5).to_json()
+    assert met["target"]["met"] and met["target"]["shortfall"] == 0.0
+    assert Figure("x", 1.0, "u", "r", 1.0).to_json()["target"] is None
+
+
+def test_result_schema_is_checked_on_write(tmp_path):
+    section = Section("demo", {"size": 1}, [Figure("a", 2.0, "u", "ref", 1.0, target=1.5)], [{"row": 1}], 1.0)
+    out = write_result([section], tmp_path / "r.json", quick=True)
+    result = json.loads(out.read_text())
+    check_result(result)
+    assert result["benchmarks"]["demo"]["figures"][0]["ratio"] == 2.0
+    result["benchmarks"]["demo"]["figures"][0]["ratio"] = 3.0
+    with pytest.raises(ValueError, match="does not follow"):
+        check_result(result)
+    result["benchmarks"]["demo"]["figures"][0]["reference"] = {"name": "ref"}
+    with pytest.raises(ValueError, match="reference"):
+        check_result(result)
+    with pytest.raises(ValueError, match="no figures"):
+        write_result([Section("empty", {})], tmp_path / "e.json", quick=True)
+
+
+def test_busy_split_by_hand(tmp_path):
+    """Two 10 ms steps; a generator busy 6 ms in the first (4 of them generating), a learner busy
+    for 5 ms in the second, plus 5 ms outside any step (not counted)."""
+    spans = lambda *items: [{"name": n, "ts": ts, "dur": d, "args": {}} for n, ts, d in items]  # noqa: E731
+    timeline = Timeline()
+    timeline.add("driver", spans(("step", 0, 10_000), ("step", 10_000, 10_000)))
+    timeline.add("generator 0", spans(("generate", 0, 4_000), ("receive_weights", 8_000, 2_000)))
+    timeline.add("learner 0", spans(("train", 12_000, 5_000), ("train", 30_000, 5_000)))
+    path = timeline.write(tmp_path / "timeline.json")
+    trace = json.loads(path.read_text())
+    assert {e["ph"] for e in trace["traceEvents"]} == {"M", "X"}
+    tracks = read_tracks(path)
+    split = busy_split(tracks)
+    assert split["generator"] == pytest.approx({"generate": 0.2, "receive_weights": 0.1, "idle": 0.7})
+    assert split["learner"] == pytest.approx({"train": 0.25, "idle": 0.75})
+    assert list(split["generator"])[-1] == "idle"
+    assert busy_split(tracks, skip_steps=1)["generator"] == {"idle": 1.0}
+
+
+def test_spans_time_what_they_wrap():
+    spans = Spans()
+    with spans.span("work", step=3):
+        sum(range(10_000))
+    (span,) = spans.take()
+    assert span["name"] == "work" and span["args"] == {"step": 3} and span["dur"] >= 0
+    assert spans.take() == []
+
+
+def test_weight_sync_benchmark_on_a_1m_model(ray_cluster):
+    from benchmarks.common import tiny_model
+    from benchmarks.weight_sync import measure
+
+    path, params = tiny_model(128, 6, 4)
+    assert 0.8e6 < params < 1.2e6
+    m = measure(path, repeats=1, bucket_mb=1.0)
+    assert m["bytes"] == 4 * params and m["buckets"] > 1 and m["generators"] == 2
+    assert 0 < m["engine_load_s"] < m["rlsys_s"] and m["raw_s"] > 0
+
+
+def test_learner_benchmark_counts_tokens_and_flops(ray_cluster):
+    from benchmarks.common import tiny_model
+    from benchmarks.learner import measure
+    from transformers import AutoConfig
+
+    path, _ = tiny_model(64, 2, 2)
+    shape = {"prompts": 2, "group": 8, "prompt_len": 8, "response_len": 8}
+    m = measure(path, 0, "float32", shape, repeats=1)
+    assert m["tokens"] == 2 * 8 * 16
+    assert m["flops"] == 4 * 16 * forward_flops(Shape.of(AutoConfig.from_pretrained(path)), 16)
+    assert math.isclose(m["tokens_per_s"], m["tokens"] / m["seconds"])
