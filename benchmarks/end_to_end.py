@@ -32,12 +32,12 @@ if __package__ in (None, ""):
 
 from benchmarks.common import REPO, Figure, Section, in_fresh_process, main, ray_up, rlsys_config
 
-WORKLOADS = {"tiny": "configs/tiny.yaml", "smollm2": None}
+WORKLOADS = {"tiny": "configs/tiny.yaml", "smollm2": "rlsys/default.yaml"}
 TARGET_VS_TRL = 2.0
 PHASES = ("generate", "reward", "learn", "sync")
 
 
-def rlsys_side(config: str | None, steps: int, keep: Path) -> dict:
+def rlsys_side(config: str, steps: int, keep: Path) -> dict:
     """One profiled rlsys run; its metrics and timeline are copied to `keep`."""
     from rlsys.metrics import read_jsonl
     from rlsys.profile import busy_split, read_tracks
@@ -67,7 +67,7 @@ def rlsys_side(config: str | None, steps: int, keep: Path) -> dict:
             "setup_s": wall - sum(s["dur"] for s in driver_steps) / 1e6, "run_files": str(keep.relative_to(REPO))}
 
 
-def trl_side(config: str | None, steps: int) -> dict:
+def trl_side(config: str, steps: int) -> dict:
     """The peer, in a fresh process (TRL's imports and threads stay out of the rlsys driver)."""
     from benchmarks.peer_trl import run_trl
 
@@ -81,7 +81,7 @@ def run(quick: bool) -> list[Section]:
 
     steps = {"tiny": 6, "smollm2": 3} if quick else {"tiny": 20, "smollm2": 8}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    e2e = Section("end_to_end", {"workloads": {k: v or "rlsys/default.yaml" for k, v in WORKLOADS.items()},
+    e2e = Section("end_to_end", {"workloads": WORKLOADS,
                                  "steps": steps, "measured": "steps after the first"})
     peer = Section("peer", {"steps": steps, "target_tokens_per_s_ratio": TARGET_VS_TRL})
     for name, config in WORKLOADS.items():

@@ -45,7 +45,7 @@ def run(quick: bool) -> Section:
     repeats = 2 if quick else 3
     batch = samples(count)
     section = Section("reward", {"samples": count, "repeats": repeats, "rule": "format + math-verify accuracy"})
-    cfg = rlsys_config([]).reward
+    cfg = rlsys_config(["reward.verifier=math"]).reward
 
     def direct():
         return [score(c, g, cfg) for c, g in batch]

@@ -72,7 +72,7 @@ def hf_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats: i
     return seconds
 
 
-def workload_prompts(config: str | None, count: int) -> tuple[str, list[str]]:
+def workload_prompts(config: str, count: int) -> tuple[str, list[str]]:
     """(model path, templated prompt texts) of an rlsys config: what its run would generate from."""
     from transformers import AutoTokenizer
 
@@ -155,7 +155,7 @@ def run(quick: bool) -> Section:
                                   "threads": os.cpu_count()})
     _, tiny_prompts = workload_prompts("configs/tiny.yaml", 16)
     vllm_vs_hf(section, "tiny-10M", tiny_path, tiny_prompts, n=8, tokens=64, repeats=repeats)
-    smol_path, smol_prompts = workload_prompts(None, 4)  # the quickstart's model and prompts
+    smol_path, smol_prompts = workload_prompts("rlsys/default.yaml", 4)  # the quickstart's model and prompts
     vllm_vs_hf(section, "smollm2-135m", smol_path, smol_prompts, n=8, tokens=32 if quick else 64, repeats=repeats)
     long_prompt = " ".join(tiny_prompts) * 4
     prefix_caching(section, tiny_path, long_prompt[:1500], prompts=4, n=16, tokens=4, repeats=repeats)

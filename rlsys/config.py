@@ -2,9 +2,9 @@
 
 The dataclass defaults follow the R1-Zero recipe where it has a setting (G = 16, 32 questions a
 step, KL 0.001, temperature 1.0). An experiment's YAML holds only what differs; `key=value`
-overrides come last. `rlsys train` without a file uses the embedded `rlsys/default.yaml`: a tiny
-model built in code learning a toy task on a local CPU Ray cluster. Every slice below is handed
-to one component only.
+overrides come last. `rlsys train` without a file uses the embedded `rlsys/default.yaml` (the
+Quickstart: SmolLM2-135M on digit sums); `load_config(None)` gives the bare dataclass defaults
+below. Every slice below is handed to one component only.
 
 An unknown key or a value of the wrong type stops in `load_config`, before any actor starts,
 with a message that names the key.

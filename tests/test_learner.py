@@ -67,3 +67,17 @@ def test_beta_zero_loads_no_reference_model():
     batch = toy_batch(LENGTHS, ADV)
     assert learner.train(batch)["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference at first
     assert learner.train(batch)["kl"] > 0  # one update later they differ
+
+
+def test_on_policy_update_skips_the_old_logprob_pass_and_changes_nothing(monkeypatch):
+    """One epoch over one mini-batch: the micro-batches' own detached log-probs stand in for the
+    separate no-grad pass; loss, ratio and gradient are those of the two-pass update."""
+    batch = toy_batch(LENGTHS, ADV)
+    batch.gen_logprobs[:] = -1.0
+    fast = make_learner(2)
+    assert not fast.needs_old_logprobs(1) and fast.needs_old_logprobs(2)
+    a = fast.train(batch)
+    monkeypatch.setattr(Learner, "needs_old_logprobs", lambda self, n: True)
+    b = make_learner(2).train(batch)
+    for key in ("loss", "grad_norm", "ratio_mean", "gen_logprob_abs_diff"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
