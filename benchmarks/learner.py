@@ -6,8 +6,9 @@ tokens say). Each update is what a training step does: old log-probs without gra
 + backward + optimizer step per mini-batch. One warm-up update, then the median of `repeats`.
 
 tokens/s counts real tokens (prompt + response, no padding). MFU = model FLOPs of the update
-(rlsys/flops.py: matmuls and causal attention, 1 + 3 x epochs forwards) / seconds / the peak
-in benchmarks/hardware.yaml for the precision.
+(rlsys/flops.py: matmuls and causal attention, the output layer where a token is scored; 3 x
+epochs forwards: one epoch over one mini-batch needs no separate old-log-prob pass) / seconds /
+the peak in benchmarks/hardware.yaml for the precision.
 
     python benchmarks/learner.py [--quick]
 """
@@ -64,8 +65,10 @@ def measure(model_path: str, zero: int, dtype: str, shape: dict, repeats: int) -
             ray.kill(a)
         remove_placement_group(pg)
     tokens = P * G * (Lp + Lr)
+    # One mini-batch of the whole batch, one epoch: the learner skips the old-log-prob pass.
     flops = grpo_step_flops(Shape.of(AutoConfig.from_pretrained(model_path)), [Lp + Lr] * (P * G),
-                            epochs=cfg.learner.epochs, reference=cfg.algo.beta > 0)
+                            epochs=cfg.learner.epochs, reference=cfg.algo.beta > 0, response_lens=[Lr] * (P * G),
+                            old_logprob_pass=False)
     return {"zero": zero, "dtype": dtype, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "flops": flops, "flops_per_s": flops / seconds}
 

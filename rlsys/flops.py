@@ -44,22 +44,30 @@ class Shape:
         return self.layers * (attention + mlp) + h * self.vocab
 
 
-def forward_flops(shape: Shape, seq_len: int) -> int:
-    """One forward pass over one causal sequence of seq_len tokens.
+def forward_flops(shape: Shape, seq_len: int, logits: int | None = None) -> int:
+    """One forward pass over one causal sequence of seq_len tokens, with the output layer applied
+    at `logits` positions (default: all; the learner needs them only where it scores a token).
 
     Position t (0-based) attends to t + 1 positions: QK^T and AV cost 2 * 2 * heads * head_dim
     FLOPs per attended position, per layer.
     """
-    dense = 2 * shape.matmul_params * seq_len
+    head = shape.hidden * shape.vocab
+    dense = 2 * (shape.matmul_params - head) * seq_len + 2 * head * (seq_len if logits is None else logits)
     attended = seq_len * (seq_len + 1) // 2                                 # sum over t of (t + 1)
     attention = shape.layers * 4 * shape.heads * shape.head_dim * attended
     return dense + attention
 
 
-def grpo_step_flops(shape: Shape, seq_lens: list[int], epochs: int = 1, reference: bool = False) -> int:
-    """Model FLOPs of one learner update on a rollout batch of sequences (prompt + response)."""
-    forwards = 1 + int(reference) + 3 * epochs
-    return forwards * sum(forward_flops(shape, n) for n in seq_lens)
+def grpo_step_flops(shape: Shape, seq_lens: list[int], epochs: int = 1, reference: bool = False,
+                    response_lens: list[int] | None = None, old_logprob_pass: bool = True) -> int:
+    """Model FLOPs of one learner update on a rollout batch of sequences (prompt + response).
+
+    response_lens: the output layer counts only where a response token is scored (what the
+    learner computes); None counts it everywhere. old_logprob_pass=False: the update skipped the
+    separate no-grad pass (one epoch over one mini-batch, see Learner.needs_old_logprobs)."""
+    forwards = int(old_logprob_pass) + int(reference) + 3 * epochs
+    logits = response_lens or [None] * len(seq_lens)
+    return forwards * sum(forward_flops(shape, n, k) for n, k in zip(seq_lens, logits))
 
 
 def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:

@@ -39,6 +39,18 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return torch.nn.functional.pad(picked, (1, 0))                                  # (B, L)
 
 
+def scored_from(loss_mask: torch.Tensor) -> int:
+    """The first position whose logits any row needs: one before the earliest response token."""
+    scored = loss_mask.any(dim=0).nonzero()
+    return max(0, int(scored[0]) - 1) if len(scored) else 0
+
+
+def by_length(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """rows reordered by length, so that micro-batches cut from them carry little padding (the
+    loss is a sum over micro-batches with a whole-mini-batch normaliser: order does not matter)."""
+    return rows[torch.argsort(lengths[rows], stable=True)]
+
+
 class Learner:
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
                  rank: int, world: int, backend: str, seed: int):
@@ -91,9 +103,17 @@ class Learner:
     # ---- training
 
     def _logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        """(B, L) log-probs of the batch's tokens; only response tokens are ever used.
+
+        The output layer and the log-softmax (a vocabulary-wide row per position, forward and
+        backward) run only from the position before the earliest response token on: prompt
+        positions need hidden states, not logits. Columns before that are 0."""
         device = self.engine.device
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        return token_logprobs(logits, batch.input_ids.to(device), self.temperature)
+        ids = batch.input_ids.to(device)
+        start = scored_from(batch.loss_mask)
+        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device),
+                       logits_to_keep=ids.shape[1] - start).logits                          # (B, L - start, V)
+        return torch.nn.functional.pad(token_logprobs(logits, ids[:, start:], self.temperature), (start, 0))
 
     @torch.no_grad()
     def _frozen_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
@@ -110,7 +130,9 @@ class Learner:
         per_rank = M // W
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(self.seed + self.steps))
         minis = [order[i:i + M] for i in range(0, len(batch), M)]
-        mine = torch.cat([m[self.rank * per_rank:(self.rank + 1) * per_rank] for m in minis])   # this rank's rows
+        lengths = batch.attention_mask.sum(dim=1)
+        mine = torch.cat([by_length(m[self.rank * per_rank:(self.rank + 1) * per_rank], lengths)
+                          for m in minis])                                                    # this rank's rows
         local = batch.select(mine)
         self.engine.eval()
         old = self._frozen_logprobs(self.engine.module, local) if self.needs_old_logprobs(len(minis)) else None

@@ -24,6 +24,9 @@ def test_flops_by_hand():
     assert grpo_step_flops(TINY, [3, 3]) == 4 * 2 * 1200
     assert grpo_step_flops(TINY, [3], epochs=2, reference=True) == (1 + 1 + 6) * 1200
     assert mfu(1e12, 2.0, 1e12) == 0.5
+    # the output layer (4 x 10) at 1 of the 3 positions: 2 x 40 x 2 fewer FLOPs; no old-log-prob pass
+    assert forward_flops(TINY, 3, logits=1) == 1200 - 160
+    assert grpo_step_flops(TINY, [3], response_lens=[1], old_logprob_pass=False) == 3 * 1040
 
 
 def _qwen2(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=100):
@@ -138,5 +141,5 @@ def test_learner_benchmark_counts_tokens_and_flops(ray_cluster):
     shape = {"prompts": 2, "group": 8, "prompt_len": 8, "response_len": 8}
     m = measure(path, 0, "float32", shape, repeats=1)
     assert m["tokens"] == 2 * 8 * 16
-    assert m["flops"] == 4 * 16 * forward_flops(Shape.of(AutoConfig.from_pretrained(path)), 16)
+    assert m["flops"] == 3 * 16 * forward_flops(Shape.of(AutoConfig.from_pretrained(path)), 16, logits=8)
     assert math.isclose(m["tokens_per_s"], m["tokens"] / m["seconds"])

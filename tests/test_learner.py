@@ -81,3 +81,20 @@ def test_on_policy_update_skips_the_old_logprob_pass_and_changes_nothing(monkeyp
     b = make_learner(2).train(batch)
     for key in ("loss", "grad_norm", "ratio_mean", "gen_logprob_abs_diff"):
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
+    from rlsys.learner import by_length, scored_from, token_logprobs
+
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.float)
+    assert scored_from(mask) == 2 and scored_from(torch.zeros(2, 4)) == 0
+    assert by_length(torch.tensor([4, 0, 2]), torch.tensor([5, 9, 1, 9, 3])).tolist() == [2, 4, 0]
+    learner = make_learner(8)
+    batch = toy_batch(LENGTHS, ADV, prompt_len=5)
+    with torch.no_grad():
+        fast = learner._logprobs(learner.engine.module, batch)
+        logits = learner.engine.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        full = token_logprobs(logits, batch.input_ids, 1.0)
+    scored = batch.loss_mask.bool()
+    assert torch.allclose(fast[scored], full[scored], atol=1e-5)
+    assert (fast[:, :4] == 0).all()
