@@ -109,6 +109,19 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
     timer = Timer()
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                               processing_class=tok, callbacks=[timer])
+    # Seconds inside TRL's sampling call, per generation: how much of a step generation is (the
+    # most any faster generator could save).
+    generate_s: list[float] = []
+    sample = trainer._generate_single_turn
+
+    def timed_sample(*a, **k):
+        t = time.perf_counter()
+        try:
+            return sample(*a, **k)
+        finally:
+            generate_s.append(time.perf_counter() - t)
+
+    trainer._generate_single_turn = timed_sample
     trainer.remove_callback(PrinterCallback)  # its end-of-training summary line is noise here
     trainer.train()
 
@@ -116,7 +129,7 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
     step_s = [sum(timer.step_s[i:i + opt_per_step]) for i in range(0, len(timer.step_s), opt_per_step)]
     seen = [sum(timer.seen[i:i + opt_per_step]) for i in range(0, len(timer.seen), opt_per_step)]
     tokens = [g["tokens"] for g in gens]
-    if len(step_s) != steps or len(gens) != steps or tokens != seen:
+    if len(step_s) != steps or len(gens) != steps or tokens != seen or len(generate_s) != steps:
         raise RuntimeError(f"expected {steps} steps with one generation each: {len(step_s)} steps, "
                            f"{len(gens)} generations, tokens {tokens} vs TRL's counter {seen}")
     rest = slice(1, None) if steps > 1 else slice(None)  # the first step carries the warm-up
@@ -136,6 +149,7 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
     return {
         "steps": steps, "step_s": step_s, "tokens": tokens, "reward": [g["reward"] for g in gens],
         "tokens_per_s": sum(tokens[rest]) / sum(step_s[rest]), "step_s_mean": sum(step_s[rest]) / len(step_s[rest]),
+        "generate_s": generate_s, "generate_s_mean": sum(generate_s[rest]) / len(generate_s[rest]),
         "setup_s": timer.first_begin - start, "trl_version": trl.__version__, "generation": GENERATION,
         "what_it_does": what,
         # 1-min load average at start and end: above os.cpu_count() means something else competed for the cores.
