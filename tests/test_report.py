@@ -7,7 +7,8 @@ from rlsys.report import report, summarize
 
 def rows(rewards):
     return [{"step": i, "reward/mean": r, "reward/accuracy": r, "reward/format": 0.0, "timing/generate": 1.0,
-             "timing/reward": 0.5, "timing/learn": 2.0, "timing/sync": 0.5, "throughput/tokens_per_s": 100.0}
+             "timing/reward": 0.5, "timing/learn": 2.0, "timing/sync": 0.5, "throughput/tokens_per_s": 100.0,
+             "response_length/mean": 10.0 + i, "response_length/max": 16, "truncated_frac": 0.25}
             for i, r in enumerate(rewards)]
 
 
@@ -23,6 +24,8 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
     text = report(tmp_path)
     assert "0.100" in text or "0.500" in text
     assert (tmp_path / "reward.png").stat().st_size > 1000 and (tmp_path / "timing.png").is_file()
+    assert (tmp_path / "lengths.png").stat().st_size > 1000
+    assert "actors" not in text  # no timeline.json: not a profiled run
     with pytest.raises(FileNotFoundError, match="no metrics"):
         report(tmp_path / "nope")
 
