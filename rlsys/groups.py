@@ -237,7 +237,7 @@ def _start_learners(cfg: Config, model_path: str, backend: str):
 
 def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
     """A learner group alone, set up and ready to train (benchmarks); returns it and its placement group."""
-    actors, pg, roles = _start_learners(cfg, model_path, resolve_backend(cfg))
+    actors, pg, _ = _start_learners(cfg, model_path, resolve_backend(cfg))
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
