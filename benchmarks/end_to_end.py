@@ -43,7 +43,9 @@ def rlsys_side(config: str, steps: int, keep: Path) -> dict:
     from rlsys.profile import busy_split, read_tracks
     from rlsys.trainer import train
 
-    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / "results") as tmp:
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=results) as tmp:  # beside the results: same disk as the kept files
         run_dir = Path(tmp) / "run"
         cfg = rlsys_config([f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "profile.enabled=true",
                             "eval.every=0"], config)
