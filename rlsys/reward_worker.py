@@ -36,6 +36,9 @@ Scorer = Callable[[str, str, RewardConfig], tuple[float, float]]
 START_TIMEOUT_S = 120.0
 """Longest wait for a child to start (spawn a Python, import the scorer and math_verify).
 Startup is not charged to the first sample's timeout."""
+IN_FLIGHT = 8
+"""Samples queued in the child at once: enough to hide the pipe round trip, few enough that the
+pipe's buffers never fill on either side (both sides would block)."""
 CLOSE_TIMEOUT_S = 2.0
 """How long close() lets the child exit by itself before killing it."""
 
@@ -85,8 +88,8 @@ def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
 
 class RewardWorker:
     """Plain class (Ray is applied elsewhere). Owns one child process (multiprocessing, 'spawn'
-    context: safe inside a threaded Ray actor) that runs the scorer. Samples are sent one at a
-    time over a Pipe; the parent waits at most cfg.timeout_s for each answer. On timeout: kill
+    context: safe inside a threaded Ray actor) that runs the scorer. Samples stream over a Pipe
+    (IN_FLIGHT queued ahead); the parent waits at most cfg.timeout_s for each answer. On timeout: kill
     the child (SIGKILL, join), start a fresh one, the sample gets RewardResult(0, 0, 0,
     timed_out=True), and scoring continues with the next sample. Training never stalls on a
     hanging verifier.
@@ -152,40 +155,64 @@ class RewardWorker:
     # -- scoring -----------------------------------------------------------------------------
 
     def score(self, samples: list[tuple[str, str]]) -> list[RewardResult]:
-        """Scores (completion, gold) pairs, one at a time; results in the same order."""
+        """Scores (completion, gold) pairs; results in the same order."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardWorker is closed")
-            return [self._score_one(i, completion, gold) for i, (completion, gold) in enumerate(samples)]
+            results: list[RewardResult] = []
+            while len(results) < len(samples):  # each pass ends at a timeout (fresh child) or at the end
+                results += self._stream(samples, len(results))
+            return results
 
-    def _score_one(self, index: int, completion: str, gold: str) -> RewardResult:
+    def _stream(self, samples: list[tuple[str, str]], first: int) -> list[RewardResult]:
+        """Scores samples[first:] with up to IN_FLIGHT of them queued in the child, so the child never
+        waits for a round trip through the parent. Sample i's clock starts when the parent begins
+        waiting for its reply, i.e. once reply i - 1 is in: the child starts i at that moment (it is
+        already queued), so each sample gets its full timeout_s. Returns at the first timeout (that
+        sample scored 0, the child replaced; the caller streams the rest) or after the last sample.
+        Any other way out (an error, a dead child) kills the child: no stale reply can reach the
+        next call."""
         if self._proc is None:
             self._start()
         conn, proc = self._conn, self._proc
+        results: list[RewardResult] = []
+        sent = first
+        finished = False
         try:
-            conn.send((index, completion, gold))
-        except (BrokenPipeError, ConnectionResetError, EOFError) as e:
-            self._died(index, completion, f"send failed: {e}")
-        ready = wait([conn, proc.sentinel], timeout=self.cfg.timeout_s)
-        if not ready:  # still working: a hanging verifier
-            self._kill()
-            self._start()
-            return RewardResult(reward=0.0, accuracy=0.0, format=0.0, timed_out=True)
-        try:
-            msg = conn.recv() if conn.poll() else None
-        except (EOFError, OSError):
-            msg = None
-        if msg is None:
-            self._died(index, completion, "no reply")
-        kind = msg[0]
-        if kind == "ok":
-            _, got_index, accuracy, fmt = msg
-            if got_index != index:
-                raise RuntimeError(f"reward worker child answered sample {got_index}, expected {index}")
-            return RewardResult(reward=combine(accuracy, fmt, self.cfg), accuracy=accuracy, format=fmt,
-                                timed_out=False)
-        raise RuntimeError(f"reward scorer raised on sample {index} "
-                           f"(completion starts {completion[:200]!r}):\n{msg[2]}")
+            while first + len(results) < len(samples):
+                while sent < len(samples) and sent - first - len(results) < IN_FLIGHT:
+                    try:
+                        conn.send((sent, *samples[sent]))
+                    except (BrokenPipeError, ConnectionResetError, EOFError) as e:
+                        self._died(sent, samples[sent][0], f"send failed: {e}")
+                    sent += 1
+                index = first + len(results)
+                completion = samples[index][0]
+                if not wait([conn, proc.sentinel], timeout=self.cfg.timeout_s):  # a hanging verifier
+                    self._kill()
+                    self._start()
+                    results.append(RewardResult(reward=0.0, accuracy=0.0, format=0.0, timed_out=True))
+                    finished = True
+                    return results
+                try:
+                    msg = conn.recv() if conn.poll() else None
+                except (EOFError, OSError):
+                    msg = None
+                if msg is None:
+                    self._died(index, completion, "no reply")
+                if msg[0] != "ok":
+                    raise RuntimeError(f"reward scorer raised on sample {index} "
+                                       f"(completion starts {completion[:200]!r}):\n{msg[2]}")
+                _, got_index, accuracy, fmt = msg
+                if got_index != index:
+                    raise RuntimeError(f"reward worker child answered sample {got_index}, expected {index}")
+                results.append(RewardResult(reward=combine(accuracy, fmt, self.cfg), accuracy=accuracy, format=fmt,
+                                            timed_out=False))
+            finished = True
+            return results
+        finally:
+            if not finished:  # samples may still be queued in the child: its replies must not outlive this call
+                self._kill()
 
     def _died(self, index: int, completion: str, what: str) -> None:
         exitcode = self._kill()  # the next call starts a fresh child

@@ -146,3 +146,27 @@ def test_real_verifier_blowup_cannot_stall():
         got = worker.score([ok, tower, ok])
     assert got[0] == got[2] == expected([ok], cfg)[0]
     assert got[1].accuracy == 0.0
+
+
+def test_streamed_samples_queued_behind_a_hang_or_an_error_are_neither_lost_nor_stale():
+    # More samples than are queued in the child at once, a hang in the middle: the ones queued
+    # behind it in the killed child are sent again to the fresh one.
+    cfg = make_cfg(timeout_s=1.0)
+    ok, hang = (tagged("4"), "4"), (tagged("4") + " HANG", "4")
+    worker = RewardWorker(cfg, scorer=hang_on_marker)
+    try:
+        got = worker.score([ok] * 5 + [hang] + [ok] * 12)
+        assert [r.timed_out for r in got] == [False] * 5 + [True] + [False] * 12
+        assert all(r == expected([ok], cfg)[0] for r in got if not r.timed_out)
+    finally:
+        worker.close()
+    # An error with samples still queued behind it: the next call must not read their replies.
+    worker = RewardWorker(make_cfg(), scorer=raise_on_marker)
+    try:
+        boom = (tagged("4") + " BOOM", "4")
+        with pytest.raises(RuntimeError, match=r"sample 1"):
+            worker.score([ok, boom] + [ok] * 10)
+        wrong = (tagged("5"), "4")
+        assert worker.score([wrong, ok]) == expected([wrong, ok], make_cfg())
+    finally:
+        worker.close()
