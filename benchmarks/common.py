@@ -100,8 +100,20 @@ def _num(x: float) -> str:
 
 def hardware() -> dict:
     """Peak FLOP/s and link bandwidths, from benchmarks/hardware.yaml (the issue: "the peak taken
-    from config"); RLSYS_HARDWARE names another file."""
-    return yaml.safe_load(Path(os.environ.get("RLSYS_HARDWARE", HARDWARE)).read_text())
+    from config"); RLSYS_HARDWARE names another file. A missing or non-positive number stops
+    with the file and the key."""
+    path = Path(os.environ.get("RLSYS_HARDWARE", HARDWARE))
+    hw = yaml.safe_load(path.read_text())
+    links = (hw or {}).get("links") or {}
+    wanted = [("peak_tflops", "float32"), ("peak_tflops", "bfloat16"), ("links", "nvlink_gb_per_s"),
+              ("links", "infiniband_gb_per_s")]
+    for section, key in wanted:
+        value = ((hw or {}).get(section) or {}).get(key)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{path}: {section}.{key} must be a positive number, got {value!r}")
+    if links.get("sync_path") not in ("nvlink", "infiniband"):
+        raise ValueError(f"{path}: links.sync_path must be nvlink or infiniband, got {links.get('sync_path')!r}")
+    return hw
 
 
 def machine() -> dict:

@@ -34,13 +34,13 @@ from benchmarks.common import REPO, Figure, Section, in_fresh_process, main, ray
 
 WORKLOADS = {"tiny": "configs/tiny.yaml", "smollm2": "rlsys/default.yaml"}
 TARGET_VS_TRL = 2.0
-PHASES = ("generate", "reward", "learn", "sync")
 
 
 def rlsys_side(config: str, steps: int, keep: Path) -> dict:
     """One profiled rlsys run; its metrics and timeline are copied to `keep`."""
     from rlsys.metrics import read_jsonl
     from rlsys.profile import busy_split, read_tracks
+    from rlsys.report import PHASES, summarize
     from rlsys.trainer import train
 
     results = REPO / "benchmarks" / "results"
@@ -59,11 +59,12 @@ def rlsys_side(config: str, steps: int, keep: Path) -> dict:
             shutil.copy(run_dir / name, keep / name)
     measured = rows[1:] or rows
     step_s = [sum(r[f"timing/{p}"] for p in PHASES) for r in measured]
+    summary = summarize(measured)
     driver_steps = sorted((s for s in tracks["driver"] if s["name"] == "step"), key=lambda s: s["ts"])
     return {"steps": steps, "step_s": step_s, "tokens": [r["tokens/total"] for r in measured],
-            "tokens_per_s": sum(r["tokens/total"] for r in measured) / sum(step_s),
+            "tokens_per_s": sum(r["tokens/total"] for r in measured) / summary["loop_s"],
             "step_s_mean": statistics.fmean(step_s),
-            "split": {p: sum(r[f"timing/{p}"] for r in measured) / sum(step_s) for p in PHASES},
+            "split": summary["split"],
             "groups": busy_split(tracks, skip_steps=1 if len(rows) > 1 else 0),
             "reward": [r["reward/mean"] for r in rows],
             "setup_s": wall - sum(s["dur"] for s in driver_steps) / 1e6, "run_files": str(keep.relative_to(REPO))}

@@ -262,6 +262,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     generators, gen_pg, gen_roles = _start_generators(cfg, model_path, backend == "nccl")
     rewards, reward_roles = _start_rewards(cfg, verifier)
     placement = _placement(learners + generators + rewards, learner_roles + gen_roles + reward_roles)
+    if cfg.profile.enabled:
+        ray.get([a.start_tracing.remote() for a in learners + generators + rewards])
     pool, learner_group, sync = GeneratorPool(generators), None, None
     if train:
         port = ray.get(learners[0].free_port.remote())

@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from rlsys.algo import grpo_loss, masked_mean
+from rlsys.algo import grpo_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
 from rlsys.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, raw_broadcast,
@@ -138,12 +138,10 @@ class Learner:
         old = self._frozen_logprobs(self.engine.module, local) if self.needs_old_logprobs(len(minis)) else None
         ref = self._frozen_logprobs(self.ref.module, local) if self.ref is not None else None
         sums: dict[str, float] = defaultdict(float)
-        if old is not None:
-            sums["gen_logprob_abs_diff"] = float(masked_mean((old - local.gen_logprobs).abs(), local.loss_mask))
-        gen_diff, gen_tokens = 0.0, 0.0
+        gen_diff, gen_tokens = 0.0, 0.0  # |learner - generator| log-prob over this rank's response tokens
         self.engine.train()
         micro_count = 0
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             for m, mini in enumerate(minis):
                 whole = batch.select(mini)
                 normalizer = float(whole.loss_mask.sum() if self.algo.aggregation == "token" else len(whole)) / W
@@ -152,13 +150,12 @@ class Learner:
                     micro = local.select(idx)
                     width = micro.input_ids.shape[1]
                     logp = self._logprobs(self.engine, micro)
-                    if old is None:  # on-policy: this forward runs on the weights that generated the batch
-                        old_micro = logp.detach()
+                    # on-policy (no separate pass): this forward runs on the weights that generated the batch
+                    old_micro = logp.detach() if old is None else old[idx, :width].to(logp.device)
+                    if epoch == 0:  # every row of this rank once
                         mask = micro.loss_mask.to(logp.device)
                         gen_diff += float(((old_micro - micro.gen_logprobs.to(logp.device)).abs() * mask).sum())
                         gen_tokens += float(mask.sum())
-                    else:
-                        old_micro = old[idx, :width].to(logp.device)
                     loss, metrics = grpo_loss(
                         logp, old_micro,
                         None if ref is None else ref[idx, :width].to(logp.device),
@@ -183,7 +180,7 @@ class Learner:
         # summed over micro-batches and averaged over ranks it is the mini-batch value, per step.
         per_step = ("loss", "pg_loss", "kl", "grad_norm")
         out = {k: v / (n_steps if k in per_step else micro_count) for k, v in sums.items()}
-        out["gen_logprob_abs_diff"] = sums["gen_logprob_abs_diff"] if old is not None else gen_diff / max(gen_tokens, 1.0)
+        out["gen_logprob_abs_diff"] = gen_diff / max(gen_tokens, 1.0)
         return self._mean_over_ranks(out)
 
     def needs_old_logprobs(self, mini_batches: int) -> bool:

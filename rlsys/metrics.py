@@ -17,9 +17,9 @@ from rlsys.types import Rollout
 class Timer:
     """Seconds per phase for the step's metrics, and the same phases as spans for the timeline."""
 
-    def __init__(self):
+    def __init__(self, trace: bool = False):
         self.totals: dict[str, float] = defaultdict(float)
-        self.spans = Spans()
+        self.spans = Spans(enabled=trace)
 
     @contextmanager
     def __call__(self, name: str):

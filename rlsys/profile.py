@@ -23,17 +23,21 @@ from pathlib import Path
 
 Span = dict  # {"name": str, "ts": int (µs since epoch), "dur": int (µs), "args": dict}
 
-MAX_SPANS = 100_000  # per actor between two collections; a run that never collects keeps the last ones
+MAX_SPANS = 100_000  # per actor between two collections: a bound, should collection stop
 
 
 class Spans:
-    """A bounded list of finished spans, recorded in this process."""
+    """A bounded list of finished spans, recorded in this process (nothing when not enabled)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.spans: deque[Span] = deque(maxlen=MAX_SPANS)
 
     @contextmanager
     def span(self, name: str, **args):
+        if not self.enabled:
+            yield
+            return
         ts = time.time_ns() // 1000
         start = time.perf_counter()
         try:
@@ -49,7 +53,8 @@ class Spans:
 
 
 class Traced:
-    """Mixed into an actor class: each method named in PHASES records a span of its own name.
+    """Mixed into an actor class: once start_tracing() is called, each method named in PHASES
+    records a span of its own name (before that, and in runs without profiling, nothing).
 
     Ray is applied at the edge (rlsys/groups.py), and so is this: the plain classes stay plain.
     """
@@ -63,6 +68,9 @@ class Traced:
             if not getattr(method, "_rlsys_traced", False):  # Ray subclasses the class again
                 setattr(cls, name, _traced(method, name))
 
+    def start_tracing(self) -> None:
+        self._spans = Spans()
+
     def take_spans(self) -> list[Span]:
         spans = getattr(self, "_spans", None)
         return spans.take() if spans is not None else []
@@ -71,9 +79,10 @@ class Traced:
 def _traced(method, name: str):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if not hasattr(self, "_spans"):
-            self._spans = Spans()
-        with self._spans.span(name):
+        spans = getattr(self, "_spans", None)
+        if spans is None:
+            return method(self, *args, **kwargs)
+        with spans.span(name):
             return method(self, *args, **kwargs)
 
     wrapper._rlsys_traced = True

@@ -32,7 +32,7 @@ def train(cfg: Config) -> Path:
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier)
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
-    log, timer = RunLog(run_dir), Timer()
+    log, timer = RunLog(run_dir), Timer(trace=cfg.profile.enabled)
     version, curve = 0, []
     timeline = Timeline() if cfg.profile.enabled else None
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)

@@ -119,6 +119,10 @@ def test_spans_time_what_they_wrap():
     (span,) = spans.take()
     assert span["name"] == "work" and span["args"] == {"step": 3} and span["dur"] >= 0
     assert spans.take() == []
+    off = Spans(enabled=False)  # a run without profiling keeps nothing
+    with off.span("work"):
+        pass
+    assert off.take() == []
 
 
 def test_weight_sync_benchmark_on_a_1m_model(ray_cluster):
@@ -143,3 +147,14 @@ def test_learner_benchmark_counts_tokens_and_flops(ray_cluster):
     assert m["tokens"] == 2 * 8 * 16
     assert m["flops"] == 3 * 16 * forward_flops(Shape.of(AutoConfig.from_pretrained(path)), 16, logits=8)
     assert math.isclose(m["tokens_per_s"], m["tokens"] / m["seconds"])
+
+
+def test_a_bad_hardware_file_names_the_key(tmp_path, monkeypatch):
+    from benchmarks.common import hardware
+
+    assert hardware()["peak_tflops"]["float32"] > 0  # the shipped file is valid
+    bad = tmp_path / "hw.yaml"
+    bad.write_text("peak_tflops:\n  float32: 0.3\nlinks:\n  nvlink_gb_per_s: 450\n")
+    monkeypatch.setenv("RLSYS_HARDWARE", str(bad))
+    with pytest.raises(ValueError, match=r"hw.yaml: peak_tflops.bfloat16 must be a positive number"):
+        hardware()
