@@ -119,6 +119,10 @@ class AlgoConfig:
     """Upper clip (DAPO's clip-higher); None means epsilon."""
     beta: float = 0.001
     """KL coefficient (k3, inside the loss). 0 loads no reference model at all."""
+    dual_clip: float | None = None
+    """Dual-clip PPO (Ye et al. 2020): for a negative advantage the per-token loss is at most
+    dual_clip * |A|, however large the ratio grows over epochs (must be > 1). None: off, the plain
+    clipped surrogate."""
     aggregation: str = "token"
     """token: every response token of a mini-batch weighs the same (DAPO) | sequence: every
     sequence weighs the same (original GRPO)."""
@@ -139,6 +143,14 @@ class LearnerConfig:
     """Samples per forward/backward on one rank."""
     epochs: int = 1
     """Passes over each rollout batch."""
+    lr_schedule: str = "constant"
+    """constant | cosine: after the warm-up, the learning rate stays at `lr` or follows a half
+    cosine down to `lr * min_lr_ratio` at the run's last optimizer step."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to `lr` (a step of the loop takes
+    epochs * rollout batch / mini_batch_size optimizer steps)."""
+    min_lr_ratio: float = 0.0
+    """cosine only: the final learning rate as a share of `lr`."""
     sync_bucket_mb: float = 32.0
     """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
 
@@ -171,6 +183,10 @@ class ClusterConfig:
     else gloo) | gloo | nccl."""
     placement_timeout_s: float = 120.0
     """A placement group not placed by then is an error, not a silent wait."""
+    shared_storage: bool = False
+    """true: trainer.output_dir is a path every node of the cluster sees (NFS, Lustre, a mounted
+    bucket) and learner rank 0 writes checkpoints into it wherever it runs. false: a learner on
+    another node than the driver sends its checkpoint files to the driver, which writes them."""
 
 
 @dataclass
@@ -286,6 +302,26 @@ def validate(cfg: Config) -> None:
     need(mini % per_rank == 0,
          f"learner.mini_batch_size={mini} must be a multiple of learner.num_ranks * learner.micro_batch_size = {per_rank}")
     need(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    need(cfg.algo.dual_clip is None or cfg.algo.dual_clip > 1, f"algo.dual_clip must be > 1 (or null: off), got {cfg.algo.dual_clip}")
+    need(cfg.learner.lr_schedule in ("constant", "cosine"),
+         f"learner.lr_schedule must be constant or cosine, got {cfg.learner.lr_schedule!r}")
+    need(cfg.learner.warmup_steps >= 0, f"learner.warmup_steps must be >= 0, got {cfg.learner.warmup_steps}")
+    need(0 <= cfg.learner.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {cfg.learner.min_lr_ratio}")
+    # The learner scores each sampled token under logits / temperature over the whole vocabulary:
+    # that is the generators' sampling distribution only for temperature > 0 and no truncation.
+    need(cfg.generator.temperature > 0,
+         "generator.temperature must be > 0 for training: the learner's log-probs divide the logits by it, and "
+         "greedy decoding (0) samples no group to compare (eval.temperature sets evaluation sampling)")
+    need(cfg.generator.top_p == 1.0,
+         f"generator.top_p={cfg.generator.top_p}: training needs top_p = 1; with top-p the generators sample a "
+         "truncated distribution that the learner's log-probs (full vocabulary) do not reproduce, so the importance "
+         "ratios would be wrong (eval.top_p sets evaluation sampling)")
+    # DeepSpeed 0.19.8 accumulates and all-reduces ZeRO-0 bf16 gradients in bf16 (its fp32
+    # accumulation, data_types.grad_accum_dtype, exists only for ZeRO 1-3).
+    need(not (cfg.model.dtype == "bfloat16" and cfg.learner.zero_stage == 0),
+         "model.dtype=bfloat16 needs learner.zero_stage >= 1: DeepSpeed accumulates ZeRO-0 bf16 gradients in bf16; "
+         "ZeRO-1 keeps fp32 master weights and accumulates and all-reduces gradients in fp32, with the same "
+         "per-rank memory for weights and gradients as ZeRO-0 and the optimizer state partitioned")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -23,8 +23,8 @@ from rlsys.config import Config
 from rlsys.generator import Generator, engine_env
 from rlsys.learner import Learner
 from rlsys.profile import Span, Traced
-from rlsys.reward_worker import RewardResult, RewardWorker
-from rlsys.types import Rollout, TrainBatch
+from rlsys.reward_worker import RewardWorker
+from rlsys.types import RewardResult, Rollout, TrainBatch
 from rlsys.weight_sync import Bucket
 
 

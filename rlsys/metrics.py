@@ -10,8 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlsys.profile import Spans
-from rlsys.reward_worker import RewardResult
-from rlsys.types import Rollout
+from rlsys.types import RewardResult, Rollout
 
 
 class Timer:

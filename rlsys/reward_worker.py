@@ -22,12 +22,12 @@ import pickle
 import signal
 import threading
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable
 
 from rlsys.config import RewardConfig
 from rlsys.rewards import combine, score
+from rlsys.types import RewardResult
 
 __all__ = ["RewardResult", "RewardWorker"]
 
@@ -41,14 +41,6 @@ IN_FLIGHT = 8
 pipe's buffers never fill on either side (both sides would block)."""
 CLOSE_TIMEOUT_S = 2.0
 """How long close() lets the child exit by itself before killing it."""
-
-
-@dataclass
-class RewardResult:
-    reward: float
-    accuracy: float
-    format: float
-    timed_out: bool
 
 
 def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:

@@ -29,6 +29,20 @@ class Rollout:
 
 
 @dataclass
+class RewardResult:
+    """The score of one rollout, as a reward worker computed it."""
+
+    reward: float
+    accuracy: float
+    format: float
+    timed_out: bool
+    """The verifier ran over reward.timeout_s: accuracy 0, the format score still paid."""
+    error: str | None = None
+    """The verifier raised on this sample or its process died (the exception's last line): accuracy
+    0, the format score still paid, counted in the step's metrics."""
+
+
+@dataclass
 class TrainBatch:
     """A rollout batch laid out for the learner: group by group, right-padded.
 

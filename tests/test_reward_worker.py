@@ -5,7 +5,8 @@ import time
 import pytest
 
 from rlsys.config import RewardConfig
-from rlsys.reward_worker import RewardResult, RewardWorker
+from rlsys.reward_worker import RewardWorker
+from rlsys.types import RewardResult
 from rlsys.rewards import combine, score
 
 # Scorers must be module-level (the child process unpickles them by name).
