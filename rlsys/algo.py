@@ -7,6 +7,17 @@ Algorithm choices (GRPO as in DeepSeek-R1 / R1-Zero):
 - PPO-style clipped surrogate on the importance ratio pi_theta / pi_old, with an optional
   asymmetric band [1 - eps_low, 1 + eps_high] ("clip-higher", DAPO) that lets
   low-probability tokens grow faster and so counters entropy collapse.
+- The log-ratio logp - old_logp is clamped to +-LOG_RATIO_CLAMP (20, as verl) before every
+  exp (the surrogate, the ratio_mean metric, the k3 KL). Without it a stale or garbage
+  log-prob (several epochs, padding positions) makes exp overflow float32 (and bf16, same
+  range) to inf, and inf * 0 -- a masked token, a zero advantage, an unchosen min branch in
+  backward -- is NaN, which poisons the whole loss and gradient. exp(20) ~ 4.9e8 is finite
+  and far outside any clip band, so the clamp never changes a sane loss; beyond it the
+  gradient is 0.
+- Optional dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep
+  RL"; verl's clip_ratio_c): for A < 0 the PPO min picks ratio * A, which is unbounded as
+  the ratio grows over epochs; dual clip c > 1 caps the per-token loss at c * |A| (and its
+  gradient is then 0). A >= 0 is unchanged; None (the default) is the plain surrogate.
 - KL to a frozen reference policy is a penalty inside the loss (not in the reward), using
   the k3 estimator: unbiased, always >= 0, low variance.
 - Aggregation over tokens is either "token" (DAPO: every response token weighs the same,
@@ -18,6 +29,9 @@ for exp(logp - old_logp)).
 import torch
 
 AGGREGATIONS = ("token", "sequence")
+# Bound on |log-ratio| before exp: exp(20) ~ 4.9e8 stays finite in float32/bf16 (overflow is
+# at ~88.7), so inf * 0 = NaN cannot appear in masked positions or in backward. verl uses 20.
+LOG_RATIO_CLAMP = 20.0
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True,
@@ -47,25 +61,47 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(d) - d - 1, d = ref - logp.
 
     logp, ref_logp: (B, T) -> (B, T) float32, always >= 0.
+    d is clamped to +-LOG_RATIO_CLAMP (exp overflow, see the module docstring).
     """
-    d = ref_logp.float() - logp.float()                          # (B, T)
+    d = (ref_logp.float() - logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
     return torch.exp(d) - d - 1.0                                # (B, T)
 
 
+def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """pi_theta / pi_old = exp(clamp(logp - old_logp, +-LOG_RATIO_CLAMP)).
+
+    logp, old_logp: (B, T) -> (B, T) float32. Equal to the plain exp inside the clamp range.
+    """
+    log_ratio = (logp.float() - old_logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
+    return torch.exp(log_ratio)                                  # (B, T)
+
+
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate with an asymmetric band.
+                      eps_low: float, eps_high: float, dual_clip: float | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate with an asymmetric band and an optional dual clip.
 
     logp, old_logp: (B, T); advantages: (B,) broadcast over tokens.
-    loss = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = exp(logp - old_logp).
-    Returns (loss (B, T) float32, clipped (B, T) bool: where the clamped branch set the min).
+    loss = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = importance_ratio.
+    dual_clip c (> 1): where A < 0, loss = min(loss, -c * A), i.e. at most c * |A|.
+    dual_clip None: the plain surrogate above, bit for bit.
+    Returns (loss (B, T) float32, clipped (B, T) bool: where the clamped branch set the min,
+    dual_clipped (B, T) bool: where the dual-clip bound set the loss; all False when off).
     """
-    ratio = torch.exp(logp.float() - old_logp.float())           # (B, T)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None: off), got {dual_clip}")
+    ratio = importance_ratio(logp, old_logp)                     # (B, T)
     adv = advantages.float().unsqueeze(1)                        # (B, 1)
     unclipped = ratio * adv                                      # (B, T)
     clipped_obj = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # (B, T)
     loss = -torch.minimum(unclipped, clipped_obj)                # (B, T)
-    return loss, (clipped_obj < unclipped)                      # (B, T), (B, T)
+    clipped = clipped_obj < unclipped                            # (B, T)
+    if dual_clip is None:
+        return loss, clipped, torch.zeros_like(clipped)          # (B, T) x3
+    bound = -dual_clip * adv                                     # (B, 1) = c * |A| where A < 0
+    dual_clipped = (adv < 0) & (loss > bound)                    # (B, T)
+    loss = torch.where(dual_clipped, bound, loss)                # (B, T) constant there: grad 0
+    return loss, clipped, dual_clipped                           # (B, T) x3
 
 
 def masked_aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str,
@@ -99,16 +135,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float, eps_high: float,
               beta: float, aggregation: str, normalizer: float | None = None,
+              dual_clip: float | None = None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective for one micro-batch.
 
     logp (B, T) with grad; old_logp, ref_logp (B, T) detached (ref_logp may be None when
     beta == 0: no KL is computed); advantages (B,); mask (B, T).
-    per-token = clipped surrogate + beta * k3_kl; loss = masked_aggregate(per-token).
+    per-token = clipped surrogate (dual-clipped if dual_clip is not None) + beta * k3_kl;
+    loss = masked_aggregate(per-token).
     Returns (loss scalar float32, metrics of detached scalars: pg_loss, kl (same aggregation),
-    clip_frac, ratio_mean (token-weighted over this micro-batch)).
+    clip_frac, dual_clip_frac (0 when off, so the keys do not depend on the config),
+    ratio_mean (the last three token-weighted over this micro-batch)).
     """
-    pg_tok, clipped = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)  # (B, T)
+    pg_tok, clipped, dual_clipped = clipped_surrogate(
+        logp, old_logp, advantages, eps_low, eps_high, dual_clip)  # (B, T) x3
     pg = masked_aggregate(pg_tok, mask, aggregation, normalizer)  # ()
     if beta != 0.0:
         assert ref_logp is not None, "ref_logp is required when beta != 0"
@@ -118,11 +158,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         kl = torch.zeros((), dtype=torch.float32, device=pg.device)
         loss = pg
     with torch.no_grad():
-        ratio = torch.exp(logp.float() - old_logp.float())       # (B, T)
+        ratio = importance_ratio(logp, old_logp)                 # (B, T)
         metrics = {
             "pg_loss": pg.detach(),
             "kl": kl.detach(),
             "clip_frac": masked_mean(clipped.float(), mask),
+            "dual_clip_frac": masked_mean(dual_clipped.float(), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, metrics

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from rlsys.algo import (clipped_surrogate, group_advantages, grpo_loss, k3_kl,
-                        masked_aggregate, masked_mean)
+from rlsys.algo import (LOG_RATIO_CLAMP, clipped_surrogate, group_advantages, grpo_loss,
+                        k3_kl, masked_aggregate, masked_mean)
 
 LN2 = 0.6931471805599453
+E20 = math.exp(20.0)  # 485165195.4, the largest ratio after the log-ratio clamp
 
 
 def close(a, b, tol=1e-5):
@@ -69,6 +70,17 @@ def test_k3_hand_values():
     assert close(k3_kl(ref, logp)[0, 0], 1.0 - LN2)
 
 
+def test_k3_huge_log_ratio_is_clamped():
+    # d = ref - logp = +1000 -> clamped to 20: e^20 - 20 - 1 (finite, was inf);
+    # d = -1000 -> clamped to -20: e^-20 + 20 - 1 = 19.000000002; gradient 0 beyond the clamp.
+    logp = torch.tensor([[-1000.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1000.0]])
+    kl = k3_kl(logp, ref)
+    assert math.isclose(kl[0, 0].item(), E20 - 21.0, rel_tol=1e-6) and close(kl[0, 1], 19.0)
+    kl.sum().backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 2))
+
+
 def test_k3_nonnegative():
     g = torch.Generator().manual_seed(0)
     kl = k3_kl(torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g))
@@ -89,10 +101,11 @@ def test_clipped_surrogate_cases():
     # row 1, A=-2: ratios 0.5 (below 0.8 -> min(-1, -1.6) = -1.6 clipped, loss 1.6),
     #              1.5 (min(-3, -2.4) = -3 unclipped, loss 3), 1.0 (loss 2)
     logp, old = _ratio_logps([[1.5, 1.1, 0.5], [0.5, 1.5, 1.0]])
-    loss, clipped = clipped_surrogate(logp, old, torch.tensor([1., -2.]), 0.2, 0.2)
+    loss, clipped, dual = clipped_surrogate(logp, old, torch.tensor([1., -2.]), 0.2, 0.2)
     assert close(loss, [[-1.2, -1.1, -0.5], [1.6, 3.0, 2.0]])
-    assert clipped.dtype == torch.bool
+    assert clipped.dtype == torch.bool and dual.dtype == torch.bool
     assert clipped.tolist() == [[True, False, False], [True, False, False]]
+    assert not dual.any()                     # dual clip off by default
 
 
 def test_clip_higher_changes_result():
@@ -100,8 +113,8 @@ def test_clip_higher_changes_result():
     #                    eps_high .2  -> clipped to 1.2, loss -1.2
     logp, old = _ratio_logps([[1.25]])
     a = torch.tensor([1.])
-    loss_hi, clip_hi = clipped_surrogate(logp, old, a, eps_low=0.2, eps_high=0.28)
-    loss_sym, clip_sym = clipped_surrogate(logp, old, a, eps_low=0.2, eps_high=0.2)
+    loss_hi, clip_hi, _ = clipped_surrogate(logp, old, a, eps_low=0.2, eps_high=0.28)
+    loss_sym, clip_sym, _ = clipped_surrogate(logp, old, a, eps_low=0.2, eps_high=0.2)
     assert close(loss_hi, [[-1.25]]) and not clip_hi.item()
     assert close(loss_sym, [[-1.2]]) and clip_sym.item()
     # eps_low governs the lower side: ratio .75, A = -1: eps_low .2 -> clamp .8, min(-.75,-.8)
@@ -110,6 +123,53 @@ def test_clip_higher_changes_result():
     a = torch.tensor([-1.])
     assert close(clipped_surrogate(logp, old, a, 0.2, 0.28)[0], [[0.8]])
     assert close(clipped_surrogate(logp, old, a, 0.3, 0.28)[0], [[0.75]])
+
+
+def test_dual_clip_bounds_negative_advantage():
+    # A = -2, eps .2/.2, c = 3 -> bound -c*A = 6.
+    # ratio 5:   PPO min(5*-2, 1.2*-2) = min(-10, -2.4) = -10 -> loss 10 (unbounded in ratio);
+    #            dual clip: min(10, 6) = 6, bound active
+    # ratio 2.5: PPO loss 2.5*2 = 5 < 6 -> 5, bound inactive
+    # ratio 0.5: PPO min(-1, -1.6) = -1.6 -> loss 1.6 (ratio-clipped), bound inactive
+    logp, old = _ratio_logps([[5.0, 2.5, 0.5]])
+    a = torch.tensor([-2.])
+    plain, plain_clip, plain_dual = clipped_surrogate(logp, old, a, 0.2, 0.2, dual_clip=None)
+    assert close(plain, [[10.0, 5.0, 1.6]]) and not plain_dual.any()
+    loss, clipped, dual = clipped_surrogate(logp, old, a, 0.2, 0.2, dual_clip=3.0)
+    assert loss[0, 0].item() == 6.0           # exactly -c*A = 3*2
+    assert close(loss, [[6.0, 5.0, 1.6]])
+    assert dual.tolist() == [[True, False, False]]
+    assert clipped.tolist() == plain_clip.tolist() == [[False, False, True]]
+
+
+def test_dual_clip_leaves_positive_advantage_alone():
+    # A = +1: ratios 5 (clipped to 1.2, loss -1.2), 1.1 (loss -1.1), 0.5 (loss -.5); A = 0: loss 0.
+    # -c*A = -3 (or 0) would be below every loss, but the bound only applies where A < 0.
+    logp, old = _ratio_logps([[5.0, 1.1, 0.5], [5.0, 1.1, 0.5]])
+    a = torch.tensor([1., 0.])
+    plain, _, _ = clipped_surrogate(logp, old, a, 0.2, 0.2)
+    loss, _, dual = clipped_surrogate(logp, old, a, 0.2, 0.2, dual_clip=3.0)
+    assert close(loss, [[-1.2, -1.1, -0.5], [0.0, 0.0, 0.0]])
+    assert torch.equal(loss, plain) and not dual.any()
+
+
+def test_dual_clip_must_exceed_one():
+    logp, old = _ratio_logps([[1.0]])
+    for c in (1.0, 0.5):
+        with pytest.raises(ValueError, match="dual_clip must be > 1"):
+            clipped_surrogate(logp, old, torch.tensor([-1.]), 0.2, 0.2, dual_clip=c)
+
+
+def test_huge_log_ratio_is_clamped_in_surrogate():
+    # log-ratio +1000 would be exp -> inf; clamped to +20: ratio e^20. A = -1, no dual clip:
+    # loss -min(-e^20, -1.2) = e^20 (finite). Log-ratio -1000 -> e^-20, A = -1:
+    # -min(-e^-20, -.8) = .8 (ratio-clipped).
+    logp = torch.tensor([[0.0, -1000.0]])
+    old = torch.tensor([[-1000.0, 0.0]])
+    loss = clipped_surrogate(logp, old, torch.tensor([-1.]), 0.2, 0.2)[0]
+    assert torch.isfinite(loss).all()
+    assert math.isclose(loss[0, 0].item(), E20, rel_tol=1e-6) and close(loss[0, 1], 0.8)
+    assert LOG_RATIO_CLAMP == 20.0
 
 
 # ---------------------------------------------------------------- aggregation
@@ -223,3 +283,121 @@ def test_bfloat16_inputs_give_float32():
     loss.backward()
     assert logp.grad.dtype == torch.bfloat16
     assert group_advantages(torch.tensor([1., 0.]).bfloat16(), 2).dtype == torch.float32
+
+
+def test_grpo_loss_dual_clip_frac_and_loss():
+    # eps .2/.2, token mode, c = 3.
+    # row 0 (A=-1), mask [1,1,0]: ratio 4 -> PPO loss 4 > bound 3 -> 3 (dual-clipped);
+    #                             ratio 1 -> loss 1; ratio 10 would be dual-clipped but is masked.
+    # row 1 (A=+1), mask [1,1,1]: ratio 4 -> clipped to 1.2, loss -1.2 each (bound not for A>0).
+    # response tokens 5, dual-clipped 1 -> dual_clip_frac .2; ratio-clipped 3 -> clip_frac .6.
+    # loss with c=3: (3 + 1 - 3*1.2)/5 = .4/5 = .08; without: (4 + 1 - 3.6)/5 = 1.4/5 = .28.
+    logp, old = _ratio_logps([[4.0, 1.0, 10.0], [4.0, 4.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    a = torch.tensor([-1., 1.])
+    kw = dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="token")
+    loss, m = grpo_loss(logp, old, None, a, mask, dual_clip=3.0, **kw)
+    assert close(loss, 0.08) and close(m["pg_loss"], 0.08)
+    assert m["dual_clip_frac"].item() == pytest.approx(0.2, abs=1e-7)
+    assert close(m["clip_frac"], 0.6)
+    loss, m = grpo_loss(logp, old, None, a, mask, **kw)
+    assert close(loss, 0.28)
+    assert m["dual_clip_frac"].item() == 0.0  # key present, 0 when off
+    assert m["dual_clip_frac"].dtype == torch.float32 and not m["dual_clip_frac"].requires_grad
+
+
+def test_grpo_loss_dual_clip_gradient_is_zero_where_active():
+    # A = -2, ratios 5 and 2.5, token mode over 2 tokens, c = 3 (bound 6).
+    # ratio 5: dual-clipped, loss the constant 6 -> grad 0
+    #          (without dual clip: d/dlogp(-A*ratio)/2 = 2*5/2 = 5)
+    # ratio 2.5: PPO loss 5 < 6, unclipped -> 2*2.5/2 = 2.5 either way
+    r, old = _ratio_logps([[5.0, 2.5]])
+    kw = dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="token")
+    logp = r.clone().requires_grad_(True)
+    grpo_loss(logp, old, None, torch.tensor([-2.]), torch.ones(1, 2), dual_clip=3.0, **kw)[0].backward()
+    assert logp.grad[0, 0].item() == 0.0
+    assert close(logp.grad, [[0.0, 2.5]])
+    logp.grad = None
+    grpo_loss(logp, old, None, torch.tensor([-2.]), torch.ones(1, 2), dual_clip=None, **kw)[0].backward()
+    assert close(logp.grad, [[5.0, 2.5]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grpo_loss_huge_log_ratio_finite(dtype):
+    # logp/old chosen so the log-ratio is +-1000 (a stale or garbage old log-prob). Token mode,
+    # eps .2/.2, beta 0, 4 response tokens. Log-ratio clamped to +-20: ratio e^20 or e^-20.
+    # row 0 (A=-1), mask [1,1,0]: +1000 -> loss e^20 (no dual clip) / 3 (c=3); 0 -> ratio 1, loss 1;
+    #                             masked +1000 -> loss e^20 * 0 = 0 (was inf * 0 = NaN)
+    # row 1 (A=+1), mask [1,1,0]: +1000 -> clipped, -1.2; -1000 -> ratio e^-20, loss -e^-20;
+    #                             masked 0 -> 0
+    # loss, no dual clip: (e^20 + 1 - 1.2 - e^-20)/4; with c=3: (3 + 1 - 1.2 - e^-20)/4 = .7
+    # grad (both): clamped tokens 0, ratio-clipped token 0, row 0 token 1: -A*1/4 = .25, masked 0
+    # ratio_mean: (e^20 + 1 + e^20 + e^-20)/4 (was NaN: inf in a masked position)
+    logp0 = torch.tensor([[0.0, 0.0, 0.0], [0.0, -1000.0, 0.0]])
+    old = torch.tensor([[-1000.0, 0.0, -1000.0], [-1000.0, 0.0, 0.0]]).to(dtype)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    a = torch.tensor([-1., 1.])
+    kw = dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="token")
+    for c, expect in ((None, (E20 - 0.2) / 4), (3.0, 0.7)):
+        logp = logp0.to(dtype).clone().requires_grad_(True)
+        extra = {} if c is None else {"dual_clip": c}   # c None: the default call
+        loss, m = grpo_loss(logp, old, None, a, mask, **kw, **extra)
+        loss.backward()
+        assert torch.isfinite(loss) and math.isclose(loss.item(), expect, rel_tol=1e-6)
+        assert torch.isfinite(logp.grad).all()
+        assert torch.equal(logp.grad.float(), torch.tensor([[0.0, 0.25, 0.0], [0.0, 0.0, 0.0]]))
+        assert all(torch.isfinite(v) for v in m.values())
+        assert math.isclose(m["ratio_mean"].item(), (2 * E20 + 1) / 4, rel_tol=1e-6)
+        assert m["dual_clip_frac"].item() == (0.0 if c is None else 0.25)  # 1 of 4 tokens
+
+
+def _grpo_loss_before(logp, old_logp, ref_logp, advantages, mask, *, eps_low, eps_high, beta,
+                      aggregation, normalizer=None):
+    """grpo_loss as it was before the log-ratio clamp and the dual clip (commit 44df935)."""
+    ratio = torch.exp(logp.float() - old_logp.float())
+    adv = advantages.float().unsqueeze(1)
+    unclipped = ratio * adv
+    clipped_obj = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    pg_tok, clipped = -torch.minimum(unclipped, clipped_obj), clipped_obj < unclipped
+    pg = masked_aggregate(pg_tok, mask, aggregation, normalizer)
+    if beta != 0.0:
+        d = ref_logp.float() - logp.float()
+        kl = masked_aggregate(torch.exp(d) - d - 1.0, mask, aggregation, normalizer)
+        loss = pg + beta * kl
+    else:
+        kl = torch.zeros((), dtype=torch.float32, device=pg.device)
+        loss = pg
+    with torch.no_grad():
+        ratio = torch.exp(logp.float() - old_logp.float())
+        metrics = {"pg_loss": pg.detach(), "kl": kl.detach(),
+                   "clip_frac": masked_mean(clipped.float(), mask),
+                   "ratio_mean": masked_mean(ratio, mask)}
+    return loss, metrics
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_dual_clip_none_is_bit_identical_to_before(aggregation, beta):
+    # Random log-ratios (|.| << 20, so the clamp is the identity): loss, metrics and gradient
+    # equal the pre-change implementation bit for bit; dual_clip_frac is an exact 0.
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 9
+    old = -torch.rand(B, T, generator=g) * 3
+    ref = -torch.rand(B, T, generator=g) * 3
+    base = old + torch.randn(B, T, generator=g) * 0.5
+    adv = torch.randn(B, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).long()
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, aggregation=aggregation, normalizer=None)
+    new_logp = base.clone().requires_grad_(True)
+    new_loss, new_m = grpo_loss(new_logp, old, ref, adv, mask, dual_clip=None, **kw)
+    new_loss.backward()
+    old_logp = base.clone().requires_grad_(True)
+    ref_loss, ref_m = _grpo_loss_before(old_logp, old, ref, adv, mask, **kw)
+    ref_loss.backward()
+    assert torch.equal(new_loss, ref_loss)
+    assert torch.equal(new_logp.grad, old_logp.grad)
+    assert set(new_m) == set(ref_m) | {"dual_clip_frac"}
+    assert all(torch.equal(new_m[k], ref_m[k]) for k in ref_m)
+    assert new_m["dual_clip_frac"].item() == 0.0
+    # and the default (no dual_clip argument) is the same call
+    assert torch.equal(grpo_loss(base, old, ref, adv, mask, **kw)[0], ref_loss)
