@@ -33,6 +33,14 @@ def _threads() -> None:
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count())
 
 
+def requests(model_path: str, prompts: list[str]) -> list[tuple[int, int, list[int], str]]:
+    """The generators' requests for prompt texts, tokenised as the HF side tokenises them."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_path)(prompts, add_special_tokens=False)["input_ids"]
+    return [(i, i, row, "") for i, row in enumerate(ids)]
+
+
 def vllm_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats: int,
               prefix_caching: bool = True) -> float:
     """Median seconds of one generate call over the whole batch (fresh process)."""
@@ -43,7 +51,7 @@ def vllm_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats:
     cfg = GeneratorConfig(max_tokens=tokens, max_model_len=2048, enable_prefix_caching=prefix_caching,
                           kv_cache_gib=2)
     gen = Generator(model_path, cfg, "float32", seed=0)
-    batch = [(i, i, p, "") for i, p in enumerate(prompts)]
+    batch = requests(model_path, prompts)
     gen.generate(batch[:2], n=2, min_tokens=tokens)  # warm-up
     seconds, rollouts = timed(lambda: gen.generate(batch, n=n, min_tokens=tokens), repeats)
     assert all(len(r.response_ids) == tokens for r in rollouts), "vLLM did not generate exactly T tokens"
@@ -123,7 +131,7 @@ def pool(section: Section, model_path: str, quick: bool) -> None:
         groups = launch(cfg, model_path, "math", train=False)
         try:
             def rate(prompts: int, n: int) -> float:
-                batch = [(i, i, p, "") for i, p in enumerate(base_prompts[:prompts])]
+                batch = requests(model_path, base_prompts[:prompts])
                 seconds, rollouts = timed(lambda: groups.generators.generate(batch, n=n, min_tokens=tokens),
                                           1 if quick else 3)
                 return sum(len(r.response_ids) for r in rollouts) / seconds

@@ -9,8 +9,12 @@ from rlsys.config import AlgoConfig
 from rlsys.types import Rollout, TrainBatch
 
 
-def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, pad_id: int) -> TrainBatch:
-    """Rollouts must come group by group (G consecutive samples of one question)."""
+def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig) -> TrainBatch:
+    """Rollouts must come group by group (G consecutive samples of one question).
+
+    Rows are right-padded with token id 0: padding sits after every real token, outside the
+    attention and loss masks, so its id never matters (and a tokenizer need not have a pad token:
+    Llama-3's and Mistral's have none)."""
     G = cfg.group_size
     assert len(rollouts) == len(rewards) and len(rollouts) % G == 0, \
         f"{len(rollouts)} rollouts, {len(rewards)} rewards, group_size {G}"
@@ -19,7 +23,7 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, p
         assert len(groups) == 1, f"rollouts {i}..{i + G - 1} mix groups {sorted(groups)}"
     B = len(rollouts)
     L = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)          # (B, L)
+    input_ids = torch.zeros(B, L, dtype=torch.long)                  # (B, L)
     attention_mask = torch.zeros(B, L, dtype=torch.long)             # (B, L)
     loss_mask = torch.zeros(B, L)                                     # (B, L)
     gen_logprobs = torch.zeros(B, L)                                  # (B, L)

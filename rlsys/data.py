@@ -18,6 +18,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from rlsys.config import DataConfig
+from rlsys.types import PromptRequest
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -35,9 +36,15 @@ class Prompt:
     index: int
     """Row of the dataset it came from."""
     text: str
-    """The templated prompt the generators see."""
+    """The templated prompt."""
+    ids: list[int] | None
+    """Its token ids, exactly what the engine sees (None when the stream has no tokenizer)."""
     question: str
     answer: str
+
+    def request(self, group: int) -> PromptRequest:
+        assert self.ids is not None, "a prompt stream without a tokenizer has no token ids to generate from"
+        return group, self.index, self.ids, self.answer
 
 
 class DataError(ValueError):
@@ -108,6 +115,17 @@ def apply_template(question: str, cfg: DataConfig, tokenizer=None) -> str:
     return text + cfg.prefill
 
 
+def encode(texts: list[str], tokenizer, template: str) -> list[list[int]]:
+    """Token ids of templated prompts, computed once here and given to the engine as they are (it
+    never re-tokenises). A chat template writes its own special tokens, BOS included, into the
+    text, so none are added (adding them would double BOS with Llama-style tokenizers); the other
+    templates get what the tokenizer adds to any plain text by default (BOS for Llama, nothing
+    for Qwen)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=template != "chat")["input_ids"]
+
+
 class PromptStream:
     """Endless shuffled epochs over the rows; `state()`/`load_state()` make it resumable."""
 
@@ -115,6 +133,7 @@ class PromptStream:
         self.cfg = cfg
         self.rows = load_rows(cfg)
         self.texts = [apply_template(q, cfg, tokenizer) for q, _ in self.rows]
+        self.ids = encode(self.texts, tokenizer, cfg.template) if tokenizer is not None else None
         self.seed = seed
         self.epoch = 0
         self.cursor = 0
@@ -134,7 +153,8 @@ class PromptStream:
                 self.order = self._order(self.epoch)
             i = self.order[self.cursor]
             self.cursor += 1
-            out.append(Prompt(index=i, text=self.texts[i], question=self.rows[i][0], answer=self.rows[i][1]))
+            out.append(Prompt(index=i, text=self.texts[i], ids=None if self.ids is None else self.ids[i],
+                              question=self.rows[i][0], answer=self.rows[i][1]))
         return out
 
     def state(self) -> dict:
@@ -145,13 +165,11 @@ class PromptStream:
         self.order = self._order(self.epoch)
 
 
-def check_prompt_lengths(texts: list[str], tokenizer, budget: int, what: str) -> None:
+def check_prompt_lengths(ids: list[list[int]], budget: int, what: str) -> None:
     """Stop before any actor starts if a prompt leaves no room to answer: vLLM would refuse it
-    mid-run. budget = generator.max_model_len - generator.max_tokens."""
-    if not texts:
-        return
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    for i, n in enumerate(lengths):
-        if n > budget:
-            raise DataError(f"{what}: row {i} is {n} tokens once templated, over generator.max_model_len - "
+    mid-run. Counts the very token ids the engine is given. budget = generator.max_model_len -
+    generator.max_tokens."""
+    for i, row in enumerate(ids):
+        if len(row) > budget:
+            raise DataError(f"{what}: row {i} is {len(row)} tokens once templated, over generator.max_model_len - "
                             f"generator.max_tokens = {budget}; raise generator.max_model_len or drop the row")

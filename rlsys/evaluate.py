@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsys.config import DataConfig, EvalConfig, GeneratorConfig
-from rlsys.data import DataError, apply_template, check_prompt_lengths
+from rlsys.data import DataError, apply_template, check_prompt_lengths, encode
 from rlsys.rewards import extract_answer
+
+
+@dataclass
+class Problem:
+    question: str
+    gold: str
+    ids: list[int]
+    """The templated prompt's token ids (what the engine sees)."""
 
 
 @dataclass
@@ -53,7 +61,7 @@ def cons_at_k(results: list[ProblemResult]) -> float:
     return statistics.fmean(r.consensus_correct for r in results)
 
 
-def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer) -> list[tuple[str, str]]:
+def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer) -> list[Problem]:
     """The evaluation problems, checked before any actor starts: a bad dataset name or split, or a
     prompt that leaves no room to answer, stops with the key named."""
     from rlsys import datasets
@@ -62,27 +70,27 @@ def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig,
         problems = datasets.load(cfg.dataset, cfg.split, cfg.limit)
     except ValueError as e:
         raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
-    check_prompt_lengths([apply_template(q, data, tokenizer) for q, _ in problems], tokenizer,
-                         generator.max_model_len - (cfg.max_tokens or generator.max_tokens),
+    ids = encode([apply_template(q, data, tokenizer) for q, _ in problems], tokenizer, data.template)
+    check_prompt_lengths(ids, generator.max_model_len - (cfg.max_tokens or generator.max_tokens),
                          f"eval dataset {cfg.dataset}")
-    return problems
+    return [Problem(q, a, row) for (q, a), row in zip(problems, ids)]
 
 
-def run_eval(groups, problems: list[tuple[str, str]], cfg: EvalConfig, data: DataConfig, tokenizer,
-             require_answer_tag: bool, max_tokens: int) -> dict:
+def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig, require_answer_tag: bool,
+             max_tokens: int) -> dict:
     """Generate cfg.k samples per problem on the generator pool, score them on the reward pool."""
     t0 = time.time()
-    prompts = [(i, i, apply_template(q, data, tokenizer), a) for i, (q, a) in enumerate(problems)]
+    prompts = [(i, i, p.ids, p.gold) for i, p in enumerate(problems)]
     rollouts = groups.generators.generate(prompts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                                           max_tokens=cfg.max_tokens or max_tokens)
     scores = groups.rewards.score(rollouts)
     results = []
-    for i, (question, gold) in enumerate(problems):
+    for i, problem in enumerate(problems):
         mine = list(zip(rollouts[i * cfg.k:(i + 1) * cfg.k], scores[i * cfg.k:(i + 1) * cfg.k]))
         answers = [extract_answer(data.prefill + r.text, require_answer_tag) for r, _ in mine]
         correct = [s.accuracy == 1.0 for _, s in mine]
         cons, cons_ok = consensus(answers, correct)
-        results.append(ProblemResult(i, question, gold, answers, correct, cons, cons_ok,
+        results.append(ProblemResult(i, problem.question, problem.gold, answers, correct, cons, cons_ok,
                                      [len(r.response_ids) for r, _ in mine]))
     return {
         "pass@1": pass_at_1(results),
@@ -137,7 +145,7 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
     init_ray(cfg)
     groups = launch(cfg, model_path, datasets.verifier_for(dataset), train=False)
     try:
-        summary = run_eval(groups, problems, cfg.eval, cfg.data, tokenizer, cfg.reward.require_answer_tag,
+        summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag,
                            cfg.generator.max_tokens)
     finally:
         groups.shutdown()

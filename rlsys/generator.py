@@ -1,10 +1,15 @@
 """One rollout generator: a plain class around one vLLM engine (Ray is applied in groups.py).
 
 The engine runs in this process (`distributed_executor_backend="uni"`) when it has one worker,
-which starts in seconds and lets the weight-sync functions reach the model runner directly; with
-tensor parallelism (GPU) vLLM's own worker processes run the same functions through
-`collective_rpc`. Weights change only through `receive_weights`, which also bumps the version
-every rollout carries.
+which starts in seconds; with tensor parallelism its workers are processes of their own (on GPU,
+and on CPU with one OpenMP core set per worker). Either way the weight sync runs inside the
+workers as vLLM worker-extension methods (rlsys.weight_sync.WorkerExtension) called by name.
+Weights change only through `receive_weights`, which also bumps the version every rollout carries.
+
+Prompts arrive as token ids, tokenised once by rlsys (rlsys.data): the engine never re-tokenises
+text, so a chat template's BOS is not doubled and the prompt-length check counts exactly what the
+engine sees. Log-probs are vLLM's processed ones (after temperature), the distribution the tokens
+were sampled from, which is what the learner recomputes.
 """
 
 from __future__ import annotations
@@ -12,9 +17,8 @@ from __future__ import annotations
 import os
 
 from rlsys.config import GeneratorConfig
-from rlsys.types import Rollout
-from rlsys.weight_sync import (Bucket, worker_join, worker_read_weights, worker_receive,
-                                worker_receive_raw, worker_receive_seconds)
+from rlsys.types import PromptRequest, Rollout
+from rlsys.weight_sync import WORKER_EXTENSION, Bucket, plan_to_wire
 
 
 def engine_env(cfg: GeneratorConfig) -> dict[str, str]:
@@ -26,10 +30,32 @@ def engine_env(cfg: GeneratorConfig) -> dict[str, str]:
     return env
 
 
+def cpu_thread_binding(cores: list[int], workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a tensor-parallel CPU engine: the cores this process may use,
+    cut into one contiguous list per worker ("0|1", "0,1|2,3"). vLLM's own "auto" binds one NUMA
+    node per worker and refuses to start with more workers than nodes (a 1-node machine).
+
+    >>> cpu_thread_binding([0, 1, 2, 3], 2)
+    '0,1|2,3'
+    >>> cpu_thread_binding([0], 2)  # fewer cores than workers: they share
+    '0|0'
+    """
+    cores = sorted(cores)
+    if len(cores) < workers:
+        return "|".join(str(cores[i % len(cores)]) for i in range(workers))
+    per = len(cores) // workers
+    return "|".join(",".join(map(str, cores[i * per:(i + 1) * per])) for i in range(workers))
+
+
 class Generator:
     def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int):
         for k, v in engine_env(cfg).items():
             os.environ.setdefault(k, v)
+        import torch
+
+        if cfg.tensor_parallel_size > 1 and not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  cpu_thread_binding(list(os.sched_getaffinity(0)), cfg.tensor_parallel_size))
         from vllm import LLM
 
         self.cfg = cfg
@@ -40,14 +66,14 @@ class Generator:
             enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
+            worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
         )
-        self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[tuple[int, int, str, str]], n: int, greedy: bool = False,
+    def generate(self, prompts: list[PromptRequest], n: int, greedy: bool = False,
                  temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
                  min_tokens: int = 0) -> list[Rollout]:
-        """prompts: (group, dataset row, templated text, gold answer). Returns n rollouts per prompt, in
-        order. Sampling settings default to the config's (training); evaluation passes its own."""
+        """n rollouts per prompt, in order. Sampling settings default to the config's (training);
+        evaluation passes its own."""
         from vllm import SamplingParams
 
         if greedy:
@@ -57,24 +83,25 @@ class Generator:
             top_p=self.cfg.top_p if top_p is None else top_p,
             max_tokens=max_tokens or self.cfg.max_tokens, min_tokens=min_tokens, logprobs=0,
         )
-        outputs = self.llm.generate([text for _, _, text, _ in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for _, _, ids, _ in prompts], params, use_tqdm=False)
         rollouts = []
-        for (group, row, _, answer), out in zip(prompts, outputs):
+        for (group, row, ids, answer), out in zip(prompts, outputs):
+            assert list(out.prompt_token_ids) == ids, f"the engine changed the prompt of row {row}"
             for c in out.outputs:
                 # logprobs=0 returns exactly the sampled token's entry at each position.
                 logprobs = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
                 rollouts.append(Rollout(
-                    prompt_index=row, group=group, prompt_ids=list(out.prompt_token_ids),
+                    prompt_index=row, group=group, prompt_ids=list(ids),
                     response_ids=list(c.token_ids), response_logprobs=logprobs, text=c.text,
                     finish_reason=c.finish_reason, weight_version=self.version, answer=answer,
                 ))
         return rollouts
 
     def join_sync(self, addr: str, port: int, first_rank: int, world: int, backend: str) -> list[int]:
-        return self.llm.collective_rpc(worker_join, args=(addr, port, first_rank, world, backend))
+        return self.llm.collective_rpc("rlsys_join", args=(addr, port, first_rank, world, backend))
 
     def receive_weights(self, plan: list[Bucket], version: int) -> int:
-        self.llm.collective_rpc(worker_receive, args=(plan,))
+        self.llm.collective_rpc("rlsys_receive", args=(plan_to_wire(plan),))
         # Cached prefixes hold KV computed by the old weights: drop them, every time.
         self.llm.reset_prefix_cache()
         self.version = version
@@ -82,12 +109,15 @@ class Generator:
 
     def receive_raw(self, numel: int, dtype: str) -> None:
         """The receiving end of Learner.broadcast_raw (the sync benchmark's reference)."""
-        self.llm.collective_rpc(worker_receive_raw, args=(numel, dtype))
+        self.llm.collective_rpc("rlsys_receive_raw", args=(numel, dtype))
 
     def receive_seconds(self) -> tuple[float, float]:
         """(whole receive, waiting on the wire) of the last receive_weights, worker 0."""
-        return self.llm.collective_rpc(worker_receive_seconds)[0]
+        total, waited = self.llm.collective_rpc("rlsys_receive_seconds")[0]
+        return total, waited
 
-    def served_weights(self) -> dict:
-        """The weights the engine serves (worker 0), by vLLM parameter name; for checks."""
-        return self.llm.collective_rpc(worker_read_weights)[0]
+    def served_weights(self) -> list[dict]:
+        """What every worker of the engine serves (its shard), by vLLM parameter name; for checks."""
+        from safetensors.torch import load
+
+        return [load(blob) for blob in self.llm.collective_rpc("rlsys_served_weights")]

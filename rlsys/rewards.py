@@ -27,15 +27,24 @@ Two rule rewards, both binary as in the paper (no neural reward model):
   text when that yields no expression (e.g. "**42**"). Equivalent forms then match: "0.5", "1/2",
   "\\frac{1}{2}", "\\boxed{\\frac12}"; "3" and "3.0"; "12" and "\\boxed{12}"; "3" and "x = 3".
   Numbers compare after rounding to 6 decimals (math-verify's default). A gold that parses to
-  nothing at all (e.g. empty) raises ``ValueError``: a data bug must not look like a 0 reward.
+  nothing at all (e.g. empty) raises :class:`GoldError`: a data bug must not look like a 0 reward.
 
 With ``RewardConfig.verifier="reasoning_gym"`` (reasoning-gym tasks: countdown, puzzle24, ...)
 the gold is the task entry as JSON (see rlsys.datasets) and accuracy is 1.0 iff the task's own
 scorer gives the extracted answer full marks (:func:`reasoning_gym_accuracy`; its partial credit
 counts as 0, so the reward stays binary). ``verifier="auto"`` is resolved from the data before
-any scoring (rlsys.datasets.resolve_verifier); :func:`score` refuses it.
+any scoring (rlsys.datasets.resolve_verifier); :func:`accuracy` refuses it.
 
-The reward is ``accuracy_weight * accuracy + format_weight * format`` (:func:`combine`).
+The two halves are separate on purpose: :func:`accuracy` (``cfg.verifier``, the part that can
+hang or crash on model text) and :func:`format_score` (``cfg.format_mode``, a regex that cannot).
+:class:`rlsys.reward_worker.RewardWorker` runs only the accuracy check in a killable child and the
+format score in its own process, so a verifier that times out, raises or crashes costs that
+sample its accuracy and nothing else. The reward is ``accuracy_weight * accuracy +
+format_weight * format`` (:func:`combine`); :func:`score` gives both halves in-process.
+
+A gold answer the verifier cannot use is a data bug, never a 0 reward: it raises
+:class:`GoldError` (a ValueError) here, and :func:`check_golds` finds every such gold of a data
+set up front, before training starts.
 
 Where rlsys differs from the paper: the paper gives no exact rule text, so the rules above are
 this module's reading of it. The weighted sum of the two rewards (defaults 0.8 / 0.2) is ours;
@@ -45,7 +54,7 @@ for models that cannot produce them yet, while the format reward still pays for 
 
 math-verify runs with its own timeouts off (``parsing_timeout=None``, ``timeout_seconds=None``):
 they use ``signal.alarm``, which fails outside the main thread. A verifier that hangs is the
-caller's to stop: :class:`rlsys.reward_worker.RewardWorker` runs these functions in a child
+caller's to stop: :class:`rlsys.reward_worker.RewardWorker` runs :func:`accuracy` in a child
 process that it kills after ``RewardConfig.timeout_s``.
 """
 
@@ -60,7 +69,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # only for annotations: this module stays importable without omegaconf
     from rlsys.config import RewardConfig
 
-__all__ = ["format_reward", "extract_answer", "accuracy_reward", "reasoning_gym_accuracy", "score", "combine"]
+__all__ = ["format_reward", "partial_format_reward", "extract_answer", "accuracy_reward", "reasoning_gym_accuracy",
+           "accuracy", "format_score", "score", "combine", "check_golds", "GoldError", "VERIFIERS", "FORMAT_MODES"]
+
+VERIFIERS = ("math", "reasoning_gym")
+"""RewardConfig.verifier values that :func:`accuracy` scores with ("auto" is resolved before)."""
+FORMAT_MODES = ("strict", "partial")
+"""RewardConfig.format_mode values: :func:`format_reward` | :func:`partial_format_reward`."""
+
+
+class GoldError(ValueError):
+    """A gold answer the verifier cannot use (a data bug, never a 0 reward).
+
+    ``reason`` says why, without the gold itself; the message has both."""
+
+    def __init__(self, verifier: str, gold: str, reason: str) -> None:
+        super().__init__(f"{verifier} gold answer {gold[:200]!r} {reason}")
+        self.reason = reason
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -196,7 +221,7 @@ def _parse_bare(text: str) -> list:
 def _parse_gold(gold: str) -> list:
     parsed = _parse_bare(gold)
     if not parsed:
-        raise ValueError(f"gold answer {gold[:200]!r} could not be parsed by math-verify")
+        raise GoldError("math", gold, "could not be parsed by math-verify (it finds no expression in it)")
     return parsed
 
 
@@ -259,8 +284,10 @@ def _parse_entry(gold: str) -> tuple[dict, str, str | None]:
         entry = json.loads(gold)
         task = entry["metadata"]["source_dataset"]
     except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"reasoning_gym gold {gold[:200]!r} is not a reasoning-gym entry as JSON "
-                         f"(with metadata.source_dataset): {e!r}") from None
+        raise GoldError("reasoning_gym", gold, "is not a reasoning-gym entry as JSON (with "
+                        f"metadata.source_dataset): {type(e).__name__}: {e}") from None
+    if not isinstance(task, str) or not task:
+        raise GoldError("reasoning_gym", gold, f"has metadata.source_dataset {task!r}, not a task name")
     config = entry.pop("rlsys_config", None)
     return entry, task, (json.dumps(config, sort_keys=True) if config else None)
 
@@ -291,11 +318,64 @@ def reasoning_gym_accuracy(completion: str, gold: str, require_tag: bool = True)
     return 1.0 if value is not None and float(value) >= 1.0 else 0.0
 
 
-def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
-    """(accuracy, format) of one completion, with ``cfg.require_answer_tag``; accuracy by
+def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
+    """Accuracy (0.0 or 1.0) of one completion with ``cfg.require_answer_tag``, judged by
     ``cfg.verifier``: math (:func:`accuracy_reward`) | reasoning_gym
     (:func:`reasoning_gym_accuracy`). "auto" must have been resolved before (by the caller, with
-    rlsys.datasets.resolve_verifier): it raises ValueError here.
+    rlsys.datasets.resolve_verifier): it raises ValueError here. This is the part that may hang
+    or crash on model text; :class:`rlsys.reward_worker.RewardWorker` runs it in a killable child.
+
+    >>> from rlsys.config import RewardConfig
+    >>> accuracy(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig(verifier="math"))
+    1.0
+    >>> accuracy(" <think> 1 + 2 </think> 3", "3", RewardConfig(verifier="math", require_answer_tag=False))
+    1.0
+    >>> accuracy(" <think> 1 + 2 </think> 3", "3", RewardConfig(verifier="math", require_answer_tag=True))
+    0.0
+    >>> accuracy(" <answer> 3 </answer>", "3", RewardConfig(verifier="auto"))
+    Traceback (most recent call last):
+    ...
+    ValueError: reward.verifier=auto must be resolved to math or reasoning_gym before scoring (rlsys.datasets.resolve_verifier)
+    """
+    verifier = cfg.verifier
+    if verifier == "math":
+        return accuracy_reward(completion, gold, cfg.require_answer_tag)
+    if verifier == "reasoning_gym":
+        return reasoning_gym_accuracy(completion, gold, cfg.require_answer_tag)
+    raise ValueError(_bad_verifier(verifier))
+
+
+def _bad_verifier(verifier: str) -> str:
+    if verifier == "auto":
+        return ("reward.verifier=auto must be resolved to math or reasoning_gym before scoring "
+                "(rlsys.datasets.resolve_verifier)")
+    return f"reward.verifier must be math or reasoning_gym, got {verifier!r}"
+
+
+def format_score(completion: str, cfg: RewardConfig) -> float:
+    """Format reward of one completion by ``cfg.format_mode``: strict (:func:`format_reward`,
+    R1's 0 or 1) | partial (:func:`partial_format_reward`, 0, 0.5 or 1). It does not depend on
+    the gold or the verifier, so a verifier's timeout or crash never costs it.
+
+    >>> from rlsys.config import RewardConfig
+    >>> format_score(" <think> 1 + 2 </think> <answer> 3 </answer>", RewardConfig(format_mode="strict"))
+    1.0
+    >>> format_score(" <think> 1 + 2 </think> 3", RewardConfig(format_mode="strict"))
+    0.0
+    >>> format_score(" <think> 1 + 2 </think> 3", RewardConfig(format_mode="partial"))
+    0.5
+    """
+    mode = cfg.format_mode
+    if mode == "strict":
+        return format_reward(completion)
+    if mode == "partial":
+        return partial_format_reward(completion)
+    raise ValueError(f"reward.format_mode must be strict or partial, got {mode!r}")
+
+
+def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
+    """(:func:`accuracy`, :func:`format_score`) of one completion, both in this process and with
+    no timeout (tests, benchmarks); training scores through rlsys.reward_worker.RewardWorker.
 
     >>> from rlsys.config import RewardConfig
     >>> score(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig(verifier="math"))
@@ -303,18 +383,7 @@ def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
     >>> score(" <think> 1 + 2 </think> 3", "3", RewardConfig(verifier="math", require_answer_tag=False))
     (1.0, 0.0)
     """
-    verifier = cfg.verifier
-    if verifier == "math":
-        accuracy = accuracy_reward(completion, gold, cfg.require_answer_tag)
-    elif verifier == "reasoning_gym":
-        accuracy = reasoning_gym_accuracy(completion, gold, cfg.require_answer_tag)
-    elif verifier == "auto":
-        raise ValueError("reward.verifier=auto must be resolved to math or reasoning_gym before scoring "
-                         "(rlsys.datasets.resolve_verifier)")
-    else:
-        raise ValueError(f"reward.verifier must be math or reasoning_gym, got {verifier!r}")
-    fmt = format_reward(completion) if cfg.format_mode == "strict" else partial_format_reward(completion)
-    return accuracy, fmt
+    return accuracy(completion, gold, cfg), format_score(completion, cfg)
 
 
 def combine(accuracy: float, fmt: float, cfg: RewardConfig) -> float:
@@ -327,3 +396,45 @@ def combine(accuracy: float, fmt: float, cfg: RewardConfig) -> float:
     0.5
     """
     return cfg.accuracy_weight * accuracy + cfg.format_weight * fmt
+
+
+def check_golds(golds: list[str], verifier: str, what: str) -> None:
+    """Raises ValueError if the verifier cannot use some gold answer of ``golds``, naming
+    ``what`` (e.g. "training data /path/file.jsonl"), the first bad row (index, value, why) and
+    how many rows are bad in all. The check is the one scoring makes, so a data set that passes
+    never raises :class:`GoldError` while scoring: math: math-verify parses the gold (as
+    :func:`accuracy_reward` does); reasoning_gym: the gold is a reasoning-gym entry as JSON with
+    metadata.source_dataset. Equal golds are checked once.
+
+    >>> check_golds(["42", "\\frac{1}{2}", "42"], "math", "toy data")
+    >>> check_golds(["42", "", "7", " "], "math", "toy data")
+    Traceback (most recent call last):
+    ...
+    ValueError: toy data: the gold answer of row 1 ('') cannot be used by the math verifier: could not be parsed by math-verify (it finds no expression in it); 2 rows are bad in all (fix the data)
+    >>> check_golds(['{"metadata": {"source_dataset": "countdown"}}', "126"], "reasoning_gym", "rg data")
+    Traceback (most recent call last):
+    ...
+    ValueError: rg data: the gold answer of row 1 ('126') cannot be used by the reasoning_gym verifier: is not a reasoning-gym entry as JSON (with metadata.source_dataset): TypeError: 'int' object is not subscriptable; 1 row is bad in all (fix the data)
+    """
+    if verifier == "math":
+        check = _parse_gold
+    elif verifier == "reasoning_gym":
+        check = _parse_entry
+    else:
+        raise ValueError(_bad_verifier(verifier))
+    reasons: dict[str, str] = {}
+    for gold in dict.fromkeys(g for g in golds if isinstance(g, str)):  # equal golds once
+        try:
+            check(gold)
+        except GoldError as e:
+            reasons[gold] = e.reason
+    bad_rows = [i for i, gold in enumerate(golds) if not isinstance(gold, str) or gold in reasons]
+    if not bad_rows:
+        return
+    first = bad_rows[0]
+    gold = golds[first]
+    why = reasons[gold] if isinstance(gold, str) else f"is a {type(gold).__name__}, not a string"
+    value = repr(gold[:200]) if isinstance(gold, str) else repr(gold)[:200]
+    raise ValueError(f"{what}: the gold answer of row {first} ({value}) cannot be used by the "
+                     f"{verifier} verifier: {why}; {len(bad_rows)} row{'s are' if len(bad_rows) > 1 else ' is'} "
+                     f"bad in all (fix the data)")

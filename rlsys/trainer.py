@@ -17,7 +17,7 @@ from rlsys import datasets
 from rlsys.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import PromptStream, check_prompt_lengths
-from rlsys.evaluate import load_problems, run_eval
+from rlsys.evaluate import Problem, load_problems, run_eval
 from rlsys.groups import Groups, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.models import resolve_model
@@ -38,17 +38,18 @@ def train(cfg: Config) -> Path:
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
     try:
         if cfg.eval.every:  # the untrained weights, for comparison
-            evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / "step_0.json")
+            evaluate(groups, eval_problems, cfg, run_dir / "evals" / "step_0.json")
         for step in bar:
-            batch_prompts = [(g, p.index, p.text, p.answer) for g, p in enumerate(prompts.next())]
+            batch_prompts = prompts.next()
             with timer.spans.span("step", step=step):
                 with timer("generate"):
-                    rollouts = groups.generators.generate(batch_prompts, n=cfg.algo.group_size)
+                    rollouts = groups.generators.generate([p.request(g) for g, p in enumerate(batch_prompts)],
+                                                          n=cfg.algo.group_size)
                 stale = {r.weight_version for r in rollouts} - {version}
                 assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
                 with timer("reward"):
                     scores = groups.rewards.score(rollouts)
-                batch = make_batch(rollouts, [s.reward for s in scores], cfg.algo, tokenizer.pad_token_id)
+                batch = make_batch(rollouts, [s.reward for s in scores], cfg.algo)
                 with timer("learn"):
                     learn = groups.learner.train(batch)
                 with timer("sync"):
@@ -63,11 +64,11 @@ def train(cfg: Config) -> Path:
             last = step + 1 == cfg.trainer.total_steps
             if due(step, cfg.eval.every, last):
                 with timer.spans.span("eval"):
-                    metrics |= evaluate(groups, eval_problems, cfg, tokenizer, run_dir / "evals" / f"step_{version}.json")
+                    metrics |= evaluate(groups, eval_problems, cfg, run_dir / "evals" / f"step_{version}.json")
             if due(step, cfg.trainer.save_every, last) or last:
                 with timer.spans.span("save"):
                     groups.learner.save(run_dir / "checkpoints" / f"step_{version}")
-            sample = {"prompt": batch_prompts[0][2], "completion": rollouts[0].text, "answer": rollouts[0].answer,
+            sample = {"prompt": batch_prompts[0].text, "completion": rollouts[0].text, "answer": rollouts[0].answer,
                       "reward": scores[0].reward}
             log.log(step, metrics, sample)
             if timeline is not None:
@@ -104,7 +105,7 @@ def preflight(cfg: Config, run_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
     budget = cfg.generator.max_model_len - cfg.generator.max_tokens
-    check_prompt_lengths(prompts.texts, tokenizer, budget, f"training data {cfg.data.name or cfg.data.path}")
+    check_prompt_lengths(prompts.ids, budget, f"training data {cfg.data.name or cfg.data.path}")
     eval_problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer) if cfg.eval.every else []
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
@@ -118,11 +119,11 @@ def due(step: int, every: int, last: bool) -> bool:
     return every > 0 and ((step + 1) % every == 0 or last)
 
 
-def evaluate(groups: Groups, problems: list[tuple[str, str]], cfg: Config, tokenizer, out: Path) -> dict:
+def evaluate(groups: Groups, problems: list[Problem], cfg: Config, out: Path) -> dict:
     """Held-out evaluation with the weights the generators now serve; the summary goes to the step's metrics."""
     from rlsys.evaluate import write
 
-    summary = run_eval(groups, problems, cfg.eval, cfg.data, tokenizer, cfg.reward.require_answer_tag,
+    summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag,
                        cfg.generator.max_tokens)
     write(summary, out)
     return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float) and k != "temperature"

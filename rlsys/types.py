@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 
 
+PromptRequest = tuple[int, int, list[int], str]
+"""What a generator is asked: (group, dataset row, prompt token ids, gold answer)."""
+
+
 @dataclass
 class Rollout:
     """One sampled answer to one prompt, as a generator produced it."""

@@ -6,10 +6,11 @@ Parameters travel in buckets: a plan (names, shapes, dtypes, bucket boundaries) 
 once, then each bucket is one flat buffer, one broadcast. ZeRO-3 learners gather one bucket
 at a time, never the whole model.
 
-The receiving side runs inside vLLM's worker (through `LLM.collective_rpc` with the plain
-functions below, so the same code serves an in-process CPU engine and a multi-GPU one). It
-feeds vLLM's in-place reload path a lazy iterator: each bucket is received only when the
-loader asks for its first tensor, so the engine never holds a second copy of the model.
+The receiving side runs inside vLLM's workers, as methods of WorkerExtension (vLLM's
+`worker_extension_cls`, called by name through `LLM.collective_rpc`), so the same code serves an
+in-process CPU engine and the worker processes of a tensor-parallel one. It feeds vLLM's in-place
+reload path a lazy iterator: each bucket is received only when the loader asks for its first
+tensor, so the engine never holds a second copy of the model.
 """
 
 from __future__ import annotations
@@ -129,74 +130,100 @@ def raw_broadcast(group: dist.ProcessGroup, numel: int, dtype: str, device: torc
     group.broadcast(_RAW_BUFFERS[key], 0).wait()
 
 
-# ---- run inside vLLM workers through LLM.collective_rpc(fn, args=...); `worker` is vLLM's worker.
+# ---- the receiving side, inside vLLM's workers.
+
+def plan_to_wire(plan: list[Bucket]) -> list[list[list]]:
+    """The plan as plain lists, the only form that crosses vLLM's msgpack boundary intact
+    (dataclasses arrive as dicts) when the engine core runs in its own process."""
+    return [[[m.name, list(m.shape), m.dtype] for m in bucket] for bucket in plan]
+
+
+def plan_from_wire(wire: list[list[list]]) -> list[Bucket]:
+    return [[TensorMeta(name, tuple(shape), dtype) for name, shape, dtype in bucket] for bucket in wire]
+
 
 class _QuietRotaryReload(logging.Filter):
     """Every in-place reload warns that RotaryEmbedding "failed to load weights": it has none (its
     cos/sin cache is a buffer vLLM restores itself); a tied ParallelLMHead says the same, and
-    worker_receive re-ties it. Drop those two lines, keep every other warning."""
+    rlsys_receive re-ties it. Drop those two lines, keep every other warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(f"{layer}: Failed to load weights" in message for layer in ("RotaryEmbedding", "ParallelLMHead"))
 
 
-def worker_join(worker, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
-    """Join the sync group as first_rank + this worker's rank inside its engine."""
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
-    rank = first_rank + worker.rank
-    worker.rlsys_sync = (make_group(backend, addr, port, rank, world), backend)
-    return rank
+class WorkerExtension:
+    """Mixed into every vLLM worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`); the generator
+    calls these methods by name through `LLM.collective_rpc`, so the same code runs in an
+    in-process engine and in the worker processes of a tensor-parallel one (where arguments and
+    results cross msgpack: plain lists, numbers, strings and bytes only). `self` is vLLM's worker.
+    Each worker holds its shard of every layer; vLLM's loaders cut that shard from the full
+    tensors every worker receives."""
+
+    def rlsys_join(self, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
+        """Join the sync group as first_rank + this worker's rank inside its engine."""
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
+        rank = first_rank + self.rank
+        self.rlsys_sync = (make_group(backend, addr, port, rank, world), backend)
+        return rank
+
+    def rlsys_receive(self, wire_plan: list) -> int:
+        """Receive every bucket and load it in place; returns the number of tensors loaded.
+
+        Leaves `self.rlsys_receive_s` = (seconds in all, seconds spent waiting for the wire) for
+        the sync benchmark's breakdown (the rest is vLLM's in-place load: on CPU, repacking every
+        linear layer's weight for oneDNN)."""
+        plan = plan_from_wire(wire_plan)
+        group, backend = self.rlsys_sync
+        count, waited, start = 0, 0.0, time.perf_counter()
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count, waited
+            items = receive_buckets(group, plan, device_for(backend))
+            while True:
+                t = time.perf_counter()
+                item = next(items, None)
+                waited += time.perf_counter() - t
+                if item is None:
+                    return
+                count += 1
+                yield item
+
+        model = self.model_runner.get_model()
+        aliases = tied_parameters(model)
+        self.reload_weights(weights_iterator=counted())
+        # A layer that loaded nothing because its weight is tied (lm_head = embed_tokens) keeps the
+        # kernel vLLM derived from the OLD weight (on CPU a packed GEMM copy), so the engine would
+        # serve new embeddings with a stale output layer. Re-tie it and derive its kernel again.
+        for alias, primary in aliases:
+            module_name, _, attr = alias.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attr, model.get_parameter(primary))
+            quant_method = getattr(module, "quant_method", None)
+            if quant_method is not None:
+                quant_method.process_weights_after_loading(module)
+        self.rlsys_receive_s = (time.perf_counter() - start, waited)
+        expected = sum(len(b) for b in plan)
+        # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
+        assert count == expected, f"the engine consumed {count} of {expected} tensors"
+        return count
+
+    def rlsys_receive_seconds(self) -> list[float]:
+        return list(self.rlsys_receive_s)
+
+    def rlsys_receive_raw(self, numel: int, dtype: str) -> None:
+        group, backend = self.rlsys_sync
+        raw_broadcast(group, numel, dtype, device_for(backend))
+
+    def rlsys_served_weights(self) -> bytes:
+        """This worker's shard of every weight it serves, by vLLM parameter name, as safetensors
+        bytes (tensors do not cross msgpack); for exactness checks."""
+        from safetensors.torch import save
+
+        return save(read_weights(self.model_runner.get_model()))
 
 
-def worker_receive(worker, plan: list[Bucket]) -> int:
-    """Receive every bucket and load it in place; returns the number of tensors loaded.
-
-    Leaves `worker.rlsys_receive_s` = (seconds in all, seconds spent waiting for the wire) for
-    the sync benchmark's breakdown (the rest is vLLM's in-place load: on CPU, repacking every
-    linear layer's weight for oneDNN)."""
-    group, backend = worker.rlsys_sync
-    count, waited, start = 0, 0.0, time.perf_counter()
-
-    def counted() -> Iterator[tuple[str, torch.Tensor]]:
-        nonlocal count, waited
-        items = receive_buckets(group, plan, device_for(backend))
-        while True:
-            t = time.perf_counter()
-            item = next(items, None)
-            waited += time.perf_counter() - t
-            if item is None:
-                return
-            count += 1
-            yield item
-
-    model = worker.model_runner.get_model()
-    aliases = tied_parameters(model)
-    worker.reload_weights(weights_iterator=counted())
-    # A layer that loaded nothing because its weight is tied (lm_head = embed_tokens) keeps the
-    # kernel vLLM derived from the OLD weight (on CPU a packed GEMM copy), so the engine would
-    # serve new embeddings with a stale output layer. Re-tie it and derive its kernel again.
-    for alias, primary in aliases:
-        module_name, _, attr = alias.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(module, attr, model.get_parameter(primary))
-        quant_method = getattr(module, "quant_method", None)
-        if quant_method is not None:
-            quant_method.process_weights_after_loading(module)
-    worker.rlsys_receive_s = (time.perf_counter() - start, waited)
-    expected = sum(len(b) for b in plan)
-    # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
-    assert count == expected, f"the engine consumed {count} of {expected} tensors"
-    return count
-
-
-def worker_receive_seconds(worker) -> tuple[float, float]:
-    return worker.rlsys_receive_s
-
-
-def worker_receive_raw(worker, numel: int, dtype: str) -> None:
-    group, backend = worker.rlsys_sync
-    raw_broadcast(group, numel, dtype, device_for(backend))
+WORKER_EXTENSION = f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}"
 
 
 def tied_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -211,14 +238,15 @@ def tied_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def worker_read_weights(worker) -> dict[str, torch.Tensor]:
-    """The weights the engine serves, by vLLM parameter name, for exactness checks.
+def read_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a vLLM model serves, by vLLM parameter name, for exactness checks.
 
     On CPU vLLM repacks linear weights for oneDNN and leaves `layer.weight` empty, so a linear
     layer's weight is read back by applying the layer's own kernel to an identity matrix
-    (y = I @ W^T is exact: each output is one product with 1.0 plus zeros).
+    (y = I @ W^T is exact: each output is one product with 1.0 plus zeros). Values and dtypes
+    are what the engine holds: on CPUs with AMX, vLLM keeps the bias of a small bf16 linear layer
+    in float32 (see served_equals).
     """
-    model = worker.model_runner.get_model()
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

@@ -6,7 +6,7 @@ from rlsys.batch import make_batch
 from rlsys.config import AlgoConfig
 from rlsys.types import Rollout, TrainBatch
 
-PAD = 99
+PAD = 0  # make_batch right-pads with id 0
 A = 0.7071068  # 0.5 / std([1, 0]) with the unbiased std sqrt(0.5) = 0.7071068
 
 
@@ -32,7 +32,7 @@ def close(a, b, tol=1e-5):
 
 @pytest.fixture
 def batch():
-    return make_batch(two_groups(), [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=2), pad_id=PAD)
+    return make_batch(two_groups(), [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=2))
 
 
 def test_input_ids_are_prompt_then_response_right_padded(batch):
@@ -85,14 +85,14 @@ def test_group_advantages_and_rewards(batch):
 
 
 def test_advantages_without_std_normalization():
-    b = make_batch(two_groups(), [1.0, 0.0, 0.25, 0.75], AlgoConfig(group_size=2, std_normalize=False), pad_id=PAD)
+    b = make_batch(two_groups(), [1.0, 0.0, 0.25, 0.75], AlgoConfig(group_size=2, std_normalize=False))
     # centred only: group 0 mean .5 -> [.5, -.5]; group 1 mean .5 -> [-.25, .25]
     assert close(b.advantages, [0.5, -0.5, -0.25, 0.25])
 
 
 def test_one_group_of_four():
     rollouts = [rollout(0, r.prompt_ids, r.response_ids, r.response_logprobs) for r in two_groups()]
-    b = make_batch(rollouts, [1.0, 0.0, 0.0, 0.0], AlgoConfig(group_size=4), pad_id=PAD)
+    b = make_batch(rollouts, [1.0, 0.0, 0.0, 0.0], AlgoConfig(group_size=4))
     # mean .25, centred [.75, -.25, -.25, -.25], unbiased var (.5625 + 3 * .0625) / 3 = .25, std .5
     assert close(b.advantages, [1.5, -0.5, -0.5, -0.5])
 
@@ -101,21 +101,21 @@ def test_mixed_groups_in_a_block_fail():
     rollouts = two_groups()
     rollouts[1].group = 1  # block 0..1 now holds groups {0, 1}
     with pytest.raises(AssertionError, match=r"rollouts 0\.\.1 mix groups \[0, 1\]"):
-        make_batch(rollouts, [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=2), pad_id=PAD)
+        make_batch(rollouts, [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=2))
 
 
 def test_interleaved_groups_fail():
     rollouts = two_groups()
     rollouts[1], rollouts[2] = rollouts[2], rollouts[1]  # [0, 1, 0, 1]
     with pytest.raises(AssertionError, match="mix groups"):
-        make_batch(rollouts, [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=2), pad_id=PAD)
+        make_batch(rollouts, [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=2))
 
 
 def test_count_mismatches_fail():
     with pytest.raises(AssertionError, match="4 rollouts, 3 rewards"):
-        make_batch(two_groups(), [1.0, 0.0, 1.0], AlgoConfig(group_size=2), pad_id=PAD)
+        make_batch(two_groups(), [1.0, 0.0, 1.0], AlgoConfig(group_size=2))
     with pytest.raises(AssertionError, match="group_size 3"):  # 4 rollouts are not whole groups of 3
-        make_batch(two_groups(), [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=3), pad_id=PAD)
+        make_batch(two_groups(), [1.0, 0.0, 1.0, 1.0], AlgoConfig(group_size=3))
 
 
 # ---------------------------------------------------------------- select

@@ -205,6 +205,13 @@ def test_group_size_one_is_refused():
     ("algo.beta=-0.1", "algo.beta"),
     ("reward.timeout_s=0", "reward.timeout_s"),
     ("generator.num_engines=0", "generator.num_engines"),
+    # configs the learner cannot reproduce, refused with the reason
+    ("generator.temperature=0", "generator.temperature"),
+    ("generator.top_p=0.9", "generator.top_p"),
+    ("algo.dual_clip=1.0", "algo.dual_clip"),
+    ("learner.lr_schedule=linear", "learner.lr_schedule"),
+    ("learner.warmup_steps=-1", "learner.warmup_steps"),
+    ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio"),
 ])
 def test_bad_values_name_their_key(override, key):
     msg = config_error(None, [override])
@@ -215,7 +222,15 @@ def test_bad_values_name_their_key(override, key):
                                       "algo.aggregation=sequence", "cluster.backend=gloo", "cluster.backend=nccl"])
 def test_good_enum_values_pass(override):
     key, value = override.split("=")
-    assert get(load_config(None, [override]), key) == value
+    assert get(load_config(None, [override, "learner.zero_stage=1"]), key) == value
+
+
+def test_bf16_needs_zero_stage_one_or_more():
+    # DeepSpeed accumulates ZeRO-0 bf16 gradients in bf16; ZeRO 1-3 accumulate them in fp32.
+    msg = config_error(None, ["model.dtype=bfloat16", "learner.zero_stage=0"])
+    assert msg.startswith("model.dtype=bfloat16 needs learner.zero_stage >= 1"), msg
+    for stage in (1, 2, 3):
+        assert load_config(None, ["model.dtype=bfloat16", f"learner.zero_stage={stage}"]).model.dtype == "bfloat16"
 
 
 # ---------------------------------------------------------------- the CLI stops before anything starts
