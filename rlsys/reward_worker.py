@@ -1,13 +1,23 @@
-"""Runs the rule rewards with a per-sample timeout that a hanging verifier cannot escape.
+"""Runs the rule rewards with a per-sample timeout that a hanging verifier cannot escape, and a
+verifier that raises or crashes on model text cannot stop.
 
 math-verify's own timeouts (signal.alarm) are off, since they fail outside the main thread
-(see rlsys.rewards). Instead the scorer runs in a child process that the parent kills when a
-sample takes longer than ``RewardConfig.timeout_s``: that sample scores 0 with
-``timed_out=True``, a fresh child starts, and scoring goes on. Training never stalls.
+(see rlsys.rewards). Instead the accuracy check (rlsys.rewards.accuracy) runs in a child process
+that the parent kills when a sample takes longer than ``RewardConfig.timeout_s``. The format
+score (rlsys.rewards.format_score, a regex) is computed here in the parent, so whatever happens
+to the accuracy check, the format score is paid.
 
-Errors are not rewards: an exception in the scorer is raised in the parent as a RuntimeError
-(sample index, start of the completion, the child's traceback), and so is a child that dies
-without being killed by us.
+What a sample gets when the accuracy check fails (accuracy 0, ``reward = combine(0, format)``):
+
+- it runs over ``timeout_s``: ``timed_out=True``; the child is killed and replaced;
+- it raises: ``error`` = the exception's last line; the child lives on;
+- it kills the child (a segfault, os._exit, the OOM killer): ``error`` = "verifier process died
+  (exit code N)"; a fresh child takes over.
+
+Each is logged (``logging.warning``) and scoring goes on with the next sample: training never
+stalls or stops on model text. What still raises, since it is a broken component or bad data and
+not bad model text: a child that cannot start (RuntimeError: import error, startup crash), a
+gold answer the verifier cannot use (ValueError; rlsys.rewards.check_golds finds those up front).
 
 Plain class, no Ray here (Ray wraps it elsewhere). Calls from several threads are serialised
 by a lock. The child is started with the 'spawn' method, so a script that builds a RewardWorker
@@ -17,6 +27,7 @@ fine as they are).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import pickle
 import signal
@@ -26,28 +37,34 @@ from multiprocessing.connection import wait
 from typing import Callable
 
 from rlsys.config import RewardConfig
-from rlsys.rewards import combine, score
+from rlsys.rewards import VERIFIERS, GoldError, accuracy, combine, format_score
 from rlsys.types import RewardResult
 
-__all__ = ["RewardResult", "RewardWorker"]
+__all__ = ["RewardResult", "RewardWorker", "Scorer"]
 
-Scorer = Callable[[str, str, RewardConfig], tuple[float, float]]
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[str, str, RewardConfig], float]
+"""``scorer(completion, gold, cfg) -> accuracy``: what the child runs (rlsys.rewards.accuracy)."""
 
 START_TIMEOUT_S = 120.0
-"""Longest wait for a child to start (spawn a Python, import the scorer and math_verify).
+"""Longest wait for a child to start (spawn a Python, import the scorer and the verifier).
 Startup is not charged to the first sample's timeout."""
 IN_FLIGHT = 8
 """Samples queued in the child at once: enough to hide the pipe round trip, few enough that the
 pipe's buffers never fill on either side (both sides would block)."""
 CLOSE_TIMEOUT_S = 2.0
 """How long close() lets the child exit by itself before killing it."""
+ERROR_CHARS = 500
+"""RewardResult.error keeps at most this much of the exception's last line."""
 
 
 def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
     """The child's loop: ("ready",) once, then one reply per (index, completion, gold) request.
 
-    Replies: ("ok", index, accuracy, format) | ("error", index, traceback text). A startup
-    failure replies ("fatal", traceback text) and exits. None or a closed pipe ends the loop.
+    Replies: ("ok", index, accuracy) | ("error", index, traceback text) | ("gold", index,
+    traceback text) for a GoldError. A startup failure replies ("fatal", traceback text) and
+    exits. None or a closed pipe ends the loop.
     """
     # Ctrl-C goes to the whole process group; the parent decides when this child ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -56,6 +73,8 @@ def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
         from rlsys.rewards import _math_verify
 
         _math_verify()  # import once, before the first sample's clock starts
+        if cfg.verifier == "reasoning_gym":
+            import reasoning_gym  # noqa: F401 - likewise (seconds)
     except BaseException:  # noqa: BLE001 - reported to the parent, then this process exits
         conn.send(("fatal", traceback.format_exc()))
         conn.close()
@@ -71,27 +90,32 @@ def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
             return
         index, completion, gold = msg
         try:
-            accuracy, fmt = scorer(completion, gold, cfg)
-            reply = ("ok", index, float(accuracy), float(fmt))
-        except Exception:  # noqa: BLE001 - sent to the parent, which raises it
+            reply = ("ok", index, float(scorer(completion, gold, cfg)))
+        except GoldError:  # bad data: the parent raises it
+            reply = ("gold", index, traceback.format_exc())
+        except Exception:  # noqa: BLE001 - the parent scores the sample 0 and logs this
             reply = ("error", index, traceback.format_exc())
         conn.send(reply)
 
 
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return (lines[-1] if lines else "unknown error")[:ERROR_CHARS]
+
+
 class RewardWorker:
     """Plain class (Ray is applied elsewhere). Owns one child process (multiprocessing, 'spawn'
-    context: safe inside a threaded Ray actor) that runs the scorer. Samples stream over a Pipe
-    (IN_FLIGHT queued ahead); the parent waits at most cfg.timeout_s for each answer. On timeout: kill
-    the child (SIGKILL, join), start a fresh one, the sample gets RewardResult(0, 0, 0,
-    timed_out=True), and scoring continues with the next sample. Training never stalls on a
-    hanging verifier.
+    context: safe inside a threaded Ray actor) that runs the accuracy check. Samples stream over
+    a Pipe (IN_FLIGHT queued ahead); the parent waits at most cfg.timeout_s for each answer and
+    computes each sample's format score itself. A timeout, an exception or the child's death costs
+    that sample its accuracy only (see the module doc); scoring continues with the next sample.
 
-    ``scorer(completion, gold, cfg) -> (accuracy, format)`` must be picklable (a top-level
-    function). The child starts in ``__init__`` and lives across calls; after a timeout or an
-    unexpected death a new one is started (the latter on the next call).
+    ``scorer(completion, gold, cfg) -> accuracy`` must be picklable (a top-level function). The
+    child starts in ``__init__`` and lives across calls; after a timeout or a death a new one is
+    started when the next sample needs it.
     """
 
-    def __init__(self, cfg: RewardConfig, scorer: Scorer = score) -> None:
+    def __init__(self, cfg: RewardConfig, scorer: Scorer = accuracy) -> None:
         self._proc = None
         self._conn = None
         self._lock = threading.RLock()
@@ -101,6 +125,11 @@ class RewardWorker:
             self._scorer_bytes = pickle.dumps(scorer)
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             raise TypeError(f"scorer {scorer!r} must be picklable (a module-level function): {e}") from e
+        # A config error would otherwise reach every sample as an error (accuracy) or every call.
+        if cfg.verifier not in VERIFIERS:
+            raise ValueError(f"reward.verifier must be resolved to one of {VERIFIERS} before a RewardWorker "
+                             f"starts (rlsys.datasets.resolve_verifier), got {cfg.verifier!r}")
+        format_score("", cfg)  # raises ValueError for an unknown format_mode
         self._ctx = mp.get_context("spawn")
         self._start()
 
@@ -151,65 +180,81 @@ class RewardWorker:
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardWorker is closed")
+            formats = [format_score(completion, self.cfg) for completion, _ in samples]
             results: list[RewardResult] = []
-            while len(results) < len(samples):  # each pass ends at a timeout (fresh child) or at the end
-                results += self._stream(samples, len(results))
+            while len(results) < len(samples):  # each pass ends at a timeout or a death (child replaced) or at the end
+                results += self._stream(samples, formats, len(results))
             return results
 
-    def _stream(self, samples: list[tuple[str, str]], first: int) -> list[RewardResult]:
+    def _failed(self, fmt: float, timed_out: bool = False, error: str | None = None) -> RewardResult:
+        return RewardResult(reward=combine(0.0, fmt, self.cfg), accuracy=0.0, format=fmt, timed_out=timed_out,
+                            error=error)
+
+    def _stream(self, samples: list[tuple[str, str]], formats: list[float], first: int) -> list[RewardResult]:
         """Scores samples[first:] with up to IN_FLIGHT of them queued in the child, so the child never
         waits for a round trip through the parent. Sample i's clock starts when the parent begins
         waiting for its reply, i.e. once reply i - 1 is in: the child starts i at that moment (it is
-        already queued), so each sample gets its full timeout_s. Returns at the first timeout (that
-        sample scored 0, the child replaced; the caller streams the rest) or after the last sample.
-        Any other way out (an error, a dead child) kills the child: no stale reply can reach the
-        next call."""
+        already queued), so each sample gets its full timeout_s. Returns after the last sample, or at
+        the first timeout or death of the child (that sample's accuracy 0, the child killed: the
+        caller streams the rest to a fresh one). Any other way out (bad data, a bug) kills the child
+        too: no stale reply can reach the next call."""
         if self._proc is None:
             self._start()
         conn, proc = self._conn, self._proc
         results: list[RewardResult] = []
         sent = first
+        can_send = True
         finished = False
         try:
             while first + len(results) < len(samples):
-                while sent < len(samples) and sent - first - len(results) < IN_FLIGHT:
+                while can_send and sent < len(samples) and sent - first - len(results) < IN_FLIGHT:
                     try:
                         conn.send((sent, *samples[sent]))
-                    except (BrokenPipeError, ConnectionResetError, EOFError) as e:
-                        self._died(sent, samples[sent][0], f"send failed: {e}")
+                    except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                        can_send = False  # the child died: below, on the sample it was scoring
+                        break
                     sent += 1
                 index = first + len(results)
-                completion = samples[index][0]
+                completion, fmt = samples[index][0], formats[index]
                 if not wait([conn, proc.sentinel], timeout=self.cfg.timeout_s):  # a hanging verifier
                     self._kill()
-                    self._start()
-                    results.append(RewardResult(reward=0.0, accuracy=0.0, format=0.0, timed_out=True))
+                    log.warning("reward: the verifier ran over %.1f s on sample %d (completion starts %r): "
+                                "accuracy 0, its process replaced", self.cfg.timeout_s, index, completion[:200])
+                    results.append(self._failed(fmt, timed_out=True))
                     finished = True
                     return results
                 try:
                     msg = conn.recv() if conn.poll() else None
                 except (EOFError, OSError):
                     msg = None
-                if msg is None:
-                    self._died(index, completion, "no reply")
-                if msg[0] != "ok":
-                    raise RuntimeError(f"reward scorer raised on sample {index} "
-                                       f"(completion starts {completion[:200]!r}):\n{msg[2]}")
-                _, got_index, accuracy, fmt = msg
+                if msg is None:  # replies come in order: the child died scoring this sample
+                    error = f"verifier process died (exit code {self._kill()})"
+                    log.warning("reward: %s on sample %d (completion starts %r): accuracy 0, a fresh one "
+                                "takes over", error, index, completion[:200])
+                    results.append(self._failed(fmt, error=error))
+                    finished = True
+                    return results
+                kind, got_index = msg[0], msg[1]
                 if got_index != index:
                     raise RuntimeError(f"reward worker child answered sample {got_index}, expected {index}")
-                results.append(RewardResult(reward=combine(accuracy, fmt, self.cfg), accuracy=accuracy, format=fmt,
-                                            timed_out=False))
+                if kind == "ok":
+                    acc = msg[2]
+                    results.append(RewardResult(reward=combine(acc, fmt, self.cfg), accuracy=acc, format=fmt,
+                                                timed_out=False))
+                elif kind == "error":
+                    log.warning("reward: the verifier raised on sample %d (completion starts %r): accuracy 0\n%s",
+                                index, completion[:200], msg[2])
+                    results.append(self._failed(fmt, error=_last_line(msg[2])))
+                elif kind == "gold":
+                    raise ValueError(f"the gold answer of sample {index} cannot be used by the verifier (a data "
+                                     f"bug; rlsys.rewards.check_golds finds these up front):\n{msg[2]}")
+                else:
+                    raise RuntimeError(f"reward worker child sent {msg!r}")
             finished = True
             return results
         finally:
             if not finished:  # samples may still be queued in the child: its replies must not outlive this call
                 self._kill()
-
-    def _died(self, index: int, completion: str, what: str) -> None:
-        exitcode = self._kill()  # the next call starts a fresh child
-        raise RuntimeError(f"reward worker child died unexpectedly ({what}, exit code {exitcode}) "
-                           f"while scoring sample {index} (completion starts {completion[:200]!r})")
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ import pytest
 
 import rlsys.rewards as rewards
 from rlsys.config import RewardConfig
-from rlsys.rewards import accuracy_reward, combine, extract_answer, format_reward, score
+from rlsys import datasets
+from rlsys.rewards import (GoldError, accuracy, accuracy_reward, check_golds, combine, extract_answer, format_reward,
+                           format_score, score)
 
 
 def tagged(answer: str, think: str = "reasoning") -> str:
@@ -133,6 +135,8 @@ def test_accuracy_latex_fraction_vs_decimal():
 def test_unparseable_gold_raises():
     with pytest.raises(ValueError, match="gold"):
         accuracy_reward(tagged("4"), "  ")
+    with pytest.raises(GoldError, match="could not be parsed by math-verify"):
+        accuracy(tagged("4"), "", RewardConfig(verifier="math"))
 
 
 # -- score / combine ---------------------------------------------------------------------------
@@ -244,3 +248,84 @@ def test_partial_format_mode_is_a_ladder_to_the_full_format():
     assert score("<think> 2 + 3 = 5, so 5", "5", cfg) == (1.0, 0.0)
     strict = RewardConfig(verifier="math", format_mode="strict", require_answer_tag=False)
     assert score("<think> 2 + 3 = 5 </think> so 5", "5", strict) == (1.0, 0.0)
+
+
+# -- accuracy / format_score: the two halves the reward worker runs apart -----------------------
+
+def test_accuracy_and_format_score_are_the_halves_of_score():
+    math = RewardConfig(verifier="math", require_answer_tag=True)
+    assert accuracy(tagged("4"), "4", math) == 1.0
+    assert accuracy(tagged("5"), "4", math) == 0.0
+    assert accuracy(" 4", "4", math) == 0.0
+    assert accuracy(" 4", "4", RewardConfig(verifier="math", require_answer_tag=False)) == 1.0
+    assert accuracy(tagged("(30 - 23 - 4) * 42"), COUNTDOWN, RG) == 1.0
+    # The format score needs neither the gold nor the verifier.
+    assert format_score(tagged("5"), RewardConfig(verifier="auto", format_mode="strict")) == 1.0
+    assert format_score(" <think> a </think> 5", RewardConfig(format_mode="strict")) == 0.0
+    assert format_score(" <think> a </think> 5", RewardConfig(format_mode="partial")) == 0.5
+    with pytest.raises(ValueError, match="format_mode.*fancy"):
+        format_score(tagged("5"), RewardConfig(format_mode="fancy"))
+    with pytest.raises(ValueError, match="auto must be resolved"):
+        accuracy(tagged("4"), "4", RewardConfig(verifier="auto"))
+
+
+# -- check_golds --------------------------------------------------------------------------------
+
+def test_check_golds_names_the_first_bad_math_gold():
+    golds = ["42", "\\frac{1}{2}", "  ", "x = 3", "", "  "]
+    with pytest.raises(ValueError) as info:
+        check_golds(golds, "math", "training data /data/train.jsonl")
+    assert str(info.value) == (
+        "training data /data/train.jsonl: the gold answer of row 2 ('  ') cannot be used by the math verifier: "
+        "could not be parsed by math-verify (it finds no expression in it); 3 rows are bad in all (fix the data)")
+
+
+def test_check_golds_names_the_first_bad_reasoning_gym_gold():
+    golds = [COUNTDOWN, COUNTDOWN, "126", json.dumps({"metadata": {}}),
+             json.dumps({"metadata": {"source_dataset": ""}})]
+    with pytest.raises(ValueError) as info:
+        check_golds(golds, "reasoning_gym", "eval set countdown/test")
+    assert str(info.value) == (
+        "eval set countdown/test: the gold answer of row 2 ('126') cannot be used by the reasoning_gym verifier: "
+        "is not a reasoning-gym entry as JSON (with metadata.source_dataset): TypeError: 'int' object is not "
+        "subscriptable; 3 rows are bad in all (fix the data)")
+    with pytest.raises(ValueError, match=r"row 0 \('\{\"metadata\": \{\}\}'\).*KeyError: 'source_dataset'; "
+                                         r"1 row is bad"):
+        check_golds(golds[3:4], "reasoning_gym", "x")
+    with pytest.raises(ValueError, match=r"row 0 .*has metadata.source_dataset '', not a task name"):
+        check_golds(golds[4:], "reasoning_gym", "x")
+
+
+def test_check_golds_value_is_cut_to_200_chars_and_non_strings_are_bad():
+    with pytest.raises(ValueError) as info:
+        check_golds([COUNTDOWN, "{" * 500], "reasoning_gym", "data")
+    assert f"row 1 ('{'{' * 200}')" in str(info.value)
+    with pytest.raises(ValueError, match=r"row 1 \(42\) cannot be used by the math verifier: is a int, not a string; "
+                                         r"1 row is bad"):
+        check_golds(["1", 42], "math", "data")
+
+
+def test_check_golds_refuses_an_unresolved_verifier():
+    with pytest.raises(ValueError, match="auto must be resolved"):
+        check_golds(["1"], "auto", "data")
+    with pytest.raises(ValueError, match="'code'"):
+        check_golds(["1"], "code", "data")
+
+
+def test_check_golds_accepts_the_real_golds():
+    check_golds([a for _, a in datasets.load("gsm8k", "test")], "math", "gsm8k/test")
+    check_golds([a for _, a in datasets.load("math500", "test")], "math", "math500/test")
+    check_golds([a for _, a in datasets.load("countdown", "test", limit=20)], "reasoning_gym", "countdown/test")
+    check_golds([], "math", "nothing")
+
+
+def test_check_golds_in_processes_finds_the_same():
+    # What a large data set gets (CHECK_PARALLEL_MIN distinct golds or more): the same check,
+    # spread over spawned processes.
+    golds = [str(i) for i in range(40)] + [" ", "7", "", "\\frac{1}{2}"]
+    with pytest.raises(ValueError) as info:
+        check_golds(golds, "math", "data", processes=2)
+    assert str(info.value) == (
+        "data: the gold answer of row 40 (' ') cannot be used by the math verifier: could not be parsed by "
+        "math-verify (it finds no expression in it); 2 rows are bad in all (fix the data)")
+    check_golds(golds[:40], "math", "data", processes=2)
