@@ -57,7 +57,7 @@ def measure(model_path: str, repeats: int, bucket_mb: float) -> dict:
             raw.append(time.perf_counter() - start)
         return {"bytes": nbytes, "buckets": len(sync.plan), "rlsys_s": statistics.median(ours),
                 "raw_s": statistics.median(raw),
-                "engine_load_s": statistics.median(load), "backend": resolve_backend(cfg),
+                "engine_load_s": statistics.median(load), "backend": resolve_backend(cfg.cluster.backend, ray.cluster_resources()),
                 "generators": len(groups.generators.actors)}
     finally:
         groups.shutdown()

@@ -10,14 +10,24 @@ normalisers of a mini-batch are known without communication):
    data-parallel world (DeepSpeed averages gradients over ranks), one optimizer step;
 3. metrics averaged over micro-batches and ranks.
 Log-probs use logits / temperature, the distribution the generators sampled from.
+
+Precision: bf16 keeps fp32 master weights and accumulates and all-reduces gradients in fp32
+(DeepSpeed data_types.grad_accum_dtype and communication_data_type; ZeRO 1-3, the config refuses
+ZeRO-0 bf16, which DeepSpeed accumulates in bf16). Dropout is off in the policy and the reference:
+every forward of an update (old log-probs, training, reference) must score the same policy.
+The learning rate follows learner.lr_schedule (warm-up, then constant or cosine) per optimizer step.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
-from pathlib import Path
+import shutil
+import tempfile
 from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,6 +49,31 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return torch.nn.functional.pad(picked, (1, 0))                                  # (B, L)
 
 
+PER_STEP = ("loss", "pg_loss", "kl", "grad_norm")
+"""Metrics with one value per optimizer step (averaged over steps and ranks); the others are
+per-token shares."""
+
+
+def generator_mismatch(gen_logprobs: torch.Tensor, learner_logprobs: torch.Tensor, mask: torch.Tensor
+                       ) -> torch.Tensor:
+    """How far the generators' policy is from the learner's on the sampled tokens, (B, T) each:
+    [sum |learner - generator| log-prob, sum of k3 KL(generator || learner), tokens, max |diff|]
+    over the mask. The tokens were sampled by the generator, so k3 with r = learner - generator
+    (exp(r) - r - 1) estimates KL(generator || learner) without bias. Both sides are the tempered
+    distribution (vLLM's processed log-probs, the learner's logits / temperature): the gap is a real
+    mismatch (kernels, precision, stale weights), not the temperature.
+
+    >>> g = torch.tensor([[0.0, -1.0, -2.0]]); l = torch.tensor([[0.0, -1.5, -2.0]]); m = torch.tensor([[0., 1., 1.]])
+    >>> [round(v, 4) for v in generator_mismatch(g, l, m).tolist()]  # k3(-0.5) = exp(-0.5) + 0.5 - 1
+    [0.5, 0.1065, 2.0, 0.5]
+    """
+    gen, learner, m = gen_logprobs.double(), learner_logprobs.double(), mask.double()      # (B, T)
+    diff = (learner - gen) * m                                                             # (B, T)
+    k3 = (torch.exp(diff) - diff - 1.0) * m                                                # (B, T)
+    max_diff = diff.abs().max() if m.any() else torch.zeros((), dtype=torch.float64)
+    return torch.stack([diff.abs().sum(), k3.sum(), m.sum(), max_diff])
+
+
 def scored_from(loss_mask: torch.Tensor) -> int:
     """The first position whose logits any row needs: one before the earliest response token."""
     scored = loss_mask.any(dim=0).nonzero()
@@ -51,11 +86,49 @@ def by_length(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return rows[torch.argsort(lengths[rows], stable=True)]
 
 
+def lr_factor(step: int, cfg: LearnerConfig, total: int) -> float:
+    """The share of cfg.lr that optimizer step `step` (0-based, of `total`) uses: linear warm-up
+    over cfg.warmup_steps (step s < warmup uses (s + 1) / warmup, so no step is wasted at 0), then
+    constant, or a half cosine from 1 at the first step after warm-up to cfg.min_lr_ratio at the last.
+
+    >>> cfg = LearnerConfig(lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.0)
+    >>> [round(lr_factor(s, cfg, total=5), 4) for s in range(5)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = total - cfg.warmup_steps - 1
+    progress = min(1.0, (step - cfg.warmup_steps) / span) if span > 0 else 1.0
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def load_without_dropout(model_path: str, dtype):
+    """The HF model with every dropout probability in its config set to 0 (attention, hidden,
+    embedding, residual: the names differ by architecture), and any nn.Dropout left in the modules
+    set to p=0. Dropout would make the training forward score another policy than the old-log-prob
+    and reference passes (which run in eval mode) and than the generators."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, config=config, dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 class Learner:
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
-                 rank: int, world: int, backend: str, seed: int):
+                 rank: int, world: int, backend: str, seed: int, total_updates: int = 1):
+        """total_updates: optimizer steps in the whole run (the LR schedule's length)."""
         self.model_path, self.dtype, self.cfg, self.algo = model_path, dtype, cfg, algo
         self.temperature, self.rank, self.world, self.backend, self.seed = temperature, rank, world, backend, seed
+        self.total_updates = total_updates
         self.engine = self.ref = None
         self.sync_group = None
         self.steps = 0
@@ -73,17 +146,19 @@ class Learner:
             # The shared-memory comm op would be JIT-compiled for a minute at start; gloo needs none of it.
             importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         deepspeed.init_distributed(dist_backend=self.backend)
         torch.manual_seed(self.seed)
         dtype = getattr(torch, self.dtype)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        model = load_without_dropout(self.model_path, dtype)
         # Client-side AdamW: no JIT-compiled optimizer op, same math on CPU and GPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._ds_config(train=True))
+        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 - DeepSpeed calls it with its optimizer
+            opt, lambda step: lr_factor(step, self.cfg, self.total_updates))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=self._ds_config(train=True))
         if self.algo.beta > 0:
-            ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval().requires_grad_(False)
+            ref = load_without_dropout(self.model_path, dtype).eval().requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(train=False))
 
     def _ds_config(self, train: bool) -> dict:
@@ -96,6 +171,11 @@ class Learner:
             "bf16": {"enabled": self.dtype == "bfloat16"},
             "steps_per_print": 1 << 30,
         }
+        if self.dtype == "bfloat16" and train:
+            # fp32 gradient accumulation over micro-batches and fp32 all-reduce / reduce-scatter:
+            # bf16 sums lose the small gradients of a large mini-batch (8 bits of mantissa).
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+            cfg["communication_data_type"] = "fp32"
         if train:
             cfg["gradient_clipping"] = self.cfg.grad_clip
         return cfg
@@ -138,9 +218,9 @@ class Learner:
         old = self._frozen_logprobs(self.engine.module, local) if self.needs_old_logprobs(len(minis)) else None
         ref = self._frozen_logprobs(self.ref.module, local) if self.ref is not None else None
         sums: dict[str, float] = defaultdict(float)
-        gen_diff, gen_tokens = 0.0, 0.0  # |learner - generator| log-prob over this rank's response tokens
+        # generator vs learner on this rank's response tokens: sum |diff|, sum k3 KL, tokens, max |diff|
+        gen = torch.zeros(4, dtype=torch.float64)
         self.engine.train()
-        micro_count = 0
         for epoch in range(self.cfg.epochs):
             for m, mini in enumerate(minis):
                 whole = batch.select(mini)
@@ -153,35 +233,47 @@ class Learner:
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
                     old_micro = logp.detach() if old is None else old[idx, :width].to(logp.device)
                     if epoch == 0:  # every row of this rank once
-                        mask = micro.loss_mask.to(logp.device)
-                        gen_diff += float(((old_micro - micro.gen_logprobs.to(logp.device)).abs() * mask).sum())
-                        gen_tokens += float(mask.sum())
+                        gen += generator_mismatch(micro.gen_logprobs, old_micro.cpu(), micro.loss_mask)
                     loss, metrics = grpo_loss(
                         logp, old_micro,
                         None if ref is None else ref[idx, :width].to(logp.device),
                         micro.advantages.to(logp.device), micro.loss_mask.to(logp.device),
                         eps_low=self.algo.epsilon, eps_high=self.algo.epsilon_high or self.algo.epsilon,
                         beta=self.algo.beta, aggregation=self.algo.aggregation, normalizer=normalizer,
+                        dual_clip=self.algo.dual_clip,
                     )
                     # The normaliser already spans the mini-batch: no further 1/GAS scaling.
                     self.engine.backward(loss, scale_wrt_gas=False)
-                    boundary_norm = self._plain_grad_norm() if self.engine.is_gradient_accumulation_boundary() else None
+                    boundary = self.engine.is_gradient_accumulation_boundary()
+                    boundary_norm = self._plain_grad_norm() if boundary else None
+                    if boundary:
+                        lr = self.engine.get_lr()[0]  # what this optimizer step uses
                     self.engine.step()
                     sums["loss"] += float(loss.detach())
-                    for k, v in metrics.items():
-                        sums[k] += float(v)
-                    micro_count += 1
+                    tokens = float(micro.loss_mask.sum())
+                    for k, v in metrics.items():  # per-token shares are weighted by the micro-batch's tokens
+                        sums[k] += float(v) * (1.0 if k in PER_STEP else tokens)
+                    sums["tokens"] += tokens
                 norm = self.engine.get_global_grad_norm() if boundary_norm is None else boundary_norm
                 assert norm is not None, "DeepSpeed reported no gradient norm"
                 sums["grad_norm"] += float(norm)
         self.steps += 1
-        n_steps = self.cfg.epochs * len(minis)
         # Each micro-batch loss is its share of the mini-batch loss (whole-mini-batch normaliser):
         # summed over micro-batches and averaged over ranks it is the mini-batch value, per step.
-        per_step = ("loss", "pg_loss", "kl", "grad_norm")
-        out = {k: v / (n_steps if k in per_step else micro_count) for k, v in sums.items()}
-        out["gen_logprob_abs_diff"] = gen_diff / max(gen_tokens, 1.0)
-        return self._mean_over_ranks(out)
+        # The per-token shares (clip_frac, ratio_mean, ...) are token-weighted over every rank, so
+        # they do not depend on how rows fall into micro-batches or ranks.
+        keys = sorted(sums)
+        totals = dict(zip(keys, self._reduce(torch.tensor([sums[k] for k in keys]), dist.ReduceOp.SUM).tolist()))
+        n_steps = self.cfg.epochs * len(minis)
+        out = {k: v / (n_steps * W if k in PER_STEP else max(totals["tokens"], 1.0))
+               for k, v in totals.items() if k != "tokens"}
+        # The generator/learner gap is token-weighted over all ranks (sums, then one division), its max a max.
+        diff_sum, kl_sum, tokens = self._reduce(gen[:3], dist.ReduceOp.SUM).tolist()
+        out["gen_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
+        out["gen_logprob_max_abs_diff"] = float(self._reduce(gen[3:], dist.ReduceOp.MAX)[0])
+        out["gen_kl"] = kl_sum / max(tokens, 1.0)
+        out["lr"] = lr
+        return out
 
     def needs_old_logprobs(self, mini_batches: int) -> bool:
         """A separate no-grad pass for the old log-probs is needed only when some forward runs after
@@ -199,11 +291,11 @@ class Learner:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
-    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device_for(self.backend))
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.cpu())}
+    def _reduce(self, values: torch.Tensor, op) -> torch.Tensor:
+        t = values.to(dtype=torch.float64, device=device_for(self.backend))
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
 
     # ---- weight sync
 
@@ -246,30 +338,57 @@ class Learner:
         if self.rank == 0:
             raw_broadcast(self.sync_group, numel, dtype, device_for(self.backend))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter, gathered, on CPU (collective under ZeRO-3); for checks and export."""
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Every parameter, whole, on CPU, on rank 0 only (None on the others): the one full copy
+        a save, an export or a check needs. Under ZeRO-3 every rank takes part in each gather, one
+        parameter at a time, and only rank 0 keeps a copy; otherwise the parameters are whole on
+        rank 0 already and the other ranks do nothing (no gather, no copy)."""
         import deepspeed
 
+        zero3 = self.cfg.zero_stage == 3
+        if not zero3 and self.rank != 0:
+            return None
         out = {}
         for name, p in self._named_params():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=self.cfg.zero_stage == 3):
-                out[name] = p.data.detach().cpu().clone()
-        return out
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
+                if self.rank == 0:  # ZeRO-3 frees the gathered storage on exit: copy it
+                    out[name] = p.data.detach().to("cpu", copy=zero3)
+        return out if self.rank == 0 else None
 
     def save(self, path: str) -> None:
-        """An HF folder (safetensors, config, tokenizer) that transformers and vLLM load directly.
-        Collective under ZeRO-3 (every rank gathers); rank 0 writes, to a temporary name first."""
-        import shutil
-
-        from transformers import AutoTokenizer
-
+        """An HF folder (safetensors, config, tokenizer) that transformers and vLLM load directly,
+        written by rank 0 to a temporary name, then renamed: a reader never sees a half-written
+        checkpoint. Collective under ZeRO-3 (every rank gathers)."""
         state = self.full_state_dict()
-        if self.rank != 0:
+        if state is None:
             return
         out = Path(path)
         tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+        self._write_hf(state, tmp)
         shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # a reader never sees a half-written checkpoint
+        tmp.rename(out)
+
+    def save_files(self, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, bytes]]:
+        """The same checkpoint for a driver on another node without shared storage: rank 0 writes
+        it to a local temporary folder and streams its files back as (name, chunk) pairs (a Ray
+        streaming generator: a chunk at a time in flight, never the whole model in the object
+        store); the driver writes them into the run folder (rlsys.checkpoint.receive). Other ranks
+        take part in the ZeRO-3 gathers and yield nothing."""
+        state = self.full_state_dict()
+        if state is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="rlsys-ckpt-") as tmp:
+            self._write_hf(state, Path(tmp))
+            del state
+            for file in sorted(Path(tmp).iterdir()):
+                with open(file, "rb") as f:
+                    while chunk := f.read(chunk_bytes):
+                        yield file.name, chunk
+                yield file.name, b""  # end of this file (an empty file is one empty chunk)
+
+    def _write_hf(self, state: dict[str, torch.Tensor], folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        shutil.rmtree(folder, ignore_errors=True)
+        self.engine.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(folder)
