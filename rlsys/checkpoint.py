@@ -1,10 +1,12 @@
 """Checkpoints are HF folders `<run_dir>/checkpoints/step_<N>/` that transformers and vLLM load
-directly; this module finds them and exports one."""
+directly; this module finds them, exports one, and writes one that a learner streamed from
+another node (rlsys.learner.Learner.save_files)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import IO, Iterable
 
 
 def list_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -38,3 +40,28 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; choose another folder")
     shutil.copytree(src, out, dirs_exist_ok=True)
     return out
+
+
+def receive(chunks: Iterable[tuple[str, bytes]], path: Path) -> Path:
+    """Write a streamed checkpoint's files, (file name, chunk) in order, into `path`: into
+    `path.partial` first, renamed when complete, so that a reader (or a crash) never leaves a
+    half-written checkpoint under its real name."""
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files: dict[str, IO[bytes]] = {}
+    try:
+        for name, chunk in chunks:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"checkpoint stream names a file outside its folder: {name!r}")
+            if name not in files:
+                files[name] = open(tmp / name, "wb")
+            files[name].write(chunk)
+    finally:
+        for f in files.values():
+            f.close()
+    if not (tmp / "config.json").is_file():
+        raise RuntimeError(f"checkpoint stream for {path} ended without config.json (got {sorted(files)})")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path

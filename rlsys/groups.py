@@ -14,11 +14,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlsys import checkpoint
 from rlsys.config import Config
 from rlsys.generator import Generator, engine_env
 from rlsys.learner import Learner
@@ -29,11 +31,12 @@ from rlsys.weight_sync import Bucket
 
 
 class Placed:
-    """Mixed into every actor: where am I."""
+    """Mixed into every actor: where am I, and which GPUs Ray gave me."""
 
     def whereami(self) -> dict:
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
 
 
 @ray.remote
@@ -51,12 +54,16 @@ class RewardActor(Traced, RewardWorker, Placed):
     PHASES = ("score",)
 
 
-def resolve_backend(cfg: Config) -> str:
-    if cfg.cluster.backend != "auto":
-        return cfg.cluster.backend
-    import torch
+def resolve_backend(backend: str, cluster_resources: dict) -> str:
+    """auto: NCCL when the CLUSTER has GPUs, else gloo. Never the driver's own CUDA: a submitted
+    job's driver runs on the head node, which on most GPU clusters has none.
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    >>> resolve_backend("auto", {"CPU": 16.0, "GPU": 8.0}), resolve_backend("auto", {"CPU": 16.0})
+    ('nccl', 'gloo')
+    """
+    if backend != "auto":
+        return backend
+    return "nccl" if cluster_resources.get("GPU", 0) > 0 else "gloo"
 
 
 def _bundles(num: int, cpus: float, gpus: int) -> list[dict]:
@@ -118,8 +125,11 @@ class RewardPool:
 
 
 class LearnerGroup:
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, ship_checkpoints: bool = False):
+        """ship_checkpoints: rank 0 streams checkpoint files to the driver, which writes them
+        (rank 0 on another node than the driver, no shared storage)."""
         self.actors = actors
+        self.ship_checkpoints = ship_checkpoints
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         ref = ray.put(batch)  # one copy in the object store, read by every rank
@@ -128,8 +138,17 @@ class LearnerGroup:
     def full_state_dict(self) -> dict:
         return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
 
-    def save(self, path) -> None:
-        ray.get([a.save.remote(str(path)) for a in self.actors])
+    def save(self, path: Path) -> None:
+        """An HF checkpoint at `path` (absolute, in the run folder) whatever node rank 0 runs on."""
+        if not self.ship_checkpoints:
+            ray.get([a.save.remote(str(path)) for a in self.actors])
+            return
+        # Backpressure: rank 0 is at most two chunks ahead of the driver's writes.
+        streams = [a.save_files.options(_generator_backpressure_num_objects=2).remote() for a in self.actors]
+        checkpoint.receive((ray.get(ref) for ref in streams[0]), path)
+        for stream in streams[1:]:  # the other ranks only gathered; their errors surface here
+            for ref in stream:
+                ray.get(ref)
 
 
 class WeightSync:
@@ -187,17 +206,28 @@ class Groups:
             remove_placement_group(pg)
 
 
+def in_ray_job() -> bool:
+    """This process is the driver of a job submitted with `ray job submit`."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def init_ray(cfg: Config) -> None:
+    """cluster.address set: connect to that cluster. Unset: the cluster running this job when it
+    is a submitted Ray job, else a new local cluster in this process, even when a cluster started
+    with `ray start` runs on this machine (address="local": never attach to it by accident)."""
     if ray.is_initialized():
         return
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address)
         return
+    if in_ray_job():
+        ray.init()
+        return
     wanted = (cfg.generator.num_engines * cfg.generator.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus
               + cfg.reward.num_workers * cfg.reward.num_cpus)
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
     # Logical CPUs: on a small machine the actors share cores; Ray only books them.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def _threads(cpus: float) -> dict[str, str]:
@@ -227,17 +257,18 @@ def _start_learners(cfg: Config, model_path: str, backend: str):
     gpu = int(backend == "nccl")
     pg = _place("rlsys-learners", _bundles(cfg.learner.num_ranks, cfg.learner.num_cpus, gpu), "PACK",
                 cfg.cluster.placement_timeout_s)
+    updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
     actors = [LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=gpu, **_in(pg, r),
                                    runtime_env={"env_vars": _threads(cfg.learner.num_cpus)}).remote(
         model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
-        r, cfg.learner.num_ranks, backend, cfg.trainer.seed)
+        r, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates)
         for r in range(cfg.learner.num_ranks)]
     return actors, pg, [("learner", r, cfg.learner.num_cpus, gpu) for r in range(len(actors))]
 
 
 def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
     """A learner group alone, set up and ready to train (benchmarks); returns it and its placement group."""
-    actors, pg, _ = _start_learners(cfg, model_path, resolve_backend(cfg))
+    actors, pg, _ = _start_learners(cfg, model_path, resolve_backend(cfg.cluster.backend, ray.cluster_resources()))
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
@@ -245,6 +276,7 @@ def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, obj
 
 
 def _placement(actors: list, roles: list[tuple]) -> list[dict]:
+    """Every actor: role, rank, node, pid, ip, the GPU ids Ray assigned it, and what it asked for."""
     where = ray.get([a.whereami.remote() for a in actors])
     return [{"role": role, "rank": rank, **w, "resources": {"CPU": cpus, "GPU": gpus}}
             for (role, rank, cpus, gpus), w in zip(roles, where)]
@@ -253,7 +285,7 @@ def _placement(actors: list, roles: list[tuple]) -> list[dict]:
 def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> Groups:
     """Placement groups + actors, nothing else. train=False starts generators and reward workers
     only (evaluation)."""
-    backend = resolve_backend(cfg)
+    backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
     t0 = time.time()
     learners, learner_pgs, learner_roles = [], [], []
     if train:
@@ -268,7 +300,13 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     if train:
         port = ray.get(learners[0].free_port.remote())
         ray.get([a.setup.remote(placement[0]["ip"], port) for a in learners])
-        learner_group = LearnerGroup(learners)
+        driver_node = ray.get_runtime_context().get_node_id()
+        ship = not cfg.cluster.shared_storage and placement[0]["node_id"] != driver_node
+        if ship:
+            print(f"[rlsys] learner rank 0 runs on node {placement[0]['node_id'][:12]}, the driver on "
+                  f"{driver_node[:12]}, no cluster.shared_storage: checkpoints are sent to the driver, "
+                  f"which writes them into the run folder", flush=True)
+        learner_group = LearnerGroup(learners, ship)
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
     print(f"[rlsys] {len(learners)} learners, {len(generators)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend})", flush=True)

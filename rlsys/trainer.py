@@ -9,6 +9,7 @@ the weight version the learner last pushed; the loop checks it, it does not assu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,16 +19,17 @@ from rlsys.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import PromptStream, check_prompt_lengths
 from rlsys.evaluate import Problem, load_problems, run_eval
-from rlsys.groups import Groups, init_ray, launch
+from rlsys.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.models import resolve_model
 from rlsys.profile import Timeline
 
 
 def train(cfg: Config) -> Path:
-    run_dir = Path(cfg.trainer.output_dir)
+    run_dir = resolve_run_dir(cfg.trainer.output_dir)
     model_path, tokenizer, prompts, eval_problems, verifier = preflight(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[rlsys] run folder: {run_dir}", flush=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier)
@@ -92,6 +94,28 @@ def collect(timeline: Timeline, groups: Groups, timer: Timer) -> None:
     timeline.add("driver", timer.spans.take())
     for track, spans in groups.tracks().items():
         timeline.add(track, spans)
+
+
+def resolve_run_dir(output_dir: str) -> Path:
+    """The run folder as an absolute path, fixed once on the driver before Ray starts: connecting
+    to a cluster may change the driver's working directory, and every actor has its own.
+
+    A relative path resolves against $RLSYS_BASE_DIR when set (cluster/submit.sh sets it to the
+    folder the job was submitted from), else against the working directory, except in a submitted
+    Ray job, whose working directory is Ray's temporary copy of the job's files (deleted by Ray
+    later): there a relative path is refused."""
+    path = Path(output_dir).expanduser()
+    if path.is_absolute():
+        return path
+    if os.environ.get("RLSYS_BASE_DIR"):
+        return Path(os.environ["RLSYS_BASE_DIR"]) / path
+    if in_ray_job():
+        raise ConfigError(
+            f"trainer.output_dir={output_dir} is relative, and this driver runs as a Ray job inside Ray's temporary "
+            f"copy of the job's working dir ({Path.cwd()}), which Ray deletes: the run would be lost. Give an "
+            f"absolute trainer.output_dir on storage you can reach, or submit with cluster/submit.sh (it resolves "
+            f"relative paths against the folder you submit from)")
+    return Path.cwd() / path
 
 
 def preflight(cfg: Config, run_dir: Path):

@@ -13,6 +13,7 @@ os.environ.setdefault("RLSYS_CACHE", str(REPO / ".cache" / "rlsys"))
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster even when one started with `ray start` runs on this machine
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
