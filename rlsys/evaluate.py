@@ -70,6 +70,13 @@ def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig,
         problems = datasets.load(cfg.dataset, cfg.split, cfg.limit)
     except ValueError as e:
         raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
+    from rlsys.rewards import check_golds
+
+    try:
+        check_golds([a for _, a in problems], datasets.verifier_for(cfg.dataset),
+                    f"eval dataset {cfg.dataset} (split {cfg.split})")
+    except ValueError as e:
+        raise DataError(str(e)) from None
     ids = encode([apply_template(q, data, tokenizer) for q, _ in problems], tokenizer, data.template)
     check_prompt_lengths(ids, generator.max_model_len - (cfg.max_tokens or generator.max_tokens),
                          f"eval dataset {cfg.dataset}")

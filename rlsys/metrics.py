@@ -44,6 +44,8 @@ def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_si
         "reward/accuracy": statistics.fmean(r.accuracy for r in results),
         "reward/format": statistics.fmean(r.format for r in results),
         "reward/timeouts": sum(r.timed_out for r in results),
+        # the verifier raised or its process died on these samples: accuracy 0, format still paid
+        "reward/errors": sum(r.error is not None for r in results),
         # A group whose rewards are all equal has zero advantage everywhere: it teaches nothing.
         "groups/all_equal_frac": sum(len(set(g)) == 1 for g in groups) / len(groups),
         "response_length/mean": statistics.fmean(lengths),

@@ -17,12 +17,13 @@ from tqdm import tqdm
 from rlsys import datasets
 from rlsys.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
-from rlsys.data import PromptStream, check_prompt_lengths
+from rlsys.data import DataError, PromptStream, check_prompt_lengths, resolve_data_path
 from rlsys.evaluate import Problem, load_problems, run_eval
 from rlsys.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.models import resolve_model
 from rlsys.profile import Timeline
+from rlsys.rewards import check_golds
 
 
 def train(cfg: Config) -> Path:
@@ -128,13 +129,18 @@ def preflight(cfg: Config, run_dir: Path):
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
-    budget = cfg.generator.max_model_len - cfg.generator.max_tokens
-    check_prompt_lengths(prompts.ids, budget, f"training data {cfg.data.name or cfg.data.path}")
-    eval_problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer) if cfg.eval.every else []
+    source = (f"training data data.name={cfg.data.name} (split {cfg.data.split})" if cfg.data.name
+              else f"training data {resolve_data_path(cfg.data.path)}")
+    check_prompt_lengths(prompts.ids, cfg.generator.max_model_len - cfg.generator.max_tokens, source)
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
+    try:  # a gold the verifier cannot read must not surface days into a run, when its row is drawn
+        check_golds([answer for _, answer in prompts.rows], verifier, source)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
         raise ConfigError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
                           f"training data by {verifier}: the reward workers serve one verifier per run")
+    eval_problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer) if cfg.eval.every else []
     return model_path, tokenizer, prompts, eval_problems, verifier
 
 
