@@ -39,6 +39,9 @@ class ModelConfig:
     """Tie the tiny model's output layer to its embeddings (as SmolLM2 and many small models do)."""
     tiny_heads: int = 2
     """head_dim = tiny_hidden / tiny_heads must be one the CPU attention kernels take (32, 64, ...)."""
+    tiny_arch: str = "qwen2"
+    """qwen2 | llama: a Llama whose tokenizer, like Llama-3's and Mistral's, has no pad token and
+    starts every text (and its chat template) with BOS."""
 
 
 @dataclass
@@ -276,6 +279,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    need(cfg.model.tiny_arch in ("qwen2", "llama"), f"model.tiny_arch must be qwen2 or llama, got {cfg.model.tiny_arch!r}")
     need(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     need(cfg.data.template in ("r1_zero", "chat", "none"), f"data.template must be r1_zero, chat or none, got {cfg.data.template!r}")
     need(cfg.algo.aggregation in ("token", "sequence"), f"algo.aggregation must be token or sequence, got {cfg.algo.aggregation!r}")

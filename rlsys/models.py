@@ -60,7 +60,7 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
         return str(local) if local.exists() else cfg.path  # a hub id, for clusters that reach a hub
     cache_dir = cache_dir or default_cache_dir()
     spec = {"seed": cfg.tiny_seed, "hidden": cfg.tiny_hidden, "layers": cfg.tiny_layers, "heads": cfg.tiny_heads,
-            **({"tied": True} if cfg.tiny_tied else {}),
+            **({"tied": True} if cfg.tiny_tied else {}), **({"arch": cfg.tiny_arch} if cfg.tiny_arch != "qwen2" else {}),
             "version": 4}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir / f"tiny-{key}"
@@ -76,15 +76,24 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
     return str(target)
 
 
-def build_tiny_tokenizer():
+LLAMA_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def build_tiny_tokenizer(arch: str = "qwen2"):
     """One token per printable ASCII character, plus the four R1 tags as single tokens.
 
     Character level on purpose: a random policy then emits a digit one token in ten, so the toy
     tasks start near (not at) zero reward and GRPO has a signal from the first step.
+
+    qwen2: Qwen-style, EOS doubles as the pad token, nothing added to a text, a ChatML template.
+    llama: Llama-style (Llama-3, Mistral): BOS "<s>" starts every encoded text and the chat
+    template writes it too, EOS "</s>", and NO pad token: what real tokenizers do that a toy one
+    would otherwise hide (a doubled BOS, code that assumes a pad id).
     """
     import string
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     # Byte-level symbols (space -> "Ġ") in a merge-free BPE: AutoTokenizer loads a qwen2 folder as
@@ -92,30 +101,39 @@ def build_tiny_tokenizer():
     # the same character-level tokenizer (a plain-character vocab would silently drop all whitespace).
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     chars = [byte_level.pre_tokenize_str(c)[0][0] for c in string.printable]
-    specials = [EOS, "<unk>", "<|im_start|>", "<|im_end|>"]
+    specials = [EOS, "<unk>", "<|im_start|>", "<|im_end|>"] if arch == "qwen2" else ["<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
     tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     tok.add_tokens(THINK_TAGS)  # plain added tokens: one id each, kept by decode
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token="<unk>",
-                                   chat_template=CHATML)
+    if arch == "qwen2":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token="<unk>",
+                                       chat_template=CHATML)
+    tok.add_tokens(["<|system|>", "<|user|>", "<|assistant|>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=LLAMA_CHAT)
 
 
-def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int, tied: bool = False) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int, tied: bool = False,
+                     arch: str = "qwen2") -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tiny_tokenizer()
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
-        tie_word_embeddings=tied, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, dtype="float32",
-    )
+    tokenizer = build_tiny_tokenizer(arch)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
+                 tie_word_embeddings=tied, dtype="float32")
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.pad_token_id = eos
+    if arch == "qwen2":
+        eos = tokenizer.convert_tokens_to_ids(EOS)
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+        model.generation_config.pad_token_id = eos
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=None))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

@@ -55,18 +55,30 @@ def test_served_as_learner_accepts_only_exact_widening():
 def one_step(groups, cfg, tokenizer):
     prompts = PromptStream(cfg.data, seed=0, tokenizer=tokenizer).next()
     rollouts = groups.generators.generate([p.request(g) for g, p in enumerate(prompts)], cfg.algo.group_size)
+    for p, r in zip([p for p in prompts for _ in range(cfg.algo.group_size)], rollouts):
+        assert r.prompt_ids == p.ids  # the engine generated from rlsys's token ids, unchanged
     # Rewards that differ within every group, so the step surely moves the weights.
     rewards = [float(i % 2) for i in range(len(rollouts))]
     metrics = groups.learner.train(make_batch(rollouts, rewards, cfg.algo))
     return prompts, metrics
 
 
-@pytest.mark.parametrize("zero_stage,dtype,tied", [(0, "float32", False), (3, "bfloat16", False), (0, "float32", True)])
-def test_sync_is_exact_after_a_learner_step(ray_cluster, zero_stage, dtype, tied):
+CASES = {
+    # fp32 at temperature 0.7: the generators' log-probs must be the tempered ones the learner computes
+    "fp32": (["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7"]),
+    "zero3-bf16": ["learner.zero_stage=3", "model.dtype=bfloat16"],
+    "tied": ["learner.zero_stage=0", "model.tiny_tied=true"],
+    # a Llama whose tokenizer has no pad token and writes BOS in its chat template
+    "llama-chat": ["learner.zero_stage=0", "model.tiny_arch=llama", "data.template=chat"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = load_config(CONFIG, [f"learner.zero_stage={zero_stage}", f"model.dtype={dtype}", f"model.tiny_tied={tied}",
-                               "learner.sync_bucket_mb=0.05"])  # several buckets, even for the tiny model
+    cfg = load_config(CONFIG, CASES[case] + ["learner.sync_bucket_mb=0.05"])  # several buckets, even for the tiny model
+    dtype, tied = cfg.model.dtype, cfg.model.tiny_tied
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     groups = launch(cfg, model_path, verifier="math")
@@ -74,6 +86,15 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, zero_stage, dtype, tied
         assert len(groups.sync.plan) > 3, "the test should exercise several buckets"
         prompts, metrics = one_step(groups, cfg, tokenizer)
         assert metrics["grad_norm"] > 0
+        if dtype == "float32":
+            # Same weights, same tempered distribution, fp32 on both sides: only kernel rounding remains
+            # (vLLM's raw log-probs at temperature 0.7 would differ by about 0.1 a token).
+            assert metrics["gen_logprob_abs_diff"] < 1e-4 and metrics["gen_logprob_max_abs_diff"] < 1e-3, metrics
+            assert 0 <= metrics["gen_kl"] < 1e-6, metrics
+        if cfg.model.tiny_arch == "llama":
+            assert tokenizer.pad_token is None, "the case must cover a tokenizer without a pad token"
+            for p in prompts:  # the chat template writes BOS; encoding must not add a second one
+                assert p.ids[0] == tokenizer.bos_token_id and p.ids.count(tokenizer.bos_token_id) == 1, p.ids[:4]
         assert groups.sync.push(version=1) == [1, 1]
         learner = groups.learner.full_state_dict()
         initial = load_file(f"{model_path}/model.safetensors")
