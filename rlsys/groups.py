@@ -112,6 +112,15 @@ class GeneratorPool:
         return [r for i in range(len(chunks)) for r in results[i]]
 
 
+def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
+    """One sample's verifier error is the model's odd text (scored 0, counted, the run goes on);
+    every sample of a call failing is a broken verifier, and training on its zeros would hide it."""
+    if len(results) > 1 and all(r.error is not None for r in results):
+        raise RuntimeError(f"the verifier failed on all {len(results)} samples of this call (first: "
+                           f"{results[0].error}): it is broken, not the model's text")
+    return results
+
+
 class RewardPool:
     def __init__(self, actors: list, prefill: str = ""):
         self.actors = actors
@@ -121,13 +130,7 @@ class RewardPool:
         samples = [(self.prefill + r.text, r.answer) for r in rollouts]
         size = math.ceil(len(samples) / len(self.actors))
         refs = [a.score.remote(samples[i * size:(i + 1) * size]) for i, a in enumerate(self.actors)]
-        results = [res for chunk in ray.get(refs) for res in chunk]
-        # One sample's verifier error is the model's odd text (scored, counted, the run goes on);
-        # every sample failing is a broken verifier, and training on its zeros would hide it.
-        if len(results) > 1 and all(r.error is not None for r in results):
-            raise RuntimeError(f"the verifier failed on all {len(results)} samples of this call (first: "
-                               f"{results[0].error}): it is broken, not the model's text")
-        return results
+        return check_verifier([res for chunk in ray.get(refs) for res in chunk])
 
 
 class LearnerGroup:

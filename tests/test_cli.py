@@ -13,7 +13,9 @@ from rlsys.metrics import read_jsonl
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ["step", "weight_version", "reward/mean", "reward/std", "reward/accuracy", "reward/format",
         "groups/all_equal_frac", "response_length/mean", "truncated_frac", "loss", "kl", "grad_norm",
-        "timing/generate", "timing/reward", "timing/learn", "timing/sync", "throughput/tokens_per_s", "tokens/total"]
+        "timing/generate", "timing/reward", "timing/learn", "timing/sync", "throughput/tokens_per_s", "tokens/total",
+        "reward/errors", "reward/timeouts", "gen_logprob_abs_diff", "gen_logprob_max_abs_diff", "gen_kl", "lr",
+        "dual_clip_frac", "clip_frac"]
 
 
 def rlsys(*args: str) -> subprocess.CompletedProcess:
@@ -141,3 +143,14 @@ def test_eval_with_an_unknown_dataset_stops_before_any_actor():
     proc = rlsys("eval", "--model", "tiny", "--dataset", "nope", "--limit", "2")
     assert proc.returncode == 2
     assert "eval.dataset=nope" in proc.stderr and "gsm8k" in proc.stderr  # names the key and the known ones
+
+
+def test_a_gold_the_verifier_cannot_read_stops_before_any_actor(tmp_path):
+    data = tmp_path / "golds.jsonl"
+    rows = [{"prompt": "Copy the digit 1", "answer": "1"}, {"prompt": "Copy the digit 2", "answer": "2"},
+            {"prompt": "Copy the digit 3", "answer": "$"}]  # math-verify reads nothing in "$"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = rlsys("train", "configs/tiny.yaml", f"data.path={data}", f"trainer.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(data) in proc.stderr and "row 2" in proc.stderr and "'$'" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
