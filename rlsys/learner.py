@@ -218,8 +218,8 @@ class Learner:
         old = self._frozen_logprobs(self.engine.module, local) if self.needs_old_logprobs(len(minis)) else None
         ref = self._frozen_logprobs(self.ref.module, local) if self.ref is not None else None
         sums: dict[str, float] = defaultdict(float)
-        # generator vs learner on this rank's response tokens: sum |diff|, sum k3 KL, tokens, max |diff|
-        gen = torch.zeros(4, dtype=torch.float64)
+        # generator vs learner on this rank's response tokens: (sum |diff|, sum k3 KL, tokens), max |diff|
+        gen_sums, gen_max = torch.zeros(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self.engine.train()
         for epoch in range(self.cfg.epochs):
             for m, mini in enumerate(minis):
@@ -233,7 +233,9 @@ class Learner:
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
                     old_micro = logp.detach() if old is None else old[idx, :width].to(logp.device)
                     if epoch == 0:  # every row of this rank once
-                        gen += generator_mismatch(micro.gen_logprobs, old_micro.cpu(), micro.loss_mask)
+                        mismatch = generator_mismatch(micro.gen_logprobs, old_micro.cpu(), micro.loss_mask)
+                        gen_sums += mismatch[:3]
+                        gen_max = torch.maximum(gen_max, mismatch[3:])
                     loss, metrics = grpo_loss(
                         logp, old_micro,
                         None if ref is None else ref[idx, :width].to(logp.device),
@@ -268,9 +270,9 @@ class Learner:
         out = {k: v / (n_steps * W if k in PER_STEP else max(totals["tokens"], 1.0))
                for k, v in totals.items() if k != "tokens"}
         # The generator/learner gap is token-weighted over all ranks (sums, then one division), its max a max.
-        diff_sum, kl_sum, tokens = self._reduce(gen[:3], dist.ReduceOp.SUM).tolist()
+        diff_sum, kl_sum, tokens = self._reduce(gen_sums, dist.ReduceOp.SUM).tolist()
         out["gen_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
-        out["gen_logprob_max_abs_diff"] = float(self._reduce(gen[3:], dist.ReduceOp.MAX)[0])
+        out["gen_logprob_max_abs_diff"] = float(self._reduce(gen_max, dist.ReduceOp.MAX)[0])
         out["gen_kl"] = kl_sum / max(tokens, 1.0)
         out["lr"] = lr
         return out

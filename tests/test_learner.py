@@ -281,3 +281,19 @@ def AutoModel_names():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve_model(ModelConfig())).named_parameters()
+
+
+def test_generator_gap_metrics_are_token_weighted_means_and_a_true_max():
+    """Generator log-probs of 0 on every token: the gap is |learner log-prob| per response token;
+    over 4 micro-batches the mean is token-weighted and the max is the largest single gap (not a
+    sum of the micro-batches' maxima)."""
+    learner = make_learner(2)
+    batch = toy_batch(LENGTHS, ADV)
+    with torch.no_grad():
+        logp = learner._logprobs(learner.engine.module, batch)
+    gaps = logp[batch.loss_mask.bool()].abs().double()
+    metrics = learner.train(batch)
+    assert metrics["gen_logprob_abs_diff"] == pytest.approx(float(gaps.mean()), rel=1e-5)
+    assert metrics["gen_logprob_max_abs_diff"] == pytest.approx(float(gaps.max()), rel=1e-5)
+    k3 = torch.exp(-gaps) + gaps - 1  # r = learner - generator = -gap
+    assert metrics["gen_kl"] == pytest.approx(float(k3.mean()), rel=1e-5)
