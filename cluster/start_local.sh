@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # A two-node Ray cluster on this machine, for trying `cluster.address` and `ray job submit`
-# without real hardware: a head node and one worker node with their own logical CPUs.
-#   cluster/start_local.sh        # start;  cluster/start_local.sh stop   # stop both
+# without real hardware: a head node with no CPUs and one worker node with 8 logical CPUs, so
+# every actor runs on the worker while a driver attaches to the head, as on a real cluster
+# (learner rank 0 on another node than the driver: checkpoints are sent to the driver).
+#   cluster/start_local.sh        # start (GCS 127.0.0.1:6379, dashboard http://127.0.0.1:8265)
+#   cluster/start_local.sh stop   # stop this cluster, and only it
+# Other ports: RAY_PORT=... DASHBOARD_PORT=... AGENT_PORT=... cluster/start_local.sh (RAY_PORT for stop too).
+# Each node is a `ray start --block` in a session of its own; stop kills those process groups.
+# Never `ray stop` here: it kills every Ray process on the machine, other people's runs too.
 # Authentication is off here (local only); keep it on for real clusters. A plain `rlsys train`
 # on this machine still starts its own cluster; pass cluster.address=127.0.0.1:6379 to use this one.
 set -euo pipefail
@@ -9,8 +15,54 @@ export RAY_AUTH_MODE=disabled
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # The job drivers and actors this cluster starts must find the project's environment (rlsys, ray).
 [ -d "$repo/.venv/bin" ] && export PATH="$repo/.venv/bin:$PATH"
-if [ "${1:-}" = stop ]; then exec ray stop --force; fi
-ray start --head --num-cpus=4 --port=6379 --dashboard-host=127.0.0.1 --include-dashboard=true
-ray start --address=127.0.0.1:6379 --num-cpus=4
-echo "cluster up: rlsys train configs/tiny.yaml cluster.address=127.0.0.1:6379"
-echo "       or: cluster/submit.sh http://127.0.0.1:8265 configs/tiny.yaml"
+port=${RAY_PORT:-6379}
+dashboard=${DASHBOARD_PORT:-8265}
+agent=${AGENT_PORT:-52365}                # the head's dashboard agent; the worker's is the next port
+state="$repo/.cache/local-cluster/$port"  # pids and logs of the cluster on this port
+marker=/tmp/ray/ray_current_cluster       # where a plain ray.init() looks for a cluster
+
+alive() {  # the recorded `ray start` process is still running (not a reused pid)
+  [ -f "$state/$1.pid" ] && ps -o args= -p "$(cat "$state/$1.pid")" 2>/dev/null | grep -q "ray start"
+}
+
+stop() {
+  for node in worker head; do
+    if alive "$node"; then
+      pid=$(cat "$state/$node.pid")
+      kill -KILL -- "-$pid" || true  # the whole process group: raylet and gcs_server ignore SIGTERM
+      for _ in $(seq 60); do ps -o pid= -g "$pid" >/dev/null || break; sleep 0.5; done
+      echo "stopped the $node node (process group $pid)"
+    fi
+    rm -f "$state/$node.pid"
+  done
+  # Actors and job drivers run in process groups of their own and exit when their raylet dies.
+  if [ -f "$marker" ] && grep -q ":$port\$" "$marker"; then rm -f "$marker"; fi
+}
+
+start_node() {  # name, then `ray start` arguments
+  local name=$1; shift
+  # Not a process group leader here (no job control), so setsid runs ray in this pid.
+  : >"$state/$name.log"
+  setsid ray start --block --disable-usage-stats "$@" >>"$state/$name.log" 2>&1 </dev/null &
+  echo $! >"$state/$name.pid"
+  for _ in $(seq 240); do
+    grep -q "Ray runtime started" "$state/$name.log" && return 0
+    if ! alive "$name"; then
+      echo "the $name node did not start:" >&2; tail -20 "$state/$name.log" >&2; stop; exit 1
+    fi
+    sleep 0.5
+  done
+  echo "the $name node was not up within 120s (log: $state/$name.log)" >&2; stop; exit 1
+}
+
+if [ "${1:-}" = stop ]; then stop; exit 0; fi
+if alive head || alive worker; then
+  echo "a cluster started by this script runs on port $port; cluster/start_local.sh stop first" >&2; exit 1
+fi
+mkdir -p "$state"
+# Each node's dashboard agent needs a port of its own (both default to 52365); the head's serves jobs.
+start_node head --head --num-cpus=0 --port="$port" --include-dashboard=true --dashboard-host=127.0.0.1 \
+  --dashboard-port="$dashboard" --dashboard-agent-listen-port="$agent"
+start_node worker --address="127.0.0.1:$port" --num-cpus=8 --dashboard-agent-listen-port="$((agent + 1))"
+echo "cluster up (logs in $state): rlsys train configs/tiny.yaml cluster.address=127.0.0.1:$port"
+echo "       or: cluster/submit.sh http://127.0.0.1:$dashboard configs/tiny.yaml"

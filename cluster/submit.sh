@@ -15,6 +15,7 @@ set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: cluster/submit.sh DASHBOARD_ADDRESS CONFIG.yaml [key=value ...]" >&2; exit 2; }
 address=$1; shift
 base=$(pwd)
+base=${base//\\/\\\\}; base=${base//\"/\\\"}  # a JSON string: backslashes and quotes escaped
 cd "$(dirname "$0")/.."
 exec ray job submit --address "$address" --working-dir . \
   --runtime-env-json "{\"env_vars\": {\"RLSYS_BASE_DIR\": \"$base\"}}" -- rlsys train "$@"

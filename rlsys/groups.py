@@ -151,6 +151,18 @@ class LearnerGroup:
         """An HF checkpoint at `path` (absolute, in the run folder) whatever node rank 0 runs on."""
         if not self.ship_checkpoints:
             ray.get([a.save.remote(str(path)) for a in self.actors])
+            # cluster.shared_storage=true on a path that is not shared: rank 0 wrote the checkpoint
+            # to its own node's disk, and the run would end "successfully" without it. A few
+            # seconds' grace for shared filesystems that cache a missing name briefly.
+            deadline = time.time() + 10
+            while not (path / "config.json").is_file():
+                if time.time() > deadline:
+                    raise RuntimeError(
+                        f"learner rank 0 wrote checkpoint {path}, but the driver does not see it: with "
+                        f"cluster.shared_storage=true the run folder must be on storage that every node "
+                        f"mounts at the same path (the checkpoint is on rank 0's node's local disk). Use "
+                        f"cluster.shared_storage=false to have checkpoints sent to the driver")
+                time.sleep(0.5)
             return
         # Backpressure: rank 0 is at most two chunks ahead of the driver's writes.
         streams = [a.save_files.options(_generator_backpressure_num_objects=2).remote() for a in self.actors]
