@@ -178,12 +178,14 @@ class EvalConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = None
-    """None: start a local Ray cluster in-process. Otherwise ray.init(address=...), e.g. "auto"."""
+    """None: the cluster running this job when rlsys runs as a submitted Ray job, else a new local
+    Ray cluster in this process (even when another one runs on this machine). Otherwise
+    ray.init(address=...), e.g. "auto" or "HEAD_IP:6379"."""
     num_cpus: int | None = None
     """Logical CPUs of the local cluster; None: as many as the actors ask for (at least os.cpu_count())."""
     backend: str = "auto"
-    """Collective backend for the learners and the weight sync: auto (nccl when CUDA is there,
-    else gloo) | gloo | nccl."""
+    """Collective backend for the learners and the weight sync: auto (nccl when the Ray cluster has
+    GPUs, else gloo; decided from the cluster's resources, not the driver's own CUDA) | gloo | nccl."""
     placement_timeout_s: float = 120.0
     """A placement group not placed by then is an error, not a silent wait."""
     shared_storage: bool = False
