@@ -247,3 +247,29 @@ def test_stream_resumes_at_an_epoch_boundary(five_rows):
     resumed = PromptStream(five_rows, seed=2)
     resumed.load_state(first.state())
     assert indices(resumed.next(5)) == expected[5:]
+
+
+def test_prompts_are_encoded_once_with_one_bos():
+    """A Llama-style tokenizer adds BOS to any text, and its chat template writes BOS too: the chat
+    prompt must not get a second one; a plain template gets exactly the tokenizer's one."""
+    from rlsys.data import encode
+
+    tok = build_tiny_tokenizer("llama")
+    bos = tok.bos_token_id
+    chat = apply_template("What is 2+3?", DataConfig(template="chat"), tok)
+    assert chat.startswith("<s>")
+    [ids] = encode([chat], tok, "chat")
+    assert ids[0] == bos and ids.count(bos) == 1
+    [plain] = encode([apply_template("What is 2+3?", DataConfig(template="r1_zero"))], tok, "r1_zero")
+    assert plain[0] == bos and plain.count(bos) == 1
+    [qwen] = encode(["What is 2+3?"], build_tiny_tokenizer(), "none")  # Qwen-style: nothing added
+    assert len(qwen) == len("What is 2+3?")
+
+
+def test_prompt_length_check_counts_the_engines_token_ids():
+    from rlsys.data import check_prompt_lengths
+
+    ids = [[1] * 5, [1] * 7, [1] * 6]
+    check_prompt_lengths(ids, budget=7, what="training data x.jsonl")  # 7 tokens fit a budget of 7
+    with pytest.raises(DataError, match=r"training data x.jsonl: row 1 is 7 tokens once templated, over .* = 6"):
+        check_prompt_lengths(ids, budget=6, what="training data x.jsonl")
