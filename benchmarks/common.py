@@ -216,7 +216,7 @@ def rlsys_config(overrides: list[str], path: str | Path | None = None):
 def tiny_model(hidden: int, layers: int, heads: int) -> tuple[str, int]:
     """A random Qwen2 of this shape built in code (cached); returns (path, parameter count)."""
     from rlsys.config import ModelConfig
-    from rlsys.models import resolve_model
+    from rlsys.data.models import resolve_model
 
     path = resolve_model(ModelConfig(path="tiny", tiny_hidden=hidden, tiny_layers=layers, tiny_heads=heads))
     return path, param_count(path)

@@ -38,10 +38,10 @@ TARGET_VS_TRL = 2.0
 
 def rlsys_side(config: str, steps: int, keep: Path) -> dict:
     """One profiled rlsys run; its metrics and timeline are copied to `keep`."""
-    from rlsys.metrics import read_jsonl
-    from rlsys.profile import busy_split, read_tracks
-    from rlsys.report import PHASES, summarize
-    from rlsys.trainer import train
+    from rlsys.observe.metrics import read_jsonl
+    from rlsys.observe.profile import busy_split, read_tracks
+    from rlsys.observe.report import PHASES, summarize
+    from rlsys.loops.train import train
 
     results = REPO / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ tokens say). Each update is what a training step does: old log-probs without gra
 + backward + optimizer step per mini-batch. One warm-up update, then the median of `repeats`.
 
 tokens/s counts real tokens (prompt + response, no padding). MFU = model FLOPs of the update
-(rlsys/flops.py: matmuls and causal attention, the output layer where a token is scored; 3 x
+(rlsys/math/flops.py: matmuls and causal attention, the output layer where a token is scored; 3 x
 epochs forwards: one epoch over one mini-batch needs no separate old-log-prob pass) / seconds /
 the peak in benchmarks/hardware.yaml for the precision.
 
@@ -26,7 +26,7 @@ from benchmarks.common import Figure, Section, hardware, main, ray_up, rlsys_con
 
 
 def synthetic_batch(prompts: int, group: int, prompt_len: int, response_len: int, vocab: int, algo, seed: int = 0):
-    from rlsys.batch import make_batch
+    from rlsys.math.batch import make_batch
     from rlsys.types import Rollout
 
     rng = random.Random(seed)
@@ -45,8 +45,8 @@ def measure(model_path: str, zero: int, dtype: str, shape: dict, repeats: int) -
     from ray.util.placement_group import remove_placement_group
     import ray
 
-    from rlsys.flops import Shape, grpo_step_flops
-    from rlsys.groups import init_ray, start_learner_group
+    from rlsys.math.flops import Shape, grpo_step_flops
+    from rlsys.cluster.groups import init_ray, start_learner_group
 
     P, G, Lp, Lr = shape["prompts"], shape["group"], shape["prompt_len"], shape["response_len"]
     cfg = rlsys_config([f"model.path={model_path}", f"model.dtype={dtype}", f"learner.zero_stage={zero}",
@@ -74,7 +74,7 @@ def measure(model_path: str, zero: int, dtype: str, shape: dict, repeats: int) -
 
 def run(quick: bool) -> Section:
     from rlsys.config import ModelConfig
-    from rlsys.models import resolve_model
+    from rlsys.data.models import resolve_model
 
     shape = {"prompts": 4, "group": 8, "prompt_len": 32, "response_len": 96}
     models = {"tiny-10M": tiny_model(384, 8, 6)[0]}

@@ -1,6 +1,6 @@
 """Peer benchmark, TRL side: the rlsys GRPO workload of a config run by TRL's GRPOTrainer, in this process.
 
-Same model, same templated prompts (rlsys.data.PromptStream), same reward rule (rlsys.rewards), the
+Same model, same templated prompts (rlsys.data.prompts.PromptStream), same reward rule (rlsys.math.rewards), the
 same GRPO settings mapped onto GRPOConfig; measured per rlsys step (one rollout batch): wall time,
 prompt + completion tokens, mean reward. Generation is TRL's default (transformers generate); rlsys
 uses vLLM, so the two sides differ in their generation engine by construction.
@@ -32,9 +32,10 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
-    from rlsys import datasets, rewards
-    from rlsys.data import PromptStream
-    from rlsys.models import resolve_model
+    from rlsys.data import datasets
+    from rlsys.math import rewards
+    from rlsys.data.prompts import PromptStream
+    from rlsys.data.models import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)  # one process: give it every core
     model_path = resolve_model(cfg.model)
@@ -138,7 +139,7 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
         f"One process, {torch.get_num_threads()} torch threads, no Ray/DeepSpeed. Per step: transformers "
         f"generate() samples {cfg.algo.group_size} completions for each of {cfg.data.prompts_per_step} prompts "
         f"({B} sequences, left-padded, one batch, up to {cfg.generator.max_tokens} new tokens); rewards by "
-        f"rlsys.rewards.score + combine in-process, one after another, no timeout; group advantages; "
+        f"rlsys.math.rewards.score + combine in-process, one after another, no timeout; group advantages; "
         + ("one no-grad forward for old log-probs; " if old_logps else
            "no old-log-prob forward (one optimizer step per rollout: TRL uses the detached current log-probs); ")
         + (f"one no-grad forward of a frozen reference model (beta={cfg.algo.beta}); " if cfg.algo.beta else

@@ -5,7 +5,7 @@ with a wrong one, scored by the real rules (format + math-verify accuracy).
 - The pool: RewardPool over RewardActors on the Ray cluster, 1 and 2 workers.
 - The timeout machinery: a RewardWorker (a killable child process, one pipe round trip per
   sample, a per-sample deadline) against calling the same rule in-process, no protection
-  (rlsys.rewards.score in a loop), on the same samples. The ratio is what the protection against
+  (rlsys.math.rewards.score in a loop), on the same samples. The ratio is what the protection against
   a hanging verifier costs.
 
     python benchmarks/reward.py [--quick]
@@ -22,7 +22,7 @@ from benchmarks.common import Figure, Section, main, ray_up, rlsys_config, timed
 
 
 def samples(count: int) -> list[tuple[str, str]]:
-    from rlsys import datasets
+    from rlsys.data import datasets
 
     rows = datasets.load("gsm8k", "test", limit=count)
     out = []
@@ -36,9 +36,9 @@ def samples(count: int) -> list[tuple[str, str]]:
 def run(quick: bool) -> Section:
     import ray
 
-    from rlsys.groups import RewardActor, RewardPool
-    from rlsys.reward_worker import RewardWorker
-    from rlsys.rewards import score
+    from rlsys.cluster.groups import RewardActor, RewardPool
+    from rlsys.actors.reward_worker import RewardWorker
+    from rlsys.math.rewards import score
     from rlsys.types import Rollout
 
     count = 256 if quick else 1024

@@ -3,7 +3,7 @@
 1. vLLM vs HF `generate` (target: vLLM >= 1.5x): the same model, prompts, batch, group size,
    sampling (temperature 1, top-p 1) and exactly T new tokens per sample on both sides (vLLM
    min_tokens = max_tokens = T; HF min_new_tokens = max_new_tokens = T), fp32, each side in a
-   fresh process with the machine's threads. vLLM runs as rlsys runs it (rlsys.generator.Generator:
+   fresh process with the machine's threads. vLLM runs as rlsys runs it (rlsys.actors.generator.Generator:
    an in-process engine that also returns each token's log-prob); HF samples
    num_return_sequences = n from a left-padded batch. One warm-up call each, then the median of
    `repeats`.
@@ -46,7 +46,7 @@ def vllm_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats:
     """Median seconds of one generate call over the whole batch (fresh process)."""
     _threads()
     from rlsys.config import GeneratorConfig
-    from rlsys.generator import Generator
+    from rlsys.actors.generator import Generator
 
     cfg = GeneratorConfig(max_tokens=tokens, max_model_len=2048, enable_prefix_caching=prefix_caching,
                           kv_cache_gib=2)
@@ -84,8 +84,8 @@ def workload_prompts(config: str, count: int) -> tuple[str, list[str]]:
     """(model path, templated prompt texts) of an rlsys config: what its run would generate from."""
     from transformers import AutoTokenizer
 
-    from rlsys.data import PromptStream
-    from rlsys.models import resolve_model
+    from rlsys.data.prompts import PromptStream
+    from rlsys.data.models import resolve_model
 
     cfg = rlsys_config([], config)
     path = resolve_model(cfg.model)
@@ -120,7 +120,7 @@ def prefix_caching(section: Section, model_path: str, prompt: str, prompts: int,
 
 
 def pool(section: Section, model_path: str, quick: bool) -> None:
-    from rlsys.groups import init_ray, launch
+    from rlsys.cluster.groups import init_ray, launch
 
     base_prompts = workload_prompts("configs/tiny.yaml", 64)[1]
     tokens = 32

@@ -32,7 +32,7 @@ TARGET = 0.8
 def measure(model_path: str, repeats: int, bucket_mb: float) -> dict:
     import ray
 
-    from rlsys.groups import init_ray, launch, resolve_backend
+    from rlsys.cluster.groups import init_ray, launch, resolve_backend
 
     cfg = rlsys_config([f"model.path={model_path}", "learner.num_ranks=1", "learner.mini_batch_size=4",
                         "learner.micro_batch_size=4", "data.prompts_per_step=1", "algo.group_size=4",

@@ -1,6 +1,6 @@
 """Checkpoints are HF folders `<run_dir>/checkpoints/step_<N>/` that transformers and vLLM load
 directly; this module finds them, exports one, and writes one that a learner streamed from
-another node (rlsys.learner.Learner.save_files)."""
+another node (rlsys.actors.learner.Learner.save_files)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from rlsys.config import DEFAULT_CONFIG, ConfigError, load_config
-from rlsys.data import DataError
+from rlsys.data.prompts import DataError
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -25,7 +25,7 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["data", "prepare"]:
-        from rlsys.datasets import prepare_main
+        from rlsys.data.datasets import prepare_main
 
         return prepare_main(argv[2:])
     parser = argparse.ArgumentParser(prog="rlsys", description="R1-Zero-style GRPO on Ray")
@@ -59,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_train(args) -> int:
     given, overrides = split_config_args(args.args)
     cfg = load_config(given or DEFAULT_CONFIG, overrides)
-    from rlsys.report import report
-    from rlsys.trainer import train
+    from rlsys.observe.report import report
+    from rlsys.loops.train import train
 
     print(report(train(cfg)))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from rlsys.evaluate import eval_command
+    from rlsys.loops.evaluate import eval_command
 
     given, overrides = split_config_args(args.args)
     return eval_command(args.model, args.dataset, args.split, args.limit, args.k, args.step, args.out, given,
@@ -82,7 +82,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rlsys.report import report
+    from rlsys.observe.report import report
 
     print(report(args.run_dir))
     return 0

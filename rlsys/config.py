@@ -48,7 +48,7 @@ class ModelConfig:
 class DataConfig:
     name: str | None = None
     """A registry dataset (gsm8k, math500, math, countdown, basic_arithmetic, ...: see
-    rlsys/datasets.py); when set, `path` and the field names are not used."""
+    rlsys/data/datasets.py); when set, `path` and the field names are not used."""
     split: str = "train"
     """Split of the registry dataset."""
     path: str = "configs/data/toy_digits.jsonl"

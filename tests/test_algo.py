@@ -1,10 +1,10 @@
-"""Tests for rlsys.algo. Every expected number is worked out by hand in the comments."""
+"""Tests for rlsys.math.grpo. Every expected number is worked out by hand in the comments."""
 import math
 
 import pytest
 import torch
 
-from rlsys.algo import (LOG_RATIO_CLAMP, clipped_surrogate, group_advantages, grpo_loss,
+from rlsys.math.grpo import (LOG_RATIO_CLAMP, clipped_surrogate, group_advantages, grpo_loss,
                         k3_kl, masked_aggregate, masked_mean)
 
 LN2 = 0.6931471805599453

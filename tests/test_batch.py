@@ -1,8 +1,8 @@
-"""Tests for rlsys.batch.make_batch and TrainBatch.select, on hand-made rollouts."""
+"""Tests for rlsys.math.batch.make_batch and TrainBatch.select, on hand-made rollouts."""
 import pytest
 import torch
 
-from rlsys.batch import make_batch
+from rlsys.math.batch import make_batch
 from rlsys.config import AlgoConfig
 from rlsys.types import Rollout, TrainBatch
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from benchmarks.common import Figure, Section, check_result, ratio, write_result
-from rlsys.flops import Shape, forward_flops, grpo_step_flops, mfu
-from rlsys.profile import Spans, Timeline, busy_split, read_tracks
+from rlsys.math.flops import Shape, forward_flops, grpo_step_flops, mfu
+from rlsys.observe.profile import Spans, Timeline, busy_split, read_tracks
 
 TINY = Shape(hidden=4, layers=1, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.metrics import read_jsonl
+from rlsys.observe.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ["step", "weight_version", "reward/mean", "reward/std", "reward/accuracy", "reward/format",
@@ -58,7 +58,7 @@ def test_train_tiny_three_steps(smoke_run):
 
 
 def test_profiled_run_writes_every_actors_phases_to_the_timeline(smoke_run):
-    from rlsys.profile import read_tracks
+    from rlsys.observe.profile import read_tracks
 
     tracks = read_tracks(smoke_run / "timeline.json")
     names = lambda track: [s["name"] for s in tracks[track]]  # noqa: E731
@@ -87,7 +87,7 @@ def test_exported_checkpoint_loads_in_transformers_and_vllm_with_the_same_greedy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlsys.config import load_config
-    from rlsys.models import resolve_model
+    from rlsys.data.models import resolve_model
 
     out = tmp_path / "exported"
     proc = rlsys("export", str(smoke_run), str(out), "--step", "3")

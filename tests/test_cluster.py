@@ -37,7 +37,7 @@ import psutil
 import pytest
 import torch
 
-from rlsys.metrics import read_jsonl
+from rlsys.observe.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the repo's .venv/bin: rlsys, ray
@@ -308,7 +308,7 @@ def initial_weights():
     from safetensors.torch import load_file
 
     from rlsys.config import load_config
-    from rlsys.models import resolve_model
+    from rlsys.data.models import resolve_model
 
     return load_file(Path(resolve_model(load_config(REPO / "configs/tiny.yaml").model)) / "model.safetensors")
 
@@ -450,7 +450,7 @@ def test_plain_run_beside_a_ray_start_cluster_starts_its_own(cluster, tmp_path):
 GPU_PROBE = textwrap.dedent("""
     import json
     import ray
-    from rlsys.groups import Placed, resolve_backend
+    from rlsys.cluster.groups import Placed, resolve_backend
 
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 

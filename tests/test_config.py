@@ -237,14 +237,14 @@ def test_bf16_needs_zero_stage_one_or_more():
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """A stand-in rlsys.trainer: the CLI reaching it fails the test instead of starting Ray."""
-    fake = types.ModuleType("rlsys.trainer")
+    """A stand-in rlsys.loops.train: the CLI reaching it fails the test instead of starting Ray."""
+    fake = types.ModuleType("rlsys.loops.train")
 
     def train(cfg):
         raise AssertionError("the CLI started training despite a bad config")
 
     fake.train = train
-    monkeypatch.setitem(sys.modules, "rlsys.trainer", fake)
+    monkeypatch.setitem(sys.modules, "rlsys.loops.train", fake)
 
 
 def test_cli_unknown_key_returns_2_and_names_it(capsys, no_training):

@@ -1,4 +1,4 @@
-"""Tests for rlsys.data: reading rows, templates, and the resumable prompt stream."""
+"""Tests for rlsys.data.prompts: reading rows, templates, and the resumable prompt stream."""
 import json
 
 import pyarrow as pa
@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlsys.config import DataConfig
-from rlsys.data import (R1_ZERO_TEMPLATE, SOURCE_ROOT, DataError, PromptStream, apply_template, load_rows,
+from rlsys.data.prompts import (R1_ZERO_TEMPLATE, SOURCE_ROOT, DataError, PromptStream, apply_template, load_rows,
                         resolve_data_path)
-from rlsys.models import build_tiny_tokenizer
+from rlsys.data.models import build_tiny_tokenizer
 
 ROWS = [("What is 2+3?", "5"), ("Copy the digit 7", "7"), ("Name a prime.", "2"),
         ("What is 10-4?", "6"), ("Spell one", "one")]
@@ -252,7 +252,7 @@ def test_stream_resumes_at_an_epoch_boundary(five_rows):
 def test_prompts_are_encoded_once_with_one_bos():
     """A Llama-style tokenizer adds BOS to any text, and its chat template writes BOS too: the chat
     prompt must not get a second one; a plain template gets exactly the tokenizer's one."""
-    from rlsys.data import encode
+    from rlsys.data.prompts import encode
 
     tok = build_tiny_tokenizer("llama")
     bos = tok.bos_token_id
@@ -267,7 +267,7 @@ def test_prompts_are_encoded_once_with_one_bos():
 
 
 def test_prompt_length_check_counts_the_engines_token_ids():
-    from rlsys.data import check_prompt_lengths
+    from rlsys.data.prompts import check_prompt_lengths
 
     ids = [[1] * 5, [1] * 7, [1] * 6]
     check_prompt_lengths(ids, budget=7, what="training data x.jsonl")  # 7 tokens fit a budget of 7

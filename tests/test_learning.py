@@ -6,8 +6,8 @@ import statistics
 from pathlib import Path
 
 from rlsys.config import load_config
-from rlsys.metrics import read_jsonl
-from rlsys.trainer import train
+from rlsys.observe.metrics import read_jsonl
+from rlsys.loops.train import train
 
 
 def test_grpo_raises_reward_on_the_toy_task(ray_cluster, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for rlsys.models: the char-level tiny tokenizer and the cached, deterministic tiny model."""
+"""Tests for rlsys.data.models: the char-level tiny tokenizer and the cached, deterministic tiny model."""
 import string
 from pathlib import Path
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rlsys.models as models
+import rlsys.data.models as models
 from rlsys.config import ModelConfig
-from rlsys.models import EOS, THINK_TAGS, build_tiny_tokenizer, resolve_model
+from rlsys.data.models import EOS, THINK_TAGS, build_tiny_tokenizer, resolve_model
 
 TEXT = "<think>12 + 30 = 42\nso\tthe sum is 42.</think> <answer>42</answer>"
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rlsys.report import report, summarize
+from rlsys.observe.report import report, summarize
 
 
 def rows(rewards):
@@ -31,7 +31,7 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
 
 
 def test_sparkline_maps_zero_to_one_onto_eight_blocks():
-    from rlsys.metrics import sparkline
+    from rlsys.observe.metrics import sparkline
 
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([-1.0, 2.0]) == "▁█"  # out of range: clamped, never an IndexError

@@ -5,9 +5,9 @@ import time
 import pytest
 
 from rlsys.config import RewardConfig
-from rlsys.reward_worker import RewardWorker
+from rlsys.actors.reward_worker import RewardWorker
 from rlsys.types import RewardResult
-from rlsys.rewards import accuracy, combine, score
+from rlsys.math.rewards import accuracy, combine, score
 
 # Scorers must be module-level (the child process unpickles them by name). A scorer gives the
 # accuracy only: the worker computes the format score itself, in the parent.
@@ -131,7 +131,7 @@ def test_raising_scorer_scores_zero_accuracy_keeps_the_format_and_goes_on(caplog
     try:
         pid = worker._proc.pid
         boom = (tagged("4", think="BOOM"), "4")
-        with caplog.at_level("WARNING", logger="rlsys.reward_worker"):
+        with caplog.at_level("WARNING", logger="rlsys.actors.reward_worker"):
             got = worker.score([(tagged("4"), "4"), boom, (tagged("5"), "4"), (" BOOM 4", "4")])
         assert got == [
             RIGHT,

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-import rlsys.rewards as rewards
+import rlsys.math.rewards as rewards
 from rlsys.config import RewardConfig
-from rlsys import datasets
-from rlsys.rewards import (GoldError, accuracy, accuracy_reward, check_golds, combine, extract_answer, format_reward,
+from rlsys.data import datasets
+from rlsys.math.rewards import (GoldError, accuracy, accuracy_reward, check_golds, combine, extract_answer, format_reward,
                            format_score, score)
 
 

@@ -7,11 +7,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from rlsys.batch import make_batch
+from rlsys.math.batch import make_batch
 from rlsys.config import load_config
-from rlsys.data import PromptStream
-from rlsys.groups import launch
-from rlsys.models import resolve_model
+from rlsys.data.prompts import PromptStream
+from rlsys.cluster.groups import launch
+from rlsys.data.models import resolve_model
 
 CONFIG = "configs/tiny.yaml"
 

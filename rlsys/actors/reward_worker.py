@@ -2,9 +2,9 @@
 verifier that raises or crashes on model text cannot stop.
 
 math-verify's own timeouts (signal.alarm) are off, since they fail outside the main thread
-(see rlsys.rewards). Instead the accuracy check (rlsys.rewards.accuracy) runs in a child process
+(see rlsys.math.rewards). Instead the accuracy check (rlsys.math.rewards.accuracy) runs in a child process
 that the parent kills when a sample takes longer than ``RewardConfig.timeout_s``. The format
-score (rlsys.rewards.format_score, a regex) is computed here in the parent, so whatever happens
+score (rlsys.math.rewards.format_score, a regex) is computed here in the parent, so whatever happens
 to the accuracy check, the format score is paid.
 
 What a sample gets when the accuracy check fails (accuracy 0, ``reward = combine(0, format)``):
@@ -17,7 +17,7 @@ What a sample gets when the accuracy check fails (accuracy 0, ``reward = combine
 Each is logged (``logging.warning``) and scoring goes on with the next sample: training never
 stalls or stops on model text. What still raises, since it is a broken component or bad data and
 not bad model text: a child that cannot start (RuntimeError: import error, startup crash), a
-gold answer the verifier cannot use (ValueError; rlsys.rewards.check_golds finds those up front).
+gold answer the verifier cannot use (ValueError; rlsys.math.rewards.check_golds finds those up front).
 
 Plain class, no Ray here (Ray wraps it elsewhere). Calls from several threads are serialised
 by a lock. The child is started with the 'spawn' method, so a script that builds a RewardWorker
@@ -37,7 +37,7 @@ from multiprocessing.connection import wait
 from typing import Callable
 
 from rlsys.config import RewardConfig
-from rlsys.rewards import VERIFIERS, GoldError, accuracy, combine, format_score
+from rlsys.math.rewards import VERIFIERS, GoldError, accuracy, combine, format_score
 from rlsys.types import RewardResult
 
 __all__ = ["RewardResult", "RewardWorker", "Scorer"]
@@ -45,7 +45,7 @@ __all__ = ["RewardResult", "RewardWorker", "Scorer"]
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[str, str, RewardConfig], float]
-"""``scorer(completion, gold, cfg) -> accuracy``: what the child runs (rlsys.rewards.accuracy)."""
+"""``scorer(completion, gold, cfg) -> accuracy``: what the child runs (rlsys.math.rewards.accuracy)."""
 
 START_TIMEOUT_S = 120.0
 """Longest wait for a child to start (spawn a Python, import the scorer and the verifier).
@@ -70,7 +70,7 @@ def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         scorer = pickle.loads(scorer_bytes)
-        from rlsys.rewards import _math_verify
+        from rlsys.math.rewards import _math_verify
 
         _math_verify()  # import once, before the first sample's clock starts
         if cfg.verifier == "reasoning_gym":
@@ -128,7 +128,7 @@ class RewardWorker:
         # A config error would otherwise reach every sample as an error (accuracy) or every call.
         if cfg.verifier not in VERIFIERS:
             raise ValueError(f"reward.verifier must be resolved to one of {VERIFIERS} before a RewardWorker "
-                             f"starts (rlsys.datasets.resolve_verifier), got {cfg.verifier!r}")
+                             f"starts (rlsys.data.datasets.resolve_verifier), got {cfg.verifier!r}")
         format_score("", cfg)  # raises ValueError for an unknown format_mode
         self._ctx = mp.get_context("spawn")
         self._start()
@@ -247,7 +247,7 @@ class RewardWorker:
                     results.append(self._failed(fmt, error=_last_line(msg[2])))
                 elif kind == "gold":
                     raise ValueError(f"the gold answer of sample {index} cannot be used by the verifier (a data "
-                                     f"bug; rlsys.rewards.check_golds finds these up front):\n{msg[2]}")
+                                     f"bug; rlsys.math.rewards.check_golds finds these up front):\n{msg[2]}")
                 else:
                     raise RuntimeError(f"reward worker child sent {msg!r}")
             finished = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlsys.algo import group_advantages
+from rlsys.math.grpo import group_advantages
 from rlsys.config import AlgoConfig
 from rlsys.types import Rollout, TrainBatch
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from rlsys.profile import Spans
+from rlsys.observe.profile import Spans
 from rlsys.types import RewardResult, Rollout
 
 

@@ -33,4 +33,4 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    write_jsonl(digit_rows(200), Path(__file__).resolve().parent.parent / "configs" / "data" / "toy_digits.jsonl")
+    write_jsonl(digit_rows(200), Path(__file__).resolve().parents[2] / "configs" / "data" / "toy_digits.jsonl")

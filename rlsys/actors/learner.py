@@ -32,10 +32,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from rlsys.algo import grpo_loss
+from rlsys.math.grpo import grpo_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
-from rlsys.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, raw_broadcast,
+from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, raw_broadcast,
                                send_buckets)
 
 

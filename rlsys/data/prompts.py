@@ -1,4 +1,4 @@
-"""Prompts: a registry dataset (data.name, see rlsys.datasets) or a jsonl/parquet file read with
+"""Prompts: a registry dataset (data.name, see rlsys.data.datasets) or a jsonl/parquet file read with
 pyarrow, wrapped in a template, streamed resumably.
 
 Templates:
@@ -28,7 +28,7 @@ R1_ZERO_TEMPLATE = (
     "User: {prompt}. Assistant:"
 )
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository (rlsys/data/prompts.py)
 
 
 @dataclass
@@ -63,11 +63,11 @@ def resolve_data_path(path: str) -> Path:
 def load_rows(cfg: DataConfig) -> list[tuple[str, str]]:
     """(question, answer) for every row; a missing or empty field stops with file, row and field.
 
-    With ``cfg.name`` set: the rows of that registry dataset's ``cfg.split`` (rlsys.datasets);
+    With ``cfg.name`` set: the rows of that registry dataset's ``cfg.split`` (rlsys.data.datasets);
     ``cfg.path`` and the field names are then not used.
     """
     if cfg.name:
-        from rlsys import datasets
+        from rlsys.data import datasets
 
         try:
             return datasets.load(cfg.name, cfg.split)

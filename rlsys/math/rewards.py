@@ -30,14 +30,14 @@ Two rule rewards, both binary as in the paper (no neural reward model):
   nothing at all (e.g. empty) raises :class:`GoldError`: a data bug must not look like a 0 reward.
 
 With ``RewardConfig.verifier="reasoning_gym"`` (reasoning-gym tasks: countdown, puzzle24, ...)
-the gold is the task entry as JSON (see rlsys.datasets) and accuracy is 1.0 iff the task's own
+the gold is the task entry as JSON (see rlsys.data.datasets) and accuracy is 1.0 iff the task's own
 scorer gives the extracted answer full marks (:func:`reasoning_gym_accuracy`; its partial credit
 counts as 0, so the reward stays binary). ``verifier="auto"`` is resolved from the data before
-any scoring (rlsys.datasets.resolve_verifier); :func:`accuracy` refuses it.
+any scoring (rlsys.data.datasets.resolve_verifier); :func:`accuracy` refuses it.
 
 The two halves are separate on purpose: :func:`accuracy` (``cfg.verifier``, the part that can
 hang or crash on model text) and :func:`format_score` (``cfg.format_mode``, a regex that cannot).
-:class:`rlsys.reward_worker.RewardWorker` runs only the accuracy check in a killable child and the
+:class:`rlsys.actors.reward_worker.RewardWorker` runs only the accuracy check in a killable child and the
 format score in its own process, so a verifier that times out, raises or crashes costs that
 sample its accuracy and nothing else. The reward is ``accuracy_weight * accuracy +
 format_weight * format`` (:func:`combine`); :func:`score` gives both halves in-process.
@@ -54,7 +54,7 @@ for models that cannot produce them yet, while the format reward still pays for 
 
 math-verify runs with its own timeouts off (``parsing_timeout=None``, ``timeout_seconds=None``):
 they use ``signal.alarm``, which fails outside the main thread. A verifier that hangs is the
-caller's to stop: :class:`rlsys.reward_worker.RewardWorker` runs :func:`accuracy` in a child
+caller's to stop: :class:`rlsys.actors.reward_worker.RewardWorker` runs :func:`accuracy` in a child
 process that it kills after ``RewardConfig.timeout_s``.
 """
 
@@ -299,7 +299,7 @@ def _parse_entry(gold: str) -> tuple[dict, str, str | None]:
 
 def reasoning_gym_accuracy(completion: str, gold: str, require_tag: bool = True) -> float:
     """1.0 iff the task's own scorer gives the extracted answer (see :func:`extract_answer`) full
-    marks; ``gold`` is the task entry (question, answer, metadata) as JSON, see rlsys.datasets.
+    marks; ``gold`` is the task entry (question, answer, metadata) as JSON, see rlsys.data.datasets.
 
     reasoning-gym scorers give partial credit (e.g. countdown 0.05 for a wrong expression that
     uses the right numbers, 0.01 for one that does not parse); the R1 accuracy reward is binary,
@@ -327,8 +327,8 @@ def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
     """Accuracy (0.0 or 1.0) of one completion with ``cfg.require_answer_tag``, judged by
     ``cfg.verifier``: math (:func:`accuracy_reward`) | reasoning_gym
     (:func:`reasoning_gym_accuracy`). "auto" must have been resolved before (by the caller, with
-    rlsys.datasets.resolve_verifier): it raises ValueError here. This is the part that may hang
-    or crash on model text; :class:`rlsys.reward_worker.RewardWorker` runs it in a killable child.
+    rlsys.data.datasets.resolve_verifier): it raises ValueError here. This is the part that may hang
+    or crash on model text; :class:`rlsys.actors.reward_worker.RewardWorker` runs it in a killable child.
 
     >>> from rlsys.config import RewardConfig
     >>> accuracy(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig(verifier="math"))
@@ -353,7 +353,7 @@ def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
 def _bad_verifier(verifier: str) -> str:
     if verifier == "auto":
         return ("reward.verifier=auto must be resolved to math or reasoning_gym before scoring "
-                "(rlsys.datasets.resolve_verifier)")
+                "(rlsys.data.datasets.resolve_verifier)")
     return f"reward.verifier must be math or reasoning_gym, got {verifier!r}"
 
 
@@ -380,7 +380,7 @@ def format_score(completion: str, cfg: RewardConfig) -> float:
 
 def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
     """(:func:`accuracy`, :func:`format_score`) of one completion, both in this process and with
-    no timeout (tests, benchmarks); training scores through rlsys.reward_worker.RewardWorker.
+    no timeout (tests, benchmarks); training scores through rlsys.actors.reward_worker.RewardWorker.
 
     >>> from rlsys.config import RewardConfig
     >>> score(" <think> 1 + 2 </think> <answer> 3 </answer>", "3", RewardConfig(verifier="math"))

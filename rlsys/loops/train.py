@@ -14,16 +14,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rlsys import datasets
-from rlsys.batch import make_batch
+from rlsys.data import datasets
+from rlsys.math.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
-from rlsys.data import DataError, PromptStream, check_prompt_lengths, resolve_data_path
-from rlsys.evaluate import Problem, load_problems, run_eval
-from rlsys.groups import Groups, in_ray_job, init_ray, launch
-from rlsys.metrics import RunLog, Timer, rollout_stats, sparkline
-from rlsys.models import resolve_model
-from rlsys.profile import Timeline
-from rlsys.rewards import check_golds
+from rlsys.data.prompts import DataError, PromptStream, check_prompt_lengths, resolve_data_path
+from rlsys.loops.evaluate import Problem, load_problems, run_eval
+from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
+from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
+from rlsys.data.models import resolve_model
+from rlsys.observe.profile import Timeline
+from rlsys.math.rewards import check_golds
 
 
 def train(cfg: Config) -> Path:
@@ -151,7 +151,7 @@ def due(step: int, every: int, last: bool) -> bool:
 
 def evaluate(groups: Groups, problems: list[Problem], cfg: Config, out: Path) -> dict:
     """Held-out evaluation with the weights the generators now serve; the summary goes to the step's metrics."""
-    from rlsys.evaluate import write
+    from rlsys.loops.evaluate import write
 
     summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag,
                        cfg.generator.max_tokens)

@@ -3,10 +3,10 @@
 The engine runs in this process (`distributed_executor_backend="uni"`) when it has one worker,
 which starts in seconds; with tensor parallelism its workers are processes of their own (on GPU,
 and on CPU with one OpenMP core set per worker). Either way the weight sync runs inside the
-workers as vLLM worker-extension methods (rlsys.weight_sync.WorkerExtension) called by name.
+workers as vLLM worker-extension methods (rlsys.actors.weight_sync.WorkerExtension) called by name.
 Weights change only through `receive_weights`, which also bumps the version every rollout carries.
 
-Prompts arrive as token ids, tokenised once by rlsys (rlsys.data): the engine never re-tokenises
+Prompts arrive as token ids, tokenised once by rlsys (rlsys.data.prompts): the engine never re-tokenises
 text, so a chat template's BOS is not doubled and the prompt-length check counts exactly what the
 engine sees. Log-probs are vLLM's processed ones (after temperature), the distribution the tokens
 were sampled from, which is what the learner recomputes.
@@ -18,7 +18,7 @@ import os
 
 from rlsys.config import GeneratorConfig
 from rlsys.types import PromptRequest, Rollout
-from rlsys.weight_sync import WORKER_EXTENSION, Bucket, plan_to_wire
+from rlsys.actors.weight_sync import WORKER_EXTENSION, Bucket, plan_to_wire
 
 
 def engine_env(cfg: GeneratorConfig) -> dict[str, str]:

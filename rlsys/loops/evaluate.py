@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsys.config import DataConfig, EvalConfig, GeneratorConfig
-from rlsys.data import DataError, apply_template, check_prompt_lengths, encode
-from rlsys.rewards import extract_answer
+from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode
+from rlsys.math.rewards import extract_answer
 
 
 @dataclass
@@ -64,13 +64,13 @@ def cons_at_k(results: list[ProblemResult]) -> float:
 def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer) -> list[Problem]:
     """The evaluation problems, checked before any actor starts: a bad dataset name or split, or a
     prompt that leaves no room to answer, stops with the key named."""
-    from rlsys import datasets
+    from rlsys.data import datasets
 
     try:
         problems = datasets.load(cfg.dataset, cfg.split, cfg.limit)
     except ValueError as e:
         raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
-    from rlsys.rewards import check_golds
+    from rlsys.math.rewards import check_golds
 
     try:
         check_golds([a for _, a in problems], datasets.verifier_for(cfg.dataset),
@@ -134,11 +134,11 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
 
     from transformers import AutoTokenizer
 
-    from rlsys import datasets
+    from rlsys.data import datasets
     from rlsys.checkpoint import find_checkpoint, is_run_dir
     from rlsys.config import load_config
-    from rlsys.groups import init_ray, launch
-    from rlsys.models import resolve_model
+    from rlsys.cluster.groups import init_ray, launch
+    from rlsys.data.models import resolve_model
 
     run = Path(model)
     if config is None and is_run_dir(run) and (run / "config.yaml").is_file():

@@ -56,7 +56,7 @@ class Traced:
     """Mixed into an actor class: once start_tracing() is called, each method named in PHASES
     records a span of its own name (before that, and in runs without profiling, nothing).
 
-    Ray is applied at the edge (rlsys/groups.py), and so is this: the plain classes stay plain.
+    Ray is applied at the edge (rlsys/cluster/groups.py), and so is this: the plain classes stay plain.
     """
 
     PHASES: tuple[str, ...] = ()

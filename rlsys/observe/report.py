@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from rlsys.metrics import read_jsonl
+from rlsys.observe.metrics import read_jsonl
 
 PHASES = ("generate", "reward", "learn", "sync")
 
@@ -90,7 +90,7 @@ def eval_line(run_dir: Path) -> str:
 
 def utilisation_line(run_dir: Path) -> str:
     """Busy shares per actor group, from the timeline of a profiled run (profile.enabled=true)."""
-    from rlsys.profile import busy_split, read_tracks
+    from rlsys.observe.profile import busy_split, read_tracks
 
     path = run_dir / "timeline.json"
     if not path.is_file():

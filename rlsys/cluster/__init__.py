@@ -1,0 +1,1 @@
+"""The Ray edge: placement groups, actors and the group handles the loops call."""

@@ -1,0 +1,1 @@
+"""Prompts and where they come from: files, the dataset registry, models that install offline, toy tasks."""

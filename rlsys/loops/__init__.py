@@ -1,0 +1,1 @@
+"""The loops: GRPO training (train.py) and evaluation (evaluate.py)."""

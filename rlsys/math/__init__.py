@@ -1,0 +1,1 @@
+"""Pure functions: the GRPO objective, rule rewards, batch assembly, FLOP counts."""

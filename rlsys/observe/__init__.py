@@ -1,0 +1,1 @@
+"""Watching runs: metrics logs, the profiling timeline, rlsys report."""
