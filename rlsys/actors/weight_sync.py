@@ -245,7 +245,7 @@ def read_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     layer's weight is read back by applying the layer's own kernel to an identity matrix
     (y = I @ W^T is exact: each output is one product with 1.0 plus zeros). Values and dtypes
     are what the engine holds: on CPUs with AMX, vLLM keeps the bias of a small bf16 linear layer
-    in float32 (see served_equals).
+    in float32 (tests/test_sync.py's served_as_learner compares after that cast).
     """
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():

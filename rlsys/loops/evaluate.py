@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlsys.config import DataConfig, EvalConfig, GeneratorConfig
 from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode
-from rlsys.math.rewards import extract_answer
+from rlsys.math.rewards import check_golds, extract_answer
 
 
 @dataclass
@@ -61,22 +61,26 @@ def cons_at_k(results: list[ProblemResult]) -> float:
     return statistics.fmean(r.consensus_correct for r in results)
 
 
+def require_usable_golds(golds: list[str], verifier: str, what: str) -> None:
+    """rlsys.math.rewards.check_golds as a data error (file or dataset, row, value): a gold the
+    verifier cannot read must stop a run before any actor starts, not days in, when its row is drawn."""
+    try:
+        check_golds(golds, verifier, what)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
 def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer) -> list[Problem]:
-    """The evaluation problems, checked before any actor starts: a bad dataset name or split, or a
-    prompt that leaves no room to answer, stops with the key named."""
+    """The evaluation problems, checked before any actor starts: a bad dataset name or split, a gold
+    answer the verifier cannot read, or a prompt that leaves no room to answer stops with the key named."""
     from rlsys.data import datasets
 
     try:
         problems = datasets.load(cfg.dataset, cfg.split, cfg.limit)
     except ValueError as e:
         raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
-    from rlsys.math.rewards import check_golds
-
-    try:
-        check_golds([a for _, a in problems], datasets.verifier_for(cfg.dataset),
-                    f"eval dataset {cfg.dataset} (split {cfg.split})")
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    require_usable_golds([a for _, a in problems], datasets.verifier_for(cfg.dataset),
+                         f"eval dataset {cfg.dataset} (split {cfg.split})")
     ids = encode([apply_template(q, data, tokenizer) for q, _ in problems], tokenizer, data.template)
     check_prompt_lengths(ids, generator.max_model_len - (cfg.max_tokens or generator.max_tokens),
                          f"eval dataset {cfg.dataset}")

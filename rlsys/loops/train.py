@@ -17,13 +17,12 @@ from tqdm import tqdm
 from rlsys.data import datasets
 from rlsys.math.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
-from rlsys.data.prompts import DataError, PromptStream, check_prompt_lengths, resolve_data_path
-from rlsys.loops.evaluate import Problem, load_problems, run_eval
+from rlsys.data.prompts import PromptStream, check_prompt_lengths, resolve_data_path
+from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, run_eval
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.data.models import resolve_model
 from rlsys.observe.profile import Timeline
-from rlsys.math.rewards import check_golds
 
 
 def train(cfg: Config) -> Path:
@@ -133,10 +132,7 @@ def preflight(cfg: Config, run_dir: Path):
               else f"training data {resolve_data_path(cfg.data.path)}")
     check_prompt_lengths(prompts.ids, cfg.generator.max_model_len - cfg.generator.max_tokens, source)
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
-    try:  # a gold the verifier cannot read must not surface days into a run, when its row is drawn
-        check_golds([answer for _, answer in prompts.rows], verifier, source)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    require_usable_golds([answer for _, answer in prompts.rows], verifier, source)
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
         raise ConfigError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
                           f"training data by {verifier}: the reward workers serve one verifier per run")
