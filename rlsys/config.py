@@ -192,6 +192,21 @@ class ClusterConfig:
     """true: trainer.output_dir is a path every node of the cluster sees (NFS, Lustre, a mounted
     bucket) and learner rank 0 writes checkpoints into it wherever it runs. false: a learner on
     another node than the driver sends its checkpoint files to the driver, which writes them."""
+    placement: str = "any"
+    """any: Ray puts each actor wherever its CPUs/GPUs fit | disaggregated: generators only on nodes
+    that declare the custom resource `rollout_resource`, learners only on nodes that declare
+    `learner_resource` (`ray start --resources='{"rollout": 1}'`, or a node type's resources in a
+    launcher YAML / KubeRay rayStartParams) | colocated: generator i shares a placement bundle (so a
+    node, and on GPUs a GPU) with learner rank i (needs generator.num_engines = learner.num_ranks and
+    tensor_parallel_size 1)."""
+    rollout_resource: str = "rollout"
+    learner_resource: str = "learner"
+    learners_per_node: int = 0
+    """disaggregated/any: put exactly this many learner ranks on each node (their bundles are
+    spread over distinct nodes); 0: pack them as Ray finds room."""
+    autoscaler_timeout_s: float = 900.0
+    """When the cluster runs an autoscaler: how long to wait for nodes that a placement needs (the
+    wait is reported every few seconds). Without one, placement_timeout_s applies."""
 
 
 @dataclass
@@ -203,6 +218,46 @@ class TrainerConfig:
     """Write an HF checkpoint folder every N steps (and after the last step); 0 = only at the end."""
     progress: bool = True
     """Progress bar with the live reward on the terminal."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go, any of: jsonl (metrics.jsonl + samples.jsonl in the run folder, always
+    written) | tensorboard (<run_dir>/tensorboard) | wandb (WANDB_MODE as set; offline writes under
+    <run_dir>/wandb) | mlflow (tracking URI from `tracking_uri`, default <run_dir>/mlruns)."""
+    project: str = "rlsys"
+    """Tracker project (W&B) / experiment (MLflow)."""
+    run_name: str | None = None
+    """Tracker run name; None: the run folder's name."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: a file store in <run_dir>/mlruns."""
+
+
+@dataclass
+class SubmitConfig:
+    """What `rlsys submit` puts in the Ray job's runtime environment (besides the working dir)."""
+    pip: list[str] | None = None
+    """Packages the job's workers install (Ray's runtime_env pip), e.g. ["rlsys @ git+https://..."]."""
+    uv: list[str] | None = None
+    """Same, installed with uv (Ray's runtime_env uv); at most one of pip, uv."""
+    image_uri: str | None = None
+    """A container image every worker of the job runs in (Ray's runtime_env image_uri)."""
+    env_vars: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the driver and every actor."""
+    excludes: list[str] = field(default_factory=list)
+    """Extra working-dir patterns not to upload (beyond .git, .venv, runs/, caches)."""
+
+
+@dataclass
+class AutoscaleConfig:
+    """The elastic rollout pool: generators join and leave between steps."""
+    enabled: bool = False
+    min_generators: int = 1
+    max_generators: int = 4
+    grow_above: float = 0.5
+    """Grow by one engine when the generate phase takes more than this share of the step ..."""
+    patience: int = 2
+    """... for this many steps in a row, and every engine had work; shrink by one when an engine
+    had no work for this many steps in a row."""
+    node_timeout_s: float = 600.0
+    """How long a requested generator may wait for its node; it is dropped (and logged) after."""
 
 
 @dataclass
@@ -223,6 +278,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -313,6 +370,30 @@ def validate(cfg: Config) -> None:
          f"learner.lr_schedule must be constant or cosine, got {cfg.learner.lr_schedule!r}")
     need(cfg.learner.warmup_steps >= 0, f"learner.warmup_steps must be >= 0, got {cfg.learner.warmup_steps}")
     need(0 <= cfg.learner.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {cfg.learner.min_lr_ratio}")
+    need(cfg.cluster.placement in ("any", "disaggregated", "colocated"),
+         f"cluster.placement must be any, disaggregated or colocated, got {cfg.cluster.placement!r}")
+    if cfg.cluster.placement == "colocated":
+        need(cfg.generator.num_engines == cfg.learner.num_ranks and cfg.generator.tensor_parallel_size == 1,
+             f"cluster.placement=colocated puts generator i beside learner rank i: it needs generator.num_engines "
+             f"({cfg.generator.num_engines}) = learner.num_ranks ({cfg.learner.num_ranks}) and "
+             f"generator.tensor_parallel_size 1 (got {cfg.generator.tensor_parallel_size})")
+        need(not cfg.autoscale.enabled, "autoscale.enabled needs cluster.placement any or disaggregated: colocated "
+                                        "generators live and die with their learner rank")
+    need(cfg.cluster.learners_per_node >= 0, f"cluster.learners_per_node must be >= 0, got {cfg.cluster.learners_per_node}")
+    need(cfg.cluster.learners_per_node == 0 or cfg.learner.num_ranks % cfg.cluster.learners_per_node == 0,
+         f"cluster.learners_per_node={cfg.cluster.learners_per_node} must divide learner.num_ranks={cfg.learner.num_ranks}")
+    bad = [name for name in cfg.trainer.loggers if name not in ("jsonl", "tensorboard", "wandb", "mlflow")]
+    need(not bad, f"trainer.loggers: unknown logger(s) {bad}; choose from jsonl, tensorboard, wandb, mlflow")
+    need(not (cfg.submit.pip and cfg.submit.uv), "submit.pip and submit.uv: give one of them, not both")
+    if cfg.autoscale.enabled:
+        a = cfg.autoscale
+        need(1 <= a.min_generators <= a.max_generators,
+             f"autoscale: need 1 <= min_generators ({a.min_generators}) <= max_generators ({a.max_generators})")
+        need(a.min_generators <= cfg.generator.num_engines <= a.max_generators,
+             f"autoscale: generator.num_engines={cfg.generator.num_engines} (the pool's starting size) must lie in "
+             f"[autoscale.min_generators, autoscale.max_generators] = [{a.min_generators}, {a.max_generators}]")
+        need(0 < a.grow_above < 1 and a.patience >= 1,
+             f"autoscale.grow_above must be in (0, 1) and autoscale.patience >= 1, got {a.grow_above}, {a.patience}")
     # The learner scores each sampled token under logits / temperature over the whole vocabulary:
     # that is the generators' sampling distribution only for temperature > 0 and no truncation.
     need(cfg.generator.temperature > 0,
