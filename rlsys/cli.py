@@ -5,6 +5,9 @@ rlsys eval --model M --dataset D [...]          R1-style pass@1 / cons@K on the 
 rlsys export RUN_DIR [--step N] OUT             an HF folder from a run's checkpoint
 rlsys data prepare NAME --split S --out F       a registry dataset as parquet
 rlsys report RUN_DIR                            a run's figures and plots
+rlsys submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265 [--follow]
+                                                GRPO as a Ray job on a running cluster (rlsys/cluster/jobs.py)
+rlsys jobs list | status ID | logs ID [--follow] | stop ID  [--address ...]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlsys.cluster.jobs import JobError
 from rlsys.config import DEFAULT_CONFIG, ConfigError, load_config
 from rlsys.data.prompts import DataError
 
@@ -32,6 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run GRPO; no CONFIG runs the embedded default (tiny model, toy task)")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--config-env", metavar="VAR",
+                   help="read the whole config (YAML) from environment variable VAR: what `rlsys submit` ships")
+    p = sub.add_parser("submit", help="validate a config here, then run it as a Ray job on a running cluster")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                                     "then $RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="stream the job's output until it ends; exit 1 unless "
+                                                        "it SUCCEEDED")
+    p.add_argument("--submission-id", "--job-id", dest="submission_id", help="the job's id (default: Ray picks one)")
+    p = sub.add_parser("jobs", help="list, status, logs, stop of Ray jobs on a cluster")
+    jobs = p.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "one line per job"), ("status", "PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED"),
+                         ("logs", "the job driver's output"), ("stop", "stop a job and wait until it has ended")):
+        q = jobs.add_parser(action, help=text)
+        q.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                                         "then $RAY_ADDRESS)")
+        if action != "list":
+            q.add_argument("job_id")
+        if action == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends; exit 1 unless it "
+                                                                "SUCCEEDED")
+        if action == "stop":
+            q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the job to end")
     p = sub.add_parser("eval", help="pass@1 and cons@K of a model or a run's checkpoint on a registry dataset")
     p.add_argument("--model", required=True, help="HF folder, named model (tiny, smollm2-135m-instruct) or RUN_DIR")
     p.add_argument("--dataset", required=True)
@@ -51,14 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, JobError) as e:
         print(f"rlsys {args.command}: {e}", file=sys.stderr)
         return 2
 
 
 def cmd_train(args) -> int:
     given, overrides = split_config_args(args.args)
-    cfg = load_config(given or DEFAULT_CONFIG, overrides)
+    if args.config_env:
+        from rlsys.cluster.jobs import load_shipped_config
+
+        if args.args:
+            raise ConfigError(f"--config-env {args.config_env} is the whole config: no CONFIG or overrides beside it")
+        cfg = load_shipped_config(args.config_env)
+    else:
+        cfg = load_config(given or DEFAULT_CONFIG, overrides)
     from rlsys.observe.report import report
     from rlsys.loops.train import train
 
@@ -93,7 +127,19 @@ def cmd_data(args) -> int:
     return 2
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data}
+def cmd_submit(args) -> int:
+    from rlsys.cluster.jobs import submit_main
+
+    return submit_main(args)
+
+
+def cmd_jobs(args) -> int:
+    from rlsys.cluster.jobs import jobs_main
+
+    return jobs_main(args)
+
+
+COMMANDS = {"train": cmd_train, "submit": cmd_submit, "jobs": cmd_jobs, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data}
 
 if __name__ == "__main__":
     sys.exit(main())
