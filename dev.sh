@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 
 setup() {
   # Skip when nothing that defines the environment (files, extras) changed since the last set-up.
-  local extras="${1:-cpu,test}" stamp
+  local extras="${1:-cpu,test,track}" stamp
   stamp=$( (cat pyproject.toml dev.sh; echo "$extras") | sha256sum | cut -d' ' -f1)
   if [ -x .venv/bin/rlsys ] && [ "$(cat .venv/.rlsys-setup 2>/dev/null)" = "$stamp" ]; then return; fi
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv

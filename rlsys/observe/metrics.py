@@ -1,4 +1,4 @@
-"""Timers, rollout statistics and the run folder's logs (metrics.jsonl, samples.jsonl)."""
+"""Timers, rollout statistics and the run folder's logs (metrics.jsonl, samples.jsonl, trackers)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from rlsys.config import Config
 from rlsys.observe.profile import Spans
+from rlsys.observe.trackers import make_tracker, plottable
 from rlsys.types import RewardResult, Rollout
 
 
@@ -57,22 +61,61 @@ def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_si
 
 
 class RunLog:
-    """Appends one JSON line per step; flushes every line (a crash loses nothing logged)."""
+    """Appends one JSON line per step; flushes every line (a crash loses nothing logged).
 
-    def __init__(self, run_dir: Path):
+    metrics.jsonl and samples.jsonl are always written, whether or not `trainer.loggers` lists
+    jsonl: `rlsys report` reads them. With the config, each tracker that trainer.loggers names
+    (tensorboard, wandb, mlflow; rlsys.observe.trackers) gets the config once, now, and every
+    step's metrics and sample. Without it (RunLog(run_dir)), the two files only.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config | None = None):
         self.run_dir = run_dir
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.samples = open(run_dir / "samples.jsonl", "a")
+        self.trackers: dict[str, object] = {}
+        self.warned: set[str] = set()   # metric names already warned about as not numbers
+        if cfg is None:
+            return
+        try:
+            for name in dict.fromkeys(cfg.trainer.loggers):   # listed twice: one tracker
+                if name != "jsonl":
+                    self.trackers[name] = make_tracker(name, run_dir, cfg.trainer)
+            config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+            for tracker in self.trackers.values():
+                tracker.log_config(config)
+        except Exception:
+            # A tracker that cannot start stops the run before step 1; the files and the
+            # trackers already started are closed first (a W&B run would be left running).
+            self.close()
+            raise
 
     def log(self, step: int, metrics: dict, sample: dict) -> None:
         self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics.flush()
         self.samples.write(json.dumps({"step": step, **sample}) + "\n")
         self.samples.flush()
+        if self.trackers:
+            numbers = plottable(metrics, self.warned)
+            for tracker in self.trackers.values():
+                tracker.log(step, numbers, sample)
 
     def close(self) -> None:
-        self.metrics.close()
-        self.samples.close()
+        """Closes the files and every tracker, even when one fails; then raises what failed."""
+        closers = {"metrics.jsonl": self.metrics.close, "samples.jsonl": self.samples.close,
+                   **{name: tracker.close for name, tracker in self.trackers.items()}}
+        self.trackers = {}
+        failed = []
+        for name, close in closers.items():
+            try:
+                close()
+            except Exception as e:
+                failed.append((name, e))
+        if len(failed) == 1:
+            raise failed[0][1]
+        if failed:
+            names = ", ".join(f"{name} ({type(e).__name__}: {e})" for name, e in failed)
+            raise RuntimeError(f"closing the run log failed for {names}") from failed[0][1]
 
 
 def sparkline(values: list[float], low: float = 0.0, high: float = 1.0) -> str:
