@@ -4,7 +4,11 @@
 # every actor runs on the worker while a driver attaches to the head, as on a real cluster
 # (learner rank 0 on another node than the driver: checkpoints are sent to the driver).
 #   cluster/start_local.sh        # start (GCS 127.0.0.1:6379, dashboard http://127.0.0.1:8265)
-#   cluster/start_local.sh stop   # stop this cluster, and only it
+#   cluster/start_local.sh pools  # the same head, and two worker nodes of 8 CPUs: one declaring
+#                                 # the custom resource `rollout`, one `learner`, for trying
+#                                 # cluster.placement=disaggregated (generators on the first,
+#                                 # learners on the second)
+#   cluster/start_local.sh stop   # stop this cluster, and only it (either kind)
 # Other ports: RAY_PORT=... DASHBOARD_PORT=... AGENT_PORT=... cluster/start_local.sh (RAY_PORT for stop too).
 # Each node is a `ray start --block` in a session of its own; stop kills those process groups.
 # Never `ray stop` here: it kills every Ray process on the machine, other people's runs too.
@@ -17,7 +21,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 [ -d "$repo/.venv/bin" ] && export PATH="$repo/.venv/bin:$PATH"
 port=${RAY_PORT:-6379}
 dashboard=${DASHBOARD_PORT:-8265}
-agent=${AGENT_PORT:-52365}                # the head's dashboard agent; the worker's is the next port
+agent=${AGENT_PORT:-52365}                # the head's dashboard agent; the workers' are the next ports
 state="$repo/.cache/local-cluster/$port"  # pids and logs of the cluster on this port
 marker=/tmp/ray/ray_current_cluster       # where a plain ray.init() looks for a cluster
 
@@ -26,7 +30,7 @@ alive() {  # the recorded `ray start` process is still running (not a reused pid
 }
 
 stop() {
-  for node in worker head; do
+  for node in worker rollout learner head; do
     if alive "$node"; then
       pid=$(cat "$state/$node.pid")
       kill -KILL -- "-$pid" || true  # the whole process group: raylet and gcs_server ignore SIGTERM
@@ -55,14 +59,28 @@ start_node() {  # name, then `ray start` arguments
   echo "the $name node was not up within 120s (log: $state/$name.log)" >&2; stop; exit 1
 }
 
-if [ "${1:-}" = stop ]; then stop; exit 0; fi
-if alive head || alive worker; then
+case ${1:-} in
+  stop) stop; exit 0;;
+  ""|pools) ;;
+  *) echo "usage: cluster/start_local.sh [pools|stop]" >&2; exit 2;;
+esac
+if alive head || alive worker || alive rollout || alive learner; then
   echo "a cluster started by this script runs on port $port; cluster/start_local.sh stop first" >&2; exit 1
 fi
 mkdir -p "$state"
 # Each node's dashboard agent needs a port of its own (both default to 52365); the head's serves jobs.
 start_node head --head --num-cpus=0 --port="$port" --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$dashboard" --dashboard-agent-listen-port="$agent"
-start_node worker --address="127.0.0.1:$port" --num-cpus=8 --dashboard-agent-listen-port="$((agent + 1))"
-echo "cluster up (logs in $state): rlsys train configs/tiny.yaml cluster.address=127.0.0.1:$port"
-echo "       or: cluster/submit.sh http://127.0.0.1:$dashboard configs/tiny.yaml"
+if [ "${1:-}" = pools ]; then
+  start_node rollout --address="127.0.0.1:$port" --num-cpus=8 --resources='{"rollout": 1}' \
+    --dashboard-agent-listen-port="$((agent + 1))"
+  start_node learner --address="127.0.0.1:$port" --num-cpus=8 --resources='{"learner": 1}' \
+    --dashboard-agent-listen-port="$((agent + 2))"
+  placement=" cluster.placement=disaggregated"
+else
+  start_node worker --address="127.0.0.1:$port" --num-cpus=8 --dashboard-agent-listen-port="$((agent + 1))"
+  placement=""
+fi
+echo "cluster up (logs in $state): rlsys train configs/tiny.yaml cluster.address=127.0.0.1:$port$placement"
+echo "       or: cluster/submit.sh http://127.0.0.1:$dashboard configs/tiny.yaml$placement"
+echo "       or: rlsys submit configs/tiny.yaml$placement trainer.output_dir=\$PWD/runs/local --address http://127.0.0.1:$dashboard"
