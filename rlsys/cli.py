@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="print a run's reward and step-time figures; write reward.png, timing.png")
     p.add_argument("run_dir", type=Path)
     sub.add_parser("data", help="data prepare NAME --split S --out FILE.parquet [--limit N]")
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow options (`submit CONFIG --address A k=v`), which a plain
+    # parse leaves over once the positional list has ended.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("train", "submit") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args += extra
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, JobError) as e:
