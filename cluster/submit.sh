@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# Submit a training run as a Ray job to a running cluster:
-#   cluster/submit.sh http://HEAD:8265 configs/tiny.yaml trainer.total_steps=100
-# The job's driver runs `rlsys train` on the head node, which must have rlsys installed
-# (./dev.sh setup, or pip install -e '.[gpu]' on GPU nodes); the repository folder is shipped as
-# the job's working directory, so configs/ and data paths resolve as they do locally.
-# The run folder: a relative trainer.output_dir resolves against the folder you submit from
-# (RLSYS_BASE_DIR), not against Ray's temporary copy of the working dir, which Ray deletes. The
-# driver writes it on the head node: on a real cluster, give an absolute trainer.output_dir on
-# storage that you and the head node both reach (and cluster.shared_storage=true when every node
-# mounts it; otherwise checkpoints are sent from the learner's node to the driver).
-# Real clusters keep Ray's token authentication on: export RAY_AUTH_TOKEN (or the token file)
-# where you run this.
+# Submit a training run as a Ray job to a running cluster and follow it until it ends:
+#   cluster/submit.sh http://HEAD:8265 configs/tiny.yaml trainer.output_dir=runs/x trainer.total_steps=100
+# A thin wrapper around `rlsys submit CONFIG --address ADDRESS --follow [key=value ...]`
+# (rlsys/cluster/jobs.py: the config is validated here, the project folder and the merged config
+# are shipped; exit 1 unless the job SUCCEEDED). What it adds:
+# - CONFIG may be given relative to the folder you run this from or to the repository;
+# - a relative trainer.output_dir=... override resolves against the folder you submit from (the
+#   driver writes it on the head node: on a real cluster give an absolute path on storage that you
+#   and the head node both reach, or a storage URI). A relative output_dir inside the config file
+#   is refused by rlsys submit.
+# Real clusters keep Ray's token authentication on: RAY_AUTH_MODE=token and the cluster's token in
+# RAY_AUTH_TOKEN (or the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token) where you run this.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: cluster/submit.sh DASHBOARD_ADDRESS CONFIG.yaml [key=value ...]" >&2; exit 2; }
-address=$1; shift
-base=$(pwd)
-base=${base//\\/\\\\}; base=${base//\"/\\\"}  # a JSON string: backslashes and quotes escaped
-cd "$(dirname "$0")/.."
-exec ray job submit --address "$address" --working-dir . \
-  --runtime-env-json "{\"env_vars\": {\"RLSYS_BASE_DIR\": \"$base\"}}" -- rlsys train "$@"
+address=$1; config=$2; shift 2
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -f "$config" ] && [ -f "$repo/$config" ]; then config="$repo/$config"; fi
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    trainer.output_dir=/*|trainer.output_dir=*://*) args+=("$arg") ;;
+    trainer.output_dir=*) args+=("trainer.output_dir=$(pwd)/${arg#trainer.output_dir=}") ;;
+    *) args+=("$arg") ;;
+  esac
+done
+rlsys=rlsys
+[ -x "$repo/.venv/bin/rlsys" ] && rlsys="$repo/.venv/bin/rlsys"
+exec "$rlsys" submit "$config" --address "$address" --follow "${args[@]}"
