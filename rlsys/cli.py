@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--follow", action="store_true", help="stream the job's output until it ends; exit 1 unless "
                                                         "it SUCCEEDED")
     p.add_argument("--submission-id", "--job-id", dest="submission_id", help="the job's id (default: Ray picks one)")
+    p.add_argument("--base-dir", type=Path, help="resolve a relative trainer.output_dir against this folder (the "
+                                                 "job gets the absolute path); default: a relative one is refused")
     p = sub.add_parser("jobs", help="list, status, logs, stop of Ray jobs on a cluster")
     jobs = p.add_subparsers(dest="action", required=True)
     for action, text in (("list", "one line per job"), ("status", "PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED"),

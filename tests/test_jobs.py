@@ -155,6 +155,18 @@ def test_submit_sends_the_validated_config_and_prints_how_to_follow(monkeypatch,
     assert "rlsys jobs logs my-run --follow" in out
 
 
+def test_base_dir_resolves_a_relative_run_folder_before_it_is_shipped(monkeypatch, tmp_path, capsys):
+    fake = FakeClient()
+    monkeypatch.setattr(jobs, "client", lambda address: fake)
+    jobs.submit(TINY, [], "http://h:8265", base_dir=tmp_path)  # tiny.yaml's runs/tiny
+    jobs.submit(TINY, ["trainer.output_dir=s3://b/r"], "http://h:8265", base_dir=tmp_path)
+    shipped = [c["runtime_env"]["env_vars"][jobs.CONFIG_ENV] for c in fake.submitted]
+    monkeypatch.setenv(jobs.CONFIG_ENV, shipped[0])
+    assert jobs.load_shipped_config(jobs.CONFIG_ENV).trainer.output_dir == str(tmp_path / "runs" / "tiny")
+    monkeypatch.setenv(jobs.CONFIG_ENV, shipped[1])
+    assert jobs.load_shipped_config(jobs.CONFIG_ENV).trainer.output_dir == "s3://b/r"
+
+
 def test_a_bad_config_stops_before_the_cluster_is_contacted(monkeypatch):
     def no_client(address):
         raise AssertionError("the cluster was contacted")

@@ -14,6 +14,8 @@ What `rlsys submit` does, in order:
    every node and you can reach, or a storage URI, s3://... gs://... file:///...), a relative
    data.path or model.path that is not inside the shipped project folder, and RAY_AUTH_* in
    submit.env_vars (a token there would be stored in the job's runtime environment).
+   `--base-dir DIR` (what cluster/submit.sh passes: the folder it runs in) takes a relative
+   trainer.output_dir relative to DIR instead; the job gets the absolute path.
 2. Ships the project folder as the job's working dir: the folder holding the imported rlsys
    package, which must be a project checkout (a pyproject.toml naming rlsys beside rlsys/; an
    editable install, as ./dev.sh setup makes). Not the current directory: the shipped code is
@@ -188,11 +190,16 @@ def client(address: str):
 
 
 def submit(config: str | Path | None, overrides: list[str], address: str, submission_id: str | None = None,
-           out: TextIO | None = None) -> str:
-    """Validate here, then submit; returns the job's submission id."""
+           out: TextIO | None = None, base_dir: Path | None = None) -> str:
+    """Validate here, then submit; returns the job's submission id. base_dir: a relative
+    trainer.output_dir is taken relative to it (cluster/submit.sh passes the folder it runs in),
+    and the absolute path is what the job gets."""
+    from rlsys.cluster.storage import is_uri
     from rlsys.config import DEFAULT_CONFIG
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    if base_dir is not None and not is_uri(cfg.trainer.output_dir) and not Path(cfg.trainer.output_dir).is_absolute():
+        cfg.trainer.output_dir = str(Path(base_dir).resolve() / cfg.trainer.output_dir)
     project = project_dir()
     check_submittable(cfg, project)
     env = runtime_env(cfg, project)
@@ -252,7 +259,7 @@ def submit_main(args) -> int:
 
     address = resolve_address(args.address)
     given, overrides = split_config_args(args.args)
-    job_id = submit(given, overrides, address, args.submission_id)
+    job_id = submit(given, overrides, address, args.submission_id, base_dir=args.base_dir)
     if not args.follow:
         return 0
     jobs = client(address)
