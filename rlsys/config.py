@@ -227,7 +227,7 @@ class TrainerConfig:
     run_name: str | None = None
     """Tracker run name; None: the run folder's name."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; None: a file store in <run_dir>/mlruns."""
+    """MLflow tracking URI; None: a SQLite store in <run_dir>/mlruns (mlflow.db, artifacts/)."""
 
 
 @dataclass

@@ -1,10 +1,8 @@
-"""The Ray edge: placement groups, actors, and the handles the loop calls.
+"""The Ray edge: the groups of actors the loop calls, and how they are started.
 
-Nothing else in rlsys imports Ray's actor machinery: Generator, Learner and RewardWorker are
-plain classes; here each becomes an actor (a subclass that can also say where it runs), each
-group gets a placement group that must be placed within `cluster.placement_timeout_s` or the
-run stops with the resources it was waiting for, and the group handles below submit work to
-every member and `ray.get` once.
+`launch` places every role where cluster.placement says (rlsys/cluster/placement.py), starts
+the actors (rlsys/cluster/remote.py) and returns the handles below, which submit work to every
+member and `ray.get` once. The generators form an elastic pool (rlsys/cluster/pool.py).
 """
 
 from __future__ import annotations
@@ -17,41 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
 from rlsys import checkpoint
-from rlsys.config import Config
-from rlsys.actors.generator import Generator, engine_env
-from rlsys.actors.learner import Learner
-from rlsys.observe.profile import Span, Traced
-from rlsys.actors.reward_worker import RewardWorker
-from rlsys.types import RewardResult, Rollout, TrainBatch
+from rlsys.actors.generator import engine_env
 from rlsys.actors.weight_sync import Bucket
+from rlsys.cluster.placement import generator_bundle, layout
+from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
+from rlsys.cluster.remote import GeneratorActor, LearnerActor, Placed, RewardActor, in_group, place, threads
+from rlsys.config import Config
+from rlsys.observe.profile import Span
+from rlsys.types import RewardResult, Rollout, TrainBatch
 
-
-class Placed:
-    """Mixed into every actor: where am I, and which GPUs Ray gave me."""
-
-    def whereami(self) -> dict:
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
-                "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
-
-
-@ray.remote
-class GeneratorActor(Traced, Generator, Placed):
-    PHASES = ("generate", "receive_weights")
-
-
-@ray.remote
-class LearnerActor(Traced, Learner, Placed):
-    PHASES = ("train", "broadcast_weights")
-
-
-@ray.remote
-class RewardActor(Traced, RewardWorker, Placed):
-    PHASES = ("score",)
+__all__ = ["Placed", "RewardActor", "resolve_backend"]  # re-exported for tests and benchmarks
 
 
 def resolve_backend(backend: str, cluster_resources: dict) -> str:
@@ -64,52 +40,6 @@ def resolve_backend(backend: str, cluster_resources: dict) -> str:
     if backend != "auto":
         return backend
     return "nccl" if cluster_resources.get("GPU", 0) > 0 else "gloo"
-
-
-def _bundles(num: int, cpus: float, gpus: int) -> list[dict]:
-    bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
-    return [dict(bundle) for _ in range(num)]
-
-
-def _place(name: str, bundles: list[dict], strategy: str, timeout_s: float):
-    pg = placement_group(bundles, strategy=strategy, name=name)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)
-        raise RuntimeError(
-            f"placement group {name!r} ({len(bundles)} x {bundles[0]}, {strategy}) was not placed within "
-            f"{timeout_s:.0f}s; cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
-    return pg
-
-
-def _in(pg, index: int) -> dict:
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
-
-
-class GeneratorPool:
-    def __init__(self, actors: list):
-        self.actors = actors
-
-    def generate(self, prompts: list[tuple[int, int, str, str]], n: int, **sampling) -> list[Rollout]:
-        """Spread prompts over engines by pending work: each engine holds one chunk at a time and
-        takes the next as soon as it returns, so a slow engine gets fewer chunks. Two chunks per
-        engine on average: small enough to balance, large enough for vLLM to batch."""
-        size = max(1, math.ceil(len(prompts) / (2 * len(self.actors))))
-        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        results: dict[int, list[Rollout]] = {}
-        pending = {}
-        next_chunk = 0
-        idle = list(self.actors)
-        while next_chunk < len(chunks) or pending:
-            while idle and next_chunk < len(chunks):
-                actor = idle.pop()
-                pending[actor.generate.remote(chunks[next_chunk], n, **sampling)] = (next_chunk, actor)
-                next_chunk += 1
-            done, _ = ray.wait(list(pending), num_returns=1)
-            index, actor = pending.pop(done[0])
-            results[index] = ray.get(done[0])
-            idle.append(actor)
-        return [r for i in range(len(chunks)) for r in results[i]]
 
 
 def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
@@ -173,25 +103,53 @@ class LearnerGroup:
 
 
 class WeightSync:
-    """Learner rank 0 -> every generator worker, over a group of its own."""
+    """Learner rank 0 -> every generator worker, over a group of its own.
+
+    The group is built for one membership of the pool; `push` rebuilds it first whenever the pool
+    changed (an engine joined, left or was lost): collective groups cannot grow or shrink in place."""
 
     def __init__(self, learners: LearnerGroup, generators: GeneratorPool, backend: str, workers_per_engine: int):
         self.learners, self.generators = learners, generators
+        self.backend, self.workers = backend, workers_per_engine
         rank0 = learners.actors[0]
         self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
-        addr = ray.get(rank0.whereami.remote())["ip"]
+        self.addr = ray.get(rank0.whereami.remote())["ip"]
+        self.members: list[int] | None = None
+        self.connect()
+
+    def _group(self, engines: list[Engine]) -> None:
+        rank0 = self.learners.actors[0]
         port = ray.get(rank0.free_port.remote())  # a fresh port beside the learners' own
-        world = 1 + len(generators.actors) * workers_per_engine
-        ray.get([rank0.join_sync.remote(addr, port, world)] + [
-            g.join_sync.remote(addr, port, 1 + i * workers_per_engine, world, backend)
-            for i, g in enumerate(generators.actors)])
+        world = 1 + len(engines) * self.workers
+        ray.get([rank0.join_sync.remote(self.addr, port, world)] + [
+            e.actor.join_sync.remote(self.addr, port, 1 + i * self.workers, world, self.backend)
+            for i, e in enumerate(engines)])
+
+    def connect(self) -> None:
+        """(Re)build the group over the pool's engines as they are now."""
+        self._group(self.generators.engines)
+        self.members = [e.index for e in self.generators.engines]
+
+    def catch_up(self, engines: list[Engine], version: int) -> None:
+        """Engines joining the pool get the current weights (as `version`) over a group of rank 0
+        and them alone, before they serve a prompt; the engines already serving are not disturbed.
+        The next push rebuilds the full group."""
+        self._group(engines)
+        self.members = None
+        versions = self._send(engines, version)
+        assert versions == [version] * len(engines), f"joining engines report versions {versions}, expected {version}"
+
+    def _send(self, engines: list[Engine], version: int) -> list[int]:
+        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
+        receives = [e.actor.receive_weights.remote(self.plan, version) for e in engines]
+        ray.get(sends)
+        return ray.get(receives)
 
     def push(self, version: int) -> list[int]:
         """Broadcast the learner's weights; returns the version each generator now reports."""
-        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
-        receives = [g.receive_weights.remote(self.plan, version) for g in self.generators.actors]
-        ray.get(sends)
-        return ray.get(receives)
+        if self.members != [e.index for e in self.generators.engines]:
+            self.connect()
+        return self._send(self.generators.engines, version)
 
     def push_raw(self) -> None:
         """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
@@ -208,20 +166,27 @@ class Groups:
     rewards: RewardPool
     learner: LearnerGroup | None
     sync: WeightSync | None
-    placement: list[dict]
+    others: list[dict]  # placement records of the learners and reward workers
     placement_groups: list
+
+    @property
+    def placement(self) -> list[dict]:
+        """Every actor now: role, rank, node (id, ip, the node's custom resources), pid, GPU ids and
+        what it asked for. Generators are listed as the pool is now (engines join and leave)."""
+        return self.others + [e.where | {"role": "generator", "rank": e.index} for e in self.generators.engines]
 
     def tracks(self) -> dict[str, list[Span]]:
         """The spans every actor recorded since the last call, by track name ("generator 0", ...)."""
-        named = [(f"generator {i}", a) for i, a in enumerate(self.generators.actors)]
+        named = [(f"generator {e.index}", e.actor) for e in self.generators.engines]
         named += [(f"reward {i}", a) for i, a in enumerate(self.rewards.actors)]
         named += [(f"learner {i}", a) for i, a in enumerate(self.learner.actors if self.learner else [])]
         spans = ray.get([a.take_spans.remote() for _, a in named])
         return {name: s for (name, _), s in zip(named, spans)}
 
     def shutdown(self) -> None:
+        self.generators.shutdown()
         learners = self.learner.actors if self.learner else []
-        for actor in self.generators.actors + self.rewards.actors + learners:
+        for actor in self.rewards.actors + learners:
             ray.kill(actor)
         for pg in self.placement_groups:
             remove_placement_group(pg)
@@ -251,84 +216,91 @@ def init_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _threads(cpus: float) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(max(1, int(cpus)))}
+def _node_roles() -> dict[str, list[str]]:
+    """node id -> the custom resources it declares (rollout, learner, ...), for placement.json."""
+    plain = {"CPU", "GPU", "memory", "object_store_memory"}
+    return {n["NodeID"]: sorted(k for k in n["Resources"] if k not in plain and not k.startswith("node:"))
+            for n in ray.nodes() if n["Alive"]}
 
 
-def _start_generators(cfg: Config, model_path: str, gpu: bool):
-    gpus = cfg.generator.tensor_parallel_size if gpu else 0
-    pg = _place("rlsys-generators", _bundles(cfg.generator.num_engines, cfg.generator.num_cpus, gpus), "PACK",
-                cfg.cluster.placement_timeout_s)
-    env = engine_env(cfg.generator) | _threads(cfg.generator.num_cpus)
-    actors = [GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, **_in(pg, i),
-                                     runtime_env={"env_vars": env}
-                                     ).remote(model_path, cfg.generator, cfg.model.dtype, cfg.trainer.seed + i)
-              for i in range(cfg.generator.num_engines)]
-    return actors, pg, [("generator", i, cfg.generator.num_cpus, gpus) for i in range(len(actors))]
-
-
-def _start_rewards(cfg: Config, verifier: str):
-    reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
-    actors = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
-              for _ in range(cfg.reward.num_workers)]
-    return actors, [("reward", i, cfg.reward.num_cpus, 0) for i in range(len(actors))]
-
-
-def _start_learners(cfg: Config, model_path: str, backend: str):
-    gpu = int(backend == "nccl")
-    pg = _place("rlsys-learners", _bundles(cfg.learner.num_ranks, cfg.learner.num_cpus, gpu), "PACK",
-                cfg.cluster.placement_timeout_s)
-    updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
-    actors = [LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=gpu, **_in(pg, r),
-                                   runtime_env={"env_vars": _threads(cfg.learner.num_cpus)}).remote(
-        model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
-        r, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates)
-        for r in range(cfg.learner.num_ranks)]
-    return actors, pg, [("learner", r, cfg.learner.num_cpus, gpu) for r in range(len(actors))]
+def _where(actors: list, asked: list[dict]) -> list[dict]:
+    where = ray.get([a.whereami.remote() for a in actors])
+    roles = _node_roles()
+    return [w | {"node_resources": roles.get(w["node_id"], []), "resources": r} for w, r in zip(where, asked)]
 
 
 def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
     """A learner group alone, set up and ready to train (benchmarks); returns it and its placement group."""
-    actors, pg, _ = _start_learners(cfg, model_path, resolve_backend(cfg.cluster.backend, ray.cluster_resources()))
+    backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
+    lay = layout(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, placement="any")),
+                 backend == "nccl")
+    pg = place("rlsys-learners", *lay.groups["rlsys-learners"], cfg.cluster)
+    actors = _learners(cfg, model_path, backend, lay, {"rlsys-learners": pg})
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
     return LearnerGroup(actors), pg
 
 
-def _placement(actors: list, roles: list[tuple]) -> list[dict]:
-    """Every actor: role, rank, node, pid, ip, the GPU ids Ray assigned it, and what it asked for."""
-    where = ray.get([a.whereami.remote() for a in actors])
-    return [{"role": role, "rank": rank, **w, "resources": {"CPU": cpus, "GPU": gpus}}
-            for (role, rank, cpus, gpus), w in zip(roles, where)]
+def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict) -> list:
+    updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
+    return [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
+                                 runtime_env={"env_vars": threads(s.num_cpus)}).remote(
+        model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
+        s.rank, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates)
+        for s in lay.of("learner")]
 
 
 def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> Groups:
     """Placement groups + actors, nothing else. train=False starts generators and reward workers
     only (evaluation)."""
     backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
+    gpu = backend == "nccl"
     t0 = time.time()
-    learners, learner_pgs, learner_roles = [], [], []
-    if train:
-        learners, learner_pg, learner_roles = _start_learners(cfg, model_path, backend)
-        learner_pgs = [learner_pg]
-    generators, gen_pg, gen_roles = _start_generators(cfg, model_path, backend == "nccl")
-    rewards, reward_roles = _start_rewards(cfg, verifier)
-    placement = _placement(learners + generators + rewards, learner_roles + gen_roles + reward_roles)
+    lay = layout(cfg, gpu, train)
+    pgs = {name: place(name, bundles, strategy, cfg.cluster) for name, (bundles, strategy) in lay.groups.items()}
+    learners = _learners(cfg, model_path, backend, lay, pgs) if train else []
+    env = engine_env(cfg.generator) | threads(cfg.generator.num_cpus)
+    gen_gpus = cfg.generator.tensor_parallel_size if gpu else 0
+
+    def generator(index: int, where: dict, gpus: float = gen_gpus):
+        return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
+                                      **where).remote(model_path, cfg.generator, cfg.model.dtype,
+                                                      cfg.trainer.seed + index)
+
+    engines = []
+    for s in lay.of("generator"):
+        actor = generator(s.rank, in_group(pgs[s.group], s.bundle), s.num_gpus)
+        own = pgs.pop(s.group) if s.group.startswith("rlsys-generator-") else None  # the engine's own group
+        engines.append(Engine(s.rank, actor, own, time.time()))
+    reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
+    rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
+               for _ in range(cfg.reward.num_workers)]
+    for e, w in zip(engines, _where([e.actor for e in engines],
+                                    [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("generator")])):
+        e.where = w
+    others = [w | {"role": "learner", "rank": s.rank} for s, w in zip(
+        lay.of("learner"), _where(learners, [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("learner")]))]
+    others += [w | {"role": "reward", "rank": i} for i, w in enumerate(
+        _where(rewards, [{"CPU": cfg.reward.num_cpus, "GPU": 0}] * len(rewards)))]
     if cfg.profile.enabled:
-        ray.get([a.start_tracing.remote() for a in learners + generators + rewards])
-    pool, learner_group, sync = GeneratorPool(generators), None, None
+        ray.get([a.start_tracing.remote() for a in learners + [e.actor for e in engines] + rewards])
+    bundle = generator_bundle(cfg, gpu)
+    elastic = cfg.cluster.placement != "colocated"  # colocated engines live and die with their learner rank
+    pool = GeneratorPool(engines, start=(lambda i: start_engine(i, lambda where: generator(i, where), bundle))
+                         if elastic else None, autoscale=cfg.autoscale, bundle=bundle)
+    learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())
-        ray.get([a.setup.remote(placement[0]["ip"], port) for a in learners])
+        ray.get([a.setup.remote(others[0]["ip"], port) for a in learners])
         driver_node = ray.get_runtime_context().get_node_id()
-        ship = not cfg.cluster.shared_storage and placement[0]["node_id"] != driver_node
+        ship = not cfg.cluster.shared_storage and others[0]["node_id"] != driver_node
         if ship:
-            print(f"[rlsys] learner rank 0 runs on node {placement[0]['node_id'][:12]}, the driver on "
+            print(f"[rlsys] learner rank 0 runs on node {others[0]['node_id'][:12]}, the driver on "
                   f"{driver_node[:12]}, no cluster.shared_storage: checkpoints are sent to the driver, "
                   f"which writes them into the run folder", flush=True)
         learner_group = LearnerGroup(learners, ship)
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
-    print(f"[rlsys] {len(learners)} learners, {len(generators)} generators, {len(rewards)} reward workers "
-          f"ready in {time.time() - t0:.1f}s (backend {backend})", flush=True)
-    return Groups(pool, RewardPool(rewards, cfg.data.prefill), learner_group, sync, placement, learner_pgs + [gen_pg])
+    print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
+          f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
+    return Groups(pool, RewardPool(rewards, cfg.data.prefill), learner_group, sync, others, list(pgs.values()))

@@ -34,8 +34,9 @@ def train(cfg: Config) -> Path:
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier)
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
-    log, timer = RunLog(run_dir), Timer(trace=cfg.profile.enabled)
-    version, curve = 0, []
+    log, timer = RunLog(run_dir, cfg), Timer(trace=cfg.profile.enabled)
+    pool_log = open(run_dir / "pool.jsonl", "a")
+    version, curve, generate_share = 0, [], None
     timeline = Timeline() if cfg.profile.enabled else None
     bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
     try:
@@ -44,6 +45,9 @@ def train(cfg: Config) -> Path:
         for step in bar:
             batch_prompts = prompts.next()
             with timer.spans.span("step", step=step):
+                with timer("pool"):  # engines join (with this version's weights) or leave, between steps
+                    pool = groups.generators.between_steps(step, generate_share, len(batch_prompts),
+                                                           join=lambda new: groups.sync.catch_up(new, version))
                 with timer("generate"):
                     rollouts = groups.generators.generate([p.request(g) for g, p in enumerate(batch_prompts)],
                                                           n=cfg.algo.group_size)
@@ -60,9 +64,15 @@ def train(cfg: Config) -> Path:
             version += 1
             stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
             timings = timer.pop()
+            generate_share = timings["timing/generate"] / sum(timings.values())
             tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-            metrics = {"weight_version": version, **stats, **learn, **timings, "tokens/total": tokens,
-                       "throughput/tokens_per_s": tokens / sum(timings.values())}
+            metrics = {"weight_version": version, "rollouts/count": len(rollouts), **stats, **learn, **timings,
+                       "tokens/total": tokens,
+                       "throughput/tokens_per_s": tokens / sum(timings.values()), **pool_metrics(pool)}
+            pool_log.write(json.dumps({"step": step, **pool}) + "\n")
+            pool_log.flush()
+            if pool["events"]:
+                (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
             last = step + 1 == cfg.trainer.total_steps
             if due(step, cfg.eval.every, last):
                 with timer.spans.span("eval"):
@@ -81,6 +91,7 @@ def train(cfg: Config) -> Path:
                             curve=sparkline(curve[-30:]))
     finally:
         log.close()
+        pool_log.close()
         try:
             if timeline is not None:  # also after a crash: the trace shows where it stopped
                 collect(timeline, groups, timer)
@@ -88,6 +99,15 @@ def train(cfg: Config) -> Path:
         finally:
             groups.shutdown()
     return run_dir
+
+
+def pool_metrics(pool: dict) -> dict[str, float]:
+    """The rollout pool in numbers for metrics.jsonl; pool.jsonl has the engines' nodes and every event."""
+    events = pool["events"]
+    joins = [e["seconds_to_serving"] for e in events if e["event"] == "join"]
+    return {"pool/size": len(pool["engines"]), "pool/starting": len(pool["starting"]), "pool/joined": len(joins),
+            "pool/left": sum(e["event"] in ("lost", "drained", "shrink") for e in events),
+            "pool/join_seconds": max(joins, default=0.0)}
 
 
 def collect(timeline: Timeline, groups: Groups, timer: Timer) -> None:

@@ -1,0 +1,284 @@
+"""The rollout pool: generator engines that join and leave between steps.
+
+Within a step the pool hands prompt chunks to engines by pending work (`generate`). An engine that
+dies mid-chunk (its node lost) is dropped and its chunk goes to another engine; an engine on a
+node that Ray marks as draining finishes the chunk it holds and is given no other. Either way
+every prompt is generated exactly once per step, with the weights of that step.
+
+Between steps (`between_steps`, called by the loop before it generates):
+  1. engines that died, and engines on draining nodes, leave (their placement groups are removed,
+     so the node can go);
+  2. with autoscale.enabled the policy (`decide`) may ask for one engine more or one fewer; the
+     autoscaler is asked for the whole pool's bundles (`request_resources`), so it adds nodes for
+     new engines and may remove the nodes that engines gave back. Without autoscaling the pool
+     keeps generator.num_engines: a lost engine is replaced where the cluster has room;
+  3. an engine whose node arrived and whose vLLM engine has started joins: learner rank 0 sends it
+     the current weights over a group of their own, before it serves a single prompt (an NCCL
+     or gloo group cannot be grown in place); then the weight-sync group is rebuilt over the
+     new membership (the caller's `WeightSync.connect`).
+Engines still starting never hold up a step: they join at the first boundary after they are
+ready, or are dropped (and logged) after autoscale.node_timeout_s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from rlsys.config import AutoscaleConfig
+from rlsys.types import Rollout
+
+LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@dataclass
+class Engine:
+    index: int  # never reused within a run: events and tracks name engines by it
+    actor: object
+    pg: PlacementGroup | None  # None: a bundle of a group the engine does not own (colocated)
+    requested_at: float
+    ready: object | None = None  # whereami() ref while the engine starts
+    where: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepLoad:
+    """What the policy sees of one step."""
+    generate_share: float  # generate phase / whole step
+    engines: int
+    idle: int  # engines that got no chunk this step
+    chunks: int  # chunks the prompts were cut into
+
+
+def chunk_size(prompts: int, engines: int) -> int:
+    """Two chunks per engine on average: small enough to balance, large enough for vLLM to batch.
+
+    >>> chunk_size(32, 4), chunk_size(2, 3)
+    (4, 1)
+    """
+    return max(1, math.ceil(prompts / (2 * engines)))
+
+
+def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfig, prompts: int) -> int:
+    """+1 (grow), -1 (shrink) or 0, from the last `cfg.patience` steps since the pool last changed.
+
+    Grow while generation dominates the step (share above grow_above) with every engine busy, and
+    only when one more engine would get work (the prompts cut into at least that many chunks).
+    Shrink when some engine got no work at all in each of those steps. Nothing while an engine is
+    starting: its effect is not measured yet.
+    """
+    recent = history[-cfg.patience:]
+    if pending or len(recent) < cfg.patience:
+        return 0
+    if size > cfg.min_generators and all(s.idle > 0 for s in recent):
+        return -1
+    more = size + 1
+    useful = math.ceil(prompts / chunk_size(prompts, more)) >= more
+    if size < cfg.max_generators and useful and all(s.generate_share > cfg.grow_above and s.idle == 0
+                                                     for s in recent):
+        return +1
+    return 0
+
+
+class GeneratorPool:
+    def __init__(self, engines: list[Engine], start: Callable[[int], Engine] | None = None,
+                 autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None):
+        """engines: started and placed. start(index): begin starting one more engine (returns at
+        once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
+        the autoscaler. target: the size to keep without autoscaling (None: never replace)."""
+        self.engines = engines
+        self.start = start
+        self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
+        self.bundle = bundle
+        self.target = target if target is not None else len(engines)
+        self.starting: list[Engine] = []
+        self.next_index = max((e.index for e in engines), default=-1) + 1
+        self.history: list[StepLoad] = []
+        self.last_load: dict[int, tuple[int, float]] = {}  # engine index -> (chunks, busy seconds), last generate
+        self.lost_this_step: list[dict] = []
+        self.requested = -1
+
+    @property
+    def actors(self) -> list:
+        return [e.actor for e in self.engines]
+
+    # ---- within a step
+
+    def generate(self, prompts: list, n: int, **sampling) -> list[Rollout]:
+        """n rollouts per prompt, in prompt order; every prompt exactly once, whatever engines leave."""
+        size = chunk_size(len(prompts), len(self.engines))
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        todo = list(range(len(chunks)))[::-1]  # popped from the end: chunk 0 first
+        results: dict[int, list[Rollout]] = {}
+        pending: dict = {}
+        load = {e.index: [0, 0.0] for e in self.engines}
+        draining = draining_now()
+        idle = [e for e in self.engines if e.where.get("node_id") not in draining][::-1]
+        if not idle and self.engines:  # every node is draining: use them until they go
+            idle = list(self.engines)[::-1]
+        while todo or pending:
+            while idle and todo:
+                engine, chunk = idle.pop(), todo.pop()
+                ref = engine.actor.generate.remote(chunks[chunk], n, **sampling)
+                pending[ref] = (chunk, engine, time.perf_counter())
+            if not pending:
+                raise RuntimeError(f"no generator left to take {len(todo)} prompt chunk(s): every engine of the "
+                                   f"pool was lost ({self.lost_this_step})")
+            done, _ = ray.wait(list(pending), num_returns=1)
+            chunk, engine, t0 = pending.pop(done[0])
+            try:
+                results[chunk] = ray.get(done[0])
+            except LOST as e:
+                # Its node went (preempted, drained past its deadline): the chunk goes to another engine.
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                self.lost_this_step.append({"engine": engine.index, "node": engine.where.get("node_id"),
+                                            "reason": reason, "chunk_requeued": chunk})
+                print(f"[rlsys] generator {engine.index} lost mid-step ({reason}); its chunk goes to "
+                      f"another engine", flush=True)
+                self._remove(engine)  # the weight sync rebuilds its group before the next push
+                load.pop(engine.index, None)
+                todo.append(chunk)
+                continue
+            load[engine.index][0] += 1
+            load[engine.index][1] += time.perf_counter() - t0
+            if engine.where.get("node_id") not in draining_now():
+                idle.append(engine)
+        self.last_load = {i: (c, s) for i, (c, s) in load.items()}
+        out = [r for i in range(len(chunks)) for r in results[i]]
+        assert len(out) == len(prompts) * n, f"{len(out)} rollouts for {len(prompts)} prompts x {n}"
+        return out
+
+    # ---- between steps
+
+    def between_steps(self, step: int, generate_share: float | None, prompts: int, join: Callable) -> dict:
+        """Membership changes at a step boundary; returns this boundary's events and pool state.
+        join(engines): send the current weights to these new engines, before they serve. (The
+        weight sync rebuilds its group whenever the pool differs from the group it has.)"""
+        events: list[dict] = [{"event": "lost", "step": step, **x} for x in self.lost_this_step]
+        self.lost_this_step = []
+        changed = bool(events)
+        draining = draining_now()
+        for engine in list(self.engines):
+            if engine.where.get("node_id") in draining:  # idle now: nothing to finish or hand back
+                events.append({"event": "drained", "step": step, "engine": engine.index,
+                               "node": engine.where.get("node_id")})
+                self._remove(engine)
+                changed = True
+        if generate_share is not None and self.last_load:
+            idle = sum(1 for c, _ in self.last_load.values() if c == 0)
+            self.history.append(StepLoad(generate_share, len(self.last_load), idle,
+                                         math.ceil(prompts / chunk_size(prompts, max(1, len(self.last_load))))))
+        if self.autoscale is not None:
+            move = decide(self.history, len(self.engines), len(self.starting), self.autoscale, prompts)
+            if move > 0:
+                events.append(self._begin_start(step, "grow"))
+            elif move < 0:
+                victim = next(e for e in reversed(self.engines) if self.last_load.get(e.index, (0, 0))[0] == 0)
+                events.append({"event": "shrink", "step": step, "engine": victim.index,
+                               "node": victim.where.get("node_id")})
+                self._remove(victim)
+                changed = True
+            floor = self.autoscale.min_generators
+        else:
+            floor = self.target
+        while self.start is not None and len(self.engines) + len(self.starting) < floor:
+            events.append(self._begin_start(step, "replace"))
+        if self.autoscale is not None:
+            self._request(len(self.engines) + len(self.starting))
+        joined = self._collect_started(step, events)
+        if joined:
+            t0 = time.time()
+            join(joined)
+            for engine in joined:
+                events.append({"event": "join", "step": step, "engine": engine.index,
+                               "node": engine.where.get("node_id"),
+                               "seconds_to_serving": time.time() - engine.requested_at,
+                               "weights_seconds": time.time() - t0})
+            self.engines += joined
+            changed = True
+        if not self.engines:
+            raise RuntimeError(f"step {step}: the rollout pool is empty ({len(self.starting)} engine(s) still "
+                               f"starting); events: {events}")
+        if changed:
+            self.history = []  # the new pool's load is not measured yet
+        return {"events": events, "engines": {e.index: e.where.get("node_id") for e in self.engines},
+                "starting": [e.index for e in self.starting]}
+
+    def _begin_start(self, step: int, why: str) -> dict:
+        engine = self.start(self.next_index)
+        self.next_index += 1
+        self.starting.append(engine)
+        print(f"[rlsys] step {step}: starting generator {engine.index} ({why})", flush=True)
+        return {"event": "request", "step": step, "engine": engine.index, "why": why}
+
+    def _collect_started(self, step: int, events: list[dict]) -> list[Engine]:
+        joined = []
+        for engine in list(self.starting):
+            ready, _ = ray.wait([engine.ready], timeout=0)
+            if ready:
+                try:
+                    engine.where = ray.get(engine.ready)
+                except LOST as e:  # its node went while the engine was starting
+                    events.append({"event": "failed_start", "step": step, "engine": engine.index,
+                                   "reason": str(e).splitlines()[0][:200]})
+                    self.starting.remove(engine)
+                    self._release(engine)
+                    continue
+                self.starting.remove(engine)
+                engine.ready = None
+                joined.append(engine)
+            elif self.autoscale is not None and time.time() - engine.requested_at > self.autoscale.node_timeout_s:
+                events.append({"event": "gave_up", "step": step, "engine": engine.index,
+                               "seconds": time.time() - engine.requested_at})
+                print(f"[rlsys] generator {engine.index}: no node within autoscale.node_timeout_s="
+                      f"{self.autoscale.node_timeout_s:.0f}s; dropped", flush=True)
+                self.starting.remove(engine)
+                self._release(engine)
+        return joined
+
+    def _request(self, size: int) -> None:
+        """The autoscaler's floor for the rollout pool: room for `size` engines (it may then remove
+        nodes that engines gave back)."""
+        if size != self.requested:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[dict(self.bundle) for _ in range(size)])
+            self.requested = size
+
+    def _remove(self, engine: Engine) -> None:
+        self.engines.remove(engine)
+        self._release(engine)
+
+    def _release(self, engine: Engine) -> None:
+        ray.kill(engine.actor)
+        if engine.pg is not None:
+            remove_placement_group(engine.pg)
+
+    def shutdown(self) -> None:
+        for engine in self.engines + self.starting:
+            self._release(engine)
+        self.engines, self.starting = [], []
+        if self.autoscale is not None:
+            self._request(0)
+
+
+def draining_now() -> set[str]:
+    from rlsys.cluster.remote import draining_nodes
+
+    return draining_nodes()
+
+
+def start_engine(index: int, make_actor: Callable[[dict], object], bundle: dict) -> Engine:
+    """One engine in a placement group of its own; returns at once (the engine is ready when
+    `ready` resolves: its node arrived and its vLLM engine loaded)."""
+    from rlsys.cluster.remote import in_group
+
+    pg = placement_group([bundle], strategy="PACK", name=f"rlsys-generator-{index}")
+    actor = make_actor(in_group(pg, 0))
+    return Engine(index, actor, pg, time.time(), ready=actor.whereami.remote())

@@ -1,0 +1,117 @@
+"""Ray's side of things, in one place: the actor classes, placement groups that must be placed
+in bounded time, and what the cluster says about itself (autoscaler, draining nodes).
+
+Generator, Learner and RewardWorker are plain classes (rlsys/actors/); here each becomes an actor
+that can also say where it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlsys.actors.generator import Generator
+from rlsys.actors.learner import Learner
+from rlsys.actors.reward_worker import RewardWorker
+from rlsys.config import ClusterConfig
+from rlsys.observe.profile import Traced
+
+REPORT_EVERY_S = 10.0
+
+
+class Placed:
+    """Mixed into every actor: where am I, and which GPUs Ray gave me."""
+
+    def whereami(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+
+
+@ray.remote
+class GeneratorActor(Traced, Generator, Placed):
+    PHASES = ("generate", "receive_weights")
+
+
+@ray.remote
+class LearnerActor(Traced, Learner, Placed):
+    PHASES = ("train", "broadcast_weights")
+
+
+@ray.remote
+class RewardActor(Traced, RewardWorker, Placed):
+    PHASES = ("score",)
+
+
+def autoscaler_running() -> bool:
+    """Whether the cluster runs an autoscaler (`ray up`, KubeRay with autoscaling, the fake
+    multi-node provider). Every head node runs a monitor that writes a status into the GCS
+    key-value store; only one that autoscales (v1) adds an "autoscaler_report" to it. Autoscaler v2
+    (KubeRay's option) stores the cluster's node types in the GCS instead. A fixed cluster
+    (`ray start` by hand, Slurm) has neither."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get("__autoscaling_status")
+    return ((status is not None and "autoscaler_report" in json.loads(status))
+            or ray._private.state.state.get_cluster_config() is not None)
+
+
+def draining_nodes() -> set[str]:
+    """Node ids that Ray marks as draining (a spot-preemption notice, `ray drain-node`, an
+    autoscaler scale-down). Ray has no public call for it; Ray Serve and Ray Data use this one."""
+    return set(ray._private.state.state.get_draining_nodes())
+
+
+def missing(bundles: list[dict]) -> str:
+    """What the cluster lacks for these bundles, in words: resources no node declares, then the
+    totals that exceed what is free now."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    free = ray.available_resources()
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0) + v
+    absent = sorted(k for k in need if not any(k in n for n in nodes))
+    short = [f"{k}: needs {v:g}, free {free.get(k, 0):g}" for k, v in sorted(need.items())
+             if k not in absent and free.get(k, 0) < v]
+    parts = ([f"no alive node declares {', '.join(absent)}"] if absent else []) + short
+    return "; ".join(parts) or "each resource is free in total, but no node (or no set of nodes) fits the bundles"
+
+
+def place(name: str, bundles: list[dict], strategy: str, cluster: ClusterConfig) -> PlacementGroup:
+    """A placement group, placed, or an error naming what is missing. With an autoscaler the wait
+    is cluster.autoscaler_timeout_s (nodes take minutes to boot) and reported every few seconds;
+    without one, cluster.placement_timeout_s."""
+    pg = placement_group(bundles, strategy=strategy, name=name)
+    autoscaling = autoscaler_running()
+    timeout = cluster.autoscaler_timeout_s if autoscaling else cluster.placement_timeout_s
+    start = time.time()
+    while True:
+        left = start + timeout - time.time()
+        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(REPORT_EVERY_S, left)))
+        if ready:
+            return pg
+        waited = time.time() - start
+        if waited >= timeout:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"placement group {name!r} ({len(bundles)} x {bundles[0]}, {strategy}) was not placed within "
+                f"{timeout:.0f}s{' (the autoscaler did not bring the nodes)' if autoscaling else ''}: "
+                f"{missing(bundles)}. Cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
+        if autoscaling:
+            print(f"[rlsys] waiting for the autoscaler ({waited:.0f}s of {timeout:.0f}s): {name} needs "
+                  f"{len(bundles)} x {bundles[0]} ({strategy}); missing now: {missing(bundles)}", flush=True)
+
+
+def in_group(pg: PlacementGroup, index: int) -> dict:
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
+def threads(cpus: float) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(max(1, int(cpus)))}

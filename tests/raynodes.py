@@ -1,0 +1,153 @@
+"""Ray nodes on this machine for multi-node tests: each a `ray start --block` in a session of its own.
+
+`RayNodes` starts a head (optionally with an autoscaler over Ray's fake multi-node provider,
+whose worker nodes are raylets on this machine) and workers with their own CPUs and custom
+resources, and stops them by killing their process trees: never `ray stop`, which kills every
+Ray process on the machine (other test sessions' clusters too). Not a test module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+MARKER = Path("/tmp/ray/ray_current_cluster")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """No Ray address or job variables from whoever ran pytest; the repo's .venv/bin first on PATH
+    (job drivers and fake nodes run `rlsys`/`ray` from it); auth off (this machine only)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RLSYS_BASE_DIR")}
+    return env | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def fake_autoscaling_config(gcs_port: int, node_types: dict, idle_timeout_minutes: float = 0.1) -> dict:
+    """A cluster config for Ray's fake multi-node provider (what ray.cluster_utils.AutoscalingCluster
+    writes, without its `ray stop --force`): a head with no resources and these worker node types."""
+    return {
+        "cluster_name": f"rlsys-test-{gcs_port}", "max_workers": sum(t["max_workers"] for t in node_types.values()),
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                                 **{name: {"node_config": {}, **t} for name, t in node_types.items()}},
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes, "docker": {}, "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
+
+
+class RayNodes:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[str, str] = {}
+        self.previous_marker = MARKER.read_text() if MARKER.is_file() else None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.folder / f"{name}.log"
+        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={free_port()}", *args]
+        with open(log, "w") as out:
+            self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                                env=clean_env(**(env or {})))
+        self._wait(f"node {name}", lambda: "Ray runtime started" in log.read_text())
+
+    def head(self, *args: str, autoscaling: dict | None = None) -> None:
+        env = {}
+        extra = []
+        if autoscaling is not None:
+            config = self.folder / "autoscaling.json"
+            config.write_text(json.dumps(fake_autoscaling_config(self.gcs_port, autoscaling)))
+            extra = [f"--autoscaling-config={config}"]
+            # A node that left on its own (drained, then idle) is terminated by the autoscaler once
+            # its heartbeats stop for AUTOSCALER_HEARTBEAT_TIMEOUT_S (30 s by default).
+            env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                             f"--ray-client-server-port={free_port()}", "--object-store-memory=300000000",
+                             *extra, *args], env)
+
+    def worker(self, name: str, num_cpus: int, resources: dict | None = None) -> None:
+        before = set(self.alive())
+        self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}", "--object-store-memory=300000000",
+                           *([f"--resources={json.dumps(resources)}"] if resources else [])])
+        new = self._wait(f"node {name} registered", lambda: set(self.alive()) - before)
+        self.node_ids[name] = new.pop()
+
+    def alive(self) -> dict[str, dict]:
+        """node id -> total resources of every alive node (asked of the GCS by a short-lived driver)."""
+        probe = ("import json, ray; ray.init(address='%s', log_to_driver=False); "
+                 "print('NODES ' + json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
+                 % self.address)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             env=clean_env())
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("NODES ")), None)
+        if line is None:
+            raise RuntimeError(f"could not list the nodes:\n{out.stderr[-2000:]}")
+        return json.loads(line[len("NODES "):])
+
+    def _wait(self, what: str, ready, timeout: float = 180.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"`ray start` of {name} exited with {proc.returncode} while waiting for {what}:\n"
+                                       f"{(self.folder / f'{name}.log').read_text()[-3000:]}")
+            got = ready()
+            if got:
+                return got
+            time.sleep(1.0)
+        raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+
+    def kill(self, name: str) -> None:
+        """The node goes at once, as a preempted machine does (its whole process tree)."""
+        proc = self.procs.pop(name)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:  # workers run in process groups of their own
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=60)
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else []):
+            self.kill(name)
+        # `ray start --head` left its address where a plain ray.init() looks: put back what was there
+        if MARKER.is_file() and MARKER.read_text().strip().endswith(f":{self.gcs_port}"):
+            if self.previous_marker is None:
+                MARKER.unlink()
+            else:
+                MARKER.write_text(self.previous_marker)

@@ -1,0 +1,101 @@
+"""The elastic rollout pool under Ray's autoscaler, on this machine: the head runs the autoscaler
+with Ray's fake multi-node provider (worker nodes are raylets started here on demand), with a
+`rollout` node type (2 CPUs, up to 2 nodes, none to start with) and a `learner` node type.
+
+What it proves, in one run: the first generator waits for a rollout node that the autoscaler adds;
+generation dominates the step, so the pool asks for a second engine, the autoscaler adds a node,
+and the engine joins with the learner's current weights; a spot-preemption notice (the node marked
+draining) makes the pool give that engine back; the policy grows the pool again on a fresh node.
+Every step's rollouts carry the weight version the loop expects, every prompt is generated once.
+After the run, rlsys's request to the autoscaler is withdrawn and the rollout nodes are released.
+
+Run alone with `pytest -m multinode`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from raynodes import BIN, RayNodes, clean_env
+from rlsys.observe.metrics import read_jsonl
+
+pytestmark = pytest.mark.multinode
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def autoscaling(tmp_path):
+    nodes = RayNodes(tmp_path / "nodes")
+    (tmp_path / "nodes").mkdir()
+    try:
+        nodes.head(autoscaling={"rollout": {"resources": {"CPU": 2, "rollout": 1}, "min_workers": 0, "max_workers": 2},
+                                "learner": {"resources": {"CPU": 4, "learner": 1}, "min_workers": 1,
+                                            "max_workers": 1}})
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def rollout_nodes(nodes: RayNodes) -> list[str]:
+    return [n for n, res in nodes.alive().items() if "rollout" in res]
+
+
+def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_again(autoscaling, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 40
+    proc = subprocess.Popen(
+        [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", f"trainer.total_steps={steps}",
+         f"trainer.output_dir={run_dir}", f"cluster.address={autoscaling.address}", "cluster.placement=disaggregated",
+         "cluster.shared_storage=true", "generator.num_cpus=2", "generator.num_engines=1", "data.prompts_per_step=4",
+         "learner.mini_batch_size=16", "autoscale.enabled=true", "autoscale.min_generators=1",
+         "autoscale.max_generators=2", "autoscale.patience=1", "autoscale.grow_above=0.2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
+    drained_node = None
+    try:
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline:
+            pool = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
+            if drained_node is None and pool and len(pool[-1]["engines"]) == 2:
+                # the second engine joined: its node gets a spot-preemption notice
+                newest = max(pool[-1]["engines"], key=int)
+                drained_node = pool[-1]["engines"][newest]
+                drained = subprocess.run([str(BIN / "ray"), "drain-node", "--address", autoscaling.address,
+                                          "--node-id", drained_node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                                          "--reason-message", "spot preemption notice (test)",
+                                          "--deadline-remaining-seconds", "600"],
+                                         capture_output=True, text=True, timeout=60, env=clean_env())
+                assert drained.returncode == 0, drained.stderr
+            time.sleep(1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-6000:]
+    assert drained_node is not None, "the pool never grew to 2 engines:\n" + out[-4000:]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [(m["rollout/weight_version"], m["weight_version"]) for m in metrics] == [(s, s + 1) for s in range(steps)]
+    assert [m["rollouts/count"] for m in metrics] == [4 * 8] * steps
+    sizes = [m["pool/size"] for m in metrics]
+    changes = [b for a, b in zip(sizes, sizes[1:]) if a != b]
+    assert changes[:3] == [2, 1, 2], f"pool sizes per step: {sizes}"
+    events = [e for p in read_jsonl(run_dir / "pool.jsonl") for e in p["events"]]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("join") == 2 and kinds.count("drained") == 1, events
+    joins = [e for e in events if e["event"] == "join"]
+    assert all(e["seconds_to_serving"] > 0 for e in joins)
+    assert [m["pool/join_seconds"] > 0 for m in metrics].count(True) == 2
+    [drain] = [e for e in events if e["event"] == "drained"]
+    assert drain["node"] == drained_node
+    assert {joins[1]["node"], drained_node} == {joins[1]["node"]} | {drained_node} and joins[1]["node"] != drained_node
+    # every engine was on a rollout node; the run's request withdrawn, the autoscaler lets them go
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert all("rollout" in a["node_resources"] for a in placement if a["role"] == "generator"), placement
+    deadline = time.time() + 180
+    while rollout_nodes(autoscaling):
+        assert time.time() < deadline, f"rollout nodes still up after the run: {rollout_nodes(autoscaling)}"
+        time.sleep(3)

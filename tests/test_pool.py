@@ -1,0 +1,126 @@
+"""The rollout pool's own logic: the autoscaling policy against hand-made step histories, and
+chunks of an engine that dies mid-step going to the others (real Ray actors standing in for
+vLLM engines, on the session's local cluster)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from rlsys.cluster.placement import MARKER, generator_bundle, layout, node_can_host
+from rlsys.cluster.pool import Engine, GeneratorPool, StepLoad, chunk_size, decide
+from rlsys.config import AutoscaleConfig, load_config
+from rlsys.types import Rollout
+
+CFG = AutoscaleConfig(enabled=True, min_generators=1, max_generators=3, grow_above=0.5, patience=2)
+
+
+def busy(share: float, engines: int = 1) -> StepLoad:
+    return StepLoad(share, engines, idle=0, chunks=2 * engines)
+
+
+def test_policy_grows_only_after_patience_steps_of_dominant_generation():
+    assert decide([busy(0.8)], 1, 0, CFG, prompts=8) == 0  # one step is not a trend
+    assert decide([busy(0.8), busy(0.8)], 1, 0, CFG, prompts=8) == +1
+    assert decide([busy(0.8), busy(0.4)], 1, 0, CFG, prompts=8) == 0  # not above grow_above every step
+    assert decide([busy(0.8), busy(0.8)], 1, 1, CFG, prompts=8) == 0  # an engine is still starting
+    assert decide([busy(0.8), busy(0.8)], 3, 0, CFG, prompts=8) == 0  # at max_generators
+
+
+def test_policy_never_grows_into_an_engine_that_would_get_no_prompts():
+    # 2 prompts: chunk_size(2, 3) = 1 -> 2 chunks for 3 engines: the third would idle.
+    assert chunk_size(2, 3) == 1
+    assert decide([busy(0.9, 2), busy(0.9, 2)], 2, 0, CFG, prompts=2) == 0
+    assert decide([busy(0.9), busy(0.9)], 1, 0, CFG, prompts=2) == +1  # 2 chunks for 2 engines
+
+
+def test_policy_shrinks_an_idle_pool_but_not_below_min():
+    idle = StepLoad(0.9, 3, idle=1, chunks=2)
+    assert decide([idle, idle], 3, 0, CFG, prompts=2) == -1
+    assert decide([busy(0.9, 3), idle], 3, 0, CFG, prompts=2) == 0  # idle in one step only
+    one_idle = StepLoad(0.9, 1, idle=1, chunks=0)
+    assert decide([one_idle, one_idle], 1, 0, CFG, prompts=0) == 0  # min_generators
+
+
+def test_role_bundles_follow_the_placement_mode():
+    cfg = load_config("configs/tiny.yaml", ["cluster.placement=disaggregated", "generator.tensor_parallel_size=2",
+                                            "learner.num_ranks=4", "cluster.learners_per_node=2",
+                                            "learner.mini_batch_size=32"])
+    lay = layout(cfg, gpu=True)
+    learner_bundles, strategy = lay.groups["rlsys-learners"]
+    assert strategy == "STRICT_SPREAD" and learner_bundles == [{"CPU": 2.0, "GPU": 2, "learner": MARKER}] * 2
+    assert [(s.rank, s.bundle, s.num_gpus) for s in lay.of("learner")] == [(0, 0, 1), (1, 0, 1), (2, 1, 1), (3, 1, 1)]
+    assert generator_bundle(cfg, gpu=True) == {"CPU": 1.0, "GPU": 2, "rollout": MARKER}
+    assert [lay.groups[s.group] for s in lay.of("generator")] == [([generator_bundle(cfg, True)], "PACK")] * 2
+    assert node_can_host({"CPU": 16, "GPU": 8, "rollout": 1}, generator_bundle(cfg, True))
+    assert not node_can_host({"CPU": 16, "GPU": 8, "learner": 1}, generator_bundle(cfg, True))
+
+    colo = layout(load_config("configs/tiny.yaml", ["cluster.placement=colocated"]), gpu=True)
+    assert list(colo.groups) == ["rlsys-colocated"]
+    assert colo.groups["rlsys-colocated"] == ([{"CPU": 2.0, "GPU": 1}] * 2, "PACK")
+    # learner rank i and generator i share bundle i, half a GPU each
+    assert sorted((s.bundle, s.role, s.num_gpus) for s in colo.slots) == [
+        (0, "generator", 0.5), (0, "learner", 0.5), (1, "generator", 0.5), (1, "learner", 0.5)]
+
+    plain = layout(load_config("configs/tiny.yaml"), gpu=False)
+    assert all("rollout" not in b and "learner" not in b for bundles, _ in plain.groups.values() for b in bundles)
+
+
+def test_bad_placement_configs_are_refused_with_the_keys_named():
+    from rlsys.config import ConfigError
+
+    with pytest.raises(ConfigError, match="generator.num_engines"):
+        load_config("configs/tiny.yaml", ["cluster.placement=colocated", "generator.num_engines=3"])
+    with pytest.raises(ConfigError, match="cluster.learners_per_node"):
+        load_config("configs/tiny.yaml", ["cluster.learners_per_node=3"])
+    with pytest.raises(ConfigError, match=r"autoscale: generator.num_engines=5"):
+        load_config("configs/tiny.yaml", ["autoscale.enabled=true", "generator.num_engines=5"])
+
+
+def fake_engine_class():
+    """Defined in a function so that Ray ships the class by value (workers cannot import test modules)."""
+
+    class FakeEngine:
+        """Stands in for a vLLM engine: n rollouts per prompt, tagged with who made them; dies (the
+        whole process, as when its node goes) on its `die_on`-th call."""
+
+        def __init__(self, name: str, die_on: int = 0, delay: float = 0.0):
+            self.name, self.die_on, self.delay, self.calls = name, die_on, delay, 0
+
+        def generate(self, prompts, n, **sampling):
+            self.calls += 1
+            time.sleep(self.delay)
+            if self.calls == self.die_on:
+                os._exit(1)
+            return [Rollout(prompt_index=row, group=group, prompt_ids=list(ids), response_ids=[1], response_logprobs=[0.0],
+                            text=self.name, finish_reason="stop", weight_version=3, answer=answer)
+                    for group, row, ids, answer in prompts for _ in range(n)]
+
+        def whereami(self):
+            import ray
+
+            return {"node_id": ray.get_runtime_context().get_node_id()}
+
+    return FakeEngine
+
+
+def test_an_engine_lost_mid_step_hands_its_chunk_to_another(ray_cluster):
+    ray = ray_cluster
+    Actor = ray.remote(num_cpus=0)(fake_engine_class())
+    steady = Actor.options(max_restarts=0).remote("steady", delay=0.5)  # slower: doomed takes a 2nd chunk
+    doomed = Actor.options(max_restarts=0).remote("doomed", die_on=2, delay=0.05)
+    node = ray.get(steady.whereami.remote())
+    pool = GeneratorPool([Engine(0, steady, None, 0.0, where=node), Engine(1, doomed, None, 0.0, where=node)])
+    prompts = [(g, 100 + g, [5, 6, g], str(g)) for g in range(8)]  # chunk_size(8, 2) = 2 -> 4 chunks
+    rollouts = pool.generate(prompts, n=3)
+    # every prompt exactly n times, in prompt order, all from this step's weights
+    assert [(r.group, r.prompt_index) for r in rollouts] == [(g, 100 + g) for g in range(8) for _ in range(3)]
+    assert {r.weight_version for r in rollouts} == {3}
+    assert [e.index for e in pool.engines] == [0], "the lost engine leaves the pool"
+    [lost] = pool.lost_this_step
+    assert lost["engine"] == 1 and lost["chunk_requeued"] in range(4)
+    events = pool.between_steps(1, 0.5, len(prompts), join=lambda new: pytest.fail("nothing should join"))
+    assert [e["event"] for e in events["events"]] == ["lost"] and list(events["engines"]) == [0]
+    ray.kill(steady)
