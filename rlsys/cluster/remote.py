@@ -49,17 +49,21 @@ class RewardActor(Traced, RewardWorker, Placed):
 
 def autoscaler_running() -> bool:
     """Whether the cluster runs an autoscaler (`ray up`, KubeRay with autoscaling, the fake
-    multi-node provider). Every head node runs a monitor that writes a status into the GCS
-    key-value store; only one that autoscales (v1) adds an "autoscaler_report" to it. Autoscaler v2
-    (KubeRay's option) stores the cluster's node types in the GCS instead. A fixed cluster
-    (`ray start` by hand, Slurm) has neither."""
+    multi-node provider). Every head node runs a monitor that writes its status into the GCS
+    key-value store; a head started without an autoscaling config runs it over a read-only
+    provider whose node types are named "node_<node id>" (one per node it finds). A real
+    autoscaler's node types are the config's (ray.head.default, rollout, ...). Autoscaler v2
+    (KubeRay's option) keeps the cluster's node types in the GCS instead."""
     import json
 
     from ray.experimental.internal_kv import _internal_kv_get
 
     status = _internal_kv_get("__autoscaling_status")
-    return ((status is not None and "autoscaler_report" in json.loads(status))
-            or ray._private.state.state.get_cluster_config() is not None)
+    report = json.loads(status).get("autoscaler_report") if status is not None else None
+    if report:
+        types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
+        return any(not t.startswith("node_") for t in types)
+    return ray._private.state.state.get_cluster_config() is not None
 
 
 def draining_nodes() -> set[str]:
