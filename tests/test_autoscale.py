@@ -1,6 +1,6 @@
 """The elastic rollout pool under Ray's autoscaler, on this machine: the head runs the autoscaler
 with Ray's fake multi-node provider (worker nodes are raylets started here on demand), with a
-`rollout` node type (2 CPUs, up to 2 nodes, none to start with) and a `learner` node type.
+`rollout` node type (2 CPUs, up to 3 nodes, none to start with) and a `learner` node type.
 
 What it proves, in one run: the first generator waits for a rollout node that the autoscaler adds;
 generation dominates the step, so the pool asks for a second engine, the autoscaler adds a node,
@@ -33,7 +33,8 @@ def autoscaling(tmp_path):
     nodes = RayNodes(tmp_path / "nodes")
     (tmp_path / "nodes").mkdir()
     try:
-        nodes.head(autoscaling={"rollout": {"resources": {"CPU": 2, "rollout": 1}, "min_workers": 0, "max_workers": 2},
+        # 3 rollout nodes at most: 2 engines, and a third node while the drained one is still going
+        nodes.head(autoscaling={"rollout": {"resources": {"CPU": 2, "rollout": 1}, "min_workers": 0, "max_workers": 3},
                                 "learner": {"resources": {"CPU": 4, "learner": 1}, "min_workers": 1,
                                             "max_workers": 1}})
         yield nodes
@@ -47,14 +48,15 @@ def rollout_nodes(nodes: RayNodes) -> list[str]:
 
 def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_again(autoscaling, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 40
+    steps = 60  # about 1 s each here; an engine joins about 15 s after it is asked for
+    log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", f"trainer.total_steps={steps}",
          f"trainer.output_dir={run_dir}", f"cluster.address={autoscaling.address}", "cluster.placement=disaggregated",
          "cluster.shared_storage=true", "generator.num_cpus=2", "generator.num_engines=1", "data.prompts_per_step=4",
          "learner.mini_batch_size=16", "autoscale.enabled=true", "autoscale.min_generators=1",
          "autoscale.max_generators=2", "autoscale.patience=1", "autoscale.grow_above=0.2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())  # a file: a pipe nobody reads fills up
     drained_node = None
     try:
         deadline = time.time() + 900
@@ -71,10 +73,12 @@ def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_aga
                                          capture_output=True, text=True, timeout=60, env=clean_env())
                 assert drained.returncode == 0, drained.stderr
             time.sleep(1)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
+    out = (tmp_path / "driver.log").read_text()
     assert proc.returncode == 0, out[-6000:]
     assert drained_node is not None, "the pool never grew to 2 engines:\n" + out[-4000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")

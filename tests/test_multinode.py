@@ -112,14 +112,15 @@ def test_impossible_placement_fails_fast_naming_what_is_missing(pools, tmp_path)
 def test_a_draining_node_gives_back_its_generator_and_the_run_goes_on(pools, tmp_path):
     run_dir = tmp_path / "run"
     steps = 8
+    log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "rlsys"), "train", *TINY, f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}",
          f"cluster.address={pools.address}", "cluster.placement=disaggregated", "cluster.shared_storage=true"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())  # a file: a pipe nobody reads fills up
     try:
         deadline = time.time() + 400
         while not ((run_dir / "metrics.jsonl").is_file() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 2):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:] if proc.poll() else "slow"
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-4000:]
             time.sleep(1)
         placement = json.loads((run_dir / "placement.json").read_text())
         victim = next(a for a in placement if a["role"] == "generator" and a["rank"] == 1)
@@ -129,10 +130,12 @@ def test_a_draining_node_gives_back_its_generator_and_the_run_goes_on(pools, tmp
                                   "--deadline-remaining-seconds", "600"],
                                  capture_output=True, text=True, timeout=60, env=clean_env())
         assert drained.returncode == 0, drained.stderr
-        out, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
+    out = (tmp_path / "driver.log").read_text()
     assert proc.returncode == 0, out[-5000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(steps))

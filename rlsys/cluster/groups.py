@@ -22,7 +22,7 @@ from rlsys.actors.generator import engine_env
 from rlsys.actors.weight_sync import Bucket
 from rlsys.cluster.placement import generator_bundle, layout
 from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
-from rlsys.cluster.remote import GeneratorActor, LearnerActor, Placed, RewardActor, in_group, place, threads
+from rlsys.cluster.remote import GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place, threads
 from rlsys.config import Config
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout, TrainBatch
@@ -216,16 +216,9 @@ def init_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _node_roles() -> dict[str, list[str]]:
-    """node id -> the custom resources it declares (rollout, learner, ...), for placement.json."""
-    plain = {"CPU", "GPU", "memory", "object_store_memory"}
-    return {n["NodeID"]: sorted(k for k in n["Resources"] if k not in plain and not k.startswith("node:"))
-            for n in ray.nodes() if n["Alive"]}
-
-
 def _where(actors: list, asked: list[dict]) -> list[dict]:
     where = ray.get([a.whereami.remote() for a in actors])
-    roles = _node_roles()
+    roles = node_roles()
     return [w | {"node_resources": roles.get(w["node_id"], []), "resources": r} for w, r in zip(where, asked)]
 
 
@@ -262,6 +255,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     learners = _learners(cfg, model_path, backend, lay, pgs) if train else []
     env = engine_env(cfg.generator) | threads(cfg.generator.num_cpus)
     gen_gpus = cfg.generator.tensor_parallel_size if gpu else 0
+    asked = {"CPU": cfg.generator.num_cpus, "GPU": gen_gpus}
 
     def generator(index: int, where: dict, gpus: float = gen_gpus):
         return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
@@ -272,12 +266,11 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     for s in lay.of("generator"):
         actor = generator(s.rank, in_group(pgs[s.group], s.bundle), s.num_gpus)
         own = pgs.pop(s.group) if s.group.startswith("rlsys-generator-") else None  # the engine's own group
-        engines.append(Engine(s.rank, actor, own, time.time()))
+        engines.append(Engine(s.rank, actor, own, time.time(), asked={"CPU": s.num_cpus, "GPU": s.num_gpus}))
     reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
     rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
                for _ in range(cfg.reward.num_workers)]
-    for e, w in zip(engines, _where([e.actor for e in engines],
-                                    [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("generator")])):
+    for e, w in zip(engines, _where([e.actor for e in engines], [e.asked for e in engines])):
         e.where = w
     others = [w | {"role": "learner", "rank": s.rank} for s, w in zip(
         lay.of("learner"), _where(learners, [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("learner")]))]
@@ -287,7 +280,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         ray.get([a.start_tracing.remote() for a in learners + [e.actor for e in engines] + rewards])
     bundle = generator_bundle(cfg, gpu)
     elastic = cfg.cluster.placement != "colocated"  # colocated engines live and die with their learner rank
-    pool = GeneratorPool(engines, start=(lambda i: start_engine(i, lambda where: generator(i, where), bundle))
+    pool = GeneratorPool(engines, start=(lambda i: start_engine(i, lambda where: generator(i, where), bundle, asked))
                          if elastic else None, autoscale=cfg.autoscale, bundle=bundle)
     learner_group, sync = None, None
     if train:

@@ -31,6 +31,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from rlsys.cluster.remote import draining_nodes, in_group, node_roles
 from rlsys.config import AutoscaleConfig
 from rlsys.types import Rollout
 
@@ -44,7 +45,8 @@ class Engine:
     pg: PlacementGroup | None  # None: a bundle of a group the engine does not own (colocated)
     requested_at: float
     ready: object | None = None  # whereami() ref while the engine starts
-    where: dict = field(default_factory=dict)
+    where: dict = field(default_factory=dict)  # its placement.json record (node, pid, GPU ids, ...)
+    asked: dict = field(default_factory=dict)  # the CPUs/GPUs it asked for
 
 
 @dataclass
@@ -118,7 +120,7 @@ class GeneratorPool:
         results: dict[int, list[Rollout]] = {}
         pending: dict = {}
         load = {e.index: [0, 0.0] for e in self.engines}
-        draining = draining_now()
+        draining = draining_nodes()
         idle = [e for e in self.engines if e.where.get("node_id") not in draining][::-1]
         if not idle and self.engines:  # every node is draining: use them until they go
             idle = list(self.engines)[::-1]
@@ -147,7 +149,7 @@ class GeneratorPool:
                 continue
             load[engine.index][0] += 1
             load[engine.index][1] += time.perf_counter() - t0
-            if engine.where.get("node_id") not in draining_now():
+            if engine.where.get("node_id") not in draining_nodes():
                 idle.append(engine)
         self.last_load = {i: (c, s) for i, (c, s) in load.items()}
         out = [r for i in range(len(chunks)) for r in results[i]]
@@ -163,7 +165,7 @@ class GeneratorPool:
         events: list[dict] = [{"event": "lost", "step": step, **x} for x in self.lost_this_step]
         self.lost_this_step = []
         changed = bool(events)
-        draining = draining_now()
+        draining = draining_nodes()
         for engine in list(self.engines):
             if engine.where.get("node_id") in draining:  # idle now: nothing to finish or hand back
                 events.append({"event": "drained", "step": step, "engine": engine.index,
@@ -223,7 +225,9 @@ class GeneratorPool:
             ready, _ = ray.wait([engine.ready], timeout=0)
             if ready:
                 try:
-                    engine.where = ray.get(engine.ready)
+                    where = ray.get(engine.ready)
+                    engine.where = where | {"node_resources": node_roles().get(where["node_id"], []),
+                                            "resources": engine.asked}
                 except LOST as e:  # its node went while the engine was starting
                     events.append({"event": "failed_start", "step": step, "engine": engine.index,
                                    "reason": str(e).splitlines()[0][:200]})
@@ -268,17 +272,9 @@ class GeneratorPool:
             self._request(0)
 
 
-def draining_now() -> set[str]:
-    from rlsys.cluster.remote import draining_nodes
-
-    return draining_nodes()
-
-
-def start_engine(index: int, make_actor: Callable[[dict], object], bundle: dict) -> Engine:
+def start_engine(index: int, make_actor: Callable[[dict], object], bundle: dict, asked: dict) -> Engine:
     """One engine in a placement group of its own; returns at once (the engine is ready when
     `ready` resolves: its node arrived and its vLLM engine loaded)."""
-    from rlsys.cluster.remote import in_group
-
     pg = placement_group([bundle], strategy="PACK", name=f"rlsys-generator-{index}")
     actor = make_actor(in_group(pg, 0))
-    return Engine(index, actor, pg, time.time(), ready=actor.whereami.remote())
+    return Engine(index, actor, pg, time.time(), ready=actor.whereami.remote(), asked=asked)

@@ -72,6 +72,13 @@ def draining_nodes() -> set[str]:
     return set(ray._private.state.state.get_draining_nodes())
 
 
+def node_roles() -> dict[str, list[str]]:
+    """node id -> the custom resources it declares (rollout, learner, ...), for placement.json."""
+    plain = {"CPU", "GPU", "memory", "object_store_memory"}
+    return {n["NodeID"]: sorted(k for k in n["Resources"] if k not in plain and not k.startswith("node:"))
+            for n in ray.nodes() if n["Alive"]}
+
+
 def missing(bundles: list[dict]) -> str:
     """What the cluster lacks for these bundles, in words: resources no node declares, then the
     totals that exceed what is free now."""
