@@ -382,6 +382,9 @@ def validate(cfg: Config) -> None:
     need(cfg.cluster.learners_per_node >= 0, f"cluster.learners_per_node must be >= 0, got {cfg.cluster.learners_per_node}")
     need(cfg.cluster.learners_per_node == 0 or cfg.learner.num_ranks % cfg.cluster.learners_per_node == 0,
          f"cluster.learners_per_node={cfg.cluster.learners_per_node} must divide learner.num_ranks={cfg.learner.num_ranks}")
+    need(not (cfg.cluster.shared_storage and "://" in cfg.trainer.output_dir),
+         f"trainer.output_dir={cfg.trainer.output_dir} is a storage URI: the run is staged on the driver and copied "
+         f"there, so cluster.shared_storage must be false (learner rank 0 sends checkpoints to the driver)")
     bad = [name for name in cfg.trainer.loggers if name not in ("jsonl", "tensorboard", "wandb", "mlflow")]
     need(not bad, f"trainer.loggers: unknown logger(s) {bad}; choose from jsonl, tensorboard, wandb, mlflow")
     need(not (cfg.submit.pip and cfg.submit.uv), "submit.pip and submit.uv: give one of them, not both")

@@ -27,12 +27,15 @@ def rlsys(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """One real run shared by the tests below: 3 steps, checkpoints after steps 2 and 3, a GSM8K
-    evaluation (4 problems x 2 samples) at the same steps."""
+    evaluation (4 problems x 2 samples) at the same steps, TensorBoard beside metrics.jsonl. Its
+    run folder is given as a storage URI (file://): staged on the driver and copied there, so
+    every test below reads what reached the storage."""
     out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = rlsys("train", "configs/tiny.yaml", "trainer.total_steps=3", f"trainer.output_dir={out}",
+    proc = rlsys("train", "configs/tiny.yaml", "trainer.total_steps=3", f"trainer.output_dir=file://{out}",
                  "trainer.save_every=2", "eval.every=2", "eval.limit=4", "eval.k=2", "generator.max_model_len=2048",
-                 "profile.enabled=true")
+                 "profile.enabled=true", "trainer.loggers=[jsonl,tensorboard]")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"copied to file://{out} after every step" in proc.stdout
     return out
 
 
@@ -55,6 +58,9 @@ def test_train_tiny_three_steps(smoke_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
     evals = json.loads((out / "evals" / "step_3.json").read_text())
     assert len(evals["results"]) == 4 and all(len(r["correct"]) == 2 for r in evals["results"])
+    assert [m["pool/size"] for m in rows] == [2, 2, 2] and len(read_jsonl(out / "pool.jsonl")) == 3
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "trainer.loggers=[jsonl,tensorboard]"
+    assert not [p for p in out.rglob("*") if ".partial" in p.name], "only whole checkpoints reach the storage"
 
 
 def test_profiled_run_writes_every_actors_phases_to_the_timeline(smoke_run):
@@ -135,6 +141,8 @@ def test_unknown_key_stops_before_any_actor(tmp_path):
 def test_a_new_run_never_appends_to_an_old_one(smoke_run):
     before = (smoke_run / "metrics.jsonl").read_text()
     proc = rlsys("train", "configs/tiny.yaml", f"trainer.output_dir={smoke_run}")
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    proc = rlsys("train", "configs/tiny.yaml", f"trainer.output_dir=file://{smoke_run}")  # the same, as a URI
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (smoke_run / "metrics.jsonl").read_text() == before
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data.prompts import PromptStream, check_prompt_lengths, resolve_data_path
 from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, run_eval
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
+from rlsys.cluster.storage import RunStorage, is_uri
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.data.models import resolve_model
 from rlsys.observe.profile import Timeline
@@ -27,9 +29,14 @@ from rlsys.observe.profile import Timeline
 
 def train(cfg: Config) -> Path:
     run_dir = resolve_run_dir(cfg.trainer.output_dir)
+    storage = RunStorage(cfg.trainer.output_dir, run_dir) if is_uri(cfg.trainer.output_dir) else None
+    if storage is not None and storage.holds_run():  # never mix two runs' metrics, never overwrite one
+        raise FileExistsError(f"trainer.output_dir={cfg.trainer.output_dir} already holds a run (metrics.jsonl); "
+                              f"choose another trainer.output_dir")
     model_path, tokenizer, prompts, eval_problems, verifier = preflight(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[rlsys] run folder: {run_dir}", flush=True)
+    print(f"[rlsys] run folder: {run_dir}" + (f" (staged here, copied to {cfg.trainer.output_dir} after every step)"
+                                              if storage is not None else ""), flush=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier)
@@ -83,6 +90,8 @@ def train(cfg: Config) -> Path:
             sample = {"prompt": batch_prompts[0].text, "completion": rollouts[0].text, "answer": rollouts[0].answer,
                       "reward": scores[0].reward}
             log.log(step, metrics, sample)
+            if storage is not None:
+                storage.upload()
             if timeline is not None:
                 collect(timeline, groups, timer)
             curve.append(stats["reward/mean"])
@@ -98,6 +107,8 @@ def train(cfg: Config) -> Path:
                 timeline.write(run_dir / "timeline.json")
         finally:
             groups.shutdown()
+            if storage is not None:  # also after a crash: what was written is on the storage
+                storage.upload()
     return run_dir
 
 
@@ -123,7 +134,12 @@ def resolve_run_dir(output_dir: str) -> Path:
     A relative path resolves against $RLSYS_BASE_DIR when set (cluster/submit.sh sets it to the
     folder the job was submitted from), else against the working directory, except in a submitted
     Ray job, whose working directory is Ray's temporary copy of the job's files (deleted by Ray
-    later): there a relative path is refused."""
+    later): there a relative path is refused. A storage URI (s3://, gs://, file://...) gets a fresh
+    staging folder on the driver's disk, copied to the URI after every step (rlsys.cluster.storage)."""
+    if is_uri(output_dir):  # staged on the driver's disk, copied to the URI as the run goes
+        staging = Path(os.environ.get("RLSYS_CACHE", Path.home() / ".cache" / "rlsys")) / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="run-", dir=staging))
     path = Path(output_dir).expanduser()
     if path.is_absolute():
         return path
@@ -133,8 +149,9 @@ def resolve_run_dir(output_dir: str) -> Path:
         raise ConfigError(
             f"trainer.output_dir={output_dir} is relative, and this driver runs as a Ray job inside Ray's temporary "
             f"copy of the job's working dir ({Path.cwd()}), which Ray deletes: the run would be lost. Give an "
-            f"absolute trainer.output_dir on storage you can reach, or submit with cluster/submit.sh (it resolves "
-            f"relative paths against the folder you submit from)")
+            f"absolute trainer.output_dir on storage you can reach, or a storage URI (s3://..., gs://...), or submit "
+            f"with `rlsys submit --base-dir DIR` / cluster/submit.sh (a relative path then resolves against DIR, the "
+            f"folder you submit from)")
     return Path.cwd() / path
 
 
