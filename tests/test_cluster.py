@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the repo's .venv/bin: rlsys, ray
 RAY_TMP = Path("/tmp/ray")  # Ray's default temp dir
 MARKER = RAY_TMP / "ray_current_cluster"  # where `ray start` leaves the address a plain ray.init() connects to
+pytestmark = pytest.mark.multinode
 TIMEOUT_S = 600  # any one command; a run here takes about a minute
 
 
