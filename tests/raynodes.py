@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
 BIN = Path(sys.executable).parent
-MARKER = Path("/tmp/ray/ray_current_cluster")
 
 
 def free_port() -> int:
@@ -60,7 +61,10 @@ class RayNodes:
         self.dashboard_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.node_ids: dict[str, str] = {}
-        self.previous_marker = MARKER.read_text() if MARKER.is_file() else None
+        # A temp dir of its own: `ray start --head` writes its address into <temp dir>/ray_current_cluster,
+        # and Ray's job supervisor connects every job driver to the cluster named there. Under the
+        # shared /tmp/ray, two clusters on one machine (two test sessions) would swap job drivers.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
 
     @property
     def address(self) -> str:
@@ -72,7 +76,7 @@ class RayNodes:
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = self.folder / f"{name}.log"
-        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
+        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
                f"--dashboard-agent-listen-port={free_port()}", *args]
         with open(log, "w") as out:
             self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -145,9 +149,4 @@ class RayNodes:
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else []):
             self.kill(name)
-        # `ray start --head` left its address where a plain ray.init() looks: put back what was there
-        if MARKER.is_file() and MARKER.read_text().strip().endswith(f":{self.gcs_port}"):
-            if self.previous_marker is None:
-                MARKER.unlink()
-            else:
-                MARKER.write_text(self.previous_marker)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # sockets and logs of processes now gone
