@@ -4,6 +4,7 @@ vLLM engines, on the session's local cluster)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -124,3 +125,28 @@ def test_an_engine_lost_mid_step_hands_its_chunk_to_another(ray_cluster):
     events = pool.between_steps(1, 0.5, len(prompts), join=lambda new: pytest.fail("nothing should join"))
     assert [e["event"] for e in events["events"]] == ["lost"] and list(events["engines"]) == [0]
     ray.kill(steady)
+
+
+def test_an_engine_without_prompts_is_given_back_and_the_autoscaler_told(ray_cluster):
+    """3 engines, 2 prompts (2 chunks): one engine idles; with patience 1 the pool gives it back
+    at the step boundary and asks the autoscaler for room for 2 engines only."""
+    from ray.autoscaler._private.commands import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    ray = ray_cluster
+    Actor = ray.remote(num_cpus=0)(fake_engine_class())
+    actors = [Actor.remote(f"e{i}", delay=0.2) for i in range(3)]
+    node = ray.get(actors[0].whereami.remote())
+    cfg = AutoscaleConfig(enabled=True, min_generators=1, max_generators=3, grow_above=0.5, patience=1)
+    pool = GeneratorPool([Engine(i, a, None, 0.0, where=node) for i, a in enumerate(actors)], autoscale=cfg,
+                         bundle={"CPU": 1.0, "rollout": MARKER})
+    prompts = [(g, g, [1, 2], "0") for g in range(2)]
+    assert len(pool.generate(prompts, n=2)) == 4
+    [idle] = [i for i, (chunks, _) in pool.last_load.items() if chunks == 0]
+    state = pool.between_steps(0, 0.9, len(prompts), join=lambda new: pytest.fail("nothing should join"))
+    assert [(e["event"], e["engine"]) for e in state["events"]] == [("shrink", idle)]
+    assert sorted(state["engines"]) == sorted({0, 1, 2} - {idle})
+    # what the (v1) autoscaler reads: one resource dict per bundle
+    assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == [{"CPU": 1.0, "rollout": MARKER}] * 2
+    pool.shutdown()
+    assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == []

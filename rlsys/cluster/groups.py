@@ -281,7 +281,9 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     bundle = generator_bundle(cfg, gpu)
     elastic = cfg.cluster.placement != "colocated"  # colocated engines live and die with their learner rank
     pool = GeneratorPool(engines, start=(lambda i: start_engine(i, lambda where: generator(i, where), bundle, asked))
-                         if elastic else None, autoscale=cfg.autoscale, bundle=bundle)
+                         if elastic else None, autoscale=cfg.autoscale, bundle=bundle,
+                         wait_timeout_s=cfg.autoscale.node_timeout_s if cfg.autoscale.enabled
+                         else cfg.cluster.placement_timeout_s)
     learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())

@@ -31,7 +31,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from rlsys.cluster.remote import draining_nodes, in_group, node_roles
+from rlsys.cluster.remote import draining_nodes, in_group, missing, node_roles
 from rlsys.config import AutoscaleConfig
 from rlsys.types import Rollout
 
@@ -90,10 +90,12 @@ def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfi
 
 class GeneratorPool:
     def __init__(self, engines: list[Engine], start: Callable[[int], Engine] | None = None,
-                 autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None):
+                 autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None,
+                 wait_timeout_s: float = 600.0):
         """engines: started and placed. start(index): begin starting one more engine (returns at
         once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
-        the autoscaler. target: the size to keep without autoscaling (None: never replace)."""
+        the autoscaler. target: the size to keep without autoscaling (None: never replace).
+        wait_timeout_s: how long a pool left empty waits for a starting engine."""
         self.engines = engines
         self.start = start
         self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
@@ -105,6 +107,7 @@ class GeneratorPool:
         self.last_load: dict[int, tuple[int, float]] = {}  # engine index -> (chunks, busy seconds), last generate
         self.lost_this_step: list[dict] = []
         self.requested = -1
+        self.wait_timeout_s = wait_timeout_s
 
     @property
     def actors(self) -> list:
@@ -177,7 +180,9 @@ class GeneratorPool:
             self.history.append(StepLoad(generate_share, len(self.last_load), idle,
                                          math.ceil(prompts / chunk_size(prompts, max(1, len(self.last_load))))))
         if self.autoscale is not None:
-            move = decide(self.history, len(self.engines), len(self.starting), self.autoscale, prompts)
+            # The last steps' load says nothing about a pool that just lost engines: measure it anew.
+            move = 0 if changed else decide(self.history, len(self.engines), len(self.starting), self.autoscale,
+                                            prompts)
             if move > 0:
                 events.append(self._begin_start(step, "grow"))
             elif move < 0:
@@ -194,6 +199,16 @@ class GeneratorPool:
         if self.autoscale is not None:
             self._request(len(self.engines) + len(self.starting))
         joined = self._collect_started(step, events)
+        deadline = time.time() + self.wait_timeout_s
+        while not self.engines and not joined and self.starting:
+            # Nothing left to generate with (every engine drained or lost): wait for a starting one.
+            if time.time() > deadline:
+                raise RuntimeError(f"step {step}: no generator serving and none of the {len(self.starting)} starting "
+                                   f"got a node within {self.wait_timeout_s:.0f}s: {missing([self.bundle])}")
+            print(f"[rlsys] step {step}: no generator serving; waiting for {len(self.starting)} starting "
+                  f"(missing now: {missing([self.bundle])})", flush=True)
+            ray.wait([e.ready for e in self.starting], num_returns=1, timeout=10.0)
+            joined = self._collect_started(step, events)
         if joined:
             t0 = time.time()
             join(joined)
