@@ -66,12 +66,7 @@ def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_aga
                 # the second engine joined: its node gets a spot-preemption notice
                 newest = max(pool[-1]["engines"], key=int)
                 drained_node = pool[-1]["engines"][newest]
-                drained = subprocess.run([str(BIN / "ray"), "drain-node", "--address", autoscaling.address,
-                                          "--node-id", drained_node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                                          "--reason-message", "spot preemption notice (test)",
-                                          "--deadline-remaining-seconds", "600"],
-                                         capture_output=True, text=True, timeout=60, env=clean_env())
-                assert drained.returncode == 0, drained.stderr
+                autoscaling.drain(drained_node)
             time.sleep(1)
         proc.wait(timeout=60)
     finally:

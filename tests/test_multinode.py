@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -124,12 +123,7 @@ def test_a_draining_node_gives_back_its_generator_and_the_run_goes_on(pools, tmp
             time.sleep(1)
         placement = json.loads((run_dir / "placement.json").read_text())
         victim = next(a for a in placement if a["role"] == "generator" and a["rank"] == 1)
-        drained = subprocess.run([str(BIN / "ray"), "drain-node", "--address", pools.address, "--node-id",
-                                  victim["node_id"], "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                                  "--reason-message", "spot preemption notice (test)",
-                                  "--deadline-remaining-seconds", "600"],
-                                 capture_output=True, text=True, timeout=60, env=clean_env())
-        assert drained.returncode == 0, drained.stderr
+        pools.drain(victim["node_id"])
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
