@@ -123,6 +123,36 @@ def _peer(ax, bench: dict) -> None:
           colors)
 
 
+def _scaling(ax, bench: dict) -> None:
+    """Measured tokens/s against engine count, the ideal linear line from the 1-engine run beside
+    it, and the generate phase per engine count on the right axis."""
+    rows = sorted((r for r in bench["rows"] if r["what"] == "engines"), key=lambda r: r["engines"])
+    engines = [r["engines"] for r in rows]
+    base = next(r["tokens_per_s"] for r in rows if r["engines"] == 1)
+    ax.plot(engines, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue", label="measured tokens/s")
+    ax.plot(engines, [n * base for n in engines], "k--", label="ideal linear (N x 1 engine)")
+    ax.set_xticks(engines)
+    ax.set(xlabel="generator engines (one rollout node each)", ylabel="tokens/s (prompt + completion)",
+           title=f"scaling: tiny GRPO, {rows[0]['ranks']} learner ranks, on {bench['params']['cores']} cores "
+                 f"shared by every actor")
+    right = ax.twinx()
+    right.plot(engines, [r["generate_s_mean"] for r in rows], "s:", color="tab:orange", label="generate phase (s)")
+    right.set_ylabel("generate phase, s per step")
+    right.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center left")
+
+
+def _scaling_split(ax, bench: dict) -> None:
+    g, l = bench["params"]["generator_num_cpus"], bench["params"]["learner_num_cpus"]
+    rows = sorted(bench["rows"], key=lambda r: (r["asked_cpus"], -r["ranks"]))
+    _bars(ax, [f"{r['engines']} gen + {r['ranks']} learner\n({r['engines'] * g + r['ranks'] * l:g} CPUs)"
+               for r in rows],
+          [r["tokens_per_s"] for r in rows], "tokens/s (prompt + completion)",
+          f"scaling: generator / learner split of the same CPUs ({bench['params']['cores']} cores shared)")
+
+
 def _targets(ax, benches: dict) -> bool:
     figs = [f for b in benches.values() for f in b["figures"] if f["target"] is not None]
     if not figs:
@@ -138,7 +168,7 @@ def _targets(ax, benches: dict) -> bool:
 
 
 PLOTS = {"rollout": _rollout, "reward": _reward, "learner": _learner, "weight_sync": _weight_sync,
-         "end_to_end": _end_to_end, "peer": _peer}
+         "end_to_end": _end_to_end, "peer": _peer, "scaling": _scaling, "scaling_split": _scaling_split}
 
 if __name__ == "__main__":
     print("\n".join(str(p) for p in plot_all(Path(sys.argv[1]))))

@@ -158,3 +158,32 @@ def test_a_bad_hardware_file_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("RLSYS_HARDWARE", str(bad))
     with pytest.raises(ValueError, match=r"hw.yaml: peak_tflops.bfloat16 must be a positive number"):
         hardware()
+
+
+def test_scaling_figures_by_hand():
+    """Three steps of a run (the first skipped as warm-up); then the engine sweep's figures:
+    ideal linear = N x the 1-engine run's tokens/s, speed-up against that run, times inverted."""
+    from benchmarks.scaling import engine_figures, ideal_line, measure, split_figures
+
+    def step(gen, tokens):
+        return {"timing/generate": gen, "timing/reward": 0.5, "timing/learn": 1.0, "timing/sync": 0.5,
+                "tokens/total": tokens}
+
+    one = measure([step(9.0, 1), step(1.0, 300), step(2.0, 500)])  # steps of 3 s and 4 s, 800 tokens
+    assert one["steps_measured"] == 2 and one["step_s"] == [3.0, 4.0]
+    assert one["tokens_per_s"] == pytest.approx(800 / 7) and one["generate_s_mean"] == 1.5
+    two = measure([step(9.0, 1), step(1.0, 500), step(1.0, 500)])  # 1000 tokens in 6 s
+    assert ideal_line(100.0, [1, 2, 4]) == [100.0, 200.0, 400.0]
+    figs = {f.name: f for f in engine_figures({1: one, 2: two}, 2, 2, "cpu")}
+    ideal = figs["2 engines: tokens/s vs ideal linear"]
+    assert ideal.reference_value == pytest.approx(1600 / 7)
+    assert ideal.ratio == pytest.approx((1000 / 6) / (1600 / 7))  # scaling efficiency, 0.73
+    assert figs["2 engines: tokens/s vs 1 engine"].ratio == pytest.approx((1000 / 6) / (800 / 7))
+    assert figs["2 engines: generate phase"].ratio == 1.5 and figs["2 engines: step time"].ratio == 3.5 / 3.0
+    assert "all actors share them" in ideal.note  # 4.5 logical CPUs asked of 2 cores
+    # Amdahl from the 1-engine run: a 3.5 s step of which 1.5 s generate, 3.5 / 2.0
+    assert "at most 1.75x" in figs["2 engines: tokens/s vs 1 engine"].note
+    (split,) = split_figures({3: [(1, 2), (2, 1)]}, {(1, 2): one, (2, 1): two}, 8, "cpu")
+    assert split.ratio == pytest.approx((1000 / 6) / (800 / 7)) and "no core shared" in split.note
+    with pytest.raises(ValueError, match="1-engine run"):
+        engine_figures({2: two}, 2, 2, "cpu")

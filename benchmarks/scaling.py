@@ -1,0 +1,254 @@
+"""Scaling: real `rlsys train` runs (configs/tiny.yaml) on a multi-node Ray cluster this script
+starts on this machine, against the number of generator engines and against the split of a fixed
+number of CPUs between generators and learner ranks.
+
+The cluster (benchmarks/localnodes.py): a head with 0 CPUs (the driver only), one rollout node
+per engine (generator.num_cpus CPUs and the custom resource `rollout`) and one learner node (the
+learner ranks' CPUs, plus room for the reward workers, and `learner`); every run uses
+cluster.placement=disaggregated, so each engine has a rollout node of its own. Nodes are added
+as the runs need them (runs go in order of engine count), never more than the current run uses.
+
+Each run: `rlsys train configs/tiny.yaml` for a few steps in a process of its own; from its
+metrics.jsonl, over the steps after the first (warm-up): step time (sum of timing/generate,
+reward, learn, sync), the generate phase, and tokens/s = sum of tokens/total / sum of step times.
+
+Figures (ratios to runs measured in the same invocation):
+- engines: tokens/s of N engines against ideal linear scaling, N x the 1-engine run's tokens/s
+  (the ratio is the scaling efficiency), and against the 1-engine run itself (the speed-up);
+  generate-phase time and step time against the 1-engine run's.
+- split: tokens/s of each generator/learner split of the same CPUs against the split with the
+  most learner ranks.
+
+Ray's CPUs are logical. The engines do not share cores only where the machine has a core for
+every CPU the run asks for; on a 2-core machine every engine, learner rank and reward worker
+shares the same two cores, so little or no speed-up is to be expected there, and every figure
+says how many CPUs the run asked for against the cores it had.
+
+    python benchmarks/scaling.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, Figure, Section, machine, main  # noqa: E402
+from benchmarks.localnodes import BIN, LocalNodes, clean_env, kill_tree  # noqa: E402
+
+CONFIG = "configs/tiny.yaml"
+PHASES = ("generate", "reward", "learn", "sync")
+GENERATOR_CPUS = 1.0  # generator.num_cpus: one rollout node of this many CPUs per engine
+LEARNER_CPUS = 1.0  # learner.num_cpus
+REWARD_WORKERS, REWARD_CPUS = 2, 0.25  # tiny.yaml's defaults, placed on the learner node's spare CPU
+LEARNER_RANKS = 2  # during the engine sweep
+RUN_TIMEOUT_S = 900.0
+
+
+def plan(quick: bool) -> dict:
+    """Engine counts (learner ranks fixed) and, per CPU total, the generator/learner splits; the
+    first split of each total is its reference. learner.mini_batch_size (32) must be a multiple of
+    ranks x micro_batch_size (8): 1, 2 or 4 ranks."""
+    if quick:
+        return {"steps": 6, "engines": [1, 2], "splits": {3: [(1, 2), (2, 1)]}}
+    return {"steps": 12, "engines": [1, 2, 4], "splits": {3: [(1, 2), (2, 1)], 4: [(2, 2), (3, 1)]}}
+
+
+def runs_needed(p: dict) -> list[tuple[int, int]]:
+    """(engines, ranks) of every run, each once, in order of engines (the cluster only grows)."""
+    wanted = {(n, LEARNER_RANKS) for n in p["engines"]} | {s for splits in p["splits"].values() for s in splits}
+    return sorted(wanted)
+
+
+def asked_cpus(engines: int, ranks: int) -> float:
+    return engines * GENERATOR_CPUS + ranks * LEARNER_CPUS + REWARD_WORKERS * REWARD_CPUS
+
+
+def measure(rows: list[dict]) -> dict:
+    """One run's figures from its metrics.jsonl rows; the first step (warm-up: compilation,
+    first weight sync, caches) is left out when there is more than one."""
+    if not rows:
+        raise ValueError("metrics.jsonl has no steps")
+    measured = rows[1:] or rows
+    step_s = [sum(r[f"timing/{p}"] for p in PHASES) for r in measured]
+    tokens = [r["tokens/total"] for r in measured]
+    return {"steps_measured": len(measured), "step_s": step_s, "step_s_mean": statistics.fmean(step_s),
+            "generate_s_mean": statistics.fmean(r["timing/generate"] for r in measured),
+            "phases_s_mean": {p: statistics.fmean(r[f"timing/{p}"] for r in measured) for p in PHASES},
+            "tokens": tokens, "tokens_per_s": sum(tokens) / sum(step_s)}
+
+
+def ideal_line(base_tokens_per_s: float, engines: list[int]) -> list[float]:
+    """Linear scaling from the 1-engine run: N engines, N times its tokens/s."""
+    return [n * base_tokens_per_s for n in engines]
+
+
+def sharing_note(engines: int, ranks: int, cores: int, cpu: str) -> str:
+    asked = asked_cpus(engines, ranks)
+    if asked <= cores:
+        return f"{asked:g} CPUs asked, {cores} cores ({cpu}): no core shared"
+    return f"{asked:g} logical CPUs asked of {cores} cores ({cpu}): all actors share them, little speed-up expected"
+
+
+def engine_figures(by_engines: dict[int, dict], ranks: int, cores: int, cpu: str) -> list[Figure]:
+    """by_engines: engine count -> measure() of that run; needs the 1-engine run (the reference)."""
+    if 1 not in by_engines:
+        raise ValueError(f"the engine sweep needs a 1-engine run as its reference, got {sorted(by_engines)}")
+    base = by_engines[1]
+    # Amdahl: more engines shorten the generate phase at best; the rest of the step stays
+    bound = base["step_s_mean"] / (base["step_s_mean"] - base["generate_s_mean"])
+    figures = []
+    for n in sorted(by_engines):
+        if n == 1:
+            continue
+        m, note = by_engines[n], sharing_note(n, ranks, cores, cpu)
+        (ideal,) = ideal_line(base["tokens_per_s"], [n])
+        figures += [
+            Figure(f"{n} engines: tokens/s vs ideal linear", m["tokens_per_s"], "tokens/s",
+                   f"ideal: {n} x the 1-engine run's tokens/s", ideal, note=note),
+            Figure(f"{n} engines: tokens/s vs 1 engine", m["tokens_per_s"], "tokens/s",
+                   f"1 engine, {ranks} learner ranks, same run", base["tokens_per_s"],
+                   note=f"{note}; generate is {100 * base['generate_s_mean'] / base['step_s_mean']:.0f}% of the "
+                        f"1-engine step, so free generation would give at most {bound:.2f}x"),
+            Figure(f"{n} engines: generate phase", m["generate_s_mean"], "s", "1 engine's generate phase",
+                   base["generate_s_mean"], lower_is_better=True, note=note),
+            Figure(f"{n} engines: step time", m["step_s_mean"], "s", "1 engine's step time", base["step_s_mean"],
+                   lower_is_better=True, note=note)]
+    return figures
+
+
+def split_figures(splits: dict[int, list[tuple[int, int]]], by_run: dict[tuple[int, int], dict], cores: int,
+                  cpu: str) -> list[Figure]:
+    """Per CPU total, every split's tokens/s against the first split of that total."""
+    figures = []
+    for total, options in splits.items():
+        ref_e, ref_r = options[0]
+        ref = by_run[options[0]]
+        for e, r in options[1:]:
+            figures.append(Figure(
+                f"{e} gen + {r} learner ranks ({total} CPUs): tokens/s", by_run[(e, r)]["tokens_per_s"], "tokens/s",
+                f"{ref_e} gen + {ref_r} learner ranks, same CPUs, same run", ref["tokens_per_s"],
+                note=sharing_note(e, r, cores, cpu)))
+    return figures
+
+
+def train_run(nodes: LocalNodes, engines: int, ranks: int, steps: int, run_dir: Path) -> dict:
+    """`rlsys train` of the tiny config against the cluster, in a process (group) of its own; its
+    output goes to a file (a pipe nobody reads while it runs could fill and block it)."""
+    args = [str(BIN / "rlsys"), "train", CONFIG, "trainer.progress=false", f"trainer.total_steps={steps}",
+            f"trainer.output_dir={run_dir}", "eval.every=0", f"cluster.address={nodes.address}",
+            "cluster.placement=disaggregated", "cluster.shared_storage=true",  # every node is this machine
+            f"generator.num_engines={engines}", f"generator.num_cpus={GENERATOR_CPUS:g}",
+            f"learner.num_ranks={ranks}", f"learner.num_cpus={LEARNER_CPUS:g}",
+            f"reward.num_workers={REWARD_WORKERS}", f"reward.num_cpus={REWARD_CPUS:g}"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=clean_env())
+        try:
+            code = proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"rlsys train ({engines} engines, {ranks} learner ranks) did not finish within "
+                               f"{RUN_TIMEOUT_S:.0f} s; {log}:\n{log.read_text()[-4000:]}") from None
+        finally:
+            if proc.poll() is None:  # timed out or interrupted: the driver goes with its children
+                kill_tree(proc.pid)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"rlsys train ({engines} engines, {ranks} learner ranks) exited with {code}; "
+                           f"{log}:\n{log.read_text()[-4000:]}")
+    from rlsys.observe.metrics import read_jsonl
+
+    m = measure(read_jsonl(run_dir / "metrics.jsonl"))
+    placement = json.loads((run_dir / "placement.json").read_text())
+    names = {node_id: name for name, node_id in nodes.node_ids.items()}
+    gen_nodes = sorted({names.get(a["node_id"], "head") for a in placement if a["role"] == "generator"})
+    learner_nodes = sorted({names.get(a["node_id"], "head") for a in placement if a["role"] == "learner"})
+    if len(gen_nodes) != engines or any(not n.startswith("rollout") for n in gen_nodes):
+        raise RuntimeError(f"{engines} engines should each have a rollout node of their own, ran on {gen_nodes}")
+    return {"engines": engines, "ranks": ranks, "steps": steps, "asked_cpus": asked_cpus(engines, ranks),
+            "wall_s": wall, "generator_nodes": gen_nodes, "learner_nodes": learner_nodes,
+            "run_dir": str(run_dir.relative_to(REPO)), **m}
+
+
+def run(quick: bool) -> list[Section]:
+    p = plan(quick)
+    info = machine()
+    cores, cpu = info["cpus"], info["cpu"]
+    runs = runs_needed(p)
+    folder = REPO / "benchmarks" / "results" / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}"
+    params = {"config": CONFIG, "steps": p["steps"], "measured": "steps after the first",
+              "placement": "disaggregated: head 0 CPUs; one rollout node per engine; one learner node",
+              "generator_num_cpus": GENERATOR_CPUS, "learner_num_cpus": LEARNER_CPUS,
+              "reward_workers": REWARD_WORKERS, "reward_num_cpus": REWARD_CPUS, "cores": cores, "cpu": cpu,
+              "files": str(folder.relative_to(REPO)),
+              "cores_note": (f"{cores} cores ({cpu}): every run asks for more logical CPUs than that, so engines, "
+                             "learner ranks and reward workers share the same cores; little or no speed-up is "
+                             "expected on this machine" if min(asked_cpus(e, r) for e, r in runs) > cores else
+                             f"{cores} cores ({cpu})")}
+    engines_section = Section("scaling", params | {"engines": p["engines"], "learner_ranks": LEARNER_RANKS})
+    split_section = Section("scaling_split", params | {"splits": {str(t): s for t, s in p["splits"].items()}})
+    results: dict[tuple[int, int], dict] = {}
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # an earlier benchmark's in-process cluster (run_all): the runs get the cores to themselves
+    nodes = LocalNodes(folder / "nodes")
+    previous = _sigterm_exits()
+    try:
+        nodes.head()
+        ranks_max = max(r for _, r in runs)
+        # the learner ranks' CPUs plus a CPU for the reward workers, which have no placement group
+        nodes.worker("learner", ranks_max * LEARNER_CPUS + math.ceil(REWARD_WORKERS * REWARD_CPUS), {"learner": 1})
+        for engines, ranks in runs:
+            for i in range(sum(1 for n in nodes.procs if n.startswith("rollout")), engines):
+                nodes.worker(f"rollout-{i}", GENERATOR_CPUS, {"rollout": 1})
+            print(f"[scaling] {engines} engine(s), {ranks} learner rank(s), {p['steps']} steps ...", flush=True)
+            r = train_run(nodes, engines, ranks, p["steps"], folder / f"run-e{engines}-l{ranks}")
+            print(f"[scaling] {engines} engine(s), {ranks} learner rank(s): {r['tokens_per_s']:.0f} tokens/s, "
+                  f"{r['step_s_mean']:.2f} s a step (generate {r['generate_s_mean']:.2f} s), {r['wall_s']:.0f} s "
+                  f"with start-up", flush=True)
+            results[(engines, ranks)] = r
+    finally:
+        nodes.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    for (engines, ranks), r in results.items():
+        if ranks == LEARNER_RANKS and engines in p["engines"]:
+            engines_section.rows.append({"what": "engines", **r})
+        if any((engines, ranks) in s for s in p["splits"].values()):
+            split_section.rows.append({"what": "split", **r})
+    engines_section.figures = engine_figures({e: results[(e, LEARNER_RANKS)] for e in p["engines"]},
+                                             LEARNER_RANKS, cores, cpu)
+    split_section.figures = split_figures(p["splits"], results, cores, cpu)
+    print(f"[scaling] {params['cores_note']}", flush=True)
+    return [engines_section, split_section]
+
+
+def _sigterm_exits():
+    """A SIGTERM while nodes run becomes SystemExit, so the finally above still stops them.
+    Returns the handler it replaced (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, exit_now)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main(run)
