@@ -2,7 +2,7 @@
 starts on this machine, against the number of generator engines and against the split of a fixed
 number of CPUs between generators and learner ranks.
 
-The cluster (benchmarks/localnodes.py): a head with 0 CPUs (the driver only), one rollout node
+The cluster (rlsys/cluster/local.py): a head with 0 CPUs (the driver only), one rollout node
 per engine (generator.num_cpus CPUs and the custom resource `rollout`) and one learner node (the
 learner ranks' CPUs, plus room for the reward workers, and `learner`); every run uses
 cluster.placement=disaggregated, so each engine has a rollout node of its own. Nodes are added
@@ -44,7 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, Figure, Section, machine, main  # noqa: E402
-from benchmarks.localnodes import BIN, LocalNodes, clean_env, kill_tree  # noqa: E402
+from rlsys.cluster.local import BIN, LocalNodes, clean_env, kill_tree  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 PHASES = ("generate", "reward", "learn", "sync")
@@ -211,10 +211,10 @@ def run(quick: bool) -> list[Section]:
         nodes.head()
         ranks_max = max(r for _, r in runs)
         # the learner ranks' CPUs plus a CPU for the reward workers, which have no placement group
-        nodes.worker("learner", ranks_max * LEARNER_CPUS + math.ceil(REWARD_WORKERS * REWARD_CPUS), {"learner": 1})
+        nodes.worker("learner", math.ceil(ranks_max * LEARNER_CPUS + REWARD_WORKERS * REWARD_CPUS), {"learner": 1})
         for engines, ranks in runs:
             for i in range(sum(1 for n in nodes.procs if n.startswith("rollout")), engines):
-                nodes.worker(f"rollout-{i}", GENERATOR_CPUS, {"rollout": 1})
+                nodes.worker(f"rollout-{i}", math.ceil(GENERATOR_CPUS), {"rollout": 1})
             print(f"[scaling] {engines} engine(s), {ranks} learner rank(s), {p['steps']} steps ...", flush=True)
             r = train_run(nodes, engines, ranks, p["steps"], folder / f"run-e{engines}-l{ranks}")
             print(f"[scaling] {engines} engine(s), {ranks} learner rank(s): {r['tokens_per_s']:.0f} tokens/s, "

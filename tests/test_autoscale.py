@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from raynodes import BIN, RayNodes, clean_env
+from rlsys.cluster.local import BIN, LocalNodes, clean_env
 from rlsys.observe.metrics import read_jsonl
 
 pytestmark = pytest.mark.multinode
@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def autoscaling(tmp_path):
-    nodes = RayNodes(tmp_path / "nodes")
-    (tmp_path / "nodes").mkdir()
+    nodes = LocalNodes(tmp_path / "nodes")
     try:
         # 3 rollout nodes at most: 2 engines, and a third node while the drained one is still going
         nodes.head(autoscaling={"rollout": {"resources": {"CPU": 2, "rollout": 1}, "min_workers": 0, "max_workers": 3},
@@ -42,7 +41,7 @@ def autoscaling(tmp_path):
         nodes.stop()
 
 
-def rollout_nodes(nodes: RayNodes) -> list[str]:
+def rollout_nodes(nodes: LocalNodes) -> list[str]:
     return [n for n, res in nodes.alive().items() if "rollout" in res]
 
 

@@ -1,6 +1,6 @@
 """Roles on the nodes config asks for, on a real 4-node Ray cluster on this machine: a head with no
 CPUs, two rollout nodes (2 CPUs, custom resource `rollout`) and a learner node (4 CPUs, `learner`),
-each a `ray start --block` of its own (tests/raynodes.py).
+each a `ray start --block` of its own (rlsys/cluster/local.py).
 
 What it proves: a job submitted with `rlsys submit` and followed with `rlsys jobs` runs with
 generators only on rollout nodes and learners only on the learner node (disaggregated); colocated
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from raynodes import BIN, RayNodes, clean_env
+from rlsys.cluster.local import BIN, LocalNodes, clean_env
 from rlsys.observe.metrics import read_jsonl
 
 pytestmark = pytest.mark.multinode
@@ -32,7 +32,7 @@ TINY = ["configs/tiny.yaml", "trainer.progress=false", "generator.num_cpus=2"]  
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory):
-    nodes = RayNodes(tmp_path_factory.mktemp("nodes"))
+    nodes = LocalNodes(tmp_path_factory.mktemp("nodes"))
     try:
         nodes.head()
         nodes.worker("rollout-a", 2, {"rollout": 1})
@@ -51,7 +51,7 @@ def tails(p: subprocess.CompletedProcess) -> str:
     return f"exit {p.returncode}\n--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}"
 
 
-def roles_by_node(run_dir: Path, nodes: RayNodes) -> dict[str, set[str]]:
+def roles_by_node(run_dir: Path, nodes: LocalNodes) -> dict[str, set[str]]:
     names = {node_id: name for name, node_id in nodes.node_ids.items()}
     out: dict[str, set[str]] = {}
     for actor in json.loads((run_dir / "placement.json").read_text()):

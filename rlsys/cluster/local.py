@@ -1,9 +1,12 @@
-"""Ray nodes on this machine for multi-node tests: each a `ray start --block` in a session of its own.
+"""A multi-node Ray cluster on one machine, for tests, benchmarks and trying placement: each node
+a `ray start --block` in a session of its own.
 
-`RayNodes` starts a head (optionally with an autoscaler over Ray's fake multi-node provider,
-whose worker nodes are raylets on this machine) and workers with their own CPUs and custom
-resources, and stops them by killing their process trees: never `ray stop`, which kills every
-Ray process on the machine (other test sessions' clusters too). Not a test module.
+`LocalNodes` starts a head (no CPUs: only drivers run there; optionally with an autoscaler over
+Ray's fake multi-node provider, whose worker nodes are raylets on this machine) and worker nodes
+with their own logical CPUs and custom resources (`rollout`, `learner`), and stops them by
+killing their process trees: never `ray stop`, which kills every Ray process on the machine
+(other people's clusters too). Every node of one LocalNodes uses a Ray temp dir of its own.
+cluster/start_local.sh does the same from the shell.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def fake_autoscaling_config(gcs_port: int, node_types: dict, idle_timeout_minute
         "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
 
 
-class RayNodes:
+class LocalNodes:
     def __init__(self, folder: Path):
-        self.folder = folder
+        self.folder = Path(folder)  # the nodes' `ray start` logs
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -84,6 +88,9 @@ class RayNodes:
         self._wait(f"node {name}", lambda: "Ray runtime started" in log.read_text())
 
     def head(self, *args: str, autoscaling: dict | None = None) -> None:
+        """A head with no CPUs and the dashboard (job API) on 127.0.0.1; autoscaling: worker node
+        types for an autoscaler over Ray's fake multi-node provider ({name: {resources, min_workers,
+        max_workers}})."""
         env = {}
         extra = []
         if autoscaling is not None:
@@ -142,20 +149,48 @@ class RayNodes:
     def kill(self, name: str) -> None:
         """The node goes at once, as a preempted machine does (its whole process tree)."""
         proc = self.procs.pop(name)
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:  # workers run in process groups of their own
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(proc.pid)
         proc.wait(timeout=30)
-        psutil.wait_procs(tree, timeout=60)
 
     def stop(self) -> None:
+        """Workers first, then the head; safe to call twice and after a failed start."""
         for name in [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else []):
             self.kill(name)
+        # anything that escaped the trees (forked between the snapshot and the kill, or reparented)
+        # still names our temp dir on its command line; no other cluster's process does
+        for pid in self.leftovers():
+            kill_tree(pid)
+        if self.leftovers():
+            raise RuntimeError(f"Ray processes of {self.temp_dir} still alive after stop: {self.leftovers()}")
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # sockets and logs of processes now gone
+
+    def leftovers(self) -> list[int]:
+        mine = str(self.temp_dir)
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(mine in arg for arg in p.info["cmdline"] or ()):
+                    out.append(p.info["pid"])
+            except psutil.Error:  # gone or not ours to read while we looked
+                continue
+        return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, all its descendants (Ray's workers run in process groups of their own)
+    and its own process group; waits until they are gone."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    psutil.wait_procs(tree, timeout=60)
