@@ -15,6 +15,7 @@ Run alone with `pytest -m multinode`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -90,6 +91,9 @@ def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_aga
     [drain] = [e for e in events if e["event"] == "drained"]
     assert drain["node"] == drained_node
     assert {joins[1]["node"], drained_node} == {joins[1]["node"]} | {drained_node} and joins[1]["node"] != drained_node
+    # the first engine's placement group waited for the autoscaler's first rollout node, and said so
+    assert re.search(r"waiting for the autoscaler .*rlsys-generator-0 needs 1 x .*'rollout'.*missing now: no alive "
+                     r"node declares rollout", out), out[-4000:]
     # every engine was on a rollout node; the run's request withdrawn, the autoscaler lets them go
     placement = json.loads((run_dir / "placement.json").read_text())
     assert all("rollout" in a["node_resources"] for a in placement if a["role"] == "generator"), placement

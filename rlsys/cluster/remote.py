@@ -103,9 +103,11 @@ def place(name: str, bundles: list[dict], strategy: str, cluster: ClusterConfig)
     autoscaling = autoscaler_running()
     timeout = cluster.autoscaler_timeout_s if autoscaling else cluster.placement_timeout_s
     start = time.time()
+    wait = 1.0  # a group that fits is placed at once; report a wait early, then every REPORT_EVERY_S
     while True:
         left = start + timeout - time.time()
-        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(REPORT_EVERY_S, left)))
+        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(wait, left)))
+        wait = REPORT_EVERY_S
         if ready:
             return pg
         waited = time.time() - start
