@@ -365,6 +365,26 @@ def validate(cfg: Config) -> None:
     need(mini % per_rank == 0,
          f"learner.mini_batch_size={mini} must be a multiple of learner.num_ranks * learner.micro_batch_size = {per_rank}")
     need(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    # Out of range: each of these would start every actor and then fail (or train on nonsense).
+    positive = ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb", "generator.num_cpus",
+                "generator.max_model_len", "generator.kv_cache_gib", "reward.num_cpus", "algo.epsilon",
+                "trainer.total_steps", "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s",
+                "autoscale.node_timeout_s", "model.tiny_hidden", "model.tiny_layers", "model.tiny_heads")
+    at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
+                     "eval.temperature")
+    for name in positive + at_least_zero:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        need(value > 0 if name in positive else value >= 0,
+             f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
+    need(cfg.algo.epsilon_high is None or cfg.algo.epsilon_high > 0,
+         f"algo.epsilon_high must be > 0 (or null: epsilon), got {cfg.algo.epsilon_high}")
+    need(0 < cfg.generator.gpu_memory_utilization <= 1 and 0 < cfg.eval.top_p <= 1,
+         f"generator.gpu_memory_utilization ({cfg.generator.gpu_memory_utilization}) and eval.top_p "
+         f"({cfg.eval.top_p}) must be in (0, 1]")
+    need(cfg.generator.max_tokens < cfg.generator.max_model_len,
+         f"generator.max_tokens={cfg.generator.max_tokens} leaves no room for a prompt in generator.max_model_len="
+         f"{cfg.generator.max_model_len}")
     need(cfg.algo.dual_clip is None or cfg.algo.dual_clip > 1, f"algo.dual_clip must be > 1 (or null: off), got {cfg.algo.dual_clip}")
     need(cfg.learner.lr_schedule in ("constant", "cosine"),
          f"learner.lr_schedule must be constant or cosine, got {cfg.learner.lr_schedule!r}")

@@ -212,6 +212,17 @@ def test_group_size_one_is_refused():
     ("learner.lr_schedule=linear", "learner.lr_schedule"),
     ("learner.warmup_steps=-1", "learner.warmup_steps"),
     ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio"),
+    # out of range: refused before any actor starts (learner.lr=-1 used to die in the optimizer)
+    ("learner.lr=-1", "learner.lr"),
+    ("learner.lr=0", "learner.lr"),
+    ("learner.weight_decay=-0.1", "learner.weight_decay"),
+    ("algo.epsilon=0", "algo.epsilon"),
+    ("generator.num_cpus=0", "generator.num_cpus"),
+    ("trainer.total_steps=0", "trainer.total_steps"),
+    ("trainer.save_every=-2", "trainer.save_every"),
+    ("reward.format_weight=-1", "reward.format_weight"),
+    ("generator.gpu_memory_utilization=1.5", "generator.gpu_memory_utilization"),
+    ("generator.max_tokens=4096", "generator.max_tokens"),
 ])
 def test_bad_values_name_their_key(override, key):
     msg = config_error(None, [override])
