@@ -204,6 +204,9 @@ class ClusterConfig:
     learners_per_node: int = 0
     """disaggregated/any: put exactly this many learner ranks on each node (their bundles are
     spread over distinct nodes); 0: pack them as Ray finds room."""
+    max_actor_restarts: int = 3
+    """Generators that die (process killed, node lost; not drained) are replaced, at most this many
+    times in a run; one more loss stops the run with that reason."""
     autoscaler_timeout_s: float = 900.0
     """When the cluster runs an autoscaler: how long to wait for nodes that a placement needs (the
     wait is reported every few seconds). Without one, placement_timeout_s applies."""

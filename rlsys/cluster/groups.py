@@ -146,7 +146,11 @@ class WeightSync:
         return ray.get(receives)
 
     def push(self, version: int) -> list[int]:
-        """Broadcast the learner's weights; returns the version each generator now reports."""
+        """Broadcast the learner's weights; returns the version each generator now reports.
+
+        Engines that died since the step's generate leave the pool first (a dead member breaks a
+        broadcast: gloo's sender fails at once, the other receivers would wait out the group timeout)."""
+        self.generators.drop_dead()
         if self.members != [e.index for e in self.generators.engines]:
             self.connect()
         return self._send(self.generators.engines, version)
@@ -283,7 +287,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     pool = GeneratorPool(engines, start=(lambda i: start_engine(i, lambda where: generator(i, where), bundle, asked))
                          if elastic else None, autoscale=cfg.autoscale, bundle=bundle,
                          wait_timeout_s=cfg.autoscale.node_timeout_s if cfg.autoscale.enabled
-                         else cfg.cluster.placement_timeout_s)
+                         else cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_actor_restarts)
     learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())

@@ -91,11 +91,12 @@ def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfi
 class GeneratorPool:
     def __init__(self, engines: list[Engine], start: Callable[[int], Engine] | None = None,
                  autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None,
-                 wait_timeout_s: float = 600.0):
+                 wait_timeout_s: float = 600.0, max_restarts: int = 3):
         """engines: started and placed. start(index): begin starting one more engine (returns at
         once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
         the autoscaler. target: the size to keep without autoscaling (None: never replace).
-        wait_timeout_s: how long a pool left empty waits for a starting engine."""
+        wait_timeout_s: how long a pool left empty waits for a starting engine. max_restarts: engines
+        lost (died, not drained) that the run replaces before it stops."""
         self.engines = engines
         self.start = start
         self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
@@ -108,6 +109,7 @@ class GeneratorPool:
         self.lost_this_step: list[dict] = []
         self.requested = -1
         self.wait_timeout_s = wait_timeout_s
+        self.max_restarts, self.losses = max_restarts, 0
 
     @property
     def actors(self) -> list:
@@ -141,12 +143,7 @@ class GeneratorPool:
                 results[chunk] = ray.get(done[0])
             except LOST as e:
                 # Its node went (preempted, drained past its deadline): the chunk goes to another engine.
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                self.lost_this_step.append({"engine": engine.index, "node": engine.where.get("node_id"),
-                                            "reason": reason, "chunk_requeued": chunk})
-                print(f"[rlsys] generator {engine.index} lost mid-step ({reason}); its chunk goes to "
-                      f"another engine", flush=True)
-                self._remove(engine)  # the weight sync rebuilds its group before the next push
+                self._lost(engine, e, chunk_requeued=chunk)
                 load.pop(engine.index, None)
                 todo.append(chunk)
                 continue
@@ -158,6 +155,30 @@ class GeneratorPool:
         out = [r for i in range(len(chunks)) for r in results[i]]
         assert len(out) == len(prompts) * n, f"{len(out)} rollouts for {len(prompts)} prompts x {n}"
         return out
+
+    def _lost(self, engine: Engine, error: Exception, **detail) -> None:
+        """An engine that died (its process killed, its node gone) leaves the pool at once; the
+        weight sync rebuilds its group before the next push, and the pool replaces it between steps."""
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        self.lost_this_step.append({"engine": engine.index, "node": engine.where.get("node_id"), "reason": reason,
+                                    **detail})
+        print(f"[rlsys] generator {engine.index} lost ({reason})"
+              + ("; its chunk goes to another engine" if "chunk_requeued" in detail else ""), flush=True)
+        self._remove(engine)
+
+    def drop_dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Ask every engine where it is; the ones that died since they last answered leave the pool.
+        The weight sync calls this before a push: a dead member would break the broadcast."""
+        refs = {e.actor.whereami.remote(): e for e in self.engines}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except LOST as e:
+                self._lost(refs[ref], e, found="before the weight push")
+                dead.append(refs[ref].index)
+        return dead
 
     # ---- between steps
 
@@ -194,6 +215,12 @@ class GeneratorPool:
             floor = self.autoscale.min_generators
         else:
             floor = self.target
+        lost = sum(e["event"] == "lost" for e in events)
+        self.losses += lost
+        if lost and self.losses > self.max_restarts:
+            raise RuntimeError(f"step {step}: generators were lost {self.losses} times in this run, more than "
+                               f"cluster.max_actor_restarts={self.max_restarts} (last: {events[-1]}); stopping "
+                               f"rather than replacing engines that keep dying")
         while self.start is not None and len(self.engines) + len(self.starting) < floor:
             events.append(self._begin_start(step, "replace"))
         if self.autoscale is not None:

@@ -1,0 +1,61 @@
+"""Faults a long run meets, caused for real from outside, as a user (or a cloud) would cause them.
+
+Run alone with `pytest -m faults`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlsys.cluster.local import clean_env
+from rlsys.observe.metrics import read_jsonl
+
+pytestmark = pytest.mark.faults
+REPO = Path(__file__).resolve().parent.parent
+RLSYS = Path(sys.executable).with_name("rlsys")
+
+
+def test_a_generator_killed_with_kill_9_is_replaced_and_the_run_finishes(tmp_path):
+    """kill -9 of one generator's process after the first step: the step it hits loses nothing (its
+    prompts go to the other engine, or it leaves before the weight push), a new engine starts,
+    receives the current weights and joins, and every step completes with every prompt once."""
+    run_dir, steps = tmp_path / "run", 12
+    with open(tmp_path / "driver.log", "w") as log:  # a file: a pipe nobody reads fills up
+        proc = subprocess.Popen([str(RLSYS), "train", "configs/tiny.yaml", f"trainer.total_steps={steps}",
+                                 f"trainer.output_dir={run_dir}", "trainer.progress=false"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+        try:
+            deadline = time.time() + 400
+            while not ((run_dir / "metrics.jsonl").is_file() and read_jsonl(run_dir / "metrics.jsonl")):
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-4000:]
+                time.sleep(0.5)
+            victim = next(a for a in json.loads((run_dir / "placement.json").read_text())
+                          if a["role"] == "generator" and a["rank"] == 1)
+            os.kill(victim["pid"], signal.SIGKILL)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 0, out[-5000:]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(steps))
+    assert [m["rollouts/count"] for m in metrics] == [64] * steps  # 8 prompts x 8 samples, none lost or doubled
+    assert [(m["rollout/weight_version"], m["weight_version"]) for m in metrics] == [(s, s + 1) for s in range(steps)]
+    events = [e for p in read_jsonl(run_dir / "pool.jsonl") for e in p["events"]]
+    [lost] = [e for e in events if e["event"] == "lost"]
+    assert lost["engine"] == 1, lost
+    assert [e["engine"] for e in events if e["event"] == "request" and e["why"] == "replace"] == [2]
+    [joined] = [e for e in events if e["event"] == "join"]
+    assert joined["engine"] == 2 and joined["step"] > lost["step"]
+    assert [m["pool/size"] for m in metrics if m["step"] >= joined["step"]] == [2] * (steps - joined["step"])
+    generators = [a for a in json.loads((run_dir / "placement.json").read_text()) if a["role"] == "generator"]
+    assert sorted(a["rank"] for a in generators) == [0, 2] and victim["pid"] not in {a["pid"] for a in generators}
