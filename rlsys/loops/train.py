@@ -20,6 +20,7 @@ from rlsys.math.batch import make_batch
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data.prompts import PromptStream, check_prompt_lengths, resolve_data_path
 from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, run_eval
+from rlsys.cluster.capacity import check_fits, model_params
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.cluster.storage import RunStorage, is_uri
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
@@ -163,6 +164,10 @@ def preflight(cfg: Config, run_dir: Path):
         raise FileExistsError(f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl); "
                               f"choose another trainer.output_dir or remove that folder")
     model_path = resolve_model(cfg.model)
+    if not cfg.cluster.address and not in_ray_job():  # a local cluster: the run must fit this machine
+        import psutil
+
+        check_fits(cfg, model_params(model_path), psutil.virtual_memory().available)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
     source = (f"training data data.name={cfg.data.name} (split {cfg.data.split})" if cfg.data.name
