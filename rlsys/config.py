@@ -65,6 +65,10 @@ class DataConfig:
     reward scores prefill + completion."""
     prompts_per_step: int = 32
     """Questions per step; each gets `algo.group_size` samples."""
+    on_bad_row: str = "stop"
+    """stop: a malformed row (a broken JSON line, a missing or empty field, a prompt too long for
+    generator.max_model_len) stops the run with file, row and reason | skip: such rows are left out,
+    counted and listed on the terminal, and the count is logged as data/skipped_rows."""
 
 
 @dataclass
@@ -343,6 +347,7 @@ def validate(cfg: Config) -> None:
 
     need(cfg.model.tiny_arch in ("qwen2", "llama"), f"model.tiny_arch must be qwen2 or llama, got {cfg.model.tiny_arch!r}")
     need(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    need(cfg.data.on_bad_row in ("stop", "skip"), f"data.on_bad_row must be stop or skip, got {cfg.data.on_bad_row!r}")
     need(cfg.data.template in ("r1_zero", "chat", "none"), f"data.template must be r1_zero, chat or none, got {cfg.data.template!r}")
     need(cfg.algo.aggregation in ("token", "sequence"), f"algo.aggregation must be token or sequence, got {cfg.algo.aggregation!r}")
     need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")

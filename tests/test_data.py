@@ -273,3 +273,35 @@ def test_prompt_length_check_counts_the_engines_token_ids():
     check_prompt_lengths(ids, budget=7, what="training data x.jsonl")  # 7 tokens fit a budget of 7
     with pytest.raises(DataError, match=r"training data x.jsonl: row 1 is 7 tokens once templated, over .* = 6"):
         check_prompt_lengths(ids, budget=6, what="training data x.jsonl")
+
+
+def test_bad_rows_stop_by_default_and_are_skipped_and_counted_with_on_bad_row_skip(tmp_path):
+    good = [json.dumps({"prompt": q, "answer": a}) for q, a in ROWS]
+    lines = [good[0], "{broken json", good[1], json.dumps({"prompt": "no answer"}), good[2],
+             json.dumps({"prompt": " ", "answer": "1"}), "[1, 2]", good[3], good[4]]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert "cannot parse as JSON lines" in data_error(path=str(path))  # stop: nothing is silently dropped
+    skipped = []
+    assert load_rows(DataConfig(path=str(path), on_bad_row="skip"), skipped) == ROWS
+    assert [s.split(": ", 1)[1] for s in skipped] == [
+        "line 2: not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        "line 7: not a JSON object", "line 4: field 'answer' is missing or empty",
+        "line 6: field 'prompt' is missing or empty"]
+    # a wrong field name is a config error, never a skipped row
+    assert "no column 'question'" in data_error(path=str(path), on_bad_row="skip", prompt_field="question")
+
+
+def test_prompts_too_long_are_left_out_with_skip(tmp_path):
+    from rlsys.data.prompts import check_prompt_lengths
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * n, "answer": "1"} for n in (5, 500, 6, 7)])
+    stream = PromptStream(DataConfig(path=str(path), template="none", on_bad_row="skip"), seed=0,
+                          tokenizer=build_tiny_tokenizer())
+    with pytest.raises(DataError, match="row 1 is"):
+        check_prompt_lengths(stream.ids, 100, "training data")
+    over = check_prompt_lengths(stream.ids, 100, "training data", skip=True)
+    assert list(over) == [1]
+    stream.drop(set(over), list(over.values()))
+    assert sorted(len(p.question) for p in stream.next(6)) == [5, 5, 6, 6, 7, 7]  # two epochs of 3 rows
+    assert stream.skipped == list(over.values())

@@ -10,6 +10,7 @@ Templates:
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +61,12 @@ def resolve_data_path(path: str) -> Path:
     raise DataError(f"data.path={path}: file not found (looked in {Path.cwd()} and {SOURCE_ROOT})")
 
 
-def load_rows(cfg: DataConfig) -> list[tuple[str, str]]:
+def load_rows(cfg: DataConfig, skipped: list[str] | None = None) -> list[tuple[str, str]]:
     """(question, answer) for every row; a missing or empty field stops with file, row and field.
 
     With ``cfg.name`` set: the rows of that registry dataset's ``cfg.split`` (rlsys.data.datasets);
-    ``cfg.path`` and the field names are then not used.
+    ``cfg.path`` and the field names are then not used. With data.on_bad_row=skip a bad row (a
+    broken JSON line, a missing or empty field) is left out and described in ``skipped``.
     """
     if cfg.name:
         from rlsys.data import datasets
@@ -74,28 +76,58 @@ def load_rows(cfg: DataConfig) -> list[tuple[str, str]]:
         except ValueError as e:
             raise DataError(f"data.name={cfg.name} data.split={cfg.split}: {e}") from e
     path = resolve_data_path(cfg.path)
+    skip = cfg.on_bad_row == "skip"
+    if skipped is None:
+        skipped = []
+
+    def bad(message: str) -> None:
+        if not skip:
+            raise DataError(message)
+        skipped.append(message)
+
     if path.suffix == ".parquet":
         table = pq.read_table(path)
-    elif path.suffix in (".jsonl", ".json"):
+        records = [dict(zip(table.column_names, r)) for r in zip(*(table.column(c).to_pylist()
+                                                                   for c in table.column_names))]
+        columns, where = table.column_names, [f"row {i}" for i in range(len(records))]
+    elif path.suffix in (".jsonl", ".json") and not skip:
         try:
             table = pa_json.read_json(path)
         except Exception as e:  # pyarrow's message names the line; keep it, add the file
             raise DataError(f"{path}: cannot parse as JSON lines: {e}") from e
+        records = table.to_pylist()
+        columns, where = table.column_names, [f"row {i}" for i in range(len(records))]
+    elif path.suffix in (".jsonl", ".json"):  # skip: line by line, so one broken line costs only itself
+        records, columns, where = [], set(), []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad(f"{path}: line {number}: not JSON ({e})")
+                continue
+            if not isinstance(record, dict):
+                bad(f"{path}: line {number}: not a JSON object")
+                continue
+            records.append(record)
+            columns |= set(record)
+            where.append(f"line {number}")
     else:
         raise DataError(f"data.path={path}: unsupported extension {path.suffix!r} (use .jsonl or .parquet)")
     for name, field in (("data.prompt_field", cfg.prompt_field), ("data.answer_field", cfg.answer_field)):
-        if field not in table.column_names:
-            raise DataError(f"{path}: no column {field!r} ({name}); columns are {table.column_names}")
-    questions = table.column(cfg.prompt_field).to_pylist()
-    answers = table.column(cfg.answer_field).to_pylist()
+        if field not in columns:  # a whole column missing is a wrong field name, never skipped
+            raise DataError(f"{path}: no column {field!r} ({name}); columns are {sorted(columns)}")
     rows = []
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        for field, value in ((cfg.prompt_field, q), (cfg.answer_field, a)):
-            if value is None or str(value).strip() == "":
-                raise DataError(f"{path}: row {i}: field {field!r} is missing or empty")
+    for record, at in zip(records, where):
+        q, a = record.get(cfg.prompt_field), record.get(cfg.answer_field)
+        empty = [f for f, v in ((cfg.prompt_field, q), (cfg.answer_field, a)) if v is None or str(v).strip() == ""]
+        if empty:
+            bad(f"{path}: {at}: field {empty[0]!r} is missing or empty")
+            continue
         rows.append((str(q), str(a)))
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows" + (f" ({len(skipped)} skipped as bad)" if skipped else ""))
     return rows
 
 
@@ -131,12 +163,25 @@ class PromptStream:
 
     def __init__(self, cfg: DataConfig, seed: int, tokenizer=None):
         self.cfg = cfg
-        self.rows = load_rows(cfg)
+        self.skipped: list[str] = []  # data.on_bad_row=skip: what was left out, and why
+        self.rows = load_rows(cfg, self.skipped)
         self.texts = [apply_template(q, cfg, tokenizer) for q, _ in self.rows]
         self.ids = encode(self.texts, tokenizer, cfg.template) if tokenizer is not None else None
         self.seed = seed
         self.epoch = 0
         self.cursor = 0
+        self.order = self._order(0)
+
+    def drop(self, indices: set[int], why: list[str]) -> None:
+        """Leave these rows out (data.on_bad_row=skip), before the first `next`."""
+        assert self.epoch == 0 and self.cursor == 0, "rows can only be dropped before the stream starts"
+        keep = [i for i in range(len(self.rows)) if i not in indices]
+        if not keep:
+            raise DataError(f"every row was left out as bad: {why[:3]}")
+        self.rows = [self.rows[i] for i in keep]
+        self.texts = [self.texts[i] for i in keep]
+        self.ids = None if self.ids is None else [self.ids[i] for i in keep]
+        self.skipped += why
         self.order = self._order(0)
 
     def _order(self, epoch: int) -> list[int]:
@@ -165,11 +210,16 @@ class PromptStream:
         self.order = self._order(self.epoch)
 
 
-def check_prompt_lengths(ids: list[list[int]], budget: int, what: str) -> None:
+def check_prompt_lengths(ids: list[list[int]], budget: int, what: str, skip: bool = False) -> dict[int, str]:
     """Stop before any actor starts if a prompt leaves no room to answer: vLLM would refuse it
     mid-run. Counts the very token ids the engine is given. budget = generator.max_model_len -
-    generator.max_tokens."""
+    generator.max_tokens. skip: return {row: why} for the rows over budget instead of stopping."""
+    over = {}
     for i, row in enumerate(ids):
         if len(row) > budget:
-            raise DataError(f"{what}: row {i} is {len(row)} tokens once templated, over generator.max_model_len - "
-                            f"generator.max_tokens = {budget}; raise generator.max_model_len or drop the row")
+            why = (f"{what}: row {i} is {len(row)} tokens once templated, over generator.max_model_len - "
+                   f"generator.max_tokens = {budget}")
+            if not skip:
+                raise DataError(f"{why}; raise generator.max_model_len or drop the row")
+            over[i] = why
+    return over

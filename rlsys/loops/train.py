@@ -74,7 +74,8 @@ def train(cfg: Config) -> Path:
             timings = timer.pop()
             generate_share = timings["timing/generate"] / sum(timings.values())
             tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-            metrics = {"weight_version": version, "rollouts/count": len(rollouts), **stats, **learn, **timings,
+            metrics = {"weight_version": version, "rollouts/count": len(rollouts),
+                       "data/skipped_rows": len(prompts.skipped), **stats, **learn, **timings,
                        "tokens/total": tokens,
                        "throughput/tokens_per_s": tokens / sum(timings.values()), **pool_metrics(pool)}
             pool_log.write(json.dumps({"step": step, **pool}) + "\n")
@@ -172,7 +173,14 @@ def preflight(cfg: Config, run_dir: Path):
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
     source = (f"training data data.name={cfg.data.name} (split {cfg.data.split})" if cfg.data.name
               else f"training data {resolve_data_path(cfg.data.path)}")
-    check_prompt_lengths(prompts.ids, cfg.generator.max_model_len - cfg.generator.max_tokens, source)
+    over = check_prompt_lengths(prompts.ids, cfg.generator.max_model_len - cfg.generator.max_tokens, source,
+                                skip=cfg.data.on_bad_row == "skip")
+    if over:
+        prompts.drop(set(over), list(over.values()))
+    if prompts.skipped:
+        print(f"[rlsys] data.on_bad_row=skip: left out {len(prompts.skipped)} bad row(s) of {source}, "
+              f"{len(prompts.rows)} remain: " + "; ".join(prompts.skipped[:5])
+              + (" ..." if len(prompts.skipped) > 5 else ""), flush=True)
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
     require_usable_golds([answer for _, answer in prompts.rows], verifier, source)
     if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
