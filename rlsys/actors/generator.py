@@ -107,6 +107,10 @@ class Generator:
         self.version = version
         return version
 
+    def received_checksums(self) -> list[list[int]]:
+        """Each worker's checksum of every bucket of the last receive_weights."""
+        return self.llm.collective_rpc("rlsys_received_checksums")
+
     def receive_raw(self, numel: int, dtype: str) -> None:
         """The receiving end of Learner.broadcast_raw (the sync benchmark's reference)."""
         self.llm.collective_rpc("rlsys_receive_raw", args=(numel, dtype))

@@ -314,12 +314,13 @@ class Learner:
         assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
         self.sync_group = make_group(self.backend, addr, port, 0, world)
 
-    def broadcast_weights(self, plan: list[Bucket]) -> None:
-        """Collective over all learner ranks (ZeRO-3 gathers need them); rank 0 sends."""
+    def broadcast_weights(self, plan: list[Bucket]) -> list[int] | None:
+        """Collective over all learner ranks (ZeRO-3 gathers need them); rank 0 sends and returns
+        each bucket's checksum (None on the other ranks)."""
         params = dict(self._named_params())
         zero3 = self.cfg.zero_stage == 3
         if not zero3 and self.rank != 0:
-            return
+            return None
         import deepspeed
 
         def buckets():
@@ -330,10 +331,10 @@ class Learner:
                     yield [t.data for t in tensors]
 
         if self.rank == 0:
-            send_buckets(self.sync_group, buckets(), device_for(self.backend))
-        else:
-            for _ in buckets():  # the other ranks take part in each gather
-                pass
+            return send_buckets(self.sync_group, buckets(), device_for(self.backend))
+        for _ in buckets():  # the other ranks take part in each gather
+            pass
+        return None
 
     def broadcast_raw(self, numel: int, dtype: str) -> None:
         """Rank 0: one flat buffer over the sync group (the reference for the sync benchmark)."""

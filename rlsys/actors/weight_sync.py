@@ -82,23 +82,40 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]], device: torch.device) -> None:
-    """Broadcast each bucket as one flat buffer. Two in flight: bucket k+1 is copied (and, under
-    ZeRO-3, gathered) while bucket k travels; receive_buckets pipelines the same way."""
+def checksum(flat: torch.Tensor) -> int:
+    """The bits of a flat buffer summed as integers (int32 words, or int16 for an odd number of
+    2-byte elements), exactly, in int64: the same on both sides of a correct transfer, on any
+    device; a corrupted, truncated or stale buffer changes it (a permutation of words would not).
+
+    >>> checksum(torch.tensor([1.0, -2.0])) == checksum(torch.tensor([1.0, -2.0])) != checksum(torch.tensor([1.0, 2.0]))
+    True
+    """
+    words = flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 else flat.view(torch.int16)
+    return int(words.sum(dtype=torch.int64))
+
+
+def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]], device: torch.device) -> list[int]:
+    """Broadcast each bucket as one flat buffer; returns each bucket's checksum. Two in flight:
+    bucket k+1 is copied (and, under ZeRO-3, gathered) while bucket k travels; receive_buckets
+    pipelines the same way."""
     in_flight: list[tuple[torch.Tensor, dist.Work]] = []
+    sums = []
     for tensors in buckets:
         flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+        sums.append(checksum(flat))
         in_flight.append((flat, group.broadcast(flat, 0)))  # flat must live until its broadcast is done
         if len(in_flight) > 1:
             in_flight.pop(0)[1].wait()
     for _, work in in_flight:
-        work.wait()
+        work.wait()  # on NCCL too: the loop goes on only once every bucket has left
+    return sums
 
 
-def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.device
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) bucket by bucket. The next bucket's broadcast is posted before this
-    one's tensors are handed out, so it arrives while the engine loads this one."""
+def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.device,
+                    sums: list[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) bucket by bucket; each received bucket's checksum goes to `sums`. The
+    next bucket's broadcast is posted before this one's tensors are handed out, so it arrives
+    while the engine loads this one."""
 
     def post(bucket: Bucket) -> tuple[torch.Tensor, dist.Work]:
         flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype), device=device)
@@ -108,6 +125,8 @@ def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.
     for i, bucket in enumerate(plan):
         flat, work = pending
         work.wait()
+        if sums is not None:
+            sums.append(checksum(flat))
         if i + 1 < len(plan):
             pending = post(plan[i + 1])
         offset = 0
@@ -175,11 +194,12 @@ class WorkerExtension:
         linear layer's weight for oneDNN)."""
         plan = plan_from_wire(wire_plan)
         group, backend = self.rlsys_sync
+        self.rlsys_checksums: list[int] = []  # what arrived, per bucket, for the sender's comparison
         count, waited, start = 0, 0.0, time.perf_counter()
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count, waited
-            items = receive_buckets(group, plan, device_for(backend))
+            items = receive_buckets(group, plan, device_for(backend), self.rlsys_checksums)
             while True:
                 t = time.perf_counter()
                 item = next(items, None)
@@ -207,6 +227,9 @@ class WorkerExtension:
         # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
         assert count == expected, f"the engine consumed {count} of {expected} tensors"
         return count
+
+    def rlsys_received_checksums(self) -> list[int]:
+        return list(self.rlsys_checksums)
 
     def rlsys_receive_seconds(self) -> list[float]:
         return list(self.rlsys_receive_s)

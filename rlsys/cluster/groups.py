@@ -102,6 +102,28 @@ class LearnerGroup:
                 ray.get(ref)
 
 
+def check_received(sent: list[int], received: dict[int, list[list[int]]]) -> None:
+    """Every worker of every engine got exactly the buckets rank 0 sent (checksums per bucket), or
+    the run stops: a generator serving other weights than the learner's is a silent error.
+
+    >>> check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 9]]})
+    >>> check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 8]]})
+    Traceback (most recent call last):
+    ...
+    RuntimeError: weight sync: generator 1 worker 1 received bucket 1 with checksum 8, learner rank 0 sent 9 (buckets differ: [1])
+    """
+    for engine, workers in received.items():
+        for worker, got in enumerate(workers):
+            if got != sent:
+                differ = [i for i in range(max(len(got), len(sent)))
+                          if i >= len(got) or i >= len(sent) or got[i] != sent[i]]
+                first = differ[0]
+                raise RuntimeError(
+                    f"weight sync: generator {engine} worker {worker} received bucket {first} with checksum "
+                    f"{got[first] if first < len(got) else None}, learner rank 0 sent "
+                    f"{sent[first] if first < len(sent) else None} (buckets differ: {differ})")
+
+
 class WeightSync:
     """Learner rank 0 -> every generator worker, over a group of its own.
 
@@ -142,8 +164,11 @@ class WeightSync:
     def _send(self, engines: list[Engine], version: int) -> list[int]:
         sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
         receives = [e.actor.receive_weights.remote(self.plan, version) for e in engines]
-        ray.get(sends)
-        return ray.get(receives)
+        sent = ray.get(sends)[0]
+        versions = ray.get(receives)
+        check_received(sent, {e.index: got for e, got in
+                              zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
+        return versions
 
     def push(self, version: int) -> list[int]:
         """Broadcast the learner's weights; returns the version each generator now reports.
