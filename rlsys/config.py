@@ -225,6 +225,11 @@ class TrainerConfig:
     """Write an HF checkpoint folder every N steps (and after the last step); 0 = only at the end."""
     progress: bool = True
     """Progress bar with the live reward on the terminal."""
+    logprob_gap_warn: float = 0.1
+    logprob_gap_stop: float = 1.0
+    """Guardrail on gen_logprob_abs_diff, the mean |generator - learner| log-prob of the sampled
+    tokens: above warn the step prints a warning, above stop the run stops (the generators would
+    be serving other weights than the learner's). Typical: < 1e-4 in fp32, ~1e-2 in bf16."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go, any of: jsonl (metrics.jsonl + samples.jsonl in the run folder, always
     written) | tensorboard (<run_dir>/tensorboard) | wandb (WANDB_MODE as set; offline writes under
@@ -413,6 +418,9 @@ def validate(cfg: Config) -> None:
     need(not (cfg.cluster.shared_storage and "://" in cfg.trainer.output_dir),
          f"trainer.output_dir={cfg.trainer.output_dir} is a storage URI: the run is staged on the driver and copied "
          f"there, so cluster.shared_storage must be false (learner rank 0 sends checkpoints to the driver)")
+    need(0 < cfg.trainer.logprob_gap_warn <= cfg.trainer.logprob_gap_stop,
+         f"need 0 < trainer.logprob_gap_warn ({cfg.trainer.logprob_gap_warn}) <= trainer.logprob_gap_stop "
+         f"({cfg.trainer.logprob_gap_stop})")
     bad = [name for name in cfg.trainer.loggers if name not in ("jsonl", "tensorboard", "wandb", "mlflow")]
     need(not bad, f"trainer.loggers: unknown logger(s) {bad}; choose from jsonl, tensorboard, wandb, mlflow")
     need(not (cfg.submit.pip and cfg.submit.uv), "submit.pip and submit.uv: give one of them, not both")

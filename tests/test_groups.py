@@ -26,13 +26,3 @@ def test_backend_follows_the_clusters_gpus_not_the_drivers():
     assert resolve_backend("auto", {"CPU": 64.0, "GPU": 8.0}) == "nccl"
     assert resolve_backend("gloo", {"GPU": 8.0}) == "gloo" and resolve_backend("nccl", {}) == "nccl"
 
-
-def test_doctests():
-    """check_received (the weight-sync checksum comparison) and checksum, with hand-made buckets."""
-    import doctest
-
-    from rlsys.actors import weight_sync
-    from rlsys.cluster import groups
-
-    assert doctest.testmod(groups).failed == 0
-    assert doctest.testmod(weight_sync).failed == 0

@@ -70,6 +70,7 @@ def train(cfg: Config) -> Path:
                     versions = groups.sync.push(version + 1)
             assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
             version += 1
+            check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
             stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
             timings = timer.pop()
             generate_share = timings["timing/generate"] / sum(timings.values())
@@ -112,6 +113,28 @@ def train(cfg: Config) -> Path:
             if storage is not None:  # also after a crash: what was written is on the storage
                 storage.upload()
     return run_dir
+
+
+def check_logprob_gap(step: int, learn: dict, warn: float, stop: float) -> None:
+    """The generators sampled with the weights the learner scores with, or nearly: a large mean
+    gap between their log-probs means they did not (a broken sync, another model, a sampler
+    setting the learner does not reproduce).
+
+    >>> check_logprob_gap(0, {"gen_logprob_abs_diff": 0.2}, warn=0.1, stop=1.0)
+    [rlsys] step 0: generator/learner log-prob gap 0.2 > trainer.logprob_gap_warn=0.1
+    >>> check_logprob_gap(3, {"gen_logprob_abs_diff": 1.5}, warn=0.1, stop=1.0)
+    Traceback (most recent call last):
+    ...
+    RuntimeError: step 3: the generators' log-probs differ from the learner's by 1.5 per token on average (trainer.logprob_gap_stop=1): they are not sampling with the learner's weights
+    """
+    gap = learn["gen_logprob_abs_diff"]
+    if gap > stop:
+        raise RuntimeError(f"step {step}: the generators' log-probs differ from the learner's by {gap:.3g} per token "
+                           f"on average (trainer.logprob_gap_stop={stop:g}): they are not sampling with the "
+                           f"learner's weights")
+    if gap > warn:
+        print(f"[rlsys] step {step}: generator/learner log-prob gap {gap:.3g} > trainer.logprob_gap_warn={warn:g}",
+              flush=True)
 
 
 def pool_metrics(pool: dict) -> dict[str, float]:
