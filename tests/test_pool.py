@@ -150,3 +150,16 @@ def test_an_engine_without_prompts_is_given_back_and_the_autoscaler_told(ray_clu
     assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == [{"CPU": 1.0, "rollout": MARKER}] * 2
     pool.shutdown()
     assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == []
+
+
+def test_more_losses_than_max_actor_restarts_stop_the_run(ray_cluster):
+    ray = ray_cluster
+    Actor = ray.remote(num_cpus=0)(fake_engine_class())
+    steady, doomed = Actor.remote("steady", delay=0.3), Actor.options(max_restarts=0).remote("doomed", die_on=1)
+    node = ray.get(steady.whereami.remote())
+    pool = GeneratorPool([Engine(0, steady, None, 0.0, where=node), Engine(1, doomed, None, 0.0, where=node)],
+                         max_restarts=0)
+    assert len(pool.generate([(g, g, [1], "0") for g in range(4)], n=1)) == 4  # the lost chunk went to "steady"
+    with pytest.raises(RuntimeError, match=r"lost 1 times in this run, more than cluster.max_actor_restarts=0"):
+        pool.between_steps(1, 0.5, 4, join=lambda new: None)
+    pool.shutdown()
