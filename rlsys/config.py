@@ -210,7 +210,7 @@ class ClusterConfig:
     spread over distinct nodes); 0: pack them as Ray finds room."""
     max_actor_restarts: int = 3
     """Generators that die (process killed, node lost; not drained) are replaced, at most this many
-    times in a run; one more loss stops the run with that reason."""
+    times in a run, and so are reward workers; one more loss stops the run with that reason."""
     autoscaler_timeout_s: float = 900.0
     """When the cluster runs an autoscaler: how long to wait for nodes that a placement needs (the
     wait is reported every few seconds). Without one, placement_timeout_s applies."""

@@ -59,3 +59,28 @@ def test_a_generator_killed_with_kill_9_is_replaced_and_the_run_finishes(tmp_pat
     assert [m["pool/size"] for m in metrics if m["step"] >= joined["step"]] == [2] * (steps - joined["step"])
     generators = [a for a in json.loads((run_dir / "placement.json").read_text()) if a["role"] == "generator"]
     assert sorted(a["rank"] for a in generators) == [0, 2] and victim["pid"] not in {a["pid"] for a in generators}
+
+
+def test_a_reward_worker_killed_is_replaced_and_its_samples_scored_again(ray_cluster):
+    from rlsys.cluster.groups import RewardPool
+    from rlsys.cluster.remote import RewardActor
+    from rlsys.config import RewardConfig
+    from rlsys.types import Rollout
+
+    ray = ray_cluster
+    cfg = RewardConfig(verifier="math")
+
+    def worker():
+        return RewardActor.options(num_cpus=0).remote(cfg)
+
+    pool = RewardPool([worker(), worker()], make=worker, max_restarts=1)
+    texts = ["<think>2+2</think> <answer>4</answer>", "<answer>5</answer>", "no tags 4", "<answer>3</answer>"]
+    rollouts = [Rollout(prompt_index=i, group=i, prompt_ids=[1], response_ids=[2], response_logprobs=[0.0], text=t,
+                        finish_reason="stop", weight_version=0, answer="4") for i, t in enumerate(texts)]
+    before = [r.accuracy for r in pool.score(rollouts)]
+    assert before == [1.0, 0.0, 1.0, 0.0]
+    os.kill(ray.get(pool.actors[1].whereami.remote())["pid"], signal.SIGKILL)  # the worker of samples 2 and 3
+    assert [r.accuracy for r in pool.score(rollouts)] == before and pool.restarts == 1
+    os.kill(ray.get(pool.actors[0].whereami.remote())["pid"], signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="2 reward worker deaths in this run, cluster.max_actor_restarts=1"):
+        pool.score(rollouts)

@@ -21,7 +21,7 @@ from rlsys import checkpoint
 from rlsys.actors.generator import engine_env
 from rlsys.actors.weight_sync import Bucket
 from rlsys.cluster.placement import generator_bundle, layout
-from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
+from rlsys.cluster.pool import LOST, Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place, threads
 from rlsys.config import Config
 from rlsys.observe.profile import Span
@@ -52,15 +52,35 @@ def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
 
 
 class RewardPool:
-    def __init__(self, actors: list, prefill: str = ""):
+    def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3):
+        """make(): a new reward actor, to replace one that died (None: a death stops the run)."""
         self.actors = actors
         self.prefill = prefill  # written by the prompt, scored as the model's own text
+        self.make, self.max_restarts, self.restarts = make, max_restarts, 0
 
     def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
+        """Every sample scored once. A worker that dies (its process killed, its node lost) is
+        replaced and its share scored again by the new one, at most max_restarts times a run."""
         samples = [(self.prefill + r.text, r.answer) for r in rollouts]
         size = math.ceil(len(samples) / len(self.actors))
-        refs = [a.score.remote(samples[i * size:(i + 1) * size]) for i, a in enumerate(self.actors)]
-        return check_verifier([res for chunk in ray.get(refs) for res in chunk])
+        shares = [samples[i * size:(i + 1) * size] for i in range(len(self.actors))]
+        results: list[list[RewardResult] | None] = [None] * len(shares)
+        while any(r is None for r in results):
+            refs = {self.actors[i].score.remote(shares[i]): i for i, r in enumerate(results) if r is None}
+            for ref, i in refs.items():
+                try:
+                    results[i] = ray.get(ref)
+                except LOST as e:
+                    self.restarts += 1
+                    if self.make is None or self.restarts > self.max_restarts:
+                        raise RuntimeError(f"reward worker {i} died ({type(e).__name__}); {self.restarts} reward "
+                                           f"worker deaths in this run, cluster.max_actor_restarts="
+                                           f"{self.max_restarts}") from e
+                    print(f"[rlsys] reward worker {i} died ({type(e).__name__}); replaced, its "
+                          f"{len(shares[i])} samples scored again", flush=True)
+                    ray.kill(self.actors[i])
+                    self.actors[i] = self.make()
+        return check_verifier([res for chunk in results for res in chunk])
 
 
 class LearnerGroup:
@@ -297,8 +317,11 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         own = pgs.pop(s.group) if s.group.startswith("rlsys-generator-") else None  # the engine's own group
         engines.append(Engine(s.rank, actor, own, time.time(), asked={"CPU": s.num_cpus, "GPU": s.num_gpus}))
     reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
-    rewards = [RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
-               for _ in range(cfg.reward.num_workers)]
+
+    def reward_worker():
+        return RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
+
+    rewards = [reward_worker() for _ in range(cfg.reward.num_workers)]
     for e, w in zip(engines, _where([e.actor for e in engines], [e.asked for e in engines])):
         e.where = w
     others = [w | {"role": "learner", "rank": s.rank} for s, w in zip(
@@ -327,4 +350,6 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
     print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
-    return Groups(pool, RewardPool(rewards, cfg.data.prefill), learner_group, sync, others, list(pgs.values()))
+    return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
+                                   max_restarts=cfg.cluster.max_actor_restarts),
+                  learner_group, sync, others, list(pgs.values()))
