@@ -27,7 +27,8 @@ def test_a_generator_killed_with_kill_9_is_replaced_and_the_run_finishes(tmp_pat
     """kill -9 of one generator's process after the first step: the step it hits loses nothing (its
     prompts go to the other engine, or it leaves before the weight push), a new engine starts,
     receives the current weights and joins, and every step completes with every prompt once."""
-    run_dir, steps = tmp_path / "run", 12
+    # enough steps (about 2 s each) for the replacement to start (15-40 s with vLLM on 2 busy cores) and join
+    run_dir, steps = tmp_path / "run", 40
     with open(tmp_path / "driver.log", "w") as log:  # a file: a pipe nobody reads fills up
         proc = subprocess.Popen([str(RLSYS), "train", "configs/tiny.yaml", f"trainer.total_steps={steps}",
                                  f"trainer.output_dir={run_dir}", "trainer.progress=false"],
@@ -54,7 +55,9 @@ def test_a_generator_killed_with_kill_9_is_replaced_and_the_run_finishes(tmp_pat
     [lost] = [e for e in events if e["event"] == "lost"]
     assert lost["engine"] == 1, lost
     assert [e["engine"] for e in events if e["event"] == "request" and e["why"] == "replace"] == [2]
-    [joined] = [e for e in events if e["event"] == "join"]
+    joins = [e for e in events if e["event"] == "join"]
+    assert len(joins) == 1, f"the replacement never joined in {steps} steps: {events}\n{out[-3000:]}"
+    [joined] = joins
     assert joined["engine"] == 2 and joined["step"] > lost["step"]
     assert [m["pool/size"] for m in metrics if m["step"] >= joined["step"]] == [2] * (steps - joined["step"])
     generators = [a for a in json.loads((run_dir / "placement.json").read_text()) if a["role"] == "generator"]
