@@ -215,25 +215,12 @@ def rlsys_config(overrides: list[str], path: str | Path | None = None):
 
 def tiny_model(hidden: int, layers: int, heads: int) -> tuple[str, int]:
     """A random Qwen2 of this shape built in code (cached); returns (path, parameter count)."""
+    from rlsys.cluster.capacity import model_params
     from rlsys.config import ModelConfig
     from rlsys.data.models import resolve_model
 
     path = resolve_model(ModelConfig(path="tiny", tiny_hidden=hidden, tiny_layers=layers, tiny_heads=heads))
-    return path, param_count(path)
-
-
-def param_count(model_path: str) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(model_path).glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                n = 1
-                for s in st.get_slice(k).get_shape():
-                    n *= s
-                total += n
-    return total
+    return path, model_params(path)
 
 
 def main(run: Callable[[bool], Section | list[Section]], argv: list[str] | None = None) -> list[Section]:
