@@ -296,7 +296,10 @@ while [ $# -gt 0 ]; do
     *) break;;
   esac
 done
-{ printf '%s\t' "$node"; printf '%q ' "$@"; echo; } >>"$FAKE_SLURM_DIR/srun.log"  # one line a step, shell-quoted
+# One line a step, shell-quoted, composed first and appended under a lock: the script runs several
+# sruns at once, and a line written in pieces could interleave with another's.
+line="$node"$'\t'"$(printf '%q ' "$@")"
+{ flock 8; printf '%s\n' "$line" >>"$FAKE_SLURM_DIR/srun.log"; } 8>>"$FAKE_SLURM_DIR/srun.lock"
 if [ "$1" = hostname ]; then echo 127.0.0.1; exit 0; fi
 if [ "$1" = ray ] && [ "${2:-}" = start ]; then
   echo "$$" >>"$FAKE_SLURM_DIR/pids"
