@@ -44,7 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, Figure, Section, machine, main  # noqa: E402
-from rlsys.cluster.local import BIN, LocalNodes, clean_env, kill_tree  # noqa: E402
+from rlsys.cluster.local import BIN, Background, LocalNodes  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 PHASES = ("generate", "reward", "learn", "sync")
@@ -154,17 +154,12 @@ def train_run(nodes: LocalNodes, engines: int, ranks: int, steps: int, run_dir: 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=clean_env())
+    with Background(args, log, REPO) as run:  # timed out or interrupted: the driver goes with its children
         try:
-            code = proc.wait(timeout=RUN_TIMEOUT_S)
+            code = run.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"rlsys train ({engines} engines, {ranks} learner ranks) did not finish within "
                                f"{RUN_TIMEOUT_S:.0f} s; {log}:\n{log.read_text()[-4000:]}") from None
-        finally:
-            if proc.poll() is None:  # timed out or interrupted: the driver goes with its children
-                kill_tree(proc.pid)
     wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"rlsys train ({engines} engines, {ranks} learner ranks) exited with {code}; "

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from rlsys.cluster.local import BIN, LocalNodes, clean_env
+from rlsys.cluster.local import BIN, Background, LocalNodes
 from rlsys.observe.metrics import read_jsonl
 
 pytestmark = pytest.mark.multinode
@@ -49,18 +48,17 @@ def rollout_nodes(nodes: LocalNodes) -> list[str]:
 def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_again(autoscaling, tmp_path):
     run_dir = tmp_path / "run"
     steps = 60  # about 1 s each here; an engine joins about 15 s after it is asked for
-    log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", f"trainer.total_steps={steps}",
-         f"trainer.output_dir={run_dir}", f"cluster.address={autoscaling.address}", "cluster.placement=disaggregated",
-         "cluster.shared_storage=true", "generator.num_cpus=2", "generator.num_engines=1", "data.prompts_per_step=4",
-         "learner.mini_batch_size=16", "autoscale.enabled=true", "autoscale.min_generators=1",
-         "autoscale.max_generators=2", "autoscale.patience=1", "autoscale.grow_above=0.2"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())  # a file: a pipe nobody reads fills up
     drained_node = None
-    try:
+    with Background(
+            [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", f"trainer.total_steps={steps}",
+             f"trainer.output_dir={run_dir}", f"cluster.address={autoscaling.address}",
+             "cluster.placement=disaggregated", "cluster.shared_storage=true", "generator.num_cpus=2",
+             "generator.num_engines=1", "data.prompts_per_step=4", "learner.mini_batch_size=16",
+             "autoscale.enabled=true", "autoscale.min_generators=1", "autoscale.max_generators=2",
+             "autoscale.patience=1", "autoscale.grow_above=0.2"],
+            tmp_path / "driver.log", REPO) as run:
         deadline = time.time() + 900
-        while proc.poll() is None and time.time() < deadline:
+        while run.proc.poll() is None and time.time() < deadline:
             pool = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
             if drained_node is None and pool and len(pool[-1]["engines"]) == 2:
                 # the second engine joined: its node gets a spot-preemption notice
@@ -68,13 +66,9 @@ def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_aga
                 drained_node = pool[-1]["engines"][newest]
                 autoscaling.drain(drained_node)
             time.sleep(1)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    out = (tmp_path / "driver.log").read_text()
-    assert proc.returncode == 0, out[-6000:]
+        code = run.wait(timeout=60)
+    out = run.output()
+    assert code == 0, out[-6000:]
     assert drained_node is not None, "the pool never grew to 2 engines:\n" + out[-4000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [(m["rollout/weight_version"], m["weight_version"]) for m in metrics] == [(s, s + 1) for s in range(steps)]

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from rlsys.cluster.local import clean_env
+from rlsys.cluster.local import Background
 from rlsys.observe.metrics import read_jsonl
 
 pytestmark = pytest.mark.faults
@@ -29,24 +27,16 @@ def test_a_generator_killed_with_kill_9_is_replaced_and_the_run_finishes(tmp_pat
     receives the current weights and joins, and every step completes with every prompt once."""
     # enough steps (about 2 s each) for the replacement to start (15-40 s with vLLM on 2 busy cores) and join
     run_dir, steps = tmp_path / "run", 40
-    with open(tmp_path / "driver.log", "w") as log:  # a file: a pipe nobody reads fills up
-        proc = subprocess.Popen([str(RLSYS), "train", "configs/tiny.yaml", f"trainer.total_steps={steps}",
-                                 f"trainer.output_dir={run_dir}", "trainer.progress=false"],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
-        try:
-            deadline = time.time() + 400
-            while not ((run_dir / "metrics.jsonl").is_file() and read_jsonl(run_dir / "metrics.jsonl")):
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-4000:]
-                time.sleep(0.5)
-            victim = next(a for a in json.loads((run_dir / "placement.json").read_text())
-                          if a["role"] == "generator" and a["rank"] == 1)
-            os.kill(victim["pid"], signal.SIGKILL)
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    out = (tmp_path / "driver.log").read_text()
-    assert proc.returncode == 0, out[-5000:]
+    with Background([str(RLSYS), "train", "configs/tiny.yaml", f"trainer.total_steps={steps}",
+                     f"trainer.output_dir={run_dir}", "trainer.progress=false"], tmp_path / "driver.log", REPO) as run:
+        run.wait_until("the first step", lambda: (run_dir / "metrics.jsonl").is_file()
+                       and bool(read_jsonl(run_dir / "metrics.jsonl")), timeout=400)
+        victim = next(a for a in json.loads((run_dir / "placement.json").read_text())
+                      if a["role"] == "generator" and a["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        code = run.wait(timeout=600)
+    out = run.output()
+    assert code == 0, out[-5000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(steps))
     assert [m["rollouts/count"] for m in metrics] == [64] * steps  # 8 prompts x 8 samples, none lost or doubled

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.cluster.local import BIN, LocalNodes, clean_env
+from rlsys.cluster.local import BIN, Background, LocalNodes, clean_env
 from rlsys.observe.metrics import read_jsonl
 
 pytestmark = pytest.mark.multinode
@@ -111,26 +111,18 @@ def test_impossible_placement_fails_fast_naming_what_is_missing(pools, tmp_path)
 def test_a_draining_node_gives_back_its_generator_and_the_run_goes_on(pools, tmp_path):
     run_dir = tmp_path / "run"
     steps = 8
-    log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "rlsys"), "train", *TINY, f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}",
-         f"cluster.address={pools.address}", "cluster.placement=disaggregated", "cluster.shared_storage=true"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())  # a file: a pipe nobody reads fills up
-    try:
-        deadline = time.time() + 400
-        while not ((run_dir / "metrics.jsonl").is_file() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 2):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-4000:]
-            time.sleep(1)
+    with Background([str(BIN / "rlsys"), "train", *TINY, f"trainer.total_steps={steps}",
+                     f"trainer.output_dir={run_dir}", f"cluster.address={pools.address}",
+                     "cluster.placement=disaggregated", "cluster.shared_storage=true"],
+                    tmp_path / "driver.log", REPO) as run:
+        run.wait_until("2 steps", lambda: (run_dir / "metrics.jsonl").is_file()
+                       and len(read_jsonl(run_dir / "metrics.jsonl")) >= 2, timeout=400)
         placement = json.loads((run_dir / "placement.json").read_text())
         victim = next(a for a in placement if a["role"] == "generator" and a["rank"] == 1)
         pools.drain(victim["node_id"])
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    out = (tmp_path / "driver.log").read_text()
-    assert proc.returncode == 0, out[-5000:]
+        code = run.wait(timeout=600)
+    out = run.output()
+    assert code == 0, out[-5000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(steps))
     # every prompt generated once per step (8 prompts x 8 samples), with the weights of that step

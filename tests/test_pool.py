@@ -18,8 +18,8 @@ from rlsys.types import Rollout
 CFG = AutoscaleConfig(enabled=True, min_generators=1, max_generators=3, grow_above=0.5, patience=2)
 
 
-def busy(share: float, engines: int = 1) -> StepLoad:
-    return StepLoad(share, engines, idle=0, chunks=2 * engines)
+def busy(share: float) -> StepLoad:
+    return StepLoad(share, idle=0)
 
 
 def test_policy_grows_only_after_patience_steps_of_dominant_generation():
@@ -33,15 +33,15 @@ def test_policy_grows_only_after_patience_steps_of_dominant_generation():
 def test_policy_never_grows_into_an_engine_that_would_get_no_prompts():
     # 2 prompts: chunk_size(2, 3) = 1 -> 2 chunks for 3 engines: the third would idle.
     assert chunk_size(2, 3) == 1
-    assert decide([busy(0.9, 2), busy(0.9, 2)], 2, 0, CFG, prompts=2) == 0
+    assert decide([busy(0.9), busy(0.9)], 2, 0, CFG, prompts=2) == 0
     assert decide([busy(0.9), busy(0.9)], 1, 0, CFG, prompts=2) == +1  # 2 chunks for 2 engines
 
 
 def test_policy_shrinks_an_idle_pool_but_not_below_min():
-    idle = StepLoad(0.9, 3, idle=1, chunks=2)
+    idle = StepLoad(0.9, idle=1)
     assert decide([idle, idle], 3, 0, CFG, prompts=2) == -1
-    assert decide([busy(0.9, 3), idle], 3, 0, CFG, prompts=2) == 0  # idle in one step only
-    one_idle = StepLoad(0.9, 1, idle=1, chunks=0)
+    assert decide([busy(0.9), idle], 3, 0, CFG, prompts=2) == 0  # idle in one step only
+    one_idle = StepLoad(0.9, idle=1)
     assert decide([one_idle, one_idle], 1, 0, CFG, prompts=0) == 0  # min_generators
 
 

@@ -20,9 +20,10 @@ from ray.util.placement_group import remove_placement_group
 from rlsys import checkpoint
 from rlsys.actors.generator import engine_env
 from rlsys.actors.weight_sync import Bucket
-from rlsys.cluster.placement import generator_bundle, layout
+from rlsys.cluster.placement import generator_bundle, generator_group, layout
 from rlsys.cluster.pool import LOST, Engine, GeneratorPool, start_engine
-from rlsys.cluster.remote import GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place, threads
+from rlsys.cluster.remote import (GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place,
+                                  placement_record, threads)
 from rlsys.config import Config
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout, TrainBatch
@@ -266,9 +267,8 @@ def init_ray(cfg: Config) -> None:
 
 
 def _where(actors: list, asked: list[dict]) -> list[dict]:
-    where = ray.get([a.whereami.remote() for a in actors])
     roles = node_roles()
-    return [w | {"node_resources": roles.get(w["node_id"], []), "resources": r} for w, r in zip(where, asked)]
+    return [placement_record(w, r, roles) for w, r in zip(ray.get([a.whereami.remote() for a in actors]), asked)]
 
 
 def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
@@ -314,7 +314,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     engines = []
     for s in lay.of("generator"):
         actor = generator(s.rank, in_group(pgs[s.group], s.bundle), s.num_gpus)
-        own = pgs.pop(s.group) if s.group.startswith("rlsys-generator-") else None  # the engine's own group
+        own = pgs.pop(s.group) if s.group == generator_group(s.rank) else None  # the engine's own group
         engines.append(Engine(s.rank, actor, own, time.time(), asked={"CPU": s.num_cpus, "GPU": s.num_gpus}))
     reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
 

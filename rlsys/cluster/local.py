@@ -176,6 +176,53 @@ class LocalNodes:
         return out
 
 
+class Background:
+    """A command running beside the caller (a training run next to which a test drains a node or
+    kills an actor), in a process group of its own, its output in a file: a pipe nobody reads
+    while it runs fills up and blocks it. Killed with its children on leaving the `with` if it
+    still runs.
+
+        with Background([...], log, cwd) as run:
+            run.wait_until("the first step", lambda: ..., timeout=400)
+            ...
+            code = run.wait(timeout=600)
+        out = run.output()
+    """
+
+    def __init__(self, args: list[str], log: Path, cwd: Path):
+        self.args, self.log, self.cwd = args, Path(log), cwd
+
+    def __enter__(self) -> "Background":
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=clean_env())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.proc.poll() is None:
+                kill_tree(self.proc.pid)
+        finally:
+            self._out.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def wait_until(self, what: str, ready, timeout: float) -> None:
+        """Poll ready() while the command runs; it ending first, or the time running out, is an error."""
+        deadline = time.time() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what}: the command exited with {self.proc.returncode} first:\n"
+                                   f"{self.output()[-4000:]}")
+            if time.time() > deadline:
+                raise TimeoutError(f"{what}: not within {timeout:.0f}s:\n{self.output()[-4000:]}")
+            time.sleep(0.5)
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process, all its descendants (Ray's workers run in process groups of their own)
     and its own process group; waits until they are gone."""

@@ -31,7 +31,8 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from rlsys.cluster.remote import draining_nodes, in_group, missing, node_roles
+from rlsys.cluster.placement import generator_group
+from rlsys.cluster.remote import draining_nodes, in_group, missing, node_roles, placement_record
 from rlsys.config import AutoscaleConfig
 from rlsys.types import Rollout
 
@@ -53,9 +54,7 @@ class Engine:
 class StepLoad:
     """What the policy sees of one step."""
     generate_share: float  # generate phase / whole step
-    engines: int
     idle: int  # engines that got no chunk this step
-    chunks: int  # chunks the prompts were cut into
 
 
 def chunk_size(prompts: int, engines: int) -> int:
@@ -94,7 +93,8 @@ class GeneratorPool:
                  wait_timeout_s: float = 600.0, max_restarts: int = 3):
         """engines: started and placed. start(index): begin starting one more engine (returns at
         once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
-        the autoscaler. target: the size to keep without autoscaling (None: never replace).
+        the autoscaler. target: the size to keep without autoscaling (None: the starting size; with
+        start=None nothing is ever replaced).
         wait_timeout_s: how long a pool left empty waits for a starting engine. max_restarts: engines
         lost (died, not drained) that the run replaces before it stops."""
         self.engines = engines
@@ -166,19 +166,16 @@ class GeneratorPool:
               + ("; its chunk goes to another engine" if "chunk_requeued" in detail else ""), flush=True)
         self._remove(engine)
 
-    def drop_dead(self, timeout_s: float = 30.0) -> list[int]:
+    def drop_dead(self, timeout_s: float = 30.0) -> None:
         """Ask every engine where it is; the ones that died since they last answered leave the pool.
         The weight sync calls this before a push: a dead member would break the broadcast."""
         refs = {e.actor.whereami.remote(): e for e in self.engines}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        dead = []
         for ref in ready:
             try:
                 ray.get(ref)
             except LOST as e:
                 self._lost(refs[ref], e, found="before the weight push")
-                dead.append(refs[ref].index)
-        return dead
 
     # ---- between steps
 
@@ -198,8 +195,7 @@ class GeneratorPool:
                 changed = True
         if generate_share is not None and self.last_load:
             idle = sum(1 for c, _ in self.last_load.values() if c == 0)
-            self.history.append(StepLoad(generate_share, len(self.last_load), idle,
-                                         math.ceil(prompts / chunk_size(prompts, max(1, len(self.last_load))))))
+            self.history.append(StepLoad(generate_share, idle))
         if self.autoscale is not None:
             # The last steps' load says nothing about a pool that just lost engines: measure it anew.
             move = 0 if changed else decide(self.history, len(self.engines), len(self.starting), self.autoscale,
@@ -267,9 +263,7 @@ class GeneratorPool:
             ready, _ = ray.wait([engine.ready], timeout=0)
             if ready:
                 try:
-                    where = ray.get(engine.ready)
-                    engine.where = where | {"node_resources": node_roles().get(where["node_id"], []),
-                                            "resources": engine.asked}
+                    engine.where = placement_record(ray.get(engine.ready), engine.asked, node_roles())
                 except LOST as e:  # its node went while the engine was starting
                     events.append({"event": "failed_start", "step": step, "engine": engine.index,
                                    "reason": str(e).splitlines()[0][:200]})
@@ -317,6 +311,6 @@ class GeneratorPool:
 def start_engine(index: int, make_actor: Callable[[dict], object], bundle: dict, asked: dict) -> Engine:
     """One engine in a placement group of its own; returns at once (the engine is ready when
     `ready` resolves: its node arrived and its vLLM engine loaded)."""
-    pg = placement_group([bundle], strategy="PACK", name=f"rlsys-generator-{index}")
+    pg = placement_group([bundle], strategy="PACK", name=generator_group(index))
     actor = make_actor(in_group(pg, 0))
     return Engine(index, actor, pg, time.time(), ready=actor.whereami.remote(), asked=asked)

@@ -79,6 +79,12 @@ def node_roles() -> dict[str, list[str]]:
             for n in ray.nodes() if n["Alive"]}
 
 
+def placement_record(where: dict, asked: dict, roles: dict[str, list[str]]) -> dict:
+    """An actor's placement.json entry: whereami() plus its node's custom resources (from
+    node_roles()) and the CPUs/GPUs it asked for."""
+    return where | {"node_resources": roles.get(where["node_id"], []), "resources": asked}
+
+
 def missing(bundles: list[dict]) -> str:
     """What the cluster lacks for these bundles, in words: resources no node declares, then the
     totals that exceed what is free now."""

@@ -24,7 +24,7 @@ from rlsys.cluster.capacity import check_fits, model_params
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.cluster.storage import RunStorage, is_uri
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
-from rlsys.data.models import resolve_model
+from rlsys.data.models import default_cache_dir, resolve_model
 from rlsys.observe.profile import Timeline
 
 
@@ -73,12 +73,13 @@ def train(cfg: Config) -> Path:
             check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
             stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
             timings = timer.pop()
-            generate_share = timings["timing/generate"] / sum(timings.values())
+            step_s = sum(timings.values())
+            generate_share = timings["timing/generate"] / step_s
             tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
             metrics = {"weight_version": version, "rollouts/count": len(rollouts),
                        "data/skipped_rows": len(prompts.skipped), **stats, **learn, **timings,
                        "tokens/total": tokens,
-                       "throughput/tokens_per_s": tokens / sum(timings.values()), **pool_metrics(pool)}
+                       "throughput/tokens_per_s": tokens / step_s, **pool_metrics(pool)}
             pool_log.write(json.dumps({"step": step, **pool}) + "\n")
             pool_log.flush()
             if pool["events"]:
@@ -162,7 +163,7 @@ def resolve_run_dir(output_dir: str) -> Path:
     later): there a relative path is refused. A storage URI (s3://, gs://, file://...) gets a fresh
     staging folder on the driver's disk, copied to the URI after every step (rlsys.cluster.storage)."""
     if is_uri(output_dir):  # staged on the driver's disk, copied to the URI as the run goes
-        staging = Path(os.environ.get("RLSYS_CACHE", Path.home() / ".cache" / "rlsys")) / "staging"
+        staging = default_cache_dir() / "staging"
         staging.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix="run-", dir=staging))
     path = Path(output_dir).expanduser()
