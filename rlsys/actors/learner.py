@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import shutil
+import random
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from rlsys.checkpoint import safe_relative
 from rlsys.math.grpo import grpo_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
@@ -122,6 +123,36 @@ def load_without_dropout(model_path: str, dtype):
     return model
 
 
+LEARNER_STATE, STATE_TAG = "learner", "state"
+"""A checkpoint's DeepSpeed state lives in <checkpoint>/learner/state/ (one set of files per rank)."""
+
+
+def deepspeed_state_classes() -> list[type]:
+    """The classes DeepSpeed pickles into its optimizer state files: the only ones a load may
+    build besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeLoads:
+    """DeepSpeed's checkpoint engine with safe loads: DeepSpeed's own loads with weights_only=False
+    (unpickling a file can run any code); this one builds tensors, plain containers and
+    DeepSpeed's few state classes only. Everything else is the wrapped engine's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 class Learner:
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
                  rank: int, world: int, backend: str, seed: int, total_updates: int = 1):
@@ -157,6 +188,7 @@ class Learner:
             opt, lambda step: lr_factor(step, self.cfg, self.total_updates))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(train=True))
+        self.engine.checkpoint_engine = SafeLoads(self.engine.checkpoint_engine)
         if self.algo.beta > 0:
             ref = load_without_dropout(self.model_path, dtype).eval().requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(train=False))
@@ -358,40 +390,68 @@ class Learner:
                     out[name] = p.data.detach().to("cpu", copy=zero3)
         return out if self.rank == 0 else None
 
-    def save(self, path: str) -> None:
-        """An HF folder (safetensors, config, tokenizer) that transformers and vLLM load directly,
-        written by rank 0 to a temporary name, then renamed: a reader never sees a half-written
-        checkpoint. Collective under ZeRO-3 (every rank gathers)."""
-        state = self.full_state_dict()
-        if state is None:
-            return
-        out = Path(path)
-        tmp = out.with_name(out.name + ".partial")
-        self._write_hf(state, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+    def save(self, folder: str, state: bool = True) -> None:
+        """Write this rank's part of a checkpoint into `folder` (created if missing): rank 0 the HF
+        weights (safetensors, config, tokenizer) that transformers and vLLM load directly; with
+        `state`, every rank its DeepSpeed state under learner/ (optimizer, LR scheduler, update
+        count, RNG). Collective. The caller writes into a temporary folder and renames it when whole
+        (rlsys.checkpoint.commit): a reader never sees a half-written checkpoint."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = self.full_state_dict()
+        if weights is not None:
+            self._write_hf(weights, out)
+        del weights
+        if state:
+            self.engine.save_checkpoint(str(out / LEARNER_STATE), tag=STATE_TAG, save_latest=False,
+                                        client_state={"rlsys": self._client_state()})
 
-    def save_files(self, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, bytes]]:
-        """The same checkpoint for a driver on another node without shared storage: rank 0 writes
-        it to a local temporary folder and streams its files back as (name, chunk) pairs (a Ray
-        streaming generator: a chunk at a time in flight, never the whole model in the object
-        store); the driver writes them into the run folder (rlsys.checkpoint.receive). Other ranks
-        take part in the ZeRO-3 gathers and yield nothing."""
-        state = self.full_state_dict()
-        if state is None:
-            return
+    def load_state(self, folder: str) -> int:
+        """Continue from a checkpoint written by `save`: weights, optimizer, LR scheduler, update
+        count and RNG. Collective. Returns the number of batches trained so far."""
+        path, client = self.engine.load_checkpoint(str(Path(folder) / LEARNER_STATE), tag=STATE_TAG,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None or "rlsys" not in client:
+            raise FileNotFoundError(f"{folder}: no learner state for rank {self.rank} under {LEARNER_STATE}/")
+        mine = client["rlsys"]
+        self.steps = mine["steps"]
+        torch.set_rng_state(mine["torch_rng"])
+        random.setstate(mine["python_rng"])
+        return self.steps
+
+    def load_state_files(self, files: list[tuple[str, bytes]]) -> int:
+        """`load_state` for a rank on another node than the run folder: the checkpoint's files
+        this rank reads, (relative name, bytes), written into a local temporary folder first."""
+        with tempfile.TemporaryDirectory(prefix="rlsys-resume-") as tmp:
+            for name, blob in files:
+                target = Path(tmp) / safe_relative(name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(blob)
+            return self.load_state(tmp)
+
+    def _client_state(self) -> dict:
+        """What DeepSpeed does not keep: the update count (it seeds each update's shuffle) and the
+        RNG states. Plain types only: the load is torch.load(weights_only=True)."""
+        return {"steps": self.steps, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+    def save_files(self, state: bool = True, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, bytes]]:
+        """The same checkpoint for a driver on another node without shared storage: this rank
+        writes its part (`save`) to a local temporary folder and streams the files back as
+        (relative name, chunk) pairs (a Ray streaming generator: a chunk at a time in flight, never
+        the whole model in the object store); the driver writes them into the run folder
+        (rlsys.checkpoint.receive). A rank with nothing to write (not rank 0, no state, ZeRO 0-2)
+        yields nothing."""
         with tempfile.TemporaryDirectory(prefix="rlsys-ckpt-") as tmp:
-            self._write_hf(state, Path(tmp))
-            del state
-            for file in sorted(Path(tmp).iterdir()):
+            self.save(tmp, state)
+            for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                name = file.relative_to(tmp).as_posix()
                 with open(file, "rb") as f:
                     while chunk := f.read(chunk_bytes):
-                        yield file.name, chunk
-                yield file.name, b""  # end of this file (an empty file is one empty chunk)
+                        yield name, chunk
+                yield name, b""  # end of this file (an empty file is one empty chunk)
 
     def _write_hf(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         from transformers import AutoTokenizer
 
-        shutil.rmtree(folder, ignore_errors=True)
         self.engine.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(folder)

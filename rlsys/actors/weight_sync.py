@@ -179,6 +179,10 @@ class WorkerExtension:
     Each worker holds its shard of every layer; vLLM's loaders cut that shard from the full
     tensors every worker receives."""
 
+    def rlsys_reseed(self, seed: int) -> None:
+        """The sampler draws from torch's default generator (no per-request seeds): reseed it."""
+        torch.manual_seed(seed)
+
     def rlsys_join(self, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
         """Join the sync group as first_rank + this worker's rank inside its engine."""
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())

@@ -98,29 +98,42 @@ class LearnerGroup:
     def full_state_dict(self) -> dict:
         return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
 
-    def save(self, path: Path) -> None:
-        """An HF checkpoint at `path` (absolute, in the run folder) whatever node rank 0 runs on."""
+    def save(self, folder: Path, state: bool = True) -> None:
+        """Every rank's part of a checkpoint (rlsys.actors.learner.Learner.save) into `folder`
+        (absolute, in the run folder), whatever node rank 0 runs on."""
         if not self.ship_checkpoints:
-            ray.get([a.save.remote(str(path)) for a in self.actors])
+            ray.get([a.save.remote(str(folder), state) for a in self.actors])
             # cluster.shared_storage=true on a path that is not shared: rank 0 wrote the checkpoint
             # to its own node's disk, and the run would end "successfully" without it. A few
             # seconds' grace for shared filesystems that cache a missing name briefly.
             deadline = time.time() + 10
-            while not (path / "config.json").is_file():
+            while not (folder / "config.json").is_file():
                 if time.time() > deadline:
                     raise RuntimeError(
-                        f"learner rank 0 wrote checkpoint {path}, but the driver does not see it: with "
+                        f"learner rank 0 wrote checkpoint {folder}, but the driver does not see it: with "
                         f"cluster.shared_storage=true the run folder must be on storage that every node "
                         f"mounts at the same path (the checkpoint is on rank 0's node's local disk). Use "
                         f"cluster.shared_storage=false to have checkpoints sent to the driver")
                 time.sleep(0.5)
             return
-        # Backpressure: rank 0 is at most two chunks ahead of the driver's writes.
-        streams = [a.save_files.options(_generator_backpressure_num_objects=2).remote() for a in self.actors]
-        checkpoint.receive((ray.get(ref) for ref in streams[0]), path)
-        for stream in streams[1:]:  # the other ranks only gathered; their errors surface here
-            for ref in stream:
-                ray.get(ref)
+        # Backpressure: each rank is at most two chunks ahead of the driver's writes. The ranks
+        # write their files at once (DeepSpeed's save is collective); the driver reads them in turn.
+        streams = [a.save_files.options(_generator_backpressure_num_objects=2).remote(state) for a in self.actors]
+        for stream in streams:
+            checkpoint.receive((ray.get(ref) for ref in stream), folder)
+        if not (folder / "config.json").is_file():
+            raise RuntimeError(f"learner rank 0 streamed checkpoint {folder} without config.json")
+
+    def load_state(self, folder: Path) -> int:
+        """Every rank continues from checkpoint `folder`; returns the number of batches trained. Ranks
+        that cannot read the run folder (shipped checkpoints) are sent the files they read."""
+        if not self.ship_checkpoints:
+            counts = ray.get([a.load_state.remote(str(folder)) for a in self.actors])
+        else:
+            counts = ray.get([a.load_state_files.remote(checkpoint.state_files(folder, rank))
+                              for rank, a in enumerate(self.actors)])
+        assert len(set(counts)) == 1, f"learner ranks resumed at different update counts: {counts}"
+        return counts[0]
 
 
 def check_received(sent: list[int], received: dict[int, list[list[int]]]) -> None:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -64,6 +65,16 @@ def chunk_size(prompts: int, engines: int) -> int:
     (4, 1)
     """
     return max(1, math.ceil(prompts / (2 * engines)))
+
+
+def chunk_seed(*key: int) -> int:
+    """A 32-bit sampling seed from a key like (trainer.seed, step, chunk): independent streams for
+    nearby keys (numpy's SeedSequence hashing), the same on every machine.
+
+    >>> chunk_seed(0, 3, 1) == chunk_seed(0, 3, 1), chunk_seed(0, 3, 1) == chunk_seed(0, 3, 2)
+    (True, False)
+    """
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
 def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfig, prompts: int) -> int:
@@ -117,8 +128,10 @@ class GeneratorPool:
 
     # ---- within a step
 
-    def generate(self, prompts: list, n: int, **sampling) -> list[Rollout]:
-        """n rollouts per prompt, in prompt order; every prompt exactly once, whatever engines leave."""
+    def generate(self, prompts: list, n: int, seed: tuple[int, ...] | None = None, **sampling) -> list[Rollout]:
+        """n rollouts per prompt, in prompt order; every prompt exactly once, whatever engines leave.
+        seed: each chunk is sampled with chunk_seed(*seed, chunk index), whichever engine takes it,
+        so that what a step samples does not depend on timing (nor on an engine being new)."""
         size = chunk_size(len(prompts), len(self.engines))
         chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         todo = list(range(len(chunks)))[::-1]  # popped from the end: chunk 0 first
@@ -132,7 +145,8 @@ class GeneratorPool:
         while todo or pending:
             while idle and todo:
                 engine, chunk = idle.pop(), todo.pop()
-                ref = engine.actor.generate.remote(chunks[chunk], n, **sampling)
+                chunk_sampling = sampling if seed is None else sampling | {"seed": chunk_seed(*seed, chunk)}
+                ref = engine.actor.generate.remote(chunks[chunk], n, **chunk_sampling)
                 pending[ref] = (chunk, engine, time.perf_counter())
             if not pending:
                 raise RuntimeError(f"no generator left to take {len(todo)} prompt chunk(s): every engine of the "

@@ -23,6 +23,8 @@ from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, r
 from rlsys.cluster.capacity import check_fits, model_params
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.cluster.storage import RunStorage, is_uri
+from rlsys.checkpoint import commit, read_trainer_state, write_trainer_state
+from rlsys.loops.resume import check_same_run, cut_logs, driver_state, restore_driver, resume_point
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.data.models import default_cache_dir, resolve_model
 from rlsys.observe.profile import Timeline
@@ -31,24 +33,45 @@ from rlsys.observe.profile import Timeline
 def train(cfg: Config) -> Path:
     run_dir = resolve_run_dir(cfg.trainer.output_dir)
     storage = RunStorage(cfg.trainer.output_dir, run_dir) if is_uri(cfg.trainer.output_dir) else None
+    if storage is not None and cfg.trainer.resume == "auto":
+        raise ConfigError(f"trainer.resume=auto reads the run folder, and trainer.output_dir={cfg.trainer.output_dir} "
+                          f"is a storage URI: copy the run's checkpoint folder to local disk and give it as "
+                          f"trainer.resume=PATH (the run continues into a new trainer.output_dir)")
     if storage is not None and storage.holds_run():  # never mix two runs' metrics, never overwrite one
         raise FileExistsError(f"trainer.output_dir={cfg.trainer.output_dir} already holds a run (metrics.jsonl); "
                               f"choose another trainer.output_dir")
-    model_path, tokenizer, prompts, eval_problems, verifier = preflight(cfg, run_dir)
+    resume_from = resume_point(cfg, run_dir)
+    resumed = read_trainer_state(resume_from) if resume_from is not None else None
+    if resumed is not None:
+        check_same_run(resumed["config"], cfg)
+    model_path, tokenizer, prompts, eval_problems, verifier = preflight(cfg, run_dir, resume_from)
+    start, version = restore_driver(resumed, prompts) if resumed is not None else (0, 0)
+    if start >= cfg.trainer.total_steps:
+        print(f"[rlsys] {resume_from} is at step {start}: trainer.total_steps={cfg.trainer.total_steps} are done; "
+              f"nothing to train (raise trainer.total_steps to go on)", flush=True)
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"[rlsys] run folder: {run_dir}" + (f" (staged here, copied to {cfg.trainer.output_dir} after every step)"
                                               if storage is not None else ""), flush=True)
+    if resumed is not None:
+        print(f"[rlsys] resuming from {resume_from}: step {start}, weight version {version}; "
+              f"{cut_logs(run_dir, start)} log line(s) of steps >= {start} dropped (they run again)", flush=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier)
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir, cfg), Timer(trace=cfg.profile.enabled)
     pool_log = open(run_dir / "pool.jsonl", "a")
-    version, curve, generate_share = 0, [], None
+    curve, generate_share = [], None
     timeline = Timeline() if cfg.profile.enabled else None
-    bar = tqdm(range(cfg.trainer.total_steps), desc="grpo", disable=not cfg.trainer.progress, dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.trainer.total_steps), desc="grpo", initial=start, total=cfg.trainer.total_steps,
+               disable=not cfg.trainer.progress, dynamic_ncols=True)
     try:
-        if cfg.eval.every:  # the untrained weights, for comparison
+        if resumed is not None:  # the checkpoint's learner, and its weights on every generator
+            trained = groups.learner.load_state(resume_from)
+            assert trained == start, f"{resume_from}: the learner has trained {trained} batches, the driver {start}"
+            assert groups.sync.push(version) == [version] * len(groups.generators.engines)
+        elif cfg.eval.every:  # the untrained weights, for comparison
             evaluate(groups, eval_problems, cfg, run_dir / "evals" / "step_0.json")
         for step in bar:
             batch_prompts = prompts.next()
@@ -58,7 +81,7 @@ def train(cfg: Config) -> Path:
                                                            join=lambda new: groups.sync.catch_up(new, version))
                 with timer("generate"):
                     rollouts = groups.generators.generate([p.request(g) for g, p in enumerate(batch_prompts)],
-                                                          n=cfg.algo.group_size)
+                                                          n=cfg.algo.group_size, seed=(cfg.trainer.seed, step))
                 stale = {r.weight_version for r in rollouts} - {version}
                 assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
                 with timer("reward"):
@@ -88,12 +111,12 @@ def train(cfg: Config) -> Path:
             if due(step, cfg.eval.every, last):
                 with timer.spans.span("eval"):
                     metrics |= evaluate(groups, eval_problems, cfg, run_dir / "evals" / f"step_{version}.json")
-            if due(step, cfg.trainer.save_every, last) or last:
-                with timer.spans.span("save"):
-                    groups.learner.save(run_dir / "checkpoints" / f"step_{version}")
             sample = {"prompt": batch_prompts[0].text, "completion": rollouts[0].text, "answer": rollouts[0].answer,
                       "reward": scores[0].reward}
-            log.log(step, metrics, sample)
+            log.log(step, metrics, sample)  # before the save: a checkpoint never holds a step the log lacks
+            if due(step, cfg.trainer.save_every, last) or last:
+                with timer.spans.span("save"):
+                    save(groups, run_dir, version, prompts, cfg)
             if storage is not None:
                 storage.upload()
             if timeline is not None:
@@ -114,6 +137,17 @@ def train(cfg: Config) -> Path:
             if storage is not None:  # also after a crash: what was written is on the storage
                 storage.upload()
     return run_dir
+
+
+def save(groups: Groups, run_dir: Path, version: int, prompts: PromptStream, cfg: Config) -> Path:
+    """Checkpoint step_<version>: every learner rank's part, then the driver's; whole or not at all."""
+    state = driver_state(version, version, prompts, cfg)
+
+    def write(folder: Path) -> None:
+        groups.learner.save(folder)
+        write_trainer_state(folder, state)
+
+    return commit(run_dir, version, write, cfg.trainer.keep_last)
 
 
 def check_logprob_gap(step: int, learn: dict, warn: float, stop: float) -> None:
@@ -181,13 +215,17 @@ def resolve_run_dir(output_dir: str) -> Path:
     return Path.cwd() / path
 
 
-def preflight(cfg: Config, run_dir: Path):
+def preflight(cfg: Config, run_dir: Path, resume_from: Path | None = None):
     """Everything that can be wrong with the inputs, found before any actor starts."""
     from transformers import AutoTokenizer
 
-    if (run_dir / "metrics.jsonl").exists():  # never mix two runs' metrics, never overwrite one
+    holds_run = (run_dir / "metrics.jsonl").exists()
+    if holds_run and resume_from is None:  # never mix two runs' metrics, never overwrite one
         raise FileExistsError(f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl); "
-                              f"choose another trainer.output_dir or remove that folder")
+                              f"continue it with trainer.resume=auto, or choose another trainer.output_dir")
+    if holds_run and resume_from.parent.parent != run_dir:
+        raise FileExistsError(f"trainer.resume={resume_from} continues into trainer.output_dir={run_dir}, which holds "
+                              f"another run (metrics.jsonl): choose a new trainer.output_dir")
     model_path = resolve_model(cfg.model)
     if not cfg.cluster.address and not in_ray_job():  # a local cluster: the run must fit this machine
         import psutil

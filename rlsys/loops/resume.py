@@ -1,0 +1,125 @@
+"""Resuming a run: which checkpoint, whether the config still describes the same run, the driver's
+state (step, weight version, prompt stream position, RNG), and the run folder's logs cut back to
+the checkpoint so that no step is logged twice.
+
+What makes a resumed run the uninterrupted one from step k on: the learner's DeepSpeed state
+(weights, optimizer, LR scheduler, update count, RNG; rlsys.actors.learner.Learner.load_state),
+the prompt stream's (epoch, cursor) (its order is a function of the seed and the epoch), and the
+generators' sampling, which is reseeded per prompt chunk from (trainer.seed, step, chunk)
+(rlsys.cluster.pool.chunk_seed): a new engine samples what the old one would have, provided the
+pool has as many engines (the chunks are cut by pool size).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from rlsys.checkpoint import find_resumable, read_trainer_state
+from rlsys.config import Config, ConfigError
+from rlsys.data.prompts import PromptStream
+
+SAME_RUN = ("model", "data", "algo", "learner", "reward", "trainer.seed", "generator.temperature",
+            "generator.top_p", "generator.max_tokens", "generator.max_model_len")
+"""What a resumed run may not change: it would be another run's continuation. Anything else
+(cluster size and placement, trainer.total_steps with a constant LR, eval, logging) may change."""
+
+LOGS = ("metrics.jsonl", "samples.jsonl", "pool.jsonl")
+
+
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from; None for a new run. Never a silent new start over
+    an existing run: a resume request without a checkpoint stops here."""
+    want = cfg.trainer.resume
+    if not want:
+        return None
+    if want == "auto":
+        found = find_resumable(run_dir) if run_dir.is_dir() else None
+        if found is None:
+            raise FileNotFoundError(
+                f"trainer.resume=auto: {run_dir} holds no whole checkpoint to continue from "
+                f"({'no such folder' if not run_dir.is_dir() else 'nothing under checkpoints/ with trainer_state.json'})"
+                f". Start a new run without trainer.resume, or give a checkpoint folder")
+        return found
+    path = Path(want).expanduser().resolve()
+    read_trainer_state(path)  # a folder that cannot be resumed from stops here, with the reason
+    return path
+
+
+def check_same_run(saved: dict, cfg: Config) -> None:
+    """The config of a resumed run against the one its checkpoint was written with."""
+    now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    differ = []
+    for key in SAME_RUN:
+        section, _, field = key.partition(".")
+        old, new = saved.get(section, {}), now[section]
+        old, new = (old.get(field), new.get(field)) if field else (old, new)
+        if old != new:
+            differ += [f"{key}: {old!r} -> {new!r}"] if field else [
+                f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
+    lr_changes = (saved["trainer"]["total_steps"] != cfg.trainer.total_steps and cfg.learner.lr_schedule != "constant")
+    if lr_changes:
+        differ.append(f"trainer.total_steps: {saved['trainer']['total_steps']} -> {cfg.trainer.total_steps} "
+                      f"(learner.lr_schedule={cfg.learner.lr_schedule} spans total_steps)")
+    if differ:
+        raise ConfigError("trainer.resume: this config describes another run than the checkpoint's; it changes "
+                          + "; ".join(differ))
+
+
+def driver_state(step: int, version: int, prompts: PromptStream, cfg: Config) -> dict:
+    """What the driver writes into a checkpoint (trainer_state.json)."""
+    np_state = np.random.get_state()
+    return {
+        "step": step, "weight_version": version, "prompts": prompts.state(),
+        "rng": {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "torch": torch.get_rng_state().tolist()},
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+    }
+
+
+def restore_driver(state: dict, prompts: PromptStream) -> tuple[int, int]:
+    """The driver as it was at the checkpoint; returns (step, weight version)."""
+    prompts.load_state(state["prompts"])
+    rng = state["rng"]
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    return state["step"], state["weight_version"]
+
+
+def cut_logs(run_dir: Path, step: int) -> int:
+    """Drop what the run logged for steps >= `step` (the checkpoint's step: they run again) from
+    the run folder's JSON-lines logs; returns how many lines went. The files are rewritten whole
+    under a temporary name, then renamed."""
+    dropped = 0
+    for name in LOGS:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        keep, lines = [], path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                logged = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError):
+                if number == len(lines):  # a line cut short by the kill
+                    dropped += 1
+                    continue
+                raise ValueError(f"{path}:{number}: not a step record: {line[:80]!r}") from None
+            if logged < step:
+                keep.append(line)
+            else:
+                dropped += 1
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.rename(path)
+    return dropped
