@@ -217,6 +217,23 @@ class ClusterConfig:
 
 
 @dataclass
+class DeadlineConfig:
+    """How long each phase of a step may take before the run stops, naming the phase and the
+    actors still busy, with their stacks in <run_dir>/stacks/. No remote call waits forever."""
+    generate_s: float = 3600.0
+    """One step's rollouts (all chunks, all engines)."""
+    score_s: float = 600.0
+    """One reward worker's share of a step; past it the worker is replaced and the share scored
+    again (counted against cluster.max_actor_restarts)."""
+    train_s: float = 3600.0
+    """One learner update (every rank)."""
+    sync_s: float = 600.0
+    """One weight push, both sides: learner rank 0 sending, every generator worker receiving."""
+    save_s: float = 3600.0
+    """Writing (or resuming from) one checkpoint."""
+
+
+@dataclass
 class TrainerConfig:
     total_steps: int = 100
     output_dir: str = "runs/default"
@@ -299,6 +316,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -389,7 +407,8 @@ def validate(cfg: Config) -> None:
     positive = ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb", "generator.num_cpus",
                 "generator.max_model_len", "generator.kv_cache_gib", "reward.num_cpus", "algo.epsilon",
                 "trainer.total_steps", "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s",
-                "autoscale.node_timeout_s", "model.tiny_hidden", "model.tiny_layers", "model.tiny_heads")
+                "autoscale.node_timeout_s", "deadlines.generate_s", "deadlines.score_s", "deadlines.train_s",
+                "deadlines.sync_s", "deadlines.save_s", "model.tiny_hidden", "model.tiny_layers", "model.tiny_heads")
     at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
                      "trainer.keep_last", "eval.temperature")
     for name in positive + at_least_zero:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import threading
@@ -59,7 +60,23 @@ ERROR_CHARS = 500
 """RewardResult.error keeps at most this much of the exception's last line."""
 
 
-def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this process with SIGKILL when its parent dies, whatever the way
+    (kill -9, ray.kill of the actor, its node's OOM killer): a child stuck in a verifier's busy
+    loop never outlives its reward worker. (The signal follows the parent THREAD that started the
+    child: a RewardWorker starts its children from the thread that scores, which lives as long as
+    the process in a Ray actor.)"""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before prctl: nobody would kill us
+        os._exit(1)
+
+
+def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig, parent: int) -> None:
     """The child's loop: ("ready",) once, then one reply per (index, completion, gold) request.
 
     Replies: ("ok", index, accuracy) | ("error", index, traceback text) | ("gold", index,
@@ -69,6 +86,7 @@ def _child_main(conn, scorer_bytes: bytes, cfg: RewardConfig) -> None:
     # Ctrl-C goes to the whole process group; the parent decides when this child ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        _die_with(parent)
         scorer = pickle.loads(scorer_bytes)
         from rlsys.math.rewards import _math_verify
 
@@ -137,7 +155,7 @@ class RewardWorker:
 
     def _start(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_child_main, args=(child_conn, self._scorer_bytes, self.cfg),
+        proc = self._ctx.Process(target=_child_main, args=(child_conn, self._scorer_bytes, self.cfg, os.getpid()),
                                  name="rlsys-reward-child", daemon=True)
         proc.start()
         child_conn.close()  # the child holds the other end; its death must read as EOF here

@@ -21,10 +21,11 @@ from rlsys import checkpoint
 from rlsys.actors.generator import engine_env
 from rlsys.actors.weight_sync import Bucket
 from rlsys.cluster.placement import generator_bundle, generator_group, layout
-from rlsys.cluster.pool import LOST, Engine, GeneratorPool, start_engine
+from rlsys.cluster.deadlines import LOST, get_all
+from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import (GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place,
                                   placement_record, threads)
-from rlsys.config import Config
+from rlsys.config import Config, DeadlineConfig
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout, TrainBatch
 
@@ -53,56 +54,78 @@ def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
 
 
 class RewardPool:
-    def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3):
-        """make(): a new reward actor, to replace one that died (None: a death stops the run)."""
+    def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3, timeout_s: float = 600.0):
+        """make(): a new reward actor, to replace one that died or hung (None: that stops the run).
+        timeout_s: how long one worker's share may take (deadlines.score_s)."""
         self.actors = actors
         self.prefill = prefill  # written by the prompt, scored as the model's own text
         self.make, self.max_restarts, self.restarts = make, max_restarts, 0
+        self.timeout_s = timeout_s
 
     def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
-        """Every sample scored once. A worker that dies (its process killed, its node lost) is
-        replaced and its share scored again by the new one, at most max_restarts times a run."""
+        """Every sample scored once. A worker that dies (its process killed, its node lost) or
+        gives no answer within timeout_s (hung) is killed, with its verifier child, and replaced;
+        its share is scored again by the new one; at most max_restarts times a run."""
         samples = [(self.prefill + r.text, r.answer) for r in rollouts]
         size = math.ceil(len(samples) / len(self.actors))
         shares = [samples[i * size:(i + 1) * size] for i in range(len(self.actors))]
         results: list[list[RewardResult] | None] = [None] * len(shares)
         while any(r is None for r in results):
-            refs = {self.actors[i].score.remote(shares[i]): i for i, r in enumerate(results) if r is None}
-            for ref, i in refs.items():
+            pending = {self.actors[i].score.remote(shares[i]): i for i, r in enumerate(results) if r is None}
+            deadline = time.monotonic() + self.timeout_s
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:  # hung: every worker still busy is replaced, its share scored again
+                    for i in pending.values():
+                        self._replace(i, f"gave no result within {self.timeout_s:g}s (deadlines.score_s)",
+                                      len(shares[i]))
+                    break
+                i = pending.pop(ready[0])
                 try:
-                    results[i] = ray.get(ref)
+                    results[i] = ray.get(ready[0])
                 except LOST as e:
-                    self.restarts += 1
-                    if self.make is None or self.restarts > self.max_restarts:
-                        raise RuntimeError(f"reward worker {i} died ({type(e).__name__}); {self.restarts} reward "
-                                           f"worker deaths in this run, cluster.max_actor_restarts="
-                                           f"{self.max_restarts}") from e
-                    print(f"[rlsys] reward worker {i} died ({type(e).__name__}); replaced, its "
-                          f"{len(shares[i])} samples scored again", flush=True)
-                    ray.kill(self.actors[i])
-                    self.actors[i] = self.make()
+                    self._replace(i, f"died ({type(e).__name__})", len(shares[i]))
         return check_verifier([res for chunk in results for res in chunk])
+
+    def _replace(self, i: int, why: str, samples: int) -> None:
+        self.restarts += 1
+        if self.make is None or self.restarts > self.max_restarts:
+            raise RuntimeError(f"reward worker {i} {why}; {self.restarts} reward worker failures in this run, "
+                               f"cluster.max_actor_restarts={self.max_restarts}")
+        print(f"[rlsys] reward worker {i} {why}; replaced, its {samples} samples scored again", flush=True)
+        ray.kill(self.actors[i])  # its verifier child dies with it (PR_SET_PDEATHSIG)
+        self.actors[i] = self.make()
 
 
 class LearnerGroup:
-    def __init__(self, actors: list, ship_checkpoints: bool = False):
+    def __init__(self, actors: list, ship_checkpoints: bool = False, deadlines: DeadlineConfig = DeadlineConfig()):
         """ship_checkpoints: rank 0 streams checkpoint files to the driver, which writes them
         (rank 0 on another node than the driver, no shared storage)."""
         self.actors = actors
         self.ship_checkpoints = ship_checkpoints
+        self.deadlines = deadlines
+        self.names = [f"learner {i}" for i in range(len(actors))]
+
+    def _all(self, refs: list, phase: str, timeout_s: float, setting: str) -> list:
+        """Every rank's result; a rank that dies raises ActorLost at once (its peers would wait
+        in a collective), a phase past its deadline PhaseTimeout."""
+        return get_all(refs, self.names, phase, timeout_s, setting)
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         ref = ray.put(batch)  # one copy in the object store, read by every rank
-        return ray.get([a.train.remote(ref) for a in self.actors])[0]
+        return self._all([a.train.remote(ref) for a in self.actors], "train", self.deadlines.train_s,
+                         "deadlines.train_s")[0]
 
     def full_state_dict(self) -> dict:
-        return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
+        return self._all([a.full_state_dict.remote() for a in self.actors], "gather", self.deadlines.save_s,
+                         "deadlines.save_s")[0]
 
     def save(self, folder: Path, state: bool = True) -> None:
         """Every rank's part of a checkpoint (rlsys.actors.learner.Learner.save) into `folder`
         (absolute, in the run folder), whatever node rank 0 runs on."""
         if not self.ship_checkpoints:
-            ray.get([a.save.remote(str(folder), state) for a in self.actors])
+            self._all([a.save.remote(str(folder), state) for a in self.actors], "save", self.deadlines.save_s,
+                      "deadlines.save_s")
             # cluster.shared_storage=true on a path that is not shared: rank 0 wrote the checkpoint
             # to its own node's disk, and the run would end "successfully" without it. A few
             # seconds' grace for shared filesystems that cache a missing name briefly.
@@ -128,10 +151,10 @@ class LearnerGroup:
         """Every rank continues from checkpoint `folder`; returns the number of batches trained. Ranks
         that cannot read the run folder (shipped checkpoints) are sent the files they read."""
         if not self.ship_checkpoints:
-            counts = ray.get([a.load_state.remote(str(folder)) for a in self.actors])
+            refs = [a.load_state.remote(str(folder)) for a in self.actors]
         else:
-            counts = ray.get([a.load_state_files.remote(checkpoint.state_files(folder, rank))
-                              for rank, a in enumerate(self.actors)])
+            refs = [a.load_state_files.remote(checkpoint.state_files(folder, rank)) for rank, a in enumerate(self.actors)]
+        counts = self._all(refs, "resume", self.deadlines.save_s, "deadlines.save_s")
         assert len(set(counts)) == 1, f"learner ranks resumed at different update counts: {counts}"
         return counts[0]
 
@@ -164,8 +187,10 @@ class WeightSync:
     The group is built for one membership of the pool; `push` rebuilds it first whenever the pool
     changed (an engine joined, left or was lost): collective groups cannot grow or shrink in place."""
 
-    def __init__(self, learners: LearnerGroup, generators: GeneratorPool, backend: str, workers_per_engine: int):
-        self.learners, self.generators = learners, generators
+    def __init__(self, learners: LearnerGroup, generators: GeneratorPool, backend: str, workers_per_engine: int,
+                 timeout_s: float = 600.0):
+        """timeout_s: one push or group rebuild, both sides (deadlines.sync_s)."""
+        self.learners, self.generators, self.timeout_s = learners, generators, timeout_s
         self.backend, self.workers = backend, workers_per_engine
         rank0 = learners.actors[0]
         self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
@@ -177,9 +202,11 @@ class WeightSync:
         rank0 = self.learners.actors[0]
         port = ray.get(rank0.free_port.remote())  # a fresh port beside the learners' own
         world = 1 + len(engines) * self.workers
-        ray.get([rank0.join_sync.remote(self.addr, port, world)] + [
+        refs = [rank0.join_sync.remote(self.addr, port, world)] + [
             e.actor.join_sync.remote(self.addr, port, 1 + i * self.workers, world, self.backend)
-            for i, e in enumerate(engines)])
+            for i, e in enumerate(engines)]
+        get_all(refs, ["learner 0"] + [f"generator {e.index}" for e in engines], "sync (group)", self.timeout_s,
+                "deadlines.sync_s")
 
     def connect(self) -> None:
         """(Re)build the group over the pool's engines as they are now."""
@@ -198,8 +225,10 @@ class WeightSync:
     def _send(self, engines: list[Engine], version: int) -> list[int]:
         sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
         receives = [e.actor.receive_weights.remote(self.plan, version) for e in engines]
-        sent = ray.get(sends)[0]
-        versions = ray.get(receives)
+        # Both sides done (every worker has loaded what it received) before the loop goes on.
+        done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
+                       self.timeout_s, "deadlines.sync_s")
+        sent, versions = done[0], done[len(sends):]
         check_received(sent, {e.index: got for e, got in
                               zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
         return versions
@@ -348,7 +377,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     pool = GeneratorPool(engines, start=(lambda i: start_engine(i, lambda where: generator(i, where), bundle, asked))
                          if elastic else None, autoscale=cfg.autoscale, bundle=bundle,
                          wait_timeout_s=cfg.autoscale.node_timeout_s if cfg.autoscale.enabled
-                         else cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_actor_restarts)
+                         else cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_actor_restarts,
+                         generate_timeout_s=cfg.deadlines.generate_s)
     learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())
@@ -359,10 +389,10 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
             print(f"[rlsys] learner rank 0 runs on node {others[0]['node_id'][:12]}, the driver on "
                   f"{driver_node[:12]}, no cluster.shared_storage: checkpoints are sent to the driver, "
                   f"which writes them into the run folder", flush=True)
-        learner_group = LearnerGroup(learners, ship)
-        sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size)
+        learner_group = LearnerGroup(learners, ship, cfg.deadlines)
+        sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size, cfg.deadlines.sync_s)
     print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
     return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
-                                   max_restarts=cfg.cluster.max_actor_restarts),
+                                   max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s),
                   learner_group, sync, others, list(pgs.values()))

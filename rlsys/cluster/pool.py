@@ -29,15 +29,13 @@ from typing import Callable
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from rlsys.cluster.deadlines import LOST, PhaseTimeout
 from rlsys.cluster.placement import generator_group
 from rlsys.cluster.remote import draining_nodes, in_group, missing, node_roles, placement_record
 from rlsys.config import AutoscaleConfig
 from rlsys.types import Rollout
-
-LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 @dataclass
@@ -101,13 +99,14 @@ def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfi
 class GeneratorPool:
     def __init__(self, engines: list[Engine], start: Callable[[int], Engine] | None = None,
                  autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None,
-                 wait_timeout_s: float = 600.0, max_restarts: int = 3):
+                 wait_timeout_s: float = 600.0, max_restarts: int = 3, generate_timeout_s: float = 3600.0):
         """engines: started and placed. start(index): begin starting one more engine (returns at
         once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
         the autoscaler. target: the size to keep without autoscaling (None: the starting size; with
         start=None nothing is ever replaced).
         wait_timeout_s: how long a pool left empty waits for a starting engine. max_restarts: engines
-        lost (died, not drained) that the run replaces before it stops."""
+        lost (died, not drained) that the run replaces before it stops. generate_timeout_s: one
+        step's rollouts (deadlines.generate_s)."""
         self.engines = engines
         self.start = start
         self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
@@ -121,6 +120,7 @@ class GeneratorPool:
         self.requested = -1
         self.wait_timeout_s = wait_timeout_s
         self.max_restarts, self.losses = max_restarts, 0
+        self.generate_timeout_s = generate_timeout_s
 
     @property
     def actors(self) -> list:
@@ -142,6 +142,7 @@ class GeneratorPool:
         idle = [e for e in self.engines if e.where.get("node_id") not in draining][::-1]
         if not idle and self.engines:  # every node is draining: use them until they go
             idle = list(self.engines)[::-1]
+        deadline = time.monotonic() + self.generate_timeout_s
         while todo or pending:
             while idle and todo:
                 engine, chunk = idle.pop(), todo.pop()
@@ -151,7 +152,10 @@ class GeneratorPool:
             if not pending:
                 raise RuntimeError(f"no generator left to take {len(todo)} prompt chunk(s): every engine of the "
                                    f"pool was lost ({self.lost_this_step})")
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise PhaseTimeout("generate", sorted(f"generator {e.index}" for _, e, _ in pending.values()),
+                                   self.generate_timeout_s, "deadlines.generate_s")
             chunk, engine, t0 = pending.pop(done[0])
             try:
                 results[chunk] = ray.get(done[0])

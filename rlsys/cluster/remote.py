@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlsys.actors.generator import Generator
 from rlsys.actors.learner import Learner
 from rlsys.actors.reward_worker import RewardWorker
+from rlsys.cluster.deadlines import install_stack_dump
 from rlsys.config import ClusterConfig
 from rlsys.observe.profile import Traced
 
@@ -24,7 +25,12 @@ REPORT_EVERY_S = 10.0
 
 
 class Placed:
-    """Mixed into every actor: where am I, and which GPUs Ray gave me."""
+    """Mixed first into every actor: where am I, which GPUs Ray gave me; and, from its start, its
+    Python stacks on demand (rlsys.cluster.deadlines.dump_stacks)."""
+
+    def __init__(self, *args, **kwargs):
+        install_stack_dump()
+        super().__init__(*args, **kwargs)
 
     def whereami(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -33,17 +39,17 @@ class Placed:
 
 
 @ray.remote
-class GeneratorActor(Traced, Generator, Placed):
+class GeneratorActor(Placed, Traced, Generator):
     PHASES = ("generate", "receive_weights")
 
 
 @ray.remote
-class LearnerActor(Traced, Learner, Placed):
+class LearnerActor(Placed, Traced, Learner):
     PHASES = ("train", "broadcast_weights")
 
 
 @ray.remote
-class RewardActor(Traced, RewardWorker, Placed):
+class RewardActor(Placed, Traced, RewardWorker):
     PHASES = ("score",)
 
 

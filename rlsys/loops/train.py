@@ -23,7 +23,8 @@ from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, r
 from rlsys.cluster.capacity import check_fits, model_params
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.cluster.storage import RunStorage, is_uri
-from rlsys.checkpoint import commit, read_trainer_state, write_trainer_state
+from rlsys.checkpoint import commit, find_resumable, read_trainer_state, write_trainer_state
+from rlsys.cluster.deadlines import ActorLost, PhaseTimeout, dump_stacks
 from rlsys.loops.resume import check_same_run, cut_logs, driver_state, restore_driver, resume_point
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.data.models import default_cache_dir, resolve_model
@@ -125,6 +126,15 @@ def train(cfg: Config) -> Path:
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
                             fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}",
                             curve=sparkline(curve[-30:]))
+    except PhaseTimeout as e:  # something hangs: show where, then stop
+        stacks = dump_stacks(groups.placement, run_dir / "stacks")
+        raise RuntimeError(f"{e}. The run stops; every actor's stack is in {stacks}/. "
+                           f"{last_checkpoint(run_dir)}") from e
+    except ActorLost as e:
+        if not e.name.startswith("learner"):
+            raise
+        raise RuntimeError(f"{e}. A learner rank cannot be replaced within a run (its optimizer shard and its "
+                           f"place in the collectives went with it): the run stops. {last_checkpoint(run_dir)}") from e
     finally:
         log.close()
         pool_log.close()
@@ -148,6 +158,13 @@ def save(groups: Groups, run_dir: Path, version: int, prompts: PromptStream, cfg
         write_trainer_state(folder, state)
 
     return commit(run_dir, version, write, cfg.trainer.keep_last)
+
+
+def last_checkpoint(run_dir: Path) -> str:
+    found = find_resumable(run_dir)
+    if found is None:
+        return "No checkpoint was written yet (trainer.save_every)."
+    return f"Last checkpoint: {found}; continue with trainer.resume=auto."
 
 
 def check_logprob_gap(step: int, learn: dict, warn: float, stop: float) -> None:
