@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from rlsys.checkpoint import write_trainer_state
 from rlsys.cluster.local import Background
 from rlsys.observe.metrics import read_jsonl
 
@@ -75,5 +78,166 @@ def test_a_reward_worker_killed_is_replaced_and_its_samples_scored_again(ray_clu
     os.kill(ray.get(pool.actors[1].whereami.remote())["pid"], signal.SIGKILL)  # the worker of samples 2 and 3
     assert [r.accuracy for r in pool.score(rollouts)] == before and pool.restarts == 1
     os.kill(ray.get(pool.actors[0].whereami.remote())["pid"], signal.SIGKILL)
-    with pytest.raises(RuntimeError, match="2 reward worker deaths in this run, cluster.max_actor_restarts=1"):
+    with pytest.raises(RuntimeError, match="2 reward worker failures in this run, cluster.max_actor_restarts=1"):
         pool.score(rollouts)
+
+
+BUSY = '''
+def busy_forever(completion, gold, cfg):
+    """A verifier stuck in a busy loop (a pathological answer, a regex that backtracks forever)."""
+    while True:
+        pass
+'''
+
+
+def test_a_hung_reward_worker_is_replaced_and_its_busy_verifier_child_dies_with_it(ray_cluster, tmp_path,
+                                                                                    monkeypatch):
+    """Worker 0's verifier spins forever (its per-sample limit set far away, so only the pool's
+    deadline can notice); worker 1 is frozen with SIGSTOP. Both miss deadlines.score_s: they are
+    killed with their verifier children, replaced, and every sample is scored by the new ones.
+    (Ray kills a dead worker's child processes; the test below covers a worker outside Ray.)"""
+    import psutil
+
+    from rlsys.cluster.groups import RewardPool
+    from rlsys.cluster.remote import RewardActor
+    from rlsys.config import RewardConfig
+    from rlsys.types import Rollout
+
+    ray = ray_cluster
+    cfg = RewardConfig(verifier="math", timeout_s=3600)
+
+    def worker():
+        return RewardActor.options(num_cpus=0).remote(cfg)
+
+    (tmp_path / "busy_scorer.py").write_text(BUSY)  # importable by the actor and its verifier child
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from busy_scorer import busy_forever
+
+    busy = RewardActor.options(num_cpus=0, runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}}).remote(
+        cfg, busy_forever)
+    pool = RewardPool([busy, worker()], make=worker, max_restarts=2, timeout_s=5)
+    pids = [ray.get(a.whereami.remote())["pid"] for a in pool.actors]
+    children = [c.pid for c in psutil.Process(pids[0]).children()]
+    assert children, "the reward worker runs its verifier in a child process"
+    os.kill(pids[1], signal.SIGSTOP)
+    texts = ["<answer>4</answer>", "<answer>5</answer>", "<answer>4</answer>", "<answer>3</answer>"]
+    rollouts = [Rollout(prompt_index=i, group=i, prompt_ids=[1], response_ids=[2], response_logprobs=[0.0], text=t,
+                        finish_reason="stop", weight_version=0, answer="4") for i, t in enumerate(texts)]
+    assert [r.accuracy for r in pool.score(rollouts)] == [1.0, 0.0, 1.0, 0.0]
+    assert pool.restarts == 2
+    deadline = time.time() + 30
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                         for p in pids + children):
+        time.sleep(0.5)
+    alive = [p for p in pids + children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, f"left behind: {alive}"
+
+
+HOLDER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from busy_scorer import busy_forever
+from rlsys.actors.reward_worker import RewardWorker
+from rlsys.config import RewardConfig
+worker = RewardWorker(RewardConfig(verifier="math", timeout_s=3600), busy_forever)
+print(worker._proc.pid, flush=True)
+worker.score([("<answer>4</answer>", "4")])
+"""
+
+
+def test_a_busy_verifier_child_dies_with_its_worker_outside_ray_too(tmp_path):
+    """Ray kills a dead worker's children itself; a RewardWorker outside Ray (benchmarks, scripts)
+    or under a raylet that died relies on PR_SET_PDEATHSIG: kill -9 of the worker process while
+    its verifier child spins, and the child is gone."""
+    import psutil
+
+    (tmp_path / "busy_scorer.py").write_text(BUSY)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    time.sleep(1.0)  # the sample is in the child's busy loop
+    assert psutil.Process(child).status() in ("running", "sleeping")
+    holder.kill()
+    holder.wait(timeout=30)
+    deadline = time.time() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie" and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie", "the child outlived its worker"
+
+
+def rows16(tmp_path: Path) -> Path:
+    """16 rows: with 8 prompts a step, the step-2 checkpoint falls exactly on an epoch boundary."""
+    rows = (REPO / "configs" / "data" / "toy_digits.jsonl").read_text().splitlines()[:16]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    return tmp_path / "rows.jsonl"
+
+
+def same_run(metrics: dict) -> dict:
+    """What two runs of the same config must agree on exactly: all but timings (and what follows from them)."""
+    return {k: v for k, v in metrics.items() if not k.startswith(("timing/", "throughput/", "pool/join"))}
+
+
+def test_a_learner_rank_killed_stops_the_run_naming_its_checkpoint_and_resume_continues_it_exactly(tmp_path):
+    """kill -9 of learner rank 1 right after the step-2 checkpoint (which sits at an epoch boundary
+    of the prompt stream): the run stops naming that checkpoint; `trainer.resume=auto` finishes it,
+    and steps 2-3 match an uninterrupted run of the same config bit for bit (fp32 on CPU: same
+    prompts, same samples from new engines, same rewards, losses and gradient norms); every step
+    is logged once."""
+    common = [str(RLSYS), "train", "configs/tiny.yaml", f"data.path={rows16(tmp_path)}", "trainer.total_steps=4",
+              "trainer.save_every=2", "trainer.seed=7", "trainer.progress=false"]
+    whole = subprocess.run([*common, f"trainer.output_dir={tmp_path / 'whole'}"], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    with Background([*common, f"trainer.output_dir={run_dir}"], tmp_path / "killed.log", REPO) as run:
+        run.wait_until("the step-2 checkpoint", lambda: (run_dir / "checkpoints" / "latest").is_file(), timeout=400)
+        rank1 = next(a for a in json.loads((run_dir / "placement.json").read_text())
+                     if a["role"] == "learner" and a["rank"] == 1)
+        os.kill(rank1["pid"], signal.SIGKILL)
+        code = run.wait(timeout=300)
+    out = run.output()
+    assert code != 0, out[-3000:]
+    assert "learner 1 died during" in out, out[-3000:]
+    assert f"Last checkpoint: {run_dir}/checkpoints/step_2; continue with trainer.resume=auto" in out, out[-3000:]
+    resumed = subprocess.run([*common, f"trainer.output_dir={run_dir}", "trainer.resume=auto"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/step_2: step 2, weight version 2" in resumed.stdout
+    expected, got = read_jsonl(tmp_path / "whole" / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in got] == [0, 1, 2, 3]
+    for a, b in zip(expected, got):
+        assert same_run(b) == same_run(a), f"step {a['step']}"
+    assert read_jsonl(run_dir / "samples.jsonl") == read_jsonl(tmp_path / "whole" / "samples.jsonl")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_2", "step_4"]
+
+
+SAVER = """
+import sys, time
+from pathlib import Path
+from rlsys.checkpoint import commit, write_trainer_state
+
+def write(folder):
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"half")
+    print("writing", flush=True)
+    time.sleep(600)  # killed here, half-way through the checkpoint
+
+commit(Path(sys.argv[1]), 4, write)
+"""
+
+
+def test_a_run_killed_while_it_writes_a_checkpoint_keeps_the_previous_one(tmp_path):
+    """kill -9 in the middle of writing step_4: step_2 stays whole, `latest` still names it, a
+    resume picks it, and the next save of step_4 starts clean."""
+    from rlsys.checkpoint import TRACKER, commit, find_resumable, list_checkpoints
+
+    commit(tmp_path, 2, lambda f: ((f / "config.json").write_text("{}"), write_trainer_state(f, {"step": 2})))
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait(timeout=30)
+    assert (tmp_path / "checkpoints" / "step_4.partial").is_dir()
+    assert sorted(list_checkpoints(tmp_path)) == [2]
+    assert (tmp_path / "checkpoints" / TRACKER).read_text().strip() == "step_2"
+    assert find_resumable(tmp_path) == tmp_path / "checkpoints" / "step_2"
+    commit(tmp_path, 4, lambda f: ((f / "config.json").write_text("{}"), write_trainer_state(f, {"step": 4})))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_2", "step_4"]

@@ -56,7 +56,26 @@ def get_all(refs: list, names: list[str], phase: str, timeout_s: float, setting:
             out[i] = ray.get(ready[0])
         except LOST as e:
             raise ActorLost(names[i], phase, e) from e
+        except ray.exceptions.RayTaskError:
+            # A peer's death often shows first as this actor's error (a collective that lost a
+            # member); name the dead actor when there is one, it is the cause.
+            lost = _first_lost(pending, names, phase)
+            if lost is not None:
+                raise lost from None
+            raise
     return out
+
+
+def _first_lost(pending: dict, names: list[str], phase: str, grace_s: float = 5.0) -> ActorLost | None:
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=grace_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except LOST as e:
+            return ActorLost(names[pending[ref]], phase, e)
+        except ray.exceptions.RayTaskError:
+            continue
+    return None
 
 
 def stack_file(pid: int) -> Path:

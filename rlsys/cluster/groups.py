@@ -54,13 +54,15 @@ def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
 
 
 class RewardPool:
-    def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3, timeout_s: float = 600.0):
+    def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3, timeout_s: float = 600.0,
+                 start_timeout_s: float = 300.0):
         """make(): a new reward actor, to replace one that died or hung (None: that stops the run).
-        timeout_s: how long one worker's share may take (deadlines.score_s)."""
+        timeout_s: how long one worker's share may take (deadlines.score_s), counted once it runs;
+        start_timeout_s: how long a replacement may take to start (cluster.placement_timeout_s)."""
         self.actors = actors
         self.prefill = prefill  # written by the prompt, scored as the model's own text
         self.make, self.max_restarts, self.restarts = make, max_restarts, 0
-        self.timeout_s = timeout_s
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
 
     def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
         """Every sample scored once. A worker that dies (its process killed, its node lost) or
@@ -95,6 +97,8 @@ class RewardPool:
         print(f"[rlsys] reward worker {i} {why}; replaced, its {samples} samples scored again", flush=True)
         ray.kill(self.actors[i])  # its verifier child dies with it (PR_SET_PDEATHSIG)
         self.actors[i] = self.make()
+        get_all([self.actors[i].whereami.remote()], [f"reward worker {i}"], "reward worker start",
+                self.start_timeout_s, "cluster.placement_timeout_s")  # started before its deadline runs
 
 
 class LearnerGroup:
@@ -394,5 +398,6 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
     return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
-                                   max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s),
+                                   max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s,
+                                   start_timeout_s=cfg.cluster.placement_timeout_s),
                   learner_group, sync, others, list(pgs.values()))

@@ -203,9 +203,12 @@ class PromptStream:
         return out
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "rows": len(self.rows)}
 
     def load_state(self, state: dict) -> None:
+        if state.get("rows", len(self.rows)) != len(self.rows):
+            raise DataError(f"the prompt stream was saved over {state['rows']} rows and the data now has "
+                            f"{len(self.rows)}: the data changed since the checkpoint, its position means nothing")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
 
