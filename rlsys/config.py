@@ -144,6 +144,9 @@ class LearnerConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    max_bad_steps: int = 3
+    """An update whose loss or gradient norm is NaN or inf is skipped (counted as
+    skipped_updates); steps with a skipped update this many times in a row, plus one, stop the run."""
     mini_batch_size: int = 128
     """Samples per optimizer step, over all ranks; must divide the rollout batch."""
     micro_batch_size: int = 4
@@ -410,7 +413,7 @@ def validate(cfg: Config) -> None:
                 "autoscale.node_timeout_s", "deadlines.generate_s", "deadlines.score_s", "deadlines.train_s",
                 "deadlines.sync_s", "deadlines.save_s", "model.tiny_hidden", "model.tiny_layers", "model.tiny_heads")
     at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
-                     "trainer.keep_last", "eval.temperature")
+                     "trainer.keep_last", "learner.max_bad_steps", "eval.temperature")
     for name in positive + at_least_zero:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)

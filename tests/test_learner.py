@@ -333,3 +333,26 @@ def test_learner_state_loads_refuse_arbitrary_pickles(tmp_path):
     torch.save({"x": Boom()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
         SafeLoads(None).load(str(tmp_path / "evil.pt"))
+
+
+@pytest.mark.parametrize("stage,dtype", [(0, "float32"), (1, "bfloat16"), (2, "float32"), (3, "float32")])
+def test_a_non_finite_loss_skips_the_update_and_is_counted(stage, dtype):
+    """A NaN advantage makes its mini-batch's loss and gradients NaN: that update is not applied
+    (ZeRO-0 fp32 by rlsys, ZeRO 1-3 by DeepSpeed's own overflow check), the healthy one is, no NaN
+    reaches a weight, and the metrics say how many updates were skipped."""
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, lr=1e-2, zero_stage=stage)
+    learner = Learner(resolve_model(ModelConfig()), dtype, cfg, AlgoConfig(group_size=4, beta=0.0),
+                      temperature=1.0, rank=0, world=1, backend="gloo", seed=3)
+    learner.setup("127.0.0.1", free_port())
+    before = {k: v.clone() for k, v in learner.full_state_dict().items()}  # (ZeRO 0-2 hand out the live tensors)
+    poisoned = toy_batch(LENGTHS, [float("nan")] + ADV[1:])  # one of the two mini-batches is poisoned
+    metrics = learner.train(poisoned)
+    after = {k: v.clone() for k, v in learner.full_state_dict().items()}
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(torch.isfinite(v).all() for v in after.values()), "NaN reached the weights"
+    assert metrics["skipped_updates"] == 1.0, metrics
+    assert changed, "the healthy mini-batch still updates"
+    assert metrics["grad_norm"] == metrics["grad_norm"] and metrics["grad_norm"] > 0  # the one step taken
+    every = learner.train(toy_batch(LENGTHS, [float("nan")] * len(ADV)))
+    assert every["skipped_updates"] == 2.0 and every["grad_norm"] != every["grad_norm"]  # NaN: no step taken
+    assert all(torch.equal(v, learner.full_state_dict()[k]) for k, v in after.items())

@@ -209,7 +209,8 @@ class Learner:
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
             cfg["communication_data_type"] = "fp32"
         if train:
-            cfg["gradient_clipping"] = self.cfg.grad_clip
+            # Stage 0 fp32: rlsys clips (_clip_or_drop_plain_grads), to drop a non-finite step first.
+            cfg["gradient_clipping"] = 0.0 if self._plain else self.cfg.grad_clip
         return cfg
 
     # ---- training
@@ -250,6 +251,7 @@ class Learner:
         old = self._frozen_logprobs(self.engine.module, local) if self.needs_old_logprobs(len(minis)) else None
         ref = self._frozen_logprobs(self.ref.module, local) if self.ref is not None else None
         sums: dict[str, float] = defaultdict(float)
+        skipped = 0  # optimizer steps not taken: a non-finite loss or gradient norm
         # generator vs learner on this rank's response tokens: (sum |diff|, sum k3 KL, tokens), max |diff|
         gen_sums, gen_max = torch.zeros(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self.engine.train()
@@ -282,6 +284,8 @@ class Learner:
                     boundary_norm = self._plain_grad_norm() if boundary else None
                     if boundary:
                         lr = self.engine.get_lr()[0]  # what this optimizer step uses
+                    if boundary_norm is not None:
+                        self._clip_or_drop_plain_grads(boundary_norm)
                     self.engine.step()
                     sums["loss"] += float(loss.detach())
                     tokens = float(micro.loss_mask.sum())
@@ -290,7 +294,10 @@ class Learner:
                     sums["tokens"] += tokens
                 norm = self.engine.get_global_grad_norm() if boundary_norm is None else boundary_norm
                 assert norm is not None, "DeepSpeed reported no gradient norm"
-                sums["grad_norm"] += float(norm)
+                if math.isfinite(float(norm)):
+                    sums["grad_norm"] += float(norm)
+                else:  # the same on every rank: the norm is global
+                    skipped += 1
         self.steps += 1
         # Each micro-batch loss is its share of the mini-batch loss (whole-mini-batch normaliser):
         # summed over micro-batches and averaged over ranks it is the mini-batch value, per step.
@@ -299,14 +306,17 @@ class Learner:
         keys = sorted(sums)
         totals = dict(zip(keys, self._reduce(torch.tensor([sums[k] for k in keys]), dist.ReduceOp.SUM).tolist()))
         n_steps = self.cfg.epochs * len(minis)
-        out = {k: v / (n_steps * W if k in PER_STEP else max(totals["tokens"], 1.0))
-               for k, v in totals.items() if k != "tokens"}
+        out = {k: v / ((n_steps - skipped if k == "grad_norm" else n_steps) * W if k in PER_STEP
+                       else max(totals["tokens"], 1.0)) for k, v in totals.items() if k != "tokens"}
+        if skipped == n_steps:  # no update taken: no norm to report
+            out["grad_norm"] = float("nan")
         # The generator/learner gap is token-weighted over all ranks (sums, then one division), its max a max.
         diff_sum, kl_sum, tokens = self._reduce(gen_sums, dist.ReduceOp.SUM).tolist()
         out["gen_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["gen_logprob_max_abs_diff"] = float(self._reduce(gen_max, dist.ReduceOp.MAX)[0])
         out["gen_kl"] = kl_sum / max(tokens, 1.0)
         out["lr"] = lr
+        out["skipped_updates"] = float(skipped)
         return out
 
     def needs_old_logprobs(self, mini_batches: int) -> bool:
@@ -318,12 +328,32 @@ class Learner:
         return self.cfg.epochs > 1 or mini_batches > 1
 
     def _plain_grad_norm(self) -> float | None:
-        """Stage 0 in fp32 clips with torch and keeps no norm; there the gradients are whole and
-        already averaged over ranks after the boundary backward, so the norm is read here."""
-        if self.cfg.zero_stage != 0 or self.dtype != "float32":
+        """Stage 0 in fp32 steps torch's optimizer and keeps no norm; there the gradients are whole
+        and already averaged over ranks after the boundary backward, so the norm is read here."""
+        if not self._plain:
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    @property
+    def _plain(self) -> bool:
+        return self.cfg.zero_stage == 0 and self.dtype == "float32"
+
+    def _clip_or_drop_plain_grads(self, norm: float) -> None:
+        """Stage 0 fp32, at an accumulation boundary: clip to learner.grad_clip (rlsys clips here,
+        not DeepSpeed, see _ds_config), or, for a non-finite norm, drop every gradient so that
+        torch's optimizer leaves weights and moments alone (it skips parameters without one).
+        ZeRO 1-3 skip such a step themselves (their overflow check). One difference remains: a
+        step skipped here still advances the LR schedule by one update."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if not math.isfinite(norm):
+            for p in params:
+                p.grad = None
+            return
+        coef = self.cfg.grad_clip / (norm + 1e-6)  # DeepSpeed's and torch's clip_grad_norm_ formula
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
 
     def _reduce(self, values: torch.Tensor, op) -> torch.Tensor:
         t = values.to(dtype=torch.float64, device=device_for(self.backend))

@@ -63,7 +63,7 @@ def train(cfg: Config) -> Path:
     (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
     log, timer = RunLog(run_dir, cfg), Timer(trace=cfg.profile.enabled)
     pool_log = open(run_dir / "pool.jsonl", "a")
-    curve, generate_share = [], None
+    curve, generate_share, bad_streak = [], None, 0
     timeline = Timeline() if cfg.profile.enabled else None
     bar = tqdm(range(start, cfg.trainer.total_steps), desc="grpo", initial=start, total=cfg.trainer.total_steps,
                disable=not cfg.trainer.progress, dynamic_ncols=True)
@@ -95,6 +95,7 @@ def train(cfg: Config) -> Path:
             assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
             version += 1
             check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
+            bad_streak = check_bad_steps(step, learn, bad_streak, cfg.learner.max_bad_steps)
             stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
             timings = timer.pop()
             step_s = sum(timings.values())
@@ -165,6 +166,32 @@ def last_checkpoint(run_dir: Path) -> str:
     if found is None:
         return "No checkpoint was written yet (trainer.save_every)."
     return f"Last checkpoint: {found}; continue with trainer.resume=auto."
+
+
+def check_bad_steps(step: int, learn: dict, streak: int, limit: int) -> int:
+    """Count steps in a row whose learner skipped an update (non-finite loss or gradient norm);
+    past `limit` the run stops. Returns the new count.
+
+    >>> check_bad_steps(4, {"skipped_updates": 0.0}, streak=2, limit=2)
+    0
+    >>> check_bad_steps(5, {"skipped_updates": 1.0}, streak=0, limit=2)
+    [rlsys] step 5: 1 update(s) skipped (non-finite loss or gradient norm); 1 step(s) in a row
+    1
+    >>> check_bad_steps(7, {"skipped_updates": 2.0}, streak=2, limit=2)
+    Traceback (most recent call last):
+    ...
+    RuntimeError: step 7: updates skipped for a non-finite loss or gradient norm in 3 steps in a row (steps 5-7), more than learner.max_bad_steps=2: the run diverged or its data is broken
+    """
+    if not learn["skipped_updates"]:
+        return 0
+    streak += 1
+    if streak > limit:
+        raise RuntimeError(f"step {step}: updates skipped for a non-finite loss or gradient norm in {streak} steps in "
+                           f"a row (steps {step - streak + 1}-{step}), more than learner.max_bad_steps={limit}: the "
+                           f"run diverged or its data is broken")
+    print(f"[rlsys] step {step}: {learn['skipped_updates']:g} update(s) skipped (non-finite loss or gradient norm); "
+          f"{streak} step(s) in a row", flush=True)
+    return streak
 
 
 def check_logprob_gap(step: int, learn: dict, warn: float, stop: float) -> None:
