@@ -55,7 +55,7 @@ def test_train_tiny_three_steps(smoke_run):
     assert len({p["pid"] for p in placement}) == 6, "every actor is its own process"
     assert len(read_jsonl(out / "samples.jsonl")) == 3
     assert "total_steps: 3" in (out / "config.yaml").read_text()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_2", "step_3"]
     evals = json.loads((out / "evals" / "step_3.json").read_text())
     assert len(evals["results"]) == 4 and all(len(r["correct"]) == 2 for r in evals["results"])
     assert [m["pool/size"] for m in rows] == [2, 2, 2] and len(read_jsonl(out / "pool.jsonl")) == 3

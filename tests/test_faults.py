@@ -241,3 +241,54 @@ def test_a_run_killed_while_it_writes_a_checkpoint_keeps_the_previous_one(tmp_pa
     assert find_resumable(tmp_path) == tmp_path / "checkpoints" / "step_2"
     commit(tmp_path, 4, lambda f: ((f / "config.json").write_text("{}"), write_trainer_state(f, {"step": 4})))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_2", "step_4"]
+
+
+def test_a_call_past_its_deadline_names_the_phase_and_actor_and_dumps_every_stack(ray_cluster, tmp_path):
+    """An actor stuck in a call (here a long sleep: the same as a collective that never returns)
+    makes get_all raise PhaseTimeout naming the phase, the setting and the actor; dump_stacks
+    then writes each actor's Python stack, taken while it is still stuck, into the run folder."""
+    from rlsys.cluster.deadlines import PhaseTimeout, dump_stacks, get_all
+    from rlsys.cluster.remote import Placed
+
+    ray = ray_cluster
+
+    @ray.remote
+    class Stuck(Placed):
+        def quick(self) -> int:
+            return 1
+
+        def wait_for_peer_that_never_comes(self) -> int:
+            time.sleep(600)
+            return 0
+
+    actors = [Stuck.options(num_cpus=0).remote() for _ in range(2)]
+    where = ray.get([a.whereami.remote() for a in actors])
+    refs = [actors[0].quick.remote(), actors[1].wait_for_peer_that_never_comes.remote()]
+    with pytest.raises(PhaseTimeout, match=r"train: no result within 2s \(deadlines.train_s\) from learner 1$"):
+        get_all(refs, ["learner 0", "learner 1"], "train", 2.0, "deadlines.train_s")
+    records = [w | {"role": "learner", "rank": i} for i, w in enumerate(where)]
+    folder = dump_stacks(records, tmp_path / "stacks")
+    assert sorted(p.name for p in folder.iterdir()) == ["learner-0.txt", "learner-1.txt"]
+    stuck = (folder / "learner-1.txt").read_text()
+    assert "wait_for_peer_that_never_comes" in stuck, stuck
+    for a in actors:
+        ray.kill(a)
+
+
+def test_a_phase_past_its_deadline_stops_the_run_with_the_stacks_in_the_run_folder(tmp_path):
+    """deadlines.generate_s far below what generating takes: the run stops at its first step with
+    a message naming the phase and the engines still generating, and the stack of every actor is
+    in <run_dir>/stacks/."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([str(RLSYS), "train", "configs/tiny.yaml", "trainer.total_steps=2",
+                           f"trainer.output_dir={run_dir}", "trainer.progress=false", "deadlines.generate_s=0.05"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "generate: no result within 0.05s (deadlines.generate_s) from generator" in err, err[-3000:]
+    assert f"every actor's stack is in {run_dir}/stacks/" in err, err[-3000:]
+    names = sorted(p.name for p in (run_dir / "stacks").iterdir())
+    assert names == ["generator-0.txt", "generator-1.txt", "learner-0.txt", "learner-1.txt", "reward-0.txt",
+                     "reward-1.txt"], names
+    assert "generate" in (run_dir / "stacks" / "generator-0.txt").read_text()
+    assert "No checkpoint was written yet" in err
