@@ -107,7 +107,9 @@ def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]]
         if len(in_flight) > 1:
             in_flight.pop(0)[1].wait()
     for _, work in in_flight:
-        work.wait()  # on NCCL too: the loop goes on only once every bucket has left
+        work.wait()
+    if device.type == "cuda":  # NCCL's wait() orders the stream, not the host: the loop goes on only once every bucket has left
+        torch.cuda.synchronize(device)
     return sums
 
 
@@ -226,6 +228,8 @@ class WorkerExtension:
             quant_method = getattr(module, "quant_method", None)
             if quant_method is not None:
                 quant_method.process_weights_after_loading(module)
+        if backend == "nccl":  # the loads are queued on the stream: done before the push returns
+            torch.cuda.synchronize()
         self.rlsys_receive_s = (time.perf_counter() - start, waited)
         expected = sum(len(b) for b in plan)
         # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
