@@ -234,6 +234,9 @@ class DeadlineConfig:
     """One weight push, both sides: learner rank 0 sending, every generator worker receiving."""
     save_s: float = 3600.0
     """Writing (or resuming from) one checkpoint."""
+    start_s: float = 1800.0
+    """Actors starting once placed: learner ranks loading the model into DeepSpeed, a replacement
+    reward worker."""
 
 
 @dataclass
@@ -411,7 +414,8 @@ def validate(cfg: Config) -> None:
                 "generator.max_model_len", "generator.kv_cache_gib", "reward.num_cpus", "algo.epsilon",
                 "trainer.total_steps", "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s",
                 "autoscale.node_timeout_s", "deadlines.generate_s", "deadlines.score_s", "deadlines.train_s",
-                "deadlines.sync_s", "deadlines.save_s", "model.tiny_hidden", "model.tiny_layers", "model.tiny_heads")
+                "deadlines.sync_s", "deadlines.save_s", "deadlines.start_s", "model.tiny_hidden", "model.tiny_layers",
+                "model.tiny_heads")
     at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
                      "trainer.keep_last", "learner.max_bad_steps", "eval.temperature")
     for name in positive + at_least_zero:

@@ -292,3 +292,27 @@ def test_a_phase_past_its_deadline_stops_the_run_with_the_stacks_in_the_run_fold
                      "reward-1.txt"], names
     assert "generate" in (run_dir / "stacks" / "generator-0.txt").read_text()
     assert "No checkpoint was written yet" in err
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_nan_on_one_rank_skips_that_update_on_every_rank(ray_cluster, zero_stage):
+    """A NaN advantage in one row, which only one of two learner ranks holds: the all-reduced
+    gradient is NaN on both, both skip that optimizer step (ZeRO-0 by rlsys, ZeRO-2 by DeepSpeed),
+    the healthy mini-batch is applied, no weight turns NaN, and the step reports the skip."""
+    from test_learner import stop, toy_batch, two_rank_group
+
+    import torch
+
+    lengths = [1, 9, 2, 3, 7, 4, 8, 5, 6, 2, 1, 9, 3, 3, 5, 8]
+    adv = [float("nan")] + [1.0, -0.5, 0.5, 2.0, -2.0, 0.0, 1.0, -1.5, 1.5, 0.25, -0.25, 1.0, -1.0, 0.7, -0.7]
+    group, pg = two_rank_group(zero_stage, ["learner.mini_batch_size=8", "learner.micro_batch_size=2",
+                                            "learner.lr=1e-2"])
+    try:
+        before = {k: v.clone() for k, v in group.full_state_dict().items()}
+        metrics = group.train(toy_batch(lengths, adv))
+        after = group.full_state_dict()
+    finally:
+        stop(group, pg)
+    assert metrics["skipped_updates"] == 1.0, metrics
+    assert all(torch.isfinite(v).all() for v in after.values()), "NaN reached the weights"
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the healthy mini-batch was not applied"

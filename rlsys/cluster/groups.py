@@ -58,7 +58,7 @@ class RewardPool:
                  start_timeout_s: float = 300.0):
         """make(): a new reward actor, to replace one that died or hung (None: that stops the run).
         timeout_s: how long one worker's share may take (deadlines.score_s), counted once it runs;
-        start_timeout_s: how long a replacement may take to start (cluster.placement_timeout_s)."""
+        start_timeout_s: how long a replacement may take to start (deadlines.start_s)."""
         self.actors = actors
         self.prefill = prefill  # written by the prompt, scored as the model's own text
         self.make, self.max_restarts, self.restarts = make, max_restarts, 0
@@ -98,7 +98,7 @@ class RewardPool:
         ray.kill(self.actors[i])  # its verifier child dies with it (PR_SET_PDEATHSIG)
         self.actors[i] = self.make()
         get_all([self.actors[i].whereami.remote()], [f"reward worker {i}"], "reward worker start",
-                self.start_timeout_s, "cluster.placement_timeout_s")  # started before its deadline runs
+                self.start_timeout_s, "deadlines.start_s")  # started before its deadline runs
 
 
 class LearnerGroup:
@@ -386,7 +386,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())
-        ray.get([a.setup.remote(others[0]["ip"], port) for a in learners])
+        get_all([a.setup.remote(others[0]["ip"], port) for a in learners], [f"learner {i}" for i in range(len(learners))],
+                "learner setup", cfg.deadlines.start_s, "deadlines.start_s")
         driver_node = ray.get_runtime_context().get_node_id()
         ship = not cfg.cluster.shared_storage and others[0]["node_id"] != driver_node
         if ship:
@@ -399,5 +400,5 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
     return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
                                    max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s,
-                                   start_timeout_s=cfg.cluster.placement_timeout_s),
+                                   start_timeout_s=cfg.deadlines.start_s),
                   learner_group, sync, others, list(pgs.values()))
