@@ -332,7 +332,7 @@ def test_run_on_another_node_streams_checkpoints_to_the_driver(cluster, tmp_path
         assert all(p["gpu_ids"] == [] for p in placement), placement
         ckpts = run_dir / "checkpoints"
         got = sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else []
-        assert got == ["step_1", "step_2"], f"{ckpts}: {got} (no .partial may be left)\n" + _tails(proc)
+        assert got == ["latest", "step_1", "step_2"], f"{ckpts}: {got} (no .partial may be left)\n" + _tails(proc)
         first = _assert_trained_checkpoint(ckpts / "step_1", initial_weights)
         second = _assert_trained_checkpoint(ckpts / "step_2", initial_weights)
         assert any(not torch.equal(first[k], second[k]) for k in first), "step_2 holds step_1's weights"
@@ -340,6 +340,15 @@ def test_run_on_another_node_streams_checkpoints_to_the_driver(cluster, tmp_path
         line = next((ln for ln in proc.stdout.splitlines() if "[rlsys] learner rank 0 runs on node" in ln), None)
         assert line and "checkpoints are sent to the driver" in line, _tails(proc)
         assert cluster.worker_node_id[:12] in line and f"the driver on {cluster.head_node_id[:12]}" in line, line
+        # Every rank's learner state came with it, and a resume sends each rank the files it reads.
+        assert (ckpts / "step_2" / "learner" / "state").is_dir() and (ckpts / "step_2" / "trainer_state.json").is_file()
+        proc = _rlsys_train(f"cluster.address={cluster.address}", f"trainer.output_dir={run_dir}",
+                            "trainer.total_steps=3", "trainer.save_every=1", "trainer.resume=auto")
+        assert proc.returncode == 0, _tails(proc) + "\n" + cluster.logs()
+        assert f"resuming from {ckpts / 'step_2'}: step 2" in proc.stdout, _tails(proc)
+        assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
+        third = _assert_trained_checkpoint(ckpts / "step_3", initial_weights)
+        assert any(not torch.equal(second[k], third[k]) for k in second), "step_3 holds step_2's weights"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -352,7 +361,7 @@ def test_shared_storage_run_writes_checkpoints_from_rank_0(cluster, tmp_path, in
         assert proc.returncode == 0, _tails(proc) + "\n" + cluster.logs()
         assert {p["node_id"] for p in _placement(run_dir)} == {cluster.worker_node_id}
         assert "learner rank 0 runs on node" not in proc.stdout, _tails(proc)
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1"]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_1"]
         _assert_trained_checkpoint(run_dir / "checkpoints" / "step_1", initial_weights)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -404,7 +413,7 @@ def test_submitted_job_writes_its_run_folder_where_it_was_submitted_from(cluster
         run_dir = cwd / "runs" / name
         assert run_dir.is_dir(), f"no run folder at {run_dir}\n" + _tails(proc)
         assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2"]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_2"]
         _assert_trained_checkpoint(run_dir / "checkpoints" / "step_2", initial_weights)
         # The driver runs on the head node, every actor on the worker: checkpoints were streamed.
         assert {p["node_id"] for p in _placement(run_dir)} == {cluster.worker_node_id}

@@ -212,7 +212,7 @@ def test_stream_covers_every_row_once_per_epoch(five_rows):
     drawn = indices(stream.next(15))
     for epoch in range(3):
         assert sorted(drawn[5 * epoch:5 * epoch + 5]) == [0, 1, 2, 3, 4], drawn
-    assert stream.state() == {"epoch": 2, "cursor": 5}
+    assert stream.state() == {"epoch": 2, "cursor": 5, "rows": 5}
 
 
 
@@ -233,7 +233,7 @@ def test_stream_resumes_the_exact_sequence(five_rows):
     first = PromptStream(five_rows, seed=7)
     head = indices(first.next(3))
     state = first.state()
-    assert state == {"epoch": 0, "cursor": 3}
+    assert state == {"epoch": 0, "cursor": 3, "rows": 5}
     resumed = PromptStream(five_rows, seed=7)
     resumed.load_state(json.loads(json.dumps(state)))  # survives a round trip through a checkpoint file
     assert head + indices(resumed.next(9)) == expected
