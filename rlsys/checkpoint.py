@@ -123,7 +123,8 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
     src = find_checkpoint(run_dir, step)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another folder")
-    shutil.copytree(src, out, dirs_exist_ok=True)
+    # The HF folder only: the learner state and the driver's are for resuming, not for serving.
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("learner", TRAINER_STATE))
     return out
 
 

@@ -98,6 +98,8 @@ def test_exported_checkpoint_loads_in_transformers_and_vllm_with_the_same_greedy
     out = tmp_path / "exported"
     proc = rlsys("export", str(smoke_run), str(out), "--step", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (smoke_run / "checkpoints" / "step_3" / "learner").is_dir()  # resume state, left out of the export
+    assert not (out / "learner").exists() and not (out / "trainer_state.json").exists()
     initial = load_file(Path(resolve_model(load_config(REPO / "configs/tiny.yaml").model)) / "model.safetensors")
     trained = load_file(out / "model.safetensors")
     assert any(not torch.equal(initial[k], trained[k]) for k in initial), "the checkpoint holds untrained weights"

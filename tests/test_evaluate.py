@@ -49,7 +49,9 @@ def test_checkpoints_found_latest_or_by_step_and_exported(tmp_path):
         find_checkpoint(tmp_path, 3)
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         find_checkpoint(tmp_path / "elsewhere")
+    (tmp_path / "checkpoints" / "step_2" / "learner").mkdir()  # resume state: not exported
+    (tmp_path / "checkpoints" / "step_2" / "trainer_state.json").write_text("{}")
     out = export(tmp_path, tmp_path / "out", step=2)
-    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     with pytest.raises(FileExistsError):
         export(tmp_path, tmp_path / "out")
