@@ -312,9 +312,12 @@ def init_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _where(actors: list, asked: list[dict]) -> list[dict]:
+def _where(actors: list, asked: list[dict], role: str, timeout_s: float) -> list[dict]:
+    """Each actor's placement record, once it has started (a generator: its vLLM engine loaded)."""
     roles = node_roles()
-    return [placement_record(w, r, roles) for w, r in zip(ray.get([a.whereami.remote() for a in actors]), asked)]
+    started = get_all([a.whereami.remote() for a in actors], [f"{role} {i}" for i in range(len(actors))],
+                      f"{role} start", timeout_s, "deadlines.start_s")
+    return [placement_record(w, r, roles) for w, r in zip(started, asked)]
 
 
 def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
@@ -368,12 +371,14 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         return RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
 
     rewards = [reward_worker() for _ in range(cfg.reward.num_workers)]
-    for e, w in zip(engines, _where([e.actor for e in engines], [e.asked for e in engines])):
+    start_s = cfg.deadlines.start_s
+    for e, w in zip(engines, _where([e.actor for e in engines], [e.asked for e in engines], "generator", start_s)):
         e.where = w
-    others = [w | {"role": "learner", "rank": s.rank} for s, w in zip(
-        lay.of("learner"), _where(learners, [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("learner")]))]
-    others += [w | {"role": "reward", "rank": i} for i, w in enumerate(
-        _where(rewards, [{"CPU": cfg.reward.num_cpus, "GPU": 0}] * len(rewards)))]
+    learner_asks = [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("learner")]
+    others = [w | {"role": "learner", "rank": s.rank}
+              for s, w in zip(lay.of("learner"), _where(learners, learner_asks, "learner", start_s))]
+    reward_asks = [{"CPU": cfg.reward.num_cpus, "GPU": 0}] * len(rewards)
+    others += [w | {"role": "reward", "rank": i} for i, w in enumerate(_where(rewards, reward_asks, "reward", start_s))]
     if cfg.profile.enabled:
         ray.get([a.start_tracing.remote() for a in learners + [e.actor for e in engines] + rewards])
     bundle = generator_bundle(cfg, gpu)
