@@ -4,7 +4,8 @@
         step_<N>/                 an HF folder (config.json, *.safetensors, tokenizer) that
                                   transformers and vLLM load directly, plus
             learner/              every learner rank's DeepSpeed state (optimizer, LR scheduler,
-                                  update count, RNG), loaded with weights_only=True
+                                  update count, RNG) as JSON + safetensors, no pickle
+                                  (rlsys.actors.state_tree)
             trainer_state.json    the driver's: step, weight version, prompt stream position,
                                   RNG, the resolved config
         latest                    the name of the newest whole checkpoint, written last

@@ -326,20 +326,30 @@ def test_a_saved_learner_continues_exactly_where_it_stopped(tmp_path, stage, dty
     assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
 
 
-def test_learner_state_loads_refuse_arbitrary_pickles(tmp_path):
-    """DeepSpeed's own loader unpickles anything (weights_only=False); rlsys's builds tensors,
-    plain containers and DeepSpeed's state classes only."""
-    import os
+def test_learner_state_is_json_and_safetensors_and_builds_only_allowed_types(tmp_path):
+    """No pickle in a checkpoint: the learner's DeepSpeed state files are JSON with their tensors
+    in safetensors beside them, and a file naming any class but DeepSpeed's few state classes is
+    refused before anything is built."""
+    import json
 
-    from rlsys.actors.learner import SafeLoads
+    from rlsys.actors import state_tree
 
-    class Boom:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    torch.save({"x": Boom()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="weights_only|Unsupported global"):
-        SafeLoads(None).load(str(tmp_path / "evil.pt"))
+    learner = stateful_learner(1, "bfloat16")  # ZeRO-1 bf16: the state with DeepSpeed's own classes
+    learner.train(toy_batch(LENGTHS, ADV))
+    learner.save(str(tmp_path / "ckpt"))
+    files = [p for p in (tmp_path / "ckpt" / "learner").rglob("*") if p.is_file()]
+    assert files
+    for f in files:
+        if f.suffix != ".safetensors":
+            assert f.read_text()[:1] in "{[", f  # every state file is JSON (under DeepSpeed's file name)
+            json.loads(f.read_text())
+    (tmp_path / "evil").write_text(json.dumps({"x": {"__object__": "os:system", "state": {}}}))
+    state_tree.save({}, tmp_path / "empty")
+    (tmp_path / "evil.safetensors").write_bytes((tmp_path / "empty.safetensors").read_bytes())
+    with pytest.raises(TypeError, match="names class os:system, which it may not hold"):
+        state_tree.load(tmp_path / "evil")
+    with pytest.raises(TypeError, match="is not a type a checkpoint may hold"):
+        state_tree.save({"f": print}, tmp_path / "bad")
 
 
 @pytest.mark.parametrize("stage,dtype", [(0, "float32"), (1, "bfloat16"), (2, "float32"), (3, "float32")])

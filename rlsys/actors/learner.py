@@ -32,6 +32,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from rlsys.actors.state_tree import SafetensorsCheckpointEngine
 from rlsys.checkpoint import safe_relative
 from rlsys.math.grpo import grpo_loss
 from rlsys.config import AlgoConfig, LearnerConfig
@@ -127,32 +128,6 @@ LEARNER_STATE, STATE_TAG = "learner", "state"
 """A checkpoint's DeepSpeed state lives in <checkpoint>/learner/state/ (one set of files per rank)."""
 
 
-def deepspeed_state_classes() -> list[type]:
-    """The classes DeepSpeed pickles into its optimizer state files: the only ones a load may
-    build besides tensors and plain containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-class SafeLoads:
-    """DeepSpeed's checkpoint engine with safe loads: DeepSpeed's own loads with weights_only=False
-    (unpickling a file can run any code); this one builds tensors, plain containers and
-    DeepSpeed's few state classes only. Everything else is the wrapped engine's."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(deepspeed_state_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-
 class Learner:
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
                  rank: int, world: int, backend: str, seed: int, total_updates: int = 1):
@@ -188,7 +163,9 @@ class Learner:
             opt, lambda step: lr_factor(step, self.cfg, self.total_updates))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(train=True))
-        self.engine.checkpoint_engine = SafeLoads(self.engine.checkpoint_engine)
+        # Checkpoint state as JSON + safetensors: DeepSpeed's own pickles it (torch.save) and
+        # unpickles it with weights_only=False, which runs whatever code a file holds.
+        self.engine.checkpoint_engine = SafetensorsCheckpointEngine(self.engine.checkpoint_engine)
         if self.algo.beta > 0:
             ref = load_without_dropout(self.model_path, dtype).eval().requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(train=False))
@@ -435,6 +412,9 @@ class Learner:
         if state:
             self.engine.save_checkpoint(str(out / LEARNER_STATE), tag=STATE_TAG, save_latest=False,
                                         client_state={"rlsys": self._client_state()})
+            # DeepSpeed's conversion scripts (zero_to_fp32.py, ...) read its pickles, not these files.
+            for script in (out / LEARNER_STATE).glob("zero_to_*.py") if self.rank == 0 else []:
+                script.unlink(missing_ok=True)
 
     def load_state(self, folder: str) -> int:
         """Continue from a checkpoint written by `save`: weights, optimizer, LR scheduler, update
@@ -461,7 +441,7 @@ class Learner:
 
     def _client_state(self) -> dict:
         """What DeepSpeed does not keep: the update count (it seeds each update's shuffle) and the
-        RNG states. Plain types only: the load is torch.load(weights_only=True)."""
+        RNG states (plain types: rlsys.actors.state_tree writes them)."""
         return {"steps": self.steps, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
     def save_files(self, state: bool = True, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, bytes]]:
