@@ -131,3 +131,30 @@ def test_logs_are_cut_back_to_the_checkpoint_step(tmp_path):
 def test_trainer_state_is_required_to_resume(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights only"):
         read_trainer_state(tmp_path)
+
+
+def test_state_trees_round_trip_through_json_and_safetensors(tmp_path):
+    """What DeepSpeed's state holds comes back with its types: int keys, tuples, sets, ordered
+    dicts, sizes, dtypes, NaN, views of one buffer (stored apart), DeepSpeed's enum and objects."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from rlsys.actors import state_tree
+
+    flat = torch.arange(6.0)
+    tree = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": flat[:3]}, 1: {"exp_avg": flat[3:]}},
+            "param_groups": [{"params": [0, 1], "betas": (0.9, 0.999), "foreach": None, "lr": float("nan")}],
+            "shapes": [OrderedDict([("w", torch.Size([2, 3]))])], "names": {"a", "b"}, "dtype": torch.bfloat16,
+            "stage": ZeroStageEnum.optimizer_states, "slices": OrderedDict(w=fragment_address(numel=6, start=0)),
+            "__odd": "a key like a tag", "rng": torch.get_rng_state()}
+    state_tree.save(tree, tmp_path / "s.pt")
+    got = state_tree.load(tmp_path / "s.pt")
+    assert got["state"][0]["step"].item() == 3.0 and torch.equal(got["state"][1]["exp_avg"], flat[3:])
+    assert got["param_groups"][0]["betas"] == (0.9, 0.999) and got["param_groups"][0]["lr"] != got["param_groups"][0]["lr"]
+    assert got["shapes"] == [OrderedDict([("w", torch.Size([2, 3]))])] and isinstance(got["shapes"][0], OrderedDict)
+    assert got["names"] == {"a", "b"} and got["dtype"] is torch.bfloat16 and got["__odd"] == "a key like a tag"
+    assert got["stage"] is ZeroStageEnum.optimizer_states
+    assert got["slices"]["w"] == fragment_address(numel=6, start=0)
+    assert torch.equal(got["rng"], tree["rng"])
