@@ -28,6 +28,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
+def describe(error: Exception) -> str:
+    """An actor's error in one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
 class PhaseTimeout(RuntimeError):
     def __init__(self, phase: str, stuck: list[str], timeout_s: float, setting: str):
         self.phase, self.stuck = phase, stuck
@@ -37,7 +42,7 @@ class PhaseTimeout(RuntimeError):
 class ActorLost(RuntimeError):
     def __init__(self, name: str, phase: str, cause: Exception):
         self.name, self.phase = name, phase
-        super().__init__(f"{name} died during {phase} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})")
+        super().__init__(f"{name} died during {phase} ({describe(cause)})")
 
 
 def get_all(refs: list, names: list[str], phase: str, timeout_s: float, setting: str) -> list:

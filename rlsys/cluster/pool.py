@@ -31,7 +31,7 @@ import numpy as np
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from rlsys.cluster.deadlines import LOST, PhaseTimeout
+from rlsys.cluster.deadlines import LOST, PhaseTimeout, describe
 from rlsys.cluster.placement import generator_group
 from rlsys.cluster.remote import draining_nodes, in_group, missing, node_roles, placement_record
 from rlsys.config import AutoscaleConfig
@@ -177,7 +177,7 @@ class GeneratorPool:
     def _lost(self, engine: Engine, error: Exception, **detail) -> None:
         """An engine that died (its process killed, its node gone) leaves the pool at once; the
         weight sync rebuilds its group before the next push, and the pool replaces it between steps."""
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        reason = describe(error)
         self.lost_this_step.append({"engine": engine.index, "node": engine.where.get("node_id"), "reason": reason,
                                     **detail})
         print(f"[rlsys] generator {engine.index} lost ({reason})"
