@@ -486,3 +486,8 @@ def validate(cfg: Config) -> None:
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain dicts (trackers, checkpoints' trainer_state.json)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+

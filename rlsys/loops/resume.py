@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-
 from rlsys.checkpoint import find_resumable, read_trainer_state
-from rlsys.config import Config, ConfigError
+from rlsys.config import Config, ConfigError, to_dict
 from rlsys.data.prompts import PromptStream
 
 SAME_RUN = ("model", "data", "algo", "learner", "reward", "trainer.seed", "generator.temperature",
@@ -53,7 +51,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 def check_same_run(saved: dict, cfg: Config) -> None:
     """The config of a resumed run against the one its checkpoint was written with."""
-    now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    now = to_dict(cfg)
     differ = []
     for key in SAME_RUN:
         section, _, field = key.partition(".")
@@ -79,7 +77,7 @@ def driver_state(step: int, version: int, prompts: PromptStream, cfg: Config) ->
         "step": step, "weight_version": version, "prompts": prompts.state(),
         "rng": {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
                 "torch": torch.get_rng_state().tolist()},
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        "config": to_dict(cfg),
     }
 
 

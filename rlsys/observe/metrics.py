@@ -9,9 +9,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from rlsys.config import Config
+from rlsys.config import Config, to_dict
 from rlsys.observe.profile import Spans
 from rlsys.observe.trackers import make_tracker, plottable
 from rlsys.types import RewardResult, Rollout
@@ -81,7 +79,7 @@ class RunLog:
             for name in dict.fromkeys(cfg.trainer.loggers):   # listed twice: one tracker
                 if name != "jsonl":
                     self.trackers[name] = make_tracker(name, run_dir, cfg.trainer)
-            config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+            config = to_dict(cfg)
             for tracker in self.trackers.values():
                 tracker.log_config(config)
         except Exception:
