@@ -158,3 +158,20 @@ def test_state_trees_round_trip_through_json_and_safetensors(tmp_path):
     assert got["stage"] is ZeroStageEnum.optimizer_states
     assert got["slices"]["w"] == fragment_address(numel=6, start=0)
     assert torch.equal(got["rng"], tree["rng"])
+
+
+def test_a_state_file_rlsys_did_not_write_stops_naming_it(tmp_path):
+    """A DeepSpeed pickle (a checkpoint from another tool), a missing tensor file, a name that is
+    not a dtype: each stops with the file and the reason, and nothing is unpickled or called."""
+    from rlsys.actors import state_tree
+
+    torch.save({"x": torch.zeros(2)}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match=r"pickled.pt: not a state file rlsys wrote"):
+        state_tree.load(tmp_path / "pickled.pt")
+    (tmp_path / "alone.pt").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"alone.pt.safetensors: missing"):
+        state_tree.load(tmp_path / "alone.pt")
+    state_tree.save({"d": torch.float32}, tmp_path / "d.pt")
+    (tmp_path / "d.pt").write_text(json.dumps({"d": {"__dtype__": "load"}}))
+    with pytest.raises(TypeError, match="names dtype 'load', which is not a torch dtype"):
+        state_tree.load(tmp_path / "d.pt")

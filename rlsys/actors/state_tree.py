@@ -10,7 +10,7 @@ file names (its loader looks them up), each holding the JSON, with the tensors i
 from __future__ import annotations
 
 import enum
-import importlib
+import functools
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 TENSORS = ".safetensors"
 
 
+@functools.cache
 def allowed_classes() -> dict[str, type]:
     """The classes DeepSpeed puts into its state files, by "module:name": the only ones a load builds."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -73,7 +74,10 @@ def decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "__size__" in node:
         return torch.Size(node["__size__"])
     if "__dtype__" in node:
-        return getattr(torch, node["__dtype__"])
+        dtype = getattr(torch, str(node["__dtype__"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"a checkpoint names dtype {node['__dtype__']!r}, which is not a torch dtype")
+        return dtype
     if "__tuple__" in node:
         return tuple(decode(v, tensors) for v in node["__tuple__"])
     if "__set__" in node:
@@ -110,7 +114,14 @@ def load(path: str | Path, map_location=None) -> Any:
     from safetensors.torch import load_file
 
     device = "cpu" if map_location is None or callable(map_location) else str(torch.device(map_location))
-    return decode(json.loads(Path(path).read_text()), load_file(f"{path}{TENSORS}", device=device))
+    try:
+        structure = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a state file rlsys wrote (JSON beside {Path(path).name}{TENSORS}): "
+                         f"{type(e).__name__}: {e}") from None
+    if not Path(f"{path}{TENSORS}").is_file():
+        raise FileNotFoundError(f"{path}{TENSORS}: missing; the state file {path} needs its tensors")
+    return decode(structure, load_file(f"{path}{TENSORS}", device=device))
 
 
 class SafetensorsCheckpointEngine:
