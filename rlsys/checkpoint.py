@@ -91,7 +91,11 @@ def read_trainer_state(folder: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a resumable checkpoint: no {TRAINER_STATE} (checkpoints written "
                                 f"before rlsys saved trainer state hold weights only)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); this checkpoint cannot be resumed from, give an earlier "
+                         f"one as trainer.resume=PATH") from None
 
 
 def state_files(folder: Path, rank: int) -> list[tuple[str, bytes]]:

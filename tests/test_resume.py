@@ -126,6 +126,9 @@ def test_logs_are_cut_back_to_the_checkpoint_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         cut_logs(tmp_path, 1)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n7\n{"step": 1}\n')  # JSON, but not a record
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        cut_logs(tmp_path, 1)
 
 
 def test_trainer_state_is_required_to_resume(tmp_path):
@@ -175,3 +178,9 @@ def test_a_state_file_rlsys_did_not_write_stops_naming_it(tmp_path):
     (tmp_path / "d.pt").write_text(json.dumps({"d": {"__dtype__": "load"}}))
     with pytest.raises(TypeError, match="names dtype 'load', which is not a torch dtype"):
         state_tree.load(tmp_path / "d.pt")
+
+
+def test_a_broken_trainer_state_stops_naming_the_file(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"step": 2,')  # cut short
+    with pytest.raises(ValueError, match=r"trainer_state.json: not valid JSON .* give an earlier one"):
+        read_trainer_state(tmp_path)

@@ -108,7 +108,7 @@ def cut_logs(run_dir: Path, step: int) -> int:
                 continue
             try:
                 logged = json.loads(line)["step"]
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 if number == len(lines):  # a line cut short by the kill
                     dropped += 1
                     continue

@@ -54,7 +54,7 @@ def train(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"[rlsys] run folder: {run_dir}" + (f" (staged here, copied to {cfg.trainer.output_dir} after every step)"
                                               if storage is not None else ""), flush=True)
-    if resumed is not None:
+    if resumed is not None:  # before any actor starts: a malformed log stops the resume here
         print(f"[rlsys] resuming from {resume_from}: step {start}, weight version {version}; "
               f"{cut_logs(run_dir, start)} log line(s) of steps >= {start} dropped (they run again)", flush=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -267,7 +267,7 @@ def preflight(cfg: Config, run_dir: Path, resume_from: Path | None = None):
     if holds_run and resume_from is None:  # never mix two runs' metrics, never overwrite one
         raise FileExistsError(f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl); "
                               f"continue it with trainer.resume=auto, or choose another trainer.output_dir")
-    if holds_run and resume_from.parent.parent != run_dir:
+    if holds_run and resume_from.parent.parent.resolve() != run_dir.resolve():
         raise FileExistsError(f"trainer.resume={resume_from} continues into trainer.output_dir={run_dir}, which holds "
                               f"another run (metrics.jsonl): choose a new trainer.output_dir")
     model_path = resolve_model(cfg.model)
