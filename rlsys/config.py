@@ -133,6 +133,23 @@ class AlgoConfig:
     aggregation: str = "token"
     """token: every response token of a mini-batch weighs the same (DAPO) | sequence: every
     sequence weighs the same (original GRPO)."""
+    is_cap: float = 2.0
+    """Asynchronous mode (trainer.max_staleness > 0): a rollout produced by older weights than the
+    learner's is corrected token by token with the importance weight pi_learner / pi_generator
+    (the generators' own log-probs), truncated at this cap (truncated importance sampling). Rows
+    of the current weight version are not reweighted."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a group whose rewards are all equal (no learning signal) is dropped,
+    and more prompts are sampled to refill the batch, at most `max_fill_rounds` extra rounds; the
+    dropped count is logged (the batch may stay short after the last round)."""
+    max_fill_rounds: int = 3
+    overlong_buffer: int = 0
+    """DAPO's overlong reward shaping: a response longer than generator.max_tokens - overlong_buffer
+    tokens loses up to `overlong_penalty` of reward, linearly, reaching it at max_tokens; 0 = off."""
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: responses cut at generator.max_tokens (finish_reason "length")
+    carry no loss (their tokens are masked out; they still count in their group's advantages)."""
 
 
 @dataclass
@@ -163,6 +180,15 @@ class LearnerConfig:
     """cosine only: the final learning rate as a share of `lr`."""
     sync_bucket_mb: float = 32.0
     """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
+    max_tokens_per_micro_batch: int = 0
+    """Token-budget micro-batches: rows (sorted by length) go into micro-batches of at most this
+    many tokens, padding included, balanced over the ranks by tokens; each rank gets only its own
+    rows. 0: fixed micro-batches of micro_batch_size rows (the earlier layout)."""
+    logprob_chunk: int = 1024
+    """The output layer and log-softmax run over this many positions at a time, recomputed in the
+    backward pass, so no (batch, length, vocabulary) tensor is ever whole; 0: all positions at once."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 
 
 @dataclass
@@ -255,6 +281,11 @@ class TrainerConfig:
     folder (.../checkpoints/step_N): continue from it, into trainer.output_dir."""
     progress: bool = True
     """Progress bar with the live reward on the terminal."""
+    max_staleness: int = 0
+    """0: synchronous (every rollout of a step comes from the weights the learner has). S > 0:
+    asynchronous (rlsys.loops.async_train): generation of the next batches overlaps learning on
+    this one; no rollout trained on was produced by weights more than S versions behind the
+    learner's (checked per rollout), corrected by truncated importance sampling (algo.is_cap)."""
     logprob_gap_warn: float = 0.1
     logprob_gap_stop: float = 1.0
     """Guardrail on gen_logprob_abs_diff, the mean |generator - learner| log-prob of the sampled
@@ -417,7 +448,9 @@ def validate(cfg: Config) -> None:
                 "deadlines.sync_s", "deadlines.save_s", "deadlines.start_s", "model.tiny_hidden", "model.tiny_layers",
                 "model.tiny_heads")
     at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
-                     "trainer.keep_last", "learner.max_bad_steps", "eval.temperature")
+                     "trainer.keep_last", "learner.max_bad_steps", "eval.temperature",
+                     "learner.max_tokens_per_micro_batch", "learner.logprob_chunk", "trainer.max_staleness",
+                     "algo.max_fill_rounds", "algo.overlong_buffer", "algo.overlong_penalty")
     for name in positive + at_least_zero:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -431,6 +464,12 @@ def validate(cfg: Config) -> None:
     need(cfg.generator.max_tokens < cfg.generator.max_model_len,
          f"generator.max_tokens={cfg.generator.max_tokens} leaves no room for a prompt in generator.max_model_len="
          f"{cfg.generator.max_model_len}")
+    need(cfg.algo.is_cap >= 1, f"algo.is_cap must be >= 1 (the importance weight is truncated at it), got {cfg.algo.is_cap}")
+    need(cfg.algo.overlong_buffer < cfg.generator.max_tokens,
+         f"algo.overlong_buffer={cfg.algo.overlong_buffer} must be < generator.max_tokens={cfg.generator.max_tokens}")
+    need(cfg.trainer.max_staleness == 0 or not cfg.autoscale.enabled,
+         "trainer.max_staleness > 0 (asynchronous mode) needs autoscale.enabled=false: the elastic pool changes "
+         "between synchronous steps only")
     need(cfg.algo.dual_clip is None or cfg.algo.dual_clip > 1, f"algo.dual_clip must be > 1 (or null: off), got {cfg.algo.dual_clip}")
     need(cfg.learner.lr_schedule in ("constant", "cosine"),
          f"learner.lr_schedule must be constant or cosine, got {cfg.learner.lr_schedule!r}")
