@@ -60,13 +60,16 @@ class TrainBatch:
     gen_logprobs: torch.Tensor    # (B, L) float, generator log-probs on response tokens, 0 elsewhere
     advantages: torch.Tensor      # (B,) float
     rewards: torch.Tensor         # (B,) float
+    staleness: torch.Tensor | None = None
+    """(B,) long: learner weight version minus the version that sampled the row (0 = on-policy);
+    None: all 0 (synchronous)."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: torch.Tensor | slice) -> "TrainBatch":
         """Rows `index`, trimmed to the longest remaining row (micro-batches carry no dead padding)."""
-        rows = {k: getattr(self, k)[index] for k in self.__dataclass_fields__}
+        rows = {k: None if getattr(self, k) is None else getattr(self, k)[index] for k in self.__dataclass_fields__}
         width = int(rows["attention_mask"].sum(dim=1).max())
         for k in ("input_ids", "attention_mask", "loss_mask", "gen_logprobs"):
             rows[k] = rows[k][:, :width]

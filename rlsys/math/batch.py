@@ -9,8 +9,11 @@ from rlsys.config import AlgoConfig
 from rlsys.types import Rollout, TrainBatch
 
 
-def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig) -> TrainBatch:
-    """Rollouts must come group by group (G consecutive samples of one question).
+def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, version: int | None = None
+               ) -> TrainBatch:
+    """Rollouts must come group by group (G consecutive samples of one question). `version`: the
+    learner's weight version the batch is trained at; each row's staleness is measured from it
+    (None: synchronous, every row on-policy).
 
     Rows are right-padded with token id 0: padding sits after every real token, outside the
     attention and loss masks, so its id never matters (and a tokenizer need not have a pad token:
@@ -35,4 +38,6 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig) -
         gen_logprobs[i, p:p + n] = torch.tensor(r.response_logprobs)
     reward_t = torch.tensor(rewards, dtype=torch.float32)            # (B,)
     advantages = group_advantages(reward_t, G, std_normalize=cfg.std_normalize)
-    return TrainBatch(input_ids, attention_mask, loss_mask, gen_logprobs, advantages, reward_t)
+    staleness = None if version is None else torch.tensor([version - r.weight_version for r in rollouts])  # (B,)
+    assert staleness is None or bool((staleness >= 0).all()), f"rollouts newer than the learner's version {version}"
+    return TrainBatch(input_ids, attention_mask, loss_mask, gen_logprobs, advantages, reward_t, staleness)
