@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlsys.math.dapo import mask_truncated_rows
 from rlsys.math.grpo import group_advantages
 from rlsys.config import AlgoConfig
 from rlsys.types import Rollout, TrainBatch
@@ -14,6 +15,9 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, v
     """Rollouts must come group by group (G consecutive samples of one question). `version`: the
     learner's weight version the batch is trained at; each row's staleness is measured from it
     (None: synchronous, every row on-policy).
+
+    cfg.mask_truncated (DAPO's overlong filtering): a truncated rollout's row has no loss tokens;
+    its reward still counts in its group's advantages, so the other rows' advantages are the same.
 
     Rows are right-padded with token id 0: padding sits after every real token, outside the
     attention and loss masks, so its id never matters (and a tokenizer need not have a pad token:
@@ -36,6 +40,8 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, v
         attention_mask[i, :p + n] = 1
         loss_mask[i, p:p + n] = 1
         gen_logprobs[i, p:p + n] = torch.tensor(r.response_logprobs)
+    if cfg.mask_truncated:
+        loss_mask = mask_truncated_rows(loss_mask, [r.finish_reason for r in rollouts])  # (B, L)
     reward_t = torch.tensor(rewards, dtype=torch.float32)            # (B,)
     advantages = group_advantages(reward_t, G, std_normalize=cfg.std_normalize)
     staleness = None if version is None else torch.tensor([version - r.weight_version for r in rollouts])  # (B,)
