@@ -51,13 +51,19 @@ def test_first_step_loss_is_the_whole_minibatch_value(aggregation):
 
 
 def test_micro_batching_does_not_change_the_gradient():
-    # Same mini-batch as 4 accumulated micro-batches or as 1: the same gradient. (The weights after
-    # AdamW are not compared: its first step is about lr * sign(g), which turns float noise in
-    # near-zero gradients into lr-sized differences.)
+    # Same mini-batch as 4 accumulated micro-batches or as 1, or cut by token budgets (prompt 3 +
+    # lengths 1..8: budgets of 11 and 24 padded tokens give 7 and 4 micro-batches): the same
+    # gradient. (The weights after AdamW are not compared: its first step is about lr * sign(g),
+    # which turns float noise in near-zero gradients into lr-sized differences.)
     batch = toy_batch(LENGTHS, ADV)
     norms = [make_learner(micro).train(batch)["grad_norm"] for micro in (1, 2, 8)]
+    for budget in (11, 24):
+        learner = make_learner(1)
+        learner.cfg.max_tokens_per_micro_batch = budget
+        assert sum(len(m) for m in learner.shard(batch).minis) == {11: 7, 24: 4}[budget]
+        norms.append(learner.train(batch)["grad_norm"])
     assert norms[0] > 0
-    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and norms[2] == pytest.approx(norms[0], rel=1e-5)
+    assert norms[1:] == pytest.approx([norms[0]] * 4, rel=1e-5)
 
 
 def test_beta_zero_loads_no_reference_model():
@@ -84,20 +90,41 @@ def test_on_policy_update_skips_the_old_logprob_pass_and_changes_nothing(monkeyp
 
 
 def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
-    from rlsys.actors.learner import by_length, scored_from, token_logprobs
+    from rlsys.actors.learner import scored_from, token_logprobs
 
     mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.float)
     assert scored_from(mask) == 2 and scored_from(torch.zeros(2, 4)) == 0
-    assert by_length(torch.tensor([4, 0, 2]), torch.tensor([5, 9, 1, 9, 3])).tolist() == [2, 4, 0]
     learner = make_learner(8)
     batch = toy_batch(LENGTHS, ADV, prompt_len=5)
+    scored = batch.loss_mask.bool()
     with torch.no_grad():
-        fast = learner._logprobs(learner.engine.module, batch)
         logits = learner.engine.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         full = token_logprobs(logits, batch.input_ids, 1.0)
-    scored = batch.loss_mask.bool()
-    assert torch.allclose(fast[scored], full[scored], atol=1e-5)
-    assert (fast[:, :4] == 0).all()
+    for chunk in (0, 3, 1024):  # all positions at once; chunks of 3 (a last short one); one chunk
+        learner.cfg.logprob_chunk = chunk
+        with torch.no_grad():
+            fast = learner._logprobs(learner.engine.module, batch)
+        assert torch.allclose(fast[scored], full[scored], atol=1e-5), chunk
+        assert (fast[:, :4] == 0).all()
+
+
+def test_chunked_logprobs_give_the_same_gradient_as_one_pass():
+    from rlsys.actors.learner import chunked_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 7, 8, generator=g)
+    targets = torch.randint(0, 50, (2, 7), generator=g)
+    grads = []
+    for chunk in (7, 2):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        out = chunked_logprobs(h, head, targets, 0.7, chunk)                      # (2, 7)
+        reference = torch.log_softmax(head(hidden) / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+        assert torch.allclose(out, reference, atol=1e-6)
+        (out * torch.arange(14.).view(2, 7)).sum().backward()
+        grads.append((h.grad.clone(), head.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
 # ---------------------------------------------------------------- dropout, precision, LR schedule
@@ -373,3 +400,27 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(stage, dtype):
     every = learner.train(toy_batch(LENGTHS, [float("nan")] * len(ADV)))
     assert every["skipped_updates"] == 2.0 and every["grad_norm"] != every["grad_norm"]  # NaN: no step taken
     assert all(torch.equal(v, learner.full_state_dict()[k]) for k, v in after.items())
+
+
+def test_zero3_builds_the_model_sharded_from_the_start(monkeypatch):
+    """ZeRO-3: transformers builds the policy (and the reference) inside deepspeed.zero.Init, so no
+    rank holds the whole model at any time: every parameter is a DeepSpeed shard (ds_id) when
+    from_pretrained returns, before deepspeed.initialize. Other stages load whole models."""
+    import rlsys.actors.learner as module
+
+    built = []
+    real = module.load_without_dropout
+
+    def spy(path, dtype):
+        model = real(path, dtype)
+        built.append(all(hasattr(p, "ds_id") for p in model.parameters()))
+        return model
+
+    monkeypatch.setattr(module, "load_without_dropout", spy)
+    for stage in (3, 0):
+        cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=2, lr=1e-2, zero_stage=stage)
+        learner = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.001),
+                          temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
+        learner.setup("127.0.0.1", free_port())
+        assert learner.train(toy_batch(LENGTHS, ADV))["loss"] == pytest.approx(7.5 / 36, abs=1e-6)
+    assert built == [True, True, False, False]  # ZeRO-3: policy and reference sharded; ZeRO-0: whole

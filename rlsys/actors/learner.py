@@ -1,13 +1,14 @@
 """One learner rank: a DeepSpeed engine training the policy with GRPO (Ray is applied in groups.py).
 
-Per rollout batch (every rank gets the whole batch and takes its own rows, so the loss
-normalisers of a mini-batch are known without communication):
+Per rollout batch (each rank gets its Shard: its own rows of every mini-batch, cut into
+micro-batches by rlsys.math.packing, with each mini-batch's loss normaliser):
 1. old log-probs (and reference log-probs when beta > 0) for this rank's rows, no grad, with the
-   weights that generated them (skipped when the update is one epoch over one mini-batch: then
+   weights before this update (skipped when the update is one epoch over one mini-batch: then
    every forward below sees those weights, see needs_old_logprobs);
-2. for each epoch, for each mini-batch (a fixed shuffle of the batch): micro-batches of this
-   rank's share, loss normalised by the WHOLE mini-batch's token (or sequence) count times the
-   data-parallel world (DeepSpeed averages gradients over ranks), one optimizer step;
+2. for each epoch, for each mini-batch (a fixed shuffle of the batch): this rank's micro-batches,
+   loss normalised by the WHOLE mini-batch's token (or sequence) count over the data-parallel
+   world (DeepSpeed averages gradients over ranks), one optimizer step; rows sampled by older
+   weights (asynchronous mode) are reweighted by truncated importance sampling;
 3. metrics averaged over micro-batches and ranks.
 Log-probs use logits / temperature, the distribution the generators sampled from.
 
@@ -34,7 +35,8 @@ import torch.distributed as dist
 
 from rlsys.actors.state_tree import SafetensorsCheckpointEngine
 from rlsys.checkpoint import safe_relative
-from rlsys.math.grpo import grpo_loss
+from rlsys.math.grpo import grpo_loss, truncated_is_weights
+from rlsys.math.packing import Shard, cut
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, raw_broadcast,
@@ -54,6 +56,53 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 PER_STEP = ("loss", "pg_loss", "kl", "grad_norm")
 """Metrics with one value per optimizer step (averaged over steps and ranks); the others are
 per-token shares."""
+ONCE = ("is_weight_mean", "is_capped_frac", "stale_frac")
+"""Per-token shares counted once per row (the first epoch), not once per epoch."""
+
+
+def with_logprob_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the HF causal LM a forward that can return log-probs directly: called with
+    `logprobs_of=targets (B, T)`, it runs the decoder over the whole input and the output layer
+    only on positions scored_from .. L-2, `chunk` at a time (chunked_logprobs), and returns (B, T);
+    without it, the model's own forward. The output layer runs inside the forward that DeepSpeed
+    wraps (its gradient hooks and ZeRO-3 gathers see every use of a parameter in a step): a
+    separate call to the output layer after the engine's forward loses its gradient under
+    DeepSpeed's bf16 optimizer (measured: grad norm 2.39 instead of 2.89)."""
+    own = model.forward
+
+    def forward(*args, logprobs_of=None, scored_from=0, temperature=1.0, chunk=0, **kwargs):
+        if logprobs_of is None:
+            return own(*args, **kwargs)
+        hidden = model.base_model(*args, **kwargs).last_hidden_state                 # (B, L, H), final norm applied
+        return chunked_logprobs(hidden[:, scored_from:-1], model.get_output_embeddings(), logprobs_of,
+                                temperature, chunk)                                   # (B, L - 1 - scored_from)
+
+    model.forward = forward
+    return model
+
+
+def chunked_logprobs(hidden: torch.Tensor, output_layer: torch.nn.Module, targets: torch.Tensor,
+                     temperature: float, chunk: int) -> torch.Tensor:
+    """hidden (B, T, H) final hidden states, targets (B, T) the next tokens -> (B, T) log-probs of
+    the targets under softmax(output_layer(hidden) / temperature), `chunk` positions at a time.
+
+    Each chunk's logits (B, chunk, V) live only inside it: with grad the chunk is recomputed in the
+    backward pass (activation checkpointing), so neither pass ever holds a whole (B, T, V) tensor
+    (at 8k tokens and a 152k vocabulary one fp32 copy is 5 GB a row). log p = logit - logsumexp,
+    without a separate log-softmax copy."""
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = output_layer(h).float() / temperature                               # (B, c, V)
+        return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, c)
+
+    pieces = []
+    for i in range(0, hidden.shape[1], chunk):
+        h, t = hidden[:, i:i + chunk], targets[:, i:i + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
+        else:
+            pieces.append(piece(h, t))
+    return torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
 
 
 def generator_mismatch(gen_logprobs: torch.Tensor, learner_logprobs: torch.Tensor, mask: torch.Tensor
@@ -80,12 +129,6 @@ def scored_from(loss_mask: torch.Tensor) -> int:
     """The first position whose logits any row needs: one before the earliest response token."""
     scored = loss_mask.any(dim=0).nonzero()
     return max(0, int(scored[0]) - 1) if len(scored) else 0
-
-
-def by_length(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """rows reordered by length, so that micro-batches cut from them carry little padding (the
-    loss is a sum over micro-batches with a whole-mini-batch normaliser: order does not matter)."""
-    return rows[torch.argsort(lengths[rows], stable=True)]
 
 
 def lr_factor(step: int, cfg: LearnerConfig, total: int) -> float:
@@ -156,7 +199,16 @@ class Learner:
         deepspeed.init_distributed(dist_backend=self.backend)
         torch.manual_seed(self.seed)
         dtype = getattr(torch, self.dtype)
-        model = load_without_dropout(self.model_path, dtype)
+        if self.cfg.zero_stage == 3:
+            # transformers then builds the model inside deepspeed.zero.Init and loads the checkpoint
+            # into the shards: no rank ever holds the whole model (one larger than a host can train).
+            # transformers reads it through a global weak reference: alive while the models load, then unset.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_init = HfDeepSpeedConfig(self._ds_config(train=True))
+        model = with_logprob_forward(load_without_dropout(self.model_path, dtype))
+        if self.cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and ZeRO-3
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Client-side AdamW: no JIT-compiled optimizer op, same math on CPU and GPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 - DeepSpeed calls it with its optimizer
@@ -167,8 +219,13 @@ class Learner:
         # unpickles it with weights_only=False, which runs whatever code a file holds.
         self.engine.checkpoint_engine = SafetensorsCheckpointEngine(self.engine.checkpoint_engine)
         if self.algo.beta > 0:
-            ref = load_without_dropout(self.model_path, dtype).eval().requires_grad_(False)
+            ref = with_logprob_forward(load_without_dropout(self.model_path, dtype)).eval().requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=self._ds_config(train=False))
+        if self.cfg.zero_stage == 3:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # later models in this process (none in a run, some in tests) load whole
+            del self._zero3_init
 
     def _ds_config(self, train: bool) -> dict:
         per_rank = self.cfg.mini_batch_size // self.world
@@ -197,63 +254,78 @@ class Learner:
 
         The output layer and the log-softmax (a vocabulary-wide row per position, forward and
         backward) run only from the position before the earliest response token on: prompt
-        positions need hidden states, not logits. Columns before that are 0."""
+        positions need hidden states, not logits. Columns before that are 0. With
+        learner.logprob_chunk they run over that many positions at a time (chunked_logprobs)."""
         device = self.engine.device
         ids = batch.input_ids.to(device)
         start = scored_from(batch.loss_mask)
-        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device),
-                       logits_to_keep=ids.shape[1] - start).logits                          # (B, L - start, V)
-        return torch.nn.functional.pad(token_logprobs(logits, ids[:, start:], self.temperature), (start, 0))
+        mask = batch.attention_mask.to(device)
+        if not self.cfg.logprob_chunk:
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start).logits  # (B, L - start, V)
+            return torch.nn.functional.pad(token_logprobs(logits, ids[:, start:], self.temperature), (start, 0))
+        picked = model(input_ids=ids, attention_mask=mask, logprobs_of=ids[:, start + 1:], scored_from=start,
+                       temperature=self.temperature, chunk=self.cfg.logprob_chunk)     # (B, L - 1 - start)
+        return torch.nn.functional.pad(picked, (start + 1, 0))                        # (B, L)
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
-        """(B, L) log-probs of every row in micro-batches, padded back to the batch width."""
-        out = torch.zeros(batch.input_ids.shape)
-        for i in range(0, len(batch), self.cfg.micro_batch_size):
-            micro = batch.select(slice(i, i + self.cfg.micro_batch_size))
-            out[i:i + len(micro), :micro.input_ids.shape[1]] = self._logprobs(model, micro).float().cpu()
+    def _frozen_logprobs(self, model, work: Shard) -> torch.Tensor:
+        """(B, L) log-probs of every row of this rank's shard, micro-batch by micro-batch."""
+        out = torch.zeros(work.batch.input_ids.shape)
+        for micros in work.minis:
+            for rows in micros:
+                micro = work.batch.select(rows)
+                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro).float().cpu()
         return out
 
-    def train(self, batch: TrainBatch) -> dict[str, float]:
-        """One GRPO update on a rollout batch (every rank receives the same batch)."""
-        M, W = self.cfg.mini_batch_size, self.world
-        per_rank = M // W
-        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(self.seed + self.steps))
-        minis = [order[i:i + M] for i in range(0, len(batch), M)]
-        lengths = batch.attention_mask.sum(dim=1)
-        mine = torch.cat([by_length(m[self.rank * per_rank:(self.rank + 1) * per_rank], lengths)
-                          for m in minis])                                                    # this rank's rows
-        local = batch.select(mine)
+    def shard(self, batch: TrainBatch) -> Shard:
+        """This rank's part of a whole rollout batch (rlsys.math.packing; the driver cuts the same)."""
+        return cut(batch, self.rank, self.world, self.cfg, self.algo, self.seed, self.steps)
+
+    def train(self, work: TrainBatch | Shard) -> dict[str, float]:
+        """One GRPO update on a rollout batch: this rank's Shard of it (the driver cuts the batch and
+        sends each rank its rows), or the whole batch (cut here, the same way)."""
+        if isinstance(work, TrainBatch):
+            work = self.shard(work)
+        assert work.step == self.steps, f"learner {self.rank}: a shard cut for update {work.step}, at update {self.steps}"
+        local, W = work.batch, self.world
         self.engine.eval()
-        old = self._frozen_logprobs(self.engine.module, local) if self.needs_old_logprobs(len(minis)) else None
-        ref = self._frozen_logprobs(self.ref.module, local) if self.ref is not None else None
+        old = self._frozen_logprobs(self.engine.module, work) if self.needs_old_logprobs(len(work.minis)) else None
+        ref = self._frozen_logprobs(self.ref.module, work) if self.ref is not None else None
+        stale_rows = (local.staleness > 0) if local.staleness is not None else torch.zeros(len(local), dtype=torch.bool)
         sums: dict[str, float] = defaultdict(float)
         skipped = 0  # optimizer steps not taken: a non-finite loss or gradient norm
         # generator vs learner on this rank's response tokens: (sum |diff|, sum k3 KL, tokens), max |diff|
         gen_sums, gen_max = torch.zeros(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        off_sums = torch.zeros(3, dtype=torch.float64)  # the same on rows sampled by older weights
         self.engine.train()
         for epoch in range(self.cfg.epochs):
-            for m, mini in enumerate(minis):
-                whole = batch.select(mini)
-                normalizer = float(whole.loss_mask.sum() if self.algo.aggregation == "token" else len(whole)) / W
-                for j in range(m * per_rank, (m + 1) * per_rank, self.cfg.micro_batch_size):
-                    idx = torch.arange(j, j + self.cfg.micro_batch_size)
-                    micro = local.select(idx)
+            for micros, normalizer in zip(work.minis, work.normalizers):
+                for k, rows in enumerate(micros):
+                    micro = local.select(rows)
                     width = micro.input_ids.shape[1]
+                    # The last micro-batch of the mini-batch reduces the gradients and steps the
+                    # optimizer (token budgets give a varying count: the boundary is set, not counted).
+                    self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
                     logp = self._logprobs(self.engine, micro)
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
-                    old_micro = logp.detach() if old is None else old[idx, :width].to(logp.device)
-                    if epoch == 0:  # every row of this rank once
-                        mismatch = generator_mismatch(micro.gen_logprobs, old_micro.cpu(), micro.loss_mask)
+                    old_micro = logp.detach() if old is None else old[rows, :width].to(logp.device)
+                    stale = stale_rows[rows]
+                    if epoch == 0:  # every row of this rank once; stale rows apart (their gap is the policy's move)
+                        fresh_mask = micro.loss_mask * (~stale).unsqueeze(1)
+                        mismatch = generator_mismatch(micro.gen_logprobs, old_micro.cpu(), fresh_mask)
                         gen_sums += mismatch[:3]
                         gen_max = torch.maximum(gen_max, mismatch[3:])
+                        off_sums += generator_mismatch(micro.gen_logprobs, old_micro.cpu(),
+                                                       micro.loss_mask - fresh_mask)[:3]
+                    weights = (truncated_is_weights(old_micro, micro.gen_logprobs.to(logp.device), stale.to(logp.device),
+                                                    self.algo.is_cap) if bool(stale.any()) else None)
                     loss, metrics = grpo_loss(
                         logp, old_micro,
-                        None if ref is None else ref[idx, :width].to(logp.device),
+                        None if ref is None else ref[rows, :width].to(logp.device),
                         micro.advantages.to(logp.device), micro.loss_mask.to(logp.device),
                         eps_low=self.algo.epsilon, eps_high=self.algo.epsilon_high or self.algo.epsilon,
                         beta=self.algo.beta, aggregation=self.algo.aggregation, normalizer=normalizer,
-                        dual_clip=self.algo.dual_clip,
+                        dual_clip=self.algo.dual_clip, is_weights=weights,
                     )
                     # The normaliser already spans the mini-batch: no further 1/GAS scaling.
                     self.engine.backward(loss, scale_wrt_gas=False)
@@ -266,9 +338,15 @@ class Learner:
                     self.engine.step()
                     sums["loss"] += float(loss.detach())
                     tokens = float(micro.loss_mask.sum())
-                    for k, v in metrics.items():  # per-token shares are weighted by the micro-batch's tokens
-                        sums[k] += float(v) * (1.0 if k in PER_STEP else tokens)
+                    for key, v in metrics.items():  # per-token shares are weighted by the micro-batch's tokens
+                        sums[key] += float(v) * (1.0 if key in PER_STEP else tokens)
                     sums["tokens"] += tokens
+                    if epoch == 0:  # the importance weights' share of this rank's tokens, once per row
+                        m = micro.loss_mask.to(logp.device)
+                        w = torch.ones_like(m) if weights is None else weights
+                        sums["is_weight_mean"] += float((w * m).sum())
+                        sums["is_capped_frac"] += float(((w >= self.algo.is_cap) * m).sum())
+                        sums["stale_frac"] += float((stale.to(m.device).unsqueeze(1) * m).sum())
                 norm = self.engine.get_global_grad_norm() if boundary_norm is None else boundary_norm
                 assert norm is not None, "DeepSpeed reported no gradient norm"
                 if math.isfinite(float(norm)):
@@ -282,9 +360,11 @@ class Learner:
         # they do not depend on how rows fall into micro-batches or ranks.
         keys = sorted(sums)
         totals = dict(zip(keys, self._reduce(torch.tensor([sums[k] for k in keys]), dist.ReduceOp.SUM).tolist()))
-        n_steps = self.cfg.epochs * len(minis)
+        n_steps = self.cfg.epochs * len(work.minis)
+        first_epoch_tokens = max(totals["tokens"] / self.cfg.epochs, 1.0)
         out = {k: v / ((n_steps - skipped if k == "grad_norm" else n_steps) * W if k in PER_STEP
-                       else max(totals["tokens"], 1.0)) for k, v in totals.items() if k != "tokens"}
+                       else first_epoch_tokens if k in ONCE else max(totals["tokens"], 1.0))
+               for k, v in totals.items() if k != "tokens"}
         if skipped == n_steps:  # no update taken: no norm to report
             out["grad_norm"] = float("nan")
         # The generator/learner gap is token-weighted over all ranks (sums, then one division), its max a max.
@@ -292,6 +372,9 @@ class Learner:
         out["gen_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["gen_logprob_max_abs_diff"] = float(self._reduce(gen_max, dist.ReduceOp.MAX)[0])
         out["gen_kl"] = kl_sum / max(tokens, 1.0)
+        diff_sum, kl_sum, tokens = self._reduce(off_sums, dist.ReduceOp.SUM).tolist()
+        out["offpolicy_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
+        out["offpolicy_kl"] = kl_sum / max(tokens, 1.0)
         out["lr"] = lr
         out["skipped_updates"] = float(skipped)
         return out

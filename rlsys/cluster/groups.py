@@ -25,7 +25,8 @@ from rlsys.cluster.deadlines import LOST, get_all
 from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import (GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place,
                                   placement_record, threads)
-from rlsys.config import Config, DeadlineConfig
+from rlsys.config import Config, engine_memory_share
+from rlsys.math.packing import cut
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout, TrainBatch
 
@@ -102,12 +103,15 @@ class RewardPool:
 
 
 class LearnerGroup:
-    def __init__(self, actors: list, ship_checkpoints: bool = False, deadlines: DeadlineConfig = DeadlineConfig()):
+    def __init__(self, actors: list, cfg: Config, ship_checkpoints: bool = False):
         """ship_checkpoints: rank 0 streams checkpoint files to the driver, which writes them
         (rank 0 on another node than the driver, no shared storage)."""
         self.actors = actors
+        self.cfg = cfg
+        self.trained = 0
+        """Updates the group has taken (batches trained): the next shard is cut for this update."""
         self.ship_checkpoints = ship_checkpoints
-        self.deadlines = deadlines
+        self.deadlines = cfg.deadlines
         self.names = [f"learner {i}" for i in range(len(actors))]
 
     def _all(self, refs: list, phase: str, timeout_s: float, setting: str) -> list:
@@ -116,9 +120,15 @@ class LearnerGroup:
         return get_all(refs, self.names, phase, timeout_s, setting)
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
-        ref = ray.put(batch)  # one copy in the object store, read by every rank
-        return self._all([a.train.remote(ref) for a in self.actors], "train", self.deadlines.train_s,
-                         "deadlines.train_s")[0]
+        """One update on a rollout batch: the batch is cut here and each rank is sent only its rows
+        (rlsys.math.packing)."""
+        W = len(self.actors)
+        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained)
+                  for rank in range(W)]
+        out = self._all([a.train.remote(shard) for a, shard in zip(self.actors, shards)], "train",
+                        self.deadlines.train_s, "deadlines.train_s")[0]
+        self.trained += 1
+        return out
 
     def full_state_dict(self) -> dict:
         return self._all([a.full_state_dict.remote() for a in self.actors], "gather", self.deadlines.save_s,
@@ -160,6 +170,7 @@ class LearnerGroup:
             refs = [a.load_state_files.remote(checkpoint.state_files(folder, rank)) for rank, a in enumerate(self.actors)]
         counts = self._all(refs, "resume", self.deadlines.save_s, "deadlines.save_s")
         assert len(set(counts)) == 1, f"learner ranks resumed at different update counts: {counts}"
+        self.trained = counts[0]
         return counts[0]
 
 
@@ -330,7 +341,7 @@ def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, obj
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
-    return LearnerGroup(actors), pg
+    return LearnerGroup(actors, cfg), pg
 
 
 def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict) -> list:
@@ -354,10 +365,11 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     env = engine_env(cfg.generator) | threads(cfg.generator.num_cpus)
     gen_gpus = cfg.generator.tensor_parallel_size if gpu else 0
     asked = {"CPU": cfg.generator.num_cpus, "GPU": gen_gpus}
+    engine_cfg = dataclasses.replace(cfg.generator, gpu_memory_utilization=engine_memory_share(cfg))
 
     def generator(index: int, where: dict, gpus: float = gen_gpus):
         return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
-                                      **where).remote(model_path, cfg.generator, cfg.model.dtype,
+                                      **where).remote(model_path, engine_cfg, cfg.model.dtype,
                                                       cfg.trainer.seed + index)
 
     engines = []
@@ -399,7 +411,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
             print(f"[rlsys] learner rank 0 runs on node {others[0]['node_id'][:12]}, the driver on "
                   f"{driver_node[:12]}, no cluster.shared_storage: checkpoints are sent to the driver, "
                   f"which writes them into the run folder", flush=True)
-        learner_group = LearnerGroup(learners, ship, cfg.deadlines)
+        learner_group = LearnerGroup(learners, cfg, ship)
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size, cfg.deadlines.sync_s)
     print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)

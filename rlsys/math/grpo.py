@@ -76,6 +76,27 @@ def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor
     return torch.exp(log_ratio)                                  # (B, T)
 
 
+def truncated_is_weights(prox_logp: torch.Tensor, behav_logp: torch.Tensor, stale: torch.Tensor, cap: float
+                         ) -> torch.Tensor:
+    """Per-token truncated importance weights for rollouts sampled by older weights than the learner's.
+
+    prox_logp: (B, T) the learner's log-probs before this update (the PPO ratio's denominator);
+    behav_logp: (B, T) the generator's log-probs of the sampled tokens (the behaviour policy);
+    stale: (B,) bool, rows produced by an older weight version. The clipped PPO ratio then stays
+    around the learner's own policy (decoupled PPO, as AReaL), and w = min(pi_prox / pi_behav, cap)
+    reweights each token for having been sampled by another policy (truncated IS: the cap bounds
+    the variance). Rows that are not stale get 1. Returns (B, T) float32, detached.
+
+    >>> prox = torch.tensor([[0.0, -1.0, -1.0]]); behav = torch.tensor([[0.0, -2.0, -0.5]])
+    >>> truncated_is_weights(prox, behav, torch.tensor([True]), cap=2.0)   # exp(1) capped at 2, exp(-0.5)
+    tensor([[1.0000, 2.0000, 0.6065]])
+    >>> truncated_is_weights(prox, behav, torch.tensor([False]), cap=2.0)
+    tensor([[1., 1., 1.]])
+    """
+    w = importance_ratio(prox_logp, behav_logp).clamp(max=cap)                   # (B, T)
+    return torch.where(stale.unsqueeze(1), w, torch.ones_like(w)).detach()      # (B, T)
+
+
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                       eps_low: float, eps_high: float, dual_clip: float | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,20 +156,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float, eps_high: float,
               beta: float, aggregation: str, normalizer: float | None = None,
-              dual_clip: float | None = None,
+              dual_clip: float | None = None, is_weights: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective for one micro-batch.
 
     logp (B, T) with grad; old_logp, ref_logp (B, T) detached (ref_logp may be None when
     beta == 0: no KL is computed); advantages (B,); mask (B, T).
-    per-token = clipped surrogate (dual-clipped if dual_clip is not None) + beta * k3_kl;
-    loss = masked_aggregate(per-token).
+    per-token = is_weights * clipped surrogate (dual-clipped if dual_clip is not None) + beta * k3_kl;
+    loss = masked_aggregate(per-token). is_weights (B, T), detached: truncated importance weights of
+    stale rollouts (truncated_is_weights); None is 1 everywhere.
     Returns (loss scalar float32, metrics of detached scalars: pg_loss, kl (same aggregation),
     clip_frac, dual_clip_frac (0 when off, so the keys do not depend on the config),
     ratio_mean (the last three token-weighted over this micro-batch)).
     """
     pg_tok, clipped, dual_clipped = clipped_surrogate(
         logp, old_logp, advantages, eps_low, eps_high, dual_clip)  # (B, T) x3
+    if is_weights is not None:
+        pg_tok = pg_tok * is_weights                             # (B, T)
     pg = masked_aggregate(pg_tok, mask, aggregation, normalizer)  # ()
     if beta != 0.0:
         assert ref_logp is not None, "ref_logp is required when beta != 0"
