@@ -1,6 +1,7 @@
 """DAPO's options: the pure functions (rlsys.math.dapo), truncated rows in make_batch, and
 rlsys.loops.rollouts.collect with fake generate / score callables."""
 import doctest
+import math
 
 import torch
 
@@ -209,3 +210,46 @@ def test_refill_round_seeds_never_repeat_a_chunk_seed():
     seeds = [chunk_seed(*round_seed(7, step, rnd), chunk) for step in range(3) for rnd in range(4)
              for chunk in range(16)]
     assert len(set(seeds)) == len(seeds)
+
+
+# ---------------------------------------------------------------- through the real loop
+
+def test_dynamic_sampling_in_a_real_run_trains_only_on_groups_with_signal(ray_cluster, tmp_path):
+    """configs/toy.yaml early on: most samples score 0, so some groups of 16 are all 0 and are
+    dropped; refills bring the batch back to 16 informative groups."""
+    from pathlib import Path
+
+    from rlsys.config import load_config
+    from rlsys.loops.train import train
+    from rlsys.observe.metrics import read_jsonl
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "toy.yaml",
+                      [f"trainer.output_dir={tmp_path}", "trainer.total_steps=6", "trainer.progress=false",
+                       "algo.dynamic_sampling=true", "algo.max_fill_rounds=3"])
+    rows = read_jsonl(train(cfg) / "metrics.jsonl")
+    assert sum(r["dapo/dropped_groups"] for r in rows) > 0, "the toy task should start with groups of equal rewards"
+    assert max(r["dapo/fill_rounds"] for r in rows) >= 1
+    for r in rows:
+        if not r["dapo/fallback"]:
+            assert r["groups/all_equal_frac"] == 0.0  # only groups with signal were trained on
+            assert r["rollouts/count"] == r["dapo/groups"] * 16 and r["rollouts/count"] % 64 == 0
+
+
+def test_truncated_responses_masked_and_shaped_in_a_real_run(ray_cluster, tmp_path):
+    """configs/tiny.yaml (a random model: most answers run to max_tokens=16): with mask_truncated
+    every truncated answer is counted as masked, and the overlong term is paid by them."""
+    from pathlib import Path
+
+    from rlsys.config import load_config
+    from rlsys.loops.train import train
+    from rlsys.observe.metrics import read_jsonl
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml",
+                      [f"trainer.output_dir={tmp_path}", "trainer.total_steps=2", "trainer.progress=false",
+                       "algo.mask_truncated=true", "algo.overlong_buffer=4"])
+    rows = read_jsonl(train(cfg) / "metrics.jsonl")
+    for r in rows:
+        truncated = round(r["truncated_frac"] * r["rollouts/count"])
+        assert truncated > 0 and r["dapo/truncated_masked"] == truncated
+        assert r["dapo/overlong_penalty_mean"] <= -truncated / r["rollouts/count"]  # -1 each at max_tokens
+        assert math.isfinite(r["loss"])

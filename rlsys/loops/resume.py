@@ -70,11 +70,14 @@ def check_same_run(saved: dict, cfg: Config) -> None:
                           + "; ".join(differ))
 
 
-def driver_state(step: int, version: int, prompts: PromptStream, cfg: Config) -> dict:
-    """What the driver writes into a checkpoint (trainer_state.json)."""
+def driver_state(step: int, version: int, prompts: PromptStream, cfg: Config, prompt_state: dict | None = None
+                 ) -> dict:
+    """What the driver writes into a checkpoint (trainer_state.json). prompt_state: the stream's
+    position the resumed run takes its next prompts from (None: where it is now; the asynchronous
+    loop has drawn prompts for batches in flight past it, which a resume samples again)."""
     np_state = np.random.get_state()
     return {
-        "step": step, "weight_version": version, "prompts": prompts.state(),
+        "step": step, "weight_version": version, "prompts": prompt_state or prompts.state(),
         "rng": {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
                 "torch": torch.get_rng_state().tolist()},
         "config": to_dict(cfg),

@@ -4,6 +4,8 @@ Each step: the generators sample `group_size` answers per question with the curr
 the reward workers score them, the learner group takes one GRPO update, and learner rank 0
 broadcasts the new weights to every generator. Synchronous: every rollout of a step must carry
 the weight version the learner last pushed; the loop checks it, it does not assume it.
+trainer.max_staleness > 0 runs the asynchronous loop instead (rlsys.loops.async_train), with the
+same set-up and the same end of a step (Run.record).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from rlsys.data import datasets
 from rlsys.math.batch import make_batch
+from rlsys.loops.rollouts import Collected, collect
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data.prompts import PromptStream, check_prompt_lengths, resolve_data_path
 from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, run_eval
@@ -29,6 +32,7 @@ from rlsys.loops.resume import check_same_run, cut_logs, driver_state, restore_d
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.data.models import default_cache_dir, resolve_model
 from rlsys.observe.profile import Timeline
+from rlsys.loops.async_train import asynchronous
 
 
 def train(cfg: Config) -> Path:
@@ -60,13 +64,8 @@ def train(cfg: Config) -> Path:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier)
-    (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
-    log, timer = RunLog(run_dir, cfg), Timer(trace=cfg.profile.enabled)
-    pool_log = open(run_dir / "pool.jsonl", "a")
-    curve, generate_share, bad_streak = [], None, 0
-    timeline = Timeline() if cfg.profile.enabled else None
-    bar = tqdm(range(start, cfg.trainer.total_steps), desc="grpo", initial=start, total=cfg.trainer.total_steps,
-               disable=not cfg.trainer.progress, dynamic_ncols=True)
+    run = Run(cfg, run_dir, groups, prompts, eval_problems, storage, start)
+    loop = asynchronous if cfg.trainer.max_staleness > 0 else synchronous
     try:
         if resumed is not None:  # the checkpoint's learner, and its weights on every generator
             trained = groups.learner.load_state(resume_from)
@@ -74,59 +73,7 @@ def train(cfg: Config) -> Path:
             assert groups.sync.push(version) == [version] * len(groups.generators.engines)
         elif cfg.eval.every:  # the untrained weights, for comparison
             evaluate(groups, eval_problems, cfg, run_dir / "evals" / "step_0.json")
-        for step in bar:
-            batch_prompts = prompts.next()
-            with timer.spans.span("step", step=step):
-                with timer("pool"):  # engines join (with this version's weights) or leave, between steps
-                    pool = groups.generators.between_steps(step, generate_share, len(batch_prompts),
-                                                           join=lambda new: groups.sync.catch_up(new, version))
-                with timer("generate"):
-                    rollouts = groups.generators.generate([p.request(g) for g, p in enumerate(batch_prompts)],
-                                                          n=cfg.algo.group_size, seed=(cfg.trainer.seed, step))
-                stale = {r.weight_version for r in rollouts} - {version}
-                assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
-                with timer("reward"):
-                    scores = groups.rewards.score(rollouts)
-                batch = make_batch(rollouts, [s.reward for s in scores], cfg.algo)
-                with timer("learn"):
-                    learn = groups.learner.train(batch)
-                with timer("sync"):
-                    versions = groups.sync.push(version + 1)
-            assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
-            version += 1
-            check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
-            bad_streak = check_bad_steps(step, learn, bad_streak, cfg.learner.max_bad_steps)
-            stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
-            timings = timer.pop()
-            step_s = sum(timings.values())
-            generate_share = timings["timing/generate"] / step_s
-            tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-            metrics = {"weight_version": version, "rollouts/count": len(rollouts),
-                       "data/skipped_rows": len(prompts.skipped), **stats, **learn, **timings,
-                       "tokens/total": tokens,
-                       "throughput/tokens_per_s": tokens / step_s, **pool_metrics(pool)}
-            pool_log.write(json.dumps({"step": step, **pool}) + "\n")
-            pool_log.flush()
-            if pool["events"]:
-                (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
-            last = step + 1 == cfg.trainer.total_steps
-            if due(step, cfg.eval.every, last):
-                with timer.spans.span("eval"):
-                    metrics |= evaluate(groups, eval_problems, cfg, run_dir / "evals" / f"step_{version}.json")
-            sample = {"prompt": batch_prompts[0].text, "completion": rollouts[0].text, "answer": rollouts[0].answer,
-                      "reward": scores[0].reward}
-            log.log(step, metrics, sample)  # before the save: a checkpoint never holds a step the log lacks
-            if due(step, cfg.trainer.save_every, last) or last:
-                with timer.spans.span("save"):
-                    save(groups, run_dir, version, prompts, cfg)
-            if storage is not None:
-                storage.upload()
-            if timeline is not None:
-                collect(timeline, groups, timer)
-            curve.append(stats["reward/mean"])
-            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
-                            fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}",
-                            curve=sparkline(curve[-30:]))
+        loop(run, start, version)
     except PhaseTimeout as e:  # something hangs: show where, then stop
         stacks = dump_stacks(groups.placement, run_dir / "stacks")
         raise RuntimeError(f"{e}. The run stops; every actor's stack is in {stacks}/. "
@@ -137,22 +84,111 @@ def train(cfg: Config) -> Path:
         raise RuntimeError(f"{e}. A learner rank cannot be replaced within a run (its optimizer shard and its "
                            f"place in the collectives went with it): the run stops. {last_checkpoint(run_dir)}") from e
     finally:
-        log.close()
-        pool_log.close()
-        try:
-            if timeline is not None:  # also after a crash: the trace shows where it stopped
-                collect(timeline, groups, timer)
-                timeline.write(run_dir / "timeline.json")
-        finally:
-            groups.shutdown()
-            if storage is not None:  # also after a crash: what was written is on the storage
-                storage.upload()
+        run.close()
     return run_dir
 
 
-def save(groups: Groups, run_dir: Path, version: int, prompts: PromptStream, cfg: Config) -> Path:
+def synchronous(run: "Run", start: int, version: int) -> None:
+    """Every step: generate with the current weights, score, learn, push the new weights."""
+    cfg, groups, timer = run.cfg, run.groups, run.timer
+    generate_share = None
+    for step in run.steps(start):
+        batch_prompts = run.prompts.next()
+        with timer.spans.span("step", step=step):
+            with timer("pool"):  # engines join (with this version's weights) or leave, between steps
+                pool = groups.generators.between_steps(step, generate_share, len(batch_prompts),
+                                                       join=lambda new: groups.sync.catch_up(new, version))
+            # timer("generate") and timer("reward") inside, once per sampling round
+            got = collect(batch_prompts, run.prompts.next, groups.generators.generate, groups.rewards.score, cfg,
+                          step, phase=timer)
+            stale = {r.weight_version for r in got.rollouts} - {version}
+            assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
+            batch = make_batch(got.rollouts, got.rewards, cfg.algo)
+            with timer("learn"):
+                learn = groups.learner.train(batch)
+            with timer("sync"):
+                versions = groups.sync.push(version + 1)
+        assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
+        version += 1
+        timings = timer.pop()
+        generate_share = timings["timing/generate"] / sum(timings.values())
+        run.record(step, version, got, learn, timings, sum(timings.values()), pool)
+
+
+class Run:
+    """What both loops share: the run folder, the actor groups, the prompt stream, the logs, and
+    everything a step does after its update (guardrails, metrics, evaluation, checkpoint, upload)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, groups: Groups, prompts: PromptStream,
+                 eval_problems: list[Problem], storage: RunStorage | None, start: int):
+        self.cfg, self.run_dir, self.groups, self.prompts = cfg, run_dir, groups, prompts
+        self.eval_problems, self.storage = eval_problems, storage
+        (run_dir / "placement.json").write_text(json.dumps(groups.placement, indent=2))
+        self.log, self.timer = RunLog(run_dir, cfg), Timer(trace=cfg.profile.enabled)
+        self.pool_log = open(run_dir / "pool.jsonl", "a")
+        self.curve: list[float] = []
+        self.bad_streak = 0
+        self.timeline = Timeline() if cfg.profile.enabled else None
+        self.bar = tqdm(range(start, cfg.trainer.total_steps), desc="grpo", initial=start,
+                        total=cfg.trainer.total_steps, disable=not cfg.trainer.progress, dynamic_ncols=True)
+
+    def steps(self, start: int):
+        return self.bar
+
+    def record(self, step: int, version: int, got: Collected, learn: dict, timings: dict, step_s: float,
+               pool: dict, prompt_state: dict | None = None, extra: dict | None = None) -> None:
+        """After step `step`'s update (the generators now serve `version`): guardrails, metrics and
+        the sample, evaluation, checkpoint, upload, progress bar. prompt_state: the prompt stream's
+        position a resume continues from (None: where it is now)."""
+        cfg, rollouts, scores = self.cfg, got.rollouts, got.scores
+        check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
+        self.bad_streak = check_bad_steps(step, learn, self.bad_streak, cfg.learner.max_bad_steps)
+        stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
+        tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+        metrics = {"weight_version": version, "rollouts/count": len(rollouts),
+                   "data/skipped_rows": len(self.prompts.skipped), **stats, **learn, **timings, **got.metrics,
+                   **(extra or {}), "timing/step": step_s, "tokens/total": tokens,
+                   "throughput/tokens_per_s": tokens / step_s, **pool_metrics(pool)}
+        self.pool_log.write(json.dumps({"step": step, **pool}) + "\n")
+        self.pool_log.flush()
+        if pool["events"]:
+            (self.run_dir / "placement.json").write_text(json.dumps(self.groups.placement, indent=2))
+        last = step + 1 == cfg.trainer.total_steps
+        if due(step, cfg.eval.every, last):
+            with self.timer.spans.span("eval"):
+                metrics |= evaluate(self.groups, self.eval_problems, cfg, self.run_dir / "evals" / f"step_{version}.json")
+        sample = {"prompt": got.prompts[0].text, "completion": rollouts[0].text, "answer": rollouts[0].answer,
+                  "reward": scores[0].reward}
+        self.log.log(step, metrics, sample)  # before the save: a checkpoint never holds a step the log lacks
+        if due(step, cfg.trainer.save_every, last) or last:
+            with self.timer.spans.span("save"):
+                save(self.groups, self.run_dir, version, self.prompts, cfg, prompt_state)
+        if self.storage is not None:
+            self.storage.upload()
+        if self.timeline is not None:
+            collect_timeline(self.timeline, self.groups, self.timer)
+        self.curve.append(stats["reward/mean"])
+        self.bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
+                             fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}",
+                             curve=sparkline(self.curve[-30:]))
+
+    def close(self) -> None:
+        self.log.close()
+        self.pool_log.close()
+        try:
+            if self.timeline is not None:  # also after a crash: the trace shows where it stopped
+                collect_timeline(self.timeline, self.groups, self.timer)
+                self.timeline.write(self.run_dir / "timeline.json")
+        finally:
+            self.groups.shutdown()
+            if self.storage is not None:  # also after a crash: what was written is on the storage
+                self.storage.upload()
+
+
+def save(groups: Groups, run_dir: Path, version: int, prompts: PromptStream, cfg: Config,
+         prompt_state: dict | None = None) -> Path:
     """Checkpoint step_<version>: every learner rank's part, then the driver's; whole or not at all."""
-    state = driver_state(version, version, prompts, cfg)
+    state = driver_state(version, version, prompts, cfg, prompt_state)
 
     def write(folder: Path) -> None:
         groups.learner.save(folder)
@@ -225,7 +261,7 @@ def pool_metrics(pool: dict) -> dict[str, float]:
             "pool/join_seconds": max(joins, default=0.0)}
 
 
-def collect(timeline: Timeline, groups: Groups, timer: Timer) -> None:
+def collect_timeline(timeline: Timeline, groups: Groups, timer: Timer) -> None:
     timeline.add("driver", timer.spans.take())
     for track, spans in groups.tracks().items():
         timeline.add(track, spans)
