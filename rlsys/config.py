@@ -85,7 +85,9 @@ class GeneratorConfig:
     max_model_len: int = 2048
     kv_cache_gib: int = 1
     """CPU only: VLLM_CPU_KVCACHE_SPACE per engine."""
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float | None = None
+    """GPU share vLLM takes (weights + KV cache). None: 0.9 when the engine's GPUs are its own
+    (cluster.placement any or disaggregated), 0.45 when it shares a GPU with a learner rank (colocated)."""
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
 
@@ -290,7 +292,9 @@ class TrainerConfig:
     logprob_gap_stop: float = 1.0
     """Guardrail on gen_logprob_abs_diff, the mean |generator - learner| log-prob of the sampled
     tokens: above warn the step prints a warning, above stop the run stops (the generators would
-    be serving other weights than the learner's). Typical: < 1e-4 in fp32, ~1e-2 in bf16."""
+    be serving other weights than the learner's). Typical: < 1e-4 in fp32, ~1e-2 in bf16. Only
+    rollouts sampled by the learner's current weights count: asynchronous runs log the gap of older
+    ones apart (offpolicy_logprob_abs_diff, offpolicy_kl), where it is the policy's own move."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go, any of: jsonl (metrics.jsonl + samples.jsonl in the run folder, always
     written) | tensorboard (<run_dir>/tensorboard) | wandb (WANDB_MODE as set; offline writes under
@@ -396,6 +400,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def engine_memory_share(cfg: Config) -> float:
+    """generator.gpu_memory_utilization, or when None: most of a GPU that is the engine's own, a
+    bit less than half of one it shares with a learner rank (cluster.placement=colocated)."""
+    if cfg.generator.gpu_memory_utilization is not None:
+        return cfg.generator.gpu_memory_utilization
+    return 0.45 if cfg.cluster.placement == "colocated" else 0.9
+
+
 def _check_sections(node: Any, where: str) -> None:
     """omegaconf reports a non-mapping file or section (`learner: 3`) without naming the key."""
     if not isinstance(node, DictConfig):
@@ -458,7 +470,7 @@ def validate(cfg: Config) -> None:
              f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
     need(cfg.algo.epsilon_high is None or cfg.algo.epsilon_high > 0,
          f"algo.epsilon_high must be > 0 (or null: epsilon), got {cfg.algo.epsilon_high}")
-    need(0 < cfg.generator.gpu_memory_utilization <= 1 and 0 < cfg.eval.top_p <= 1,
+    need(0 < engine_memory_share(cfg) <= 1 and 0 < cfg.eval.top_p <= 1,
          f"generator.gpu_memory_utilization ({cfg.generator.gpu_memory_utilization}) and eval.top_p "
          f"({cfg.eval.top_p}) must be in (0, 1]")
     need(cfg.generator.max_tokens < cfg.generator.max_model_len,

@@ -280,3 +280,12 @@ def test_cli_bad_value_in_file_returns_2(capsys, no_training, tmp_path):
     path = write(tmp_path, "model:\n  dtype: fp8\n")
     assert main(["train", str(path)]) == 2
     assert "model.dtype" in capsys.readouterr().err
+
+
+def test_engines_on_gpus_of_their_own_take_most_of_the_memory():
+    from rlsys.config import engine_memory_share
+
+    assert engine_memory_share(load_config(None)) == 0.9
+    assert engine_memory_share(load_config(None, ["cluster.placement=disaggregated"])) == 0.9
+    assert engine_memory_share(load_config(None, ["cluster.placement=colocated"])) == 0.45
+    assert engine_memory_share(load_config(None, ["generator.gpu_memory_utilization=0.3"])) == 0.3

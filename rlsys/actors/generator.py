@@ -65,7 +65,9 @@ class Generator:
         self.llm = LLM(
             model_path, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
-            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            # None: the launcher resolves it from the placement (rlsys.config.engine_memory_share); unused on CPU
+            gpu_memory_utilization=0.9 if cfg.gpu_memory_utilization is None else cfg.gpu_memory_utilization,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
             worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
         )
