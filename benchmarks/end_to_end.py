@@ -1,9 +1,12 @@
 """End to end, and the peer: whole GRPO steps through rlsys and through TRL's GRPOTrainer.
 
-Two workloads, each an rlsys config:
-- tiny:    configs/tiny.yaml (a random 0.1M Qwen2 built in code, 8 prompts x 8, up to 16 tokens);
-- smollm2: rlsys/default.yaml, the Quickstart (SmolLM2-135M-Instruct, 4 prompts x 8, up to 64
-           tokens, lr 1e-5, beta 0), without its held-out evaluation.
+Three workloads, each an rlsys config with overrides, the same for both sides:
+- tiny:               configs/tiny.yaml (a random 0.1M Qwen2 built in code, 8 prompts x 8, up to 16 tokens);
+- smollm2-gsm8k:      rlsys/default.yaml (SmolLM2-135M-Instruct, 4 prompts x 8, up to 64 tokens, lr
+                      1e-5, beta 0) on GSM8K questions (the chat template and system prompt make a
+                      prompt of ~150-250 tokens, as in real R1-Zero work), without evaluation; fp32;
+- smollm2-gsm8k-bf16: the same in bfloat16 (TRL: bf16=True; rlsys: ZeRO-1, fp32 master weights).
+rlsys adds its own settings (RLSYS_BEST: token-budget micro-batches), which TRL has no equivalent of.
 
 rlsys side: `rlsys train` of the workload for `steps` steps with profile.enabled=true on a local
 Ray cluster (2 vLLM generators, 2 reward workers, 2 DeepSpeed ranks sharing this machine's cores).
@@ -32,11 +35,20 @@ if __package__ in (None, ""):
 
 from benchmarks.common import REPO, Figure, Section, in_fresh_process, main, ray_up, rlsys_config
 
-WORKLOADS = {"tiny": "configs/tiny.yaml", "smollm2": "rlsys/default.yaml"}
+GSM8K = ["data.name=gsm8k", "data.split=train"]  # prompts of GSM8K length (the chat template: ~150-250 tokens)
+BF16 = ["model.dtype=bfloat16", "learner.zero_stage=1"]  # rlsys's bf16 needs ZeRO >= 1 (fp32 accumulation)
+WORKLOADS = {
+    "tiny": ("configs/tiny.yaml", []),
+    "smollm2-gsm8k": ("rlsys/default.yaml", GSM8K),
+    "smollm2-gsm8k-bf16": ("rlsys/default.yaml", GSM8K + BF16),
+}
+"""name -> (config, overrides): the same workload for both sides."""
+RLSYS_BEST = ["learner.max_tokens_per_micro_batch=4096"]
+"""rlsys's own settings on top (TRL has no such setting): token-budget micro-batches."""
 TARGET_VS_TRL = 2.0
 
 
-def rlsys_side(config: str, steps: int, keep: Path) -> dict:
+def rlsys_side(config: str, overrides: list[str], steps: int, keep: Path) -> dict:
     """One profiled rlsys run; its metrics and timeline are copied to `keep`."""
     from rlsys.observe.metrics import read_jsonl
     from rlsys.observe.profile import busy_split, read_tracks
@@ -47,8 +59,8 @@ def rlsys_side(config: str, steps: int, keep: Path) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=results) as tmp:  # beside the results: same disk as the kept files
         run_dir = Path(tmp) / "run"
-        cfg = rlsys_config([f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "profile.enabled=true",
-                            "eval.every=0"], config)
+        cfg = rlsys_config([*overrides, *RLSYS_BEST, f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}",
+                            "profile.enabled=true", "eval.every=0"], config)
         start = time.perf_counter()
         train(cfg)
         wall = time.perf_counter() - start
@@ -70,11 +82,11 @@ def rlsys_side(config: str, steps: int, keep: Path) -> dict:
             "setup_s": wall - sum(s["dur"] for s in driver_steps) / 1e6, "run_files": str(keep.relative_to(REPO))}
 
 
-def trl_side(config: str, steps: int) -> dict:
+def trl_side(config: str, overrides: list[str], steps: int) -> dict:
     """The peer, in a fresh process (TRL's imports and threads stay out of the rlsys driver)."""
     from benchmarks.peer_trl import run_trl
 
-    cfg = rlsys_config([], config)
+    cfg = rlsys_config(overrides, config)
     with tempfile.TemporaryDirectory() as tmp:
         return run_trl(cfg, steps, Path(tmp))
 
@@ -82,18 +94,18 @@ def trl_side(config: str, steps: int) -> dict:
 def run(quick: bool) -> list[Section]:
     import ray
 
-    steps = {"tiny": 6, "smollm2": 3} if quick else {"tiny": 20, "smollm2": 8}
+    steps = {name: (6 if name == "tiny" else 3) if quick else (20 if name == "tiny" else 8) for name in WORKLOADS}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    e2e = Section("end_to_end", {"workloads": WORKLOADS,
+    e2e = Section("end_to_end", {"workloads": WORKLOADS, "rlsys_only": RLSYS_BEST,
                                  "steps": steps, "measured": "steps after the first"})
     peer = Section("peer", {"steps": steps, "target_tokens_per_s_ratio": TARGET_VS_TRL})
-    for name, config in WORKLOADS.items():
+    for name, (config, overrides) in WORKLOADS.items():
         ray_up()
-        ours = rlsys_side(config, steps[name], REPO / "benchmarks" / "results" / f"e2e-{name}-{stamp}")
+        ours = rlsys_side(config, overrides, steps[name], REPO / "benchmarks" / "results" / f"e2e-{name}-{stamp}")
         ray.shutdown()  # the peer gets the machine to itself
         print(f"[end_to_end] rlsys {name}: {ours['tokens_per_s']:.0f} tokens/s, {ours['step_s_mean']:.2f}s a step",
               flush=True)
-        theirs = in_fresh_process(trl_side, config, steps[name])
+        theirs = in_fresh_process(trl_side, config, overrides, steps[name])
         print(f"[end_to_end] TRL {name}: {theirs['tokens_per_s']:.0f} tokens/s, {theirs['step_s_mean']:.2f}s a step",
               flush=True)
         e2e.rows.append({"workload": name, **ours})

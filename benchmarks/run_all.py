@@ -18,12 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import end_to_end, learner, reward, rollout, scaling, weight_sync  # noqa: E402
+from benchmarks import end_to_end, learner, overlap, packing, reward, rollout, scaling, weight_sync  # noqa: E402
 from benchmarks.common import REPO, Section, timed_sections, write_result  # noqa: E402
 from benchmarks.plots import plot_all  # noqa: E402
 
-BENCHMARKS = {"rollout": rollout.run, "reward": reward.run, "learner": learner.run,
-              "weight_sync": weight_sync.run, "end_to_end": end_to_end.run, "scaling": scaling.run}
+BENCHMARKS = {"rollout": rollout.run, "reward": reward.run, "learner": learner.run, "packing": packing.run,
+              "weight_sync": weight_sync.run, "end_to_end": end_to_end.run, "overlap": overlap.run,
+              "scaling": scaling.run}
 
 
 def main(argv: list[str] | None = None) -> Path:

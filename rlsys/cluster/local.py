@@ -78,13 +78,16 @@ class LocalNodes:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+               cores: list[int] | None = None) -> None:
         log = self.folder / f"{name}.log"
         cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
                f"--dashboard-agent-listen-port={free_port()}", *args]
+        # Pinned: the node's raylet, and every worker process it starts, inherit this CPU affinity.
+        pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
         with open(log, "w") as out:
             self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                                env=clean_env(**(env or {})))
+                                                env=clean_env(**(env or {})), preexec_fn=pin)
         self._wait(f"node {name}", lambda: "Ray runtime started" in log.read_text())
 
     def head(self, *args: str, autoscaling: dict | None = None) -> None:
@@ -105,10 +108,11 @@ class LocalNodes:
                              f"--ray-client-server-port={free_port()}", "--object-store-memory=300000000",
                              *extra, *args], env)
 
-    def worker(self, name: str, num_cpus: int, resources: dict | None = None) -> None:
+    def worker(self, name: str, num_cpus: int, resources: dict | None = None, cores: list[int] | None = None) -> None:
+        """cores: pin the node (raylet and workers) to these CPU cores, as if it were a machine of its own."""
         before = set(self.alive())
         self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}", "--object-store-memory=300000000",
-                           *([f"--resources={json.dumps(resources)}"] if resources else [])])
+                           *([f"--resources={json.dumps(resources)}"] if resources else [])], cores=cores)
         new = self._wait(f"node {name} registered", lambda: set(self.alive()) - before)
         self.node_ids[name] = new.pop()
 

@@ -1,0 +1,158 @@
+"""Asynchronous vs synchronous GRPO, disaggregated as on a real cluster.
+
+A Ray cluster on this machine (rlsys/cluster/local.py): a head with no CPUs (the driver), a
+rollout node pinned to core 0 (the vLLM engine and the reward workers) and a learner node pinned
+to core 1 (one DeepSpeed rank), so that generation and learning run on cores of their own and
+can really overlap. The same workload then runs twice, one after the other on the same cluster:
+trainer.max_staleness=0 (synchronous: the learner waits for generation and the engine for the
+learner) and trainer.max_staleness=1 (generation of batch k + 1 overlaps the update on batch k).
+
+Per run, over the steps after the first (warm-up): tokens (prompt + response, every sample) per
+second of wall time (timing/step), the phases, and the reward curve; the curves of both runs go
+into one plot (<results>/overlap-<stamp>/reward_<workload>.png). Figures: asynchronous tokens/s
+against synchronous (target 1.4x), and the mean reward of the last steps against synchronous
+("not worse": the ratio should be about 1 or above).
+
+Workloads: toy (configs/toy.yaml: a tiny random model learns to copy a digit; its reward rises
+from ~0.1 to ~1 within 100 steps) and, without --quick, the Quickstart (rlsys/default.yaml,
+SmolLM2-135M on digit sums, its held-out evaluation off).
+
+    python benchmarks/overlap.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, Figure, Section, machine, main  # noqa: E402
+from rlsys.cluster.local import BIN, Background, LocalNodes  # noqa: E402
+
+TARGET = 1.4
+RUN_TIMEOUT_S = 3600.0
+WORKLOADS = {"toy": "configs/toy.yaml", "quickstart": "rlsys/default.yaml"}
+
+
+def plan(quick: bool) -> dict[str, int]:
+    """Steps per run, per workload."""
+    return {"toy": 40} if quick else {"toy": 100, "quickstart": 14}
+
+
+def train_run(nodes: LocalNodes, config: str, staleness: int, steps: int, run_dir: Path) -> list[dict]:
+    args = [str(BIN / "rlsys"), "train", config, "trainer.progress=false", f"trainer.total_steps={steps}",
+            f"trainer.output_dir={run_dir}", "eval.every=0", f"cluster.address={nodes.address}",
+            "cluster.placement=disaggregated", "cluster.shared_storage=true",  # every node is this machine
+            f"trainer.max_staleness={staleness}", "generator.num_engines=1", "generator.num_cpus=1",
+            "learner.num_ranks=1", "learner.num_cpus=1", "reward.num_workers=2", "reward.num_cpus=0.25"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with Background(args, log, REPO) as run:
+        try:
+            code = run.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{config} staleness {staleness} did not finish in {RUN_TIMEOUT_S:.0f} s; {log}") from None
+    if code != 0:
+        raise RuntimeError(f"{config} staleness {staleness} exited with {code}; {log}:\n{log.read_text()[-4000:]}")
+    from rlsys.observe.metrics import read_jsonl
+
+    placement = json.loads((run_dir / "placement.json").read_text())
+    where = {a["role"]: a["node_id"] for a in placement if a["role"] in ("generator", "learner")}
+    assert where["generator"] == nodes.node_ids["rollout"] and where["learner"] == nodes.node_ids["learner"], where
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def measure(rows: list[dict]) -> dict:
+    measured = rows[1:] or rows
+    wall = sum(r["timing/step"] for r in measured)
+    phases = ("wait", "generate", "reward", "learn", "sync")
+    return {"steps": len(rows), "tokens_per_s": sum(r["tokens/total"] for r in measured) / wall,
+            "step_s_mean": wall / len(measured),
+            "phases_s_mean": {p: statistics.fmean(r.get(f"timing/{p}", 0.0) for r in measured) for p in phases},
+            "staleness_mean": statistics.fmean(r.get("staleness/mean", 0.0) for r in rows),
+            "reward": [r["reward/mean"] for r in rows]}
+
+
+def plot(curves: dict[str, list[float]], title: str, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rewards in curves.items():
+        ax.plot(range(1, len(rewards) + 1), rewards, label=label, alpha=0.85)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the step's rollouts")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool) -> list[Section]:
+    steps = plan(quick)
+    info = machine()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise RuntimeError("the overlap benchmark pins generation and learning to two different cores: this "
+                           "process may use fewer than 2")
+    folder = REPO / "benchmarks" / "results" / f"overlap-{time.strftime('%Y%m%d-%H%M%S')}"
+    section = Section("overlap", {
+        "workloads": {k: WORKLOADS[k] for k in steps}, "steps": steps, "measured": "steps after the first",
+        "placement": "disaggregated: rollout node pinned to core 0 (1 vLLM engine, 2 reward workers), learner node "
+                     "pinned to core 1 (1 DeepSpeed rank), head 0 CPUs", "cpu": info["cpu"],
+        "files": str(folder.relative_to(REPO))})
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = LocalNodes(folder / "nodes")
+    try:
+        nodes.head()
+        nodes.worker("rollout", 2, {"rollout": 1}, cores=[0])
+        nodes.worker("learner", 1, {"learner": 1}, cores=[1])
+        for name, n in steps.items():
+            got = {}
+            for staleness in (0, 1):
+                print(f"[overlap] {name}: staleness {staleness}, {n} steps ...", flush=True)
+                got[staleness] = measure(train_run(nodes, WORKLOADS[name], staleness, n,
+                                                   folder / f"{name}-s{staleness}"))
+                print(f"[overlap] {name}: staleness {staleness}: {got[staleness]['tokens_per_s']:.0f} tokens/s, "
+                      f"{got[staleness]['step_s_mean']:.2f} s a step", flush=True)
+            sync, async_ = got[0], got[1]
+            png = folder / f"reward_{name}.png"
+            plot({"synchronous (max_staleness 0)": sync["reward"], "asynchronous (max_staleness 1)": async_["reward"]},
+                 f"{name}: reward per step, same cluster, same run", png)
+            k = max(1, n // 5)
+            last_sync, last_async = statistics.fmean(sync["reward"][-k:]), statistics.fmean(async_["reward"][-k:])
+            section.rows.append({"workload": name, "synchronous": sync, "asynchronous": async_,
+                                 "plot": str(png.relative_to(REPO))})
+            section.figures += [
+                Figure(f"{name}: asynchronous (staleness 1) tokens/s", async_["tokens_per_s"], "tokens/s",
+                       "synchronous, same cluster and pinning, same run", sync["tokens_per_s"], target=TARGET,
+                       note=f"sync phases {fmt(sync['phases_s_mean'])}; async {fmt(async_['phases_s_mean'])} (its "
+                            f"generate/reward overlap learn; wait = learner idle)"),
+                Figure(f"{name}: mean reward of the last {k} steps, asynchronous", last_async, "reward",
+                       f"synchronous, last {k} steps", last_sync,
+                       note=f"first 3 steps: sync {statistics.fmean(sync['reward'][:3]):.3f}, async "
+                            f"{statistics.fmean(async_['reward'][:3]):.3f}; curves in {png.name}")]
+    finally:
+        nodes.stop()
+    return [section]
+
+
+def fmt(phases: dict[str, float]) -> str:
+    return ", ".join(f"{p} {s:.2f}s" for p, s in phases.items() if s)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main(run)
