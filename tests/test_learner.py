@@ -27,7 +27,7 @@ def toy_batch(lengths: list[int], advantages: list[float], prompt_len: int = 3) 
 
 def make_learner(micro: int, aggregation: str = "token", beta: float = 0.0) -> Learner:
     path = resolve_model(ModelConfig())
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=micro, lr=1e-2)
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=micro, max_tokens_per_micro_batch=0, lr=1e-2)
     learner = Learner(path, "float32", cfg, AlgoConfig(group_size=4, beta=beta, aggregation=aggregation),
                       temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
     learner.setup("127.0.0.1", free_port())
@@ -139,7 +139,7 @@ def test_dropout_is_off_in_every_forward(tmp_path):
     model.config.attention_dropout = 0.5
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path)
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=8, lr=1e-2)
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=8, max_tokens_per_micro_batch=0, lr=1e-2)
     learner = Learner(str(tmp_path), "float32", cfg, AlgoConfig(group_size=4, beta=0.1), temperature=1.0, rank=0,
                       world=1, backend="gloo", seed=0)
     learner.setup("127.0.0.1", free_port())
@@ -158,7 +158,7 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
     # warm-up 2, cosine to 0.1 over 5 optimizer steps (one per train call: mini-batch = batch):
     # step 0: 1/2 = 0.5; step 1: 2/2 = 1; steps 2..4: 0.1 + 0.9 * (1 + cos(pi * p)) / 2, p = 0, 1/2, 1
     # -> 1, 0.55, 0.1 (times lr = 1e-2)
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=4, lr=1e-2, lr_schedule="cosine",
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=4, max_tokens_per_micro_batch=0, lr=1e-2, lr_schedule="cosine",
                         warmup_steps=2, min_lr_ratio=0.1)
     learner = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.0),
                       temperature=1.0, rank=0, world=1, backend="gloo", seed=0, total_updates=5)
@@ -176,7 +176,7 @@ def test_constant_schedule_keeps_lr_after_warmup():
 
 
 def bf16_learner(stage: int, lr: float) -> Learner:
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=1, lr=lr, zero_stage=stage)
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=1, max_tokens_per_micro_batch=0, lr=lr, zero_stage=stage)
     learner = Learner(resolve_model(ModelConfig()), "bfloat16", cfg, AlgoConfig(group_size=4, beta=0.0),
                       temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
     learner.setup("127.0.0.1", free_port())
@@ -208,7 +208,7 @@ def test_bf16_updates_track_the_fp32_update(stage):
     weight to 8 bits of mantissa and computes in bf16; at lr 1e-3 a step moves a weight by about
     1e-3, several bf16 ulps of the tiny model's weights)."""
     batch = toy_batch(LENGTHS, ADV)
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=1, lr=1e-3, zero_stage=0)
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=1, max_tokens_per_micro_batch=0, lr=1e-3, zero_stage=0)
     fp32 = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.0), temperature=1.0,
                    rank=0, world=1, backend="gloo", seed=0)
     fp32.setup("127.0.0.1", free_port())
@@ -232,7 +232,7 @@ def two_rank_group(zero_stage: int, overrides: list[str]):
     from rlsys.cluster.groups import start_learner_group
 
     cfg = load_config(None, ["learner.num_ranks=2", f"learner.zero_stage={zero_stage}", "algo.group_size=4",
-                             "algo.beta=0", "data.prompts_per_step=4", *overrides])
+                             "algo.beta=0", "data.prompts_per_step=4", "learner.max_tokens_per_micro_batch=0", *overrides])
     return start_learner_group(cfg, resolve_model(cfg.model))
 
 
@@ -263,7 +263,7 @@ def test_two_ranks_update_like_one_rank(ray_cluster, zero_stage):
         two_weights = group.full_state_dict()
     finally:
         stop(group, pg)
-    cfg = LearnerConfig(num_ranks=1, zero_stage=zero_stage, epochs=2, mini_batch_size=8, micro_batch_size=2,
+    cfg = LearnerConfig(num_ranks=1, zero_stage=zero_stage, epochs=2, mini_batch_size=8, micro_batch_size=2, max_tokens_per_micro_batch=0,
                         lr=1e-2)
     one_rank = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.0),
                        temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
@@ -318,7 +318,7 @@ def test_generator_gap_metrics_are_token_weighted_means_and_a_true_max():
 
 def stateful_learner(stage: int, dtype: str) -> Learner:
     # A warm-up and a cosine: the LR differs at every update, so a lost scheduler state shows.
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, lr=1e-2, zero_stage=stage,
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, max_tokens_per_micro_batch=0, lr=1e-2, zero_stage=stage,
                         lr_schedule="cosine", warmup_steps=2)
     learner = Learner(resolve_model(ModelConfig()), dtype, cfg, AlgoConfig(group_size=4, beta=0.0),
                       temperature=1.0, rank=0, world=1, backend="gloo", seed=3, total_updates=8)
@@ -384,7 +384,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(stage, dtype):
     """A NaN advantage makes its mini-batch's loss and gradients NaN: that update is not applied
     (ZeRO-0 fp32 by rlsys, ZeRO 1-3 by DeepSpeed's own overflow check), the healthy one is, no NaN
     reaches a weight, and the metrics say how many updates were skipped."""
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, lr=1e-2, zero_stage=stage)
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, max_tokens_per_micro_batch=0, lr=1e-2, zero_stage=stage)
     learner = Learner(resolve_model(ModelConfig()), dtype, cfg, AlgoConfig(group_size=4, beta=0.0),
                       temperature=1.0, rank=0, world=1, backend="gloo", seed=3)
     learner.setup("127.0.0.1", free_port())
@@ -418,7 +418,7 @@ def test_zero3_builds_the_model_sharded_from_the_start(monkeypatch):
 
     monkeypatch.setattr(module, "load_without_dropout", spy)
     for stage in (3, 0):
-        cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=2, lr=1e-2, zero_stage=stage)
+        cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=2, max_tokens_per_micro_batch=0, lr=1e-2, zero_stage=stage)
         learner = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.001),
                           temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
         learner.setup("127.0.0.1", free_port())

@@ -96,6 +96,7 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
             for p in prompts:  # the chat template writes BOS; encoding must not add a second one
                 assert p.ids[0] == tokenizer.bos_token_id and p.ids.count(tokenizer.bos_token_id) == 1, p.ids[:4]
         assert groups.sync.push(version=1) == [1, 1]
+        groups.sync.push_wire()  # the benchmark's wire part: every bucket's checksum compared, nothing loaded
         learner = groups.learner.full_state_dict()
         initial = load_file(f"{model_path}/model.safetensors")
         assert any(not torch.equal(learner[k].float(), initial[k].float()) for k in initial), \

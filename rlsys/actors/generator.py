@@ -113,6 +113,11 @@ class Generator:
         self.version = version
         return version
 
+    def receive_wire(self, plan: list[Bucket]) -> None:
+        """The receiving end of a push without the load (the sync benchmark's wire part): the
+        engine keeps serving the weights it has."""
+        self.llm.collective_rpc("rlsys_receive_wire", args=(plan_to_wire(plan),))
+
     def received_checksums(self) -> list[list[int]]:
         """Each worker's checksum of every bucket of the last receive_weights."""
         return self.llm.collective_rpc("rlsys_received_checksums")

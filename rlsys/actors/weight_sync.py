@@ -236,6 +236,14 @@ class WorkerExtension:
         assert count == expected, f"the engine consumed {count} of {expected} tensors"
         return count
 
+    def rlsys_receive_wire(self, wire_plan: list) -> int:
+        """The wire alone, for the sync benchmark: every bucket received into its buffer and
+        checksummed as in rlsys_receive, nothing loaded into the model."""
+        group, backend = self.rlsys_sync
+        self.rlsys_checksums = []
+        return sum(1 for _ in receive_buckets(group, plan_from_wire(wire_plan), device_for(backend),
+                                              self.rlsys_checksums))
+
     def rlsys_received_checksums(self) -> list[int]:
         return list(self.rlsys_checksums)
 

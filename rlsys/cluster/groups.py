@@ -258,6 +258,21 @@ class WeightSync:
             self.connect()
         return self._send(self.generators.engines, version)
 
+    def push_wire(self) -> None:
+        """A push's wire part alone: the learner's buckets (copied from its parameters, as in
+        `push`) into the engines' receive buffers, checksums compared, nothing loaded (the sync
+        benchmark sets it against push_raw and against the whole push)."""
+        self.generators.drop_dead()
+        if self.members != [e.index for e in self.generators.engines]:
+            self.connect()
+        engines = self.generators.engines
+        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
+        receives = [e.actor.receive_wire.remote(self.plan) for e in engines]
+        done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
+                       self.timeout_s, "deadlines.sync_s")
+        check_received(done[0], {e.index: got for e, got in
+                                 zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
+
     def push_raw(self) -> None:
         """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
         dtype = self.plan[0][0].dtype
