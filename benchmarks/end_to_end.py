@@ -6,7 +6,7 @@ Three workloads, each an rlsys config with overrides, the same for both sides:
                       1e-5, beta 0) on GSM8K questions (the chat template and system prompt make a
                       prompt of ~150-250 tokens, as in real R1-Zero work), without evaluation; fp32;
 - smollm2-gsm8k-bf16: the same in bfloat16 (TRL: bf16=True; rlsys: ZeRO-1, fp32 master weights).
-rlsys adds its own settings (RLSYS_BEST: token-budget micro-batches), which TRL has no equivalent of.
+rlsys runs its defaults (token-budget micro-batches among them), TRL its own.
 
 rlsys side: `rlsys train` of the workload for `steps` steps with profile.enabled=true on a local
 Ray cluster (2 vLLM generators, 2 reward workers, 2 DeepSpeed ranks sharing this machine's cores).
@@ -43,8 +43,8 @@ WORKLOADS = {
     "smollm2-gsm8k-bf16": ("rlsys/default.yaml", GSM8K + BF16),
 }
 """name -> (config, overrides): the same workload for both sides."""
-RLSYS_BEST = ["learner.max_tokens_per_micro_batch=4096"]
-"""rlsys's own settings on top (TRL has no such setting): token-budget micro-batches."""
+RLSYS_BEST: list[str] = []
+"""rlsys's own settings on top, beyond its defaults (token-budget micro-batches are one); none."""
 TARGET_VS_TRL = 2.0
 
 

@@ -9,7 +9,8 @@ learner) and trainer.max_staleness=1 (generation of batch k + 1 overlaps the upd
 
 Per run, over the steps after the first (warm-up): tokens (prompt + response, every sample) per
 second of wall time (timing/step), the phases, and the reward curve; the curves of both runs go
-into one plot (<results>/overlap-<stamp>/reward_<workload>.png). Figures: asynchronous tokens/s
+into one plot (<results>/overlap-<stamp>/reward_<workload>.png), per step and per second of
+training. Figures: asynchronous tokens/s
 against synchronous (target 1.4x), and the mean reward of the last steps against synchronous
 ("not worse": the ratio should be about 1 or above).
 
@@ -22,6 +23,7 @@ SmolLM2-135M on digit sums, its held-out evaluation off).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -77,22 +79,27 @@ def measure(rows: list[dict]) -> dict:
             "step_s_mean": wall / len(measured),
             "phases_s_mean": {p: statistics.fmean(r.get(f"timing/{p}", 0.0) for r in measured) for p in phases},
             "staleness_mean": statistics.fmean(r.get("staleness/mean", 0.0) for r in rows),
-            "reward": [r["reward/mean"] for r in rows]}
+            "reward": [r["reward/mean"] for r in rows],
+            "elapsed_s": list(itertools.accumulate(r["timing/step"] for r in rows))}
 
 
-def plot(curves: dict[str, list[float]], title: str, out: Path) -> None:
+def plot(runs: dict[str, dict], title: str, out: Path) -> None:
+    """Reward per step (left) and against wall-clock seconds of training (right), every run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rewards in curves.items():
-        ax.plot(range(1, len(rewards) + 1), rewards, label=label, alpha=0.85)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward of the step's rollouts")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in runs.items():
+        by_step.plot(range(1, len(r["reward"]) + 1), r["reward"], label=label, alpha=0.85)
+        by_time.plot(r["elapsed_s"], r["reward"], label=label, alpha=0.85)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("seconds of training (sum of step times)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("mean reward of the step's rollouts")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -129,8 +136,8 @@ def run(quick: bool) -> list[Section]:
                       f"{got[staleness]['step_s_mean']:.2f} s a step", flush=True)
             sync, async_ = got[0], got[1]
             png = folder / f"reward_{name}.png"
-            plot({"synchronous (max_staleness 0)": sync["reward"], "asynchronous (max_staleness 1)": async_["reward"]},
-                 f"{name}: reward per step, same cluster, same run", png)
+            plot({"synchronous (max_staleness 0)": sync, "asynchronous (max_staleness 1)": async_},
+                 f"{name}: reward, same cluster and pinning, same run", png)
             k = max(1, n // 5)
             last_sync, last_async = statistics.fmean(sync["reward"][-k:]), statistics.fmean(async_["reward"][-k:])
             section.rows.append({"workload": name, "synchronous": sync, "asynchronous": async_,

@@ -30,8 +30,10 @@ if __package__ in (None, ""):
 
 from benchmarks.common import Figure, Section, in_fresh_process, main, ray_up, rlsys_config, tiny_model  # noqa: E402
 
+from rlsys.config import LearnerConfig  # noqa: E402
+
 TARGET = 1.3
-BUDGET = 4096
+BUDGET = LearnerConfig.max_tokens_per_micro_batch  # the default a run gets
 
 
 def mixed_batch(prompts: int, group: int, vocab: int, max_response: int, algo, seed: int = 0):

@@ -182,11 +182,12 @@ class LearnerConfig:
     """cosine only: the final learning rate as a share of `lr`."""
     sync_bucket_mb: float = 32.0
     """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
-    max_tokens_per_micro_batch: int = 4096
+    max_tokens_per_micro_batch: int = 2048
     """Token-budget micro-batches: rows (longest first) go into micro-batches of at most this many
     tokens, padding included (a longer row goes alone), balanced over the ranks by tokens; then
     micro_batch_size is not used. 0: fixed micro-batches of micro_batch_size rows, padded to their
-    longest (the earlier layout; 1.8x fewer learner tokens/s on mixed lengths, benchmarks/packing.py)."""
+    longest (the earlier layout: fewer learner tokens/s on mixed lengths, benchmarks/packing.py).
+    Activation memory grows with the budget: at 4096, SmolLM2-135M took ~8 GB a rank on CPU."""
     logprob_chunk: int = 1024
     """The output layer and log-softmax run over this many positions at a time, recomputed in the
     backward pass, so no (batch, length, vocabulary) tensor is ever whole; 0: all positions at once."""
