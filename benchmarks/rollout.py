@@ -33,6 +33,14 @@ def _threads() -> None:
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count())
 
 
+def fp32_roofline() -> float:
+    """This machine's fp32 matmul FLOP/s on all its threads (rlsys.observe.hardware), fresh process."""
+    _threads()
+    from rlsys.observe.hardware import matmul_roofline
+
+    return matmul_roofline(("float32",), device="cpu")["float32"]
+
+
 def requests(model_path: str, prompts: list[str]) -> list[tuple[int, int, list[int], str]]:
     """The generators' requests for prompt texts, tokenised as the HF side tokenises them."""
     from transformers import AutoTokenizer
@@ -49,7 +57,7 @@ def vllm_side(model_path: str, prompts: list[str], n: int, tokens: int, repeats:
     from rlsys.actors.generator import Generator
 
     cfg = GeneratorConfig(max_tokens=tokens, max_model_len=2048, enable_prefix_caching=prefix_caching,
-                          kv_cache_gib=2)
+                          kv_cache_gib=2, gpu_memory_utilization=0.5)
     gen = Generator(model_path, cfg, "float32", seed=0)
     batch = requests(model_path, prompts)
     gen.generate(batch[:2], n=2, min_tokens=tokens)  # warm-up
@@ -93,18 +101,41 @@ def workload_prompts(config: str, count: int) -> tuple[str, list[str]]:
     return path, [p.text for p in stream.next(count)]
 
 
+def generate_flops(model_path: str, prompts: list[str], n: int, tokens: int) -> int:
+    """Model FLOPs of n samples of `tokens` new tokens per prompt, each sample computed on its own
+    (prompt + its tokens; the output layer at each new token): the same count for both sides."""
+    from transformers import AutoConfig
+
+    from rlsys.math.flops import Shape, forward_flops
+
+    shape = Shape.of(AutoConfig.from_pretrained(model_path))
+    return n * sum(forward_flops(shape, len(ids) + tokens, tokens) for _, _, ids, _ in requests(model_path, prompts))
+
+
 def vllm_vs_hf(section: Section, name: str, model_path: str, prompts: list[str], n: int, tokens: int,
-               repeats: int) -> None:
+               repeats: int, roofline: float | None = None) -> None:
+    """roofline: this machine's fp32 matmul FLOP/s; each side's model FLOP/s is then also shown as a
+    share of it. The vLLM/HF ratio depends on the machine's BLAS: HF's fp32 linears run on MKL, which
+    takes its AVX-512 kernels on Intel only, while vLLM's run on oneDNN (AVX-512 on both), so the
+    same code shows a smaller ratio on an Intel Xeon than on an AMD EPYC. The share of the roofline
+    means the same on both."""
     generated = len(prompts) * n * tokens
     ours = in_fresh_process(vllm_side, model_path, prompts, n, tokens, repeats)
     hf = in_fresh_process(hf_side, model_path, prompts, n, tokens, repeats)
+    flops = generate_flops(model_path, prompts, n, tokens)
     section.rows.append({"what": "vllm_vs_hf", "model": name, "prompts": len(prompts), "n": n, "tokens": tokens,
-                         "vllm_s": ours, "hf_s": hf})
-    print(f"[rollout] {name}: vLLM {generated / ours:.0f} tokens/s, HF generate {generated / hf:.0f}", flush=True)
+                         "vllm_s": ours, "hf_s": hf, "model_flops": flops})
+    print(f"[rollout] {name}: vLLM {generated / ours:.0f} tokens/s ({flops / ours / 1e9:.0f} GFLOP/s), "
+          f"HF generate {generated / hf:.0f} ({flops / hf / 1e9:.0f} GFLOP/s)", flush=True)
     section.figures.append(Figure(
         f"vLLM generate {name} ({len(prompts)} prompts x {n}, {tokens} new) tokens/s", generated / ours, "tokens/s",
         "HF generate, same model, prompts, batch and sampling, exactly as many tokens", generated / hf,
         target=TARGET_VS_HF, note="vLLM side also returns every token's log-prob"))
+    if roofline:
+        section.figures.append(Figure(
+            f"vLLM generate {name} model TFLOP/s", flops / ours / 1e12, "TFLOP/s",
+            "fp32 matmul roofline of this machine, measured in this run", roofline / 1e12,
+            note=f"ratio = share of the roofline; HF generate: {100 * flops / hf / roofline:.0f}%"))
 
 
 def prefix_caching(section: Section, model_path: str, prompt: str, prompts: int, n: int, tokens: int,
@@ -159,12 +190,14 @@ def pool(section: Section, model_path: str, quick: bool) -> None:
 def run(quick: bool) -> Section:
     repeats = 2 if quick else 3
     tiny_path, params = tiny_model(384, 8, 6)
+    roofline = in_fresh_process(fp32_roofline)
     section = Section("rollout", {"repeats": repeats, "dtype": "float32", "tiny_params": params,
-                                  "threads": os.cpu_count()})
+                                  "threads": os.cpu_count(), "fp32_matmul_roofline_flops_per_s": roofline})
     _, tiny_prompts = workload_prompts("configs/tiny.yaml", 16)
     vllm_vs_hf(section, "tiny-10M", tiny_path, tiny_prompts, n=8, tokens=64, repeats=repeats)
     smol_path, smol_prompts = workload_prompts("rlsys/default.yaml", 4)  # the quickstart's model and prompts
-    vllm_vs_hf(section, "smollm2-135m", smol_path, smol_prompts, n=8, tokens=32 if quick else 64, repeats=repeats)
+    vllm_vs_hf(section, "smollm2-135m", smol_path, smol_prompts, n=8, tokens=32 if quick else 64, repeats=repeats,
+               roofline=roofline)
     long_prompt = " ".join(tiny_prompts) * 4
     prefix_caching(section, tiny_path, long_prompt[:1500], prompts=4, n=16, tokens=4, repeats=repeats)
     ray_up()
