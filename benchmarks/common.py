@@ -1,5 +1,6 @@
 """What every benchmark shares: figures as ratios to a reference measured in the same run, the
-hardware numbers from config, the result JSON and its schema, tables, and fresh processes.
+hardware numbers (links from config, FLOP/s peaks from this machine), the result JSON and its
+schema, tables, and fresh processes.
 
 A figure is one measured value beside the reference it is judged against, measured side by side
 on the same machine in the same run (absolute seconds on a shared machine drift from run to run;
@@ -99,20 +100,33 @@ def _num(x: float) -> str:
 
 
 def hardware() -> dict:
-    """Peak FLOP/s and link bandwidths, from benchmarks/hardware.yaml (the issue: "the peak taken
-    from config"); RLSYS_HARDWARE names another file. A missing or non-positive number stops
-    with the file and the key."""
+    """What the benchmarks judge against that this machine cannot measure, from benchmarks/hardware.yaml
+    (RLSYS_HARDWARE names another file): link bandwidths, and optionally `peak_tflops`, an override of
+    the FLOP/s peak. Without the override, `peak_tflops` is filled with this machine's estimate from
+    its instruction set (rlsys.observe.hardware.cpu_estimate; `peak_source` says which). MFU itself
+    divides by a matmul roofline measured in the same run (benchmarks/learner.py), or by the override
+    when the file sets one. A missing or non-positive number stops with the file and the key."""
+    from rlsys.observe.hardware import cpu_estimate
+
     path = Path(os.environ.get("RLSYS_HARDWARE", HARDWARE))
-    hw = yaml.safe_load(path.read_text())
-    links = (hw or {}).get("links") or {}
-    wanted = [("peak_tflops", "float32"), ("peak_tflops", "bfloat16"), ("links", "nvlink_gb_per_s"),
-              ("links", "infiniband_gb_per_s")]
+    hw = yaml.safe_load(path.read_text()) or {}
+    wanted = [("links", "nvlink_gb_per_s"), ("links", "infiniband_gb_per_s")]
+    if hw.get("peak_tflops") is not None:
+        wanted = [("peak_tflops", "float32"), ("peak_tflops", "bfloat16")] + wanted
     for section, key in wanted:
-        value = ((hw or {}).get(section) or {}).get(key)
+        value = (hw.get(section) or {}).get(key)
         if not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{path}: {section}.{key} must be a positive number, got {value!r}")
+    links = hw.get("links") or {}
     if links.get("sync_path") not in ("nvlink", "infiniband"):
         raise ValueError(f"{path}: links.sync_path must be nvlink or infiniband, got {links.get('sync_path')!r}")
+    estimate = cpu_estimate()
+    hw["cpu_estimate"] = estimate
+    if hw.get("peak_tflops") is not None:
+        hw["peak_source"] = f"override in {path.name}"
+    else:
+        hw["peak_tflops"] = {k: estimate[k] / 1e12 for k in ("float32", "bfloat16")}
+        hw["peak_source"] = estimate["label"]
     return hw
 
 
@@ -200,8 +214,8 @@ def ray_up() -> None:
     share this machine's cores (Ray only books them); actor logs stay out of the tables."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # address="local": never attach to a `ray start` cluster on this machine
+        ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
 
 
 def rlsys_config(overrides: list[str], path: str | Path | None = None):
