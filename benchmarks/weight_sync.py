@@ -31,15 +31,16 @@ SIZES = {"1M": (128, 6, 4), "10M": (384, 8, 6), "100M": (1024, 10, 16), "450M": 
 TARGET = 0.8
 
 
-def measure(model_path: str, repeats: int, bucket_mb: float) -> dict:
+def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str, ...] = ("learner.num_ranks=1",)
+            ) -> dict:
     import ray
 
     from rlsys.cluster.groups import init_ray, launch, resolve_backend
 
-    cfg = rlsys_config([f"model.path={model_path}", "learner.num_ranks=1", "learner.mini_batch_size=4",
-                        "learner.micro_batch_size=4", "data.prompts_per_step=1", "algo.group_size=4",
+    cfg = rlsys_config([f"model.path={model_path}", "learner.mini_batch_size=4",
+                        "learner.micro_batch_size=2", "data.prompts_per_step=1", "algo.group_size=4",
                         "reward.num_workers=1", "generator.num_engines=2", "generator.max_tokens=8",
-                        "generator.max_model_len=256", f"learner.sync_bucket_mb={bucket_mb}"])
+                        "generator.max_model_len=256", f"learner.sync_bucket_mb={bucket_mb}", *learner])
     init_ray(cfg)
     groups = launch(cfg, model_path, "math")
     try:
@@ -103,6 +104,20 @@ def run(quick: bool) -> Section:
                 f"weight sync {size} vs {link} roofline", m["rlsys_s"], "s",
                 f"{gb:.3f} GB / {bandwidth} GB/s ({link}, benchmarks/hardware.yaml)", gb / bandwidth,
                 lower_is_better=True))
+    # A sharded learner: 2 ZeRO-3 ranks, every rank sending its share of the buckets against rank 0 alone.
+    size = "10M" if quick else "100M"
+    path, params = tiny_model(*SIZES[size])
+    sharded = {all_ranks: measure(path, repeats, 32.0, ("learner.num_ranks=2", "learner.zero_stage=3",
+                                                        f"learner.sync_from_all_ranks={all_ranks}"))
+               for all_ranks in (False, True)}
+    section.rows.append({"size": size, "params": params, "zero3_two_ranks": {str(k): v for k, v in sharded.items()}})
+    section.figures.append(Figure(
+        f"weight sync {size} from 2 ZeRO-3 ranks, each sending its buckets", sharded[True]["rlsys_s"], "s",
+        "learner rank 0 sending every bucket (learner.sync_from_all_ranks=false), same group sizes",
+        sharded[False]["rlsys_s"], lower_is_better=True,
+        note=f"whole push incl. the engines' reload ({sharded[True]['engine_load_s']:.3f}s of it); wire alone: "
+             f"{sharded[True]['wire_s']:.3f}s vs {sharded[False]['wire_s']:.3f}s; every rank still takes part in "
+             f"every ZeRO-3 gather"))
     if section.rows and section.rows[0]["backend"] != "nccl":
         section.params["roofline"] = "not computed: gloo backend (CPU); the link roofline applies to NCCL clusters"
     return section

@@ -182,6 +182,9 @@ class LearnerConfig:
     """cosine only: the final learning rate as a share of `lr`."""
     sync_bucket_mb: float = 32.0
     """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
+    sync_from_all_ranks: bool = True
+    """Every learner rank sends its share of the buckets (round robin), at once, over a group of
+    its own with the generators; false: rank 0 sends them all."""
     max_tokens_per_micro_batch: int = 2048
     """Token-budget micro-batches: rows (longest first) go into micro-batches of at most this many
     tokens, padding included (a longer row goes alone), balanced over the ranks by tokens; then

@@ -69,7 +69,9 @@ CASES = {
     "zero3-bf16": ["learner.zero_stage=3", "model.dtype=bfloat16"],
     "tied": ["learner.zero_stage=0", "model.tiny_tied=true"],
     # a Llama whose tokenizer has no pad token and writes BOS in its chat template
-    "llama-chat": ["learner.zero_stage=0", "model.tiny_arch=llama", "data.template=chat"],
+    # ... and learner rank 0 sending every bucket alone (the other cases: both ranks send their share)
+    "llama-chat": ["learner.zero_stage=0", "model.tiny_arch=llama", "data.template=chat",
+                   "learner.sync_from_all_ranks=false"],
 }
 
 

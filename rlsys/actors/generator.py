@@ -137,8 +137,9 @@ class Generator:
                 ))
         return rollouts
 
-    def join_sync(self, addr: str, port: int, first_rank: int, world: int, backend: str) -> list[int]:
-        return self.llm.collective_rpc("rlsys_join", args=(addr, port, first_rank, world, backend))
+    def join_sync(self, rendezvous: list[tuple[str, int]], first_rank: int, world: int, backend: str) -> list[int]:
+        """Join the sync group of every sending learner rank ((addr, port) each, in rank order)."""
+        return self.llm.collective_rpc("rlsys_join", args=([list(r) for r in rendezvous], first_rank, world, backend))
 
     def receive_weights(self, plan: list[Bucket], version: int) -> int:
         self.llm.collective_rpc("rlsys_receive", args=(plan_to_wire(plan),))

@@ -39,8 +39,8 @@ from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
-from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, plan_buckets, raw_broadcast,
-                               send_buckets)
+from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, owners, plan_buckets,
+                                      raw_broadcast, send_buckets)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -431,35 +431,46 @@ class Learner:
                  for n, p in self._named_params()]
         return plan_buckets(metas, int(self.cfg.sync_bucket_mb * 2**20))
 
+    def senders(self) -> int:
+        """How many learner ranks send weights (ranks 0 .. senders-1), each over its own group."""
+        return self.world if self.cfg.sync_from_all_ranks else 1
+
     def join_sync(self, addr: str, port: int, world: int) -> None:
-        """Rank 0 only: rank 0 of the sync group, hosting its rendezvous."""
-        assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
+        """A sending rank: rank 0 of its own sync group, hosting its rendezvous."""
+        assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
         self.sync_group = make_group(self.backend, addr, port, 0, world)
 
-    def broadcast_weights(self, plan: list[Bucket]) -> list[int] | None:
-        """Collective over all learner ranks (ZeRO-3 gathers need them); rank 0 sends and returns
-        each bucket's checksum (None on the other ranks)."""
+    def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
+        """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank
+        broadcasts the buckets it owns (weight_sync.owners) and returns their checksums by bucket
+        index; the others return {}. ZeRO 0-2: a rank holds every parameter whole and touches only
+        its own buckets; ZeRO-3: every rank gathers every bucket, in plan order, the owner sends it."""
         params = dict(self._named_params())
         zero3 = self.cfg.zero_stage == 3
-        if not zero3 and self.rank != 0:
-            return None
+        owner = owners(len(plan), self.senders())
+        mine = [i for i in range(len(plan)) if owner[i] == self.rank]
+        if not zero3 and not mine:
+            return {}
         import deepspeed
 
         def buckets():
-            for bucket in plan:
+            for i, bucket in enumerate(plan):
+                if not zero3 and owner[i] != self.rank:
+                    continue
                 tensors = [params[m.name] for m in bucket]
-                # ZeRO-3: every rank gathers the bucket; the copy into the flat buffer happens inside.
+                # ZeRO-3: every rank gathers the bucket; the owner's copy into its flat buffer happens inside.
                 with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=zero3):
-                    yield [t.data for t in tensors]
+                    if owner[i] == self.rank:
+                        yield [t.data for t in tensors]
 
-        if self.rank == 0:
-            return send_buckets(self.sync_group, buckets(), device_for(self.backend))
-        for _ in buckets():  # the other ranks take part in each gather
-            pass
-        return None
+        if not mine:  # ZeRO-3, a rank that sends nothing: it takes part in each gather
+            for _ in buckets():
+                pass
+            return {}
+        return dict(zip(mine, send_buckets(self.sync_group, buckets(), device_for(self.backend))))
 
     def broadcast_raw(self, numel: int, dtype: str) -> None:
-        """Rank 0: one flat buffer over the sync group (the reference for the sync benchmark)."""
+        """Rank 0: one flat buffer over its sync group (the reference for the sync benchmark)."""
         if self.rank == 0:
             raw_broadcast(self.sync_group, numel, dtype, device_for(self.backend))
 

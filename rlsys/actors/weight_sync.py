@@ -1,7 +1,9 @@
-"""Weight sync: learner rank 0 broadcasts every parameter to every generator engine.
+"""Weight sync: the learner ranks broadcast every parameter to every generator engine.
 
-One process group of its own (gloo on CPU, NCCL on GPU) holds learner rank 0 (rank 0) and
-every inference worker of every engine (ranks 1..); the learners' own group is untouched.
+Each sending learner rank has a process group of its own (gloo on CPU, NCCL on GPU) holding it
+(rank 0) and every inference worker of every engine (ranks 1..); the learners' own group is
+untouched. The buckets are dealt round robin to the senders (learner.sync_from_all_ranks: every
+rank; else rank 0 alone), which send at once, each its own buckets.
 Parameters travel in buckets: a plan (names, shapes, dtypes, bucket boundaries) is agreed
 once, then each bucket is one flat buffer, one broadcast. ZeRO-3 learners gather one bucket
 at a time, never the whole model.
@@ -94,6 +96,16 @@ def checksum(flat: torch.Tensor) -> int:
     return int(words.sum(dtype=torch.int64))
 
 
+def owners(buckets: int, senders: int) -> list[int]:
+    """The learner rank that sends each bucket: round robin over the sending ranks, so that each
+    sends about 1/senders of the bytes, all at once, each over its own group.
+
+    >>> owners(5, 2), owners(3, 1)
+    ([0, 1, 0, 1, 0], [0, 0, 0])
+    """
+    return [i % senders for i in range(buckets)]
+
+
 def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]], device: torch.device) -> list[int]:
     """Broadcast each bucket as one flat buffer; returns each bucket's checksum. Two in flight:
     bucket k+1 is copied (and, under ZeRO-3, gathered) while bucket k travels; receive_buckets
@@ -113,24 +125,27 @@ def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]]
     return sums
 
 
-def receive_buckets(group: dist.ProcessGroup, plan: list[Bucket], device: torch.device,
+def receive_buckets(groups: list[dist.ProcessGroup], plan: list[Bucket], device: torch.device,
                     sums: list[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) bucket by bucket; each received bucket's checksum goes to `sums`. The
-    next bucket's broadcast is posted before this one's tensors are handed out, so it arrives
-    while the engine loads this one."""
+    """Yield (name, tensor) bucket by bucket, bucket i from its sender's group
+    (groups[owners(len(plan), len(groups))[i]]); each received bucket's checksum goes to `sums`.
+    The next bucket's broadcast is posted before this one's tensors are handed out, so it arrives
+    while the engine loads this one (and, with several senders, comes from another learner rank)."""
+    owner = owners(len(plan), len(groups))
 
-    def post(bucket: Bucket) -> tuple[torch.Tensor, dist.Work]:
+    def post(i: int) -> tuple[torch.Tensor, dist.Work]:
+        bucket = plan[i]
         flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype), device=device)
-        return flat, group.broadcast(flat, 0)
+        return flat, groups[owner[i]].broadcast(flat, 0)
 
-    pending = post(plan[0]) if plan else None
+    pending = post(0) if plan else None
     for i, bucket in enumerate(plan):
         flat, work = pending
         work.wait()
         if sums is not None:
             sums.append(checksum(flat))
         if i + 1 < len(plan):
-            pending = post(plan[i + 1])
+            pending = post(i + 1)
         offset = 0
         for m in bucket:
             yield m.name, flat[offset:offset + m.numel].view(m.shape)
@@ -185,11 +200,13 @@ class WorkerExtension:
         """The sampler draws from torch's default generator (no per-request seeds): reseed it."""
         torch.manual_seed(seed)
 
-    def rlsys_join(self, addr: str, port: int, first_rank: int, world: int, backend: str) -> int:
-        """Join the sync group as first_rank + this worker's rank inside its engine."""
+    def rlsys_join(self, rendezvous: list, first_rank: int, world: int, backend: str) -> int:
+        """Join every sending learner rank's sync group ([addr, port] each, in rank order) as
+        first_rank + this worker's rank inside its engine. Every member builds the groups in the
+        same order, so the rendezvous of one never waits on another."""
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
         rank = first_rank + self.rank
-        self.rlsys_sync = (make_group(backend, addr, port, rank, world), backend)
+        self.rlsys_sync = ([make_group(backend, addr, port, rank, world) for addr, port in rendezvous], backend)
         return rank
 
     def rlsys_receive(self, wire_plan: list) -> int:
@@ -199,13 +216,13 @@ class WorkerExtension:
         the sync benchmark's breakdown (the rest is vLLM's in-place load: on CPU, repacking every
         linear layer's weight for oneDNN)."""
         plan = plan_from_wire(wire_plan)
-        group, backend = self.rlsys_sync
-        self.rlsys_checksums: list[int] = []  # what arrived, per bucket, for the sender's comparison
+        groups, backend = self.rlsys_sync
+        self.rlsys_checksums: list[int] = []  # what arrived, per bucket, for the senders' comparison
         count, waited, start = 0, 0.0, time.perf_counter()
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count, waited
-            items = receive_buckets(group, plan, device_for(backend), self.rlsys_checksums)
+            items = receive_buckets(groups, plan, device_for(backend), self.rlsys_checksums)
             while True:
                 t = time.perf_counter()
                 item = next(items, None)
@@ -239,9 +256,9 @@ class WorkerExtension:
     def rlsys_receive_wire(self, wire_plan: list) -> int:
         """The wire alone, for the sync benchmark: every bucket received into its buffer and
         checksummed as in rlsys_receive, nothing loaded into the model."""
-        group, backend = self.rlsys_sync
+        groups, backend = self.rlsys_sync
         self.rlsys_checksums = []
-        return sum(1 for _ in receive_buckets(group, plan_from_wire(wire_plan), device_for(backend),
+        return sum(1 for _ in receive_buckets(groups, plan_from_wire(wire_plan), device_for(backend),
                                               self.rlsys_checksums))
 
     def rlsys_received_checksums(self) -> list[int]:
@@ -251,8 +268,8 @@ class WorkerExtension:
         return list(self.rlsys_receive_s)
 
     def rlsys_receive_raw(self, numel: int, dtype: str) -> None:
-        group, backend = self.rlsys_sync
-        raw_broadcast(group, numel, dtype, device_for(backend))
+        groups, backend = self.rlsys_sync
+        raw_broadcast(groups[0], numel, dtype, device_for(backend))  # from learner rank 0
 
     def rlsys_served_weights(self) -> bytes:
         """This worker's shard of every weight it serves, by vLLM parameter name, as safetensors

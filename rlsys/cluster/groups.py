@@ -175,14 +175,14 @@ class LearnerGroup:
 
 
 def check_received(sent: list[int], received: dict[int, list[list[int]]]) -> None:
-    """Every worker of every engine got exactly the buckets rank 0 sent (checksums per bucket), or
+    """Every worker of every engine got exactly the buckets the learners sent (checksums per bucket), or
     the run stops: a generator serving other weights than the learner's is a silent error.
 
     >>> check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 9]]})
     >>> check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 8]]})
     Traceback (most recent call last):
     ...
-    RuntimeError: weight sync: generator 1 worker 1 received bucket 1 with checksum 8, learner rank 0 sent 9 (buckets differ: [1])
+    RuntimeError: weight sync: generator 1 worker 1 received bucket 1 with checksum 8, the learners sent 9 (buckets differ: [1])
     """
     for engine, workers in received.items():
         for worker, got in enumerate(workers):
@@ -192,12 +192,13 @@ def check_received(sent: list[int], received: dict[int, list[list[int]]]) -> Non
                 first = differ[0]
                 raise RuntimeError(
                     f"weight sync: generator {engine} worker {worker} received bucket {first} with checksum "
-                    f"{got[first] if first < len(got) else None}, learner rank 0 sent "
+                    f"{got[first] if first < len(got) else None}, the learners sent "
                     f"{sent[first] if first < len(sent) else None} (buckets differ: {differ})")
 
 
 class WeightSync:
-    """Learner rank 0 -> every generator worker, over a group of its own.
+    """The learner ranks -> every generator worker: each sending rank its share of the buckets,
+    over a group of its own (learner.sync_from_all_ranks; else rank 0 sends them all).
 
     The group is built for one membership of the pool; `push` rebuilds it first whenever the pool
     changed (an engine joined, left or was lost): collective groups cannot grow or shrink in place."""
@@ -209,19 +210,27 @@ class WeightSync:
         self.backend, self.workers = backend, workers_per_engine
         rank0 = learners.actors[0]
         self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
-        self.addr = ray.get(rank0.whereami.remote())["ip"]
+        self.senders = learners.actors[:ray.get(rank0.senders.remote())]  # each sends its share of the buckets
+        self.addrs = [where["ip"] for where in ray.get([a.whereami.remote() for a in self.senders])]
         self.members: list[int] | None = None
         self.connect()
 
     def _group(self, engines: list[Engine]) -> None:
-        rank0 = self.learners.actors[0]
-        port = ray.get(rank0.free_port.remote())  # a fresh port beside the learners' own
+        """One group per sending learner rank: that rank and every worker of these engines."""
+        ports = ray.get([a.free_port.remote() for a in self.senders])  # fresh ports beside the learners' own
         world = 1 + len(engines) * self.workers
-        refs = [rank0.join_sync.remote(self.addr, port, world)] + [
-            e.actor.join_sync.remote(self.addr, port, 1 + i * self.workers, world, self.backend)
+        rendezvous = list(zip(self.addrs, ports))
+        refs = [a.join_sync.remote(addr, port, world) for a, (addr, port) in zip(self.senders, rendezvous)] + [
+            e.actor.join_sync.remote(rendezvous, 1 + i * self.workers, world, self.backend)
             for i, e in enumerate(engines)]
-        get_all(refs, ["learner 0"] + [f"generator {e.index}" for e in engines], "sync (group)", self.timeout_s,
-                "deadlines.sync_s")
+        get_all(refs, self.learners.names[:len(self.senders)] + [f"generator {e.index}" for e in engines],
+                "sync (group)", self.timeout_s, "deadlines.sync_s")
+
+    def _sent(self, per_rank: list[dict[int, int]]) -> list[int]:
+        """Every bucket's checksum, in plan order, from the ranks that sent them."""
+        merged = {i: c for sums in per_rank for i, c in sums.items()}
+        assert sorted(merged) == list(range(len(self.plan))), f"buckets sent: {sorted(merged)} of {len(self.plan)}"
+        return [merged[i] for i in range(len(self.plan))]
 
     def connect(self) -> None:
         """(Re)build the group over the pool's engines as they are now."""
@@ -243,7 +252,7 @@ class WeightSync:
         # Both sides done (every worker has loaded what it received) before the loop goes on.
         done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
                        self.timeout_s, "deadlines.sync_s")
-        sent, versions = done[0], done[len(sends):]
+        sent, versions = self._sent(done[:len(sends)]), done[len(sends):]
         check_received(sent, {e.index: got for e, got in
                               zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
         return versions
@@ -270,8 +279,9 @@ class WeightSync:
         receives = [e.actor.receive_wire.remote(self.plan) for e in engines]
         done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
                        self.timeout_s, "deadlines.sync_s")
-        check_received(done[0], {e.index: got for e, got in
-                                 zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
+        check_received(self._sent(done[:len(sends)]), {e.index: got for e, got in
+                                                       zip(engines, ray.get([e.actor.received_checksums.remote()
+                                                                             for e in engines]))})
 
     def push_raw(self) -> None:
         """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
