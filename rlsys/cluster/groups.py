@@ -246,9 +246,12 @@ class WeightSync:
         versions = self._send(engines, version)
         assert versions == [version] * len(engines), f"joining engines report versions {versions}, expected {version}"
 
-    def _send(self, engines: list[Engine], version: int) -> list[int]:
+    def _send(self, engines: list[Engine], version: int | None) -> list:
+        """Every learner rank sends its buckets; the engines load them as `version`, or, with None,
+        only receive them (the wire alone). Returns what each engine's receive returned."""
         sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
-        receives = [e.actor.receive_weights.remote(self.plan, version) for e in engines]
+        receives = [e.actor.receive_wire.remote(self.plan) if version is None
+                    else e.actor.receive_weights.remote(self.plan, version) for e in engines]
         # Both sides done (every worker has loaded what it received) before the loop goes on.
         done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
                        self.timeout_s, "deadlines.sync_s")
@@ -257,31 +260,24 @@ class WeightSync:
                               zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
         return versions
 
-    def push(self, version: int) -> list[int]:
-        """Broadcast the learner's weights; returns the version each generator now reports.
-
-        Engines that died since the step's generate leave the pool first (a dead member breaks a
-        broadcast: gloo's sender fails at once, the other receivers would wait out the group timeout)."""
+    def _current_engines(self) -> list[Engine]:
+        """The pool's live engines, the group rebuilt over them if it changed. Engines that died
+        since the step's generate leave first (a dead member breaks a broadcast: gloo's sender
+        fails at once, the other receivers would wait out the group timeout)."""
         self.generators.drop_dead()
         if self.members != [e.index for e in self.generators.engines]:
             self.connect()
-        return self._send(self.generators.engines, version)
+        return self.generators.engines
+
+    def push(self, version: int) -> list[int]:
+        """Broadcast the learner's weights; returns the version each generator now reports."""
+        return self._send(self._current_engines(), version)
 
     def push_wire(self) -> None:
-        """A push's wire part alone: the learner's buckets (copied from its parameters, as in
+        """A push's wire part alone: the learners' buckets (copied from their parameters, as in
         `push`) into the engines' receive buffers, checksums compared, nothing loaded (the sync
         benchmark sets it against push_raw and against the whole push)."""
-        self.generators.drop_dead()
-        if self.members != [e.index for e in self.generators.engines]:
-            self.connect()
-        engines = self.generators.engines
-        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
-        receives = [e.actor.receive_wire.remote(self.plan) for e in engines]
-        done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
-                       self.timeout_s, "deadlines.sync_s")
-        check_received(self._sent(done[:len(sends)]), {e.index: got for e, got in
-                                                       zip(engines, ray.get([e.actor.received_checksums.remote()
-                                                                             for e in engines]))})
+        self._send(self._current_engines(), None)
 
     def push_raw(self) -> None:
         """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
