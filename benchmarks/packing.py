@@ -6,8 +6,11 @@
    every learner had before, learner.max_tokens_per_micro_batch=0 (each rank an equal share of
    rows, sorted by length, micro-batches of micro_batch_size rows padded to their longest).
    Measured: learner.max_tokens_per_micro_batch=BUDGET (micro-batches of at most BUDGET padded
-   tokens, balanced over the ranks by tokens). Both updates run alternately on the same batch in
-   the same group; tokens/s = real tokens (no padding) / median seconds of an update.
+   tokens, balanced over the ranks by tokens), rows one by one (learner.share_prompts=false); and
+   the same budget with each group's prompt computed once (learner.share_prompts=true, the
+   default: rlsys.math.prefix). The three updates run in turn on the same batch in the same group;
+   tokens/s = real tokens of the rows (no padding, every row's prompt counted) / median seconds of
+   an update, so sharing's gain shows as the same tokens in less time.
 2. Memory. One learner rank (a fresh process each, so its peak RSS is its own) takes one update
    on one 8k-token row of a model with a 152k vocabulary (Qwen2's): learner.logprob_chunk=0 (the
    whole (1, 8k, 152k) logits at once, and their fp32 copies) against the default chunks. The
@@ -34,6 +37,8 @@ from rlsys.config import LearnerConfig  # noqa: E402
 
 TARGET = 1.3
 BUDGET = LearnerConfig.max_tokens_per_micro_batch  # the default a run gets
+LAYOUTS = {"fixed rows": (0, False), "token budget": (BUDGET, False), "token budget, shared prompts": (BUDGET, True)}
+"""name -> (learner.max_tokens_per_micro_batch, learner.share_prompts)"""
 
 
 def mixed_batch(prompts: int, group: int, vocab: int, max_response: int, algo, seed: int = 0):
@@ -66,22 +71,40 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
     batch = mixed_batch(P, G, len(AutoTokenizer.from_pretrained(model_path)), shape["max_response"], cfg.algo)
     tokens = int(batch.attention_mask.sum())
     group, pg = start_learner_group(cfg, model_path)
-    times = {0: [], BUDGET: []}
+    times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
     try:
         for _ in range(repeats + 1):  # the first round warms up (allocator, DeepSpeed buffers)
-            for budget in times:
-                group.cfg.learner.max_tokens_per_micro_batch = budget  # the driver cuts the batch, by its config
+            for layout, (budget, share) in LAYOUTS.items():
+                # The driver cuts the batch by its config (the ranks follow the cut: rlsys.math.packing.Shard).
+                group.cfg.learner.max_tokens_per_micro_batch = budget
+                group.cfg.learner.share_prompts = share
                 start = time.perf_counter()
                 group.train(batch)
-                times[budget].append(time.perf_counter() - start)
+                times[layout].append(time.perf_counter() - start)
     finally:
         for a in group.actors:
             ray.kill(a)
         remove_placement_group(pg)
-    seconds = {b: statistics.median(t[1:]) for b, t in times.items()}
-    padded = {0: fixed_padding(batch, cfg), BUDGET: None}
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": {b: tokens / s for b, s in seconds.items()},
-            "rows": P * G, "padded_tokens_fixed": padded[0]}
+    seconds = {layout: statistics.median(t[1:]) for layout, t in times.items()}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": {k: tokens / s for k, s in seconds.items()},
+            "rows": P * G, "padded_tokens_fixed": fixed_padding(batch, cfg),
+            "computed_tokens_shared": shared_positions(batch, cfg)}
+
+
+def shared_positions(batch, cfg) -> int:
+    """Positions the shared layout computes over both ranks (padding included)."""
+    from rlsys.math.packing import shard
+    from rlsys.math.prefix import share_prompts
+
+    total = 0
+    for rank in range(2):
+        s = shard(batch, rank, 2, cfg.learner.mini_batch_size, 8, BUDGET, cfg.trainer.seed, 0, "token",
+                  cfg.algo.group_size)
+        for micros in s.minis:
+            for sl in micros:
+                micro = s.batch.select(sl)
+                total += share_prompts(micro.input_ids, micro.attention_mask.sum(1), micro.prompt_lens, 0).tokens
+    return total
 
 
 def fixed_padding(batch, cfg) -> int:
@@ -116,7 +139,7 @@ def peak_memory(model_path: str, chunk: int, tokens: int) -> dict:
     loss_mask = torch.zeros(1, tokens)
     loss_mask[0, 256:] = 1  # a 256-token prompt, the rest response
     batch = TrainBatch(ids, torch.ones(1, tokens, dtype=torch.long), loss_mask, torch.zeros(1, tokens),
-                       torch.tensor([1.0]), torch.zeros(1))
+                       torch.tensor([1.0]), torch.zeros(1), prompt_lens=torch.tensor([256]))
     start = time.perf_counter()
     learner.train(batch)
     return {"chunk": chunk, "tokens": tokens, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -150,12 +173,18 @@ def run(quick: bool) -> Section:
     ray_up()
     t = throughput(model, shape, repeats)
     section.rows.append({"what": "throughput", **t})
+    rate = t["tokens_per_s"]
     section.figures.append(Figure(
-        f"learner tokens/s, token budget {BUDGET}", t["tokens_per_s"][BUDGET], "tokens/s",
+        f"learner tokens/s, token budget {BUDGET}", rate["token budget"], "tokens/s",
         "fixed micro-batches of 8 rows padded to their longest (learner.max_tokens_per_micro_batch=0), same batch, "
-        "same group", t["tokens_per_s"][0], target=TARGET,
+        "same group", rate["fixed rows"], target=TARGET,
         note=f"{t['rows']} rows, {t['tokens']} real tokens; the fixed layout computes {t['padded_tokens_fixed']} "
-             f"padded tokens; 2 ranks, ZeRO-0 fp32, {params / 1e6:.0f}M params"))
+             f"padded tokens; 2 ranks, ZeRO-0 fp32, {params / 1e6:.0f}M params; both without shared prompts"))
+    section.figures.append(Figure(
+        f"learner tokens/s, token budget {BUDGET}, shared prompts", rate["token budget, shared prompts"], "tokens/s",
+        "the same budget, rows one by one (learner.share_prompts=false)", rate["token budget"],
+        note=f"shared, the forward computes {t['computed_tokens_shared']} positions for the {t['tokens']} tokens "
+             f"of the rows ({shape['group']} answers a prompt)"))
     vocab_model = wide_vocab_model(256, 2, 151_936)
     tokens = 4096 if quick else 8192
     mem = {chunk: in_fresh_process(peak_memory, vocab_model, chunk, tokens) for chunk in (0, 1024)}

@@ -194,6 +194,11 @@ class LearnerConfig:
     logprob_chunk: int = 1024
     """The output layer and log-softmax run over this many positions at a time, recomputed in the
     backward pass, so no (batch, length, vocabulary) tensor is ever whole; 0: all positions at once."""
+    share_prompts: bool = True
+    """Rows that share a prompt go through the learner as one sequence: the prompt once, then every
+    answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for
+    far fewer tokens when prompts are long (R1-Zero templates). Mini-batches then hold whole
+    groups, and token budgets count a group's prompt once."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

@@ -63,6 +63,9 @@ class TrainBatch:
     staleness: torch.Tensor | None = None
     """(B,) long: learner weight version minus the version that sampled the row (0 = on-policy);
     None: all 0 (synchronous)."""
+    prompt_lens: torch.Tensor | None = None
+    """(B,) long: each row's prompt tokens (its first response token is at that position), so that
+    the learner can share a prompt among the rows that have it (rlsys.math.prefix)."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

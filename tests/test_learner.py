@@ -11,10 +11,12 @@ from rlsys.types import TrainBatch
 from rlsys.actors.weight_sync import free_port
 
 
-def toy_batch(lengths: list[int], advantages: list[float], prompt_len: int = 3) -> TrainBatch:
+def toy_batch(lengths: list[int], advantages: list[float], prompt_len: int = 3, group: int = 1) -> TrainBatch:
+    """Random tokens; each `group` consecutive rows share their prompt (1: every prompt its own)."""
     B, L = len(lengths), prompt_len + max(lengths)
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 100, (B, L), generator=g)
+    input_ids[:, :prompt_len] = input_ids[torch.arange(B) // group * group, :prompt_len]
     attention_mask = torch.zeros(B, L, dtype=torch.long)
     loss_mask = torch.zeros(B, L)
     for i, n in enumerate(lengths):
@@ -22,12 +24,15 @@ def toy_batch(lengths: list[int], advantages: list[float], prompt_len: int = 3) 
         loss_mask[i, prompt_len:prompt_len + n] = 1
     input_ids = input_ids * attention_mask
     return TrainBatch(input_ids, attention_mask, loss_mask, torch.zeros(B, L), torch.tensor(advantages),
-                      torch.zeros(B))
+                      torch.zeros(B), prompt_lens=torch.full((B,), prompt_len))
 
 
-def make_learner(micro: int, aggregation: str = "token", beta: float = 0.0) -> Learner:
+def make_learner(micro: int, aggregation: str = "token", beta: float = 0.0, **learner) -> Learner:
+    """Rows one by one (share_prompts off) unless `learner` says otherwise: toy batches' rows have
+    prompts of their own, so a planner that shares a group's prompt would mis-count them."""
     path = resolve_model(ModelConfig())
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=8, micro_batch_size=micro, max_tokens_per_micro_batch=0, lr=1e-2)
+    cfg = LearnerConfig(**{"num_ranks": 1, "mini_batch_size": 8, "micro_batch_size": micro,
+                           "max_tokens_per_micro_batch": 0, "lr": 1e-2, "share_prompts": False, **learner})
     learner = Learner(path, "float32", cfg, AlgoConfig(group_size=4, beta=beta, aggregation=aggregation),
                       temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
     learner.setup("127.0.0.1", free_port())
@@ -64,6 +69,26 @@ def test_micro_batching_does_not_change_the_gradient():
         norms.append(learner.train(batch)["grad_norm"])
     assert norms[0] > 0
     assert norms[1:] == pytest.approx([norms[0]] * 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_shared_prompts_give_the_same_update(beta):
+    # Groups of 4 rows with one 6-token prompt: laid out shared (two sequences of 6 + answers) or
+    # row by row, with token budgets, the same loss, gradient and generator gap; with beta > 0 the
+    # reference pass (and, over 2 epochs, the old-log-prob pass) shares too. (One mini-batch: with
+    # several, sharing shuffles whole groups and the rows layout single rows, a different split.)
+    batch = toy_batch(LENGTHS, ADV, prompt_len=6, group=4)
+    out = []
+    for share in (False, True):
+        learner = make_learner(1, beta=beta, max_tokens_per_micro_batch=40, share_prompts=share,
+                               epochs=2 if beta else 1)
+        work = learner.shard(batch)
+        assert work.shared == share
+        out.append((learner.train(work), learner.train(batch)))
+    for key in ("loss", "grad_norm", "gen_logprob_abs_diff", "kl", "ratio_mean"):
+        for step in range(2):
+            assert out[1][step][key] == pytest.approx(out[0][step][key], rel=1e-4, abs=1e-6), (key, step)
+    assert out[0][1]["grad_norm"] > 0 and (beta == 0 or out[0][1]["kl"] > 0)
 
 
 def test_beta_zero_loads_no_reference_model():
@@ -103,7 +128,7 @@ def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
     for chunk in (0, 3, 1024):  # all positions at once; chunks of 3 (a last short one); one chunk
         learner.cfg.logprob_chunk = chunk
         with torch.no_grad():
-            fast = learner._logprobs(learner.engine.module, batch)
+            fast = learner._logprobs(learner.engine.module, batch, shared=False)
         assert torch.allclose(fast[scored], full[scored], atol=1e-5), chunk
         assert (fast[:, :4] == 0).all()
 
@@ -147,10 +172,10 @@ def test_dropout_is_off_in_every_forward(tmp_path):
     batch = toy_batch(LENGTHS, ADV)
     learner.engine.train()
     with torch.no_grad():
-        a = learner._logprobs(learner.engine, batch)
-        b = learner._logprobs(learner.engine, batch)
+        a = learner._logprobs(learner.engine, batch, shared=False)
+        b = learner._logprobs(learner.engine, batch, shared=False)
         learner.engine.eval()
-        c = learner._logprobs(learner.engine, batch)
+        c = learner._logprobs(learner.engine, batch, shared=False)
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -256,7 +281,9 @@ def test_two_ranks_update_like_one_rank(ray_cluster, zero_stage):
     lengths = [1, 9, 2, 3, 7, 4, 8, 5, 6, 2, 1, 9, 3, 3, 5, 8]
     adv = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 0.0, -1.5, 1.5, 0.25, -0.25, 1.0, -1.0, 0.7, -0.7]
     batch = toy_batch(lengths, adv)
-    overrides = ["learner.epochs=2", "learner.mini_batch_size=8", "learner.micro_batch_size=2", "learner.lr=1e-2"]
+    # Rows one by one (toy rows have prompts of their own; sharing is compared in test_shared_prompts_*).
+    overrides = ["learner.epochs=2", "learner.mini_batch_size=8", "learner.micro_batch_size=2", "learner.lr=1e-2",
+                 "learner.share_prompts=false"]
     group, pg = two_rank_group(zero_stage, overrides)
     try:
         two = [group.train(batch) for _ in range(2)]
@@ -264,7 +291,7 @@ def test_two_ranks_update_like_one_rank(ray_cluster, zero_stage):
     finally:
         stop(group, pg)
     cfg = LearnerConfig(num_ranks=1, zero_stage=zero_stage, epochs=2, mini_batch_size=8, micro_batch_size=2, max_tokens_per_micro_batch=0,
-                        lr=1e-2)
+                        lr=1e-2, share_prompts=False)
     one_rank = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.0),
                        temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
     one_rank.setup("127.0.0.1", free_port())
@@ -307,7 +334,7 @@ def test_generator_gap_metrics_are_token_weighted_means_and_a_true_max():
     learner = make_learner(2)
     batch = toy_batch(LENGTHS, ADV)
     with torch.no_grad():
-        logp = learner._logprobs(learner.engine.module, batch)
+        logp = learner._logprobs(learner.engine.module, batch, shared=False)
     gaps = logp[batch.loss_mask.bool()].abs().double()
     metrics = learner.train(batch)
     assert metrics["gen_logprob_abs_diff"] == pytest.approx(float(gaps.mean()), rel=1e-5)

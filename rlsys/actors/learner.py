@@ -37,6 +37,7 @@ from rlsys.actors.state_tree import SafetensorsCheckpointEngine
 from rlsys.checkpoint import safe_relative
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
+from rlsys.math.prefix import share_prompts
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, owners, plan_buckets,
@@ -64,16 +65,26 @@ def with_logprob_forward(model: torch.nn.Module) -> torch.nn.Module:
     """Give the HF causal LM a forward that can return log-probs directly: called with
     `logprobs_of=targets (B, T)`, it runs the decoder over the whole input and the output layer
     only on positions scored_from .. L-2, `chunk` at a time (chunked_logprobs), and returns (B, T);
-    without it, the model's own forward. The output layer runs inside the forward that DeepSpeed
+    given `source` (B, T) too (prompts shared, rlsys.math.prefix), the input is the shared layout
+    and the output layer runs on the hidden states at those flat positions. Without logprobs_of,
+    the model's own forward. The output layer runs inside the forward that DeepSpeed
     wraps (its gradient hooks and ZeRO-3 gathers see every use of a parameter in a step): a
     separate call to the output layer after the engine's forward loses its gradient under
     DeepSpeed's bf16 optimizer (measured: grad norm 2.39 instead of 2.89)."""
     own = model.forward
 
-    def forward(*args, logprobs_of=None, scored_from=0, temperature=1.0, chunk=0, **kwargs):
+    def forward(*args, logprobs_of=None, scored_from=0, temperature=1.0, chunk=0, source=None, **kwargs):
         if logprobs_of is None:
             return own(*args, **kwargs)
-        hidden = model.base_model(*args, **kwargs).last_hidden_state                 # (B, L, H), final norm applied
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4 and model.config._attn_implementation != "sdpa":
+            # A custom 4D mask reaches the attention as it is: SDPA takes booleans, eager adds it to the scores.
+            kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(model.dtype).min)
+        hidden = model.base_model(*args, **kwargs).last_hidden_state                 # (B or S, L, H), final norm applied
+        if source is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[source]                    # (B, T, H)
+            return chunked_logprobs(hidden, model.get_output_embeddings(), logprobs_of, temperature, chunk)
         return chunked_logprobs(hidden[:, scored_from:-1], model.get_output_embeddings(), logprobs_of,
                                 temperature, chunk)                                   # (B, L - 1 - scored_from)
 
@@ -249,16 +260,25 @@ class Learner:
 
     # ---- training
 
-    def _logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+    def _logprobs(self, model, batch: TrainBatch, shared: bool) -> torch.Tensor:
         """(B, L) log-probs of the batch's tokens; only response tokens are ever used.
 
         The output layer and the log-softmax (a vocabulary-wide row per position, forward and
         backward) run only from the position before the earliest response token on: prompt
         positions need hidden states, not logits. Columns before that are 0. With
-        learner.logprob_chunk they run over that many positions at a time (chunked_logprobs)."""
+        learner.logprob_chunk they run over that many positions at a time (chunked_logprobs);
+        shared (the shard was planned so, learner.share_prompts): rows with one prompt are one
+        sequence (rlsys.math.prefix)."""
         device = self.engine.device
         ids = batch.input_ids.to(device)
         start = scored_from(batch.loss_mask)
+        if shared:
+            lay = share_prompts(batch.input_ids, batch.attention_mask.sum(dim=1), batch.prompt_lens, start)
+            picked = model(input_ids=lay.input_ids.to(device), position_ids=lay.position_ids.to(device),
+                           attention_mask=lay.attention_mask.to(device), logprobs_of=lay.targets.to(device),
+                           source=lay.source.to(device), temperature=self.temperature,
+                           chunk=self.cfg.logprob_chunk or max(1, lay.targets.shape[1]))  # (B, L - 1 - start)
+            return torch.nn.functional.pad(picked, (start + 1, 0))                    # (B, L)
         mask = batch.attention_mask.to(device)
         if not self.cfg.logprob_chunk:
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start).logits  # (B, L - start, V)
@@ -274,7 +294,7 @@ class Learner:
         for micros in work.minis:
             for rows in micros:
                 micro = work.batch.select(rows)
-                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro).float().cpu()
+                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro, work.shared).float().cpu()
         return out
 
     def shard(self, batch: TrainBatch) -> Shard:
@@ -306,7 +326,7 @@ class Learner:
                     # The last micro-batch of the mini-batch reduces the gradients and steps the
                     # optimizer (token budgets give a varying count: the boundary is set, not counted).
                     self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-                    logp = self._logprobs(self.engine, micro)
+                    logp = self._logprobs(self.engine, micro, work.shared)
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
                     old_micro = logp.detach() if old is None else old[rows, :width].to(logp.device)
                     stale = stale_rows[rows]

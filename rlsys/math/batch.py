@@ -46,4 +46,5 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, v
     advantages = group_advantages(reward_t, G, std_normalize=cfg.std_normalize)
     staleness = None if version is None else torch.tensor([version - r.weight_version for r in rollouts])  # (B,)
     assert staleness is None or bool((staleness >= 0).all()), f"rollouts newer than the learner's version {version}"
-    return TrainBatch(input_ids, attention_mask, loss_mask, gen_logprobs, advantages, reward_t, staleness)
+    prompt_lens = torch.tensor([len(r.prompt_ids) for r in rollouts])  # (B,)
+    return TrainBatch(input_ids, attention_mask, loss_mask, gen_logprobs, advantages, reward_t, staleness, prompt_lens)

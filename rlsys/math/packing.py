@@ -42,6 +42,8 @@ class Shard:
     step: int
     """The learner update this shard is for (batches trained before it): the shuffle's seed is
     seed + step, and a rank checks it is at the same update as the driver that cut the batch."""
+    shared: bool = False
+    """Micro-batches were planned with prompts shared: the rank lays them out so (rlsys.math.prefix)."""
 
 
 def micro_batches_by_rows(rows: list[int], lengths: list[int], world: int, micro: int) -> list[list[list[int]]]:
@@ -64,10 +66,25 @@ def padded(bin_: list[int], lengths: list[int]) -> int:
     return len(bin_) * max(lengths[i] for i in bin_)
 
 
-def micro_batches_by_tokens(rows: list[int], lengths: list[int], world: int, budget: int) -> list[list[list[int]]]:
+def padded_shared(bin_: list[int], lengths: list[int], prompt_lens: list[int], groups: list[int]) -> int:
+    """Tokens a forward over these rows computes with prompts shared (rlsys.math.prefix): one
+    sequence per group, the prompt once then every answer; sequences x the longest."""
+    sizes: dict[int, int] = {}
+    for i in bin_:
+        sizes[groups[i]] = sizes.get(groups[i], prompt_lens[i]) + lengths[i] - prompt_lens[i]
+    return len(sizes) * max(sizes.values())
+
+
+def micro_batches_by_tokens(rows: list[int], lengths: list[int], world: int, budget: int,
+                            prompt_lens: list[int] | None = None, groups: list[int] | None = None
+                            ) -> list[list[list[int]]]:
     """rows of one mini-batch -> per rank, its micro-batches: at most `budget` padded tokens each
     (a row longer than the budget alone), the same number on every rank, balanced by padded tokens.
     Needs len(rows) to be a multiple of `world` (then a split always reaches a multiple of it).
+
+    The unit placed is a row, or, given each row's prompt length and group (prompts shared), a
+    group's rows in this mini-batch: one sequence of prompt_len + its answers' tokens. A unit
+    longer than the budget is cut into parts that fit (each with the prompt: one answer at least).
 
     Rows of lengths 8, 8, 4, 4, 4, 4, 2, 2 and a budget of 16: bins [8, 8], [4, 4, 4, 4], [2, 2]
     (3 bins; 2 ranks need an even count: the heaviest splittable bin, [8, 8] with 16 padded
@@ -78,43 +95,114 @@ def micro_batches_by_tokens(rows: list[int], lengths: list[int], world: int, bud
     [[[2, 3, 4, 5], [6, 7]], [[0], [1]]]
     >>> [sum(padded(b, L) for b in rank) for rank in plan]
     [20, 16]
+
+    The same rows as two groups of 4 with 2-token prompts, shared: group 0's answers are 6, 6, 2, 2
+    tokens, one sequence of 2 + 16 = 18 (over the budget: cut into [0, 1, 2] of 16 and [3] of 4);
+    group 1's are 2, 2, 0, 0, one sequence of 6. Bins: [0, 1, 2]; then group 1 with row 3 (two
+    sequences of at most 6: 12 padded tokens):
+    >>> plan = micro_batches_by_tokens(list(range(8)), L, world=2, budget=16, prompt_lens=[2] * 8,
+    ...                                groups=[0, 0, 0, 0, 1, 1, 1, 1])
+    >>> plan
+    [[[0, 1, 2]], [[4, 5, 6, 7, 3]]]
+    >>> [sum(padded_shared(b, L, [2] * 8, [0] * 4 + [1] * 4) for b in rank) for rank in plan]
+    [16, 12]
     """
     assert len(rows) % world == 0, f"{len(rows)} rows do not split over {world} ranks"
-    ordered = sorted(rows, key=lambda i: -lengths[i])            # longest first: a bin's first row sets its width
-    bins: list[list[int]] = []
-    for i in ordered:
-        if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= budget:
-            bins[-1].append(i)
+    if prompt_lens is None or groups is None:
+        cost = lambda bin_: padded(bin_, lengths)  # noqa: E731
+        units = [[i] for i in rows]
+    else:
+        cost = lambda bin_: padded_shared(bin_, lengths, prompt_lens, groups)  # noqa: E731
+        by_group: dict[int, list[int]] = {}
+        for i in rows:
+            by_group.setdefault(groups[i], []).append(i)
+        units = []
+        for unit in by_group.values():  # a group over the budget: parts that fit, in order
+            unit = sorted(unit, key=lambda i: -lengths[i])
+            units.append([unit[0]])
+            for i in unit[1:]:
+                if cost(units[-1] + [i]) <= budget:
+                    units[-1].append(i)
+                else:
+                    units.append([i])
+    # A bin is a list of units; its cost is that of all their rows. Longest unit first: a bin's
+    # first unit sets its width (units are never wider than the first).
+    bins: list[list[list[int]]] = []
+    for unit in sorted(units, key=lambda u: -cost(u)):
+        if bins and (len(bins[-1]) + 1) * cost(bins[-1][0]) <= budget:
+            bins[-1].append(unit)
         else:
-            bins.append([i])
-    while len(bins) % world:                                     # every rank needs as many micro-batches
-        splittable = [b for b in bins if len(b) > 1]
-        heaviest = max(splittable, key=lambda b: padded(b, lengths))
+            bins.append([unit])
+    flat = lambda bin_: [i for unit in bin_ for i in unit]  # noqa: E731
+
+    def split_heaviest() -> bool:
+        splittable = [b for b in bins if len(flat(b)) > 1]
+        if not splittable:
+            return False
+        heaviest = max(splittable, key=lambda b: cost(flat(b)))
         k = bins.index(heaviest)
-        half = len(heaviest) // 2
-        bins[k:k + 1] = [heaviest[:half], heaviest[half:]]
-    per_rank = len(bins) // world
-    plan: list[list[list[int]]] = [[] for _ in range(world)]
-    load = [0] * world
-    for b in sorted(bins, key=lambda b: -padded(b, lengths)):   # LPT: heaviest to the least loaded rank with room
-        r = min((r for r in range(world) if len(plan[r]) < per_rank), key=lambda r: (load[r], r))
-        plan[r].append(b)
-        load[r] += padded(b, lengths)
-    return plan
+        if len(heaviest) > 1:                                    # halve by units
+            half = len(heaviest) // 2
+            bins[k:k + 1] = [heaviest[:half], heaviest[half:]]
+        else:                                                    # one unit: halve its rows (each part keeps the prompt)
+            unit = heaviest[0]
+            half = len(unit) // 2
+            bins[k:k + 1] = [[unit[:half]], [unit[half:]]]
+        return True
+
+    def deal() -> tuple[list[list[list[int]]], list[int]]:
+        per_rank = len(bins) // world
+        plan: list[list[list[int]]] = [[] for _ in range(world)]
+        load = [0] * world
+        for b in sorted(bins, key=lambda b: -cost(flat(b))):    # LPT: heaviest to the least loaded rank with room
+            r = min((r for r in range(world) if len(plan[r]) < per_rank), key=lambda r: (load[r], r))
+            plan[r].append(flat(b))
+            load[r] += cost(flat(b))
+        return plan, load
+
+    while True:
+        while len(bins) % world:                                 # every rank needs as many micro-batches
+            assert split_heaviest(), "rows are a multiple of the world size: a split always exists"
+        plan, load = deal()
+        # Few large bins deal badly (a 3-group bin and a 1-group bin on 2 ranks: one waits for the
+        # other, 3:1). Smaller micro-batches cost a little efficiency; a straggler costs the gap.
+        if max(load) <= BALANCE * sum(load) / world or not split_heaviest():
+            return plan
+
+
+BALANCE = 1.25
+"""The most loaded rank may hold this much more than the mean of padded tokens; beyond, the
+heaviest micro-batch is split and the micro-batches dealt again."""
 
 
 def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_batch_size: int,
-          max_tokens: int, seed: int, step: int, aggregation: str) -> Shard:
+          max_tokens: int, seed: int, step: int, aggregation: str, group_size: int = 0) -> Shard:
     """Rank `rank`'s part of a rollout batch for update `step`. Mini-batches follow a shuffle seeded
-    by seed + step (the same on every rank and on the driver); within them, the layout above."""
-    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed + step)).tolist()
+    by seed + step (the same on every rank and on the driver); within them, the layout above.
+
+    group_size > 0 (prompts shared, rlsys.math.prefix): the batch is groups of that many rows with
+    one prompt each (make_batch's layout); the shuffle moves whole groups, so a mini-batch holds
+    whole groups (when mini_batch_size is a multiple of it), and token budgets count each group's
+    prompt once."""
+    B = len(batch)
     lengths = batch.attention_mask.sum(dim=1).tolist()
+    prompt_lens = groups = None
+    if group_size > 0:
+        if batch.prompt_lens is None:
+            raise ValueError("learner.share_prompts needs each row's prompt length (TrainBatch.prompt_lens, "
+                             "set by rlsys.math.batch.make_batch)")
+        assert B % group_size == 0, f"{B} rows are not whole groups of {group_size}"
+        perm = torch.randperm(B // group_size, generator=torch.Generator().manual_seed(seed + step)).tolist()
+        order = [g * group_size + j for g in perm for j in range(group_size)]
+        prompt_lens, groups = batch.prompt_lens.tolist(), [i // group_size for i in range(B)]
+    else:
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(seed + step)).tolist()
     mine: list[int] = []
     minis: list[list[slice]] = []
     normalizers: list[float] = []
-    for start in range(0, len(batch), mini_batch_size):
+    for start in range(0, B, mini_batch_size):
         rows = order[start:start + mini_batch_size]
-        plan = (micro_batches_by_tokens(rows, lengths, world, max_tokens) if max_tokens > 0
+        plan = (micro_batches_by_tokens(rows, lengths, world, max_tokens, prompt_lens, groups) if max_tokens > 0
                 else micro_batches_by_rows(rows, lengths, world, micro_batch_size))
         micros = []
         for micro in plan[rank]:
@@ -123,11 +211,11 @@ def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_
         minis.append(micros)
         count = float(batch.loss_mask[rows].sum()) if aggregation == "token" else float(len(rows))
         normalizers.append(max(count, 1.0) / world)  # no loss token at all (every row masked): a loss of 0, not 0/0
-    return Shard(batch.select(torch.tensor(mine)), minis, normalizers, step)
+    return Shard(batch.select(torch.tensor(mine)), minis, normalizers, step, shared=group_size > 0)
 
 
 def cut(batch: TrainBatch, rank: int, world: int, cfg: LearnerConfig, algo: AlgoConfig, seed: int, step: int
         ) -> Shard:
     """Rank `rank`'s Shard of a rollout batch for update `step`, as the learner config lays it out."""
     return shard(batch, rank, world, cfg.mini_batch_size, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
-                 seed, step, algo.aggregation)
+                 seed, step, algo.aggregation, algo.group_size if cfg.share_prompts else 0)
