@@ -90,6 +90,11 @@ class GeneratorConfig:
     (cluster.placement any or disaggregated), 0.45 when it shares a GPU with a learner rank (colocated)."""
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
+    chunks_per_engine: int = 1
+    """A step's prompts are cut into about this many chunks per engine, handed out as engines come
+    free. 1: each engine decodes all its samples in one batch (a CPU engine reads every weight once
+    per decode step: 2 prompts x 8 samples take 1.24x the time of 1 prompt x 8 on SmolLM2, not 2x);
+    2 or more: an engine that finishes early takes more, for answers of very unequal lengths."""
 
 
 @dataclass
@@ -441,6 +446,7 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.aggregation in ("token", "sequence"), f"algo.aggregation must be token or sequence, got {cfg.algo.aggregation!r}")
     need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")
     need(cfg.algo.beta >= 0, f"algo.beta must be >= 0, got {cfg.algo.beta}")
+    need(cfg.generator.chunks_per_engine >= 1, f"generator.chunks_per_engine must be >= 1, got {cfg.generator.chunks_per_engine}")
     need(cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
     need(cfg.reward.format_mode in ("strict", "partial"),
          f"reward.format_mode must be strict or partial, got {cfg.reward.format_mode!r}")

@@ -113,8 +113,9 @@ def test_an_engine_lost_mid_step_hands_its_chunk_to_another(ray_cluster):
     steady = Actor.options(max_restarts=0).remote("steady", delay=0.5)  # slower: doomed takes a 2nd chunk
     doomed = Actor.options(max_restarts=0).remote("doomed", die_on=2, delay=0.05)
     node = ray.get(steady.whereami.remote())
-    pool = GeneratorPool([Engine(0, steady, None, 0.0, where=node), Engine(1, doomed, None, 0.0, where=node)])
-    prompts = [(g, 100 + g, [5, 6, g], str(g)) for g in range(8)]  # chunk_size(8, 2) = 2 -> 4 chunks
+    pool = GeneratorPool([Engine(0, steady, None, 0.0, where=node), Engine(1, doomed, None, 0.0, where=node)],
+                         chunks_per_engine=2)
+    prompts = [(g, 100 + g, [5, 6, g], str(g)) for g in range(8)]  # chunk_size(8, 2, 2) = 2 -> 4 chunks
     rollouts = pool.generate(prompts, n=3)
     # every prompt exactly n times, in prompt order, all from this step's weights
     assert [(r.group, r.prompt_index) for r in rollouts] == [(g, 100 + g) for g in range(8) for _ in range(3)]

@@ -420,7 +420,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
                          if elastic else None, autoscale=cfg.autoscale, bundle=bundle,
                          wait_timeout_s=cfg.autoscale.node_timeout_s if cfg.autoscale.enabled
                          else cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_actor_restarts,
-                         generate_timeout_s=cfg.deadlines.generate_s)
+                         generate_timeout_s=cfg.deadlines.generate_s, chunks_per_engine=cfg.generator.chunks_per_engine)
     learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())

@@ -56,13 +56,16 @@ class StepLoad:
     idle: int  # engines that got no chunk this step
 
 
-def chunk_size(prompts: int, engines: int) -> int:
-    """Two chunks per engine on average: small enough to balance, large enough for vLLM to batch.
+def chunk_size(prompts: int, engines: int, per_engine: int = 1) -> int:
+    """`per_engine` chunks per engine on average (generator.chunks_per_engine). One: each engine
+    decodes all its prompts' samples in one batch (a CPU engine reads every weight once per
+    decode step whatever the batch: 16 sequences cost little more than 8). More: finer balance
+    when answer lengths vary widely, at smaller batches.
 
-    >>> chunk_size(32, 4), chunk_size(2, 3)
-    (4, 1)
+    >>> chunk_size(32, 4), chunk_size(32, 4, per_engine=2), chunk_size(2, 3)
+    (8, 4, 1)
     """
-    return max(1, math.ceil(prompts / (2 * engines)))
+    return max(1, math.ceil(prompts / (per_engine * engines)))
 
 
 def chunk_seed(*key: int) -> int:
@@ -75,7 +78,8 @@ def chunk_seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
-def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfig, prompts: int) -> int:
+def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfig, prompts: int,
+           per_engine: int = 1) -> int:
     """+1 (grow), -1 (shrink) or 0, from the last `cfg.patience` steps since the pool last changed.
 
     Grow while generation dominates the step (share above grow_above) with every engine busy, and
@@ -89,7 +93,7 @@ def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfi
     if size > cfg.min_generators and all(s.idle > 0 for s in recent):
         return -1
     more = size + 1
-    useful = math.ceil(prompts / chunk_size(prompts, more)) >= more
+    useful = math.ceil(prompts / chunk_size(prompts, more, per_engine)) >= more
     if size < cfg.max_generators and useful and all(s.generate_share > cfg.grow_above and s.idle == 0
                                                      for s in recent):
         return +1
@@ -99,15 +103,17 @@ def decide(history: list[StepLoad], size: int, pending: int, cfg: AutoscaleConfi
 class GeneratorPool:
     def __init__(self, engines: list[Engine], start: Callable[[int], Engine] | None = None,
                  autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None,
-                 wait_timeout_s: float = 600.0, max_restarts: int = 3, generate_timeout_s: float = 3600.0):
+                 wait_timeout_s: float = 600.0, max_restarts: int = 3, generate_timeout_s: float = 3600.0,
+                 chunks_per_engine: int = 1):
         """engines: started and placed. start(index): begin starting one more engine (returns at
         once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
         the autoscaler. target: the size to keep without autoscaling (None: the starting size; with
         start=None nothing is ever replaced).
         wait_timeout_s: how long a pool left empty waits for a starting engine. max_restarts: engines
         lost (died, not drained) that the run replaces before it stops. generate_timeout_s: one
-        step's rollouts (deadlines.generate_s)."""
+        step's rollouts (deadlines.generate_s). chunks_per_engine: see chunk_size."""
         self.engines = engines
+        self.chunks_per_engine = chunks_per_engine
         self.start = start
         self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
         self.bundle = bundle
@@ -132,7 +138,7 @@ class GeneratorPool:
         """n rollouts per prompt, in prompt order; every prompt exactly once, whatever engines leave.
         seed: each chunk is sampled with chunk_seed(*seed, chunk index), whichever engine takes it,
         so that what a step samples does not depend on timing (nor on an engine being new)."""
-        size = chunk_size(len(prompts), len(self.engines))
+        size = chunk_size(len(prompts), len(self.engines), self.chunks_per_engine)
         chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
         todo = list(range(len(chunks)))[::-1]  # popped from the end: chunk 0 first
         results: dict[int, list[Rollout]] = {}
@@ -217,7 +223,7 @@ class GeneratorPool:
         if self.autoscale is not None:
             # The last steps' load says nothing about a pool that just lost engines: measure it anew.
             move = 0 if changed else decide(self.history, len(self.engines), len(self.starting), self.autoscale,
-                                            prompts)
+                                            prompts, self.chunks_per_engine)
             if move > 0:
                 events.append(self._begin_start(step, "grow"))
             elif move < 0:
