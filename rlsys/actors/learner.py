@@ -103,7 +103,9 @@ def chunked_logprobs(hidden: torch.Tensor, output_layer: torch.nn.Module, target
     without a separate log-softmax copy."""
 
     def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = output_layer(h).float() / temperature                               # (B, c, V)
+        logits = output_layer(h).float()                                             # (B, c, V)
+        if temperature != 1.0:  # a vocabulary-wide pass saved at the default temperature
+            logits = logits / temperature
         return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, c)
 
     pieces = []

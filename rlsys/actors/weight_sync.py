@@ -112,8 +112,9 @@ def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]]
     pipelines the same way."""
     in_flight: list[tuple[torch.Tensor, dist.Work]] = []
     sums = []
-    for tensors in buckets:
-        flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+    for k, tensors in enumerate(buckets):
+        flat = _send_buffer(k % 2, sum(t.numel() for t in tensors), tensors[0].dtype, device)
+        torch.cat([t.detach().reshape(-1).to(device) for t in tensors], out=flat)
         sums.append(checksum(flat))
         in_flight.append((flat, group.broadcast(flat, 0)))  # flat must live until its broadcast is done
         if len(in_flight) > 1:
@@ -123,6 +124,20 @@ def send_buckets(group: dist.ProcessGroup, buckets: Iterator[list[torch.Tensor]]
     if device.type == "cuda":  # NCCL's wait() orders the stream, not the host: the loop goes on only once every bucket has left
         torch.cuda.synchronize(device)
     return sums
+
+
+_SEND_BUFFERS: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
+
+
+def _send_buffer(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The first `numel` elements of send buffer `slot` (0 or 1: one is filled while the other
+    travels), kept from push to push and grown to the largest bucket: a new buffer per bucket
+    would fault in its pages on every push."""
+    key = (slot, dtype, str(device))
+    buf = _SEND_BUFFERS.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SEND_BUFFERS[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 def receive_buckets(groups: list[dist.ProcessGroup], plan: list[Bucket], device: torch.device,
