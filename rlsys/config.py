@@ -204,10 +204,6 @@ class LearnerConfig:
     answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for
     far fewer tokens when prompts are long (R1-Zero templates). Mini-batches then hold whole
     groups, and token budgets count a group's prompt once."""
-    allocator: str = "auto"
-    """auto | jemalloc | system: the learner ranks' malloc. jemalloc (auto on Linux: the copy inside
-    Ray's wheel, preloaded, freed pages kept) spares a CPU learner re-faulting its activation
-    buffers every update (rlsys.cluster.remote.learner_allocator); system: the C library's."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 
@@ -451,8 +447,6 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")
     need(cfg.algo.beta >= 0, f"algo.beta must be >= 0, got {cfg.algo.beta}")
     need(cfg.generator.chunks_per_engine >= 1, f"generator.chunks_per_engine must be >= 1, got {cfg.generator.chunks_per_engine}")
-    need(cfg.learner.allocator in ("auto", "jemalloc", "system"),
-         f"learner.allocator must be auto, jemalloc or system, got {cfg.learner.allocator!r}")
     need(cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
     need(cfg.reward.format_mode in ("strict", "partial"),
          f"reward.format_mode must be strict or partial, got {cfg.reward.format_mode!r}")

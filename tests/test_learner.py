@@ -286,8 +286,6 @@ def test_two_ranks_update_like_one_rank(ray_cluster, zero_stage):
                  "learner.share_prompts=false"]
     group, pg = two_rank_group(zero_stage, overrides)
     try:
-        import ray
-        assert ray.get([a.allocator.remote() for a in group.actors]) == ["jemalloc"] * 2  # learner.allocator=auto, Linux
         two = [group.train(batch) for _ in range(2)]
         two_weights = group.full_state_dict()
     finally:
@@ -454,14 +452,3 @@ def test_zero3_builds_the_model_sharded_from_the_start(monkeypatch):
         assert learner.train(toy_batch(LENGTHS, ADV))["loss"] == pytest.approx(7.5 / 36, abs=1e-6)
     assert built == [True, True, False, False]  # ZeRO-3: policy and reference sharded; ZeRO-0: whole
 
-
-def test_learner_allocator_resolves_and_refuses_what_it_cannot_load(monkeypatch):
-    from rlsys.cluster import remote
-
-    assert remote.learner_allocator("auto") == "jemalloc"  # Linux: Ray's wheel ships it
-    assert remote.allocator_env("system") == {}
-    assert remote.allocator_env("auto") == {"LD_PRELOAD": str(remote.JEMALLOC), "MALLOC_CONF": remote.JEMALLOC_CONF}
-    monkeypatch.setattr(remote, "JEMALLOC", remote.JEMALLOC.with_name("missing.so"))
-    assert remote.learner_allocator("auto") == "system"
-    with pytest.raises(RuntimeError, match="learner.allocator=jemalloc"):
-        remote.allocator_env("jemalloc")

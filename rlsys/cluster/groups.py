@@ -23,8 +23,8 @@ from rlsys.actors.weight_sync import Bucket
 from rlsys.cluster.placement import generator_bundle, generator_group, layout
 from rlsys.cluster.deadlines import LOST, get_all
 from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
-from rlsys.cluster.remote import (GeneratorActor, LearnerActor, Placed, RewardActor, allocator_env, in_group,
-                                  learner_allocator, node_roles, place, placement_record, threads)
+from rlsys.cluster.remote import (GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place,
+                                  placement_record, threads)
 from rlsys.config import Config, engine_memory_share
 from rlsys.math.packing import cut
 from rlsys.observe.profile import Span
@@ -367,21 +367,11 @@ def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, obj
 
 def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict) -> list:
     updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
-    env = allocator_env(cfg.learner.allocator)
-    actors = [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
-                                   runtime_env={"env_vars": threads(s.num_cpus) | env}).remote(
+    return [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
+                                 runtime_env={"env_vars": threads(s.num_cpus)}).remote(
         model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
         s.rank, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates)
         for s in lay.of("learner")]
-    # A preload that fails (the library missing on that node) only warns on the worker's stderr: check.
-    want = learner_allocator(cfg.learner.allocator)
-    got = get_all([a.allocator.remote() for a in actors], [f"learner {i}" for i in range(len(actors))],
-                  "learner start", cfg.deadlines.start_s, "deadlines.start_s")
-    if any(g != want for g in got):
-        raise RuntimeError(f"learner.allocator={cfg.learner.allocator}: learner ranks run with {got}, not {want} "
-                           f"(LD_PRELOAD={env.get('LD_PRELOAD')} on their nodes); set learner.allocator=system "
-                           "to use the system's malloc")
-    return actors
 
 
 def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> Groups:

@@ -8,9 +8,7 @@ that can also say where it runs.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -48,9 +46,6 @@ class GeneratorActor(Placed, Traced, Generator):
 @ray.remote
 class LearnerActor(Placed, Traced, Learner):
     PHASES = ("train", "broadcast_weights")
-
-    def allocator(self) -> str:
-        return loaded_allocator()
 
 
 @ray.remote
@@ -146,40 +141,3 @@ def in_group(pg: PlacementGroup, index: int) -> dict:
 def threads(cpus: float) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, int(cpus)))}
 
-
-JEMALLOC = Path(ray.__file__).parent / "core" / "libjemalloc.so"
-"""The jemalloc that ships inside Ray's Linux wheels (Ray's own processes may use it): present
-wherever rlsys is installed, nothing else to install."""
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-"""Freed pages stay with the process: a learner allocates the same activations every update."""
-
-
-def learner_allocator(kind: str) -> str:
-    """learner.allocator resolved: auto is jemalloc where Ray ships it (Linux), else the system's.
-
-    Why: with glibc's malloc a CPU learner rank gives its large activation, logit and gradient
-    buffers back to the kernel after each use and faults them in again on the next: 1.3-2.3
-    million minor page faults and 2-7 s of system time per SmolLM2 update of 32 samples (2-vCPU
-    Intel, `benchmarks/packing.py`'s learner); jemalloc that never purges takes 0.3 million and
-    0.5 s, and the update ~15% less time (9.6 s against 11.2 s)."""
-    if kind == "auto":
-        return "jemalloc" if sys.platform == "linux" and JEMALLOC.exists() else "system"
-    return kind
-
-
-def allocator_env(kind: str) -> dict[str, str]:
-    """Environment for a learner actor's process (set before it starts: a preload cannot come later)."""
-    if learner_allocator(kind) == "system":
-        return {}
-    if sys.platform != "linux" or not JEMALLOC.exists():
-        raise RuntimeError(f"learner.allocator=jemalloc: {JEMALLOC} is not there (Ray ships it in its Linux "
-                           "wheels); set learner.allocator=system or auto")
-    return {"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": JEMALLOC_CONF}
-
-
-def loaded_allocator() -> str:
-    """jemalloc when this process has it loaded, else system."""
-    if sys.platform != "linux":
-        return "system"
-    with open("/proc/self/maps") as maps:
-        return "jemalloc" if "libjemalloc" in maps.read() else "system"
