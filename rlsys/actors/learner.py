@@ -272,7 +272,6 @@ class Learner:
         shared (the shard was planned so, learner.share_prompts): rows with one prompt are one
         sequence (rlsys.math.prefix)."""
         device = self.engine.device
-        ids = batch.input_ids.to(device)
         start = scored_from(batch.loss_mask)
         if shared:
             lay = share_prompts(batch.input_ids, batch.attention_mask.sum(dim=1), batch.prompt_lens, start)
@@ -281,6 +280,7 @@ class Learner:
                            source=lay.source.to(device), temperature=self.temperature,
                            chunk=self.cfg.logprob_chunk or max(1, lay.targets.shape[1]))  # (B, L - 1 - start)
             return torch.nn.functional.pad(picked, (start + 1, 0))                    # (B, L)
+        ids = batch.input_ids.to(device)
         mask = batch.attention_mask.to(device)
         if not self.cfg.logprob_chunk:
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start).logits  # (B, L - start, V)

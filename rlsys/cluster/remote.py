@@ -140,4 +140,3 @@ def in_group(pg: PlacementGroup, index: int) -> dict:
 
 def threads(cpus: float) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, int(cpus)))}
-

@@ -45,15 +45,6 @@ class SharedLayout:
         return self.input_ids.numel()
 
 
-def shared_cost(prompt_len: int, response_lens: list[int]) -> int:
-    """Tokens of one shared sequence: the prompt once, then every answer.
-
-    >>> shared_cost(100, [20, 30, 10])  # rows of 120 + 130 + 110 = 360 tokens
-    160
-    """
-    return prompt_len + sum(response_lens)
-
-
 def block_mask(segment: torch.Tensor) -> torch.Tensor:
     """segment (S, Lp): 0 = prompt, s >= 1 = answer s, -1 = padding -> (S, 1, Lp, Lp) bool mask.
 
@@ -125,7 +116,3 @@ def share_prompts(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lens: t
             at += R
     return SharedLayout(ids, pos, block_mask(segment), source, targets, start)
 
-
-def unshared_tokens(lengths: torch.Tensor) -> int:
-    """Positions the row layout computes for the same rows: rows x the longest."""
-    return len(lengths) * int(lengths.max())
