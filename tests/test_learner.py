@@ -125,7 +125,7 @@ def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
     with torch.no_grad():
         logits = learner.engine.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         full = token_logprobs(logits, batch.input_ids, 1.0)
-    for chunk in (0, 3, 1024):  # all positions at once; chunks of 3 (a last short one); one chunk
+    for chunk in (0, 3 * len(LENGTHS), 1024):  # all positions at once; 3 positions a chunk (a last short one); one chunk
         learner.cfg.logprob_chunk = chunk
         with torch.no_grad():
             fast = learner._logprobs(learner.engine.module, batch, shared=False)
@@ -141,7 +141,7 @@ def test_chunked_logprobs_give_the_same_gradient_as_one_pass():
     hidden = torch.randn(2, 7, 8, generator=g)
     targets = torch.randint(0, 50, (2, 7), generator=g)
     grads = []
-    for chunk in (7, 2):
+    for chunk in (14, 2):  # every token in one chunk; one position (both rows) at a time
         h = hidden.clone().requires_grad_(True)
         head.zero_grad()
         out = chunked_logprobs(h, head, targets, 0.7, chunk)                      # (2, 7)
