@@ -70,6 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="checkpoint step when --model is a run folder (default: the latest)")
     p.add_argument("--out", type=Path, help="JSON with per-problem results (default runs/eval/...)")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...] for generation settings")
+    p = sub.add_parser("sft", help="supervised fine-tuning on (prompt, response) pairs (data.path, sft.*)")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    p = sub.add_parser("sample", help="rejection sampling: K samples per prompt, the kept ones as an SFT dataset")
+    p.add_argument("--model", required=True, help="HF folder, named model or RUN_DIR (its latest checkpoint)")
+    p.add_argument("--dataset", required=True, help="a registry dataset or a .jsonl/.parquet of questions and golds")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, help="the first N questions")
+    p.add_argument("--k", type=int, required=True, help="samples per prompt")
+    p.add_argument("--keep", default="correct", choices=["correct", "all"],
+                   help="correct: right answer, full R1 format, finished (default) | all")
+    p.add_argument("--language", help="keep only answers whose reasoning is in this language (en, zh, ...)")
+    p.add_argument("--min-language", type=float, default=0.95, help="its share of words at least (default 0.95)")
+    p.add_argument("--near-duplicate", type=float, default=0.8,
+                   help="word 3-gram Jaccard from which two answers to a prompt are one (default 0.8)")
+    p.add_argument("--max-per-prompt", type=int, default=4)
+    p.add_argument("--step", type=int, help="checkpoint step when --model is a run folder (default: the latest)")
+    p.add_argument("--out", type=Path, help="the dataset (default runs/sample/<dataset>-<model>-k<K>.parquet)")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...] for generation and reward settings")
+    p = sub.add_parser("distill", help="the teacher's correct samples fine-tune the student (distill.*)")
+    p.add_argument("args", nargs="*", help="CONFIG.yaml [key=value ...]")
+    p = sub.add_parser("pipeline", help="R1's stages chained (configs/r1_pipeline.yaml); a re-run skips done stages")
+    p.add_argument("file", help="the pipeline YAML")
+    p.add_argument("args", nargs="*", help="key=value overrides of the pipeline file")
     p = sub.add_parser("export", help="write an HF folder from a run's checkpoint")
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path)
@@ -81,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse leaves over once the positional list has ended.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "submit") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "submit", "sft", "sample", "distill", "pipeline") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.args += extra
     try:
@@ -116,6 +139,48 @@ def cmd_eval(args) -> int:
                         overrides)
 
 
+def cmd_sft(args) -> int:
+    from rlsys.loops.sft import sft
+
+    given, overrides = split_config_args(args.args)
+    run_dir = sft(load_config(given or DEFAULT_CONFIG, overrides))
+    print(f"[rlsys] sft run folder: {run_dir}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from rlsys.data.traces import Filters
+    from rlsys.loops.sample import sample, summary
+
+    given, overrides = split_config_args(args.args)
+    cfg = load_config(given or DEFAULT_CONFIG, overrides)
+    name = Path(args.model).name or args.model
+    out = args.out or Path("runs") / "sample" / f"{Path(args.dataset).stem}-{name}-k{args.k}.parquet"
+    filters = Filters(args.keep, args.language, args.min_language, args.near_duplicate, args.max_per_prompt)
+    try:
+        filters.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    path, prov = sample(cfg, args.model, args.dataset, args.k, out, filters, args.split, args.limit, args.step)
+    print(summary(path, prov))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from rlsys.loops.pipeline import distill_command
+
+    given, overrides = split_config_args(args.args)
+    if given is None:
+        raise ConfigError("rlsys distill needs a CONFIG with a distill section (teacher, student)")
+    return distill_command(given, overrides)
+
+
+def cmd_pipeline(args) -> int:
+    from rlsys.loops.pipeline import pipeline_command
+
+    return pipeline_command(args.file, args.args)
+
+
 def cmd_export(args) -> int:
     from rlsys.checkpoint import export
 
@@ -147,7 +212,7 @@ def cmd_jobs(args) -> int:
     return jobs_main(args)
 
 
-COMMANDS = {"train": cmd_train, "submit": cmd_submit, "jobs": cmd_jobs, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "pipeline": cmd_pipeline, "submit": cmd_submit, "jobs": cmd_jobs, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -116,6 +116,11 @@ class RewardConfig:
     """strict (R1): 1 for exactly <think>..</think><answer>..</answer>, else 0 | partial: 0.5 for a
     well-formed think block alone, 1 for the full format (a ladder for models that never write the
     full format unprompted: a reward that is 0 for a whole group teaches nothing)."""
+    language_weight: float = 0.0
+    language: str = "en"
+    """R1's language-consistency reward (rlsys.math.language): the share of the reasoning's words
+    in `language`'s script, added to the reward with this weight (0: off, not computed). R1 added
+    it in its reasoning RL stage, where chains of thought mixed languages."""
     verifier: str = "auto"
     """How accuracy is judged: math (math-verify against the gold) | reasoning_gym (the task's
     own scorer; the gold is the task entry as JSON) | auto (from the dataset: the registry entry
@@ -364,6 +369,36 @@ class ProfileConfig:
 
 
 @dataclass
+class SftConfig:
+    """`rlsys sft` (rlsys.loops.sft): data.path holds (prompt, response) pairs; each step is one
+    optimizer step on learner.mini_batch_size examples."""
+    epochs: int = 1
+    """Passes over the data: the run's length (trainer.total_steps is not used)."""
+    response_field: str = "response"
+    """The column holding the response (the prompt: data.prompt_field, shown in data.template)."""
+    max_length: int = 2048
+    """Prompt + response tokens at most; a longer pair is a bad row (data.on_bad_row)."""
+
+
+@dataclass
+class DistillConfig:
+    """`rlsys distill` (rlsys.loops.pipeline.distill_pipeline): the teacher's correct samples
+    (rejection sampling) fine-tune the student; both are evaluated before, the student after (eval.*)."""
+    teacher: str | None = None
+    student: str | None = None
+    """Each: a named model (smollm2-135m-instruct, tiny), an HF folder or a run folder."""
+    traces: str | None = None
+    """A file of (prompt, response) pairs to train on; None: sampled from the teacher."""
+    dataset: str = "gsm8k"
+    split: str = "train"
+    limit: int | None = None
+    k: int = 8
+    keep: str = "correct"
+    max_per_prompt: int = 4
+    """The teacher's questions and the sampling (rlsys.data.traces.Filters)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -378,6 +413,8 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -457,6 +494,12 @@ def validate(cfg: Config) -> None:
          f"reward.format_mode must be strict or partial, got {cfg.reward.format_mode!r}")
     need(cfg.data.system_prompt is None or cfg.data.template == "chat",
          "data.system_prompt needs data.template=chat")
+    from rlsys.math.language import SCRIPTS
+
+    need(cfg.reward.language in SCRIPTS, f"reward.language must be one of {sorted(SCRIPTS)}, got {cfg.reward.language!r}")
+    need(cfg.reward.language_weight >= 0, f"reward.language_weight must be >= 0, got {cfg.reward.language_weight}")
+    need(cfg.sft.epochs >= 1 and cfg.sft.max_length >= 2,
+         f"sft.epochs must be >= 1 and sft.max_length >= 2, got {cfg.sft.epochs}, {cfg.sft.max_length}")
     need(cfg.reward.verifier in ("auto", "math", "reasoning_gym"),
          f"reward.verifier must be auto, math or reasoning_gym, got {cfg.reward.verifier!r}")
     need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,

@@ -44,6 +44,8 @@ class RewardResult:
     error: str | None = None
     """The verifier raised on this sample or its process died (the exception's last line): accuracy
     0, the format score still paid, counted in the step's metrics."""
+    language: float | None = None
+    """Language consistency (rlsys.math.language) when reward.language_weight > 0, else None."""
 
 
 @dataclass

@@ -38,6 +38,7 @@ from rlsys.checkpoint import safe_relative
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.prefix import share_prompts
+from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, owners, plan_buckets,
@@ -384,13 +385,9 @@ class Learner:
                     )
                     # The normaliser already spans the mini-batch: no further 1/GAS scaling.
                     self.engine.backward(loss, scale_wrt_gas=False)
-                    boundary = self.engine.is_gradient_accumulation_boundary()
-                    boundary_norm = self._plain_grad_norm() if boundary else None
-                    if boundary:
-                        lr = self.engine.get_lr()[0]  # what this optimizer step uses
-                    if boundary_norm is not None:
-                        self._clip_or_drop_plain_grads(boundary_norm)
-                    self.engine.step()
+                    boundary_norm, step_lr = self._step()
+                    if step_lr is not None:
+                        lr = step_lr
                     sums["loss"] += float(loss.detach())
                     tokens = float(micro.loss_mask.sum())
                     for key, v in metrics.items():  # per-token shares are weighted by the micro-batch's tokens
@@ -433,6 +430,47 @@ class Learner:
         out["lr"] = lr
         out["skipped_updates"] = float(skipped)
         return out
+
+    def train_sft(self, work: TrainBatch | Shard) -> dict[str, float]:
+        """One supervised step (rlsys.math.sft, `rlsys sft`): the NLL of the response tokens of this
+        rank's micro-batches, each normalised by the whole mini-batch's token count over the ranks,
+        then one optimizer step. The batch is one mini-batch (the driver sends one per step)."""
+        if isinstance(work, TrainBatch):
+            work = self.shard(work)
+        assert work.step == self.steps, f"learner {self.rank}: a shard cut for step {work.step}, at step {self.steps}"
+        assert len(work.minis) == 1, f"an SFT step is one mini-batch, got {len(work.minis)}"
+        micros, normalizer = work.minis[0], work.normalizers[0]
+        self.engine.train()
+        sums = torch.zeros(2, dtype=torch.float64)  # summed NLL, response tokens
+        for k, rows in enumerate(micros):
+            micro = work.batch.select(rows)
+            self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
+            logp = self._logprobs(self.engine, micro, work.shared)                       # (b, L)
+            loss, metrics = sft_loss(logp, micro.loss_mask.to(logp.device), normalizer)
+            self.engine.backward(loss, scale_wrt_gas=False)  # the normaliser spans the mini-batch already
+            boundary_norm, lr = self._step()
+            sums += torch.tensor([metrics["nll_sum"], float(micro.loss_mask.sum())], dtype=torch.float64)
+        self.steps += 1
+        norm = self.engine.get_global_grad_norm() if boundary_norm is None else boundary_norm
+        assert norm is not None, "DeepSpeed reported no gradient norm"
+        nll, tokens = self._reduce(sums, dist.ReduceOp.SUM).tolist()
+        finite = math.isfinite(float(norm))
+        return {"loss": nll / max(tokens, 1.0), "nll": nll / max(tokens, 1.0),
+                "grad_norm": float(norm) if finite else float("nan"), "lr": lr, "skipped_updates": float(not finite)}
+
+    def _step(self) -> tuple[float | None, float | None]:
+        """engine.step() after a micro-batch's backward. At the accumulation boundary the plain
+        path (stage 0, fp32) first reads the gradient norm and clips or drops the gradients; returns
+        (that norm, the learning rate this optimizer step uses) there, (None, None) elsewhere."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return None, None
+        lr = self.engine.get_lr()[0]
+        norm = self._plain_grad_norm()
+        if norm is not None:
+            self._clip_or_drop_plain_grads(norm)
+        self.engine.step()
+        return norm, lr
 
     def needs_old_logprobs(self, mini_batches: int) -> bool:
         """A separate no-grad pass for the old log-probs is needed only when some forward runs after

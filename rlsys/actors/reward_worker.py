@@ -38,7 +38,7 @@ from multiprocessing.connection import wait
 from typing import Callable
 
 from rlsys.config import RewardConfig
-from rlsys.math.rewards import VERIFIERS, GoldError, accuracy, combine, format_score
+from rlsys.math.rewards import VERIFIERS, GoldError, accuracy, combine, format_score, language_score
 from rlsys.types import RewardResult
 
 __all__ = ["RewardResult", "RewardWorker", "Scorer"]
@@ -198,17 +198,22 @@ class RewardWorker:
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardWorker is closed")
-            formats = [format_score(completion, self.cfg) for completion, _ in samples]
+            # The rules that need no verifier (format, language) run here: whatever happens to the check, they pay.
+            formats = [(format_score(completion, self.cfg), language_score(completion, self.cfg))
+                       for completion, _ in samples]
             results: list[RewardResult] = []
             while len(results) < len(samples):  # each pass ends at a timeout or a death (child replaced) or at the end
                 results += self._stream(samples, formats, len(results))
             return results
 
-    def _failed(self, fmt: float, timed_out: bool = False, error: str | None = None) -> RewardResult:
-        return RewardResult(reward=combine(0.0, fmt, self.cfg), accuracy=0.0, format=fmt, timed_out=timed_out,
-                            error=error)
+    def _failed(self, rules: tuple[float, float | None], timed_out: bool = False, error: str | None = None
+                ) -> RewardResult:
+        fmt, lang = rules
+        return RewardResult(reward=combine(0.0, fmt, self.cfg, lang), accuracy=0.0, format=fmt, timed_out=timed_out,
+                            error=error, language=lang)
 
-    def _stream(self, samples: list[tuple[str, str]], formats: list[float], first: int) -> list[RewardResult]:
+    def _stream(self, samples: list[tuple[str, str]], formats: list[tuple[float, float | None]], first: int
+                ) -> list[RewardResult]:
         """Scores samples[first:] with up to IN_FLIGHT of them queued in the child, so the child never
         waits for a round trip through the parent. Sample i's clock starts when the parent begins
         waiting for its reply, i.e. once reply i - 1 is in: the child starts i at that moment (it is
@@ -257,8 +262,8 @@ class RewardWorker:
                     raise RuntimeError(f"reward worker child answered sample {got_index}, expected {index}")
                 if kind == "ok":
                     acc = msg[2]
-                    results.append(RewardResult(reward=combine(acc, fmt, self.cfg), accuracy=acc, format=fmt,
-                                                timed_out=False))
+                    results.append(RewardResult(reward=combine(acc, fmt[0], self.cfg, fmt[1]), accuracy=acc,
+                                                format=fmt[0], timed_out=False, language=fmt[1]))
                 elif kind == "error":
                     log.warning("reward: the verifier raised on sample %d (completion starts %r): accuracy 0\n%s",
                                 index, completion[:200], msg[2])

@@ -130,6 +130,22 @@ class LearnerGroup:
         self.trained += 1
         return out
 
+    def train_sft(self, batch: TrainBatch) -> dict[str, float]:
+        """One supervised step on one mini-batch of examples (rlsys.math.sft), cut like train's."""
+        W = len(self.actors)
+        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained)
+                  for rank in range(W)]
+        out = self._all([a.train_sft.remote(shard) for a, shard in zip(self.actors, shards)], "train",
+                        self.deadlines.train_s, "deadlines.train_s")[0]
+        self.trained += 1
+        return out
+
+    def shutdown(self, placement) -> None:
+        """A group started alone (start_learner_group): its actors and their placement group go."""
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(placement)
+
     def full_state_dict(self) -> dict:
         return self._all([a.full_state_dict.remote() for a in self.actors], "gather", self.deadlines.save_s,
                          "deadlines.save_s")[0]
@@ -352,21 +368,24 @@ def _where(actors: list, asked: list[dict], role: str, timeout_s: float) -> list
     return [placement_record(w, r, roles) for w, r in zip(started, asked)]
 
 
-def start_learner_group(cfg: Config, model_path: str) -> tuple[LearnerGroup, object]:
-    """A learner group alone, set up and ready to train (benchmarks); returns it and its placement group."""
+def start_learner_group(cfg: Config, model_path: str, updates: int | None = None) -> tuple[LearnerGroup, object]:
+    """A learner group alone, set up and ready to train (`rlsys sft`, benchmarks); returns it and
+    its placement group. updates: optimizer steps in the run (the LR schedule's length; None: a
+    GRPO run's, from trainer.total_steps)."""
     backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
     lay = layout(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, placement="any")),
                  backend == "nccl")
     pg = place("rlsys-learners", *lay.groups["rlsys-learners"], cfg.cluster)
-    actors = _learners(cfg, model_path, backend, lay, {"rlsys-learners": pg})
+    actors = _learners(cfg, model_path, backend, lay, {"rlsys-learners": pg}, updates)
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
     return LearnerGroup(actors, cfg), pg
 
 
-def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict) -> list:
-    updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
+def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict, updates: int | None = None) -> list:
+    if updates is None:
+        updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
     return [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
                                  runtime_env={"env_vars": threads(s.num_cpus)}).remote(
         model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,

@@ -111,6 +111,7 @@ def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig,
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "format": statistics.fmean(s.format for s in scores),
+        "format/full": statistics.fmean(s.format == 1.0 for s in scores),  # R1's whole format (partial credit aside)
         "response_length/mean": statistics.fmean(n for r in results for n in r.lengths),
         "seconds": time.time() - t0,
         "results": [r.__dict__ for r in results],
@@ -128,6 +129,22 @@ def write(summary: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
     return out
+
+
+def evaluate_model(cfg, model_path: str) -> dict:
+    """cfg.eval's evaluation of `model_path` on generators and reward workers started for it."""
+    from transformers import AutoTokenizer
+
+    from rlsys.cluster.groups import init_ray, launch
+    from rlsys.data import datasets
+
+    problems = load_problems(cfg.eval, cfg.data, cfg.generator, AutoTokenizer.from_pretrained(model_path))
+    init_ray(cfg)
+    groups = launch(cfg, model_path, datasets.verifier_for(cfg.eval.dataset), train=False)
+    try:
+        return run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag, cfg.generator.max_tokens)
+    finally:
+        groups.shutdown()
 
 
 def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step: int | None, out: Path | None,

@@ -23,7 +23,8 @@ from rlsys.config import Config, ConfigError, to_dict
 from rlsys.data.prompts import PromptStream
 
 SAME_RUN = ("model", "data", "algo", "learner", "reward", "trainer.seed", "generator.temperature",
-            "generator.top_p", "generator.max_tokens", "generator.max_model_len")
+            "generator.top_p", "generator.max_tokens", "generator.max_model_len", "sft.response_field",
+            "sft.max_length")
 """What a resumed run may not change: it would be another run's continuation. Anything else
 (cluster size and placement, trainer.total_steps with a constant LR, eval, logging) may change."""
 

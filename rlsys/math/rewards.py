@@ -391,16 +391,27 @@ def score(completion: str, gold: str, cfg: RewardConfig) -> tuple[float, float]:
     return accuracy(completion, gold, cfg), format_score(completion, cfg)
 
 
-def combine(accuracy: float, fmt: float, cfg: RewardConfig) -> float:
-    """``cfg.accuracy_weight * accuracy + cfg.format_weight * fmt``.
+def combine(accuracy: float, fmt: float, cfg: RewardConfig, language: float | None = None) -> float:
+    """``cfg.accuracy_weight * accuracy + cfg.format_weight * fmt``, plus
+    ``cfg.language_weight * language`` when the language-consistency reward is on (R1).
 
     >>> from rlsys.config import RewardConfig
     >>> combine(1.0, 1.0, RewardConfig(accuracy_weight=0.8, format_weight=0.2))
     1.0
     >>> combine(0.0, 1.0, RewardConfig(accuracy_weight=1.0, format_weight=0.5))
     0.5
+    >>> combine(1.0, 1.0, RewardConfig(accuracy_weight=0.8, format_weight=0.2, language_weight=0.1), language=0.5)
+    1.05
     """
-    return cfg.accuracy_weight * accuracy + cfg.format_weight * fmt
+    reward = cfg.accuracy_weight * accuracy + cfg.format_weight * fmt
+    return reward + cfg.language_weight * language if language is not None else reward
+
+
+def language_score(completion: str, cfg: RewardConfig) -> float | None:
+    """Language consistency of one completion when reward.language_weight > 0, else None (not computed)."""
+    from rlsys.math.language import language_consistency
+
+    return language_consistency(completion, cfg.language) if cfg.language_weight > 0 else None
 
 
 CHECK_PARALLEL_MIN = 1000

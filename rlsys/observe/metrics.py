@@ -46,6 +46,8 @@ def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_si
         "reward/accuracy": statistics.fmean(r.accuracy for r in results),
         "reward/format": statistics.fmean(r.format for r in results),
         "reward/timeouts": sum(r.timed_out for r in results),
+        **({"reward/language": statistics.fmean(r.language for r in results)}
+           if results and results[0].language is not None else {}),
         # the verifier raised or its process died on these samples: accuracy 0, format still paid
         "reward/errors": sum(r.error is not None for r in results),
         # A group whose rewards are all equal has zero advantage everywhere: it teaches nothing.
