@@ -244,3 +244,20 @@ def test_streamed_samples_queued_behind_a_hang_or_an_error_are_neither_lost_nor_
         assert worker.score([wrong, ok]) == expected([wrong, ok], make_cfg())
     finally:
         worker.close()
+
+
+def test_language_reward_is_added_with_its_weight_even_when_the_check_fails():
+    # R1's third rule reward: 0.8 * accuracy + 0.2 * format + 0.1 * language consistency. Reasoning
+    # "add 三 and four": words add, 三, and, four -> 3 of 4 English. A hanging verifier still pays
+    # format and language (both computed in the parent).
+    cfg = RewardConfig(timeout_s=1.0, require_answer_tag=True, accuracy_weight=0.8, format_weight=0.2,
+                       language_weight=0.1, language="en", verifier="math")
+    mixed = " <think> add 三 and four </think> <answer> 7 </answer>"
+    with RewardWorker(cfg, scorer=hang_on_marker) as worker:
+        right, wrong, hung = worker.score([(mixed, "7"), (mixed, "8"), (mixed.replace("four", "four HANG"), "7")])
+    assert right.language == pytest.approx(0.75) and right.reward == pytest.approx(0.8 + 0.2 + 0.075)
+    assert wrong.reward == pytest.approx(0.2 + 0.075) and wrong.accuracy == 0.0
+    assert hung.timed_out and hung.language == pytest.approx(0.8)  # add, 三, and, four, HANG
+    assert hung.reward == pytest.approx(0.2 + 0.08)
+    with RewardWorker(make_cfg()) as worker:  # weight 0: not computed at all
+        assert worker.score([(mixed, "7")])[0].language is None

@@ -158,6 +158,7 @@ class Pipeline:
             record["seconds"] = round(time.time() - t0, 1)
             if "model" in record and s.kind != "sample":
                 record["eval"] = self.evaluated(s.name, s.kind, record["model"], self.rlsys_config(s, []))
+                record["eval"]["stage_s"] = record["seconds"]
             done.write_text(json.dumps(record, indent=1))
         self.models[s.name] = record["model"]
         if "traces" in record:
@@ -167,7 +168,7 @@ class Pipeline:
         elif s.kind == "sample":
             self.rows.append({"stage": s.name, "kind": "sample", "model": Path(record["model"]).name,
                               "kept": record["counts"]["kept"], "candidates": record["counts"]["candidates"],
-                              "seconds": record["seconds"]})
+                              "stage_s": record["seconds"]})
 
     def run_sample(self, s: StageConfig, folder: Path) -> dict:
         from rlsys.loops.sample import sample
@@ -223,14 +224,15 @@ class Pipeline:
 def summary_table(rows: list[dict], seconds: float) -> str:
     """Markdown: one row per evaluation (and per sample stage), in pipeline order."""
     cons = next((k for r in rows for k in r if k.startswith("cons@")), "cons@k")
-    lines = [f"| stage | kind | model | pass@1 | {cons} | full format | format score | response tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| stage | kind | model | minutes | pass@1 | {cons} | full format | format score | response tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        minutes = f"{r['stage_s'] / 60:.1f}" if "stage_s" in r else ""
         if r["kind"] == "sample":
-            lines.append(f"| {r['stage']} | sample | {r['model']} | kept {r['kept']} of {r['candidates']} "
-                         f"samples | | | | |")
+            lines.append(f"| {r['stage']} | sample | {r['model']} | {minutes} | kept {r['kept']} of "
+                         f"{r['candidates']} samples | | | | |")
             continue
-        lines.append(f"| {r['stage']} | {r['kind']} | {r['model']} | {r['pass@1']:.3f} | {r[cons]:.3f} | "
+        lines.append(f"| {r['stage']} | {r['kind']} | {r['model']} | {minutes} | {r['pass@1']:.3f} | {r[cons]:.3f} | "
                      f"{r['format/full']:.3f} | {r['format']:.3f} | {r['response_length']:.1f} |")
     lines.append(f"\nwall time {seconds / 60:.1f} min")
     return "\n".join(lines)
