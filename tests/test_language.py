@@ -26,11 +26,12 @@ def test_cyrillic_latin_arabic_and_a_word_that_changes_script():
     assert language_consistency("<think>Сначала add جمع dasслово</think>", "ru") == pytest.approx(2 / 5)
 
 
-def test_symbols_numbers_and_latex_are_neutral_and_no_words_earns_nothing():
+def test_symbols_numbers_and_latex_are_neutral_and_bare_arithmetic_is_consistent():
     assert language_consistency("<think>x^2 + 3 = 7, so x = 2</think>", "en") == 1.0  # x, so, x
     assert language_consistency(r"<think>\frac{1}{2} 一半</think>", "zh") == pytest.approx(2 / 3)  # frac, 一, 半
-    assert language_consistency("<think> 2 + 3 = 5 </think>", "en") == 0.0
-    assert language_consistency("", "en") == 0.0
+    assert language_consistency("<think> 2 + 3 = 5 </think>", "en") == 1.0  # no word in any language: no mixing
+    assert language_consistency("<think> 2 + 3 = 5 </think>", "zh") == 1.0
+    assert language_consistency("<think> 2 + 3 = 五 </think>", "en") == 0.0
 
 
 def test_reads_the_think_block_or_else_the_whole_completion():

@@ -119,3 +119,29 @@ def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
 def test_bad_pipeline_files_stop_with_the_stage_named(tmp_path, stages, message):
     with pytest.raises(ConfigError, match=message):
         load_pipeline(write_pipeline(tmp_path, stages))
+
+
+def test_distill_samples_the_teacher_and_fine_tunes_the_student(tmp_path):
+    # The plumbing, on the tiny model as both teacher and student: the tiny teacher is never
+    # right, so its samples are kept whatever they say (distill.keep=all).
+    config = tmp_path / "distill.yaml"
+    config.write_text((REPO / "configs" / "tiny.yaml").read_text() + f"""
+distill:
+  teacher: tiny
+  student: tiny
+  dataset: {REPO / "configs" / "data" / "toy_digits.jsonl"}
+  limit: 8
+  k: 2
+  keep: all
+eval: {{dataset: digit_add, split: test, limit: 4, k: 2}}
+""")
+    out = tmp_path / "distill"
+    proc = rlsys("distill", str(config), f"trainer.output_dir={out}", "learner.mini_batch_size=4", "sft.epochs=2",
+                 *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "summary.md").read_text()
+    for stage in ("base", "student", "teacher_samples", "student_sft"):
+        assert f"| {stage} |" in table, table
+    record = json.loads((out / "student_sft" / "done.json").read_text())
+    assert record["data"].endswith("teacher_samples/traces.parquet") and Path(record["model"]).is_dir()
+    assert json.loads(pq.read_schema(record["data"]).metadata[b"rlsys"])["k"] == 2

@@ -9,8 +9,10 @@ microseconds. What counts as a word:
 - every Han, Hiragana or Katakana character is a word of its own (those scripts use no spaces);
 - digits, punctuation, math symbols and LaTeX markup are no words (neither for nor against):
   `x^2 + 3 = 7` is language-neutral, `\\frac` counts as the Latin word "frac".
-The reward is target words / all words, in [0, 1]; reasoning without a single word earns 0 (a
-chain of thought cannot score by writing only symbols). Which text is read: the inside of the
+The reward is target words / all words, in [0, 1]. Reasoning without a single word (`3 + 4 = 7`)
+scores 1: the reward measures mixing, and symbols are in no language (found on SmolLM2's digit
+sums, where most correct chains of thought are bare arithmetic: scored 0, rejection sampling
+threw them all away as "not English"). Which text is read: the inside of the
 first <think>...</think> block when the completion has one, else the whole completion.
 
     >>> language_consistency("<think> so 2 + 3 = 5 </think> <answer> 5 </answer>", "en")
@@ -20,7 +22,7 @@ first <think>...</think> block when the completion has one, else the whole compl
     >>> language_consistency("<think> 先算 2+3 </think>", "zh")
     1.0
     >>> language_consistency("<think> 2 + 3 = 5 </think>", "en")
-    0.0
+    1.0
 """
 
 from __future__ import annotations
@@ -81,6 +83,6 @@ def language_consistency(completion: str, language: str) -> float:
         raise ValueError(f"reward.language must be one of {sorted(SCRIPTS)}, got {language!r}")
     words = words_by_script(reasoning_text(completion))
     if not words:
-        return 0.0
+        return 1.0
     target = SCRIPTS[language]
     return sum(script in target for _, script in words) / len(words)
