@@ -115,6 +115,8 @@ def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     ("  - {name: a, kind: train}\n  - {name: a, kind: train}", "the name is taken"),
     ("  - {name: a, kind: train, colour: red}", "colour"),
     ("  - {name: a, kind: train, model: student}", "names no student"),
+    ("  - {name: a, kind: train, overrides: [learner.mini_batch_size=3]}", r"stages\[0\] \(a\): .*mini_batch_size"),
+    ("  - {name: a, kind: sample, near_duplicate: 2}", "near-duplicate"),
 ])
 def test_bad_pipeline_files_stop_with_the_stage_named(tmp_path, stages, message):
     with pytest.raises(ConfigError, match=message):

@@ -108,7 +108,14 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
             if seen.get(s.data, "sample") != "sample" or (s.data not in seen and not Path(s.data).is_file()):
                 raise ConfigError(f"{where}: data={s.data!r} is neither an earlier sample stage nor a file")
         if s.kind == "sample":
-            Filters(s.keep, s.language, s.min_language, s.near_duplicate, s.max_per_prompt).check()
+            try:
+                Filters(s.keep, s.language, s.min_language, s.near_duplicate, s.max_per_prompt).check()
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        try:  # the stage's rlsys config, checked now rather than after the stages before it have run
+            load_config(cfg.config, [*cfg.overrides, *s.overrides])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         seen[s.name] = s.kind
     return cfg
 
