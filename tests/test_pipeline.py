@@ -81,7 +81,7 @@ def test_pipeline_chains_skips_done_stages_and_resumes_a_killed_one(tmp_path):
     table = (out / "summary.md").read_text()
     for stage in ("base", "rl", "traces", "cold_start"):
         assert f"| {stage} |" in table
-    assert "wall time" in table
+    assert "min (over every run of the pipeline); this run" in table
 
     third = rlsys("pipeline", str(path))  # everything done: nothing runs again
     assert third.returncode == 0, third.stderr[-3000:]
