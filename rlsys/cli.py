@@ -157,10 +157,6 @@ def cmd_sample(args) -> int:
     name = Path(args.model).name or args.model
     out = args.out or Path("runs") / "sample" / f"{Path(args.dataset).stem}-{name}-k{args.k}.parquet"
     filters = Filters(args.keep, args.language, args.min_language, args.near_duplicate, args.max_per_prompt)
-    try:
-        filters.check()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     path, prov = sample(cfg, args.model, args.dataset, args.k, out, filters, args.split, args.limit, args.step)
     print(summary(path, prov))
     return 0

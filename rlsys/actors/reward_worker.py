@@ -199,11 +199,11 @@ class RewardWorker:
             if self._closed:
                 raise RuntimeError("RewardWorker is closed")
             # The rules that need no verifier (format, language) run here: whatever happens to the check, they pay.
-            formats = [(format_score(completion, self.cfg), language_score(completion, self.cfg))
-                       for completion, _ in samples]
+            rules = [(format_score(completion, self.cfg), language_score(completion, self.cfg))
+                     for completion, _ in samples]
             results: list[RewardResult] = []
             while len(results) < len(samples):  # each pass ends at a timeout or a death (child replaced) or at the end
-                results += self._stream(samples, formats, len(results))
+                results += self._stream(samples, rules, len(results))
             return results
 
     def _failed(self, rules: tuple[float, float | None], timed_out: bool = False, error: str | None = None
@@ -212,7 +212,7 @@ class RewardWorker:
         return RewardResult(reward=combine(0.0, fmt, self.cfg, lang), accuracy=0.0, format=fmt, timed_out=timed_out,
                             error=error, language=lang)
 
-    def _stream(self, samples: list[tuple[str, str]], formats: list[tuple[float, float | None]], first: int
+    def _stream(self, samples: list[tuple[str, str]], rules: list[tuple[float, float | None]], first: int
                 ) -> list[RewardResult]:
         """Scores samples[first:] with up to IN_FLIGHT of them queued in the child, so the child never
         waits for a round trip through the parent. Sample i's clock starts when the parent begins
@@ -238,12 +238,12 @@ class RewardWorker:
                         break
                     sent += 1
                 index = first + len(results)
-                completion, fmt = samples[index][0], formats[index]
+                completion, paid = samples[index][0], rules[index]  # (format, language): never lost
                 if not wait([conn, proc.sentinel], timeout=self.cfg.timeout_s):  # a hanging verifier
                     self._kill()
                     log.warning("reward: the verifier ran over %.1f s on sample %d (completion starts %r): "
                                 "accuracy 0, its process replaced", self.cfg.timeout_s, index, completion[:200])
-                    results.append(self._failed(fmt, timed_out=True))
+                    results.append(self._failed(paid, timed_out=True))
                     finished = True
                     return results
                 try:
@@ -254,7 +254,7 @@ class RewardWorker:
                     error = f"verifier process died (exit code {self._kill()})"
                     log.warning("reward: %s on sample %d (completion starts %r): accuracy 0, a fresh one "
                                 "takes over", error, index, completion[:200])
-                    results.append(self._failed(fmt, error=error))
+                    results.append(self._failed(paid, error=error))
                     finished = True
                     return results
                 kind, got_index = msg[0], msg[1]
@@ -262,12 +262,13 @@ class RewardWorker:
                     raise RuntimeError(f"reward worker child answered sample {got_index}, expected {index}")
                 if kind == "ok":
                     acc = msg[2]
-                    results.append(RewardResult(reward=combine(acc, fmt[0], self.cfg, fmt[1]), accuracy=acc,
-                                                format=fmt[0], timed_out=False, language=fmt[1]))
+                    fmt, lang = paid
+                    results.append(RewardResult(reward=combine(acc, fmt, self.cfg, lang), accuracy=acc, format=fmt,
+                                                timed_out=False, language=lang))
                 elif kind == "error":
                     log.warning("reward: the verifier raised on sample %d (completion starts %r): accuracy 0\n%s",
                                 index, completion[:200], msg[2])
-                    results.append(self._failed(fmt, error=_last_line(msg[2])))
+                    results.append(self._failed(paid, error=_last_line(msg[2])))
                 elif kind == "gold":
                     raise ValueError(f"the gold answer of sample {index} cannot be used by the verifier (a data "
                                      f"bug; rlsys.math.rewards.check_golds finds these up front):\n{msg[2]}")

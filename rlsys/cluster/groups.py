@@ -120,22 +120,20 @@ class LearnerGroup:
         return get_all(refs, self.names, phase, timeout_s, setting)
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
-        """One update on a rollout batch: the batch is cut here and each rank is sent only its rows
-        (rlsys.math.packing)."""
-        W = len(self.actors)
-        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained)
-                  for rank in range(W)]
-        out = self._all([a.train.remote(shard) for a, shard in zip(self.actors, shards)], "train",
-                        self.deadlines.train_s, "deadlines.train_s")[0]
-        self.trained += 1
-        return out
+        """One GRPO update on a rollout batch."""
+        return self._update(batch, "train")
 
     def train_sft(self, batch: TrainBatch) -> dict[str, float]:
-        """One supervised step on one mini-batch of examples (rlsys.math.sft), cut like train's."""
+        """One supervised step on one mini-batch of examples (rlsys.math.sft)."""
+        return self._update(batch, "train_sft")
+
+    def _update(self, batch: TrainBatch, method: str) -> dict[str, float]:
+        """The batch is cut here and each rank is sent only its rows (rlsys.math.packing), to the
+        ranks' `method`; rank 0's metrics (reduced over the ranks) come back."""
         W = len(self.actors)
         shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained)
                   for rank in range(W)]
-        out = self._all([a.train_sft.remote(shard) for a, shard in zip(self.actors, shards)], "train",
+        out = self._all([getattr(a, method).remote(shard) for a, shard in zip(self.actors, shards)], "train",
                         self.deadlines.train_s, "deadlines.train_s")[0]
         self.trained += 1
         return out

@@ -58,16 +58,18 @@ class Filters:
     max_per_prompt: int = 4
 
     def check(self) -> None:
+        """ConfigError (a ValueError) naming the command-line option."""
+        from rlsys.config import ConfigError
         from rlsys.math.language import SCRIPTS
 
         if self.keep not in ("correct", "all"):
-            raise ValueError(f"--keep must be correct or all, got {self.keep!r}")
+            raise ConfigError(f"--keep must be correct or all, got {self.keep!r}")
         if self.language is not None and self.language not in SCRIPTS:
-            raise ValueError(f"--language must be one of {sorted(SCRIPTS)}, got {self.language!r}")
+            raise ConfigError(f"--language must be one of {sorted(SCRIPTS)}, got {self.language!r}")
         if not 0 < self.near_duplicate <= 1:
-            raise ValueError(f"--near-duplicate must be in (0, 1], got {self.near_duplicate}")
+            raise ConfigError(f"--near-duplicate must be in (0, 1], got {self.near_duplicate}")
         if self.max_per_prompt < 1:
-            raise ValueError(f"--max-per-prompt must be >= 1, got {self.max_per_prompt}")
+            raise ConfigError(f"--max-per-prompt must be >= 1, got {self.max_per_prompt}")
 
 
 def shingles(text: str, n: int = 3) -> frozenset[tuple[str, ...]]:

@@ -56,6 +56,9 @@ class StageConfig:
     overrides: list[str] = field(default_factory=list)
     """key=value for this stage's rlsys config (after the pipeline's own overrides)."""
 
+    def filters(self) -> Filters:
+        return Filters(self.keep, self.language, self.min_language, self.near_duplicate, self.max_per_prompt)
+
 
 @dataclass
 class PipelineEval:
@@ -109,8 +112,8 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
                 raise ConfigError(f"{where}: data={s.data!r} is neither an earlier sample stage nor a file")
         if s.kind == "sample":
             try:
-                Filters(s.keep, s.language, s.min_language, s.near_duplicate, s.max_per_prompt).check()
-            except ValueError as e:
+                s.filters().check()
+            except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
         try:  # the stage's rlsys config, checked now rather than after the stages before it have run
             load_config(cfg.config, [*cfg.overrides, *s.overrides])
@@ -188,8 +191,7 @@ class Pipeline:
         model = self.models[s.model] if s.model in self.models else s.model
         out = folder / "traces.parquet"
         cfg = self.rlsys_config(s, [])
-        filters = Filters(s.keep, s.language, s.min_language, s.near_duplicate, s.max_per_prompt)
-        _, prov = sample(cfg, model, s.dataset, s.k, out, filters, s.split, s.limit,
+        _, prov = sample(cfg, model, s.dataset, s.k, out, s.filters(), s.split, s.limit,
                          resume_file=folder / "candidates.jsonl")
         return {"model": model, "traces": str(out), "counts": prov["counts"]}
 

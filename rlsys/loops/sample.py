@@ -84,6 +84,7 @@ def sample(cfg: Config, model: str, dataset: str, k: int, out: Path, filters: Fi
     t0 = time.time()
     candidates = load_candidates(resume_file, k) if resume_file is not None else []
     done = len({c.prompt_index for c in candidates})
+    passing = sum(rejection(c, filters) is None for c in candidates)  # before dedup and the cap (the bar)
     if done:
         print(f"[rlsys] sample: {done} of {len(rows)} prompts sampled before ({resume_file}); going on", flush=True)
     init_ray(cfg)
@@ -105,11 +106,12 @@ def sample(cfg: Config, model: str, dataset: str, k: int, out: Path, filters: Fi
                 scored.append(Candidate(i, rows[i][0], rows[i][1], r.text, s.accuracy, s.format,
                                         r.finish_reason == "stop", language, len(r.response_ids)))
             candidates += scored
+            passing += sum(rejection(c, filters) is None for c in scored)
             if resume_file is not None:
                 with resume_file.open("a") as f:
                     f.writelines(json.dumps(dataclasses.asdict(c)) + "\n" for c in scored)
             bar.update(len(todo))
-            bar.set_postfix(samples=len(candidates), pass_rules=sum(rejection(c, filters) is None for c in candidates))
+            bar.set_postfix(samples=len(candidates), pass_rules=passing)
         bar.close()
     finally:
         groups.shutdown()
