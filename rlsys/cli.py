@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--near-duplicate", type=float, default=0.8,
                    help="word 3-gram Jaccard from which two answers to a prompt are one (default 0.8)")
     p.add_argument("--max-per-prompt", type=int, default=4)
+    p.add_argument("--few-shot", help="a .jsonl of worked {prompt, response} examples shown before each question "
+                                      "(the dataset written keeps the bare question)")
     p.add_argument("--step", type=int, help="checkpoint step when --model is a run folder (default: the latest)")
     p.add_argument("--out", type=Path, help="the dataset (default runs/sample/<dataset>-<model>-k<K>.parquet)")
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...] for generation and reward settings")
@@ -157,7 +159,8 @@ def cmd_sample(args) -> int:
     name = Path(args.model).name or args.model
     out = args.out or Path("runs") / "sample" / f"{Path(args.dataset).stem}-{name}-k{args.k}.parquet"
     filters = Filters(args.keep, args.language, args.min_language, args.near_duplicate, args.max_per_prompt)
-    path, prov = sample(cfg, args.model, args.dataset, args.k, out, filters, args.split, args.limit, args.step)
+    path, prov = sample(cfg, args.model, args.dataset, args.k, out, filters, args.split, args.limit, args.step,
+                        few_shot=args.few_shot)
     print(summary(path, prov))
     return 0
 

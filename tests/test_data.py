@@ -7,7 +7,7 @@ import pytest
 
 from rlsys.config import DataConfig
 from rlsys.data.prompts import (R1_ZERO_TEMPLATE, SOURCE_ROOT, DataError, PromptStream, apply_template, load_rows,
-                        resolve_data_path)
+                        load_shots, resolve_data_path)
 from rlsys.data.models import build_tiny_tokenizer
 
 ROWS = [("What is 2+3?", "5"), ("Copy the digit 7", "7"), ("Name a prime.", "2"),
@@ -165,6 +165,43 @@ def test_system_prompt_and_prefill():
     assert apply_template("What is 2+3?", cfg, tok) == (
         "<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
         "<|im_start|>assistant\n<think>")
+
+
+SHOTS = [("What is 1+1?", "<think> one and one </think> <answer> 2 </answer>"), ("Say 3", "<think>3</think> <answer>3</answer>")]
+
+
+def test_few_shot_examples_are_earlier_chat_turns_before_the_prefill():
+    tok = build_tiny_tokenizer()
+    cfg = DataConfig(template="chat", system_prompt="S.", prefill="<think>")
+    assert apply_template("What is 2+3?", cfg, tok, SHOTS) == (
+        "<|im_start|>system\nS.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n<think> one and one </think> <answer> 2 </answer><|im_end|>\n"
+        "<|im_start|>user\nSay 3<|im_end|>\n<|im_start|>assistant\n<think>3</think> <answer>3</answer><|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n<think>")
+
+
+def test_few_shot_examples_with_a_text_template_are_answered_and_a_blank_line_apart():
+    cfg = DataConfig(template="r1_zero", prefill="<think>")
+    text = apply_template("Copy the digit 6", cfg, None, SHOTS[:1])
+    first = R1_ZERO_TEMPLATE.format(prompt="What is 1+1?")
+    assert text == first + " <think> one and one </think> <answer> 2 </answer>\n\n" + R1_EXPECTED + "<think>"
+    assert apply_template("q", DataConfig(template="none"), None, SHOTS[1:]) == "Say 3 <think>3</think> <answer>3</answer>\n\nq"
+
+
+def test_load_shots_reads_the_shipped_examples_and_names_bad_rows(tmp_path):
+    shots = load_shots("configs/data/r1_few_shot.jsonl")
+    assert len(shots) == 3 and all(r.startswith("<think>") and r.endswith("</answer>") for _, r in shots)
+    with pytest.raises(DataError, match="not found"):
+        load_shots(tmp_path / "nowhere.jsonl")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "r"}, {"prompt": "q", "response": ""}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*prompt and response"):
+        load_shots(bad)
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "q", "response": "r"}\n{"prompt":\n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2: not JSON"):
+        load_shots(tmp_path / "broken.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no few-shot examples"):
+        load_shots(tmp_path / "empty.jsonl")
 
 
 def test_unknown_template_names_it():

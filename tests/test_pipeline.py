@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlsys.config import ConfigError
+from rlsys.data.prompts import load_shots
 from rlsys.loops.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +93,8 @@ def test_pipeline_chains_skips_done_stages_and_resumes_a_killed_one(tmp_path):
 def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     out = tmp_path / "traces.parquet"
     proc = rlsys("sample", "configs/tiny.yaml", "--model", "tiny", "--dataset", "configs/data/toy_digits.jsonl",
-                 "--limit", "6", "--k", "3", "--keep", "all", "--max-per-prompt", "2", "--out", str(out), *SMALL)
+                 "--limit", "6", "--k", "3", "--keep", "all", "--max-per-prompt", "2", "--out", str(out),
+                 "--few-shot", "configs/data/r1_few_shot.jsonl", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     prov = json.loads(pq.read_schema(out).metadata[b"rlsys"])
     counts = prov["counts"]
@@ -101,6 +103,11 @@ def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     assert counts["kept"] + sum(v for k, v in counts.items() if k in ("duplicate", "near_duplicate", "over_cap")) == 18
     assert prov["k"] == 3 and prov["sampling"]["max_tokens"] == 16 and prov["filters"]["keep"] == "all"
     assert all(sum(r["prompt_index"] == i for r in rows) <= 2 for i in range(6))
+    # the sampler saw the worked examples; the dataset pairs the bare question with the answer
+    assert prov["sampling"]["few_shot"]["file"] == "configs/data/r1_few_shot.jsonl"
+    assert [tuple(e) for e in prov["sampling"]["few_shot"]["examples"]] == load_shots("configs/data/r1_few_shot.jsonl")
+    questions = [json.loads(line)["prompt"] for line in (REPO / "configs/data/toy_digits.jsonl").read_text().splitlines()]
+    assert all(r["prompt"] == questions[r["prompt_index"]] for r in rows)
     # the tiny random model never answers right: keep=correct keeps nothing, every sample counted as dropped
     strict = rlsys("sample", "configs/tiny.yaml", "--model", "tiny", "--dataset", "configs/data/toy_digits.jsonl",
                    "--limit", "2", "--k", "2", "--out", str(tmp_path / "none.parquet"), *SMALL)
@@ -117,6 +124,7 @@ def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     ("  - {name: a, kind: train, model: student}", "names no student"),
     ("  - {name: a, kind: train, overrides: [learner.mini_batch_size=3]}", r"stages\[0\] \(a\): .*mini_batch_size"),
     ("  - {name: a, kind: sample, near_duplicate: 2}", "near-duplicate"),
+    ("  - {name: a, kind: sample, few_shot: nowhere.jsonl}", r"stages\[0\] \(a\): few-shot file nowhere.jsonl not found"),
 ])
 def test_bad_pipeline_files_stop_with_the_stage_named(tmp_path, stages, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,6 +10,7 @@ Templates:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -131,20 +132,50 @@ def load_rows(cfg: DataConfig, skipped: list[str] | None = None) -> list[tuple[s
     return rows
 
 
-def apply_template(question: str, cfg: DataConfig, tokenizer=None) -> str:
-    """The text the generators see: the question in cfg.template, then cfg.prefill."""
+def apply_template(question: str, cfg: DataConfig, tokenizer=None, shots: list[tuple[str, str]] = ()) -> str:
+    """The text the generators see: the question in cfg.template, then cfg.prefill. shots:
+    worked (question, response) examples shown first (few-shot prompting, R1's way of making
+    cold-start data; rlsys.loops.sample): earlier chat turns, or for the text templates each
+    example templated and answered, a blank line apart. A response is the whole answer, prefill
+    included."""
     if cfg.template == "r1_zero":
         text = R1_ZERO_TEMPLATE.format(prompt=question.strip().rstrip("."))
     elif cfg.template == "chat":
         assert tokenizer is not None, "the chat template needs the tokenizer"
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        text = tokenizer.apply_chat_template(system + [{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        turns = [m for q, r in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
+        return tokenizer.apply_chat_template(system + turns + [{"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True) + cfg.prefill
     elif cfg.template == "none":
         text = question
     else:
         raise DataError(f"unknown data.template {cfg.template!r}")
-    return text + cfg.prefill
+    bare = dataclasses.replace(cfg, prefill="")
+    return "".join(apply_template(q, bare) + " " + r + "\n\n" for q, r in shots) + text + cfg.prefill
+
+
+def load_shots(path: str | Path) -> list[tuple[str, str]]:
+    """Few-shot examples: a .jsonl file of {"prompt": question, "response": whole answer} rows."""
+    p = Path(path).expanduser()
+    if not p.is_file() and not p.is_absolute() and (SOURCE_ROOT / p).is_file():
+        p = SOURCE_ROOT / p  # as data.path: the working directory, then the source tree
+    if not p.is_file():
+        raise DataError(f"few-shot file {path} not found (looked in {Path.cwd()} and {SOURCE_ROOT})")
+    path, shots = p, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e})") from e
+        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) and row[f].strip()
+                                                for f in ("prompt", "response")):
+            raise DataError(f"{path}:{n}: a few-shot example needs non-empty string fields prompt and response")
+        shots.append((row["prompt"], row["response"]))
+    if not shots:
+        raise DataError(f"{path}: no few-shot examples")
+    return shots
 
 
 def encode(texts: list[str], tokenizer, template: str) -> list[list[int]]:

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlsys.config import Config, ConfigError, load_config
+from rlsys.data.prompts import DataError, load_shots
 from rlsys.data.traces import Filters
 
 KINDS = ("sample", "sft", "train")
@@ -53,6 +54,8 @@ class StageConfig:
     near_duplicate: float = 0.8
     max_per_prompt: int = 4
     """sample: rlsys.data.traces.Filters."""
+    few_shot: str | None = None
+    """sample: a .jsonl of worked examples shown before each question (rlsys.data.prompts.load_shots)."""
     overrides: list[str] = field(default_factory=list)
     """key=value for this stage's rlsys config (after the pipeline's own overrides)."""
 
@@ -113,7 +116,9 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
         if s.kind == "sample":
             try:
                 s.filters().check()
-            except ConfigError as e:
+                if s.few_shot:
+                    load_shots(s.few_shot)
+            except (ConfigError, DataError) as e:
                 raise ConfigError(f"{where}: {e}") from None
         try:  # the stage's rlsys config, checked now rather than after the stages before it have run
             load_config(cfg.config, [*cfg.overrides, *s.overrides])
@@ -192,7 +197,7 @@ class Pipeline:
         out = folder / "traces.parquet"
         cfg = self.rlsys_config(s, [])
         _, prov = sample(cfg, model, s.dataset, s.k, out, s.filters(), s.split, s.limit,
-                         resume_file=folder / "candidates.jsonl")
+                         resume_file=folder / "candidates.jsonl", few_shot=s.few_shot)
         return {"model": model, "traces": str(out), "counts": prov["counts"]}
 
     def _fine_tune_args(self, s: StageConfig, folder: Path) -> list[str]:

@@ -7,7 +7,10 @@ exact or near duplicate, at most N per prompt), written as a parquet file whose 
 where it came from. `rlsys sft` trains on it as it is (columns prompt and response).
 
 Generation settings (temperature, top_p, max_tokens, engines) come from CONFIG and overrides as
-for `rlsys train`; the prompts are shown in data.template, as in training.
+for `rlsys train`; the prompts are shown in data.template, as in training. With few-shot examples
+(R1 made its cold-start data by "few-shot prompting with a long CoT as an example") the sampler
+sees them before each question, while the dataset written pairs the bare question with the answer:
+SFT teaches the format without the examples in the prompt.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rlsys.config import Config, ConfigError
-from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode, load_rows
+from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode, load_rows, load_shots
 from rlsys.data.traces import Candidate, Filters, provenance, rejection, select, write
 from rlsys.math.language import language_consistency
 
@@ -54,8 +57,10 @@ def checkpoint_step(model_path: str) -> int | None:
 
 
 def sample(cfg: Config, model: str, dataset: str, k: int, out: Path, filters: Filters, split: str = "train",
-           limit: int | None = None, step: int | None = None, resume_file: Path | None = None) -> tuple[Path, dict]:
-    """Sample, score, select, write; returns the file and its provenance. resume_file: every
+           limit: int | None = None, step: int | None = None, resume_file: Path | None = None,
+           few_shot: str | None = None) -> tuple[Path, dict]:
+    """Sample, score, select, write; returns the file and its provenance. few_shot: a .jsonl of
+    worked examples (rlsys.data.prompts.load_shots) shown before every question. resume_file: every
     round's scored samples are appended there as they come, and a call that finds some continues
     after them (the pipeline's sample stages: a stage killed halfway loses one round at most)."""
     from transformers import AutoTokenizer
@@ -73,14 +78,15 @@ def sample(cfg: Config, model: str, dataset: str, k: int, out: Path, filters: Fi
     run = Path(model)
     model_path = str(find_checkpoint(run, step)) if is_run_dir(run) else resolve_model(
         dataclasses.replace(cfg.model, path=model))
+    shots = load_shots(few_shot) if few_shot else []
     rows, verifier = questions(dataset, split, limit, cfg)
     require_usable_golds([gold for _, gold in rows], verifier, f"--dataset {dataset}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = encode([apply_template(q, cfg.data, tokenizer) for q, _ in rows], tokenizer, cfg.data.template)
+    ids = encode([apply_template(q, cfg.data, tokenizer, shots) for q, _ in rows], tokenizer, cfg.data.template)
     check_prompt_lengths(ids, cfg.generator.max_model_len - cfg.generator.max_tokens, f"--dataset {dataset}")
     sampling = {"temperature": cfg.generator.temperature, "top_p": cfg.generator.top_p,
                 "max_tokens": cfg.generator.max_tokens, "template": cfg.data.template, "prefill": cfg.data.prefill,
-                "seed": cfg.trainer.seed}
+                "seed": cfg.trainer.seed, "few_shot": {"file": few_shot, "examples": shots} if shots else None}
     t0 = time.time()
     candidates = load_candidates(resume_file, k) if resume_file is not None else []
     done = len({c.prompt_index for c in candidates})
