@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlsys.config import ConfigError
-from rlsys.data.prompts import load_shots
 from rlsys.loops.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,9 +91,13 @@ def test_pipeline_chains_skips_done_stages_and_resumes_a_killed_one(tmp_path):
 
 def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     out = tmp_path / "traces.parquet"
+    # One short example without the R1-Zero text template: the tiny model's character tokenizer
+    # would make the templated example and question longer than its 512 positions.
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text(json.dumps({"prompt": "2+2?", "response": "<think>2+2</think><answer>4</answer>"}) + "\n")
     proc = rlsys("sample", "configs/tiny.yaml", "--model", "tiny", "--dataset", "configs/data/toy_digits.jsonl",
                  "--limit", "6", "--k", "3", "--keep", "all", "--max-per-prompt", "2", "--out", str(out),
-                 "--few-shot", "configs/data/r1_few_shot.jsonl", *SMALL)
+                 "--few-shot", str(shots), "data.template=none", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     prov = json.loads(pq.read_schema(out).metadata[b"rlsys"])
     counts = prov["counts"]
@@ -104,8 +107,7 @@ def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     assert prov["k"] == 3 and prov["sampling"]["max_tokens"] == 16 and prov["filters"]["keep"] == "all"
     assert all(sum(r["prompt_index"] == i for r in rows) <= 2 for i in range(6))
     # the sampler saw the worked examples; the dataset pairs the bare question with the answer
-    assert prov["sampling"]["few_shot"]["file"] == "configs/data/r1_few_shot.jsonl"
-    assert [tuple(e) for e in prov["sampling"]["few_shot"]["examples"]] == load_shots("configs/data/r1_few_shot.jsonl")
+    assert prov["sampling"]["few_shot"] == {"file": str(shots), "examples": [["2+2?", "<think>2+2</think><answer>4</answer>"]]}
     questions = [json.loads(line)["prompt"] for line in (REPO / "configs/data/toy_digits.jsonl").read_text().splitlines()]
     assert all(r["prompt"] == questions[r["prompt_index"]] for r in rows)
     # the tiny random model never answers right: keep=correct keeps nothing, every sample counted as dropped
@@ -155,3 +157,12 @@ eval: {{dataset: digit_add, split: test, limit: 4, k: 2}}
     record = json.loads((out / "student_sft" / "done.json").read_text())
     assert record["data"].endswith("teacher_samples/traces.parquet") and Path(record["model"]).is_dir()
     assert json.loads(pq.read_schema(record["data"]).metadata[b"rlsys"])["k"] == 2
+
+
+def test_the_shipped_pipeline_file_loads():
+    # Every stage's rlsys config and few-shot file are checked at load: a broken override in
+    # configs/r1_pipeline.yaml would otherwise stop the pipeline after the stages before it ran.
+    cfg = load_pipeline(REPO / "configs" / "r1_pipeline.yaml")
+    kinds = {s.name: s.kind for s in cfg.stages}
+    assert kinds["cold_start_traces"] == "sample" and kinds["cold_start"] == "sft" and kinds["final_rl"] == "train"
+    assert [s.few_shot for s in cfg.stages if s.few_shot] == ["configs/data/r1_few_shot.jsonl"] * 2
