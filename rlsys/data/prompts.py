@@ -53,13 +53,16 @@ class DataError(ValueError):
     pass
 
 
-def resolve_data_path(path: str) -> Path:
+def resolve_data_path(path: str | Path, what: str = "data.path={path}") -> Path:
+    """A data file: as given (relative to the working directory), else in the rlsys source tree
+    (so the embedded default and the shipped configs work from anywhere). `what` names the file
+    in the error."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
     if not p.is_absolute() and (SOURCE_ROOT / p).is_file():
         return SOURCE_ROOT / p
-    raise DataError(f"data.path={path}: file not found (looked in {Path.cwd()} and {SOURCE_ROOT})")
+    raise DataError(f"{what.format(path=path)}: file not found (looked in {Path.cwd()} and {SOURCE_ROOT})")
 
 
 def load_rows(cfg: DataConfig, skipped: list[str] | None = None) -> list[tuple[str, str]]:
@@ -156,12 +159,7 @@ def apply_template(question: str, cfg: DataConfig, tokenizer=None, shots: list[t
 
 def load_shots(path: str | Path) -> list[tuple[str, str]]:
     """Few-shot examples: a .jsonl file of {"prompt": question, "response": whole answer} rows."""
-    p = Path(path).expanduser()
-    if not p.is_file() and not p.is_absolute() and (SOURCE_ROOT / p).is_file():
-        p = SOURCE_ROOT / p  # as data.path: the working directory, then the source tree
-    if not p.is_file():
-        raise DataError(f"few-shot file {path} not found (looked in {Path.cwd()} and {SOURCE_ROOT})")
-    path, shots = p, []
+    path, shots = resolve_data_path(path, "few-shot file {path}"), []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
