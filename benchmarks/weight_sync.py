@@ -4,8 +4,9 @@ For each model size: a learner (1 rank, ZeRO-0) and 2 vLLM generators on the loc
 joined in rlsys's sync group. Measured, interleaved, `repeats` times each:
 - rlsys: WeightSync.push, the whole path a training step takes (bucket copies, broadcast, the
   engines loading every tensor in place through vLLM's reload path, prefix-cache reset);
-- wire: the same push without the load (WeightSync.push_wire): bucket copies from the learner's
-  parameters, broadcasts, the engines' receive buffers, checksums compared;
+- wire: the same push without the load (WeightSync.push_wire): the learner's buckets (views of
+  its flat parameters; copies where parameters are not adjacent, as under ZeRO-3), broadcasts,
+  the engines' receive buffers, checksums compared;
 - raw: one preallocated flat buffer of the same bytes, broadcast over the same group between the
   same processes (no copy, no load): the best the link can do.
 Ratio = raw seconds / wire seconds (target >= 0.8); the whole push against raw is reported beside it. On GPU clusters (NCCL) a third figure sets
@@ -88,8 +89,8 @@ def run(quick: bool) -> Section:
             f"weight sync wire {size} ({params / 1e6:.0f}M params) seconds", m["wire_s"], "s",
             f"raw {m['backend']} broadcast of one flat buffer, same {gb:.3f} GB, same group", m["raw_s"],
             lower_is_better=True, target=TARGET,
-            note="the wire part of a push: bucket copies from the learner's parameters, broadcasts, the engines' "
-                 "receive buffers and checksums; no load into the model"))
+            note="the wire part of a push: the learner's buckets (views of its flat parameters), broadcasts, the "
+                 "engines' receive buffers and checksums; no load into the model"))
         section.figures.append(Figure(
             f"weight sync {size} ({params / 1e6:.0f}M params) seconds, with the engines' reload", m["rlsys_s"], "s",
             f"raw {m['backend']} broadcast of one flat buffer, same {gb:.3f} GB, same group", m["raw_s"],

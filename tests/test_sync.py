@@ -12,6 +12,7 @@ from rlsys.config import load_config
 from rlsys.data.prompts import PromptStream
 from rlsys.cluster.groups import launch
 from rlsys.data.models import resolve_model
+from rlsys.actors.weight_sync import adjacent_view, flatten_parameters
 
 CONFIG = "configs/tiny.yaml"
 
@@ -50,6 +51,49 @@ def test_served_as_learner_accepts_only_exact_widening():
     assert not served_as_learner(w.float() + 1e-6, w)  # a float32 value that no bf16 cast gives
     with pytest.raises(AssertionError):
         served_as_learner(w.half(), w.float())
+
+
+class TiedNet(torch.nn.Module):
+    """Embedding and output layer tied, a float32 and a bfloat16 layer: what flatten_parameters meets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.bf16 = torch.nn.Linear(4, 4).to(torch.bfloat16)
+        self.head = torch.nn.Linear(4, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.embed(ids)) + self.bf16(self.embed(ids).bfloat16()).float())
+
+
+def test_flatten_parameters_makes_consecutive_parameters_one_view_and_trains_the_same():
+    torch.manual_seed(0)
+    plain, flat = TiedNet(), TiedNet()
+    flat.load_state_dict(plain.state_dict())
+    objects = [id(p) for p in flat.parameters()]
+    flatten_parameters(flat)
+    assert [id(p) for p in flat.parameters()] == objects, "the Parameter objects must stay (the optimizer holds them)"
+    assert flat.head.weight is flat.embed.weight  # still tied
+    for (name, a), b in zip(plain.named_parameters(), flat.parameters()):
+        assert torch.equal(a, b), name
+    fp32 = [p for p in flat.parameters() if p.dtype == torch.float32]  # embed, mid.weight, mid.bias
+    view = adjacent_view(fp32, torch.device("cpu"))
+    assert view is not None and view.data_ptr() == fp32[0].data_ptr() and view.numel() == 44 + 16 + 4
+    assert torch.equal(view, torch.cat([p.detach().reshape(-1) for p in fp32]))
+    assert adjacent_view([flat.mid.bias, flat.bf16.weight], torch.device("cpu")) is None  # another dtype, another buffer
+    assert adjacent_view([flat.embed.weight, flat.mid.bias], torch.device("cpu")) is None  # not neighbours
+    # The same step on both: flattening moves storage, never values or gradients.
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for net in (plain, flat):
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        net(ids).logsumexp(-1).sum().backward()
+        opt.step()
+    for (name, a), b in zip(plain.named_parameters(), flat.parameters()):
+        assert torch.equal(a, b), f"{name} differs after a step"
+    assert view.data_ptr() == flat.embed.weight.data_ptr() and torch.equal(view[:44], flat.embed.weight.reshape(-1)), \
+        "the optimizer step must update the parameters in place, inside the flat buffer"
 
 
 def one_step(groups, cfg, tokenizer):
@@ -98,6 +142,11 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
             for p in prompts:  # the chat template writes BOS; encoding must not add a second one
                 assert p.ids[0] == tokenizer.bos_token_id and p.ids.count(tokenizer.bos_token_id) == 1, p.ids[:4]
         assert groups.sync.push(version=1) == [1, 1]
+        # A second step and push: the weights compared below are the second push's.
+        _, metrics = one_step(groups, cfg, tokenizer)
+        if dtype == "float32":  # the generators sampled with push 1's weights: the learner's before this step
+            assert metrics["gen_logprob_abs_diff"] < 1e-4, metrics
+        assert groups.sync.push(version=2) == [2, 2]
         groups.sync.push_wire()  # the benchmark's wire part: every bucket's checksum compared, nothing loaded
         learner = groups.learner.full_state_dict()
         initial = load_file(f"{model_path}/model.safetensors")
@@ -130,7 +179,7 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
                     ids = torch.tensor([p.ids])
                     ref = hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)[0, ids.shape[1]:]
                     assert r.response_ids == ref.tolist(), f"greedy differs on {p.question!r}"
-                    assert r.weight_version == 1
+                    assert r.weight_version == 2
     finally:
         groups.shutdown()
 

@@ -41,8 +41,8 @@ from rlsys.math.prefix import share_prompts
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
-from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, free_port, make_group, owners, plan_buckets,
-                                      raw_broadcast, send_buckets)
+from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, flatten_parameters, free_port, make_group,
+                                      owners, plan_buckets, raw_broadcast, send_buckets)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -262,6 +262,8 @@ class Learner:
             opt, lambda step: lr_factor(step, self.cfg, self.total_updates))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(train=True))
+        if self.cfg.zero_stage == 0:  # on its device; ZeRO-1/2 flatten the parameters themselves, ZeRO-3 shards them
+            flatten_parameters(self.engine.module)
         # Checkpoint state as JSON + safetensors: DeepSpeed's own pickles it (torch.save) and
         # unpickles it with weights_only=False, which runs whatever code a file holds.
         self.engine.checkpoint_engine = SafetensorsCheckpointEngine(self.engine.checkpoint_engine)

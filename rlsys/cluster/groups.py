@@ -269,10 +269,9 @@ class WeightSync:
         # Both sides done (every worker has loaded what it received) before the loop goes on.
         done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
                        self.timeout_s, "deadlines.sync_s")
-        sent, versions = self._sent(done[:len(sends)]), done[len(sends):]
-        check_received(sent, {e.index: got for e, got in
-                              zip(engines, ray.get([e.actor.received_checksums.remote() for e in engines]))})
-        return versions
+        sent, received = self._sent(done[:len(sends)]), done[len(sends):]
+        check_received(sent, {e.index: sums for e, (_, sums) in zip(engines, received)})
+        return [version for version, _ in received]
 
     def _current_engines(self) -> list[Engine]:
         """The pool's live engines, the group rebuilt over them if it changed. Engines that died
