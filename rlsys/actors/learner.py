@@ -256,8 +256,11 @@ class Learner:
         model = with_logprob_forward(load_without_dropout(self.model_path, dtype))
         if self.cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and ZeRO-3
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Client-side AdamW: no JIT-compiled optimizer op, same math on CPU and GPU.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # Client-side AdamW: no JIT-compiled optimizer op, same math on CPU and GPU. fused: one pass
+        # over each parameter's state instead of a pass per operation (SmolLM2-135M on 2 Intel
+        # cores: 0.10 s a step against 0.56 s for the default foreach kernels).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                      fused=True)
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 - DeepSpeed calls it with its optimizer
             opt, lambda step: lr_factor(step, self.cfg, self.total_updates))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
