@@ -184,7 +184,8 @@ class LearnerConfig:
     """Passes over each rollout batch."""
     lr_schedule: str = "constant"
     """constant | cosine: after the warm-up, the learning rate stays at `lr` or follows a half
-    cosine down to `lr * min_lr_ratio` at the run's last optimizer step."""
+    cosine down to `lr * min_lr_ratio` at the run's last optimizer step (GRPO: each loop step
+    starts at its planned place, so a batch cut short by dynamic sampling does not stretch it)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 to `lr` (a step of the loop takes
     epochs * rollout batch / mini_batch_size optimizer steps)."""
@@ -313,6 +314,12 @@ class TrainerConfig:
     asynchronous (rlsys.loops.async_train): generation of the next batches overlaps learning on
     this one; no rollout trained on was produced by weights more than S versions behind the
     learner's (checked per rollout), corrected by truncated importance sampling (algo.is_cap)."""
+    in_flight: str = "finish"
+    """Asynchronous mode: a prompt chunk still being sampled when new weights are pushed.
+    finish: it completes on the weights it started with (its rollouts carry that version; the
+    push lands on the engine after it). requeue: its rollouts are dropped and the chunk is sampled
+    again by the new weights (fresher rollouts, at the cost of the sampling redone); the count is
+    logged as generate/requeued_chunks."""
     logprob_gap_warn: float = 0.1
     logprob_gap_stop: float = 1.0
     """Guardrail on gen_logprob_abs_diff, the mean |generator - learner| log-prob of the sampled
@@ -546,6 +553,10 @@ def validate(cfg: Config) -> None:
     need(cfg.trainer.max_staleness == 0 or not cfg.autoscale.enabled,
          "trainer.max_staleness > 0 (asynchronous mode) needs autoscale.enabled=false: the elastic pool changes "
          "between synchronous steps only")
+    need(cfg.trainer.in_flight in ("finish", "requeue"),
+         f"trainer.in_flight must be finish or requeue, got {cfg.trainer.in_flight!r}")
+    need(cfg.trainer.in_flight == "finish" or cfg.trainer.max_staleness > 0,
+         "trainer.in_flight=requeue needs trainer.max_staleness > 0: synchronous steps never push while sampling")
     need(cfg.algo.dual_clip is None or cfg.algo.dual_clip > 1, f"algo.dual_clip must be > 1 (or null: off), got {cfg.algo.dual_clip}")
     need(cfg.learner.lr_schedule in ("constant", "cosine"),
          f"learner.lr_schedule must be constant or cosine, got {cfg.learner.lr_schedule!r}")

@@ -223,6 +223,8 @@ def test_group_size_one_is_refused():
     ("reward.format_weight=-1", "reward.format_weight"),
     ("generator.gpu_memory_utilization=1.5", "generator.gpu_memory_utilization"),
     ("generator.max_tokens=4096", "generator.max_tokens"),
+    ("trainer.in_flight=drop", "trainer.in_flight"),
+    ("trainer.in_flight=requeue", "trainer.in_flight"),  # synchronous: nothing is ever in flight at a push
 ])
 def test_bad_values_name_their_key(override, key):
     msg = config_error(None, [override])

@@ -192,6 +192,25 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
     assert lrs == pytest.approx([5e-3, 1e-2, 1e-2, 5.5e-3, 1e-3], rel=1e-9)
 
 
+def test_a_short_batch_skips_its_missing_steps_in_the_lr_schedule():
+    """DAPO's dynamic sampling can leave a batch with fewer mini-batches than planned. The cosine
+    schedule is laid out for 2 updates x 2 mini-batches (positions 0-3, lr 1e-2 * [1, 0.75, 0.25, 0]
+    with no warm-up and min_lr_ratio 0: cos over 3 spans). A first batch of one mini-batch takes
+    position 0; the second batch starts at position 2, as planned, so its last step is at 3
+    (lr 0), where counting optimizer steps would have put it at 2 (lr 0.25e-2)."""
+    path = resolve_model(ModelConfig())
+    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=4, max_tokens_per_micro_batch=0, lr=1e-2,
+                        share_prompts=False, lr_schedule="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    learner = Learner(path, "float32", cfg, AlgoConfig(group_size=4, beta=0.0), temperature=1.0, rank=0, world=1,
+                      backend="gloo", seed=0, total_updates=4, updates_per_batch=2)
+    learner.setup("127.0.0.1", free_port())
+    short = learner.train(toy_batch(LENGTHS[:4], ADV[:4]))
+    assert short["lr"] == pytest.approx(1e-2)
+    full = learner.train(toy_batch(LENGTHS, ADV))
+    assert full["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert learner.engine.get_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_constant_schedule_keeps_lr_after_warmup():
     from rlsys.actors.learner import lr_factor
 

@@ -87,16 +87,19 @@ def fake_engine_class():
         """Stands in for a vLLM engine: n rollouts per prompt, tagged with who made them; dies (the
         whole process, as when its node goes) on its `die_on`-th call."""
 
-        def __init__(self, name: str, die_on: int = 0, delay: float = 0.0):
-            self.name, self.die_on, self.delay, self.calls = name, die_on, delay, 0
+        def __init__(self, name: str, die_on: int = 0, delay: float = 0.0, versions: tuple[int, ...] = (3,)):
+            """versions: the weight version of its 1st, 2nd, ... call (the last one from then on)."""
+            self.name, self.die_on, self.delay, self.calls, self.versions = name, die_on, delay, 0, versions
 
         def generate(self, prompts, n, **sampling):
             self.calls += 1
             time.sleep(self.delay)
             if self.calls == self.die_on:
                 os._exit(1)
+            version = self.versions[min(self.calls, len(self.versions)) - 1]
             return [Rollout(prompt_index=row, group=group, prompt_ids=list(ids), response_ids=[1], response_logprobs=[0.0],
-                            text=self.name, finish_reason="stop", weight_version=3, answer=answer)
+                            text=f"{self.name} call {self.calls}", finish_reason="stop", weight_version=version,
+                            answer=answer)
                     for group, row, ids, answer in prompts for _ in range(n)]
 
         def whereami(self):
@@ -126,6 +129,29 @@ def test_an_engine_lost_mid_step_hands_its_chunk_to_another(ray_cluster):
     events = pool.between_steps(1, 0.5, len(prompts), join=lambda new: pytest.fail("nothing should join"))
     assert [e["event"] for e in events["events"]] == ["lost"] and list(events["engines"]) == [0]
     ray.kill(steady)
+
+
+@pytest.mark.parametrize("requeue", [False, True])
+def test_a_chunk_sampled_on_the_old_weights_is_sampled_again_when_asked(ray_cluster, requeue):
+    """trainer.in_flight: the engine's first call runs on version 3 (it was in flight when version
+    4 was pushed), its later calls on 4. finish keeps that chunk as it is; requeue sends it again."""
+    ray = ray_cluster
+    Actor = ray.remote(num_cpus=0)(fake_engine_class())
+    engine = Actor.options(max_restarts=0).remote("e", versions=(3, 4))
+    pool = GeneratorPool([Engine(0, engine, None, 0.0, where=ray.get(engine.whereami.remote()))], chunks_per_engine=2)
+    if requeue:
+        pool.requeue_older_than(4)
+    prompts = [(g, 100 + g, [5, 6, g], str(g)) for g in range(4)]  # 2 chunks of 2 prompts
+    rollouts = pool.generate(prompts, n=2)
+    assert [(r.group, r.prompt_index) for r in rollouts] == [(g, 100 + g) for g in range(4) for _ in range(2)]
+    if requeue:  # chunk 0 (call 1, version 3) dropped, sent again first (call 2), then chunk 1 (call 3): version 4
+        assert [r.weight_version for r in rollouts] == [4] * 8
+        assert [r.text for r in rollouts] == ["e call 2"] * 4 + ["e call 3"] * 4
+        assert pool.take_requeued() == 1 and pool.take_requeued() == 0
+    else:
+        assert [r.weight_version for r in rollouts] == [3] * 4 + [4] * 4
+        assert pool.take_requeued() == 0
+    ray.kill(engine)
 
 
 def test_an_engine_without_prompts_is_given_back_and_the_autoscaler_told(ray_cluster):

@@ -218,11 +218,16 @@ LEARNER_STATE, STATE_TAG = "learner", "state"
 
 class Learner:
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
-                 rank: int, world: int, backend: str, seed: int, total_updates: int = 1):
-        """total_updates: optimizer steps in the whole run (the LR schedule's length)."""
+                 rank: int, world: int, backend: str, seed: int, total_updates: int = 1,
+                 updates_per_batch: int | None = None):
+        """total_updates: optimizer steps in the whole run (the LR schedule's length).
+        updates_per_batch: the optimizer steps a full rollout batch takes (GRPO runs); each `train`
+        then starts at its batch's place in the schedule, so a short batch (DAPO's dynamic
+        sampling cuts one to whole mini-batches) skips the steps it did not take instead of
+        stretching the schedule past the run's last step. None (SFT): the schedule counts steps."""
         self.model_path, self.dtype, self.cfg, self.algo = model_path, dtype, cfg, algo
         self.temperature, self.rank, self.world, self.backend, self.seed = temperature, rank, world, backend, seed
-        self.total_updates = total_updates
+        self.total_updates, self.updates_per_batch = total_updates, updates_per_batch
         self.engine = self.ref = None
         self.sync_group = None
         self.steps = 0
@@ -348,6 +353,8 @@ class Learner:
         if isinstance(work, TrainBatch):
             work = self.shard(work)
         assert work.step == self.steps, f"learner {self.rank}: a shard cut for update {work.step}, at update {self.steps}"
+        if self.updates_per_batch is not None:
+            self._seek_schedule(self.steps * self.updates_per_batch)
         local, W = work.batch, self.world
         self.engine.eval()
         old = self._frozen_logprobs(self.engine.module, work) if self.needs_old_logprobs(len(work.minis)) else None
@@ -462,6 +469,16 @@ class Learner:
         finite = math.isfinite(float(norm))
         return {"loss": nll / max(tokens, 1.0), "nll": nll / max(tokens, 1.0),
                 "grad_norm": float(norm) if finite else float("nan"), "lr": lr, "skipped_updates": float(not finite)}
+
+    def _seek_schedule(self, position: int) -> None:
+        """The next optimizer step uses the learning rate of schedule step `position` (LambdaLR's
+        own step() would set it from its counter + 1; DeepSpeed steps it after every optimizer step)."""
+        schedule = self.engine.lr_scheduler
+        schedule.last_epoch = position
+        factor = lr_factor(position, self.cfg, self.total_updates)
+        for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = base * factor
+        schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
     def _step(self) -> tuple[float | None, float | None]:
         """engine.step() after a micro-batch's backward. At the accumulation boundary the plain

@@ -381,12 +381,14 @@ def start_learner_group(cfg: Config, model_path: str, updates: int | None = None
 
 
 def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict, updates: int | None = None) -> list:
+    per_batch = None  # a given count (SFT) has no rollout batches
     if updates is None:
-        updates = cfg.trainer.total_steps * cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
+        per_batch = cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
+        updates = cfg.trainer.total_steps * per_batch
     return [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
                                  runtime_env={"env_vars": threads(s.num_cpus)}).remote(
         model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
-        s.rank, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates)
+        s.rank, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates, per_batch)
         for s in lay.of("learner")]
 
 

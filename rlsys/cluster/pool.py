@@ -127,6 +127,19 @@ class GeneratorPool:
         self.wait_timeout_s = wait_timeout_s
         self.max_restarts, self.losses = max_restarts, 0
         self.generate_timeout_s = generate_timeout_s
+        self.requeue_below = 0  # a chunk whose rollouts carry an older weight version is sampled again
+        self.requeued = 0       # chunks sampled again since the last take_requeued()
+
+    def requeue_older_than(self, version: int) -> None:
+        """From now on, a chunk that comes back sampled by weights older than `version` goes back
+        to the queue (trainer.in_flight=requeue: the asynchronous loop calls this just before it
+        pushes `version`). An engine loads a push between two chunks, so a chunk sent again runs
+        on the new weights once they have landed (until then it comes back old and goes again)."""
+        self.requeue_below = version
+
+    def take_requeued(self) -> int:
+        count, self.requeued = self.requeued, 0
+        return count
 
     @property
     def actors(self) -> list:
@@ -175,6 +188,10 @@ class GeneratorPool:
             load[engine.index][1] += time.perf_counter() - t0
             if engine.where.get("node_id") not in draining_nodes():
                 idle.append(engine)
+            if min(r.weight_version for r in results[chunk]) < self.requeue_below:  # trainer.in_flight=requeue
+                del results[chunk]
+                todo.append(chunk)
+                self.requeued += 1
         self.last_load = {i: (c, s) for i, (c, s) in load.items()}
         out = [r for i in range(len(chunks)) for r in results[i]]
         assert len(out) == len(prompts) * n, f"{len(out)} rollouts for {len(prompts)} prompts x {n}"

@@ -3,8 +3,9 @@
 A producer thread samples and scores batch after batch while the main thread trains on the
 batch before it. After each update the new weights are pushed at once: each engine loads them
 between two of its prompt chunks (an actor runs one call at a time, so an engine never serves a
-half-loaded model), the chunks it already took finish on the old weights, and every rollout
-carries the version that sampled it. A batch can therefore mix versions.
+half-loaded model), the chunks it already took finish on the old weights (trainer.in_flight=finish)
+or are sampled again on the new ones (requeue), and every rollout carries the version that
+sampled it. A batch can therefore mix versions.
 
 Admission (as AReaL): the producer starts batch j only once the learner has pushed version
 j - S. Batch j is trained at version j, so no rollout of it is more than S versions behind; the
@@ -120,6 +121,8 @@ def asynchronous(run, start: int, version: int) -> None:
                 batch = make_batch(got.rollouts, got.rewards, cfg.algo, version=version)
                 with timer("learn"):
                     learn = groups.learner.train(batch)
+                if cfg.trainer.in_flight == "requeue":  # chunks still sampling on the old weights go again
+                    groups.generators.requeue_older_than(version + 1)
                 with timer("sync"):  # lands on each engine between two of its chunks
                     versions = groups.sync.push(version + 1)
             assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
@@ -130,7 +133,8 @@ def asynchronous(run, start: int, version: int) -> None:
             pool = {"events": [], "engines": {e.index: e.where.get("node_id") for e in groups.generators.engines},
                     "starting": []}
             run.record(step, version, got, learn, timer.pop() | made.timings, time.perf_counter() - t0, pool,
-                       prompt_state=producer.position(step + 1), extra=staleness_metrics(staleness, bound))
+                       prompt_state=producer.position(step + 1),
+                       extra=staleness_metrics(staleness, bound) | requeue_metrics(cfg, groups.generators))
     finally:
         producer.stop()
 
@@ -144,3 +148,8 @@ def staleness_metrics(staleness: list[int], bound: int) -> dict[str, float]:
     counts = Counter(staleness)
     return {"staleness/mean": sum(staleness) / len(staleness),
             **{f"staleness/{s}": counts[s] / len(staleness) for s in range(bound + 1)}}
+
+
+def requeue_metrics(cfg, pool) -> dict[str, float]:
+    """trainer.in_flight=requeue: the chunks sampled again (dropped on the old weights) since the last step."""
+    return {"generate/requeued_chunks": float(pool.take_requeued())} if cfg.trainer.in_flight == "requeue" else {}
