@@ -26,7 +26,7 @@ setup() {
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
-  setup) setup ;;
+  setup) setup "$@" ;;  # ./dev.sh setup [EXTRAS], e.g. cpu,test,bench
   train) setup; exec .venv/bin/rlsys train "$@" ;;
   test)  setup; exec .venv/bin/python -m pytest "$@" ;;
   bench) setup cpu,test,bench; exec .venv/bin/python benchmarks/run_all.py "$@" ;;

@@ -105,7 +105,7 @@ def run(quick: bool) -> Section:
                 f"weight sync {size} vs {link} roofline", m["rlsys_s"], "s",
                 f"{gb:.3f} GB / {bandwidth} GB/s ({link}, benchmarks/hardware.yaml)", gb / bandwidth,
                 lower_is_better=True))
-    # A sharded learner: 2 ZeRO-3 ranks, every rank sending its share of the buckets against rank 0 alone.
+    # A sharded learner: 2 ZeRO-3 ranks, each sending its partition of every bucket, against rank 0 alone.
     size = "10M" if quick else "100M"
     path, params = tiny_model(*SIZES[size])
     sharded = {all_ranks: measure(path, repeats, 32.0, ("learner.num_ranks=2", "learner.zero_stage=3",
@@ -117,8 +117,8 @@ def run(quick: bool) -> Section:
         "learner rank 0 sending every bucket (learner.sync_from_all_ranks=false), same group sizes",
         sharded[False]["rlsys_s"], lower_is_better=True,
         note=f"whole push incl. the engines' reload ({sharded[True]['engine_load_s']:.3f}s of it); wire alone: "
-             f"{sharded[True]['wire_s']:.3f}s vs {sharded[False]['wire_s']:.3f}s; every rank still takes part in "
-             f"every ZeRO-3 gather"))
+             f"{sharded[True]['wire_s']:.3f}s vs {sharded[False]['wire_s']:.3f}s; each rank sends its own ZeRO-3 "
+             f"partition of every bucket (no gather), where rank 0 alone gathers every bucket first"))
     if section.rows and section.rows[0]["backend"] != "nccl":
         section.params["roofline"] = "not computed: gloo backend (CPU); the link roofline applies to NCCL clusters"
     return section

@@ -195,7 +195,9 @@ class LearnerConfig:
     """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
     sync_from_all_ranks: bool = True
     """Every learner rank sends its share of the buckets (round robin), at once, over a group of
-    its own with the generators; false: rank 0 sends them all."""
+    its own with the generators; under ZeRO-3 each rank sends its own partition of every parameter
+    instead (no gather), and the engines put them together; false: rank 0 sends them all (ZeRO-3:
+    gathering each bucket first)."""
     max_tokens_per_micro_batch: int = 2048
     """Token-budget micro-batches: rows (longest first) go into micro-batches of at most this many
     tokens, padding included (a longer row goes alone), balanced over the ranks by tokens; then
@@ -212,9 +214,10 @@ class LearnerConfig:
     """Rows that share a prompt go through the learner as one sequence: the prompt once, then every
     answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for
     far fewer tokens when prompts are long (R1-Zero templates). Mini-batches then hold whole
-    groups, and token budgets count a group's prompt once. The mask is applied densely: with long
-    answers on a small model (attention-bound) the shared layout can be slower (0.84x measured in
-    benchmarks/packing.py with answers up to 1024 tokens on a 2M model); set false there."""
+    groups, and token budgets count a group's prompt once. The mask is applied densely, so with long
+    answers on a small model (attention-bound) the shared layout costs more: each micro-batch is
+    laid out shared only when that takes fewer FLOPs than its rows (rlsys.math.prefix.shared_is_cheaper;
+    the share is logged as shared_prompt_frac)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

@@ -37,12 +37,13 @@ from rlsys.actors.state_tree import SafetensorsCheckpointEngine
 from rlsys.checkpoint import safe_relative
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
-from rlsys.math.prefix import share_prompts
+from rlsys.math.flops import Shape
+from rlsys.math.prefix import share_prompts, shared_is_cheaper
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, flatten_parameters, free_port, make_group,
-                                      owners, plan_buckets, raw_broadcast, send_buckets)
+                                      owners, partition, plan_buckets, raw_broadcast, send_buckets)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -313,8 +314,7 @@ class Learner:
         backward) run only from the position before the earliest response token on: prompt
         positions need hidden states, not logits. Columns before that are 0. With
         learner.logprob_chunk they run over that many positions at a time (chunked_logprobs);
-        shared (the shard was planned so, learner.share_prompts): rows with one prompt are one
-        sequence (rlsys.math.prefix)."""
+        shared (_share): rows with one prompt are one sequence (rlsys.math.prefix)."""
         device = self.engine.device
         start = scored_from(batch.loss_mask)
         if shared:
@@ -333,6 +333,15 @@ class Learner:
                        temperature=self.temperature, chunk=self.cfg.logprob_chunk)     # (B, L - 1 - start)
         return torch.nn.functional.pad(picked, (start + 1, 0))                        # (B, L)
 
+    def _share(self, micro: TrainBatch, planned: bool) -> bool:
+        """Lay this micro-batch out with its prompts shared: when the shard was planned so
+        (learner.share_prompts) and that costs fewer FLOPs than its rows (long answers on a small
+        model are cheaper as rows: rlsys.math.prefix.shared_is_cheaper)."""
+        if not planned:
+            return False
+        shape = Shape.of(self.engine.module.config)
+        return shared_is_cheaper(shape, micro.input_ids, micro.attention_mask.sum(dim=1), micro.prompt_lens)
+
     @torch.no_grad()
     def _frozen_logprobs(self, model, work: Shard) -> torch.Tensor:
         """(B, L) log-probs of every row of this rank's shard, micro-batch by micro-batch."""
@@ -340,7 +349,8 @@ class Learner:
         for micros in work.minis:
             for rows in micros:
                 micro = work.batch.select(rows)
-                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro, work.shared).float().cpu()
+                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro, self._share(micro, work.shared)
+                                                                      ).float().cpu()
         return out
 
     def shard(self, batch: TrainBatch) -> Shard:
@@ -365,6 +375,7 @@ class Learner:
         # generator vs learner on this rank's response tokens: (sum |diff|, sum k3 KL, tokens), max |diff|
         gen_sums, gen_max = torch.zeros(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         off_sums = torch.zeros(3, dtype=torch.float64)  # the same on rows sampled by older weights
+        layouts = torch.zeros(2, dtype=torch.float64)  # micro-batches laid out with prompts shared, all
         self.engine.train()
         for epoch in range(self.cfg.epochs):
             for micros, normalizer in zip(work.minis, work.normalizers):
@@ -374,7 +385,10 @@ class Learner:
                     # The last micro-batch of the mini-batch reduces the gradients and steps the
                     # optimizer (token budgets give a varying count: the boundary is set, not counted).
                     self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-                    logp = self._logprobs(self.engine, micro, work.shared)
+                    shared = self._share(micro, work.shared)
+                    if epoch == 0:
+                        layouts += torch.tensor([float(shared), 1.0], dtype=torch.float64)
+                    logp = self._logprobs(self.engine, micro, shared)
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
                     old_micro = logp.detach() if old is None else old[rows, :width].to(logp.device)
                     stale = stale_rows[rows]
@@ -439,6 +453,8 @@ class Learner:
         diff_sum, kl_sum, tokens = self._reduce(off_sums, dist.ReduceOp.SUM).tolist()
         out["offpolicy_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["offpolicy_kl"] = kl_sum / max(tokens, 1.0)
+        shared, micros = self._reduce(layouts, dist.ReduceOp.SUM).tolist()
+        out["shared_prompt_frac"] = shared / max(micros, 1.0)
         out["lr"] = lr
         out["skipped_updates"] = float(skipped)
         return out
@@ -457,7 +473,7 @@ class Learner:
         for k, rows in enumerate(micros):
             micro = work.batch.select(rows)
             self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-            logp = self._logprobs(self.engine, micro, work.shared)                       # (b, L)
+            logp = self._logprobs(self.engine, micro, self._share(micro, work.shared))  # (b, L)
             loss, metrics = sft_loss(logp, micro.loss_mask.to(logp.device), normalizer)
             self.engine.backward(loss, scale_wrt_gas=False)  # the normaliser spans the mini-batch already
             boundary_norm, lr = self._step()
@@ -550,6 +566,12 @@ class Learner:
         """How many learner ranks send weights (ranks 0 .. senders-1), each over its own group."""
         return self.world if self.cfg.sync_from_all_ranks else 1
 
+    def sync_shards(self) -> int:
+        """How many pieces each bucket travels in: under ZeRO-3 with every rank sending, each rank
+        sends its own partition of every parameter (no gather among the learners); else 1 (whole
+        buckets, dealt round robin to the senders)."""
+        return self.world if self.cfg.zero_stage == 3 and self.senders() == self.world > 1 else 1
+
     def join_sync(self, addr: str, port: int, world: int) -> None:
         """A sending rank: rank 0 of its own sync group, hosting its rendezvous."""
         assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
@@ -559,8 +581,17 @@ class Learner:
         """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank
         broadcasts the buckets it owns (weight_sync.owners) and returns their checksums by bucket
         index; the others return {}. ZeRO 0-2: a rank holds every parameter whole and touches only
-        its own buckets; ZeRO-3: every rank gathers every bucket, in plan order, the owner sends it."""
+        its own buckets. ZeRO-3 with every rank sending (sync_shards > 1): each rank sends its own
+        partition of every bucket's parameters, as it holds them (no gather), and returns every
+        bucket's piece checksum. ZeRO-3 with rank 0 sending alone: every rank gathers every bucket,
+        in plan order, rank 0 sends it."""
         params = dict(self._named_params())
+        if self.sync_shards() > 1:
+            shards = [[params[m.name].ds_tensor for m in bucket] for bucket in plan]
+            for bucket, pieces in zip(plan, shards):
+                for m, piece in zip(bucket, pieces):
+                    assert piece.numel() == partition(m.numel, self.world), f"{m.name}: partition of {piece.numel()}"
+            return dict(enumerate(send_buckets(self.sync_group, iter(shards), device_for(self.backend))))
         zero3 = self.cfg.zero_stage == 3
         owner = owners(len(plan), self.senders())
         mine = [i for i in range(len(plan)) if owner[i] == self.rank]

@@ -5,8 +5,10 @@ Each sending learner rank has a process group of its own (gloo on CPU, NCCL on G
 untouched. The buckets are dealt round robin to the senders (learner.sync_from_all_ranks: every
 rank; else rank 0 alone), which send at once, each its own buckets.
 Parameters travel in buckets: a plan (names, shapes, dtypes, bucket boundaries) is agreed
-once, then each bucket is one flat buffer, one broadcast. ZeRO-3 learners gather one bucket
-at a time, never the whole model.
+once, then each bucket is one flat buffer, one broadcast. A ZeRO-3 learner whose every rank
+sends is sharded on the wire too: each rank sends its own partition of every bucket's parameters
+(no gather among the learners), and the engines put each parameter together from its pieces
+(`shards`); a ZeRO-3 rank 0 sending alone gathers one bucket at a time, never the whole model.
 
 The receiving side runs inside vLLM's workers, as methods of WorkerExtension (vLLM's
 `worker_extension_cls`, called by name through `LLM.collective_rpc`), so the same code serves an
@@ -100,7 +102,27 @@ def checksum(flat: torch.Tensor) -> int:
     raw = flat.reshape(-1).view(torch.uint8)
     whole = raw.numel() // 8 * 8
     total = int(raw[:whole].view(torch.int64).sum()) if whole else 0
-    return total + int(raw[whole:].sum(dtype=torch.int64))
+    return (total + int(raw[whole:].sum(dtype=torch.int64))) % 2**64
+
+
+def combined(sums: list[int]) -> int:
+    """The checksum of a bucket that travelled in pieces (one per sending rank): the pieces'
+    checksums summed modulo 2^64, the same on both sides.
+
+    >>> combined([2**64 - 1, 2]), combined([5])
+    (1, 5)
+    """
+    return sum(sums) % 2**64
+
+
+def partition(numel: int, shards: int) -> int:
+    """Elements of a parameter that each of `shards` ZeRO-3 ranks holds: DeepSpeed pads the
+    parameter to a multiple of the ranks and gives rank r elements [r * p, (r + 1) * p).
+
+    >>> partition(10, 4), partition(8, 4), partition(1, 2)
+    (3, 2, 1)
+    """
+    return -(-numel // shards)
 
 
 def owners(buckets: int, senders: int) -> list[int]:
@@ -196,30 +218,58 @@ def _send_buffer(slot: int, numel: int, dtype: torch.dtype, device: torch.device
 
 
 def receive_buckets(groups: list[dist.ProcessGroup], plan: list[Bucket], device: torch.device,
-                    sums: list[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                    sums: list[int] | None = None, shards: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) bucket by bucket, bucket i from its sender's group
     (groups[owners(len(plan), len(groups))[i]]); each received bucket's checksum goes to `sums`.
-    The next bucket's broadcast is posted before this one's tensors are handed out, so it arrives
+    shards > 1 (a ZeRO-3 learner, every rank sending): every bucket arrives in `shards` pieces at
+    once, piece r from groups[r] holding rank r's partition of each parameter, and each parameter
+    is put together from its pieces (one copy; the padding of the last partition dropped).
+    The next bucket's broadcasts are posted before this one's tensors are handed out, so it arrives
     while the engine loads this one (and, with several senders, comes from another learner rank)."""
     owner = owners(len(plan), len(groups))
+    assert shards == 1 or shards == len(groups), f"{shards} shards over {len(groups)} sending ranks"
 
-    def post(i: int) -> tuple[torch.Tensor, dist.Work]:
+    def post(i: int) -> list[tuple[torch.Tensor, dist.Work]]:
         bucket = plan[i]
-        flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype), device=device)
-        return flat, groups[owner[i]].broadcast(flat, 0)
+        dtype = getattr(torch, bucket[0].dtype)
+        if shards == 1:
+            flat = torch.empty(sum(m.numel for m in bucket), dtype=dtype, device=device)
+            return [(flat, groups[owner[i]].broadcast(flat, 0))]
+        pieces = [torch.empty(sum(partition(m.numel, shards) for m in bucket), dtype=dtype, device=device)
+                  for _ in range(shards)]
+        return [(piece, group.broadcast(piece, 0)) for piece, group in zip(pieces, groups)]
 
     pending = post(0) if plan else None
     for i, bucket in enumerate(plan):
-        flat, work = pending
-        work.wait()
+        for _, work in pending:
+            work.wait()
+        pieces = [piece for piece, _ in pending]
         if i + 1 < len(plan):
             pending = post(i + 1)
         if sums is not None:  # while the next bucket arrives
-            sums.append(checksum(flat))
-        offset = 0
-        for m in bucket:
-            yield m.name, flat[offset:offset + m.numel].view(m.shape)
+            sums.append(combined([checksum(piece) for piece in pieces]))
+        yield from unshard(bucket, pieces)
+
+
+def unshard(bucket: Bucket, pieces: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each parameter of a bucket received in pieces, piece r holding rank r's
+    ZeRO-3 partition of every parameter one after the other (`partition` elements each, the last
+    rank's padded); one piece: the bucket whole, each tensor a view of it (no copy).
+
+    >>> a, b = torch.tensor([0., 1., 2., 5., 6.]), torch.tensor([3., 4., -1., 7., 8.])  # params of 5 and 4
+    >>> [(n, t.tolist()) for n, t in unshard([TensorMeta("x", (5,), "float32"), TensorMeta("y", (2, 2), "float32")], [a, b])]
+    [('x', [0.0, 1.0, 2.0, 3.0, 4.0]), ('y', [[5.0, 6.0], [7.0, 8.0]])]
+    """
+    offset = 0
+    for m in bucket:
+        if len(pieces) == 1:
+            yield m.name, pieces[0][offset:offset + m.numel].view(m.shape)
             offset += m.numel
+        else:
+            part = partition(m.numel, len(pieces))
+            whole = torch.cat([piece[offset:offset + part] for piece in pieces])[:m.numel]
+            yield m.name, whole.view(m.shape)
+            offset += part
 
 
 _RAW_BUFFERS: dict[tuple[int, str, str], torch.Tensor] = {}
@@ -279,9 +329,9 @@ class WorkerExtension:
         self.rlsys_sync = ([make_group(backend, addr, port, rank, world) for addr, port in rendezvous], backend)
         return rank
 
-    def rlsys_receive(self, wire_plan: list) -> list[int]:
-        """Receive every bucket and load it in place; returns each bucket's checksum as received
-        (the senders compare them with what they sent).
+    def rlsys_receive(self, wire_plan: list, shards: int = 1) -> list[int]:
+        """Receive every bucket (in `shards` pieces each, see receive_buckets) and load it in
+        place; returns each bucket's checksum as received (the senders compare them with what they sent).
 
         Leaves `self.rlsys_receive_s` = (seconds in all, seconds spent waiting for the wire) for
         the sync benchmark's breakdown (the rest is vLLM's in-place load: on CPU, repacking every
@@ -293,7 +343,7 @@ class WorkerExtension:
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count, waited
-            items = receive_buckets(groups, plan, device_for(backend), sums)
+            items = receive_buckets(groups, plan, device_for(backend), sums, shards)
             while True:
                 t = time.perf_counter()
                 item = next(items, None)
@@ -324,12 +374,12 @@ class WorkerExtension:
         assert count == expected, f"the engine consumed {count} of {expected} tensors"
         return sums
 
-    def rlsys_receive_wire(self, wire_plan: list) -> list[int]:
+    def rlsys_receive_wire(self, wire_plan: list, shards: int = 1) -> list[int]:
         """The wire alone, for the sync benchmark: every bucket received into its buffer and
         checksummed as in rlsys_receive, nothing loaded into the model; returns the checksums."""
         groups, backend = self.rlsys_sync
         sums: list[int] = []
-        for _ in receive_buckets(groups, plan_from_wire(wire_plan), device_for(backend), sums):
+        for _ in receive_buckets(groups, plan_from_wire(wire_plan), device_for(backend), sums, shards):
             pass
         return sums
 

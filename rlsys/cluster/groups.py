@@ -19,7 +19,7 @@ from ray.util.placement_group import remove_placement_group
 
 from rlsys import checkpoint
 from rlsys.actors.generator import engine_env
-from rlsys.actors.weight_sync import Bucket
+from rlsys.actors.weight_sync import Bucket, combined
 from rlsys.cluster.placement import generator_bundle, generator_group, layout
 from rlsys.cluster.deadlines import LOST, get_all
 from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
@@ -225,6 +225,7 @@ class WeightSync:
         rank0 = learners.actors[0]
         self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
         self.senders = learners.actors[:ray.get(rank0.senders.remote())]  # each sends its share of the buckets
+        self.shards: int = ray.get(rank0.sync_shards.remote())  # > 1: ZeRO-3 ranks each send their partitions
         self.addrs = [where["ip"] for where in ray.get([a.whereami.remote() for a in self.senders])]
         self.members: list[int] | None = None
         self.connect()
@@ -241,10 +242,15 @@ class WeightSync:
                 "sync (group)", self.timeout_s, "deadlines.sync_s")
 
     def _sent(self, per_rank: list[dict[int, int]]) -> list[int]:
-        """Every bucket's checksum, in plan order, from the ranks that sent them."""
-        merged = {i: c for sums in per_rank for i, c in sums.items()}
+        """Every bucket's checksum, in plan order, from the ranks that sent it (its pieces' checksums
+        combined when each rank sent a piece of every bucket)."""
+        merged: dict[int, list[int]] = {}
+        for sums in per_rank:
+            for i, c in sums.items():
+                merged.setdefault(i, []).append(c)
         assert sorted(merged) == list(range(len(self.plan))), f"buckets sent: {sorted(merged)} of {len(self.plan)}"
-        return [merged[i] for i in range(len(self.plan))]
+        assert all(len(pieces) == self.shards for pieces in merged.values()), f"pieces per bucket, {self.shards} expected"
+        return [combined(merged[i]) for i in range(len(self.plan))]
 
     def connect(self) -> None:
         """(Re)build the group over the pool's engines as they are now."""
@@ -264,8 +270,8 @@ class WeightSync:
         """Every learner rank sends its buckets; the engines load them as `version`, or, with None,
         only receive them (the wire alone). Returns what each engine's receive returned."""
         sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
-        receives = [e.actor.receive_wire.remote(self.plan) if version is None
-                    else e.actor.receive_weights.remote(self.plan, version) for e in engines]
+        receives = [e.actor.receive_wire.remote(self.plan, self.shards) if version is None
+                    else e.actor.receive_weights.remote(self.plan, version, self.shards) for e in engines]
         # Both sides done (every worker has loaded what it received) before the loop goes on.
         done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
                        self.timeout_s, "deadlines.sync_s")

@@ -58,6 +58,19 @@ def forward_flops(shape: Shape, seq_len: int, logits: int | None = None) -> int:
     return dense + attention
 
 
+def padded_forward_flops(shape: Shape, sequences: int, length: int) -> int:
+    """A forward over `sequences` sequences padded to `length` under an explicit attention mask,
+    as the learner runs a micro-batch: attention over every (query, key) pair (SDPA applies a 4-D
+    mask densely), the output layer left out (every layout scores the same tokens).
+
+    >>> padded_forward_flops(Shape(8, 1, 1, 1, 8, 16, 10), sequences=2, length=3)  # 2*(64*4+384)*6 + 4*8*18
+    8256
+    """
+    body = 2 * (shape.matmul_params - shape.hidden * shape.vocab) * sequences * length
+    attention = shape.layers * 4 * shape.heads * shape.head_dim * sequences * length * length
+    return body + attention
+
+
 def grpo_step_flops(shape: Shape, seq_lens: list[int], epochs: int = 1, reference: bool = False,
                     response_lens: list[int] | None = None, old_logprob_pass: bool = True) -> int:
     """Model FLOPs of one learner update on a rollout batch of sequences (prompt + response).
