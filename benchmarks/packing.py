@@ -72,6 +72,7 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
     tokens = int(batch.attention_mask.sum())
     group, pg = start_learner_group(cfg, model_path)
     times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    shared_frac: dict[str, float] = {}  # the share of micro-batches the learner laid out shared (by FLOPs)
     try:
         for _ in range(repeats + 1):  # the first round warms up (allocator, DeepSpeed buffers)
             for layout, (budget, share) in LAYOUTS.items():
@@ -79,7 +80,7 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
                 group.cfg.learner.max_tokens_per_micro_batch = budget
                 group.cfg.learner.share_prompts = share
                 start = time.perf_counter()
-                group.train(batch)
+                shared_frac[layout] = group.train(batch)["shared_prompt_frac"]
                 times[layout].append(time.perf_counter() - start)
     finally:
         for a in group.actors:
@@ -87,7 +88,7 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
         remove_placement_group(pg)
     seconds = {layout: statistics.median(t[1:]) for layout, t in times.items()}
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": {k: tokens / s for k, s in seconds.items()},
-            "rows": P * G, "padded_tokens_fixed": fixed_padding(batch, cfg),
+            "rows": P * G, "padded_tokens_fixed": fixed_padding(batch, cfg), "shared_prompt_frac": shared_frac,
             "computed_tokens_shared": shared_positions(batch, cfg)}
 
 
@@ -183,8 +184,10 @@ def run(quick: bool) -> Section:
     section.figures.append(Figure(
         f"learner tokens/s, token budget {BUDGET}, shared prompts", rate["token budget, shared prompts"], "tokens/s",
         "the same budget, rows one by one (learner.share_prompts=false)", rate["token budget"],
-        note=f"shared, the forward computes {t['computed_tokens_shared']} positions for the {t['tokens']} tokens "
-             f"of the rows ({shape['group']} answers a prompt)"))
+        note=f"all shared, the forward would compute {t['computed_tokens_shared']} positions for the {t['tokens']} "
+             f"tokens of the rows ({shape['group']} answers a prompt); the learner laid out "
+             f"{t['shared_prompt_frac']['token budget, shared prompts']:.0%} of the micro-batches shared, the rest "
+             f"as rows (fewer FLOPs: rlsys.math.prefix.shared_is_cheaper)"))
     vocab_model = wide_vocab_model(256, 2, 151_936)
     tokens = 4096 if quick else 8192
     mem = {chunk: in_fresh_process(peak_memory, vocab_model, chunk, tokens) for chunk in (0, 1024)}
