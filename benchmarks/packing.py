@@ -186,8 +186,8 @@ def run(quick: bool) -> Section:
         "the same budget, rows one by one (learner.share_prompts=false)", rate["token budget"],
         note=f"all shared, the forward would compute {t['computed_tokens_shared']} positions for the {t['tokens']} "
              f"tokens of the rows ({shape['group']} answers a prompt); the learner laid out "
-             f"{t['shared_prompt_frac']['token budget, shared prompts']:.0%} of the micro-batches shared, the rest "
-             f"as rows (fewer FLOPs: rlsys.math.prefix.shared_is_cheaper)"))
+             f"{t['shared_prompt_frac']['token budget, shared prompts']:.0%} of the micro-batches shared, else "
+             f"as rows (the plan with fewer FLOPs: rlsys.math.packing.shard)"))
     vocab_model = wide_vocab_model(256, 2, 151_936)
     tokens = 4096 if quick else 8192
     mem = {chunk: in_fresh_process(peak_memory, vocab_model, chunk, tokens) for chunk in (0, 1024)}

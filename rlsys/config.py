@@ -215,9 +215,9 @@ class LearnerConfig:
     answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for
     far fewer tokens when prompts are long (R1-Zero templates). Mini-batches then hold whole
     groups, and token budgets count a group's prompt once. The mask is applied densely, so with long
-    answers on a small model (attention-bound) the shared layout costs more: each micro-batch is
-    laid out shared only when that takes fewer FLOPs than its rows (rlsys.math.prefix.shared_is_cheaper;
-    the share is logged as shared_prompt_frac)."""
+    answers on a small model (attention-bound) the shared layout costs more: a batch is laid out
+    shared only when its plan takes fewer forward FLOPs than the rows plan (rlsys.math.packing.shard;
+    logged as shared_prompt_frac, the share of micro-batches laid out shared)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

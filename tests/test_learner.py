@@ -94,12 +94,12 @@ def test_shared_prompts_give_the_same_update(beta):
 
 
 def test_long_answers_on_a_small_model_are_laid_out_as_rows():
-    # Answers of 60 tokens to a 2-token prompt on the 2-layer, 64-wide test model: one shared
-    # sequence of 242 positions pays attention over 242^2 pairs (its mask is dense), rows 4 x 62^2;
-    # the FLOP count picks rows for every micro-batch, and the update is the rows layout's.
+    # Answers of 60 tokens to a 2-token prompt on the 2-layer, 64-wide test model: a shared
+    # sequence of 242 positions pays attention over 242^2 pairs (its mask is dense), rows 62^2 each;
+    # the FLOP count keeps the rows plan, and the update is the rows layout's.
     batch = toy_batch([60] * 8, ADV, prompt_len=2, group=4)
     planned, rows = (make_learner(1, max_tokens_per_micro_batch=256, share_prompts=share) for share in (True, False))
-    assert planned.shard(batch).shared
+    assert not planned.shard(batch).shared
     a, b = planned.train(batch), rows.train(batch)
     assert a["shared_prompt_frac"] == 0.0
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

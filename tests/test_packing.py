@@ -72,3 +72,21 @@ def test_each_rank_gets_only_its_rows_and_the_whole_minibatch_normaliser(max_tok
             whole = sum(lengths[i] - 2 for i in order[4 * m:4 * m + 4])  # response tokens of the mini-batch
             assert s.normalizers[m] == whole / 2
     assert sorted(seen) == list(range(8))
+
+
+def test_shared_prompts_are_kept_only_where_their_plan_costs_fewer_flops():
+    # 2 groups of 4 rows, 100-token prompts. Short answers (8 tokens) on a SmolLM2-shaped model:
+    # the shared plan computes each prompt once and wins. Long answers (1000 tokens) to 10-token
+    # prompts on a 1-layer, 64-wide model: one shared sequence of 4010 positions pays attention
+    # over 4010^2 pairs against 4 x 1010^2 for rows, and the rows plan is kept.
+    from rlsys.math.flops import Shape
+
+    smollm2, small = Shape(576, 30, 9, 3, 64, 1536, 49152), Shape(64, 1, 4, 4, 16, 16, 1000)
+    for shape, prompt, answer, shared in ((smollm2, 100, 8, True), (small, 10, 1000, False)):
+        batch = batch_of([prompt + answer] * 8, prompt)
+        batch.prompt_lens = torch.full((8,), prompt)
+        batch.input_ids[:, :prompt] = (torch.arange(8) // 4).unsqueeze(1)  # one prompt a group
+        work = shard(batch, 0, 1, 8, 8, 8192, seed=0, step=0, aggregation="token", group_size=4, shape=shape)
+        assert work.shared == shared
+        assert sorted(work.batch.advantages.tolist()) == list(range(8))  # every row once either way
+        assert shard(batch, 0, 1, 8, 8, 8192, 0, 0, "token", group_size=4).shared  # no shape: as asked

@@ -38,7 +38,7 @@ from rlsys.checkpoint import safe_relative
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.flops import Shape
-from rlsys.math.prefix import share_prompts, shared_is_cheaper
+from rlsys.math.prefix import share_prompts
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
@@ -314,7 +314,8 @@ class Learner:
         backward) run only from the position before the earliest response token on: prompt
         positions need hidden states, not logits. Columns before that are 0. With
         learner.logprob_chunk they run over that many positions at a time (chunked_logprobs);
-        shared (_share): rows with one prompt are one sequence (rlsys.math.prefix)."""
+        shared (the shard was planned so: rlsys.math.packing.shard): rows with one prompt are one
+        sequence (rlsys.math.prefix)."""
         device = self.engine.device
         start = scored_from(batch.loss_mask)
         if shared:
@@ -333,14 +334,9 @@ class Learner:
                        temperature=self.temperature, chunk=self.cfg.logprob_chunk)     # (B, L - 1 - start)
         return torch.nn.functional.pad(picked, (start + 1, 0))                        # (B, L)
 
-    def _share(self, micro: TrainBatch, planned: bool) -> bool:
-        """Lay this micro-batch out with its prompts shared: when the shard was planned so
-        (learner.share_prompts) and that costs fewer FLOPs than its rows (long answers on a small
-        model are cheaper as rows: rlsys.math.prefix.shared_is_cheaper)."""
-        if not planned:
-            return False
-        shape = Shape.of(self.engine.module.config)
-        return shared_is_cheaper(shape, micro.input_ids, micro.attention_mask.sum(dim=1), micro.prompt_lens)
+    def model_shape(self) -> Shape:
+        """The model's dimensions, for FLOP counts (the layouts' costs, MFU)."""
+        return Shape.of(self.engine.module.config)
 
     @torch.no_grad()
     def _frozen_logprobs(self, model, work: Shard) -> torch.Tensor:
@@ -349,13 +345,12 @@ class Learner:
         for micros in work.minis:
             for rows in micros:
                 micro = work.batch.select(rows)
-                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro, self._share(micro, work.shared)
-                                                                      ).float().cpu()
+                out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro, work.shared).float().cpu()
         return out
 
     def shard(self, batch: TrainBatch) -> Shard:
         """This rank's part of a whole rollout batch (rlsys.math.packing; the driver cuts the same)."""
-        return cut(batch, self.rank, self.world, self.cfg, self.algo, self.seed, self.steps)
+        return cut(batch, self.rank, self.world, self.cfg, self.algo, self.seed, self.steps, self.model_shape())
 
     def train(self, work: TrainBatch | Shard) -> dict[str, float]:
         """One GRPO update on a rollout batch: this rank's Shard of it (the driver cuts the batch and
@@ -385,10 +380,9 @@ class Learner:
                     # The last micro-batch of the mini-batch reduces the gradients and steps the
                     # optimizer (token budgets give a varying count: the boundary is set, not counted).
                     self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-                    shared = self._share(micro, work.shared)
                     if epoch == 0:
-                        layouts += torch.tensor([float(shared), 1.0], dtype=torch.float64)
-                    logp = self._logprobs(self.engine, micro, shared)
+                        layouts += torch.tensor([float(work.shared), 1.0], dtype=torch.float64)
+                    logp = self._logprobs(self.engine, micro, work.shared)
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
                     old_micro = logp.detach() if old is None else old[rows, :width].to(logp.device)
                     stale = stale_rows[rows]
@@ -473,7 +467,7 @@ class Learner:
         for k, rows in enumerate(micros):
             micro = work.batch.select(rows)
             self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-            logp = self._logprobs(self.engine, micro, self._share(micro, work.shared))  # (b, L)
+            logp = self._logprobs(self.engine, micro, work.shared)                       # (b, L)
             loss, metrics = sft_loss(logp, micro.loss_mask.to(logp.device), normalizer)
             self.engine.backward(loss, scale_wrt_gas=False)  # the normaliser spans the mini-batch already
             boundary_norm, lr = self._step()

@@ -113,6 +113,7 @@ class LearnerGroup:
         self.ship_checkpoints = ship_checkpoints
         self.deadlines = cfg.deadlines
         self.names = [f"learner {i}" for i in range(len(actors))]
+        self.shape = None  # the model's dimensions (rlsys.math.flops.Shape), asked of rank 0 at the first cut
 
     def _all(self, refs: list, phase: str, timeout_s: float, setting: str) -> list:
         """Every rank's result; a rank that dies raises ActorLost at once (its peers would wait
@@ -131,7 +132,10 @@ class LearnerGroup:
         """The batch is cut here and each rank is sent only its rows (rlsys.math.packing), to the
         ranks' `method`; rank 0's metrics (reduced over the ranks) come back."""
         W = len(self.actors)
-        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained)
+        if self.shape is None:
+            self.shape = self._all([self.actors[0].model_shape.remote()], "model shape", self.deadlines.train_s,
+                                   "deadlines.train_s")[0]
+        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained, self.shape)
                   for rank in range(W)]
         out = self._all([getattr(a, method).remote(shard) for a, shard in zip(self.actors, shards)], "train",
                         self.deadlines.train_s, "deadlines.train_s")[0]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsys.config import AlgoConfig, LearnerConfig
+from rlsys.math.flops import Shape, padded_forward_flops
 from rlsys.types import TrainBatch
 
 
@@ -175,47 +176,92 @@ BALANCE = 1.25
 heaviest micro-batch is split and the micro-batches dealt again."""
 
 
-def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_batch_size: int,
-          max_tokens: int, seed: int, step: int, aggregation: str, group_size: int = 0) -> Shard:
-    """Rank `rank`'s part of a rollout batch for update `step`. Mini-batches follow a shuffle seeded
-    by seed + step (the same on every rank and on the driver); within them, the layout above.
+def plan(lengths: list[int], world: int, mini_batch_size: int, micro_batch_size: int, max_tokens: int, seed: int,
+         step: int, prompt_lens: list[int] | None = None, group_size: int = 0) -> list[tuple[list[int], list[list[list[int]]]]]:
+    """Every mini-batch of a rollout batch for update `step`: (its rows, per rank its micro-batches).
+    Mini-batches follow a shuffle seeded by seed + step (the same on every rank and on the driver);
+    within them, the layout above.
 
     group_size > 0 (prompts shared, rlsys.math.prefix): the batch is groups of that many rows with
     one prompt each (make_batch's layout); the shuffle moves whole groups, so a mini-batch holds
     whole groups (when mini_batch_size is a multiple of it), and token budgets count each group's
     prompt once."""
-    B = len(batch)
+    B = len(lengths)
+    groups = None
+    if group_size > 0:
+        assert B % group_size == 0, f"{B} rows are not whole groups of {group_size}"
+        perm = torch.randperm(B // group_size, generator=torch.Generator().manual_seed(seed + step)).tolist()
+        order = [g * group_size + j for g in perm for j in range(group_size)]
+        groups = [i // group_size for i in range(B)]
+    else:
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(seed + step)).tolist()
+    out = []
+    for start in range(0, B, mini_batch_size):
+        rows = order[start:start + mini_batch_size]
+        out.append((rows, micro_batches_by_tokens(rows, lengths, world, max_tokens, prompt_lens, groups)
+                    if max_tokens > 0 else micro_batches_by_rows(rows, lengths, world, micro_batch_size)))
+    return out
+
+
+def plan_flops(shape: Shape, minis: list[tuple[list[int], list[list[list[int]]]]], lengths: list[int],
+               prompt_lens: list[int] | None = None, group_size: int = 0) -> int:
+    """Forward FLOPs of a plan's micro-batches over every rank: each micro-batch its rows padded to
+    the longest or, prompts shared (group_size > 0), one sequence per group padded to the longest
+    (rlsys.math.flops.padded_forward_flops: attention over every pair of a padded sequence)."""
+    total = 0
+    for _, per_rank in minis:
+        for micros in per_rank:
+            for micro in micros:
+                if group_size > 0:
+                    sizes: dict[int, int] = {}
+                    for i in micro:
+                        g = i // group_size
+                        sizes[g] = sizes.get(g, prompt_lens[i]) + lengths[i] - prompt_lens[i]
+                    total += padded_forward_flops(shape, len(sizes), max(sizes.values()))
+                else:
+                    total += padded_forward_flops(shape, len(micro), max(lengths[i] for i in micro))
+    return total
+
+
+def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_batch_size: int,
+          max_tokens: int, seed: int, step: int, aggregation: str, group_size: int = 0, shape: Shape | None = None
+          ) -> Shard:
+    """Rank `rank`'s part of a rollout batch for update `step` (the mini-batches of `plan`).
+
+    group_size > 0 asks for shared prompts; given the model's `shape` too (and token budgets), the
+    shared plan is kept only when its micro-batches cost fewer forward FLOPs than the rows plan's
+    (plan_flops). Shared sequences are longer than rows and their mask is applied densely: with
+    long answers on a small model their attention costs more than the prompts they save, and the
+    rows plan, sorted by length over the whole mini-batch, pads less than a group's own rows."""
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    prompt_lens = groups = None
+    prompt_lens = None
     if group_size > 0:
         if batch.prompt_lens is None:
             raise ValueError("learner.share_prompts needs each row's prompt length (TrainBatch.prompt_lens, "
                              "set by rlsys.math.batch.make_batch)")
-        assert B % group_size == 0, f"{B} rows are not whole groups of {group_size}"
-        perm = torch.randperm(B // group_size, generator=torch.Generator().manual_seed(seed + step)).tolist()
-        order = [g * group_size + j for g in perm for j in range(group_size)]
-        prompt_lens, groups = batch.prompt_lens.tolist(), [i // group_size for i in range(B)]
-    else:
-        order = torch.randperm(B, generator=torch.Generator().manual_seed(seed + step)).tolist()
+        prompt_lens = batch.prompt_lens.tolist()
+    minis = plan(lengths, world, mini_batch_size, micro_batch_size, max_tokens, seed, step, prompt_lens, group_size)
+    if group_size > 0 and shape is not None and max_tokens > 0:
+        rows = plan(lengths, world, mini_batch_size, micro_batch_size, max_tokens, seed, step)
+        if plan_flops(shape, rows, lengths) < plan_flops(shape, minis, lengths, prompt_lens, group_size):
+            minis, group_size = rows, 0
     mine: list[int] = []
-    minis: list[list[slice]] = []
+    out: list[list[slice]] = []
     normalizers: list[float] = []
-    for start in range(0, B, mini_batch_size):
-        rows = order[start:start + mini_batch_size]
-        plan = (micro_batches_by_tokens(rows, lengths, world, max_tokens, prompt_lens, groups) if max_tokens > 0
-                else micro_batches_by_rows(rows, lengths, world, micro_batch_size))
+    for rows_of_mini, per_rank in minis:
         micros = []
-        for micro in plan[rank]:
+        for micro in per_rank[rank]:
             micros.append(slice(len(mine), len(mine) + len(micro)))
             mine.extend(micro)
-        minis.append(micros)
-        count = float(batch.loss_mask[rows].sum()) if aggregation == "token" else float(len(rows))
+        out.append(micros)
+        count = float(batch.loss_mask[rows_of_mini].sum()) if aggregation == "token" else float(len(rows_of_mini))
         normalizers.append(max(count, 1.0) / world)  # no loss token at all (every row masked): a loss of 0, not 0/0
-    return Shard(batch.select(torch.tensor(mine)), minis, normalizers, step, shared=group_size > 0)
+    return Shard(batch.select(torch.tensor(mine)), out, normalizers, step, shared=group_size > 0)
 
 
-def cut(batch: TrainBatch, rank: int, world: int, cfg: LearnerConfig, algo: AlgoConfig, seed: int, step: int
-        ) -> Shard:
-    """Rank `rank`'s Shard of a rollout batch for update `step`, as the learner config lays it out."""
+def cut(batch: TrainBatch, rank: int, world: int, cfg: LearnerConfig, algo: AlgoConfig, seed: int, step: int,
+        shape: Shape | None = None) -> Shard:
+    """Rank `rank`'s Shard of a rollout batch for update `step`, as the learner config lays it out
+    (shape: the model's, to keep shared prompts only where they are cheaper)."""
     return shard(batch, rank, world, cfg.mini_batch_size, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
-                 seed, step, algo.aggregation, algo.group_size if cfg.share_prompts else 0)
+                 seed, step, algo.aggregation, algo.group_size if cfg.share_prompts else 0, shape)

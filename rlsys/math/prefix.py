@@ -17,8 +17,8 @@ for P + sum(n_i) tokens instead of G * P + sum(n_i). (Prefix sharing; the same i
 
 Fewer positions are not always less work: the packed sequence is longer than any of its rows and
 its block mask is applied densely, so attention costs (P + sum n_i)^2 per group where rows pay
-G * (P + n)^2. With long answers on a small model (attention-bound) rows are cheaper; the learner
-lays each micro-batch out whichever way costs fewer FLOPs (shared_is_cheaper).
+G * (P + n)^2. With long answers on a small model (attention-bound) rows are cheaper:
+rlsys.math.packing.shard keeps the shared plan only when it costs fewer FLOPs than the rows plan.
 
 Log-probs come back in the row layout, (B, L) as before: `source` says which packed position's
 hidden state predicts each row's token t (position t - 1 of the row; for an answer's first token,
@@ -30,8 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from rlsys.math.flops import Shape, padded_forward_flops
 
 
 @dataclass
@@ -80,29 +78,6 @@ def prompt_groups(input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> dict[tu
     for i in range(input_ids.shape[0]):
         groups.setdefault(tuple(input_ids[i, :int(prompt_lens[i])].tolist()), []).append(i)
     return groups
-
-
-def shared_is_cheaper(shape: Shape, input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lens: torch.Tensor
-                      ) -> bool:
-    """Whether the shared layout of these rows costs fewer forward FLOPs than the rows padded to
-    the longest (the backward scales both alike): each group one sequence of its prompt and all
-    its answers, against every row on its own.
-
-    4 answers of 8 tokens to one 100-token prompt: shared (1 x 132 positions) beats rows (4 x 108)
-    on a model whose cost is in its layers; 4 answers of 1000 tokens to a 10-token prompt on a
-    1-layer, 64-wide model with a 16-wide MLP, whose cost is attention: rows (4 x 1010) beat one
-    sequence of 4010.
-    >>> ids = torch.zeros(4, 1010, dtype=torch.long)
-    >>> big, small = Shape(576, 30, 9, 3, 64, 1536, 49152), Shape(64, 1, 4, 4, 16, 16, 1000)
-    >>> shared_is_cheaper(big, ids, torch.full((4,), 108), torch.full((4,), 100))
-    True
-    >>> shared_is_cheaper(small, ids, torch.full((4,), 1010), torch.full((4,), 10))
-    False
-    """
-    sizes = [int(prompt_lens[rows[0]]) + sum(int(lengths[i] - prompt_lens[i]) for i in rows)
-             for rows in prompt_groups(input_ids, prompt_lens).values()]
-    shared = padded_forward_flops(shape, len(sizes), max(sizes))
-    return shared < padded_forward_flops(shape, len(lengths), int(lengths.max()))
 
 
 def share_prompts(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lens: torch.Tensor, start: int
