@@ -72,14 +72,6 @@ def block_mask(segment: torch.Tensor) -> torch.Tensor:
     return (allowed | torch.eye(Lp, dtype=torch.bool)).unsqueeze(1)                   # (S, 1, Lp, Lp)
 
 
-def prompt_groups(input_ids: torch.Tensor, prompt_lens: torch.Tensor) -> dict[tuple[int, ...], list[int]]:
-    """Rows (B, L) grouped by their prompt's tokens: prompt -> row indices, in first-seen order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i in range(input_ids.shape[0]):
-        groups.setdefault(tuple(input_ids[i, :int(prompt_lens[i])].tolist()), []).append(i)
-    return groups
-
-
 def share_prompts(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lens: torch.Tensor, start: int
                   ) -> SharedLayout:
     """Rows (B, L) right-padded, their real lengths (B,) and prompt lengths (B,) -> the shared layout.
@@ -99,7 +91,9 @@ def share_prompts(input_ids: torch.Tensor, lengths: torch.Tensor, prompt_lens: t
     """
     B, L = input_ids.shape
     T = L - 1 - start
-    groups = prompt_groups(input_ids, prompt_lens)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in range(B):
+        groups.setdefault(tuple(input_ids[i, :int(prompt_lens[i])].tolist()), []).append(i)
     sizes = [len(prompt) + sum(int(lengths[i] - prompt_lens[i]) for i in rows) for prompt, rows in groups.items()]
     S, Lp = len(groups), max(sizes)
     ids = torch.zeros(S, Lp, dtype=torch.long)                                        # (S, Lp)
