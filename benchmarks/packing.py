@@ -72,7 +72,7 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
     tokens = int(batch.attention_mask.sum())
     group, pg = start_learner_group(cfg, model_path)
     times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
-    shared_frac: dict[str, float] = {}  # the share of micro-batches the learner laid out shared (by FLOPs)
+    shared_frac: dict[str, float] = {}  # 1 when the learner laid the batch out shared (the plan with fewer FLOPs)
     try:
         for _ in range(repeats + 1):  # the first round warms up (allocator, DeepSpeed buffers)
             for layout, (budget, share) in LAYOUTS.items():
@@ -185,9 +185,9 @@ def run(quick: bool) -> Section:
         f"learner tokens/s, token budget {BUDGET}, shared prompts", rate["token budget, shared prompts"], "tokens/s",
         "the same budget, rows one by one (learner.share_prompts=false)", rate["token budget"],
         note=f"all shared, the forward would compute {t['computed_tokens_shared']} positions for the {t['tokens']} "
-             f"tokens of the rows ({shape['group']} answers a prompt); the learner laid out "
-             f"{t['shared_prompt_frac']['token budget, shared prompts']:.0%} of the micro-batches shared, else "
-             f"as rows (the plan with fewer FLOPs: rlsys.math.packing.shard)"))
+             f"tokens of the rows ({shape['group']} answers a prompt); the learner laid the batch out "
+             f"{'shared' if t['shared_prompt_frac']['token budget, shared prompts'] else 'as rows'} (the plan "
+             f"with fewer FLOPs: rlsys.math.packing.shard)"))
     vocab_model = wide_vocab_model(256, 2, 151_936)
     tokens = 4096 if quick else 8192
     mem = {chunk: in_fresh_process(peak_memory, vocab_model, chunk, tokens) for chunk in (0, 1024)}

@@ -217,7 +217,7 @@ class LearnerConfig:
     groups, and token budgets count a group's prompt once. The mask is applied densely, so with long
     answers on a small model (attention-bound) the shared layout costs more: a batch is laid out
     shared only when its plan takes fewer forward FLOPs than the rows plan (rlsys.math.packing.shard;
-    logged as shared_prompt_frac, the share of micro-batches laid out shared)."""
+    logged as shared_prompt_frac: 1 when the batch was laid out shared, else 0)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

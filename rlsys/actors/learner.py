@@ -370,7 +370,6 @@ class Learner:
         # generator vs learner on this rank's response tokens: (sum |diff|, sum k3 KL, tokens), max |diff|
         gen_sums, gen_max = torch.zeros(3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         off_sums = torch.zeros(3, dtype=torch.float64)  # the same on rows sampled by older weights
-        layouts = torch.zeros(2, dtype=torch.float64)  # micro-batches laid out with prompts shared, all
         self.engine.train()
         for epoch in range(self.cfg.epochs):
             for micros, normalizer in zip(work.minis, work.normalizers):
@@ -380,8 +379,6 @@ class Learner:
                     # The last micro-batch of the mini-batch reduces the gradients and steps the
                     # optimizer (token budgets give a varying count: the boundary is set, not counted).
                     self.engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
-                    if epoch == 0:
-                        layouts += torch.tensor([float(work.shared), 1.0], dtype=torch.float64)
                     logp = self._logprobs(self.engine, micro, work.shared)
                     # on-policy (no separate pass): this forward runs on the weights that generated the batch
                     old_micro = logp.detach() if old is None else old[rows, :width].to(logp.device)
@@ -447,8 +444,7 @@ class Learner:
         diff_sum, kl_sum, tokens = self._reduce(off_sums, dist.ReduceOp.SUM).tolist()
         out["offpolicy_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["offpolicy_kl"] = kl_sum / max(tokens, 1.0)
-        shared, micros = self._reduce(layouts, dist.ReduceOp.SUM).tolist()
-        out["shared_prompt_frac"] = shared / max(micros, 1.0)
+        out["shared_prompt_frac"] = float(work.shared)  # the plan is the batch's (packing.shard): every rank's the same
         out["lr"] = lr
         out["skipped_updates"] = float(skipped)
         return out

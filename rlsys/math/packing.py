@@ -67,13 +67,19 @@ def padded(bin_: list[int], lengths: list[int]) -> int:
     return len(bin_) * max(lengths[i] for i in bin_)
 
 
-def padded_shared(bin_: list[int], lengths: list[int], prompt_lens: list[int], groups: list[int]) -> int:
-    """Tokens a forward over these rows computes with prompts shared (rlsys.math.prefix): one
-    sequence per group, the prompt once then every answer; sequences x the longest."""
+def shared_sizes(bin_: list[int], lengths: list[int], prompt_lens: list[int], groups: list[int]) -> list[int]:
+    """The sequences these rows become with prompts shared (rlsys.math.prefix): one per group, the
+    prompt once then every answer; their lengths."""
     sizes: dict[int, int] = {}
     for i in bin_:
         sizes[groups[i]] = sizes.get(groups[i], prompt_lens[i]) + lengths[i] - prompt_lens[i]
-    return len(sizes) * max(sizes.values())
+    return list(sizes.values())
+
+
+def padded_shared(bin_: list[int], lengths: list[int], prompt_lens: list[int], groups: list[int]) -> int:
+    """Tokens a forward over these rows computes with prompts shared: sequences x the longest."""
+    sizes = shared_sizes(bin_, lengths, prompt_lens, groups)
+    return len(sizes) * max(sizes)
 
 
 def micro_batches_by_tokens(rows: list[int], lengths: list[int], world: int, budget: int,
@@ -208,18 +214,14 @@ def plan_flops(shape: Shape, minis: list[tuple[list[int], list[list[list[int]]]]
     """Forward FLOPs of a plan's micro-batches over every rank: each micro-batch its rows padded to
     the longest or, prompts shared (group_size > 0), one sequence per group padded to the longest
     (rlsys.math.flops.padded_forward_flops: attention over every pair of a padded sequence)."""
+    groups = [i // group_size for i in range(len(lengths))] if group_size > 0 else None
     total = 0
     for _, per_rank in minis:
         for micros in per_rank:
             for micro in micros:
-                if group_size > 0:
-                    sizes: dict[int, int] = {}
-                    for i in micro:
-                        g = i // group_size
-                        sizes[g] = sizes.get(g, prompt_lens[i]) + lengths[i] - prompt_lens[i]
-                    total += padded_forward_flops(shape, len(sizes), max(sizes.values()))
-                else:
-                    total += padded_forward_flops(shape, len(micro), max(lengths[i] for i in micro))
+                sizes = (shared_sizes(micro, lengths, prompt_lens, groups) if groups is not None
+                         else [lengths[i] for i in micro])
+                total += padded_forward_flops(shape, len(sizes), max(sizes))
     return total
 
 
