@@ -8,24 +8,44 @@
                                   (rlsys.actors.state_tree)
             trainer_state.json    the driver's: step, weight version, prompt stream position,
                                   RNG, the resolved config
+            checksums.json        every other file's relative path, size and sha256, written last
         latest                    the name of the newest whole checkpoint, written last
 
 A checkpoint is written into step_<N>.partial and renamed when whole (`commit`), then `latest`
 is replaced (write to a temporary name, rename): a run killed while saving leaves the previous
-checkpoint whole and `latest` naming it. Folders with ".partial" in their name never count.
+checkpoint whole and `latest` naming it. Folders with ".partial" in their name never count. A
+save that fails with an OSError (a full disk) removes its .partial folder, giving the space back.
+
+checksums.json is computed by the driver in `commit`, over the files as they landed in the run
+folder: every learner rank's files land there before it (written there with shared storage, sent
+to the driver without), so one place covers them all, and what is checked on resume is exactly
+what was written. A resume checks them before any actor starts (`verify`): a truncated, altered
+or missing file stops it, naming the file and the newest older checkpoint whose checksums match.
+Hashing reads each file once more at save and at resume (sha256: about 1 s per 500 MB).
+Checkpoints written before rlsys wrote checksums.json are resumed from with a printed note that
+nothing could be checked; a checkpoint that has one and fails it is never resumed from silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
+from rlsys.config import ConfigError
+
 TRACKER = "latest"
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint whose files do not match its checksums.json; trainer.resume must name another."""
 
 
 def safe_relative(name: str) -> Path:
@@ -37,7 +57,11 @@ def safe_relative(name: str) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    root = run_dir / "checkpoints"
+    return steps_in(run_dir / "checkpoints")
+
+
+def steps_in(root: Path) -> dict[int, Path]:
+    """The step_<N> folders in `root` that hold a model (config.json), by step."""
     found = {}
     for p in root.glob("step_*") if root.is_dir() else []:
         suffix = p.name.removeprefix("step_")
@@ -49,7 +73,8 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
 def find_resumable(run_dir: Path) -> Path | None:
     """The checkpoint `trainer.resume=auto` continues from: the one `latest` names, else (a run
     killed before its first tracker write, a tracker lost in a copy) the newest whole checkpoint
-    with trainer state. None: nothing to resume from."""
+    with trainer state. None: nothing to resume from. Its files are not checked here: the resume
+    does that (`verify`) and stops on damage rather than fall back to an older one unasked."""
     tracker = run_dir / "checkpoints" / TRACKER
     if tracker.is_file():
         named = run_dir / "checkpoints" / tracker.read_text().strip()
@@ -62,14 +87,22 @@ def find_resumable(run_dir: Path) -> Path | None:
 
 
 def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int = 0) -> Path:
-    """Write checkpoint step_<step> atomically: `write(folder)` fills a temporary folder, which is
-    renamed when whole; then `latest` names it; then all but the newest `keep_last` whole
+    """Write checkpoint step_<step> atomically: `write(folder)` fills a temporary folder, then its
+    checksums.json is written, then the folder is renamed; then `latest` names it; then all but the newest `keep_last` whole
     checkpoints are removed (0: keep all)."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+        write_checksums(tmp)  # last: a folder without it was not written whole
+    except OSError:
+        # A full disk, most often: give the space back now rather than at the next save of this
+        # step. What is left if this fails never counts (.partial); the write's error is the one
+        # to report, so a failure to remove is not raised over it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step saved again (a resumed run that repeats it): the new one wins
         shutil.rmtree(final)
     tmp.rename(final)
@@ -80,6 +113,110 @@ def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: i
         for old in sorted(list_checkpoints(run_dir))[:-keep_last]:
             shutil.rmtree(root / f"step_{old}")
     return final
+
+
+def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of checkpoint `folder` but checksums.json, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS)
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json: each file's size and sha256, for `verify`."""
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+             for name in checkpoint_files(folder)}
+    (folder / CHECKSUMS).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def read_checksums(folder: Path) -> dict[str, dict] | None:
+    """checksums.json's {relative path: {"size", "sha256"}}; None when the checkpoint has none
+    (written before rlsys wrote them). ValueError when it is not one rlsys wrote."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{CHECKSUMS}: not a checksums file rlsys wrote ({type(e).__name__}: {e})") from None
+    for name, entry in files.items() if isinstance(files, dict) else [("files", files)]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"{CHECKSUMS}: entry {name!r} is not {{size, sha256}}: {entry!r}")
+    return files
+
+
+def damage(folder: Path) -> list[str] | None:
+    """What differs between checkpoint `folder`'s files and its checksums.json, one line per file
+    (relative paths): empty when every file matches, None when there is no checksums.json."""
+    try:
+        recorded = read_checksums(folder)
+    except ValueError as e:
+        return [str(e)]
+    if recorded is None:
+        return None
+    found = []
+    for name, want in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            found.append(f"{name}: missing ({CHECKSUMS} lists it, {want['size']} bytes)")
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            how = "truncated" if size < want["size"] else "grown"
+            found.append(f"{name}: {size} bytes, {CHECKSUMS} recorded {want['size']} ({how})")
+        elif sha256_of(path) != want["sha256"]:
+            found.append(f"{name}: sha256 differs from the one in {CHECKSUMS} (altered; same size, {size} bytes)")
+    return found
+
+
+def older_whole(folder: Path) -> str:
+    """A sentence naming the newest checkpoint beside `folder` (a step_<N>) with a smaller step
+    that can be resumed from and whose files match their checksums, or saying there is none."""
+    step = folder.name.removeprefix("step_")
+    if not step.isdigit():
+        return f"{folder.name} is not a step_<N> folder: no older checkpoint beside it was looked for."
+    older = sorted(((s, p) for s, p in steps_in(folder.parent).items()
+                    if s < int(step) and (p / TRAINER_STATE).is_file()), reverse=True)
+    for _, candidate in older:
+        found = damage(candidate)
+        if found is None:
+            return (f"The newest older checkpoint is {candidate}, written before rlsys wrote checksums (it cannot be "
+                    f"checked); resume from it with trainer.resume={candidate}")
+        if not found:
+            return (f"The newest older checkpoint whose checksums match is {candidate}; resume from it with "
+                    f"trainer.resume={candidate}")
+    return (f"No older checkpoint in {folder.parent} passes its checksums ({len(older)} looked at): start a new "
+            f"run (without trainer.resume)")
+
+
+def verify(folder: Path) -> None:
+    """Checkpoint `folder`'s files against its checksums.json, before any actor starts: returns when
+    every file matches (with a printed note when there are no checksums to check, or files the save
+    did not write); otherwise raises DamagedCheckpoint naming each bad file, what is wrong with it,
+    and the newest older checkpoint that is whole (or that there is none)."""
+    t0 = time.time()
+    found = damage(folder)
+    if found is None:
+        print(f"[rlsys] note: {folder} has no {CHECKSUMS} (written before rlsys wrote checksums): its files cannot "
+              f"be checked before the resume", flush=True)
+        return
+    if found:
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: " + "; ".join(found) + ". " + older_whole(folder))
+    recorded = read_checksums(folder)
+    unlisted = sorted(set(checkpoint_files(folder)) - set(recorded))
+    if unlisted:  # harmless to the resume: nothing reads a file by a name the save did not write
+        print(f"[rlsys] note: {folder} holds {len(unlisted)} file(s) its save did not write, not checked: "
+              + ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""), flush=True)
+    size = sum(v["size"] for v in recorded.values())
+    print(f"[rlsys] {folder.name}: {len(recorded)} files ({size / (1 << 20):.1f} MiB) match its {CHECKSUMS} "
+          f"({time.time() - t0:.1f} s)", flush=True)
 
 
 def write_trainer_state(folder: Path, state: dict) -> None:
@@ -129,7 +266,8 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another folder")
     # The HF folder only: the learner state and the driver's are for resuming, not for serving.
-    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("learner", TRAINER_STATE))
+    # checksums.json too: it lists the files left out.
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("learner", TRAINER_STATE, CHECKSUMS))
     return out
 
 

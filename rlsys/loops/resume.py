@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rlsys.checkpoint import find_resumable, read_trainer_state
+from rlsys.checkpoint import TRAINER_STATE, find_resumable, read_trainer_state, verify
 from rlsys.config import Config, ConfigError, to_dict
 from rlsys.data.prompts import PromptStream
 
@@ -33,7 +33,10 @@ LOGS = ("metrics.jsonl", "samples.jsonl", "pool.jsonl")
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint this run continues from; None for a new run. Never a silent new start over
-    an existing run: a resume request without a checkpoint stops here."""
+    an existing run: a resume request without a checkpoint stops here. Its files are checked
+    against their checksums here, before any actor starts: a damaged checkpoint stops the resume
+    naming the file and the newest older whole one (rlsys.checkpoint.verify); choosing it is the
+    user's call, never a silent step back."""
     want = cfg.trainer.resume
     if not want:
         return None
@@ -44,8 +47,11 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
                 f"trainer.resume=auto: {run_dir} holds no whole checkpoint to continue from "
                 f"({'no such folder' if not run_dir.is_dir() else 'nothing under checkpoints/ with trainer_state.json'})"
                 f". Start a new run without trainer.resume, or give a checkpoint folder")
+        verify(found)
         return found
     path = Path(want).expanduser().resolve()
+    if (path / TRAINER_STATE).is_file():  # checked first: a damaged trainer_state.json is named as damage
+        verify(path)
     read_trainer_state(path)  # a folder that cannot be resumed from stops here, with the reason
     return path
 
