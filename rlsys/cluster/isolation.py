@@ -1,0 +1,305 @@
+"""Nodes that share nothing, on one machine: what makes a LocalNodes node behave like a machine of
+its own, and the faults a real cluster has.
+
+Each node gets (root only; `available()` says why not elsewhere):
+- a network namespace with one veth link to a bridge that lives in a switch namespace of the
+  cluster's own, and an address 10.213.<k>.<n> on it. Nothing reaches a node through 127.0.0.1:
+  its loopback is its own. The host reaches the nodes from a client namespace (`host`) on the same
+  bridge, as a laptop on the cluster's network would. Only these addresses and loopback are used.
+- a mount namespace: an empty /tmp, /var/tmp, /dev/shm and home folder (tmpfs: what a node writes
+  there no other node sees), the rest of the root read-only as a node image would be, the project
+  folder (and its .venv) read-only, and only the folders the harness binds in shared with the host
+  (as an NFS mount would be). A `disk` is a size-limited tmpfs, for a disk that fills up.
+- a UTS namespace (hostname = the node's name) and a cpuset cgroup: the node's own cores, and the
+  list of every process the node runs, so that losing a node kills exactly its processes.
+
+Faults: `cut`/`heal` a node's link (silent: its frames no longer cross the bridge, as in a
+partition, not a link-down the kernel would report), `shape` (loss by nftables, rate by tc tbf, both
+directions), `kill` (every process of the node at once), and a `disk` to fill. Delay needs tc netem,
+which some kernels (this one's among them) lack: `delay_supported()` says so.
+
+The namespaces are named rl<k>-<node>; `cleanup_stale()` removes those of a harness that died.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup/cpuset")
+SUBNET = "10.213"  # 10.213.<k>.0/24, one per cluster; only inside namespaces this module makes
+NETNS = Path("/run/netns")
+
+
+def available() -> str | None:
+    """None when nodes can be isolated here, else the reason (for a skip)."""
+    if os.geteuid() != 0:
+        return "isolated nodes need root (network and mount namespaces, a cpuset cgroup)"
+    for tool in ("ip", "tc", "nsenter", "unshare", "mount"):
+        if shutil.which(tool) is None:
+            return f"isolated nodes need `{tool}` (iproute2 / util-linux)"
+    if not (CGROUP / "cpuset.cpus").is_file():
+        return f"isolated nodes need the cpuset cgroup (v1) at {CGROUP}"
+    probe = subprocess.run(["unshare", "--mount", "--net", "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"namespaces are not allowed here: {probe.stderr.strip()}"
+    return None
+
+
+def sh(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(cmd)}` failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+def _netns_names() -> set[str]:
+    return {p.name for p in NETNS.iterdir()} if NETNS.is_dir() else set()
+
+
+def cleanup_stale() -> list[str]:
+    """Namespaces and cgroups of clusters whose harness is gone (no process left in them)."""
+    removed = []
+    for name in sorted(_netns_names()):
+        if name.startswith("rl") and "-" in name and name[2:name.index("-")].isdigit():
+            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            if not pids:
+                sh("ip", "netns", "del", name, check=False)
+                removed.append(name)
+    root = CGROUP / "rlsys"
+    if root.is_dir():
+        for group in sorted(root.glob("*/*"), reverse=True) + sorted(root.glob("*")):
+            if group.is_dir() and not (group / "cgroup.procs").read_text().split():
+                try:
+                    group.rmdir()
+                except OSError:  # children still there; removed on the next pass
+                    continue
+    return removed
+
+
+@dataclass
+class Link:
+    """What `shape` put on a node's link, kept so that `heal` restores it after a cut."""
+    loss_pct: float = 0.0
+    rate_mbit: float | None = None
+
+
+def delay_supported() -> str | None:
+    """None when tc netem (delay) works in this kernel, else why not. Loss and rate do not need it."""
+    ns = f"rlprobe{os.getpid()}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1", ns=ns)
+        done = sh("tc", "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms", ns=ns, check=False)
+        return None if done.returncode == 0 else f"tc netem is not available in this kernel ({done.stderr.strip()})"
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+@dataclass
+class Box:
+    """One node's namespaces: the named network namespace, the holder process that keeps its mount
+    and UTS namespaces alive (every command of the node enters those), and its cgroup."""
+    name: str
+    netns: str
+    ip: str
+    veth_switch: str  # the link's end in the switch namespace (faults act on both ends)
+    cgroup: Path
+    holder: subprocess.Popen | None = None
+    link: Link = field(default_factory=Link)
+
+    def pids(self) -> list[int]:
+        if not self.cgroup.is_dir():
+            return []
+        return [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
+
+    def view(self, path: str | Path) -> Path:
+        """The host's view of a path as this node sees it (its mount namespace, through /proc)."""
+        assert self.holder is not None and self.holder.poll() is None, f"node {self.name} is not running"
+        return Path(f"/proc/{self.holder.pid}/root") / Path(path).relative_to("/")
+
+
+# Inside the holder, in its fresh mount namespace: stage the host folders to bind back, cover
+# what a node owns with empty tmpfs, bind the staged folders at their paths, root read-only.
+SETUP = r"""
+set -eu
+mount --make-rprivate /
+mount -t tmpfs rlsys-stage /mnt
+i=0
+for spec in $BINDS; do
+  src=${spec%%=*}; i=$((i+1)); mkdir -p /mnt/b$i; mount --bind "$src" /mnt/b$i
+done
+for dir in /tmp /var/tmp /dev/shm "$HOME"; do mount -t tmpfs -o mode=1777 rlsys-node "$dir"; done
+i=0
+for spec in $BINDS; do
+  rest=${spec#*=}; dst=${rest%%=*}; mode=${rest#*=}; i=$((i+1))
+  mkdir -p "$dst"; mount --move /mnt/b$i "$dst"
+  if [ "$mode" = ro ]; then mount -o remount,bind,ro "$dst"; fi
+done
+for spec in $DISKS; do
+  dst=${spec%%=*}; mb=${spec#*=}; mkdir -p "$dst"; mount -t tmpfs -o size=${mb}m rlsys-disk "$dst"
+done
+umount /mnt
+mount -o remount,bind,ro /
+hostname "$NODE"
+echo ready
+exec sleep infinity
+"""
+
+
+class Isolation:
+    """The network and the boxes of one cluster. `binds` (host path -> mode 'ro'/'rw') are seen by
+    every node; `add(..., shared=..., disks=...)` adds a node's own."""
+
+    def __init__(self, folder: Path, ro: list[Path]):
+        reason = available()
+        if reason:
+            raise RuntimeError(reason)
+        cleanup_stale()
+        self.folder = Path(folder)
+        taken = {n[2:n.index("-")] for n in _netns_names() if n.startswith("rl") and "-" in n}
+        self.k = next(k for k in range(1, 250) if str(k) not in taken)
+        self.prefix = f"rl{self.k}"
+        self.ro = [Path(p).resolve() for p in ro]
+        self.boxes: dict[str, Box] = {}
+        self.cgroup = CGROUP / "rlsys" / self.prefix
+        self.switch = f"{self.prefix}-switch"
+        for parent in (self.cgroup.parent, self.cgroup):
+            parent.mkdir(exist_ok=True)
+            for knob in ("cpuset.cpus", "cpuset.mems"):  # a child cpuset starts empty: copy the parent's
+                if not (parent / knob).read_text().strip():
+                    (parent / knob).write_text((parent.parent / knob).read_text())
+        sh("ip", "netns", "add", self.switch)
+        sh("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
+        sh("ip", "link", "set", "br0", "up", ns=self.switch)
+        sh("ip", "link", "set", "lo", "up", ns=self.switch)
+        self.n = 1
+        self.host = self._netns("host")  # where the host reaches the cluster from (rlsys submit)
+
+    def _netns(self, name: str) -> tuple[str, str, str]:
+        """A network namespace on the bridge: (namespace, address, switch-side link)."""
+        ns, ip = f"{self.prefix}-{name}", f"{SUBNET}.{self.k}.{self.n}"
+        node_end, switch_end = f"r{self.k}n{self.n}", f"r{self.k}s{self.n}"  # link names: 15 characters at most
+        self.n += 1
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", node_end, "type", "veth", "peer", "name", switch_end)
+        sh("ip", "link", "set", node_end, "netns", ns, "name", "eth0")
+        sh("ip", "link", "set", switch_end, "netns", self.switch)
+        sh("ip", "link", "set", switch_end, "master", "br0", "up", ns=self.switch)
+        sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=ns)
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+        return ns, ip, switch_end
+
+    def add(self, name: str, cores: list[int] | None = None, shared: dict[Path, Path] | None = None,
+            disks: dict[Path, int] | None = None) -> Box:
+        """A node: cores (None: all of the machine's), shared {host folder: path on the node} bound
+        read-write, disks {path: MiB} size-limited tmpfs."""
+        ns, ip, switch_end = self._netns(name)
+        box = Box(name, ns, ip, switch_end, self.cgroup / name)
+        box.cgroup.mkdir()
+        (box.cgroup / "cpuset.mems").write_text((self.cgroup / "cpuset.mems").read_text())
+        (box.cgroup / "cpuset.cpus").write_text(",".join(map(str, cores)) if cores is not None
+                                                else (self.cgroup / "cpuset.cpus").read_text())
+        pairs = [(p, p, "ro") for p in self.ro] + [(Path(h).resolve(), Path(d), "rw") for h, d in (shared or {}).items()]
+        for src, dst, _ in pairs:  # the set-up script splits on spaces and '='
+            if any(c in str(p) for p in (src, dst) for c in " ="):
+                raise ValueError(f"node {name}: a folder bound into a node may not contain ' ' or '=': {src} -> {dst}")
+        binds = [f"{src}={dst}={mode}" for src, dst, mode in pairs]
+        env = {"BINDS": " ".join(binds), "DISKS": " ".join(f"{d}={mb}" for d, mb in (disks or {}).items()),
+               "NODE": name, "HOME": os.environ.get("HOME", "/root"), "PATH": os.environ["PATH"]}
+        log = open(self.folder / f"{name}.holder.log", "w")
+        box.holder = subprocess.Popen(
+            ["nsenter", f"--net={NETNS / ns}", "unshare", "--mount", "--uts", "--propagation", "private",
+             "sh", "-c", SETUP], stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True, text=True,
+            preexec_fn=lambda: (box.cgroup / "cgroup.procs").write_text(str(os.getpid())))
+        self.boxes[name] = box  # from here on, close() takes it down
+        first = box.holder.stdout.readline().strip()
+        if first != "ready":
+            self.kill(name)
+            raise RuntimeError(f"node {name}: its namespaces could not be set up ({first!r}; "
+                               f"{(self.folder / f'{name}.holder.log').read_text()[-2000:]})")
+        return box
+
+    def command(self, name: str, args: list[str]) -> list[str]:
+        """args run on node `name` (its network, mounts and hostname); start it with `preexec(name)`."""
+        box = self.boxes[name]
+        return ["nsenter", "-t", str(box.holder.pid), "--net", "--mount", "--uts", "--", *args]
+
+    def preexec(self, name: str):
+        """For Popen(preexec_fn=...): the process joins the node's cgroup (its cores, its process list)."""
+        procs = self.boxes[name].cgroup / "cgroup.procs"
+        return lambda: procs.write_text(str(os.getpid()))
+
+    def host_command(self, args: list[str]) -> list[str]:
+        """args run on the host's side of the cluster network (the host's files, the client address)."""
+        return ["ip", "netns", "exec", self.host[0], *args]
+
+    # ---- faults -------------------------------------------------------------------------------
+    def cut(self, name: str) -> None:
+        """Partition: the node's link leaves the bridge. Nothing it sends arrives and nothing reaches
+        it, silently (its own side still looks up), as when a switch port or a route fails."""
+        sh("ip", "link", "set", self.boxes[name].veth_switch, "nomaster", ns=self.switch)
+
+    def heal(self, name: str) -> None:
+        sh("ip", "link", "set", self.boxes[name].veth_switch, "master", "br0", ns=self.switch)
+
+    def shape(self, name: str, loss_pct: float = 0.0, rate_mbit: float | None = None) -> None:
+        """Loss (nftables: each packet in and out of the node dropped with this probability) and rate
+        (tc tbf on both ends of its link). Delay needs tc netem, which `delay_supported` checks."""
+        box = self.boxes[name]
+        box.link = Link(loss_pct, rate_mbit)
+        sh("nft", "delete", "table", "inet", "rlsys", ns=box.netns, check=False)
+        if loss_pct:
+            below = round(loss_pct * 100)  # numgen draws 0..9999 uniformly per packet
+            rules = "\n".join([
+                "table inet rlsys {",
+                *(f"  chain {hook} {{ type filter hook {hook} priority 0; numgen random mod 10000 < {below} drop; }}"
+                  for hook in ("input", "output")), "}"])
+            done = subprocess.run(["ip", "netns", "exec", box.netns, "nft", "-f", "-"], input=rules, text=True,
+                                  capture_output=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"node {name}: nft could not set {loss_pct}% loss: {done.stderr.strip()}")
+        for dev, ns in (("eth0", box.netns), (box.veth_switch, self.switch)):
+            if rate_mbit:  # a burst of 1 ms at the rate (at least 64 KiB, so a TSO segment passes)
+                burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 / 1000))
+                sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                   "burst", str(burst), "latency", "100ms", ns=ns)
+            else:
+                sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+
+    def kill(self, name: str, timeout: float = 60.0) -> None:
+        """Every process of the node at once (SIGKILL), as when the machine goes; its mounts with
+        them. The network namespace stays: `add` the node again to bring a fresh one up."""
+        box = self.boxes.pop(name)
+        deadline = time.monotonic() + timeout
+        while pids := box.pids():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {name}: processes {pids} outlived SIGKILL for {timeout:.0f}s")
+            time.sleep(0.05)
+        if box.holder is not None:
+            box.holder.wait(timeout=10)
+        box.cgroup.rmdir()
+        sh("ip", "netns", "del", box.netns, check=False)
+
+    def close(self) -> None:
+        for name in list(self.boxes):
+            self.kill(name)
+        for ns in (self.host[0], self.switch):
+            sh("ip", "netns", "del", ns, check=False)
+        try:
+            self.cgroup.rmdir()
+        except FileNotFoundError:
+            pass
