@@ -12,6 +12,7 @@ with a message that names the key.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -612,11 +613,44 @@ def validate(cfg: Config) -> None:
          "per-rank memory for weights and gradients as ZeRO-0 and the optimizer state partitioned")
 
 
+REDACTED = "<redacted>"
+SECRET_KEYS = ("*_TOKEN", "*_KEY", "*_SECRET", "AWS_*", "WANDB_API_KEY", "HF_TOKEN")
+"""Key names (any case) whose values are never written or logged: config.yaml, trainer_state.json,
+the trackers' config and the config `rlsys submit` ships all carry REDACTED instead."""
+
+
+def is_secret_key(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name.upper(), pattern) for pattern in SECRET_KEYS)
+
+
+def redacted(plain: dict) -> dict:
+    """A plain config dict (to_container's) with its secrets replaced by REDACTED: every value of
+    submit.env_vars (the job's environment: tokens and keys go there, whatever their names), and
+    everything under a key that matches SECRET_KEYS, at any depth. None stays None (an unset
+    secret reveals nothing), and the keys stay, so the text still says which variables were set."""
+
+    def walk(node: Any, secret: bool) -> Any:
+        if isinstance(node, dict):
+            return {key: walk(value, secret or is_secret_key(str(key))) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value, secret) for value in node]
+        return REDACTED if secret and node is not None else node
+
+    out = walk(plain, False)
+    out["submit"]["env_vars"] = {key: REDACTED for key in plain["submit"]["env_vars"]}
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML, secrets redacted (what config.yaml holds and `rlsys submit` ships);
+    load_config reads it back."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def to_dict(cfg: Config) -> dict:
-    """The resolved config as plain dicts (trackers, checkpoints' trainer_state.json)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """The resolved config as plain dicts, secrets redacted (trackers, checkpoints' trainer_state.json).
+    Every writer of the config goes through here or to_yaml: nothing the run writes or logs holds
+    a secret's value. The job's environment still gets the real values (rlsys.cluster.jobs.runtime_env
+    reads cfg.submit.env_vars itself)."""
+    return redacted(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 

@@ -291,3 +291,70 @@ def test_engines_on_gpus_of_their_own_take_most_of_the_memory():
     assert engine_memory_share(load_config(None, ["cluster.placement=disaggregated"])) == 0.9
     assert engine_memory_share(load_config(None, ["cluster.placement=colocated"])) == 0.45
     assert engine_memory_share(load_config(None, ["generator.gpu_memory_utilization=0.3"])) == 0.3
+
+
+# ---------------------------------------------------------------- secrets are never written
+
+SECRETS = {"WANDB_API_KEY": "s3cr3t-wandb-0d9f", "MY_TOKEN": "s3cr3t-token-77aa",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-5c1e", "HF_HOME": "/data/hf-cache-3b2"}
+
+
+def _env_vars_override(env: dict[str, str]) -> str:
+    return "submit.env_vars={" + ", ".join(f"{k}: '{v}'" for k, v in env.items()) + "}"
+
+
+def test_to_yaml_and_to_dict_hold_no_value_of_submit_env_vars():
+    from rlsys.config import REDACTED, to_dict, to_yaml
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [_env_vars_override(SECRETS), "learner.lr=0.25"])
+    assert cfg.submit.env_vars == SECRETS  # the config itself keeps them: the job's environment is built from it
+    text, tree = to_yaml(cfg), to_dict(cfg)
+    for value in SECRETS.values():  # HF_HOME too: every env var is the user's job environment
+        assert value not in text and value not in repr(tree)
+    assert tree["submit"]["env_vars"] == {key: REDACTED for key in SECRETS}  # which were set stays readable
+    # Nothing else changes.
+    plain = dataclasses.asdict(cfg)
+    plain["submit"]["env_vars"] = tree["submit"]["env_vars"]
+    assert tree == plain
+    assert tree["learner"]["lr"] == 0.25 and tree["model"]["path"] == "tiny"
+
+
+def test_redacted_yaml_loads_back_as_the_same_config_but_the_secrets(tmp_path):
+    from rlsys.config import REDACTED, to_yaml
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [_env_vars_override(SECRETS)])
+    back = load_config(write(tmp_path, to_yaml(cfg)))
+    assert back.submit.env_vars == {key: REDACTED for key in SECRETS}
+    assert dataclasses.replace(back, submit=cfg.submit) == cfg
+
+
+@pytest.mark.parametrize("name,secret", [
+    ("WANDB_API_KEY", True), ("hf_token", True), ("HF_TOKEN", True), ("my_api_key", True), ("Db_Secret", True),
+    ("AWS_ACCESS_KEY_ID", True), ("aws_region", True), ("max_tokens", False), ("tokens", False),
+    ("key", False), ("TOKENIZER", False), ("monkey", False), ("HF_HOME", False)])
+def test_secret_key_patterns(name, secret):
+    from rlsys.config import is_secret_key
+
+    assert is_secret_key(name) is secret
+
+
+def test_keys_matching_a_secret_pattern_are_redacted_at_any_depth():
+    from rlsys.config import REDACTED, redacted
+
+    plain = {"submit": {"env_vars": {}}, "a": {"hf_token": "x1", "b": [{"aws_secret": "x2"}], "max_tokens": 5},
+             "db_secret": {"user": "x3", "port": 5}, "api_key": None}
+    assert redacted(plain) == {"submit": {"env_vars": {}}, "a": {"hf_token": REDACTED, "b": [{"aws_secret": REDACTED}],
+                                                                "max_tokens": 5},
+                               "db_secret": {"user": REDACTED, "port": REDACTED}, "api_key": None}
+    assert plain["a"]["hf_token"] == "x1"  # a copy: the caller's dict is untouched
+
+
+def test_no_config_field_is_taken_for_a_secret():
+    """A field whose name matched a pattern would be written as REDACTED and, unless a string, make
+    the shipped config unloadable in the job: rename the field or narrow the pattern."""
+    from rlsys.config import is_secret_key
+
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            assert not is_secret_key(f.name), f"{section.name}.{f.name}"

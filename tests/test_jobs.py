@@ -9,6 +9,7 @@ process on the machine).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -27,7 +28,7 @@ import pytest
 from rlsys.actors.generator import engine_env
 from rlsys.cluster import jobs
 from rlsys.cluster.storage import RunStorage, StorageError, is_uri
-from rlsys.config import ConfigError, load_config, to_yaml
+from rlsys.config import REDACTED, ConfigError, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -62,10 +63,13 @@ def test_runtime_env_ships_the_project_the_engines_variables_and_the_merged_conf
     assert not any(k.startswith("RAY_AUTH") for k in variables)
     assert all(isinstance(v, str) for v in variables.values())  # Ray's env_vars take strings only
     json.dumps(env)  # travels as JSON
-    # The job loads exactly the config validated here.
+    # The job loads exactly the config validated here, its env_vars' values redacted (the job has
+    # them in its environment; nothing it writes holds them).
     assert variables[jobs.CONFIG_ENV] == to_yaml(cfg)
     monkeypatch.setenv(jobs.CONFIG_ENV, variables[jobs.CONFIG_ENV])
-    assert jobs.load_shipped_config(jobs.CONFIG_ENV) == cfg
+    shipped = jobs.load_shipped_config(jobs.CONFIG_ENV)
+    assert shipped.submit.env_vars == {"HF_HOME": REDACTED}
+    assert dataclasses.replace(shipped, submit=cfg.submit) == cfg
     assert jobs.ENTRYPOINT == f"python -m rlsys.cli train --config-env {jobs.CONFIG_ENV}"
 
 
@@ -92,6 +96,20 @@ def test_data_path_outside_the_shipped_project_is_refused(tmp_path, monkeypatch)
         jobs.check_submittable(_cfg("data.path=mine.jsonl"), REPO)
     jobs.check_submittable(_cfg(f"data.path={tmp_path / 'mine.jsonl'}"), REPO)
     jobs.check_submittable(_cfg("data.path=configs/data/toy_digits.jsonl"), REPO)
+
+
+def test_givenreach_the_jobs_environment_but_not_the_shipped_config(monkeypatch):
+    given = {"WANDB_API_KEY": "s3cr3t-wandb-0d9f", "MY_TOKEN": "s3cr3t-token-77aa",
+                "AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-5c1e"}
+    cfg = _cfg("submit.env_vars={" + ", ".join(f"{k}: {v}" for k, v in given.items()) + "}", "algo.beta=0.5")
+    variables = jobs.runtime_env(cfg, REPO)["env_vars"]
+    for key, value in given.items():
+        assert variables[key] == value  # the job's driver and actors get the real values
+        assert value not in variables[jobs.CONFIG_ENV]
+    monkeypatch.setenv(jobs.CONFIG_ENV, variables[jobs.CONFIG_ENV])
+    shipped = jobs.load_shipped_config(jobs.CONFIG_ENV)  # redacted values still load in the job
+    assert shipped.submit.env_vars == {key: REDACTED for key in given}
+    assert shipped.algo.beta == 0.5 and shipped.trainer.output_dir == "/shared/runs/x"
 
 
 def test_auth_variables_are_not_shipped():

@@ -24,12 +24,13 @@ What `rlsys submit` does, in order:
    also honours the project's .gitignore). In the job, relative data paths resolve against this
    copy, as they do in the project folder here.
 3. Ships the merged, validated config itself, not the file and overrides: its YAML
-   (rlsys.config.to_yaml) travels in the environment variable RLSYS_SUBMITTED_CONFIG of the job's
-   runtime environment, and the entrypoint is `python -m rlsys.cli train --config-env
+   (rlsys.config.to_yaml: secrets redacted, the values of submit.env_vars among them) travels in
+   the environment variable RLSYS_SUBMITTED_CONFIG of the job's runtime environment, and the entrypoint is `python -m rlsys.cli train --config-env
    RLSYS_SUBMITTED_CONFIG` (the shipped rlsys), which loads and validates exactly that YAML. The
    job's runtime environment also carries the engines' variables
    (rlsys.actors.generator.engine_env), PYTHONUNBUFFERED=1 (the driver's output reaches
-   `rlsys jobs logs` as it is printed), submit.env_vars, and submit.pip / submit.uv /
+   `rlsys jobs logs` as it is printed), submit.env_vars (their real values: the job's own
+   environment; Ray keeps them in the job's record on the cluster), and submit.pip / submit.uv /
    submit.image_uri when set (Ray's runtime_env keys of the same names).
 4. Prints the job id, its page on the dashboard and how to follow it; --follow streams the
    driver's output until the job ends and exits 1 unless it SUCCEEDED.
@@ -132,7 +133,8 @@ def check_submittable(cfg: Config, project: Path) -> None:
 
 
 def runtime_env(cfg: Config, project: Path) -> dict:
-    """Ray's runtime_env for the job: the project folder, the merged config, the engines' variables."""
+    """Ray's runtime_env for the job: the project folder, the merged config (secrets redacted), the
+    engines' variables, submit.env_vars with their real values."""
     from rlsys.actors.generator import engine_env
 
     env = {**engine_env(cfg.generator), "PYTHONUNBUFFERED": "1", **cfg.submit.env_vars, CONFIG_ENV: to_yaml(cfg)}
