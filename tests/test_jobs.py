@@ -98,7 +98,7 @@ def test_data_path_outside_the_shipped_project_is_refused(tmp_path, monkeypatch)
     jobs.check_submittable(_cfg("data.path=configs/data/toy_digits.jsonl"), REPO)
 
 
-def test_givenreach_the_jobs_environment_but_not_the_shipped_config(monkeypatch):
+def test_secrets_reach_the_jobs_environment_but_not_the_shipped_config(monkeypatch):
     given = {"WANDB_API_KEY": "s3cr3t-wandb-0d9f", "MY_TOKEN": "s3cr3t-token-77aa",
                 "AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-5c1e"}
     cfg = _cfg("submit.env_vars={" + ", ".join(f"{k}: {v}" for k, v in given.items()) + "}", "algo.beta=0.5")
