@@ -11,6 +11,10 @@ setup() {
   local extras="${1:-cpu,test,track}" stamp
   stamp=$( (cat pyproject.toml dev.sh; echo "$extras") | sha256sum | cut -d' ' -f1)
   if [ -x .venv/bin/rlsys ] && [ "$(cat .venv/.rlsys-setup 2>/dev/null)" = "$stamp" ]; then return; fi
+  # The node harness (rlsys/cluster/isolation.py) drops packets with nftables; Debian's package, as root.
+  if ! command -v nft >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null
+  fi
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned in the cpu extra: an unpinned torch would resolve to a CUDA build of several GB.

@@ -41,9 +41,9 @@ def available() -> str | None:
     """None when nodes can be isolated here, else the reason (for a skip)."""
     if os.geteuid() != 0:
         return "isolated nodes need root (network and mount namespaces, a cpuset cgroup)"
-    for tool in ("ip", "tc", "nsenter", "unshare", "mount"):
+    for tool in ("ip", "tc", "nft", "nsenter", "unshare", "mount"):
         if shutil.which(tool) is None:
-            return f"isolated nodes need `{tool}` (iproute2 / util-linux)"
+            return f"isolated nodes need `{tool}` (iproute2, nftables, util-linux: ./dev.sh setup installs them as root)"
     if not (CGROUP / "cpuset.cpus").is_file():
         return f"isolated nodes need the cpuset cgroup (v1) at {CGROUP}"
     probe = subprocess.run(["unshare", "--mount", "--net", "--uts", "true"], capture_output=True, text=True)
@@ -202,16 +202,23 @@ class Isolation:
             disks: dict[Path, int] | None = None) -> Box:
         """A node: cores (None: all of the machine's), shared {host folder: path on the node} bound
         read-write, disks {path: MiB} size-limited tmpfs."""
+        pairs = [(p, p, "ro") for p in self.ro] + [(Path(h).resolve(), Path(d), "rw") for h, d in (shared or {}).items()]
+        home = Path(os.environ.get("HOME", "/root"))
+        for src, dst, _ in pairs:  # the set-up script splits on spaces and '='
+            if any(c in str(p) for p in (src, dst) for c in " ="):
+                raise ValueError(f"node {name}: a folder bound into a node may not contain ' ' or '=': {src} -> {dst}")
+        for dst in [d for _, d, _ in pairs] + list(disks or {}):
+            # A mount point made on the shared root would appear, empty, on the host and every node.
+            owned = any(Path(dst).is_relative_to(d) for d in (Path("/tmp"), Path("/var/tmp"), home))
+            if not owned and not Path(dst).is_dir():
+                raise ValueError(f"node {name}: {dst} is neither under the node's own /tmp, /var/tmp or {home} nor an "
+                                 f"existing folder: it cannot be mounted without changing the host's root")
         ns, ip, switch_end = self._netns(name)
         box = Box(name, ns, ip, switch_end, self.cgroup / name)
         box.cgroup.mkdir()
         (box.cgroup / "cpuset.mems").write_text((self.cgroup / "cpuset.mems").read_text())
         (box.cgroup / "cpuset.cpus").write_text(",".join(map(str, cores)) if cores is not None
                                                 else (self.cgroup / "cpuset.cpus").read_text())
-        pairs = [(p, p, "ro") for p in self.ro] + [(Path(h).resolve(), Path(d), "rw") for h, d in (shared or {}).items()]
-        for src, dst, _ in pairs:  # the set-up script splits on spaces and '='
-            if any(c in str(p) for p in (src, dst) for c in " ="):
-                raise ValueError(f"node {name}: a folder bound into a node may not contain ' ' or '=': {src} -> {dst}")
         binds = [f"{src}={dst}={mode}" for src, dst, mode in pairs]
         env = {"BINDS": " ".join(binds), "DISKS": " ".join(f"{d}={mb}" for d, mb in (disks or {}).items()),
                "NODE": name, "HOME": os.environ.get("HOME", "/root"), "PATH": os.environ["PATH"]}

@@ -1,6 +1,14 @@
 """A multi-node Ray cluster on one machine, for tests, benchmarks and trying placement: each node
 a `ray start --block` in a session of its own.
 
+With `isolated=True` (root) every node is a machine of its own as far as it can tell
+(rlsys/cluster/isolation.py): its own address on a bridge, its own /tmp, home and cache, the
+project read-only, its own cores, and only the folders given as `shared` in common with the host.
+Commands then run ON a node (`command(name, args)`: a driver on the head, as on a real cluster)
+or from the host's side of the cluster network (`host_command`: `rlsys submit`, `rlsys jobs`), and
+faults act on nodes by name (`cut`, `heal`, `shape`, `kill`). Without isolation the nodes share
+everything and listen on 127.0.0.1.
+
 `LocalNodes` starts a head (no CPUs: only drivers run there; optionally with an autoscaler over
 Ray's fake multi-node provider, whose worker nodes are raylets on this machine) and worker nodes
 with their own logical CPUs and custom resources (`rollout`, `learner`), and stops them by
@@ -24,7 +32,17 @@ from pathlib import Path
 
 import psutil
 
+from rlsys.cluster.isolation import Isolation
+
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+
+
+def project_folders() -> list[Path]:
+    """What a node image would hold: the project (source and .venv), and the Python the venv is
+    made from when it lives elsewhere (a venv's python is a link to it)."""
+    base = Path(sys.base_prefix).resolve()
+    return [REPO] + ([] if base.is_relative_to(REPO) or base == Path("/usr") else [base])
 
 
 def free_port() -> int:
@@ -58,44 +76,77 @@ def fake_autoscaling_config(gcs_port: int, node_types: dict, idle_timeout_minute
 
 
 class LocalNodes:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, isolated: bool = False):
         self.folder = Path(folder)  # the nodes' `ray start` logs
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.node_ids: dict[str, str] = {}
-        # A temp dir of its own: `ray start --head` writes its address into <temp dir>/ray_current_cluster,
-        # and Ray's job supervisor connects every job driver to the cluster named there. Under the
-        # shared /tmp/ray, two clusters on one machine (two test sessions) would swap job drivers.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+        self.iso: Isolation | None = None
+        if isolated:
+            # Each node has its own ports and /tmp: Ray's defaults, as on a real cluster.
+            self.iso = Isolation(self.folder, ro=project_folders())
+            self.gcs_port, self.dashboard_port = 6379, 8265
+            self.temp_dir = Path("/tmp/ray")
+        else:
+            self.gcs_port = free_port()
+            self.dashboard_port = free_port()
+            # A temp dir of its own: `ray start --head` writes its address into <temp dir>/ray_current_cluster,
+            # and Ray's job supervisor connects every job driver to the cluster named there. Under the
+            # shared /tmp/ray, two clusters on one machine (two test sessions) would swap job drivers.
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+
+    @property
+    def head_ip(self) -> str:
+        return self.iso.boxes["head"].ip if self.iso else "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"{self.head_ip}:{self.gcs_port}"
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{self.head_ip}:{self.dashboard_port}"
+
+    def command(self, name: str, args: list[str]) -> tuple[list[str], object]:
+        """(argv, preexec_fn) that run args on node `name`: its network, files and cores."""
+        if self.iso is None:
+            return args, None
+        return self.iso.command(name, args), self.iso.preexec(name)
+
+    def host_command(self, args: list[str]) -> list[str]:
+        """args run on the host, reaching the nodes by their addresses (outside every node)."""
+        return self.iso.host_command(args) if self.iso else args
+
+    def view(self, name: str, path: str | Path) -> Path:
+        """Where the host reads a file as node `name` sees it."""
+        return self.iso.boxes[name].view(path) if self.iso else Path(path)
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None,
-               cores: list[int] | None = None) -> None:
+               cores: list[int] | None = None, shared: dict | None = None, disks: dict | None = None) -> None:
         log = self.folder / f"{name}.log"
-        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
-               f"--dashboard-agent-listen-port={free_port()}", *args]
-        # Pinned: the node's raylet, and every worker process it starts, inherit this CPU affinity.
-        pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *args]
+        if self.iso is not None:
+            box = self.iso.add(name, cores=cores, shared=shared, disks=disks)
+            cmd, pin = self.iso.command(name, [*cmd, f"--node-ip-address={box.ip}"]), self.iso.preexec(name)
+        else:
+            if shared or disks:
+                raise ValueError(f"node {name}: shared folders and disks of its own need LocalNodes(isolated=True)")
+            cmd.append(f"--dashboard-agent-listen-port={free_port()}")
+            # Pinned: the node's raylet, and every worker process it starts, inherit this CPU affinity.
+            pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
         with open(log, "w") as out:
             self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                                 env=clean_env(**(env or {})), preexec_fn=pin)
         self._wait(f"node {name}", lambda: "Ray runtime started" in log.read_text())
 
-    def head(self, *args: str, autoscaling: dict | None = None) -> None:
+    def head(self, *args: str, autoscaling: dict | None = None, shared: dict | None = None) -> None:
         """A head with no CPUs and the dashboard (job API) on 127.0.0.1; autoscaling: worker node
         types for an autoscaler over Ray's fake multi-node provider ({name: {resources, min_workers,
         max_workers}})."""
         env = {}
         extra = []
+        if autoscaling is not None and self.iso is not None:
+            raise ValueError("Ray's fake autoscaler starts its nodes inside the head's process tree: not isolated")
         if autoscaling is not None:
             config = self.folder / "autoscaling.json"
             config.write_text(json.dumps(fake_autoscaling_config(self.gcs_port, autoscaling)))
@@ -103,16 +154,20 @@ class LocalNodes:
             # A node that left on its own (drained, then idle) is terminated by the autoscaler once
             # its heartbeats stop for AUTOSCALER_HEARTBEAT_TIMEOUT_S (30 s by default).
             env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
+        ports = [] if self.iso else [f"--ray-client-server-port={free_port()}"]
         self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                             f"--ray-client-server-port={free_port()}", "--object-store-memory=300000000",
-                             *extra, *args], env)
+                             f"--dashboard-host={'0.0.0.0' if self.iso else '127.0.0.1'}",
+                             f"--dashboard-port={self.dashboard_port}", *ports,
+                             "--object-store-memory=300000000", *extra, *args], env, shared=shared)
 
-    def worker(self, name: str, num_cpus: int, resources: dict | None = None, cores: list[int] | None = None) -> None:
-        """cores: pin the node (raylet and workers) to these CPU cores, as if it were a machine of its own."""
+    def worker(self, name: str, num_cpus: int, resources: dict | None = None, cores: list[int] | None = None,
+               shared: dict | None = None, disks: dict | None = None) -> None:
+        """cores: pin the node (raylet and workers) to these CPU cores, as if it were a machine of its own;
+        shared {host folder: path on the node} and disks {path: MiB}: isolated nodes only."""
         before = set(self.alive())
         self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}", "--object-store-memory=300000000",
-                           *([f"--resources={json.dumps(resources)}"] if resources else [])], cores=cores)
+                           *([f"--resources={json.dumps(resources)}"] if resources else [])], cores=cores,
+                    shared=shared, disks=disks)
         new = self._wait(f"node {name} registered", lambda: set(self.alive()) - before)
         self.node_ids[name] = new.pop()
 
@@ -121,8 +176,8 @@ class LocalNodes:
         probe = ("import json, ray; ray.init(address='%s', log_to_driver=False); "
                  "print('NODES ' + json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
                  % self.address)
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                             env=clean_env())
+        argv, pin = self.command("head", [sys.executable, "-c", probe])  # a driver runs on a node
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=clean_env(), preexec_fn=pin)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("NODES ")), None)
         if line is None:
             raise RuntimeError(f"could not list the nodes:\n{out.stderr[-2000:]}")
@@ -143,23 +198,45 @@ class LocalNodes:
 
     def drain(self, node_id: str) -> None:
         """What a cloud's spot-preemption handler does: tell Ray the node goes in 10 minutes."""
-        drained = subprocess.run([str(BIN / "ray"), "drain-node", "--address", self.address, "--node-id", node_id,
-                                  "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
-                                  "spot preemption notice (test)", "--deadline-remaining-seconds", "600"],
-                                 capture_output=True, text=True, timeout=60, env=clean_env())
+        argv, pin = self.command("head", [
+            str(BIN / "ray"), "drain-node", "--address", self.address, "--node-id", node_id, "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption notice (test)",
+            "--deadline-remaining-seconds", "600"])
+        drained = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env(), preexec_fn=pin)
         if drained.returncode != 0:
             raise RuntimeError(f"ray drain-node {node_id} failed:\n{drained.stderr[-2000:]}")
 
     def kill(self, name: str) -> None:
-        """The node goes at once, as a preempted machine does (its whole process tree)."""
+        """The node goes at once, as a preempted machine does (its whole process tree; isolated: every
+        process of the node, its files and its address with it)."""
         proc = self.procs.pop(name)
-        kill_tree(proc.pid)
+        if self.iso is not None:
+            self.iso.kill(name)
+        else:
+            kill_tree(proc.pid)
         proc.wait(timeout=30)
+
+    def cut(self, name: str) -> None:
+        self._isolated("cut").cut(name)
+
+    def heal(self, name: str) -> None:
+        self._isolated("heal").heal(name)
+
+    def shape(self, name: str, loss_pct: float = 0.0, rate_mbit: float | None = None) -> None:
+        self._isolated("shape").shape(name, loss_pct=loss_pct, rate_mbit=rate_mbit)
+
+    def _isolated(self, fault: str) -> Isolation:
+        if self.iso is None:
+            raise ValueError(f"{fault}: network faults need LocalNodes(isolated=True)")
+        return self.iso
 
     def stop(self) -> None:
         """Workers first, then the head; safe to call twice and after a failed start."""
         for name in [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else []):
             self.kill(name)
+        if self.iso is not None:
+            self.iso.close()  # namespaces, links and cgroups; every process of every node is gone
+            return
         # anything that escaped the trees (forked between the snapshot and the kill, or reparented)
         # still names our temp dir on its command line; no other cluster's process does
         for pid in self.leftovers():
@@ -193,13 +270,14 @@ class Background:
         out = run.output()
     """
 
-    def __init__(self, args: list[str], log: Path, cwd: Path):
-        self.args, self.log, self.cwd = args, Path(log), cwd
+    def __init__(self, args: list[str], log: Path, cwd: Path, preexec_fn=None):
+        """preexec_fn: from LocalNodes.command, for a command that runs on a node."""
+        self.args, self.log, self.cwd, self.preexec_fn = args, Path(log), cwd, preexec_fn
 
     def __enter__(self) -> "Background":
         self._out = open(self.log, "w")
         self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=clean_env())
+                                     start_new_session=True, env=clean_env(), preexec_fn=self.preexec_fn)
         return self
 
     def __exit__(self, *exc) -> None:
