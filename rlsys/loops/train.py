@@ -23,7 +23,7 @@ from rlsys.loops.rollouts import Collected, collect
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data.prompts import PromptStream, check_prompt_lengths, resolve_data_path
 from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, run_eval
-from rlsys.cluster.capacity import check_fits, model_params
+from rlsys.cluster.capacity import check_local_run
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.cluster.storage import RunStorage, is_uri
 from rlsys.checkpoint import commit, find_resumable, read_trainer_state, write_trainer_state
@@ -308,9 +308,7 @@ def preflight(cfg: Config, run_dir: Path, resume_from: Path | None = None):
                               f"another run (metrics.jsonl): choose a new trainer.output_dir")
     model_path = resolve_model(cfg.model)
     if not cfg.cluster.address and not in_ray_job():  # a local cluster: the run must fit this machine
-        import psutil
-
-        check_fits(cfg, model_params(model_path), psutil.virtual_memory().available)
+        check_local_run(cfg, model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = PromptStream(cfg.data, seed=cfg.trainer.seed, tokenizer=tokenizer)
     source = (f"training data data.name={cfg.data.name} (split {cfg.data.split})" if cfg.data.name
