@@ -137,9 +137,12 @@ class Generator:
                 ))
         return rollouts
 
-    def join_sync(self, rendezvous: list[tuple[str, int]], first_rank: int, world: int, backend: str) -> list[int]:
-        """Join the sync group of every sending learner rank ((addr, port) each, in rank order)."""
-        return self.llm.collective_rpc("rlsys_join", args=([list(r) for r in rendezvous], first_rank, world, backend))
+    def join_sync(self, rendezvous: list[tuple[str, int]], first_rank: int, world: int, backend: str,
+                  timeout_s: float) -> list[int]:
+        """Join the sync group of every sending learner rank ((addr, port) each, in rank order);
+        timeout_s: how long its collectives may wait (deadlines.sync_s)."""
+        return self.llm.collective_rpc("rlsys_join", args=([list(r) for r in rendezvous], first_rank, world, backend,
+                                                           timeout_s))
 
     def receive_weights(self, plan: list[Bucket], version: int, shards: int = 1) -> tuple[int, list[list[int]]]:
         """Receive and load every bucket (in `shards` pieces each: weight_sync.receive_buckets);

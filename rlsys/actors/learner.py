@@ -562,10 +562,11 @@ class Learner:
         buckets, dealt round robin to the senders)."""
         return self.world if self.cfg.zero_stage == 3 and self.senders() == self.world > 1 else 1
 
-    def join_sync(self, addr: str, port: int, world: int) -> None:
-        """A sending rank: rank 0 of its own sync group, hosting its rendezvous."""
+    def join_sync(self, addr: str, port: int, world: int, timeout_s: float) -> None:
+        """A sending rank: rank 0 of its own sync group, hosting its rendezvous; timeout_s: how
+        long its collectives may wait (deadlines.sync_s)."""
         assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
-        self.sync_group = make_group(self.backend, addr, port, 0, world)
+        self.sync_group = make_group(self.backend, addr, port, 0, world, timeout_s)
 
     def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
         """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank

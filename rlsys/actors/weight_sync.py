@@ -29,9 +29,6 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-GROUP_TIMEOUT = timedelta(minutes=10)
-
-
 @dataclass(frozen=True)
 class TensorMeta:
     name: str
@@ -69,15 +66,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_group(backend: str, addr: str, port: int, rank: int, world: int) -> dist.ProcessGroup:
-    """A standalone process group (no global init), so it can sit beside any other group."""
-    store = dist.PrefixStore("rlsys-wsync", dist.TCPStore(addr, port, world, is_master=rank == 0,
-                                                          timeout=GROUP_TIMEOUT))
+def make_group(backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:
+    """A standalone process group (no global init), so it can sit beside any other group.
+    timeout_s (deadlines.sync_s): how long its rendezvous, and each of its broadcasts, may wait
+    for the other members before raising; a push or group rebuild has that long as a whole, so
+    no one collective may wait longer (a member that never posts would hold the others past the
+    user's deadline)."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.PrefixStore("rlsys-wsync", dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout))
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
+        return dist.ProcessGroupGloo(store, rank, world, timeout)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = GROUP_TIMEOUT
+        opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world, opts)
     raise ValueError(f"unknown weight-sync backend {backend!r}")
 
@@ -86,23 +87,63 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def checksum(flat: torch.Tensor) -> int:
-    """The buffer's bytes summed as 64-bit words, modulo 2^64 (plus any last bytes as bytes):
-    exact and independent of the order of the sum (integer addition wraps the same way on every
-    CPU and GPU), so the same on both sides of a correct transfer, on any device; a corrupted,
-    truncated or stale buffer changes it (a permutation of words would not). Summing 64-bit
-    words runs at memory speed: summing 32-bit words into 64 bits took 32 ms per 32 MB bucket,
-    more than the broadcast itself.
+def checksum(flat: torch.Tensor, offset: int = 0) -> int:
+    """The buffer's bytes summed as little-endian 64-bit words, modulo 2^64: byte i counts
+    b_i * 256^((offset + i) % 8), a last partial word as if padded with zeros. Exact and
+    independent of the order of the sum (integer addition wraps the same way on every CPU and
+    GPU), so the same on both sides of a correct transfer, on any device and wherever the bytes
+    lie in memory; a corrupted, truncated or stale buffer changes it (a permutation of words would
+    not). Summing 64-bit words runs at memory speed: summing 32-bit words into 64 bits took 32 ms
+    per 32 MB bucket, more than the broadcast itself.
+
+    `offset`: where these bytes start within a larger buffer they are a piece of; the pieces'
+    checksums, each with its offset, then add up (`combined`) to the whole buffer's, at any split
+    point. A bucket's pieces on the wire are each checksummed whole (offset 0) on both sides.
 
     >>> checksum(torch.tensor([1.0, -2.0])) == checksum(torch.tensor([1.0, -2.0])) != checksum(torch.tensor([1.0, 2.0]))
     True
     >>> checksum(torch.tensor([1.0, 2.0, 3.0])) != checksum(torch.tensor([1.0, 2.0, 4.0]))  # 12 bytes: a tail of 4
     True
+    >>> b = torch.arange(1, 11, dtype=torch.uint8)  # bytes 1..10: one word, then a word of 9 and 10
+    >>> checksum(b) == sum((i + 1) * 256**(i % 8) for i in range(10))
+    True
+    >>> checksum(b[3:]) == sum((i + 1) * 256**(i - 3) for i in range(3, 10)) % 2**64  # a view at byte 3
+    True
+    >>> combined([checksum(b[:3]), checksum(b[3:], offset=3)]) == checksum(b)
+    True
     """
-    raw = flat.reshape(-1).view(torch.uint8)
-    whole = raw.numel() // 8 * 8
-    total = int(raw[:whole].view(torch.int64).sum()) if whole else 0
-    return (total + int(raw[whole:].sum(dtype=torch.int64))) % 2**64
+    raw = flat.detach().contiguous().reshape(-1).view(torch.uint8)
+    phase = offset % 8
+    if (raw.storage_offset() - phase) % 8 == 0:  # its words lie on 8-byte boundaries: summed in place
+        return _word_sum(raw, phase)
+    # A view that starts mid-word (a ZeRO-3 partition inside its rank's flat buffer, a bucket of
+    # flat bf16 parameters) cannot be viewed as int64: copy it, a chunk at a time, into an aligned
+    # buffer small enough to stay in cache, and sum that.
+    scratch = torch.empty(8 + min(raw.numel(), CHECKSUM_CHUNK), dtype=torch.uint8, device=raw.device)
+    total = 0
+    for start in range(0, raw.numel(), CHECKSUM_CHUNK):  # a multiple of 8: every chunk starts at `phase`
+        chunk = raw[start:start + CHECKSUM_CHUNK]
+        aligned = scratch[phase:phase + chunk.numel()]
+        aligned.copy_(chunk)
+        total += _word_sum(aligned, phase)
+    return total % 2**64
+
+
+CHECKSUM_CHUNK = 4 * 2**20  # bytes; a multiple of 8
+
+
+def _word_sum(raw: torch.Tensor, phase: int) -> int:
+    """checksum of bytes whose first byte sits at position `phase` of its word, in memory too
+    (raw.storage_offset() % 8 == phase): the whole words are summed as int64 in place, the
+    partial words at either end (at most 7 bytes each) in Python."""
+    head = min(raw.numel(), (8 - phase) % 8)
+    body = (raw.numel() - head) // 8 * 8
+    words = int(raw[head:head + body].view(torch.int64).sum()) if body else 0
+    return (_partial_word(raw[:head], phase) + words + _partial_word(raw[head + body:], 0)) % 2**64
+
+
+def _partial_word(raw: torch.Tensor, phase: int) -> int:
+    return int.from_bytes(raw.cpu().numpy().tobytes(), "little") << 8 * phase
 
 
 def combined(sums: list[int]) -> int:
@@ -320,13 +361,14 @@ class WorkerExtension:
         """The sampler draws from torch's default generator (no per-request seeds): reseed it."""
         torch.manual_seed(seed)
 
-    def rlsys_join(self, rendezvous: list, first_rank: int, world: int, backend: str) -> int:
+    def rlsys_join(self, rendezvous: list, first_rank: int, world: int, backend: str, timeout_s: float) -> int:
         """Join every sending learner rank's sync group ([addr, port] each, in rank order) as
-        first_rank + this worker's rank inside its engine. Every member builds the groups in the
-        same order, so the rendezvous of one never waits on another."""
+        first_rank + this worker's rank inside its engine, each with timeout_s (make_group). Every
+        member builds the groups in the same order, so the rendezvous of one never waits on another."""
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
         rank = first_rank + self.rank
-        self.rlsys_sync = ([make_group(backend, addr, port, rank, world) for addr, port in rendezvous], backend)
+        self.rlsys_sync = ([make_group(backend, addr, port, rank, world, timeout_s) for addr, port in rendezvous],
+                           backend)
         return rank
 
     def rlsys_receive(self, wire_plan: list, shards: int = 1) -> list[int]:

@@ -26,6 +26,7 @@ from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import (GeneratorActor, LearnerActor, Placed, RewardActor, in_group, node_roles, place,
                                   placement_record, threads)
 from rlsys.config import Config, engine_memory_share
+from rlsys.data.models import ModelSource
 from rlsys.math.packing import cut
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout, TrainBatch
@@ -239,10 +240,11 @@ class WeightSync:
         ports = ray.get([a.free_port.remote() for a in self.senders])  # fresh ports beside the learners' own
         world = 1 + len(engines) * self.workers
         rendezvous = list(zip(self.addrs, ports))
-        refs = [a.join_sync.remote(addr, port, world) for a, (addr, port) in zip(self.senders, rendezvous)] + [
-            e.actor.join_sync.remote(rendezvous, 1 + i * self.workers, world, self.backend)
-            for i, e in enumerate(engines)]
-        get_all(refs, self.learners.names[:len(self.senders)] + [f"generator {e.index}" for e in engines],
+        senders = [a.join_sync.remote(addr, port, world, self.timeout_s)
+                   for a, (addr, port) in zip(self.senders, rendezvous)]
+        receivers = [e.actor.join_sync.remote(rendezvous, 1 + i * self.workers, world, self.backend, self.timeout_s)
+                     for i, e in enumerate(engines)]
+        get_all(senders + receivers, self.learners.names[:len(self.senders)] + [f"generator {e.index}" for e in engines],
                 "sync (group)", self.timeout_s, "deadlines.sync_s")
 
     def _sent(self, per_rank: list[dict[int, int]]) -> list[int]:
@@ -383,21 +385,21 @@ def start_learner_group(cfg: Config, model_path: str, updates: int | None = None
     lay = layout(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, placement="any")),
                  backend == "nccl")
     pg = place("rlsys-learners", *lay.groups["rlsys-learners"], cfg.cluster)
-    actors = _learners(cfg, model_path, backend, lay, {"rlsys-learners": pg}, updates)
+    actors = _learners(cfg, ModelSource.of(cfg.model, model_path), backend, lay, {"rlsys-learners": pg}, updates)
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
     return LearnerGroup(actors, cfg), pg
 
 
-def _learners(cfg: Config, model_path: str, backend: str, lay, pgs: dict, updates: int | None = None) -> list:
+def _learners(cfg: Config, model: ModelSource, backend: str, lay, pgs: dict, updates: int | None = None) -> list:
     per_batch = None  # a given count (SFT) has no rollout batches
     if updates is None:
         per_batch = cfg.learner.epochs * (cfg.rollout_batch_size // cfg.learner.mini_batch_size)
         updates = cfg.trainer.total_steps * per_batch
     return [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
                                  runtime_env={"env_vars": threads(s.num_cpus)}).remote(
-        model_path, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
+        model, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
         s.rank, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates, per_batch)
         for s in lay.of("learner")]
 
@@ -410,7 +412,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     t0 = time.time()
     lay = layout(cfg, gpu, train)
     pgs = {name: place(name, bundles, strategy, cfg.cluster) for name, (bundles, strategy) in lay.groups.items()}
-    learners = _learners(cfg, model_path, backend, lay, pgs) if train else []
+    model = ModelSource.of(cfg.model, model_path)  # each actor finds or builds it on its own node
+    learners = _learners(cfg, model, backend, lay, pgs) if train else []
     env = engine_env(cfg.generator) | threads(cfg.generator.num_cpus)
     gen_gpus = cfg.generator.tensor_parallel_size if gpu else 0
     asked = {"CPU": cfg.generator.num_cpus, "GPU": gen_gpus}
@@ -418,7 +421,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
 
     def generator(index: int, where: dict, gpus: float = gen_gpus):
         return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
-                                      **where).remote(model_path, engine_cfg, cfg.model.dtype,
+                                      **where).remote(model, engine_cfg, cfg.model.dtype,
                                                       cfg.trainer.seed + index)
 
     engines = []
