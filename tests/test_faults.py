@@ -275,6 +275,60 @@ def test_a_call_past_its_deadline_names_the_phase_and_actor_and_dumps_every_stac
         ray.kill(a)
 
 
+def test_dump_stacks_signals_only_a_live_actor_it_recorded_never_a_process_with_a_reused_pid(ray_cluster, tmp_path):
+    """SIGUSR1 kills a process without the stack-dump handler. A record of an actor that was
+    killed, and one whose pid a plain process now holds (a `sleep`, which SIGUSR1 would end), are
+    written as not signalled, and that process lives on; the live actor beside them still dumps
+    its stack. On the node too: a stack file left by a process that had the pid before does not
+    get the pid's new process signalled."""
+    from rlsys.cluster.deadlines import dump_stacks, process_start, signal_and_read, stack_file
+    from rlsys.cluster.remote import Placed
+
+    ray = ray_cluster
+
+    @ray.remote
+    class Busy(Placed):
+        def quick(self) -> int:
+            return 1
+
+        def wait_here(self) -> None:
+            time.sleep(600)
+
+    live, killed = Busy.options(num_cpus=0).remote(), Busy.options(num_cpus=0).remote()
+    where = ray.get([live.whereami.remote(), killed.whereami.remote()])
+    live.wait_here.remote()
+    ray.kill(killed)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(killed.quick.remote())  # raises once Ray's actor table has it dead
+    bystander = subprocess.Popen(["sleep", "600"])
+    stale = stack_file(bystander.pid)  # as an actor that had this pid before would have left it
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text(f"# rlsys stack dump of pid {bystander.pid}, process start tick 1\n")
+    try:
+        records = [where[0] | {"role": "learner", "rank": 0}, where[1] | {"role": "reward", "rank": 1},
+                   where[0] | {"role": "reward", "rank": 0, "pid": bystander.pid}]
+        folder = dump_stacks(records, tmp_path / "stacks")
+        texts = {p.name: p.read_text() for p in folder.iterdir()}
+        assert sorted(texts) == ["learner-0.txt", "reward-0.txt", "reward-1.txt"]
+        assert "wait_here" in texts["learner-0.txt"], texts["learner-0.txt"]
+        for name in ("reward-0.txt", "reward-1.txt"):
+            assert "it died or was replaced; not signalled" in texts[name], texts[name]
+        # The node's own check, for a pid that Ray's table would still show as the actor's:
+        text = signal_and_read(bystander.pid, 1.0)
+        assert text == (f"(process {bystander.pid} that installed the stack dump is another process "
+                        f"(started at tick {process_start(bystander.pid)}, the actor's at 1): not signalled)"), text
+        time.sleep(0.5)
+        assert bystander.poll() is None, f"the process that reused the pid got SIGUSR1 (exit {bystander.returncode})"
+        bystander.kill()
+        bystander.wait()
+        assert signal_and_read(bystander.pid, 1.0) == (f"(process {bystander.pid} that installed the stack dump is "
+                                                       f"gone: not signalled)")
+    finally:
+        bystander.kill()
+        stale.unlink()
+        ray.kill(live)
+
+
 def test_a_phase_past_its_deadline_stops_the_run_with_the_stacks_in_the_run_folder(tmp_path):
     """deadlines.generate_s far below what generating takes: the run stops at its first step with
     a message naming the phase and the engines still generating, and the stack of every actor is

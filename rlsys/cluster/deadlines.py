@@ -10,12 +10,16 @@ Stacks: every actor registers faulthandler on SIGUSR1 when it starts (`install_s
 rlsys.cluster.remote.Placed); `dump_stacks` runs a tiny task on each actor's node that sends the
 signal and reads back what the actor wrote (all threads, Python frames), which works even while
 the actor is stuck in a C call such as a collective. No ptrace, no dashboard needed.
+SIGUSR1 kills a process without the handler, and a recorded pid may since belong to another
+process (a replaced reward worker's, say), so only a live actor of the run that is still the
+process that installed the handler is signalled (see `dump_stacks`).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import signal
 import tempfile
 import time
@@ -87,18 +91,47 @@ def stack_file(pid: int) -> Path:
     return Path(tempfile.gettempdir()) / "rlsys-stacks" / f"{pid}.txt"
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None
+    when no process has that pid. A pid and its start tick name one process: the kernel hands a
+    pid out again only after its process is gone, and not within the tick it started."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # no such process, or it exited while read
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at field 3
+
+
 def install_stack_dump() -> None:
-    """In an actor's process: SIGUSR1 writes every thread's Python stack to stack_file(pid)."""
-    path = stack_file(os.getpid())
+    """In an actor's process: SIGUSR1 writes every thread's Python stack to stack_file(pid). The
+    file's first line records this process's start tick, so that dump_stacks can tell this
+    process from a later one that gets the same pid (the file outlives its process)."""
+    pid = os.getpid()
+    path = stack_file(pid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    faulthandler.register(signal.SIGUSR1, file=open(path, "w"), all_threads=True)  # kept open for later signals
+    out = open(path, "w")  # kept open for later signals
+    out.write(f"# rlsys stack dump of pid {pid}, process start tick {process_start(pid)}\n")
+    out.flush()  # faulthandler writes to the descriptor itself, after this line
+    faulthandler.register(signal.SIGUSR1, file=out, all_threads=True)
 
 
-@ray.remote(num_cpus=0)
-def _signal_and_read(pid: int, wait_s: float) -> str:
+def signal_and_read(pid: int, wait_s: float) -> str:
+    """On the actor's node: SIGUSR1 to `pid` and the stack it writes; or, without signalling,
+    why not. The signal goes only to the very process that installed the handler: the one whose
+    start tick the stack file records (a process that reused the pid has another start tick and
+    would be killed by SIGUSR1). Between the check and the kill lie microseconds, far less than
+    it takes the kernel to hand the pid out again."""
     path = stack_file(pid)
     if not path.is_file():
         return f"(process {pid} registered no stack dump on this node)"
+    with open(path) as f:
+        header = re.fullmatch(r"# rlsys stack dump of pid \d+, process start tick (\d+)\n", f.readline())
+    if header is None:
+        return f"(the stack file of process {pid}, {path}, does not say which process installed it: not signalled)"
+    installed, now = int(header[1]), process_start(pid)
+    if now != installed:
+        is_now = "gone" if now is None else f"another process (started at tick {now}, the actor's at {installed})"
+        return f"(process {pid} that installed the stack dump is {is_now}: not signalled)"
     before = path.stat().st_size
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + wait_s
@@ -115,21 +148,47 @@ def _signal_and_read(pid: int, wait_s: float) -> str:
     return f"(process {pid} wrote no stack within {wait_s:g}s)"
 
 
+def run_actors() -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """(node id, pid) of this job's live actors, and of its dead ones, from Ray's actor table
+    (the GCS itself, so no dashboard needed)."""
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    table = ray._private.state.actors(job_id=job).values()
+    alive = {(a["Address"]["NodeID"], a["Pid"]) for a in table if a["State"] == "ALIVE"}
+    dead = {(a["Address"]["NodeID"], a["Pid"]) for a in table if a["State"] == "DEAD"}
+    return alive, dead
+
+
 def dump_stacks(records: list[dict], folder: Path, wait_s: float = 5.0) -> Path:
     """The Python stacks of the actors in `records` (placement.json entries: role, rank, node_id,
-    pid) into folder/<role>-<rank>.txt; an actor that cannot be reached gets the reason instead."""
+    pid) into folder/<role>-<rank>.txt; an actor that cannot be reached, or is not signalled, gets
+    the reason instead. Signalled: an actor that Ray's actor table shows alive in this job at that
+    node and pid, where no actor of this job that died had the same pid (then the record may name
+    the dead one: a record is not updated when its actor is replaced, and records carry no actor
+    id), and whose process is still the one that installed the handler (signal_and_read)."""
     folder.mkdir(parents=True, exist_ok=True)
-    refs = {}
-    for rec in records:
-        where = NodeAffinitySchedulingStrategy(rec["node_id"], soft=False)
-        refs[_signal_and_read.options(scheduling_strategy=where).remote(rec["pid"], wait_s)] = rec
-    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s + 20)
+    alive, dead = run_actors()
+    texts, refs = {}, {}
+    for i, rec in enumerate(records):
+        at = (rec["node_id"], rec["pid"])
+        if at not in alive:
+            texts[i] = (f"(no live actor of this run has pid {rec['pid']} on this node: it died or was replaced; "
+                        f"not signalled)")
+        elif at in dead:
+            texts[i] = (f"(pid {rec['pid']} on this node was also the pid of an actor of this run that died: which of "
+                        f"the two this record means is unknown; not signalled)")
+        else:
+            where = NodeAffinitySchedulingStrategy(rec["node_id"], soft=False)
+            refs[_signal_and_read.options(scheduling_strategy=where).remote(rec["pid"], wait_s)] = i
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s + 20) if refs else ([], [])
     for ref in ready + late:
-        rec = refs[ref]
         try:
-            text = ray.get(ref) if ref in ready else "(its node did not answer)"
+            texts[refs[ref]] = ray.get(ref) if ref in ready else "(its node did not answer)"
         except ray.exceptions.RayError as e:
-            text = f"(could not reach it: {type(e).__name__}: {e})"
+            texts[refs[ref]] = f"(could not reach it: {type(e).__name__}: {e})"
+    for i, rec in enumerate(records):
         (folder / f"{rec['role']}-{rec['rank']}.txt").write_text(
-            f"# {rec['role']} {rec['rank']}, pid {rec['pid']} on node {rec['node_id']}\n{text}")
+            f"# {rec['role']} {rec['rank']}, pid {rec['pid']} on node {rec['node_id']}\n{texts[i]}")
     return folder
+
+
+_signal_and_read = ray.remote(num_cpus=0)(signal_and_read)
