@@ -641,6 +641,19 @@ def redacted(plain: dict) -> dict:
     return out
 
 
+def redact_args(args: list[str]) -> list[str]:
+    """A command line with the values of its secret `key=value` overrides replaced by REDACTED:
+    submit.env_vars (whole, or one variable) and any key with a part that matches SECRET_KEYS.
+    For what records the command line itself (W&B's run metadata)."""
+    out = []
+    for arg in args:
+        key, eq, _ = arg.partition("=")
+        key = key.lstrip("+~")  # omegaconf's add / delete prefixes
+        secret = eq and (key.startswith("submit.env_vars") or any(map(is_secret_key, key.split("."))))
+        out.append(f"{key}={REDACTED}" if secret else arg)
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     """The config as YAML, secrets redacted (what config.yaml holds and `rlsys submit` ships);
     load_config reads it back."""

@@ -358,3 +358,13 @@ def test_no_config_field_is_taken_for_a_secret():
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(getattr(defaults, section.name)):
             assert not is_secret_key(f.name), f"{section.name}.{f.name}"
+
+
+def test_redact_args_hides_secret_overrides_on_a_command_line():
+    from rlsys.config import REDACTED, redact_args
+
+    args = ["train", "configs/tiny.yaml", "submit.env_vars={MY_TOKEN: t0k, HF_HOME: /hf}", "submit.env_vars.X=v1",
+            "+submit.env_vars.Y=v2", "learner.lr=0.5", "foo.hf_token=v3", "--config-env", "RLSYS_SUBMITTED_CONFIG"]
+    assert redact_args(args) == ["train", "configs/tiny.yaml", f"submit.env_vars={REDACTED}",
+                                 f"submit.env_vars.X={REDACTED}", f"submit.env_vars.Y={REDACTED}", "learner.lr=0.5",
+                                 f"foo.hf_token={REDACTED}", "--config-env", "RLSYS_SUBMITTED_CONFIG"]

@@ -26,9 +26,12 @@ import logging
 import numbers
 import os
 import re
+import sys
 import time
 from importlib import import_module
 from pathlib import Path
+
+from rlsys.config import redact_args
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,15 @@ class WandbTracker:
 
     def __init__(self, run_dir: Path, trainer_cfg):
         self.wandb = require("wandb", "wandb")
-        self.run = self.wandb.init(project=trainer_cfg.project, name=trainer_cfg.run_name or run_dir.name,
-                                   dir=str(run_dir))
+        # W&B keeps the command line (sys.argv, read as init starts the run) in the run's metadata,
+        # and `key=value` overrides on it may hold secrets (submit.env_vars={...}): it gets them
+        # redacted. It has no setting for that short of dropping all metadata (x_disable_meta).
+        argv, sys.argv = sys.argv, sys.argv[:1] + redact_args(sys.argv[1:])
+        try:
+            self.run = self.wandb.init(project=trainer_cfg.project, name=trainer_cfg.run_name or run_dir.name,
+                                       dir=str(run_dir))
+        finally:
+            sys.argv = argv
 
     def log_config(self, config: dict) -> None:
         self.run.config.update(config)
