@@ -70,12 +70,56 @@ def test_runtime_env_ships_the_project_the_engines_variables_and_the_merged_conf
     shipped = jobs.load_shipped_config(jobs.CONFIG_ENV)
     assert shipped.submit.env_vars == {"HF_HOME": REDACTED}
     assert dataclasses.replace(shipped, submit=cfg.submit) == cfg
-    assert jobs.ENTRYPOINT == f"python -m rlsys.cli train --config-env {jobs.CONFIG_ENV}"
+    assert jobs.entrypoint(cfg) == jobs.ENTRYPOINT_IN_ENV == f"python -m rlsys.cli train --config-env {jobs.CONFIG_ENV}"
 
 
 def test_runtime_env_uv_and_image():
     env = jobs.runtime_env(_cfg("submit.uv=[vllm]", "submit.image_uri=rayproject/ray:2.60.0-gpu"), REPO)
     assert env["uv"] == ["vllm"] and env["image_uri"] == "rayproject/ray:2.60.0-gpu" and "pip" not in env
+
+
+# ---------------------------------------------------------------- the job's interpreter
+
+def test_the_entrypoint_finds_rays_python_unless_ray_builds_the_job_an_environment():
+    assert jobs.entrypoint(_cfg()) == jobs.ENTRYPOINT == jobs.RAY_PYTHON + jobs.TRAIN
+    assert jobs.ENTRYPOINT.endswith(f'exec "$RAY_PYTHON" -m rlsys.cli train --config-env {jobs.CONFIG_ENV}')
+    for given in ("submit.pip=[x]", "submit.uv=[x]", "submit.image_uri=img"):  # Ray puts that python first on PATH
+        assert jobs.entrypoint(_cfg(given)) == f"python -m rlsys.cli train --config-env {jobs.CONFIG_ENV}"
+
+
+def _run_as_ray_would(tmp_path, worker_command: str | None) -> subprocess.CompletedProcess:
+    """The entrypoint run as on a Ray node: `/bin/sh -c ENTRYPOINT` from a job supervisor (a Python
+    process) whose parent, the raylet, carries --python_worker_command on its command line; the
+    node's PATH starts with a `python` that is not Ray's. No RLSYS_SUBMITTED_CONFIG: the shipped
+    rlsys starts (its imports work) and stops at once, naming the variable."""
+    wrong = tmp_path / "bin"
+    wrong.mkdir()
+    (wrong / "python").write_text("#!/bin/sh\necho 'the python on PATH ran' >&2\nexit 3\n")
+    (wrong / "python").chmod(0o755)
+    env = {"PATH": f"{wrong}:/usr/bin:/bin", "HOME": str(tmp_path), "RLSYS_CACHE": str(tmp_path / "cache")}
+    supervisor = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1], shell=True)"
+                                        ".returncode)", jobs.ENTRYPOINT]
+    raylet = [sys.executable, "-c", "import subprocess, sys, json; sys.exit(subprocess.run(json.loads(sys.argv[1]))"
+                                    ".returncode)", json.dumps(supervisor), "--raylet_socket_name=/tmp/x"]
+    if worker_command is not None:
+        raylet.append(f"--python_worker_command={worker_command}")
+    return subprocess.run(raylet, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_job_runs_the_python_the_raylet_starts_workers_with_whatever_the_path(tmp_path):
+    proc = _run_as_ray_would(tmp_path, f"{sys.executable} /ray/_private/workers/setup_worker.py "
+                                       f"/ray/_private/workers/default_worker.py --node-ip-address=10.0.0.1")
+    assert "the python on PATH ran" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert f"--config-env {jobs.CONFIG_ENV}: no such environment variable" in proc.stderr  # rlsys.cli ran
+
+
+def test_a_node_whose_rays_python_cannot_be_found_stops_the_job_saying_so(tmp_path):
+    proc = _run_as_ray_would(tmp_path, None)
+    assert proc.returncode == 127, proc.stderr
+    assert "rlsys: cannot tell which Python this node's Ray runs on" in proc.stderr
+    assert "--python_worker_command=" in proc.stderr and "submit.pip" in proc.stderr
+    assert "the python on PATH ran" not in proc.stderr
 
 
 @pytest.mark.parametrize("out", ["runs/x", "x", "~/runs/x", "./runs/x"])
@@ -141,8 +185,8 @@ def test_cli_without_an_address_says_how_to_give_one(monkeypatch, capsys):
 
 
 class FakeClient:
-    def __init__(self, statuses=("SUCCEEDED",)):
-        self.submitted, self.statuses = [], list(statuses)
+    def __init__(self, statuses=("SUCCEEDED",), message="it ended", logs=""):
+        self.submitted, self.statuses, self.message, self.logs = [], list(statuses), message, logs
 
     def submit_job(self, **kwargs):
         self.submitted.append(kwargs)
@@ -150,7 +194,10 @@ class FakeClient:
 
     def get_job_info(self, job_id):
         state = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        return SimpleNamespace(status=state, message="it ended" if state == "FAILED" else None)
+        return SimpleNamespace(status=state, message=self.message if state == "FAILED" else None)
+
+    def get_job_logs(self, job_id):
+        return self.logs
 
     async def tail_job_logs(self, job_id):
         for chunk in ("line 1\n", "line 2\n"):
@@ -223,6 +270,50 @@ def test_status_prints_the_word_then_the_message(monkeypatch, capsys):
     assert capsys.readouterr().out == "FAILED\nit ended\n"
 
 
+# What Ray 2.60's job supervisor records for a driver that exits non-zero: the reason, then the log's tail.
+DRIVER_LOG = "".join(f"log line {i}\n" for i in range(50)) + (
+    "Traceback (most recent call last):\n  File \"<frozen runpy>\", line 198, in _run_module_as_main\n"
+    "ModuleNotFoundError: No module named 'omegaconf'\n")
+ENTRYPOINT_FAILED = ("Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 "
+                     "chars):\n" + DRIVER_LOG)
+
+
+def test_a_failed_driver_is_reported_with_the_reason_and_the_logs_last_lines(monkeypatch, capsys):
+    from rlsys.cli import main
+
+    fake = FakeClient(["FAILED"], message=ENTRYPOINT_FAILED, logs=DRIVER_LOG)
+    monkeypatch.setattr(jobs, "client", lambda address: fake)
+    assert main(["jobs", "status", "j", "--address", "http://h:8265"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["FAILED", "Job entrypoint command failed with exit code 1, last available logs (truncated to "
+                         "20,000 chars):", "..."]
+    assert lines[3:] == DRIVER_LOG.splitlines()[-20:]  # the last 20 lines, once: the message holds the log's tail
+    assert lines[-1] == "ModuleNotFoundError: No module named 'omegaconf'"
+
+
+def test_a_job_that_fails_before_its_driver_starts_is_reported_by_submit_follow(monkeypatch, capsys):
+    from rlsys.cli import main
+
+    reason = ("runtime_env setup failed: Failed to set up runtime environment.\nTraceback (most recent call last):\n"
+              "  ...\nRuntimeError: Failed to install pip requirements: No matching distribution for rlsys-extra==9")
+    fake = FakeClient(["RUNNING", "FAILED"], message=reason, logs="Runtime env is setting up.\n")
+    fake.tail_job_logs = lambda job_id: _no_lines()
+    monkeypatch.setattr(jobs, "client", lambda address: fake)
+    assert main(["submit", str(TINY), "trainer.output_dir=/shared/x", "--address", "http://h:8265", "--follow"]) == 1
+    out = capsys.readouterr().out
+    assert out.split("job raysubmit_fake: FAILED\n", 1)[1].splitlines() == [
+        *reason.splitlines(), "last lines of the job's log:", "Runtime env is setting up."]
+
+
+async def _no_lines():
+    for chunk in ():
+        yield chunk
+
+
+def test_why_failed_says_when_there_is_nothing_to_show():
+    assert jobs.why_failed(FakeClient(logs=""), "j", None) == ["(Ray gave no message and the job's log is empty)"]
+
+
 def test_list_has_one_line_per_job():
     long = "python -m rlsys.cli train --config-env RLSYS_SUBMITTED_CONFIG and much more text after it"
     fake = SimpleNamespace(list_jobs=lambda: [
@@ -231,6 +322,10 @@ def test_list_has_one_line_per_job():
     first, second = jobs.list_lines(fake)
     assert first.startswith("01  SUCCEEDED  1970-01-01 ") and first.endswith(long[:57] + "...")
     assert second.startswith("b  RUNNING  ") and second.endswith("  x")
+    mine = SimpleNamespace(list_jobs=lambda: [SimpleNamespace(submission_id="c", job_id="03", status="RUNNING",
+                                                              start_time=3_000_000, entrypoint=jobs.ENTRYPOINT)])
+    (line,) = jobs.list_lines(mine)  # the command, not the shell line that finds its Python
+    assert line.endswith("  $RAY_PYTHON -m rlsys.cli train --config-env RLSYS_SUBMITT...")
 
 
 def test_an_auth_refusal_says_where_ray_looks_for_the_token():
@@ -348,8 +443,8 @@ def _free_port() -> int:
 
 def _env(home: Path, token: str | None = TOKEN, **extra: str) -> dict[str, str]:
     """Token auth on, the token only in RAY_AUTH_TOKEN (HOME is a test folder: no ~/.ray/auth_token
-    of whoever runs the tests), the repo's .venv/bin first on PATH (job drivers run `python`), and
-    no Ray address or job variables from whoever ran pytest."""
+    of whoever runs the tests), the repo's .venv/bin first on PATH (the nodes get another PATH:
+    TwoNodes.start_node), and no Ray address or job variables from whoever ran pytest."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k != "RLSYS_BASE_DIR"}
     env |= {"RAY_AUTH_MODE": "token", "HOME": str(home), "PATH": f"{BIN}:{env.get('PATH', '')}",
@@ -379,12 +474,19 @@ class TwoNodes:
         return f"http://127.0.0.1:{self.dash}"
 
     def start_node(self, name: str, args: list[str]) -> None:
-        log = self.folder / f"{name}.log"
+        """As Ray's docs start a node from an environment that is not activated (`.venv/bin/ray
+        start ...`): the node's PATH has no .venv/bin, and its first `python` is not Ray's."""
+        log, wrong = self.folder / f"{name}.log", self.folder / "bin"
+        if not wrong.is_dir():
+            wrong.mkdir()
+            (wrong / "python").write_text("#!/bin/sh\necho 'the python on the node PATH ran' >&2\nexit 3\n")
+            (wrong / "python").chmod(0o755)
         with open(log, "w") as out:
             self.procs.append(subprocess.Popen(
                 [str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
                  f"--dashboard-agent-listen-port={_free_port()}", *args],
-                stdout=out, stderr=subprocess.STDOUT, env=_env(self.home), start_new_session=True))
+                stdout=out, stderr=subprocess.STDOUT, env=_env(self.home, PATH=f"{wrong}:/usr/bin:/bin"),
+                start_new_session=True))
         self.wait(f"the {name} node", lambda: "Ray runtime started" in log.read_text())
 
     def logs(self) -> str:

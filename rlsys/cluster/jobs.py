@@ -25,15 +25,20 @@ What `rlsys submit` does, in order:
    copy, as they do in the project folder here.
 3. Ships the merged, validated config itself, not the file and overrides: its YAML
    (rlsys.config.to_yaml: secrets redacted, the values of submit.env_vars among them) travels in
-   the environment variable RLSYS_SUBMITTED_CONFIG of the job's runtime environment, and the entrypoint is `python -m rlsys.cli train --config-env
-   RLSYS_SUBMITTED_CONFIG` (the shipped rlsys), which loads and validates exactly that YAML. The
-   job's runtime environment also carries the engines' variables
+   the environment variable RLSYS_SUBMITTED_CONFIG of the job's runtime environment, and the
+   entrypoint runs `-m rlsys.cli train --config-env RLSYS_SUBMITTED_CONFIG` (the shipped rlsys),
+   which loads and validates exactly that YAML, with the Python the cluster's Ray runs on, found
+   on the node whatever its PATH (RAY_PYTHON; with submit.pip, uv or image_uri: `python`, the
+   environment Ray builds for the job). The job's runtime environment also carries the engines' variables
    (rlsys.actors.generator.engine_env), PYTHONUNBUFFERED=1 (the driver's output reaches
    `rlsys jobs logs` as it is printed), submit.env_vars (their real values: the job's own
    environment; Ray keeps them in the job's record on the cluster), and submit.pip / submit.uv /
    submit.image_uri when set (Ray's runtime_env keys of the same names).
 4. Prints the job id, its page on the dashboard and how to follow it; --follow streams the
-   driver's output until the job ends and exits 1 unless it SUCCEEDED.
+   driver's output until the job ends and exits 1 unless it SUCCEEDED. A job that FAILED is
+   reported with why (why_failed: Ray's message and the log's last lines), here, by `rlsys jobs
+   status` and by `rlsys jobs logs --follow`: a job that fails before its driver starts (a
+   runtime environment that cannot be built) leaves no log to stream.
 
 Authentication: Ray's token authentication stays on; rlsys neither reads nor ships a token. Ray's
 JobSubmissionClient sends one when RAY_AUTH_MODE=token is set where rlsys runs, taking it from
@@ -54,7 +59,27 @@ from typing import TextIO
 from rlsys.config import Config, ConfigError, load_config, to_yaml
 
 CONFIG_ENV = "RLSYS_SUBMITTED_CONFIG"
-ENTRYPOINT = f"python -m rlsys.cli train --config-env {CONFIG_ENV}"
+TRAIN = f"-m rlsys.cli train --config-env {CONFIG_ENV}"
+# Ray runs a job's entrypoint with /bin/sh from its JobSupervisor, a worker the node's raylet
+# started, and `python` there is whatever comes first on the node's PATH: on nodes started as
+# `.venv/bin/ray start ...` without the environment activated, another Python (no omegaconf, no
+# rlsys), or none. The Python the cluster's Ray runs on is the first word of the raylet's
+# --python_worker_command (the interpreter it starts every worker with, the supervisor included):
+# the supervisor is this shell's parent ($PPID), the raylet the supervisor's. Where it cannot be
+# read (not Linux, a path with spaces), the job stops saying so rather than run another Python.
+RAY_PYTHON = (
+    r"""raylet=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$PPID/status); """
+    r"""RAY_PYTHON=$(tr '\0' '\n' < /proc/$raylet/cmdline """
+    r"""| sed -n 's/^--python_worker_command="\{0,1\}\([^" ]*\).*/\1/p'); """
+    r"""[ -x "$RAY_PYTHON" ] || { echo "rlsys: cannot tell which Python this node's Ray runs on (no executable """
+    r"""path after --python_worker_command= in /proc/$raylet/cmdline, the raylet that started the job supervisor """
+    r"""$PPID; got '$RAY_PYTHON'), so the job does not run whatever python is first on the node's PATH. With """
+    r"""submit.pip, submit.uv or submit.image_uri the job runs the python of the environment Ray builds" >&2; """
+    r"""exit 127; }; exec "$RAY_PYTHON" """)
+ENTRYPOINT = RAY_PYTHON + TRAIN
+ENTRYPOINT_IN_ENV = "python " + TRAIN
+"""With submit.pip / submit.uv (Ray activates the virtualenv it builds on the node's Ray Python:
+its bin first on PATH) or submit.image_uri (the image's own Python, as Ray requires), `python`."""
 # Never uploaded: version control, the environment, run outputs, caches, benchmark results.
 EXCLUDES = [".git", ".venv", "runs/", ".cache/", "benchmarks/results/", "__pycache__", "*.egg-info"]
 EXCLUDED_DIRS = (".git", ".venv", "runs", ".cache", "benchmarks/results")
@@ -148,6 +173,14 @@ def runtime_env(cfg: Config, project: Path) -> dict:
     return out
 
 
+def entrypoint(cfg: Config) -> str:
+    """The job's command: the shipped rlsys with the Python the cluster's Ray runs on (RAY_PYTHON),
+    or `python` where Ray builds the job an environment of its own (ENTRYPOINT_IN_ENV)."""
+    if cfg.submit.pip or cfg.submit.uv or cfg.submit.image_uri:
+        return ENTRYPOINT_IN_ENV
+    return ENTRYPOINT
+
+
 def load_shipped_config(var: str) -> Config:
     """The config `rlsys submit` validated, from the job's environment (the entrypoint's --config-env)."""
     text = os.environ.get(var)
@@ -207,7 +240,7 @@ def submit(config: str | Path | None, overrides: list[str], address: str, submis
     env = runtime_env(cfg, project)
     jobs = client(address)
     with _RayErrors(address):
-        job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env=env, submission_id=submission_id)
+        job_id = jobs.submit_job(entrypoint=entrypoint(cfg), runtime_env=env, submission_id=submission_id)
     print(f"submitted job {job_id}\n"
           f"  run folder: {cfg.trainer.output_dir}\n"
           f"  dashboard:  {dashboard_url(address, job_id)}\n"
@@ -219,6 +252,19 @@ def submit(config: str | Path | None, overrides: list[str], address: str, submis
 def status(jobs, job_id: str) -> tuple[str, str | None]:
     info = jobs.get_job_info(job_id)
     return str(info.status), info.message
+
+
+def why_failed(jobs, job_id: str, message: str | None, lines: int = 20) -> list[str]:
+    """Why a job failed, in at most about 2 * lines lines: Ray's message (for a driver that exited
+    non-zero it ends with the driver's last log lines; for a runtime environment that could not be
+    set up, or a supervisor that died, it is the reason itself) as its first line and its last
+    `lines`; then the last `lines` of the job's log when the message does not already end with them."""
+    text = (message or "").rstrip("\n").splitlines()
+    out = text[:1] + (["..."] if len(text) > lines + 1 else []) + text[1:][-lines:]
+    log = [ln for ln in jobs.get_job_logs(job_id).rstrip("\n").splitlines() if ln.strip()][-lines:]
+    if log and log[-1] not in out:
+        out += ["last lines of the job's log:", *log]
+    return out or ["(Ray gave no message and the job's log is empty)"]
 
 
 def wait_terminal(jobs, job_id: str, timeout_s: float) -> str:
@@ -251,6 +297,8 @@ def list_lines(jobs) -> list[str]:
     for job in sorted(jobs.list_jobs(), key=lambda j: j.start_time or 0):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
         entry = job.entrypoint or "-"
+        if entry.startswith(RAY_PYTHON):  # the command, not the shell line that finds its Python
+            entry = "$RAY_PYTHON " + entry.removeprefix(RAY_PYTHON)
         entry = entry if len(entry) <= 60 else entry[:57] + "..."
         lines.append(f"{job.submission_id or job.job_id}  {job.status}  {started}  {entry}")
     return lines
@@ -267,7 +315,9 @@ def submit_main(args) -> int:
     jobs = client(address)
     with _RayErrors(address):
         final = follow(jobs, job_id)
-    print(f"job {job_id}: {final}")
+        print(f"job {job_id}: {final}")
+        if final == "FAILED":  # a job that failed before its driver printed anything streams nothing
+            print("\n".join(why_failed(jobs, job_id, status(jobs, job_id)[1])))
     return 0 if final == "SUCCEEDED" else 1
 
 
@@ -282,7 +332,9 @@ def jobs_main(args) -> int:
         if args.action == "status":
             state, message = status(jobs, args.job_id)
             print(state)
-            if message:
+            if state == "FAILED":
+                print("\n".join(why_failed(jobs, args.job_id, message)))
+            elif message:
                 print(message)
             return 0
         if args.action == "logs":
@@ -291,6 +343,8 @@ def jobs_main(args) -> int:
                 return 0
             final = follow(jobs, args.job_id)
             print(f"job {args.job_id}: {final}")
+            if final == "FAILED":
+                print("\n".join(why_failed(jobs, args.job_id, status(jobs, args.job_id)[1])))
             return 0 if final == "SUCCEEDED" else 1
         if args.action == "stop":
             jobs.stop_job(args.job_id)
