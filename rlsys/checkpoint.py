@@ -146,7 +146,9 @@ def read_checksums(folder: Path) -> dict[str, dict] | None:
         files = json.loads(path.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{CHECKSUMS}: not a checksums file rlsys wrote ({type(e).__name__}: {e})") from None
-    for name, entry in files.items() if isinstance(files, dict) else [("files", files)]:
+    if not isinstance(files, dict):
+        raise ValueError(f"{CHECKSUMS}: \"files\" is not a mapping of file names: {files!r:.80}")
+    for name, entry in files.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
             raise ValueError(f"{CHECKSUMS}: entry {name!r} is not {{size, sha256}}: {entry!r}")
     return files
@@ -211,7 +213,7 @@ def verify(folder: Path) -> None:
         raise DamagedCheckpoint(f"checkpoint {folder} is damaged: " + "; ".join(found) + ". " + older_whole(folder))
     recorded = read_checksums(folder)
     unlisted = sorted(set(checkpoint_files(folder)) - set(recorded))
-    if unlisted:  # harmless to the resume: nothing reads a file by a name the save did not write
+    if unlisted:  # harmless to the resume: DeepSpeed and transformers read the files by the names the save wrote
         print(f"[rlsys] note: {folder} holds {len(unlisted)} file(s) its save did not write, not checked: "
               + ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""), flush=True)
     size = sum(v["size"] for v in recorded.values())
