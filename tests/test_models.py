@@ -149,3 +149,30 @@ def test_local_model_folder_is_returned_as_is(tiny_dir):
 def test_hub_id_passes_through(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model(ModelConfig(path="Qwen/Qwen2.5-0.5B")) == "Qwen/Qwen2.5-0.5B"
+
+
+def test_a_built_model_is_rebuilt_on_each_node_and_checked_against_the_drivers(tmp_path, monkeypatch):
+    """Nodes share no disk: the actor's node builds its own copy from the recipe, bit for bit the
+    driver's (the digest says so); a node that builds something else stops, naming both digests."""
+    cfg = ModelConfig(path="tiny")
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "driver-cache"))
+    driver = resolve_model(cfg)
+    source = models.ModelSource.of(cfg, driver)
+    assert source.build == cfg and source.digest == models.folder_digest(Path(driver))
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))  # another node's home
+    on_node = source.local()
+    assert Path(on_node).parent == tmp_path / "node-cache" and models.folder_digest(Path(on_node)) == source.digest
+    with open(Path(on_node) / "config.json", "a") as f:  # another package version would build other bytes
+        f.write(" ")
+    with pytest.raises(RuntimeError, match=r"the copy node \S+ built .* differs from the driver's"):
+        source.local()
+
+
+def test_a_model_folder_the_node_lacks_is_named(tmp_path, tiny_dir):
+    cfg = ModelConfig(path=str(tmp_path / "only-on-the-driver"))
+    source = models.ModelSource.of(cfg, cfg.path)
+    assert source.build is None
+    with pytest.raises(FileNotFoundError, match="only-on-the-driver does not exist on node"):
+        source.local()
+    checkpoint = models.ModelSource.of(ModelConfig(path="tiny"), str(tiny_dir))  # not the cache's: a folder as given
+    assert checkpoint.build is None and checkpoint.local() == str(tiny_dir)

@@ -19,6 +19,7 @@ from rlsys.actors.learner import Learner
 from rlsys.actors.reward_worker import RewardWorker
 from rlsys.cluster.deadlines import install_stack_dump
 from rlsys.config import ClusterConfig
+from rlsys.data.models import ModelSource
 from rlsys.observe.profile import Traced
 
 REPORT_EVERY_S = 10.0
@@ -30,6 +31,8 @@ class Placed:
 
     def __init__(self, *args, **kwargs):
         install_stack_dump()
+        # The model as this node has it (nodes share no disk): see rlsys.data.models.ModelSource.
+        args = [a.local() if isinstance(a, ModelSource) else a for a in args]
         super().__init__(*args, **kwargs)
 
     def whereami(self) -> dict:

@@ -76,6 +76,62 @@ def resolve_model(cfg: ModelConfig, cache_dir: Path | None = None) -> str:
     return str(target)
 
 
+def built_by_rlsys(cfg: ModelConfig) -> bool:
+    """Models rlsys makes itself (tiny, GGUF conversions): every node can make the same bytes."""
+    return cfg.path == "tiny" or cfg.path in GGUF_PACKAGES or cfg.path.startswith(GGUF_PREFIX)
+
+
+def folder_digest(folder: Path) -> str:
+    """One sha256 over every file of a model folder (names and contents; the converter's manifest,
+    which records where its GGUF was read from, excepted)."""
+    h = hashlib.sha256()
+    for name in _folder_files(Path(folder)):
+        h.update(f"{name}\0{sha256_file(Path(folder) / name)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What an actor is given instead of the driver's model path: the path, and for a model rlsys
+    builds (tiny, a GGUF from a package) how to build it and the digest of the driver's copy.
+
+    Nodes share no disk: the driver's ~/.cache/rlsys is not on the actors' nodes. Every node makes
+    its own copy from the same recipe (the tiny model from its config, the GGUF from the package
+    installed on that node), once per node (the cache is keyed by the recipe; a GGUF conversion
+    takes a lock), and checks it against the driver's digest, so a node with another package
+    version stops with a message instead of training a different model. rlsys.cluster.remote.Placed
+    calls `local()` when the actor starts, on its node."""
+    path: str
+    build: ModelConfig | None = None
+    digest: str | None = None
+
+    @staticmethod
+    def of(cfg: ModelConfig, path: str) -> "ModelSource":
+        """On the driver, after resolve_model(cfg) gave `path`."""
+        if not built_by_rlsys(cfg) or Path(path).parent != default_cache_dir():  # e.g. a checkpoint folder
+            return ModelSource(path)
+        return ModelSource(path, cfg, folder_digest(Path(path)))
+
+    def local(self) -> str:
+        """The path on this node."""
+        import socket
+
+        if self.build is None:
+            if self.path.startswith("/") and not Path(self.path).exists():
+                raise FileNotFoundError(
+                    f"model {self.path} does not exist on node {socket.gethostname()}: nodes share no disk unless "
+                    f"a folder is mounted on each of them; put the model there, or give a hub id")
+            return self.path
+        path = resolve_model(self.build)
+        digest = folder_digest(Path(path))
+        if digest != self.digest:
+            raise RuntimeError(
+                f"model.path={self.build.path}: the copy node {socket.gethostname()} built ({path}, sha256 "
+                f"{digest[:12]}) differs from the driver's ({self.digest[:12]}): the nodes run different package "
+                f"versions (transformers, the model's package); install the same ones everywhere")
+        return path
+
+
 LLAMA_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
