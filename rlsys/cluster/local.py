@@ -134,9 +134,12 @@ class LocalNodes:
             cmd.append(f"--dashboard-agent-listen-port={free_port()}")
             # Pinned: the node's raylet, and every worker process it starts, inherit this CPU affinity.
             pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+        node_env = clean_env(**(env or {}))
+        if self.iso is not None:  # a cache folder of the host's (the test session's) is no node's
+            node_env.pop("RLSYS_CACHE", None)
         with open(log, "w") as out:
             self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                                env=clean_env(**(env or {})), preexec_fn=pin)
+                                                env=node_env, preexec_fn=pin)
         self._wait(f"node {name}", lambda: "Ray runtime started" in log.read_text())
 
     def head(self, *args: str, autoscaling: dict | None = None, shared: dict | None = None) -> None:

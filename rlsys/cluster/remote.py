@@ -31,6 +31,7 @@ class Placed:
 
     def __init__(self, *args, **kwargs):
         install_stack_dump()
+        gloo_on_node_address()
         # The model as this node has it (nodes share no disk): see rlsys.data.models.ModelSource.
         args = [a.local() if isinstance(a, ModelSource) else a for a in args]
         super().__init__(*args, **kwargs)
@@ -39,6 +40,22 @@ class Placed:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+
+
+def gloo_on_node_address() -> None:
+    """Gloo binds to whatever the hostname resolves to, and falls back to loopback when it resolves
+    to nothing (a node whose hostname is in no DNS or /etc/hosts: common in containers): a peer on
+    another node then waits on a collective forever. Bind it to the interface that holds the
+    address Ray knows this node by, unless the user chose one."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    import psutil
+
+    ip = ray.util.get_node_ip_address()
+    names = [name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)]
+    if not names:
+        raise RuntimeError(f"no network interface of this node holds its Ray address {ip}; set GLOO_SOCKET_IFNAME")
+    os.environ["GLOO_SOCKET_IFNAME"] = names[0]
 
 
 @ray.remote
