@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +20,23 @@ from rlsys.config import ConfigError, load_config
 from rlsys.loops.resume import resume_point
 
 WEIGHTS = "model.safetensors"
+SAVE_TWICE = """
+import sys
+from pathlib import Path
+from rlsys.actors.learner import Learner
+from rlsys.actors.weight_sync import free_port
+from rlsys.checkpoint import commit, write_trainer_state
+from rlsys.config import AlgoConfig, LearnerConfig, ModelConfig
+from rlsys.data.models import resolve_model
+
+cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, max_tokens_per_micro_batch=0)
+learner = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.0),
+                  temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
+learner.setup("127.0.0.1", free_port())
+for step in (1, 2):
+    commit(Path(sys.argv[1]), step, lambda folder: (learner.save(str(folder)),
+                                                   write_trainer_state(folder, {"step": step})))
+"""
 RANK_STATE = "learner/state/zero_pp_rank_0_mp_rank_00_optim_states.pt.safetensors"
 
 
@@ -168,21 +187,13 @@ def test_a_real_learner_save_carries_checksums_and_a_truncated_weights_file_is_f
     """The learner's own save (HF weights, tokenizer, DeepSpeed state under learner/) through
     commit, as rlsys.loops.train.save does it: every file it wrote is listed; the resume of a
     checkpoint whose weights were cut short stops naming the weights file and the older one."""
-    from rlsys.actors.learner import Learner
-    from rlsys.actors.weight_sync import free_port
-    from rlsys.config import AlgoConfig, LearnerConfig, ModelConfig
-    from rlsys.data.models import resolve_model
-
-    cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, max_tokens_per_micro_batch=0)
-    learner = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group_size=4, beta=0.0),
-                      temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
-    learner.setup("127.0.0.1", free_port())
-
-    def write(step):
-        return lambda folder: (learner.save(str(folder)), write_trainer_state(folder, {"step": step}))
-
-    commit(tmp_path, 1, write(1))
-    folder = commit(tmp_path, 2, write(2))
+    # In a process of its own: a learner initialises torch.distributed and DeepSpeed's groups for
+    # the life of the process, and later in-process learners of the suite (test_learner.py) must
+    # not meet this one's.
+    done = subprocess.run([sys.executable, "-c", SAVE_TWICE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "checkpoints" / "step_2"
     listed = json.loads((folder / CHECKSUMS).read_text())["files"]
     assert sorted(listed) == checkpoint.checkpoint_files(folder)
     assert WEIGHTS in listed and any(name.startswith("learner/") for name in listed)

@@ -190,3 +190,21 @@ def test_more_losses_than_max_actor_restarts_stop_the_run(ray_cluster):
     with pytest.raises(RuntimeError, match=r"lost 1 times in this run, more than cluster.max_actor_restarts=0"):
         pool.between_steps(1, 0.5, 4, join=lambda new: None)
     pool.shutdown()
+
+
+def test_an_engine_found_dead_by_two_threads_leaves_once(ray_cluster):
+    """The asynchronous loop's producer (generate) and its main thread (drop_dead before a push)
+    can both find one engine dead: it leaves the pool once, recorded once, and neither thread fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ray = ray_cluster
+    Actor = ray.remote(num_cpus=0)(fake_engine_class())
+    alive, dead = Actor.options(max_restarts=0).remote("alive"), Actor.options(max_restarts=0).remote("dead")
+    node = ray.get(alive.whereami.remote())
+    pool = GeneratorPool([Engine(0, alive, None, 0.0, where=node), Engine(1, dead, None, 0.0, where=node)])
+    ray.kill(dead)
+    with ThreadPoolExecutor(4) as threads:
+        list(threads.map(lambda _: pool.drop_dead(), range(4)))  # re-raises what any thread raised
+    assert [e.index for e in pool.engines] == [0]
+    assert [lost["engine"] for lost in pool.lost_this_step] == [1]
+    ray.kill(alive)

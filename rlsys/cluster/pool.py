@@ -23,6 +23,7 @@ ready, or are dropped (and logged) after autoscale.node_timeout_s.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -129,6 +130,9 @@ class GeneratorPool:
         self.generate_timeout_s = generate_timeout_s
         self.requeue_below = 0  # a chunk whose rollouts carry an older weight version is sampled again
         self.requeued = 0       # chunks sampled again since the last take_requeued()
+        # The asynchronous loop's producer thread (generate) and its main thread (drop_dead before a
+        # push) can both find the same engine dead: membership changes go through this lock, once.
+        self.lock = threading.RLock()
 
     def requeue_older_than(self, version: int) -> None:
         """From now on, a chunk that comes back sampled by weights older than `version` goes back
@@ -200,17 +204,23 @@ class GeneratorPool:
     def _lost(self, engine: Engine, error: Exception, **detail) -> None:
         """An engine that died (its process killed, its node gone) leaves the pool at once; the
         weight sync rebuilds its group before the next push, and the pool replaces it between steps."""
+        with self.lock:
+            if engine not in self.engines:  # the other thread found it first
+                return
+            self._record_loss(engine, error, detail)
+            self._remove(engine)
+
+    def _record_loss(self, engine: Engine, error: Exception, detail: dict) -> None:
         reason = describe(error)
         self.lost_this_step.append({"engine": engine.index, "node": engine.where.get("node_id"), "reason": reason,
                                     **detail})
         print(f"[rlsys] generator {engine.index} lost ({reason})"
               + ("; its chunk goes to another engine" if "chunk_requeued" in detail else ""), flush=True)
-        self._remove(engine)
 
     def drop_dead(self, timeout_s: float = 30.0) -> None:
         """Ask every engine where it is; the ones that died since they last answered leave the pool.
         The weight sync calls this before a push: a dead member would break the broadcast."""
-        refs = {e.actor.whereami.remote(): e for e in self.engines}
+        refs = {e.actor.whereami.remote(): e for e in list(self.engines)}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         for ref in ready:
             try:
@@ -333,7 +343,11 @@ class GeneratorPool:
             self.requested = size
 
     def _remove(self, engine: Engine) -> None:
-        self.engines.remove(engine)
+        """Idempotent: an engine already gone is left alone."""
+        with self.lock:
+            if engine not in self.engines:
+                return
+            self.engines.remove(engine)
         self._release(engine)
 
     def _release(self, engine: Engine) -> None:
