@@ -29,12 +29,13 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup/cpuset")
 SUBNET = "10.213"  # 10.213.<k>.0/24, one per cluster; only inside namespaces this module makes
 NETNS = Path("/run/netns")
+OWNERS = Path("/run/rlsys-nodes")  # rl<k>: the pid of the harness that made the namespaces rl<k>-*
 
 
 def available() -> str | None:
@@ -64,31 +65,45 @@ def _netns_names() -> set[str]:
     return {p.name for p in NETNS.iterdir()} if NETNS.is_dir() else set()
 
 
+def _owner_alive(prefix: str) -> bool:
+    """Whether the harness that made the namespaces rl<k>-* is still running (its pid, recorded in
+    OWNERS/<prefix> when it made them, names a live process)."""
+    try:
+        pid = int((OWNERS / prefix).read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def cleanup_stale() -> list[str]:
-    """Namespaces and cgroups of clusters whose harness is gone (no process left in them)."""
+    """Namespaces and cgroups of clusters whose harness is gone (killed before its close()). A
+    live harness's namespaces are left alone, even the ones no process runs in (its switch and
+    host namespaces), whoever runs it."""
     removed = []
     for name in sorted(_netns_names()):
-        if name.startswith("rl") and "-" in name and name[2:name.index("-")].isdigit():
-            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
-            if not pids:
-                sh("ip", "netns", "del", name, check=False)
-                removed.append(name)
+        prefix = name.split("-", 1)[0]
+        if prefix.startswith("rl") and prefix[2:].isdigit() and not _owner_alive(prefix):
+            sh("ip", "netns", "del", name, check=False)
+            removed.append(name)
     root = CGROUP / "rlsys"
     if root.is_dir():
-        for group in sorted(root.glob("*/*"), reverse=True) + sorted(root.glob("*")):
-            if group.is_dir() and not (group / "cgroup.procs").read_text().split():
-                try:
-                    group.rmdir()
-                except OSError:  # children still there; removed on the next pass
-                    continue
+        for cluster in sorted(root.glob("rl*")):
+            if _owner_alive(cluster.name):
+                continue
+            for group in [*sorted(cluster.glob("*/")), cluster]:  # the nodes' groups, then the cluster's
+                if not (group / "cgroup.procs").read_text().split():
+                    try:
+                        group.rmdir()
+                    except OSError:  # a node group still there; removed on the next pass
+                        continue
+    for owner in sorted(OWNERS.glob("rl*")) if OWNERS.is_dir() else []:
+        if not _owner_alive(owner.name):
+            owner.unlink()
     return removed
-
-
-@dataclass
-class Link:
-    """What `shape` put on a node's link, kept so that `heal` restores it after a cut."""
-    loss_pct: float = 0.0
-    rate_mbit: float | None = None
 
 
 def delay_supported() -> str | None:
@@ -113,7 +128,6 @@ class Box:
     veth_switch: str  # the link's end in the switch namespace (faults act on both ends)
     cgroup: Path
     holder: subprocess.Popen | None = None
-    link: Link = field(default_factory=Link)
 
     def pids(self) -> list[int]:
         if not self.cgroup.is_dir():
@@ -155,8 +169,8 @@ exec sleep infinity
 
 
 class Isolation:
-    """The network and the boxes of one cluster. `binds` (host path -> mode 'ro'/'rw') are seen by
-    every node; `add(..., shared=..., disks=...)` adds a node's own."""
+    """The network and the boxes of one cluster. `ro`: host folders every node sees read-only, at
+    the same path (the node image); `add(..., shared=..., disks=...)`: a node's own."""
 
     def __init__(self, folder: Path, ro: list[Path]):
         reason = available()
@@ -167,6 +181,8 @@ class Isolation:
         taken = {n[2:n.index("-")] for n in _netns_names() if n.startswith("rl") and "-" in n}
         self.k = next(k for k in range(1, 250) if str(k) not in taken)
         self.prefix = f"rl{self.k}"
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.prefix).write_text(str(os.getpid()))  # cleanup_stale leaves ours alone while we live
         self.ro = [Path(p).resolve() for p in ro]
         self.boxes: dict[str, Box] = {}
         self.cgroup = CGROUP / "rlsys" / self.prefix
@@ -262,7 +278,6 @@ class Isolation:
         """Loss (nftables: each packet in and out of the node dropped with this probability) and rate
         (tc tbf on both ends of its link). Delay needs tc netem, which `delay_supported` checks."""
         box = self.boxes[name]
-        box.link = Link(loss_pct, rate_mbit)
         sh("nft", "delete", "table", "inet", "rlsys", ns=box.netns, check=False)
         if loss_pct:
             below = round(loss_pct * 100)  # numgen draws 0..9999 uniformly per packet
@@ -310,3 +325,4 @@ class Isolation:
             self.cgroup.rmdir()
         except FileNotFoundError:
             pass
+        (OWNERS / self.prefix).unlink(missing_ok=True)
