@@ -298,3 +298,15 @@ def test_named_models_resolve_to_their_package_files():
             continue
         label, src = models.gguf_source(name)
         assert label == name and src.is_file() and src.suffix == ".gguf"
+
+
+def test_a_conversions_digest_comes_from_its_checked_manifest(converted, tmp_path):
+    """ModelSource's digest of a GGUF conversion reads the manifest's sha256s (resolve_gguf has
+    just checked the files against them) and equals the digest of hashing every file."""
+    import shutil
+
+    from rlsys.data.models import MANIFEST, folder_digest
+
+    bare = tmp_path / "bare"
+    shutil.copytree(converted, bare, ignore=shutil.ignore_patterns(MANIFEST))  # no manifest: files are hashed
+    assert folder_digest(converted) == folder_digest(bare)

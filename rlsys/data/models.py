@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from rlsys.checkpoint import sha256_of
 from rlsys.config import ModelConfig
 
 THINK_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -83,10 +84,17 @@ def built_by_rlsys(cfg: ModelConfig) -> bool:
 
 def folder_digest(folder: Path) -> str:
     """One sha256 over every file of a model folder (names and contents; the converter's manifest,
-    which records where its GGUF was read from, excepted)."""
+    which records where its GGUF was read from, excepted). A GGUF conversion's files are not read
+    again: its manifest's sha256 of each, which resolve_gguf has just checked every file against
+    (SmolLM2: 540 MB, ~1.5 s a read, once per actor start)."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        shas = {name: entry["sha256"] for name, entry in json.loads((folder / MANIFEST).read_text())["files"].items()}
+    else:
+        shas = {name: sha256_of(folder / name) for name in _folder_files(folder)}
     h = hashlib.sha256()
-    for name in _folder_files(Path(folder)):
-        h.update(f"{name}\0{sha256_file(Path(folder) / name)}\n".encode())
+    for name in sorted(shas):
+        h.update(f"{name}\0{shas[name]}\n".encode())
     return h.hexdigest()
 
 
@@ -255,7 +263,7 @@ def gguf_source(path: str) -> tuple[str, Path]:
 def resolve_gguf(path: str, cache_dir: Path) -> Path:
     """The verified HF folder converted from the GGUF that `path` names; converts it when there is none."""
     name, src = gguf_source(path)
-    source_sha = sha256_file(src)
+    source_sha = sha256_of(src)
     target = Path(cache_dir) / f"{name}-{source_sha[:16]}"
     if target.is_dir() and verify_manifest(target, source_sha) is None:
         return target
@@ -351,11 +359,6 @@ def convert_gguf(src: Path, out: Path) -> None:
         model.generation_config.save_pretrained(out)
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _folder_files(folder: Path) -> list[str]:
     """Every file under `folder` (relative, sorted), the manifest excepted."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -364,7 +367,7 @@ def _folder_files(folder: Path) -> list[str]:
 def write_manifest(folder: Path, src: Path, source_sha: str, name: str) -> None:
     import transformers
 
-    files = {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in _folder_files(folder)}
+    files = {f: {"sha256": sha256_of(folder / f), "bytes": (folder / f).stat().st_size} for f in _folder_files(folder)}
     manifest = {
         "format": MANIFEST_FORMAT, "converter": CONVERTER_VERSION, "model": name,
         "source": {"path": str(src), "sha256": source_sha, "bytes": src.stat().st_size},
@@ -391,7 +394,7 @@ def verify_manifest(folder: Path, source_sha: str | None = None) -> str | None:
         return f"file list differs from the manifest (missing {missing}, unlisted {extra})"
     for f, entry in files.items():
         try:
-            if (folder / f).stat().st_size != entry["bytes"] or sha256_file(folder / f) != entry["sha256"]:
+            if (folder / f).stat().st_size != entry["bytes"] or sha256_of(folder / f) != entry["sha256"]:
                 return f"checksum mismatch in {f}"
         except OSError as exc:
             return f"cannot read {f}: {exc}"
