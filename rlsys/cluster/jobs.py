@@ -304,6 +304,16 @@ def list_lines(jobs) -> list[str]:
     return lines
 
 
+def follow_to_end(jobs, job_id: str) -> int:
+    """Stream the job's output until it ends, then how it ended (with why, when it FAILED: a job
+    that failed before its driver printed anything streams nothing); exit 0 only if it SUCCEEDED."""
+    final = follow(jobs, job_id)
+    print(f"job {job_id}: {final}")
+    if final == "FAILED":
+        print("\n".join(why_failed(jobs, job_id, status(jobs, job_id)[1])))
+    return 0 if final == "SUCCEEDED" else 1
+
+
 def submit_main(args) -> int:
     from rlsys.cli import split_config_args
 
@@ -314,11 +324,7 @@ def submit_main(args) -> int:
         return 0
     jobs = client(address)
     with _RayErrors(address):
-        final = follow(jobs, job_id)
-        print(f"job {job_id}: {final}")
-        if final == "FAILED":  # a job that failed before its driver printed anything streams nothing
-            print("\n".join(why_failed(jobs, job_id, status(jobs, job_id)[1])))
-    return 0 if final == "SUCCEEDED" else 1
+        return follow_to_end(jobs, job_id)
 
 
 def jobs_main(args) -> int:
@@ -341,11 +347,7 @@ def jobs_main(args) -> int:
             if not args.follow:
                 sys.stdout.write(jobs.get_job_logs(args.job_id))
                 return 0
-            final = follow(jobs, args.job_id)
-            print(f"job {args.job_id}: {final}")
-            if final == "FAILED":
-                print("\n".join(why_failed(jobs, args.job_id, status(jobs, args.job_id)[1])))
-            return 0 if final == "SUCCEEDED" else 1
+            return follow_to_end(jobs, args.job_id)
         if args.action == "stop":
             jobs.stop_job(args.job_id)
             final = wait_terminal(jobs, args.job_id, args.timeout)
