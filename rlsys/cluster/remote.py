@@ -53,8 +53,10 @@ def gloo_on_node_address() -> None:
 
     ip = ray.util.get_node_ip_address()
     names = [name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)]
-    if not names:
-        raise RuntimeError(f"no network interface of this node holds its Ray address {ip}; set GLOO_SOCKET_IFNAME")
+    if not names:  # an address translated on the way (NAT, a container's published port): gloo's own choice stays
+        print(f"[rlsys] no network interface of this node holds its Ray address {ip}: gloo binds to what the "
+              f"hostname resolves to; set GLOO_SOCKET_IFNAME if collectives across nodes hang", flush=True)
+        return
     os.environ["GLOO_SOCKET_IFNAME"] = names[0]
 
 
