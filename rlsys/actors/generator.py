@@ -1,4 +1,4 @@
-"""One rollout generator: a plain class around one vLLM engine (Ray is applied in groups.py).
+"""One rollout generator: a plain class around one vLLM engine (Ray is applied in rlsys/cluster/).
 
 The engine runs in this process (`distributed_executor_backend="uni"`) when it has one worker,
 which starts in seconds; with tensor parallelism its workers are processes of their own (on GPU,

@@ -1,4 +1,4 @@
-"""One learner rank: a DeepSpeed engine training the policy with GRPO (Ray is applied in groups.py).
+"""One learner rank: a DeepSpeed engine training the policy with GRPO (Ray is applied in rlsys/cluster/).
 
 Per rollout batch (each rank gets its Shard: its own rows of every mini-batch, cut into
 micro-batches by rlsys.math.packing, with each mini-batch's loss normaliser):

@@ -102,3 +102,15 @@ def node_can_host(node_resources: dict, bundle: dict) -> bool:
     False
     """
     return all(node_resources.get(k, 0) >= v for k, v in bundle.items())
+
+
+def resolve_backend(backend: str, cluster_resources: dict) -> str:
+    """auto: NCCL when the CLUSTER has GPUs, else gloo. Never the driver's own CUDA: a submitted
+    job's driver runs on the head node, which on most GPU clusters has none.
+
+    >>> resolve_backend("auto", {"CPU": 16.0, "GPU": 8.0}), resolve_backend("auto", {"CPU": 16.0})
+    ('nccl', 'gloo')
+    """
+    if backend != "auto":
+        return backend
+    return "nccl" if cluster_resources.get("GPU", 0) > 0 else "gloo"

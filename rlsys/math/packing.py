@@ -1,7 +1,7 @@
 """How a rollout batch is cut for the learner ranks: mini-batches, each rank's rows, micro-batches.
 
 Pure functions of the rows' lengths and a seed, so that the driver can cut the batch once and send
-each rank only its own rows (rlsys.cluster.groups.LearnerGroup.train) and a rank given the whole
+each rank only its own rows (rlsys.cluster.learners.LearnerGroup.train) and a rank given the whole
 batch cuts the same (rlsys.actors.learner.Learner.train).
 
 Two layouts:

@@ -1,0 +1,132 @@
+"""The weight push, as the driver runs it: every learner rank sends its buckets to every worker
+of every engine in the pool (rlsys.actors.weight_sync has both ends' code), checksums compared.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from rlsys.actors.weight_sync import Bucket, combined
+from rlsys.cluster.deadlines import get_all
+from rlsys.cluster.learners import LearnerGroup
+from rlsys.cluster.pool import Engine, GeneratorPool
+
+
+def check_received(sent: list[int], received: dict[int, list[list[int]]]) -> None:
+    """Every worker of every engine got exactly the buckets the learners sent (checksums per bucket), or
+    the run stops: a generator serving other weights than the learner's is a silent error.
+
+    >>> check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 9]]})
+    >>> check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 8]]})
+    Traceback (most recent call last):
+    ...
+    RuntimeError: weight sync: generator 1 worker 1 received bucket 1 with checksum 8, the learners sent 9 (buckets differ: [1])
+    """
+    for engine, workers in received.items():
+        for worker, got in enumerate(workers):
+            if got != sent:
+                differ = [i for i in range(max(len(got), len(sent)))
+                          if i >= len(got) or i >= len(sent) or got[i] != sent[i]]
+                first = differ[0]
+                raise RuntimeError(
+                    f"weight sync: generator {engine} worker {worker} received bucket {first} with checksum "
+                    f"{got[first] if first < len(got) else None}, the learners sent "
+                    f"{sent[first] if first < len(sent) else None} (buckets differ: {differ})")
+
+
+class WeightSync:
+    """The learner ranks -> every generator worker: each sending rank its share of the buckets,
+    over a group of its own (learner.sync_from_all_ranks; else rank 0 sends them all).
+
+    The group is built for one membership of the pool; `push` rebuilds it first whenever the pool
+    changed (an engine joined, left or was lost): collective groups cannot grow or shrink in place."""
+
+    def __init__(self, learners: LearnerGroup, generators: GeneratorPool, backend: str, workers_per_engine: int,
+                 timeout_s: float = 600.0):
+        """timeout_s: one push or group rebuild, both sides (deadlines.sync_s)."""
+        self.learners, self.generators, self.timeout_s = learners, generators, timeout_s
+        self.backend, self.workers = backend, workers_per_engine
+        rank0 = learners.actors[0]
+        self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
+        self.senders = learners.actors[:ray.get(rank0.senders.remote())]  # each sends its share of the buckets
+        self.shards: int = ray.get(rank0.sync_shards.remote())  # > 1: ZeRO-3 ranks each send their partitions
+        self.addrs = [where["ip"] for where in ray.get([a.whereami.remote() for a in self.senders])]
+        self.members: list[int] | None = None
+        self.connect()
+
+    def _group(self, engines: list[Engine]) -> None:
+        """One group per sending learner rank: that rank and every worker of these engines."""
+        ports = ray.get([a.free_port.remote() for a in self.senders])  # fresh ports beside the learners' own
+        world = 1 + len(engines) * self.workers
+        rendezvous = list(zip(self.addrs, ports))
+        senders = [a.join_sync.remote(addr, port, world, self.timeout_s)
+                   for a, (addr, port) in zip(self.senders, rendezvous)]
+        receivers = [e.actor.join_sync.remote(rendezvous, 1 + i * self.workers, world, self.backend, self.timeout_s)
+                     for i, e in enumerate(engines)]
+        get_all(senders + receivers, self.learners.names[:len(self.senders)] + [f"generator {e.index}" for e in engines],
+                "sync (group)", self.timeout_s, "deadlines.sync_s")
+
+    def _sent(self, per_rank: list[dict[int, int]]) -> list[int]:
+        """Every bucket's checksum, in plan order, from the ranks that sent it (its pieces' checksums
+        combined when each rank sent a piece of every bucket)."""
+        merged: dict[int, list[int]] = {}
+        for sums in per_rank:
+            for i, c in sums.items():
+                merged.setdefault(i, []).append(c)
+        assert sorted(merged) == list(range(len(self.plan))), f"buckets sent: {sorted(merged)} of {len(self.plan)}"
+        assert all(len(pieces) == self.shards for pieces in merged.values()), f"pieces per bucket, {self.shards} expected"
+        return [combined(merged[i]) for i in range(len(self.plan))]
+
+    def connect(self) -> None:
+        """(Re)build the group over the pool's engines as they are now."""
+        self._group(self.generators.engines)
+        self.members = [e.index for e in self.generators.engines]
+
+    def catch_up(self, engines: list[Engine], version: int) -> None:
+        """Engines joining the pool get the current weights (as `version`) over a group of rank 0
+        and them alone, before they serve a prompt; the engines already serving are not disturbed.
+        The next push rebuilds the full group."""
+        self._group(engines)
+        self.members = None
+        versions = self._send(engines, version)
+        assert versions == [version] * len(engines), f"joining engines report versions {versions}, expected {version}"
+
+    def _send(self, engines: list[Engine], version: int | None) -> list:
+        """Every learner rank sends its buckets; the engines load them as `version`, or, with None,
+        only receive them (the wire alone). Returns what each engine's receive returned."""
+        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
+        receives = [e.actor.receive_wire.remote(self.plan, self.shards) if version is None
+                    else e.actor.receive_weights.remote(self.plan, version, self.shards) for e in engines]
+        # Both sides done (every worker has loaded what it received) before the loop goes on.
+        done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
+                       self.timeout_s, "deadlines.sync_s")
+        sent, received = self._sent(done[:len(sends)]), done[len(sends):]
+        check_received(sent, {e.index: sums for e, (_, sums) in zip(engines, received)})
+        return [version for version, _ in received]
+
+    def _current_engines(self) -> list[Engine]:
+        """The pool's live engines, the group rebuilt over them if it changed. Engines that died
+        since the step's generate leave first (a dead member breaks a broadcast: gloo's sender
+        fails at once, the other receivers would wait out the group timeout)."""
+        self.generators.drop_dead()
+        if self.members != [e.index for e in self.generators.engines]:
+            self.connect()
+        return self.generators.engines
+
+    def push(self, version: int) -> list[int]:
+        """Broadcast the learner's weights; returns the version each generator now reports."""
+        return self._send(self._current_engines(), version)
+
+    def push_wire(self) -> None:
+        """A push's wire part alone: the learners' buckets (copied from their parameters, as in
+        `push`) into the engines' receive buffers, checksums compared, nothing loaded (the sync
+        benchmark sets it against push_raw and against the whole push)."""
+        self._send(self._current_engines(), None)
+
+    def push_raw(self) -> None:
+        """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
+        dtype = self.plan[0][0].dtype
+        assert all(m.dtype == dtype for b in self.plan for m in b), "raw broadcast assumes one dtype"
+        numel = sum(m.numel for b in self.plan for m in b)
+        sends = [self.learners.actors[0].broadcast_raw.remote(numel, dtype)]
+        ray.get(sends + [g.receive_raw.remote(numel, dtype) for g in self.generators.actors])
