@@ -237,19 +237,32 @@ def tiny_model(hidden: int, layers: int, heads: int) -> tuple[str, int]:
     return path, model_params(path)
 
 
-def main(run: Callable[[bool], Section | list[Section]], argv: list[str] | None = None) -> list[Section]:
-    """A benchmark script's command line: [--quick]; prints its table(s), writes its JSON."""
+def main(run: Callable[[bool], Section | list[Section]], argv: list[str] | None = None,
+         options: dict[str, dict] | None = None, run_with: Callable[..., Section | list[Section]] | None = None
+         ) -> list[Section]:
+    """A benchmark script's command line: [--quick] and the script's own `options` ({flag:
+    argparse keywords}; their values go to run_with(quick, **values) instead of run(quick));
+    prints its table(s), writes its JSON and the plots of it beside it (benchmarks/plots.py)."""
     import argparse
+    import functools
+
+    from benchmarks.plots import plot_all
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<name>-<time>.json)")
+    for flag, kwargs in (options or {}).items():
+        parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
+    if options:
+        extra = {k: v for k, v in vars(args).items() if k not in ("quick", "out")}
+        run = functools.partial(run_with, **extra)
     sections = timed_sections(run, args.quick)
     for section in sections:
         print(section.table())
     out = args.out or REPO / "benchmarks" / "results" / f"{sections[0].name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"wrote {write_result(sections, out, args.quick)}")
+    print("plots: " + ", ".join(str(p) for p in plot_all(out)))
     return sections
 
 

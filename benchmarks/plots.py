@@ -97,6 +97,28 @@ def _weight_sync(ax, bench: dict) -> None:
     ax.legend(fontsize=8)
 
 
+def _weight_sync_link(ax, bench: dict) -> None:
+    """Gb/s on the wire (push_wire) and of the raw broadcast per size and link, the link's rate
+    as a black bar across each group: a bar reaching it would carry every bit the link allows."""
+    rows = bench["rows"]
+    width = 0.38
+    for i, r in enumerate(rows):
+        wire, raw = r["bytes"] * 8 / r["wire_s"] / 1e9, r["bytes"] * 8 / r["raw_s"] / 1e9
+        ax.bar(i - width / 2, wire, width, color="tab:blue", label="rlsys wire (push_wire)" if i == 0 else None)
+        ax.bar(i + width / 2, raw, width, color="tab:gray", label="raw flat-buffer broadcast" if i == 0 else None)
+        if r["rate_mbit"] is not None:
+            ax.plot([i - 0.45, i + 0.45], [r["rate_mbit"] / 1000] * 2, "k-",
+                    label="link rate (tc tbf)" if r is next(x for x in rows if x["rate_mbit"]) else None)
+            ax.annotate(f"{r['limit_s'] / r['wire_s']:.2f}x", (i - width / 2, wire), ha="center", va="bottom",
+                        fontsize=8)
+    labels = [f"{r['size']}\n" + ("unshaped" if r["rate_mbit"] is None else f"{r['rate_mbit'] / 1000:g} Gb/s")
+              for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set(ylabel="Gb/s (payload)", title="weight sync on shaped links: learner node -> engine node "
+                                          "(above bars: limit / wire)")
+    ax.legend(fontsize=8)
+
+
 def _end_to_end(ax, bench: dict) -> None:
     labels, bottoms = [], []
     phases = ["generate", "receive_weights", "score", "train", "broadcast_weights", "idle"]
@@ -170,6 +192,7 @@ def _targets(ax, benches: dict) -> bool:
 
 
 PLOTS = {"rollout": _rollout, "reward": _reward, "learner": _learner, "weight_sync": _weight_sync,
+         "weight_sync_link": _weight_sync_link,
          "end_to_end": _end_to_end, "peer": _peer, "scaling": _scaling, "scaling_split": _scaling_split}
 
 if __name__ == "__main__":

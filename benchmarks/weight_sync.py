@@ -13,19 +13,34 @@ Ratio = raw seconds / wire seconds (target >= 0.8); the whole push against raw i
 the time against the link roofline from benchmarks/hardware.yaml.
 
     python benchmarks/weight_sync.py [--quick]
+
+With --link RATES (Mb/s, e.g. --link 10000,1000; root, rlsys/cluster/isolation.py): the learner on
+one isolated node, the engine on another, both nodes' links shaped to each rate in turn (tc tbf,
+rlsys/cluster/isolation.py; unshaped first, for reference), for a 95M and a 360M model. Measured
+per size and rate: the wire part of a push (push_wire) and a raw broadcast of the same bytes
+(push_raw), against the link's limit for those bytes (bytes x 8 / rate); ratio = limit / wire
+(target >= 0.8). The driver runs on the head node and takes its orders over stdin (this script
+with --serve), so the host can reshape the links between measurements without restarting the
+actors.
+
+    python benchmarks/weight_sync.py --link 10000,1000 [--quick]
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 if __package__ in (None, ""):
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Figure, Section, hardware, main, ray_up, rlsys_config, tiny_model
+from benchmarks.common import REPO, Figure, Section, hardware, machine, main, ray_up, rlsys_config, tiny_model
 
 # (hidden, layers, heads): about 1M, 10M, 100M and 450M parameters of a random Qwen2.
 SIZES = {"1M": (128, 6, 4), "10M": (384, 8, 6), "100M": (1024, 10, 16), "450M": (2048, 12, 32)}
@@ -124,5 +139,241 @@ def run(quick: bool) -> Section:
     return section
 
 
+# ---------------------------------------------------------------- on shaped links (--link)
+
+# (hidden, layers, heads) of rlsys's `tiny` random Qwen2 (vocab 108, intermediate 2 x hidden,
+# kv heads = heads / 2, untied): 94.6M and 361.4M parameters, head_dim 64 both.
+LINK_SIZES = {"95M": (1024, 10, 16), "360M": (1536, 17, 24)}
+REPLY = "@@ "  # the prefix of the serving driver's answers on its stdout (Ray's own lines go to stderr)
+
+
+def parse_links(text: str) -> list[float]:
+    """--link: comma-separated link rates in Mb/s (10000 = 10 Gb/s).
+
+    >>> parse_links("10000,1000")
+    [10000.0, 1000.0]
+    """
+    from argparse import ArgumentTypeError  # argparse prints its message as it is
+
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ArgumentTypeError(f"--link {text!r}: expected link rates in Mb/s separated by commas, e.g. 10000,1000"
+                                ) from None
+    if not rates or any(r <= 0 for r in rates):
+        raise ArgumentTypeError(f"--link {text!r}: every rate must be a positive number of Mb/s, e.g. 10000,1000")
+    return rates
+
+
+def link_limit_s(nbytes: int, rate_mbit: float) -> float:
+    """The least time a link of rate_mbit Mb/s takes to carry nbytes (payload only: no headers)."""
+    return nbytes * 8 / (rate_mbit * 1e6)
+
+
+def link_label(rate_mbit: float | None) -> str:
+    if rate_mbit is None:
+        return "unshaped"
+    return f"{rate_mbit / 1000:g} Gb/s" if rate_mbit >= 1000 else f"{rate_mbit:g} Mb/s"
+
+
+def link_rows_figures(rows: list[dict]) -> list[Figure]:
+    """Per size: unshaped wire against raw (as in run()); per shaped rate, wire against the link's
+    limit for the same bytes (target) and raw against it (what gloo itself reaches on that link)."""
+    figures = []
+    for r in rows:
+        gb = r["bytes"] / 1e9
+        if r["rate_mbit"] is None:
+            figures.append(Figure(
+                f"sync wire {r['size']}, unshaped veth", r["wire_s"], "s",
+                f"raw gloo broadcast of one flat buffer, same {gb:.3f} GB", r["raw_s"], lower_is_better=True,
+                target=TARGET, note=f"{gb * 8 / r['wire_s']:.2f} Gb/s on the wire; learner and engine on "
+                                    f"isolated nodes, one core each; no link limit"))
+            continue
+        label = link_label(r["rate_mbit"])
+        limit = f"link limit: {gb:.3f} GB x 8 / {label}"
+        figures.append(Figure(
+            f"sync wire {r['size']} at {label}", r["wire_s"], "s", limit, r["limit_s"], lower_is_better=True,
+            target=TARGET, note=f"{gb * 8 / r['wire_s']:.2f} Gb/s achieved; raw broadcast {r['raw_s']:.3f}s "
+                                f"({r['limit_s'] / r['raw_s']:.2f}x of the limit): where raw is below the limit "
+                                f"too, the CPUs (gloo, copies, checksums), not the link, set the pace"))
+        figures.append(Figure(
+            f"raw broadcast {r['size']} at {label}", r["raw_s"], "s", limit, r["limit_s"], lower_is_better=True,
+            note="one preallocated flat buffer over the same group: what gloo reaches on this link, no rlsys code"))
+    return figures
+
+
+class Driver:
+    """This script with --serve on the head node: a Ray driver that launches the groups and measures
+    on request (one JSON line in, one REPLY line out), so the host can reshape the links between
+    requests while the actors stay up."""
+
+    def __init__(self, nodes, log: Path):
+        env = clean_node_env()
+        argv, pin = nodes.command("head", ["env", "-C", str(REPO), sys.executable, "-m", "benchmarks.weight_sync",
+                                           "--serve", nodes.address])
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, preexec_fn=pin, start_new_session=True)
+
+    def ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                answer = json.loads(line[len(REPLY):])
+                if "error" in answer:
+                    raise RuntimeError(f"the sync driver on the head failed at {request}: {answer['error']}\n"
+                                       f"(its log: {self.log.name})")
+                return answer
+        raise RuntimeError(f"the sync driver on the head exited ({self.proc.wait()}) at {request}; its log, "
+                           f"{self.log.name}:\n{Path(self.log.name).read_text()[-4000:]}")
+
+    def close(self) -> None:
+        from rlsys.cluster.local import kill_tree
+
+        if self.proc.poll() is None:
+            try:
+                self.ask({"do": "exit"})
+                self.proc.wait(timeout=60)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired):
+                kill_tree(self.proc.pid)
+        self.log.close()
+
+
+def clean_node_env() -> dict[str, str]:
+    """The environment of a command on an isolated node: no cache folder of the host's (read-only
+    there); what the driver builds goes to the head's own home, as on a machine of its own."""
+    from rlsys.cluster.local import clean_env
+
+    env = clean_env()
+    env["RLSYS_CACHE"] = f"{env.get('HOME', '/root')}/.cache/rlsys"  # benchmarks.common would point it at the repo
+    return env
+
+
+def serve(address: str) -> None:
+    """The head's side of Driver: requests on stdin, answers on stdout, everything else on stderr."""
+    import ray
+
+    reply_to = sys.stdout
+    sys.stdout = sys.stderr  # Ray, vLLM and rlsys print; only answers go to the host
+    ray.init(address=address, log_to_driver=False)
+    from rlsys.cluster.capacity import model_params
+    from rlsys.cluster.groups import launch
+    from rlsys.config import ModelConfig
+    from rlsys.data.models import resolve_model
+
+    groups = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["do"] == "launch":
+                hidden, layers, heads = request["shape"]
+                path = resolve_model(ModelConfig(path="tiny", tiny_hidden=hidden, tiny_layers=layers, tiny_heads=heads))
+                cfg = rlsys_config([f"cluster.address={address}", "cluster.placement=disaggregated", "model.path=tiny",
+                                    f"model.tiny_hidden={hidden}", f"model.tiny_layers={layers}",
+                                    f"model.tiny_heads={heads}", "learner.num_ranks=1", "learner.mini_batch_size=4",
+                                    "learner.micro_batch_size=2", "data.prompts_per_step=1", "algo.group_size=4",
+                                    "reward.num_workers=1", "generator.num_engines=1", "generator.max_tokens=8",
+                                    "generator.max_model_len=256", "learner.sync_bucket_mb=32"])
+                groups = launch(cfg, path, "math")
+                plan = groups.sync.plan
+                answer = {"params": model_params(path), "buckets": len(plan),
+                          "bytes": sum(m.numel * (4 if m.dtype == "float32" else 2) for b in plan for m in b)}
+            elif request["do"] == "measure":
+                sync = groups.sync
+                sync.push_wire(), sync.push_raw()  # first touch of the buffers on both sides
+                wire, raw = [], []
+                for _ in range(request["repeats"]):  # interleaved: drift on the shared machine hits both
+                    start = time.perf_counter()
+                    sync.push_wire()
+                    wire.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    sync.push_raw()
+                    raw.append(time.perf_counter() - start)
+                answer = {"wire": wire, "raw": raw}
+            elif request["do"] == "stop":
+                groups.shutdown()
+                groups, answer = None, {}
+            elif request["do"] == "exit":
+                print(REPLY + "{}", file=reply_to, flush=True)
+                return
+            else:
+                raise ValueError(f"unknown request {request}")
+        except Exception as e:  # noqa: BLE001 -- the host gets the error and stops the benchmark with it
+            import traceback
+
+            traceback.print_exc()
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        print(REPLY + json.dumps(answer), file=reply_to, flush=True)
+
+
+def run_link(quick: bool, link: list[float]) -> Section:
+    """The learner node and the rollout node (one core each), the head (the driver, no CPUs) beside
+    them; per model size, one launch, then unshaped and every rate of `link`, slowest last."""
+    from rlsys.cluster.local import LocalNodes
+
+    sizes = ["95M"] if quick else list(LINK_SIZES)
+    repeats = 2 if quick else 3
+    rates: list[float | None] = [None, *sorted(link, reverse=True)]
+    folder = REPO / "benchmarks" / "results" / f"weight_sync_link-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = machine()
+    section = Section("weight_sync_link", {
+        "sizes": {s: LINK_SIZES[s] for s in sizes}, "shape": "(hidden, layers, heads) of model.path=tiny",
+        "rates_mbit": link, "repeats": repeats, "generators": 1, "learner_ranks": 1, "bucket_mb": 32.0,
+        "dtype": "float32", "backend": "gloo", "shaping": "tc tbf on both ends of both nodes' links (burst 1 ms)",
+        "nodes": "head (driver, 0 CPUs); learner node pinned to core 0; rollout node pinned to core 1",
+        "cpu": info["cpu"], "cores": info["cpus"], "logs": str(folder.relative_to(REPO)),
+        "limit": "bytes x 8 / rate: payload only, so even a perfect sender stays a few % under 1.0 "
+                 "(TCP/IP headers on a 1500-byte MTU: about 3%)"})
+    nodes = LocalNodes(folder / "nodes", isolated=True)
+    driver = None
+    try:
+        nodes.head()
+        nodes.worker("learner", 2, {"learner": 1}, cores=[0])  # the learner rank and the reward worker
+        nodes.worker("rollout", 2, {"rollout": 1}, cores=[1 % (info["cpus"] or 1)])
+        driver = Driver(nodes, folder / "driver.log")
+        for size in sizes:
+            print(f"[weight_sync_link] {size}: starting the learner and the engine ...", flush=True)
+            launched = driver.ask({"do": "launch", "shape": LINK_SIZES[size]})
+            for rate in rates:
+                for node in ("learner", "rollout"):
+                    nodes.shape(node, rate_mbit=rate)
+                m = driver.ask({"do": "measure", "repeats": repeats})
+                row = {"size": size, "shape": LINK_SIZES[size], **launched, "rate_mbit": rate,
+                       "wire_s": statistics.median(m["wire"]), "raw_s": statistics.median(m["raw"]),
+                       "wire_all_s": m["wire"], "raw_all_s": m["raw"]}
+                if rate is not None:
+                    row["limit_s"] = link_limit_s(row["bytes"], rate)
+                    row["ratio"] = row["limit_s"] / row["wire_s"]
+                    if row["raw_s"] < 0.95 * row["limit_s"]:
+                        raise RuntimeError(f"{size} at {link_label(rate)}: the raw broadcast took {row['raw_s']:.3f}s, "
+                                           f"faster than the link allows ({row['limit_s']:.3f}s): the shaping is "
+                                           f"not on the sync's path (rlsys/cluster/isolation.py shape)")
+                section.rows.append(row)
+                print(f"[weight_sync_link] {size} ({launched['bytes'] / 1e9:.3f} GB) {link_label(rate)}: wire "
+                      f"{row['wire_s']:.3f}s, raw {row['raw_s']:.3f}s"
+                      + (f", limit {row['limit_s']:.3f}s, limit/wire {row['ratio']:.2f}" if rate else ""), flush=True)
+            for node in ("learner", "rollout"):
+                nodes.shape(node)
+            driver.ask({"do": "stop"})
+    finally:
+        if driver is not None:
+            driver.close()
+        nodes.stop()
+    section.figures = link_rows_figures(section.rows)
+    return section
+
+
+def main_cli(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--serve"]:
+        serve(args[1])
+        return
+    main(run, args, options={"--link": dict(type=parse_links, default=None, metavar="MBITS",
+                                             help="link rates in Mb/s, comma-separated (e.g. 10000,1000): "
+                                                  "learner and engine on isolated nodes, links shaped (root)")},
+         run_with=lambda quick, link: run(quick) if link is None else run_link(quick, link))
+
+
 if __name__ == "__main__":
-    main(run)
+    main_cli()
