@@ -1,4 +1,6 @@
 """Tests for rlsys.data.models: the char-level tiny tokenizer and the cached, deterministic tiny model."""
+import dataclasses
+import shutil
 import string
 from pathlib import Path
 
@@ -168,11 +170,122 @@ def test_a_built_model_is_rebuilt_on_each_node_and_checked_against_the_drivers(t
         source.local()
 
 
-def test_a_model_folder_the_node_lacks_is_named(tmp_path, tiny_dir):
-    cfg = ModelConfig(path=str(tmp_path / "only-on-the-driver"))
-    source = models.ModelSource.of(cfg, cfg.path)
-    assert source.build is None
-    with pytest.raises(FileNotFoundError, match="only-on-the-driver does not exist on node"):
-        source.local()
-    checkpoint = models.ModelSource.of(ModelConfig(path="tiny"), str(tiny_dir))  # not the cache's: a folder as given
-    assert checkpoint.build is None and checkpoint.local() == str(tiny_dir)
+def test_a_model_folder_missing_on_the_driver_is_named(tmp_path):
+    missing = str(tmp_path / "only-in-the-config")
+    with pytest.raises(FileNotFoundError, match="only-in-the-config: no such folder on the driver's node"):
+        models.ModelSource.of(ModelConfig(path=missing), missing)
+    assert models.ModelSource.of(ModelConfig(path="Qwen/Qwen2.5-0.5B"), "Qwen/Qwen2.5-0.5B").local() == "Qwen/Qwen2.5-0.5B"
+
+
+# ---------------------------------------------------------------- local folders streamed to the nodes
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_dir):
+    """A checkpoint folder as rlsys writes one: the HF files, learner state, trainer state, checksums.json."""
+    from rlsys.checkpoint import write_checksums
+
+    folder = tmp_path / "run" / "checkpoints" / "step_3"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "learner").mkdir()
+    (folder / "learner" / "rank_0.safetensors").write_bytes(b"optimizer state" * 100)
+    (folder / "trainer_state.json").write_text("{}")
+    write_checksums(folder)
+    return folder
+
+
+def away(source, tmp_path):
+    """The source as an actor on a node without the driver's disk sees it: its path is not there."""
+    return dataclasses.replace(source, path=str(tmp_path / "not-on-this-node" / "step_3"))
+
+
+def test_a_checkpoints_digest_comes_from_its_checksums_and_equals_hashing_every_file(checkpoint):
+    from_checksums = models.model_files(checkpoint)
+    (checkpoint / "checksums.json").unlink()
+    assert models.model_files(checkpoint) == from_checksums  # hashed this time
+    assert sorted(from_checksums) == sorted(p.name for p in checkpoint.iterdir() if p.is_file()
+                                            and p.name != "trainer_state.json")  # learner/ is not streamed
+
+
+def test_a_checkpoint_file_cut_short_or_missing_is_named(checkpoint):
+    with open(checkpoint / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ValueError, match=r"step_3: config.json has \d+ bytes, its checksums.json recorded"):
+        models.model_files(checkpoint)
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="step_3: config.json listed in its checksums.json but missing"):
+        models.model_files(checkpoint)
+
+
+def test_a_folder_streams_into_a_fresh_cache_once_and_equals_the_drivers(ray_cluster, checkpoint, tmp_path,
+                                                                        monkeypatch, capsys):
+    monkeypatch.setattr(models, "CHUNK_BYTES", 4096)  # many chunks per file, IN_FLIGHT of them requested
+    source = models.ModelSource.of(ModelConfig(path=str(checkpoint)), str(checkpoint))
+    assert source.reader is not None and source.digest == models.listing_digest(models.model_files(checkpoint))
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
+    assert source.local() == str(checkpoint)  # the path holds the same files here: shared storage, nothing copied
+    assert not (tmp_path / "node-cache").exists()
+    node = away(source, tmp_path)
+    got = Path(node.local())
+    assert got == tmp_path / "node-cache" / "models" / source.digest
+    assert models.listing_digest(models.model_files(got)) == source.digest
+    assert all((got / n).read_bytes() == (checkpoint / n).read_bytes() for n, _, _ in source.files)
+    assert not (got / "learner").exists() and not (got / "trainer_state.json").exists()
+    again = node.local()
+    assert again == str(got)
+    assert capsys.readouterr().out.count(": fetching ") == 1  # the second start found the node's copy
+
+
+def test_actors_starting_at_once_on_one_node_fetch_once(ray_cluster, checkpoint, tmp_path, monkeypatch, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    node = away(models.ModelSource.of(ModelConfig(path=str(checkpoint)), str(checkpoint)), tmp_path)
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: node.local(), range(3)))
+    assert len(set(paths)) == 1
+    assert capsys.readouterr().out.count(": fetching ") == 1
+
+
+def test_a_damaged_cached_copy_is_refused_and_fetched_again(ray_cluster, checkpoint, tmp_path, monkeypatch, capsys):
+    node = away(models.ModelSource.of(ModelConfig(path=str(checkpoint)), str(checkpoint)), tmp_path)
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
+    got = Path(node.local())
+    weights_file = got / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-1] ^= 0xFF  # altered in place, same size
+    weights_file.write_bytes(bytes(data))
+    assert node.local() == str(got)
+    assert weights_file.read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+    (got / "config.json").write_text("{}")  # cut short
+    assert node.local() == str(got) and (got / "config.json").read_bytes() == (checkpoint / "config.json").read_bytes()
+    out = capsys.readouterr().out
+    assert out.count("was cut short or altered") == 2 and out.count(": fetching ") == 3
+
+
+def test_a_different_folder_at_the_same_path_on_a_node_is_not_used(ray_cluster, checkpoint, tmp_path, monkeypatch):
+    source = models.ModelSource.of(ModelConfig(path=str(checkpoint)), str(checkpoint))
+    other = tmp_path / "other" / "step_3"  # another run's step_3 at the path, on this node
+    shutil.copytree(checkpoint, other)
+    (other / "config.json").write_text('{"another": "model"}')
+    (other / "checksums.json").unlink()
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
+    got = dataclasses.replace(source, path=str(other)).local()
+    assert got == str(tmp_path / "node-cache" / "models" / source.digest)
+
+
+def test_a_folder_a_node_cannot_get_is_named_with_the_node(checkpoint, tmp_path, monkeypatch):
+    source = models.ModelSource.of(ModelConfig(path=str(checkpoint)), str(checkpoint))
+    source = dataclasses.replace(source, reader=None)  # as made where Ray was not running: no reader
+    assert source.local() == str(checkpoint)
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
+    with pytest.raises(FileNotFoundError, match=r"node \S+.*: model folder \S+not-on-this-node/step_3 .*is not on this node"):
+        away(source, tmp_path).local()
+
+
+def test_a_file_changed_on_the_driver_after_launch_is_named(ray_cluster, checkpoint, tmp_path, monkeypatch):
+    node = away(models.ModelSource.of(ModelConfig(path=str(checkpoint)), str(checkpoint)), tmp_path)
+    (checkpoint / "config.json").write_text((checkpoint / "config.json").read_text().replace('"', "'"))  # same size
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
+    with pytest.raises(RuntimeError, match="config.json arrived with sha256 .* the file changed on the driver's node"):
+        node.local()
+    assert not list((tmp_path / "node-cache" / "models").iterdir())[1:]  # no half-written copy left but the lock

@@ -28,12 +28,11 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from rlsys.checkpoint import sha256_of
+from rlsys.checkpoint import safe_relative, sha256_of
 from rlsys.config import ModelConfig
 
 THINK_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -98,46 +97,278 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+CHUNK_BYTES = 64 << 20
+"""A folder streams to a node in chunks this big, IN_FLIGHT at a time: never the whole folder in memory."""
+IN_FLIGHT = 2
+FETCH_RECORD = ".rlsys_fetched.json"
+"""In a node's cached copy: what was written (each file's size and mtime), checked at every reuse."""
+NOT_STREAMED = ("learner/", "trainer_state.json", "checksums.json", FETCH_RECORD)
+"""A checkpoint's learner ranks' optimizer state and the driver's trainer state: a resume reads them on
+the driver's side (trainer.resume), no actor loads them as a model; checksums.json is read, not copied."""
+
+
+def _streamed(name: str) -> bool:
+    return not any(name == skip or (skip.endswith("/") and name.startswith(skip)) for skip in NOT_STREAMED)
+
+
+def model_files(folder: Path) -> dict[str, tuple[int, str]]:
+    """{relative name: (bytes, sha256)} of the files a model folder is loaded from (NOT_STREAMED left
+    out). A checkpoint's checksums.json gives them without reading the files again (a 7B checkpoint:
+    28 GB, about a minute of hashing at every actor start); a listed file that is missing or has
+    another size stops here, naming it. Files it does not list, and folders without one (an HF
+    folder, an export), are hashed."""
+    from rlsys.checkpoint import read_checksums
+
+    folder = Path(folder)
+    try:
+        recorded = read_checksums(folder) or {}
+    except ValueError as e:
+        raise ValueError(f"model folder {folder}: {e}") from None
+    files = {}
+    for name in sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()):
+        if not _streamed(name):
+            continue
+        size = (folder / name).stat().st_size
+        want = recorded.get(name)
+        if want is not None and want["size"] != size:
+            raise ValueError(f"model folder {folder}: {name} has {size} bytes, its checksums.json recorded "
+                             f"{want['size']}: the checkpoint was altered or cut short since it was saved")
+        files[name] = (size, want["sha256"] if want is not None else sha256_of(folder / name))
+    lost = sorted(n for n in recorded if _streamed(n) and n not in files)
+    if lost:
+        raise FileNotFoundError(f"model folder {folder}: {', '.join(lost)} listed in its checksums.json but missing")
+    return files
+
+
+def listing_digest(files: dict[str, tuple[int, str]]) -> str:
+    """One sha256 over the names and sha256s of a folder's files (folder_digest's rule)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name][1]}\n".encode())
+    return h.hexdigest()
+
+
+class FolderReader:
+    """Serves a model folder's bytes from the driver's node, a chunk per call, to the nodes that
+    lack it (ModelSource.local). Reads only the files of the listing it was given."""
+
+    def __init__(self, folder: str, names: list[str]):
+        self.folder, self.names = Path(folder), set(names)
+
+    def read(self, name: str, offset: int, size: int) -> bytes:
+        if name not in self.names:
+            raise ValueError(f"{name!r} is not a file of the model folder {self.folder}")
+        with open(self.folder / name, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.folder / name}: {len(data)} bytes at offset {offset}, {size} expected: the file "
+                          f"changed on the driver's node after the run started")
+        return data
+
+
+_READERS: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+"""(Ray job, folder, digest) -> its FolderReader actor, while a ModelSource holds it: one per folder
+however often ModelSource.of is called for it. The actor ends with the last handle (Ray counts them):
+when the run's groups are gone (a pipeline's next stage, the end of a test); an engine pool keeps its
+ModelSource for the engines it restarts, and so the reader."""
+
+
+def _reader_for(folder: Path, files: dict[str, tuple[int, str]], digest: str):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_job_id(), str(folder), digest)
+    reader = _READERS.get(key)
+    if reader is None:
+        # No CPU: it only reads files, and the head of a cluster often declares none. Started whether
+        # or not a node will need it: the driver cannot tell which nodes see its disk.
+        actor = ray.remote(FolderReader).options(
+            num_cpus=0, max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False))
+        reader = _READERS[key] = actor.remote(str(folder), sorted(files))
+    return reader
+
+
+def _this_node() -> str:
+    import socket
+
+    import ray
+
+    ip = ray.util.get_node_ip_address() if ray.is_initialized() else None
+    return f"{socket.gethostname()}{f' ({ip})' if ip else ''}"
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """What an actor is given instead of the driver's model path: the path, and for a model rlsys
-    builds (tiny, a GGUF from a package) how to build it and the digest of the driver's copy.
+    """What an actor is given instead of the driver's model path; rlsys.cluster.remote.Placed calls
+    `local()` when the actor starts, on its node. Nodes share no disk unless a folder is mounted on
+    each: the driver's ~/.cache/rlsys, its run folders and its checkpoints are on the driver's node
+    only. Three kinds of model:
 
-    Nodes share no disk: the driver's ~/.cache/rlsys is not on the actors' nodes. Every node makes
-    its own copy from the same recipe (the tiny model from its config, the GGUF from the package
-    installed on that node), once per node (the cache is keyed by the recipe; a GGUF conversion
-    takes a lock), and checks it against the driver's digest, so a node with another package
-    version stops with a message instead of training a different model. rlsys.cluster.remote.Placed
-    calls `local()` when the actor starts, on its node."""
+    - A model rlsys builds (tiny, a GGUF from a package): every node makes its own copy from the
+      recipe (`build`), once per node, and checks it against the driver's `digest`, so a node with
+      another package version stops with a message instead of training a different model.
+    - A local folder (a checkpoint `runs/x/checkpoints/step_N`, an SFT stage's output, any HF folder):
+      `files` lists it (name, bytes, sha256; from checksums.json when it has one) and `reader`, an
+      actor on the driver's node, serves its bytes. A node where the path holds the same files
+      (shared storage) loads it there; otherwise it uses, or first fills, its cache
+      `<default_cache_dir()>/models/<digest>`: one actor per node fetches (a file lock; the others
+      wait and reuse it), CHUNK_BYTES at a time with IN_FLIGHT chunks requested, into a temporary
+      folder, every file's sha256 checked, then renamed into place. All actors of a node load the
+      same bytes. A cached copy is reused when its files have the sizes and mtimes recorded when it
+      was written (FETCH_RECORD): a copy cut short or edited is removed and fetched again.
+      Why an actor that reads on demand and not the folder ray.put() at launch: with shared storage
+      (the common case) nothing is copied at all, and the object store never holds more than the
+      chunks in flight, where a 7B checkpoint put whole would take 28 GB of it (spilled to disk).
+    - A hub id: passed as it is (clusters that reach a hub).
+    """
     path: str
     build: ModelConfig | None = None
     digest: str | None = None
+    files: tuple[tuple[str, int, str], ...] = ()
+    """A local folder: (relative name, bytes, sha256) of each file the actors need."""
+    reader: object = None
+    """A local folder: the FolderReader actor on the driver's node (None where Ray is not running)."""
 
     @staticmethod
     def of(cfg: ModelConfig, path: str) -> "ModelSource":
         """On the driver, after resolve_model(cfg) gave `path`."""
-        if not built_by_rlsys(cfg) or Path(path).parent != default_cache_dir():  # e.g. a checkpoint folder
-            return ModelSource(path)
-        return ModelSource(path, cfg, folder_digest(Path(path)))
+        import ray
+
+        if built_by_rlsys(cfg) and Path(path).parent == default_cache_dir():
+            return ModelSource(path, cfg, folder_digest(Path(path)))
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            if path.startswith(("/", ".", "~")) or path.count("/") != 1:
+                raise FileNotFoundError(f"model {path}: no such folder on the driver's node {_this_node()}, and not "
+                                        f"a hub id (owner/name)")
+            return ModelSource(path)  # a hub id
+        folder = folder.resolve()
+        listing = model_files(folder)
+        digest = listing_digest(listing)
+        reader = _reader_for(folder, listing, digest) if ray.is_initialized() else None
+        return ModelSource(str(folder), None, digest, tuple((n, s, h) for n, (s, h) in sorted(listing.items())),
+                           reader)
 
     def local(self) -> str:
         """The path on this node."""
-        import socket
+        if self.build is not None:
+            return self._built()
+        if not self.files:
+            return self.path  # a hub id
+        return self._folder()
 
-        if self.build is None:
-            if self.path.startswith("/") and not Path(self.path).exists():
-                raise FileNotFoundError(
-                    f"model {self.path} does not exist on node {socket.gethostname()}: nodes share no disk unless "
-                    f"a folder is mounted on each of them; put the model there, or give a hub id")
-            return self.path
+    def _built(self) -> str:
         path = resolve_model(self.build)
         digest = folder_digest(Path(path))
         if digest != self.digest:
             raise RuntimeError(
-                f"model.path={self.build.path}: the copy node {socket.gethostname()} built ({path}, sha256 "
+                f"model.path={self.build.path}: the copy node {_this_node()} built ({path}, sha256 "
                 f"{digest[:12]}) differs from the driver's ({self.digest[:12]}): the nodes run different package "
                 f"versions (transformers, the model's package); install the same ones everywhere")
         return path
+
+    def _folder(self) -> str:
+        want = {n: (s, h) for n, s, h in self.files}
+        here = Path(self.path)
+        if here.is_dir():
+            try:
+                same = model_files(here) == want
+            except (OSError, ValueError):  # another folder at that path, damaged: this node's copy is not used
+                same = False
+            if same:
+                return str(here)  # shared storage, or the driver's own node
+            print(f"[rlsys] node {_this_node()}: {here} holds other files than the driver's; using the driver's "
+                  f"copy (cache)", flush=True)
+        root = default_cache_dir() / "models"
+        target = root / self.digest
+        if _cached(target, want):
+            return str(target)
+        root.mkdir(parents=True, exist_ok=True)
+        with _file_lock(root / f".{self.digest}.lock"):  # the node's other actors wait, then reuse it
+            if _cached(target, want):
+                return str(target)
+            if target.exists():
+                print(f"[rlsys] node {_this_node()}: the cached copy {target} of {self.path} was cut short or "
+                      f"altered; removing it and fetching it again", flush=True)
+                _remove_folder(target)
+            self._fetch(root, target)
+        return str(target)
+
+    def _fetch(self, root: Path, target: Path) -> None:
+        import collections
+
+        where = f"node {_this_node()}: model folder {self.path} (on the driver's node)"
+        if self.reader is None:
+            raise FileNotFoundError(f"{where} is not on this node, and the driver started no reader for it (Ray was "
+                                    f"not running when its ModelSource was made)")
+        total = sum(s for _, s, _ in self.files)
+        print(f"[rlsys] {where}: fetching {len(self.files)} files, {total / 2**20:.1f} MiB, into {target}",
+              flush=True)
+        started = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.digest[:16]}-", dir=root))
+        try:
+            written = {}
+            for name, size, sha in self.files:
+                path = tmp / safe_relative(name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
+                offsets = iter(range(0, size, CHUNK_BYTES))
+                pending = collections.deque()
+                with open(path, "wb") as f:
+                    for offset in offsets:
+                        pending.append(self.reader.read.remote(name, offset, min(CHUNK_BYTES, size - offset)))
+                        if len(pending) == IN_FLIGHT:
+                            _write(f, h, pending.popleft(), where, name)
+                    while pending:
+                        _write(f, h, pending.popleft(), where, name)
+                if h.hexdigest() != sha:
+                    raise RuntimeError(f"{where}: {name} arrived with sha256 {h.hexdigest()[:12]}, the driver listed "
+                                       f"{sha[:12]}: the file changed on the driver's node after the run started")
+                written[name] = {"size": size, "mtime_ns": path.stat().st_mtime_ns}
+            os.chmod(tmp, 0o755)  # mkdtemp made it private; the cache is shared like the tiny models'
+            (tmp / FETCH_RECORD).write_text(json.dumps({"source": self.path, "digest": self.digest,
+                                                        "files": written}, indent=1))
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        print(f"[rlsys] {where}: fetched into {target} in {seconds:.1f} s "
+              f"({total / 2**20 / max(seconds, 1e-6):.0f} MiB/s)", flush=True)
+
+
+def _write(f, h, ref, where: str, name: str) -> None:
+    import ray
+
+    try:
+        data = ray.get(ref)
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"{where}: the driver's reader of the folder is gone (the driver exited?) while "
+                           f"sending {name}: {e}") from e
+    except ray.exceptions.RayTaskError as e:
+        raise RuntimeError(f"{where}: the driver's node could not read {name}: {e.cause}") from e
+    f.write(data)
+    h.update(data)
+
+
+def _cached(target: Path, want: dict[str, tuple[int, str]]) -> bool:
+    """Whether `target` is a whole copy of a folder with these files, as written (sizes and mtimes of
+    its FETCH_RECORD): the sha256s were checked when it was written and are not read again here."""
+    try:
+        record = json.loads((target / FETCH_RECORD).read_text())["files"]
+        present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()} - {FETCH_RECORD}
+        if present != set(want) or set(record) != set(want):
+            return False
+        for name, (size, _) in want.items():
+            st = (target / name).stat()
+            if st.st_size != size or st.st_mtime_ns != record[name]["mtime_ns"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 LLAMA_CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -184,6 +415,7 @@ def build_tiny_tokenizer(arch: str = "qwen2"):
 
 def build_tiny_model(out: Path, seed: int, hidden: int, layers: int, heads: int, tied: bool = False,
                      arch: str = "qwen2") -> None:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tiny_tokenizer(arch)
@@ -324,6 +556,7 @@ def load_gguf(src: Path):
     The tokenizer gets pad = eos when the GGUF names no pad token, and the ChatML template (CHATML) when
     the GGUF carries none (SmolLM2's GGUF carries its own ChatML template, which is kept).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_progress_bars():
