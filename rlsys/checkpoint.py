@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import IO, Callable, Iterable, Iterator
 
 from rlsys.config import ConfigError
 
@@ -86,10 +86,14 @@ def find_resumable(run_dir: Path) -> Path | None:
     return whole[max(whole)] if whole else None
 
 
-def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int = 0) -> Path:
+def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int = 0,
+           saves_left: int | None = None) -> Path:
     """Write checkpoint step_<step> atomically: `write(folder)` fills a temporary folder, then its
-    checksums.json is written, then the folder is renamed; then `latest` names it; then all but the newest `keep_last` whole
-    checkpoints are removed (0: keep all)."""
+    checksums.json is written, then the folder is renamed; then `latest` names it; then all but the
+    newest `keep_last` whole checkpoints are removed (0: keep all). Then a warning is printed when
+    the run folder's disk cannot hold the checkpoints still to come at this one's size (`disk_note`;
+    saves_left: how many saves the run still makes after this one, None: unknown, only the next
+    is counted)."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
@@ -112,7 +116,53 @@ def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: i
     if keep_last > 0:
         for old in sorted(list_checkpoints(run_dir))[:-keep_last]:
             shutil.rmtree(root / f"step_{old}")
+    size = sum(entry["size"] for entry in read_checksums(final).values())
+    note = disk_note(root, size, len(list_checkpoints(run_dir)), keep_last, saves_left, shutil.disk_usage(root).free)
+    if note:
+        print(f"[rlsys] warning: {note}", flush=True)
     return final
+
+
+def disk_need(size: int, kept: int, keep_last: int, saves_left: int | None) -> int:
+    """Bytes the run folder's disk must still give the checkpoints to come, each of `size` bytes,
+    with `kept` whole ones on it now. A save is written whole beside the ones kept before the
+    oldest is removed, so with keep_last=k the folder peaks at k + 1; with 0 every one stays.
+    saves_left None (unknown): the next save only.
+
+    >>> disk_need(10, kept=3, keep_last=0, saves_left=5)  # every one stays
+    50
+    >>> disk_need(10, kept=1, keep_last=3, saves_left=5)  # grows to 3, then one transient copy
+    30
+    >>> disk_need(10, kept=3, keep_last=3, saves_left=5), disk_need(10, kept=3, keep_last=0, saves_left=None)
+    (10, 10)
+    >>> disk_need(10, kept=3, keep_last=0, saves_left=0)
+    0
+    """
+    if saves_left == 0:
+        return 0
+    if saves_left is None:
+        return size
+    if keep_last == 0:
+        return size * saves_left
+    return size * min(saves_left, max(keep_last - kept, 0) + 1)
+
+
+def disk_note(root: Path, size: int, kept: int, keep_last: int, saves_left: int | None, free: int) -> str | None:
+    """A warning when `free` bytes on the disk of `root` cannot hold the checkpoints still to come
+    (disk_need), naming the largest trainer.keep_last that fits; None when they fit. A warning, not
+    a stop: the disk may be cleared meanwhile, and a save that does not fit loses nothing (commit
+    removes its .partial folder, the previous checkpoint stays whole and named by `latest`)."""
+    need = disk_need(size, kept, keep_last, saves_left)
+    if need <= free or size == 0:
+        return None
+    gib = 1 << 30
+    fits = (free + kept * size) // size - 1  # keep_last=k peaks at k + 1 checkpoints
+    what = "the next checkpoint" if saves_left is None else f"the {saves_left} checkpoint(s) still to write"
+    fix = (f"trainer.keep_last={fits} fits (checkpoints are {size / gib:.2f} GiB each)" if fits >= 1
+           else "not even one more fits: free space on it")
+    return (f"{root} has {free / gib:.2f} GiB free; {what} need {need / gib:.2f} GiB with trainer.keep_last="
+            f"{keep_last} ({'every checkpoint is kept' if keep_last == 0 else f'at most {keep_last} + 1 at a time'}"
+            f"): a save that does not fit stops the run (the previous checkpoint stays whole). {fix}")
 
 
 def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
@@ -237,15 +287,47 @@ def read_trainer_state(folder: Path) -> dict:
                          f"one as trainer.resume=PATH") from None
 
 
-def state_files(folder: Path, rank: int) -> list[tuple[str, bytes]]:
-    """The learner state files of checkpoint `folder` that learner rank `rank` reads, (name
-    relative to the checkpoint, bytes): its own ZeRO partition and the files every rank reads."""
+def rank_state_files(folder: Path, rank: int) -> list[str]:
+    """The learner state files of checkpoint `folder` that learner rank `rank` reads, as names
+    relative to the checkpoint: its own ZeRO partition and the files every rank reads (the module
+    states, which under ZeRO-0 hold the whole model and optimizer)."""
     out = []
     for path in sorted((folder / "learner").rglob("*")):
         owner = re.search(r"zero_pp_rank_(\d+)_", path.name)
         if path.is_file() and (owner is None or int(owner.group(1)) == rank):
-            out.append((path.relative_to(folder).as_posix(), path.read_bytes()))
+            out.append(path.relative_to(folder).as_posix())
     return out
+
+
+def file_chunks(folder: Path, names: list[str], chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, int, bytes]]:
+    """Files of `folder` as (relative name, byte offset, at most chunk_bytes bytes), read lazily:
+    whoever consumes it holds one chunk at a time, never a whole file. An empty file is one empty
+    chunk (it must still be made on the other side).
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp()); _ = (d / "a").write_bytes(b"12345"); _ = (d / "e").write_bytes(b"")
+    >>> list(file_chunks(d, ["a", "e"], chunk_bytes=2))
+    [('a', 0, b'12'), ('a', 2, b'34'), ('a', 4, b'5'), ('e', 0, b'')]
+    """
+    for name in names:
+        with open(folder / safe_relative(name), "rb") as f:
+            offset = 0
+            while True:
+                chunk = f.read(chunk_bytes)
+                if chunk or offset == 0:
+                    yield name, offset, chunk
+                if len(chunk) < chunk_bytes:
+                    break
+                offset += len(chunk)
+
+
+def write_chunk(folder: Path, name: str, offset: int, data: bytes) -> None:
+    """Write one chunk of file_chunks at its offset under `folder` (the file made if missing):
+    the chunks of a file may arrive in any order and still make the same file."""
+    target = folder / safe_relative(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "r+b" if target.exists() else "wb") as f:
+        f.seek(offset)
+        f.write(data)
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:

@@ -306,7 +306,15 @@ class TrainerConfig:
     """Write a checkpoint every N steps (and after the last step); 0 = only at the end. Each is an
     HF folder (weights transformers and vLLM load) plus what a resume needs (rlsys.checkpoint)."""
     keep_last: int = 0
-    """Keep only the newest N checkpoints (older ones are removed once a newer one is whole); 0 = all."""
+    """Keep only the newest N checkpoints (older ones are removed once a newer one is whole); 0 = keep
+    every checkpoint. 0 stays the default on purpose: removing checkpoints unasked loses what cannot
+    be made again, while a full disk loses nothing (a save that does not fit removes its partial
+    folder, the previous checkpoint stays whole and named by `latest`, and the run stops saying
+    so). After every save the driver compares the free space of the run folder's disk with what
+    the checkpoints still to come need at the size of the one just written (all of them with 0, at
+    most N + 1 at a time otherwise; `rlsys sft` knows how many are left, other runs count the next)
+    and prints a warning naming the largest keep_last that fits (rlsys.checkpoint.disk_note).
+    Without shared storage every checkpoint lands on the driver's (the head's) disk: set N there."""
     resume: str = ""
     """"" : a new run (an output_dir that already holds one is refused). "auto": continue the run
     in trainer.output_dir from its newest whole checkpoint (stops if it has none). A checkpoint

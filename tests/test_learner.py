@@ -399,12 +399,14 @@ def test_a_saved_learner_continues_exactly_where_it_stopped(tmp_path, stage, dty
     expected = ran.train(second)
     expected_weights = ran.full_state_dict()
     resumed = stateful_learner(stage, dtype)
-    if stage == 3:  # as a rank on another node gets it: the files it reads, sent by the driver
-        from rlsys.checkpoint import state_files
+    if stage == 3:  # as a rank on another node gets it: the files it reads, sent by the driver in chunks
+        from rlsys.checkpoint import file_chunks, rank_state_files
 
-        files = state_files(tmp_path / "ckpt", rank=0)
-        assert files and all(name.startswith("learner/") for name, _ in files)
-        assert resumed.load_state_files(files) == 1
+        names = rank_state_files(tmp_path / "ckpt", rank=0)
+        assert names and all(name.startswith("learner/") for name in names)
+        for chunk in file_chunks(tmp_path / "ckpt", names, chunk_bytes=4096):
+            resumed.receive_state_chunk(*chunk)
+        assert resumed.load_received_state({n: (tmp_path / "ckpt" / n).stat().st_size for n in names}) == 1
     else:
         assert resumed.load_state(str(tmp_path / "ckpt")) == 1
     got = resumed.train(second)

@@ -184,3 +184,116 @@ def test_a_broken_trainer_state_stops_naming_the_file(tmp_path):
     (tmp_path / "trainer_state.json").write_text('{"step": 2,')  # cut short
     with pytest.raises(ValueError, match=r"trainer_state.json: not valid JSON .* give an earlier one"):
         read_trainer_state(tmp_path)
+
+
+def test_doctests():
+    import doctest
+
+    from rlsys import checkpoint
+    from rlsys.cluster import learners
+
+    assert doctest.testmod(checkpoint).failed == 0 and doctest.testmod(learners).failed == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 4096 * 3, 10_000])  # empty, tiny, one chunk, a multiple, a tail
+def test_state_files_travel_in_chunks_and_land_whole_in_any_order(tmp_path, size):
+    """A rank that cannot read the run folder gets its files as (name, offset, chunk): no chunk
+    larger than asked, and the chunks make the same file whatever order they arrive in."""
+    from rlsys.checkpoint import file_chunks, write_chunk
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "learner" / "state").mkdir(parents=True)
+    blob = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    (src / "learner" / "state" / "f.pt").write_bytes(blob)
+    chunks = list(file_chunks(src, ["learner/state/f.pt"], chunk_bytes=4096))
+    assert all(len(data) <= 4096 for _, _, data in chunks) and len(chunks) == max(1, -(-size // 4096))
+    random.Random(0).shuffle(chunks)
+    for chunk in chunks:
+        write_chunk(dst, *chunk)
+    assert (dst / "learner" / "state" / "f.pt").read_bytes() == blob
+
+
+def test_a_rank_is_sent_its_own_partition_and_the_shared_files(tmp_path):
+    from rlsys.checkpoint import rank_state_files
+
+    state = tmp_path / "learner" / "state"
+    state.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_optim_states.pt"):
+        (state / name).write_text("x")
+    (tmp_path / "model.safetensors").write_text("weights: not read by a resume")
+    assert rank_state_files(tmp_path, 1) == ["learner/state/mp_rank_00_model_states.pt",
+                                             "learner/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_chunks_are_sent_with_at_most_two_in_flight_and_read_only_when_sent():
+    """The driver's side of the stream: it reads a chunk only when it may send it, and waits for
+    the oldest before a third is out, so it never holds more than two chunks of a rank's files."""
+    from rlsys.cluster.learners import send_bounded
+
+    read, outstanding, most, log = [0], set(), [0, 0], []
+
+    def chunks():
+        for i in range(7):
+            read[0] += 1
+            yield (i,)
+
+    def submit(i):
+        outstanding.add(i)
+        most[0] = max(most[0], len(outstanding))
+        most[1] = max(most[1], read[0] - len(log))  # read but not yet confirmed
+        return i
+
+    def wait(ref):
+        outstanding.remove(ref)
+        log.append(ref)
+
+    assert send_bounded(chunks(), submit, wait, in_flight=2) == 7
+    assert log == list(range(7)) and not outstanding
+    assert most == [2, 2]
+
+
+def test_ranks_ship_their_part_only_where_they_cannot_see_the_run_folder():
+    from rlsys.cluster.learners import shipping
+
+    assert shipping(["head", "a", "a"], "head", shared_storage=False) == [False, True, True]
+    assert shipping(["a", "head"], "head", shared_storage=False) == [True, False]  # rank 0 alone is not the rule
+    assert shipping(["a", "b"], "head", shared_storage=True) == [False, False]
+
+
+def test_a_save_warns_when_the_checkpoints_to_come_do_not_fit_the_disk(tmp_path, monkeypatch, capsys):
+    """keep_last=0 keeps every checkpoint: the driver says so when the run folder's disk cannot
+    hold the ones still to come, and names a keep_last that fits; with room, nothing is said."""
+    import shutil as sh
+
+    from rlsys import checkpoint
+
+    def blob(folder, step):
+        fake_checkpoint(folder, step)
+        (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+
+    real = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real._replace(free=5500))
+    commit(tmp_path, 1, lambda f: blob(f, 1), keep_last=0, saves_left=9)
+    out = capsys.readouterr().out
+    size = sum(e["size"] for e in checkpoint.read_checksums(tmp_path / "checkpoints" / "step_1").values())
+    assert "warning" in out and "the 9 checkpoint(s) still to write" in out and "every checkpoint is kept" in out
+    assert f"trainer.keep_last={(5500 + size) // size - 1}" in out
+    commit(tmp_path, 2, lambda f: blob(f, 2), keep_last=3, saves_left=1)  # one more fits
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real._replace(free=10))
+    commit(tmp_path, 3, lambda f: blob(f, 3), keep_last=0)  # unknown count: the next one
+    assert "the next checkpoint need" in capsys.readouterr().out
+    assert sorted(list_checkpoints(tmp_path)) == [1, 2, 3]  # a warning, nothing removed unasked
+
+
+def test_a_storage_uri_run_is_checked_before_it_starts(tmp_path):
+    from rlsys.cluster.storage import open_run_storage
+
+    assert open_run_storage(str(tmp_path / "plain"), "", tmp_path / "stage") is None
+    with pytest.raises(ConfigError, match="trainer.resume=auto reads the run folder"):
+        open_run_storage(f"file://{tmp_path}/uri", "auto", tmp_path / "stage")
+    (tmp_path / "uri").mkdir()
+    (tmp_path / "uri" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        open_run_storage(f"file://{tmp_path}/uri", "", tmp_path / "stage")

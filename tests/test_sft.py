@@ -101,6 +101,24 @@ def test_rlsys_sft_trains_checkpoints_and_resumes(tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_6")  # the next stage's model.path
 
 
+def test_rlsys_sft_to_a_storage_uri_uploads_the_run(tmp_path):
+    """trainer.output_dir=file://...: staged on the driver and copied there after every step, as
+    `rlsys train` does: the metrics and the whole checkpoint reach the URI."""
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}?", "response": f"<answer> {i} </answer>"}) + "\n"
+                            for i in range(4)))
+    target = tmp_path / "bucket" / "run"
+    proc = rlsys("sft", "configs/tiny.yaml", f"data.path={data}", "learner.mini_batch_size=2",
+                 "learner.micro_batch_size=2", "learner.num_ranks=1", f"trainer.output_dir=file://{target}",
+                 "trainer.progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (target / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    from rlsys.checkpoint import damage
+
+    assert damage(target / "checkpoints" / "step_2") == []  # every file there, matching its checksum
+    assert (target / "checkpoints" / "latest").read_text().strip() == "step_2"
+
+
 def test_sft_bad_input_stops_with_the_row_and_the_key(tmp_path):
     data = tmp_path / "traces.jsonl"
     data.write_text(json.dumps({"prompt": "q", "response": "r"}) + "\n" + json.dumps({"prompt": "q2"}) + "\n")

@@ -25,6 +25,7 @@ import importlib
 import math
 import os
 import random
+import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from rlsys.actors.state_tree import SafetensorsCheckpointEngine
-from rlsys.checkpoint import safe_relative
+from rlsys.checkpoint import write_chunk
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.flops import Shape
@@ -232,6 +233,7 @@ class Learner:
         self.engine = self.ref = None
         self.sync_group = None
         self.steps = 0
+        self._incoming: Path | None = None  # state files being received (receive_state_chunk)
 
     def free_port(self) -> int:
         """A free port on this rank's node (rank 0 hosts the rendezvous of both groups)."""
@@ -568,6 +570,14 @@ class Learner:
         assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
         self.sync_group = make_group(self.backend, addr, port, 0, world, timeout_s)
 
+    def leave_sync(self) -> None:
+        """Drop this rank's sync group after a failed push (an engine died under it). Its
+        connections close with it, so the engines still waiting in that push's receive fail at
+        once instead of waiting out deadlines.sync_s; the next push builds a new group."""
+        if self.sync_group is not None:
+            self.sync_group.abort()  # its sockets close now, whatever still refers to the group
+        self.sync_group = None
+
     def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
         """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank
         broadcasts the buckets it owns (weight_sync.owners) and returns their checksums by bucket
@@ -660,15 +670,30 @@ class Learner:
         random.setstate(mine["python_rng"])
         return self.steps
 
-    def load_state_files(self, files: list[tuple[str, bytes]]) -> int:
-        """`load_state` for a rank on another node than the run folder: the checkpoint's files
-        this rank reads, (relative name, bytes), written into a local temporary folder first."""
-        with tempfile.TemporaryDirectory(prefix="rlsys-resume-") as tmp:
-            for name, blob in files:
-                target = Path(tmp) / safe_relative(name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(blob)
-            return self.load_state(tmp)
+    def receive_state_chunk(self, name: str, offset: int, data: bytes) -> None:
+        """One chunk of a checkpoint's state file this rank reads (rlsys.checkpoint.file_chunks),
+        for a rank that cannot read the run folder: written at its offset into a local temporary
+        folder, which `load_received_state` then loads. A chunk at a time, never a whole file, so
+        neither the driver nor the object store ever holds a model-sized argument."""
+        if self._incoming is None:
+            self._incoming = Path(tempfile.mkdtemp(prefix="rlsys-resume-"))
+        write_chunk(self._incoming, name, offset, data)
+
+    def load_received_state(self, sizes: dict[str, int]) -> int:
+        """`load_state` from the files received by receive_state_chunk, once each has its size in
+        `sizes` (relative name: bytes, as the driver read them); the folder goes afterwards. Collective."""
+        folder, self._incoming = self._incoming, None
+        if folder is None:
+            raise RuntimeError(f"learner {self.rank}: asked to load received state, but no file was received")
+        try:
+            got = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+            if got != sizes:
+                wrong = sorted(n for n in set(got) | set(sizes) if got.get(n) != sizes.get(n))
+                raise RuntimeError(f"learner {self.rank}: the received state files differ from the checkpoint's: "
+                                   + ", ".join(f"{n} {got.get(n)} bytes, expected {sizes.get(n)}" for n in wrong[:5]))
+            return self.load_state(str(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _client_state(self) -> dict:
         """What DeepSpeed does not keep: the update count (it seeds each update's shuffle) and the

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from pathlib import Path
+from typing import Callable, Iterable
 
 import ray
 from ray.util.placement_group import remove_placement_group
@@ -26,16 +28,33 @@ from rlsys.types import TrainBatch
 
 class LearnerGroup:
     def __init__(self, actors: list, cfg: Config, ship_checkpoints: bool = False):
-        """ship_checkpoints: rank 0 streams checkpoint files to the driver, which writes them
-        (rank 0 on another node than the driver, no shared storage)."""
+        """ship_checkpoints: True sends every rank's part of a checkpoint through the driver
+        whatever node it runs on; False: decided per rank (`ships`)."""
         self.actors = actors
         self.cfg = cfg
         self.trained = 0
         """Updates the group has taken (batches trained): the next shard is cut for this update."""
-        self.ship_checkpoints = ship_checkpoints
+        self.ship_all = ship_checkpoints
+        self._ships: list[bool] | None = None
         self.deadlines = cfg.deadlines
         self.names = [f"learner {i}" for i in range(len(actors))]
         self.shape = None  # the model's dimensions (rlsys.math.flops.Shape), asked of rank 0 at the first cut
+
+    def ships(self) -> list[bool]:
+        """Per rank: whether its part of a checkpoint travels through the driver (`shipping`),
+        asked of the ranks once (where they run)."""
+        if self._ships is None:
+            where = self._all([a.whereami.remote() for a in self.actors], "where", self.deadlines.start_s,
+                              "deadlines.start_s")
+            driver = ray.get_runtime_context().get_node_id()
+            self._ships = [True] * len(self.actors) if self.ship_all else shipping(
+                [w["node_id"] for w in where], driver, self.cfg.cluster.shared_storage)
+            if any(self._ships):
+                ranks = [r for r, s in enumerate(self._ships) if s]
+                print(f"[rlsys] learner rank(s) {ranks} run on other nodes than the driver ({driver[:12]}), no "
+                      f"cluster.shared_storage: their checkpoint parts are streamed to the driver, which writes "
+                      f"them into the run folder, and streamed back to them on resume", flush=True)
+        return self._ships
 
     def _all(self, refs: list, phase: str, timeout_s: float, setting: str) -> list:
         """Every rank's result; a rank that dies raises ActorLost at once (its peers would wait
@@ -76,42 +95,97 @@ class LearnerGroup:
 
     def save(self, folder: Path, state: bool = True) -> None:
         """Every rank's part of a checkpoint (rlsys.actors.learner.Learner.save) into `folder`
-        (absolute, in the run folder), whatever node rank 0 runs on."""
-        if not self.ship_checkpoints:
-            self._all([a.save.remote(str(folder), state) for a in self.actors], "save", self.deadlines.save_s,
-                      "deadlines.save_s")
-            # cluster.shared_storage=true on a path that is not shared: rank 0 wrote the checkpoint
-            # to its own node's disk, and the run would end "successfully" without it. A few
-            # seconds' grace for shared filesystems that cache a missing name briefly.
-            deadline = time.time() + 10
-            while not (folder / "config.json").is_file():
-                if time.time() > deadline:
-                    raise RuntimeError(
-                        f"learner rank 0 wrote checkpoint {folder}, but the driver does not see it: with "
-                        f"cluster.shared_storage=true the run folder must be on storage that every node "
-                        f"mounts at the same path (the checkpoint is on rank 0's node's local disk). Use "
-                        f"cluster.shared_storage=false to have checkpoints sent to the driver")
-                time.sleep(0.5)
+        (absolute, in the run folder), whatever node each rank runs on: a rank that sees the run
+        folder writes its part there itself; the others write theirs to their own disk and stream it
+        to the driver, which writes it (`ships`)."""
+        ships = self.ships()
+        # Submitted together: DeepSpeed's save is collective. A streaming rank is at most two
+        # chunks ahead of the driver's writes (backpressure); the driver reads the streams in turn.
+        direct = [(r, a.save.remote(str(folder), state)) for r, a in enumerate(self.actors) if not ships[r]]
+        streams = [(r, a.save_files.options(_generator_backpressure_num_objects=2).remote(state))
+                   for r, a in enumerate(self.actors) if ships[r]]
+        for rank, stream in streams:
+            checkpoint.receive((self._one(ref, rank, "save") for ref in stream), folder)
+        get_all([ref for _, ref in direct], [self.names[r] for r, _ in direct], "save", self.deadlines.save_s,
+                "deadlines.save_s")
+        if ships[0]:
+            if not (folder / "config.json").is_file():
+                raise RuntimeError(f"learner rank 0 streamed checkpoint {folder} without config.json")
             return
-        # Backpressure: each rank is at most two chunks ahead of the driver's writes. The ranks
-        # write their files at once (DeepSpeed's save is collective); the driver reads them in turn.
-        streams = [a.save_files.options(_generator_backpressure_num_objects=2).remote(state) for a in self.actors]
-        for stream in streams:
-            checkpoint.receive((ray.get(ref) for ref in stream), folder)
-        if not (folder / "config.json").is_file():
-            raise RuntimeError(f"learner rank 0 streamed checkpoint {folder} without config.json")
+        # cluster.shared_storage=true on a path that is not shared: rank 0 wrote the checkpoint
+        # to its own node's disk, and the run would end "successfully" without it. A few
+        # seconds' grace for shared filesystems that cache a missing name briefly.
+        deadline = time.time() + 10
+        while not (folder / "config.json").is_file():
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"learner rank 0 wrote checkpoint {folder}, but the driver does not see it: with "
+                    f"cluster.shared_storage=true the run folder must be on storage that every node "
+                    f"mounts at the same path (the checkpoint is on rank 0's node's local disk). Use "
+                    f"cluster.shared_storage=false to have checkpoints sent to the driver")
+            time.sleep(0.5)
 
-    def load_state(self, folder: Path) -> int:
-        """Every rank continues from checkpoint `folder`; returns the number of batches trained. Ranks
-        that cannot read the run folder (shipped checkpoints) are sent the files they read."""
-        if not self.ship_checkpoints:
-            refs = [a.load_state.remote(str(folder)) for a in self.actors]
-        else:
-            refs = [a.load_state_files.remote(checkpoint.state_files(folder, rank)) for rank, a in enumerate(self.actors)]
+    def load_state(self, folder: Path, chunk_bytes: int = 64 << 20) -> int:
+        """Every rank continues from checkpoint `folder`; returns the number of batches trained. A
+        rank that sees the run folder reads its files there; a rank that does not (`ships`) is sent
+        the files it reads (rlsys.checkpoint.rank_state_files: its own ZeRO partition and the
+        module states) chunk by chunk, at most two chunks in flight, one rank after another: the
+        driver never holds more than two chunks, never a whole file. Then every rank loads at once
+        (the load is collective)."""
+        ships = self.ships()
+        sizes = {}
+        for rank, actor in enumerate(self.actors):
+            if not ships[rank]:
+                continue
+            names = checkpoint.rank_state_files(folder, rank)
+            sizes[rank] = {name: (folder / name).stat().st_size for name in names}
+            t0 = time.time()
+            send_bounded(checkpoint.file_chunks(folder, names, chunk_bytes),
+                         lambda name, offset, data, a=actor: a.receive_state_chunk.remote(name, offset, data),
+                         lambda ref, r=rank: self._one(ref, r, "resume"), in_flight=2)
+            print(f"[rlsys] learner {rank}: {len(names)} state files ({sum(sizes[rank].values()) / 2**20:.1f} MiB) "
+                  f"sent in {time.time() - t0:.1f}s", flush=True)
+        refs = [a.load_received_state.remote(sizes[r]) if ships[r] else a.load_state.remote(str(folder))
+                for r, a in enumerate(self.actors)]
         counts = self._all(refs, "resume", self.deadlines.save_s, "deadlines.save_s")
         assert len(set(counts)) == 1, f"learner ranks resumed at different update counts: {counts}"
         self.trained = counts[0]
         return counts[0]
+
+    def _one(self, ref, rank: int, phase: str):
+        return get_all([ref], [self.names[rank]], phase, self.deadlines.save_s, "deadlines.save_s")[0]
+
+
+def shipping(rank_nodes: list[str], driver_node: str, shared_storage: bool) -> list[bool]:
+    """Per learner rank: does its part of a checkpoint travel through the driver? Yes for a rank
+    on another node than the driver without cluster.shared_storage: it cannot see the run folder.
+
+    >>> shipping(["a", "b"], "a", shared_storage=False), shipping(["a", "b"], "a", shared_storage=True)
+    ([False, True], [False, False])
+    """
+    return [not shared_storage and node != driver_node for node in rank_nodes]
+
+
+def send_bounded(items: Iterable[tuple], submit: Callable, wait: Callable, in_flight: int = 2) -> int:
+    """submit(*item) for each item in order, with at most `in_flight` submitted and not yet
+    waited for (wait(ref) on the oldest before the next submit): the backpressure that keeps a
+    stream of chunks from piling up in the sender's memory or the object store. Items are taken
+    from the iterable only when they can be sent. Returns how many were sent.
+
+    >>> sent = []
+    >>> send_bounded(iter([(1,), (2,), (3,)]), lambda x: sent.append(x) or x, lambda ref: None)
+    3
+    """
+    pending: deque = deque()
+    count = 0
+    for item in items:
+        if len(pending) >= in_flight:
+            wait(pending.popleft())
+        pending.append(submit(*item))
+        count += 1
+    while pending:
+        wait(pending.popleft())
+    return count
 
 
 def start_learner_group(cfg: Config, model_path: str, updates: int | None = None) -> tuple[LearnerGroup, object]:
@@ -119,14 +193,27 @@ def start_learner_group(cfg: Config, model_path: str, updates: int | None = None
     its placement group. updates: optimizer steps in the run (the LR schedule's length; None: a
     GRPO run's, from trainer.total_steps)."""
     backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
-    lay = layout(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, placement="any")),
-                 backend == "nccl")
+    lay = layout(learners_alone(cfg), backend == "nccl")
     pg = place("rlsys-learners", *lay.groups["rlsys-learners"], cfg.cluster)
     actors = learner_actors(cfg, ModelSource.of(cfg.model, model_path), backend, lay, {"rlsys-learners": pg}, updates)
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())
     ray.get([a.setup.remote(ip, port) for a in actors])
-    return LearnerGroup(actors, cfg), pg
+    group = LearnerGroup(actors, cfg)
+    group.ships()  # decided now, as `launch` does, and said once
+    return group, pg
+
+
+def learners_alone(cfg: Config) -> Config:
+    """The config a learner group started alone is placed by. cluster.placement any and
+    disaggregated (the ranks only on nodes declaring cluster.learner_resource) mean the same as in
+    a GRPO run; colocated puts generator i beside learner rank i, and without generators that means
+    nothing: the ranks are placed as with `any`, said once."""
+    if cfg.cluster.placement != "colocated":
+        return cfg
+    print("[rlsys] cluster.placement=colocated puts generator i beside learner rank i; this command starts "
+          "learners only, so they are placed as with cluster.placement=any", flush=True)
+    return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, placement="any"))
 
 
 def learner_actors(cfg: Config, model: ModelSource, backend: str, lay, pgs: dict, updates: int | None = None) -> list:

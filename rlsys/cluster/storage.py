@@ -50,6 +50,25 @@ class StorageError(OSError):
     pass
 
 
+def open_run_storage(output_dir: str, resume: str, staging: Path) -> "RunStorage | None":
+    """The storage a run whose trainer.output_dir is a URI is copied to (None for a plain path),
+    checked before any actor starts: trainer.resume=auto cannot read a URI's checkpoints, and a URI
+    that holds a run already is never mixed with or overwritten by another (`rlsys train`, `rlsys sft`)."""
+    from rlsys.config import ConfigError
+
+    if not is_uri(output_dir):
+        return None
+    if resume == "auto":
+        raise ConfigError(f"trainer.resume=auto reads the run folder, and trainer.output_dir={output_dir} is a "
+                          f"storage URI: copy the run's checkpoint folder to local disk and give it as "
+                          f"trainer.resume=PATH (the run continues into a new trainer.output_dir)")
+    storage = RunStorage(output_dir, staging)
+    if storage.holds_run():
+        raise FileExistsError(f"trainer.output_dir={output_dir} already holds a run (metrics.jsonl); choose another "
+                              f"trainer.output_dir")
+    return storage
+
+
 def is_uri(text: str) -> bool:
     """A storage URI with a scheme (s3://bucket/x, gs://..., hdfs://..., file:///abs), not a path.
 

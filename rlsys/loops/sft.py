@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rlsys.checkpoint import commit, read_trainer_state, write_trainer_state
+from rlsys.cluster.storage import open_run_storage
 from rlsys.config import Config, ConfigError, to_dict, to_yaml
 from rlsys.data.models import resolve_model
 from rlsys.data.prompts import DataError, apply_template, encode, load_rows, resolve_data_path
@@ -42,6 +43,7 @@ def sft(cfg: Config) -> Path:
     from rlsys.cluster.groups import init_ray, start_learner_group
 
     run_dir = resolve_run_dir(cfg.trainer.output_dir)
+    storage = open_run_storage(cfg.trainer.output_dir, cfg.trainer.resume, run_dir)  # a URI: staged in run_dir
     resume_from = resume_point(cfg, run_dir)
     resumed = read_trainer_state(resume_from) if resume_from is not None else None
     if resumed is not None:
@@ -65,7 +67,9 @@ def sft(cfg: Config) -> Path:
               f"steps >= {start} dropped (they run again)", flush=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(f"[rlsys] sft: {len(examples)} examples, {cfg.sft.epochs} epoch(s), {total} steps of "
-          f"{cfg.learner.mini_batch_size}; run folder {run_dir}", flush=True)
+          f"{cfg.learner.mini_batch_size}; run folder {run_dir}"
+          + (f" (staged here, copied to {cfg.trainer.output_dir} after every step)" if storage is not None else ""),
+          flush=True)
     init_ray(cfg)
     learner, placement = start_learner_group(learner_config(cfg), model_path, updates=total)
     log = RunLog(run_dir, cfg)
@@ -92,12 +96,16 @@ def sft(cfg: Config) -> Path:
             log.log(step, metrics, {"prompt_tokens": len(p), "response_tokens": len(r), "row": rows[0]})
             last = step + 1 == total
             if due(step, cfg.trainer.save_every, last) or last:
-                save(learner, run_dir, step + 1, cfg)
+                save(learner, run_dir, step + 1, cfg, saves_left(step + 1, total, cfg.trainer.save_every))
+            if storage is not None:
+                storage.upload()
             curve.append(learn["nll"])
             bar.set_postfix(nll=f"{learn['nll']:.3f}", curve=sparkline(curve[-30:], 0.0, max(curve)))
     finally:
         log.close()
         learner.shutdown(placement)
+        if storage is not None:  # also after a crash: what was written is on the storage
+            storage.upload()
     return run_dir
 
 
@@ -171,12 +179,23 @@ def load_examples(cfg: Config, model_path: str) -> list[Example]:
     return examples
 
 
-def save(learner, run_dir: Path, step: int, cfg: Config) -> Path:
-    """Checkpoint step_<step>: the HF folder and every rank's learner state, then the driver's."""
+def saves_left(done: int, total: int, every: int) -> int:
+    """Checkpoints a run of `total` steps still writes after step `done` (steps done): every
+    `every` steps and after the last.
+
+    >>> saves_left(2, 10, 2), saves_left(2, 9, 2), saves_left(4, 9, 0), saves_left(9, 9, 2)
+    (4, 4, 1, 0)
+    """
+    return sum(due(step, every, step + 1 == total) or step + 1 == total for step in range(done, total))
+
+
+def save(learner, run_dir: Path, step: int, cfg: Config, left: int | None = None) -> Path:
+    """Checkpoint step_<step>: the HF folder and every rank's learner state, then the driver's.
+    left: the saves the run still makes after this one (for the disk check of commit)."""
 
     def write(folder: Path) -> None:
         learner.save(folder)
         write_trainer_state(folder, {"kind": "sft", "step": step, "config": to_dict(cfg)})
 
-    return commit(run_dir, step, write, cfg.trainer.keep_last)
+    return commit(run_dir, step, write, cfg.trainer.keep_last, left)
 
