@@ -289,3 +289,12 @@ def test_a_file_changed_on_the_driver_after_launch_is_named(ray_cluster, checkpo
     with pytest.raises(RuntimeError, match="config.json arrived with sha256 .* the file changed on the driver's node"):
         node.local()
     assert not list((tmp_path / "node-cache" / "models").iterdir())[1:]  # no half-written copy left but the lock
+
+
+def test_a_cached_model_that_is_not_the_configs_recipe_is_streamed_not_rebuilt(ray_cluster, tmp_path, monkeypatch):
+    """model.path=tiny in the config, a pipeline stage sampling another model of the cache (a tiny of
+    another seed, a converted GGUF): the nodes must get that folder, not build the config's tiny."""
+    monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "driver-cache"))
+    other = resolve_model(ModelConfig(path="tiny", tiny_seed=7))
+    source = models.ModelSource.of(ModelConfig(path="tiny"), other)
+    assert source.build is None and source.digest == models.listing_digest(models.model_files(Path(other)))

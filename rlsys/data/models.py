@@ -237,7 +237,9 @@ class ModelSource:
         """On the driver, after resolve_model(cfg) gave `path`."""
         import ray
 
-        if built_by_rlsys(cfg) and Path(path).parent == default_cache_dir():
+        # The recipe only for the folder it makes: a stage may sample a converted GGUF, or another
+        # tiny model of the cache, under a config whose model.path names a different one.
+        if built_by_rlsys(cfg) and Path(path).parent == default_cache_dir() and resolve_model(cfg) == str(path):
             return ModelSource(path, cfg, folder_digest(Path(path)))
         folder = Path(path).expanduser()
         if not folder.is_dir():
