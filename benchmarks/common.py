@@ -237,6 +237,37 @@ def tiny_model(hidden: int, layers: int, heads: int) -> tuple[str, int]:
     return path, model_params(path)
 
 
+# ---------------------------------------------------------------- shaped links (--link)
+
+def parse_links(text: str) -> list[float]:
+    """--link: comma-separated link rates in Mb/s (10000 = 10 Gb/s).
+
+    >>> parse_links("10000,1000")
+    [10000.0, 1000.0]
+    """
+    from argparse import ArgumentTypeError  # argparse prints its message as it is
+
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ArgumentTypeError(f"--link {text!r}: expected link rates in Mb/s separated by commas, e.g. 10000,1000"
+                                ) from None
+    if not rates or any(r <= 0 for r in rates):
+        raise ArgumentTypeError(f"--link {text!r}: every rate must be a positive number of Mb/s, e.g. 10000,1000")
+    return rates
+
+
+def link_limit_s(nbytes: int, rate_mbit: float) -> float:
+    """The least time a link of rate_mbit Mb/s takes to carry nbytes (payload only: no headers)."""
+    return nbytes * 8 / (rate_mbit * 1e6)
+
+
+def link_label(rate_mbit: float | None) -> str:
+    if rate_mbit is None:
+        return "unshaped"
+    return f"{rate_mbit / 1000:g} Gb/s" if rate_mbit >= 1000 else f"{rate_mbit:g} Mb/s"
+
+
 def main(run: Callable[[bool], Section | list[Section]], argv: list[str] | None = None,
          options: dict[str, dict] | None = None, run_with: Callable[..., Section | list[Section]] | None = None
          ) -> list[Section]:

@@ -177,6 +177,30 @@ def _scaling_split(ax, bench: dict) -> None:
           f"scaling: generator / learner split of the same CPUs ({bench['params']['cores']} cores shared)")
 
 
+def _scaling_link(ax, bench: dict) -> None:
+    """Tokens/s against the rollout pool's size, one line per link rate; the sync phase per step
+    (dotted, right axis) for the same runs."""
+    rates = sorted({r["rate_mbit"] for r in bench["rows"]}, key=lambda x: -(x or float("inf")))
+    right = ax.twinx()
+    for k, rate in enumerate(rates):
+        rows = sorted((r for r in bench["rows"] if r["rate_mbit"] == rate), key=lambda r: r["engines"])
+        label = "unshaped" if rate is None else f"{rate / 1000:g} Gb/s" if rate >= 1000 else f"{rate:g} Mb/s"
+        color = f"C{k}"
+        ax.plot([r["engines"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", color=color,
+                label=f"tokens/s, {label}")
+        right.plot([r["engines"] for r in rows], [r["phases_s_mean"]["sync"] for r in rows], "s:", color=color,
+                   label=f"sync s/step, {label}")
+    ax.set_xticks(sorted({r["engines"] for r in bench["rows"]}))
+    ax.set(xlabel="generator engines (one isolated rollout node each)", ylabel="tokens/s (prompt + completion)",
+           title=f"scaling as the links slow: {bench['params']['model']['params'] / 1e6:.0f}M tiny model, "
+                 f"{bench['params']['cores']} cores shared by every node")
+    ax.set_ylim(bottom=0)
+    right.set_ylabel("sync phase, s per step")
+    right.set_ylim(bottom=0)
+    lines, more = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+
+
 def _targets(ax, benches: dict) -> bool:
     figs = [f for b in benches.values() for f in b["figures"] if f["target"] is not None]
     if not figs:
@@ -193,7 +217,8 @@ def _targets(ax, benches: dict) -> bool:
 
 PLOTS = {"rollout": _rollout, "reward": _reward, "learner": _learner, "weight_sync": _weight_sync,
          "weight_sync_link": _weight_sync_link,
-         "end_to_end": _end_to_end, "peer": _peer, "scaling": _scaling, "scaling_split": _scaling_split}
+         "end_to_end": _end_to_end, "peer": _peer, "scaling": _scaling, "scaling_split": _scaling_split,
+         "scaling_link": _scaling_link}
 
 if __name__ == "__main__":
     print("\n".join(str(p) for p in plot_all(Path(sys.argv[1]))))

@@ -2,6 +2,9 @@
 
     python benchmarks/run_all.py [--quick] [--only rollout,reward,...]
 
+weight_sync_link and scaling_link (the same on isolated nodes with shaped links: root, see
+rlsys/cluster/isolation.py) run only when --only names them, at LINK_RATES Mb/s.
+
 Writes benchmarks/results/<timestamp>.json (schema in benchmarks/common.py: every figure with its
 reference, measured in the same run, and their ratio; each target met or missed, by how much)
 and benchmarks/results/<timestamp>/*.png. Prints each benchmark's table as it finishes and a
@@ -12,6 +15,7 @@ Run it on an otherwise idle machine: every side of every ratio shares the same c
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,22 +29,27 @@ from benchmarks.plots import plot_all  # noqa: E402
 BENCHMARKS = {"rollout": rollout.run, "reward": reward.run, "learner": learner.run, "packing": packing.run,
               "weight_sync": weight_sync.run, "end_to_end": end_to_end.run, "overlap": overlap.run,
               "scaling": scaling.run}
+LINK_RATES = [10000.0, 1000.0]  # Mb/s: 10 and 1 Gb/s
+OPTIONAL = {"weight_sync_link": functools.partial(weight_sync.run_link, link=LINK_RATES),
+            "scaling_link": functools.partial(scaling.run_link, link=LINK_RATES)}
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (< 20 min here)")
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)} (or of "
+                                       f"{','.join(OPTIONAL)}, which run only when named)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<timestamp>.json)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
+    chosen = BENCHMARKS | OPTIONAL
+    unknown = [n for n in names if n not in chosen]
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(chosen)}")
     start = time.perf_counter()
     sections: list[Section] = []
     for name in names:
-        for section in timed_sections(BENCHMARKS[name], args.quick):
+        for section in timed_sections(chosen[name], args.quick):
             print(section.table(), flush=True)
             sections.append(section)
     out = args.out or REPO / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -25,6 +25,16 @@ shares the same two cores, so little or no speed-up is to be expected there, and
 says how many CPUs the run asked for against the cores it had.
 
     python benchmarks/scaling.py [--quick]
+
+With --link RATES (Mb/s, e.g. --link 10000,1000; root): the same runs on isolated nodes
+(rlsys/cluster/isolation.py: own address, disk and home each, nothing shared), the rollout pool
+grown 1..N engines, every node's link unshaped first and then shaped to each rate (tc tbf), so
+the step's sync and rollout traffic cross a link of that rate. The model is rlsys's tiny random
+Qwen2 made larger (LINK_MODEL, 43 MB of fp32 weights) so that a push takes a visible share of a
+step on the slower links. Figures: tokens/s and the sync phase at each rate against the unshaped
+run with the same engines, and each rate's speed-up against its own 1-engine run.
+
+    python benchmarks/scaling.py --link 10000,1000 [--quick]
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, Figure, Section, machine, main  # noqa: E402
+from benchmarks.common import REPO, Figure, Section, link_label, link_limit_s, machine, main, parse_links  # noqa: E402
 from rlsys.cluster.local import BIN, Background, LocalNodes  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
@@ -142,19 +152,28 @@ def split_figures(splits: dict[int, list[tuple[int, int]]], by_run: dict[tuple[i
     return figures
 
 
-def train_run(nodes: LocalNodes, engines: int, ranks: int, steps: int, run_dir: Path) -> dict:
+def train_run(nodes: LocalNodes, engines: int, ranks: int, steps: int, run_dir: Path, extra: tuple[str, ...] = ()
+              ) -> dict:
     """`rlsys train` of the tiny config against the cluster, in a process (group) of its own; its
-    output goes to a file (a pipe nobody reads while it runs could fill and block it)."""
+    output goes to a file (a pipe nobody reads while it runs could fill and block it). On isolated
+    nodes the driver runs on the head (its run folder one the head shares with the host), with no
+    storage shared between the nodes."""
+    isolated = nodes.iso is not None
     args = [str(BIN / "rlsys"), "train", CONFIG, "trainer.progress=false", f"trainer.total_steps={steps}",
             f"trainer.output_dir={run_dir}", "eval.every=0", f"cluster.address={nodes.address}",
-            "cluster.placement=disaggregated", "cluster.shared_storage=true",  # every node is this machine
+            "cluster.placement=disaggregated",
+            # not isolated: every node is this machine; isolated: checkpoints travel to the driver
+            f"cluster.shared_storage={str(not isolated).lower()}",
             f"generator.num_engines={engines}", f"generator.num_cpus={GENERATOR_CPUS:g}",
             f"learner.num_ranks={ranks}", f"learner.num_cpus={LEARNER_CPUS:g}",
-            f"reward.num_workers={REWARD_WORKERS}", f"reward.num_cpus={REWARD_CPUS:g}"]
+            f"reward.num_workers={REWARD_WORKERS}", f"reward.num_cpus={REWARD_CPUS:g}", *extra]
+    pin = None
+    if isolated:  # on the head, in the project folder as the node sees it, with the head's own model cache
+        args, pin = nodes.command("head", ["env", "-u", "RLSYS_CACHE", "-C", str(REPO), *args])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     start = time.perf_counter()
-    with Background(args, log, REPO) as run:  # timed out or interrupted: the driver goes with its children
+    with Background(args, log, REPO, preexec_fn=pin) as run:  # timed out or interrupted: the driver goes with its children
         try:
             code = run.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -232,6 +251,91 @@ def run(quick: bool) -> list[Section]:
     return [engines_section, split_section]
 
 
+# ---------------------------------------------------------------- on shaped links (--link)
+
+LINK_MODEL = (384, 8, 6)  # (hidden, layers, heads) of model.path=tiny: 10.7M parameters, 43 MB fp32, head_dim 64
+
+
+def link_plan(quick: bool) -> dict:
+    return {"steps": 4, "engines": [1, 2]} if quick else {"steps": 6, "engines": [1, 2, 3]}
+
+
+def link_figures(by: dict[tuple[float | None, int], dict], note: str) -> list[Figure]:
+    """by: (rate in Mb/s or None for unshaped, engines) -> measure() of that run. Each shaped run
+    against the unshaped run with the same engines (tokens/s, sync phase); each rate's N engines
+    against its own 1-engine run."""
+    figures = []
+    for (rate, n), m in sorted(by.items(), key=lambda kv: (kv[0][0] is not None, -(kv[0][0] or 0), kv[0][1])):
+        label = link_label(rate)
+        if rate is not None and (None, n) in by:
+            ref = by[(None, n)]
+            figures.append(Figure(f"{n} engine(s) at {label}: tokens/s vs unshaped", m["tokens_per_s"], "tokens/s",
+                                  f"{n} engine(s), unshaped links, same run", ref["tokens_per_s"], note=note))
+            figures.append(Figure(f"{n} engine(s) at {label}: sync phase vs unshaped", m["phases_s_mean"]["sync"],
+                                  "s", f"{n} engine(s), unshaped links", ref["phases_s_mean"]["sync"],
+                                  lower_is_better=True, note=note))
+        if n > 1 and (rate, 1) in by:
+            figures.append(Figure(f"{n} engines at {label}: tokens/s vs 1 engine", m["tokens_per_s"], "tokens/s",
+                                  f"1 engine at {label}, same run", by[(rate, 1)]["tokens_per_s"], note=note))
+    return figures
+
+
+def run_link(quick: bool, link: list[float]) -> Section:
+    p = link_plan(quick)
+    rates: list[float | None] = [None, *sorted(link, reverse=True)]
+    info = machine()
+    cores, cpu = info["cpus"], info["cpu"]
+    folder = REPO / "benchmarks" / "results" / f"scaling_link-{time.strftime('%Y%m%d-%H%M%S')}"
+    hidden, layers, heads = LINK_MODEL
+    model = (f"model.tiny_hidden={hidden}", f"model.tiny_layers={layers}", f"model.tiny_heads={heads}")
+    from benchmarks.common import tiny_model
+
+    _, params = tiny_model(*LINK_MODEL)  # its size for the record; every node builds its own copy
+    note = (f"{cores} cores ({cpu}) shared by every node: more engines add no cores here; the links are what "
+            f"changes. One push to each engine: {4 * params / 1e6:.0f} MB, "
+            + ", ".join(f"{link_limit_s(4 * params, r):.2f} s at {link_label(r)}" for r in sorted(link, reverse=True)))
+    section = Section("scaling_link", {
+        "config": CONFIG, "model": {"tiny_hidden": hidden, "tiny_layers": layers, "tiny_heads": heads,
+                                    "params": params, "bytes_fp32": 4 * params},
+        "steps": p["steps"], "measured": "steps after the first", "engines": p["engines"], "rates_mbit": link,
+        "learner_ranks": LEARNER_RANKS, "generator_num_cpus": GENERATOR_CPUS, "learner_num_cpus": LEARNER_CPUS,
+        "nodes": "isolated (own address, disk, home; nothing shared): head (driver, 0 CPUs), one learner node, "
+                 "one rollout node per engine; every node's link shaped (tc tbf, both ends) to the rate",
+        "cores": cores, "cpu": cpu, "files": str(folder.relative_to(REPO)), "cores_note": note})
+    by: dict[tuple[float | None, int], dict] = {}
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    folder.mkdir(parents=True, exist_ok=True)
+    nodes = LocalNodes(folder / "nodes", isolated=True)
+    previous = _sigterm_exits()
+    try:
+        nodes.head(shared={folder: folder})  # the driver's run folders, read from the host
+        nodes.worker("learner", math.ceil(LEARNER_RANKS * LEARNER_CPUS + REWARD_WORKERS * REWARD_CPUS), {"learner": 1})
+        for engines in p["engines"]:
+            for i in range(sum(1 for n in nodes.procs if n.startswith("rollout")), engines):
+                nodes.worker(f"rollout-{i}", math.ceil(GENERATOR_CPUS), {"rollout": 1})
+            for rate in rates:
+                for name in nodes.procs:
+                    nodes.shape(name, rate_mbit=rate)
+                tag = "unshaped" if rate is None else f"{rate:g}mbit"
+                print(f"[scaling_link] {engines} engine(s), {link_label(rate)}, {p['steps']} steps ...", flush=True)
+                r = train_run(nodes, engines, LEARNER_RANKS, p["steps"], folder / f"run-e{engines}-{tag}", model)
+                r["rate_mbit"] = rate
+                print(f"[scaling_link] {engines} engine(s), {link_label(rate)}: {r['tokens_per_s']:.0f} tokens/s, "
+                      f"{r['step_s_mean']:.2f} s a step (sync {r['phases_s_mean']['sync']:.2f} s, generate "
+                      f"{r['generate_s_mean']:.2f} s)", flush=True)
+                by[(rate, engines)] = r
+                section.rows.append({"what": "link", **r})
+    finally:
+        nodes.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    section.figures = link_figures(by, note)
+    return section
+
+
 def _sigterm_exits():
     """A SIGTERM while nodes run becomes SystemExit, so the finally above still stops them.
     Returns the handler it replaced (None off the main thread, where signals cannot be set)."""
@@ -246,4 +350,7 @@ def _sigterm_exits():
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main(run)
+    main(run, options={"--link": dict(type=parse_links, default=None, metavar="MBITS",
+                                       help="link rates in Mb/s, comma-separated (e.g. 10000,1000): the runs on "
+                                            "isolated nodes whose links are shaped to each rate (root)")},
+         run_with=lambda quick, link: run(quick) if link is None else run_link(quick, link))

@@ -29,9 +29,11 @@ actors.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +42,8 @@ if __package__ in (None, ""):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, Figure, Section, hardware, machine, main, ray_up, rlsys_config, tiny_model
+from benchmarks.common import (REPO, Figure, Section, hardware, link_label, link_limit_s, machine, main, parse_links,
+                               ray_up, rlsys_config, tiny_model)
 
 # (hidden, layers, heads): about 1M, 10M, 100M and 450M parameters of a random Qwen2.
 SIZES = {"1M": (128, 6, 4), "10M": (384, 8, 6), "100M": (1024, 10, 16), "450M": (2048, 12, 32)}
@@ -145,35 +148,6 @@ def run(quick: bool) -> Section:
 # kv heads = heads / 2, untied): 94.6M and 361.4M parameters, head_dim 64 both.
 LINK_SIZES = {"95M": (1024, 10, 16), "360M": (1536, 17, 24)}
 REPLY = "@@ "  # the prefix of the serving driver's answers on its stdout (Ray's own lines go to stderr)
-
-
-def parse_links(text: str) -> list[float]:
-    """--link: comma-separated link rates in Mb/s (10000 = 10 Gb/s).
-
-    >>> parse_links("10000,1000")
-    [10000.0, 1000.0]
-    """
-    from argparse import ArgumentTypeError  # argparse prints its message as it is
-
-    try:
-        rates = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ArgumentTypeError(f"--link {text!r}: expected link rates in Mb/s separated by commas, e.g. 10000,1000"
-                                ) from None
-    if not rates or any(r <= 0 for r in rates):
-        raise ArgumentTypeError(f"--link {text!r}: every rate must be a positive number of Mb/s, e.g. 10000,1000")
-    return rates
-
-
-def link_limit_s(nbytes: int, rate_mbit: float) -> float:
-    """The least time a link of rate_mbit Mb/s takes to carry nbytes (payload only: no headers)."""
-    return nbytes * 8 / (rate_mbit * 1e6)
-
-
-def link_label(rate_mbit: float | None) -> str:
-    if rate_mbit is None:
-        return "unshaped"
-    return f"{rate_mbit / 1000:g} Gb/s" if rate_mbit >= 1000 else f"{rate_mbit:g} Mb/s"
 
 
 def link_rows_figures(rows: list[dict]) -> list[Figure]:
@@ -326,11 +300,18 @@ def run_link(quick: bool, link: list[float]) -> Section:
         "limit": "bytes x 8 / rate: payload only, so even a perfect sender stays a few % under 1.0 "
                  "(TCP/IP headers on a 1500-byte MTU: about 3%)"})
     nodes = LocalNodes(folder / "nodes", isolated=True)
+    # Each node's model cache on a disk of its own (a host folder per node, under /tmp: not kept),
+    # not in its home's tmpfs: three copies of the 360M model would hold 4.3 GB of RAM.
+    caches = Path(tempfile.mkdtemp(prefix="rlsys-wsl-cache-"))
+    cache = {name: {caches / name: Path.home() / ".cache" / "rlsys"} for name in ("head", "learner", "rollout")}
+    for folders in cache.values():
+        for host in folders:
+            host.mkdir()
     driver = None
     try:
-        nodes.head()
-        nodes.worker("learner", 2, {"learner": 1}, cores=[0])  # the learner rank and the reward worker
-        nodes.worker("rollout", 2, {"rollout": 1}, cores=[1 % (info["cpus"] or 1)])
+        nodes.head(shared=cache["head"])
+        nodes.worker("learner", 2, {"learner": 1}, cores=[0], shared=cache["learner"])  # the rank, the reward worker
+        nodes.worker("rollout", 2, {"rollout": 1}, cores=[1 % (info["cpus"] or 1)], shared=cache["rollout"])
         driver = Driver(nodes, folder / "driver.log")
         for size in sizes:
             print(f"[weight_sync_link] {size}: starting the learner and the engine ...", flush=True)
@@ -360,6 +341,7 @@ def run_link(quick: bool, link: list[float]) -> Section:
         if driver is not None:
             driver.close()
         nodes.stop()
+        shutil.rmtree(caches)
     section.figures = link_rows_figures(section.rows)
     return section
 

@@ -187,3 +187,49 @@ def test_scaling_figures_by_hand():
     assert split.ratio == pytest.approx((1000 / 6) / (800 / 7)) and "no core shared" in split.note
     with pytest.raises(ValueError, match="1-engine run"):
         engine_figures({2: two}, 2, 2, "cpu")
+
+
+def test_link_rates_and_the_link_limit_by_hand(tmp_path):
+    """--link: rates in Mb/s; the limit is the payload's bits over the rate; a script's own option
+    reaches its run; the shaped-link figures read limit / wire (the issue's >= 0.8)."""
+    import argparse
+
+    from benchmarks.common import link_label, link_limit_s, main, parse_links
+    from benchmarks.weight_sync import link_rows_figures
+
+    assert parse_links("10000, 1000") == [10000.0, 1000.0]
+    for bad in ("", "0", "1000,-5", "1G"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--link"):
+            parse_links(bad)
+    assert link_limit_s(125_000_000, 1000) == 1.0  # 1 Gbit at 1 Gb/s
+    assert link_limit_s(378_540_032, 1000) == pytest.approx(3.028, abs=1e-3)  # the 95M model, fp32
+    assert [link_label(r) for r in (None, 10000, 1000, 100)] == ["unshaped", "10 Gb/s", "1 Gb/s", "100 Mb/s"]
+    rows = [{"size": "95M", "bytes": 125_000_000, "rate_mbit": None, "wire_s": 0.5, "raw_s": 0.25},
+            {"size": "95M", "bytes": 125_000_000, "rate_mbit": 1000, "wire_s": 1.25, "raw_s": 1.1, "limit_s": 1.0}]
+    unshaped, wire, raw = link_rows_figures(rows)
+    assert unshaped.ratio == 0.5 and unshaped.target == 0.8
+    assert wire.ratio == pytest.approx(0.8) and wire.to_json()["target"]["met"] and wire.reference_value == 1.0
+    assert raw.ratio == pytest.approx(1 / 1.1) and raw.target is None
+    got = []
+    section = Section("demo", {}, [Figure("a", 2.0, "u", "ref", 1.0)], [{"row": 1}])
+    main(lambda quick: section, ["--link", "1000", "--out", str(tmp_path / "r.json")],
+         options={"--link": dict(type=parse_links, default=None)},
+         run_with=lambda quick, link: got.append(link) or section)
+    assert got == [[1000.0]] and (tmp_path / "r.json").is_file()
+
+
+def test_scaling_link_figures_by_hand():
+    from benchmarks.scaling import link_figures, measure
+
+    def run(gen, sync, tokens):
+        step = {"timing/generate": gen, "timing/reward": 0.5, "timing/learn": 1.0, "timing/sync": sync,
+                "tokens/total": tokens}
+        return measure([step, step])  # the first is the warm-up
+
+    by = {(None, 1): run(2.0, 0.5, 400), (None, 2): run(1.5, 0.5, 400), (1000, 1): run(2.0, 1.5, 400)}
+    figs = {f.name: f for f in link_figures(by, "note")}
+    assert set(figs) == {"1 engine(s) at 1 Gb/s: tokens/s vs unshaped", "1 engine(s) at 1 Gb/s: sync phase vs unshaped",
+                         "2 engines at unshaped: tokens/s vs 1 engine"}
+    assert figs["1 engine(s) at 1 Gb/s: tokens/s vs unshaped"].ratio == pytest.approx(4.0 / 5.0)  # 4 s vs 5 s steps
+    assert figs["1 engine(s) at 1 Gb/s: sync phase vs unshaped"].ratio == pytest.approx(0.5 / 1.5)
+    assert figs["2 engines at unshaped: tokens/s vs 1 engine"].ratio == pytest.approx(4.0 / 3.5)
