@@ -405,8 +405,10 @@ def test_a_saved_learner_continues_exactly_where_it_stopped(tmp_path, stage, dty
         names = rank_state_files(tmp_path / "ckpt", rank=0)
         assert names and all(name.startswith("learner/") for name in names)
         for chunk in file_chunks(tmp_path / "ckpt", names, chunk_bytes=4096):
-            resumed.receive_state_chunk(*chunk)
-        assert resumed.load_received_state({n: (tmp_path / "ckpt" / n).stat().st_size for n in names}) == 1
+            resumed.receive_state_chunk("rlsys-resume-test", *chunk)
+        assert resumed.load_received_state("rlsys-resume-test", {n: (tmp_path / "ckpt" / n).stat().st_size
+                                                                 for n in names}) == 1
+        resumed.drop_received_state("rlsys-resume-test")
     else:
         assert resumed.load_state(str(tmp_path / "ckpt")) == 1
     got = resumed.train(second)

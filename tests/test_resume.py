@@ -253,6 +253,17 @@ def test_chunks_are_sent_with_at_most_two_in_flight_and_read_only_when_sent():
     assert most == [2, 2]
 
 
+def test_each_state_file_reaches_each_node_once():
+    """Ranks on one node share the folder they receive into: the module states (the whole model,
+    under ZeRO-0 its optimizer too) go to one rank of each node, every partition to its rank."""
+    from rlsys.cluster.learners import deliveries
+
+    wanted = [["m", f"z{r}"] for r in range(5)]
+    plan = deliveries([True, True, False, True, True], ["a", "a", "head", "b", "a"], wanted)
+    assert plan == {0: ["m", "z0"], 1: ["z1"], 3: ["m", "z3"], 4: ["z4"]}
+    assert deliveries([False, False], ["head", "head"], [[], []]) == {}
+
+
 def test_ranks_ship_their_part_only_where_they_cannot_see_the_run_folder():
     from rlsys.cluster.learners import shipping
 

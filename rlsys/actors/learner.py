@@ -21,6 +21,7 @@ The learning rate follows learner.lr_schedule (warm-up, then constant or cosine)
 
 from __future__ import annotations
 
+import gc
 import importlib
 import math
 import os
@@ -233,7 +234,6 @@ class Learner:
         self.engine = self.ref = None
         self.sync_group = None
         self.steps = 0
-        self._incoming: Path | None = None  # state files being received (receive_state_chunk)
 
     def free_port(self) -> int:
         """A free port on this rank's node (rank 0 hosts the rendezvous of both groups)."""
@@ -570,15 +570,21 @@ class Learner:
         assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
         self.sync_group = make_group(self.backend, addr, port, 0, world, timeout_s)
 
-    def leave_sync(self) -> None:
-        """Drop this rank's sync group after a failed push (an engine died under it). Its
-        connections close with it, so the engines still waiting in that push's receive fail at
-        once instead of waiting out deadlines.sync_s; the next push builds a new group."""
-        if self.sync_group is not None:
-            self.sync_group.abort()  # its sockets close now, whatever still refers to the group
-        self.sync_group = None
-
     def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
+        """_broadcast_weights, and when it fails (an engine died under the push) this rank's sync
+        group is dropped before the error leaves: its connections close, so the engines still
+        waiting on this push fail at once. A pending gloo receive cannot be cancelled (abort()
+        and shutdown() leave it waiting); it ends when a peer's sockets close, or at the group's
+        timeout (deadlines.sync_s). The next push builds a new group."""
+        try:
+            return self._broadcast_weights(plan)
+        except RuntimeError as e:  # gloo's and NCCL's errors; the traceback holds the group: let it go
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        self.sync_group = None
+        gc.collect()  # the failed send's frames are gone with the exception: the group closes now
+        raise RuntimeError(f"learner rank {self.rank}: the weight push failed ({failure}); its sync group is closed")
+
+    def _broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
         """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank
         broadcasts the buckets it owns (weight_sync.owners) and returns their checksums by bucket
         index; the others return {}. ZeRO 0-2: a rank holds every parameter whole and touches only
@@ -670,30 +676,36 @@ class Learner:
         random.setstate(mine["python_rng"])
         return self.steps
 
-    def receive_state_chunk(self, name: str, offset: int, data: bytes) -> None:
-        """One chunk of a checkpoint's state file this rank reads (rlsys.checkpoint.file_chunks),
-        for a rank that cannot read the run folder: written at its offset into a local temporary
-        folder, which `load_received_state` then loads. A chunk at a time, never a whole file, so
-        neither the driver nor the object store ever holds a model-sized argument."""
-        if self._incoming is None:
-            self._incoming = Path(tempfile.mkdtemp(prefix="rlsys-resume-"))
-        write_chunk(self._incoming, name, offset, data)
+    def receive_state_chunk(self, key: str, name: str, offset: int, data: bytes) -> None:
+        """One chunk of a checkpoint's state file (rlsys.checkpoint.file_chunks), for a rank that
+        cannot read the run folder: written at its offset into the node's temporary folder `key`
+        (one per resume, shared by this node's ranks: a file several of them read, the module
+        states, arrives once per node). A chunk at a time, never a whole file, so neither the
+        driver nor the object store ever holds a model-sized argument."""
+        write_chunk(self._received(key), name, offset, data)
 
-    def load_received_state(self, sizes: dict[str, int]) -> int:
-        """`load_state` from the files received by receive_state_chunk, once each has its size in
-        `sizes` (relative name: bytes, as the driver read them); the folder goes afterwards. Collective."""
-        folder, self._incoming = self._incoming, None
-        if folder is None:
-            raise RuntimeError(f"learner {self.rank}: asked to load received state, but no file was received")
-        try:
-            got = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-            if got != sizes:
-                wrong = sorted(n for n in set(got) | set(sizes) if got.get(n) != sizes.get(n))
-                raise RuntimeError(f"learner {self.rank}: the received state files differ from the checkpoint's: "
-                                   + ", ".join(f"{n} {got.get(n)} bytes, expected {sizes.get(n)}" for n in wrong[:5]))
-            return self.load_state(str(folder))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+    def load_received_state(self, key: str, sizes: dict[str, int]) -> int:
+        """`load_state` from the node's received folder `key`, once each file this rank reads has
+        its size in `sizes` (relative name: bytes, as the driver read them). Collective."""
+        folder = self._received(key)
+        got = {name: (folder / name).stat().st_size if (folder / name).is_file() else None for name in sizes}
+        wrong = sorted(name for name in sizes if got[name] != sizes[name])
+        if wrong:
+            raise RuntimeError(f"learner {self.rank}: the state files received into {folder} differ from the "
+                               f"checkpoint's: " + ", ".join(f"{n}: {got[n]} bytes, expected {sizes[n]}"
+                                                            for n in wrong[:5]))
+        return self.load_state(str(folder))
+
+    def drop_received_state(self, key: str) -> None:
+        """The node's received folder `key` goes, once every rank on the node has loaded from it."""
+        folder = self._received(key)
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    @staticmethod
+    def _received(key: str) -> Path:
+        assert key.startswith("rlsys-resume-") and "/" not in key, f"not a received-state folder name: {key!r}"
+        return Path(tempfile.gettempdir()) / key
 
     def _client_state(self) -> dict:
         """What DeepSpeed does not keep: the update count (it seeds each update's shuffle) and the

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import ray
 from ray.util.placement_group import remove_placement_group
 
 from rlsys import checkpoint
-from rlsys.cluster.deadlines import get_all
+from rlsys.cluster.deadlines import PhaseTimeout, get_all
 from rlsys.cluster.placement import layout, resolve_backend
 from rlsys.cluster.remote import LearnerActor, in_group, place, threads
 from rlsys.config import Config
@@ -36,6 +37,7 @@ class LearnerGroup:
         """Updates the group has taken (batches trained): the next shard is cut for this update."""
         self.ship_all = ship_checkpoints
         self._ships: list[bool] | None = None
+        self.nodes: list[str] = []  # each rank's node id, found with `ships`
         self.deadlines = cfg.deadlines
         self.names = [f"learner {i}" for i in range(len(actors))]
         self.shape = None  # the model's dimensions (rlsys.math.flops.Shape), asked of rank 0 at the first cut
@@ -47,8 +49,9 @@ class LearnerGroup:
             where = self._all([a.whereami.remote() for a in self.actors], "where", self.deadlines.start_s,
                               "deadlines.start_s")
             driver = ray.get_runtime_context().get_node_id()
+            self.nodes = [w["node_id"] for w in where]
             self._ships = [True] * len(self.actors) if self.ship_all else shipping(
-                [w["node_id"] for w in where], driver, self.cfg.cluster.shared_storage)
+                self.nodes, driver, self.cfg.cluster.shared_storage)
             if any(self._ships):
                 ranks = [r for r, s in enumerate(self._ships) if s]
                 print(f"[rlsys] learner rank(s) {ranks} run on other nodes than the driver ({driver[:12]}), no "
@@ -105,7 +108,7 @@ class LearnerGroup:
         streams = [(r, a.save_files.options(_generator_backpressure_num_objects=2).remote(state))
                    for r, a in enumerate(self.actors) if ships[r]]
         for rank, stream in streams:
-            checkpoint.receive((self._one(ref, rank, "save") for ref in stream), folder)
+            checkpoint.receive(self._streamed(stream, rank), folder)
         get_all([ref for _, ref in direct], [self.names[r] for r, _ in direct], "save", self.deadlines.save_s,
                 "deadlines.save_s")
         if ships[0]:
@@ -127,30 +130,53 @@ class LearnerGroup:
 
     def load_state(self, folder: Path, chunk_bytes: int = 64 << 20) -> int:
         """Every rank continues from checkpoint `folder`; returns the number of batches trained. A
-        rank that sees the run folder reads its files there; a rank that does not (`ships`) is sent
-        the files it reads (rlsys.checkpoint.rank_state_files: its own ZeRO partition and the
-        module states) chunk by chunk, at most two chunks in flight, one rank after another: the
-        driver never holds more than two chunks, never a whole file. Then every rank loads at once
-        (the load is collective)."""
+        rank that sees the run folder reads its files there. The files of ranks that do not
+        (`ships`: rlsys.checkpoint.rank_state_files, a rank's own ZeRO partition and the module
+        states) are sent to their nodes chunk by chunk, at most two chunks in flight, one rank
+        after another, each file once per node (`deliveries`): the driver never holds more than two
+        chunks, never a whole file. Then every rank loads at once (the load is collective) and the
+        received folders go."""
         ships = self.ships()
-        sizes = {}
-        for rank, actor in enumerate(self.actors):
-            if not ships[rank]:
-                continue
-            names = checkpoint.rank_state_files(folder, rank)
-            sizes[rank] = {name: (folder / name).stat().st_size for name in names}
-            t0 = time.time()
-            send_bounded(checkpoint.file_chunks(folder, names, chunk_bytes),
-                         lambda name, offset, data, a=actor: a.receive_state_chunk.remote(name, offset, data),
-                         lambda ref, r=rank: self._one(ref, r, "resume"), in_flight=2)
-            print(f"[rlsys] learner {rank}: {len(names)} state files ({sum(sizes[rank].values()) / 2**20:.1f} MiB) "
-                  f"sent in {time.time() - t0:.1f}s", flush=True)
-        refs = [a.load_received_state.remote(sizes[r]) if ships[r] else a.load_state.remote(str(folder))
-                for r, a in enumerate(self.actors)]
-        counts = self._all(refs, "resume", self.deadlines.save_s, "deadlines.save_s")
+        key = f"rlsys-resume-{uuid.uuid4().hex[:12]}"
+        wanted = [checkpoint.rank_state_files(folder, rank) if ship else [] for rank, ship in enumerate(ships)]
+        plan = deliveries(ships, self.nodes, wanted)
+        first_on_node = {}
+        for rank in plan:
+            first_on_node.setdefault(self.nodes[rank], rank)
+        try:
+            for rank, names in plan.items():
+                t0 = time.time()
+                actor = self.actors[rank]
+                send_bounded(checkpoint.file_chunks(folder, names, chunk_bytes),
+                             lambda name, offset, data, a=actor: a.receive_state_chunk.remote(key, name, offset, data),
+                             lambda ref, r=rank: self._one(ref, r, "resume"), in_flight=2)
+                size = sum((folder / name).stat().st_size for name in names)
+                print(f"[rlsys] learner {rank}: {len(names)} of the {len(wanted[rank])} state files it reads sent to "
+                      f"its node ({size / 2**20:.1f} MiB) in {time.time() - t0:.1f}s", flush=True)
+            sizes = {rank: {name: (folder / name).stat().st_size for name in wanted[rank]} for rank in plan}
+            refs = [a.load_received_state.remote(key, sizes[r]) if ships[r] else a.load_state.remote(str(folder))
+                    for r, a in enumerate(self.actors)]
+            counts = self._all(refs, "resume", self.deadlines.save_s, "deadlines.save_s")
+        finally:  # on a failure too (not waited for then: the resume's own error is the one to see)
+            drops = [self.actors[r].drop_received_state.remote(key) for r in first_on_node.values()]
+        get_all(drops, [self.names[r] for r in first_on_node.values()], "resume", self.deadlines.save_s,
+                "deadlines.save_s")
         assert len(set(counts)) == 1, f"learner ranks resumed at different update counts: {counts}"
         self.trained = counts[0]
         return counts[0]
+
+    def _streamed(self, stream, rank: int) -> Iterator[tuple[str, bytes]]:
+        """A rank's save_files stream, chunk by chunk; each chunk within deadlines.save_s of the
+        previous one (a rank hung in its save raises PhaseTimeout, one that died ActorLost)."""
+        while True:
+            ready, _ = ray.wait([stream], timeout=self.deadlines.save_s)
+            if not ready:
+                raise PhaseTimeout("save", [self.names[rank]], self.deadlines.save_s, "deadlines.save_s")
+            try:
+                ref = next(stream)
+            except StopIteration:
+                return
+            yield self._one(ref, rank, "save")
 
     def _one(self, ref, rank: int, phase: str):
         return get_all([ref], [self.names[rank]], phase, self.deadlines.save_s, "deadlines.save_s")[0]
@@ -164,6 +190,25 @@ def shipping(rank_nodes: list[str], driver_node: str, shared_storage: bool) -> l
     ([False, True], [False, False])
     """
     return [not shared_storage and node != driver_node for node in rank_nodes]
+
+
+def deliveries(ships: list[bool], nodes: list[str], wanted: list[list[str]]) -> dict[int, list[str]]:
+    """The files the driver sends to each rank that ships (by rank, in rank order): every file a
+    rank reads (wanted[rank]) reaches its node once. Ranks on one node share the folder they
+    receive into, so a file several of them read (the module states: the whole model and, under
+    ZeRO-0, its optimizer) goes to the first of them only.
+
+    >>> deliveries([False, True, True, True], ["h", "a", "a", "b"], [[], ["m", "z1"], ["m", "z2"], ["m", "z3"]])
+    {1: ['m', 'z1'], 2: ['z2'], 3: ['m', 'z3']}
+    """
+    sent: dict[str, set[str]] = {}
+    out = {}
+    for rank, (ship, node) in enumerate(zip(ships, nodes)):
+        if ship:
+            have = sent.setdefault(node, set())
+            out[rank] = [name for name in wanted[rank] if name not in have]
+            have.update(out[rank])
+    return out
 
 
 def send_bounded(items: Iterable[tuple], submit: Callable, wait: Callable, in_flight: int = 2) -> int:
