@@ -174,7 +174,8 @@ def test_a_model_folder_missing_on_the_driver_is_named(tmp_path):
     missing = str(tmp_path / "only-in-the-config")
     with pytest.raises(FileNotFoundError, match="only-in-the-config: no such folder on the driver's node"):
         models.ModelSource.of(ModelConfig(path=missing), missing)
-    assert models.ModelSource.of(ModelConfig(path="Qwen/Qwen2.5-0.5B"), "Qwen/Qwen2.5-0.5B").local() == "Qwen/Qwen2.5-0.5B"
+    hub = "Qwen/Qwen2.5-0.5B"
+    assert models.ModelSource.of(ModelConfig(path=hub), hub).local() == hub
 
 
 # ---------------------------------------------------------------- local folders streamed to the nodes
@@ -278,7 +279,8 @@ def test_a_folder_a_node_cannot_get_is_named_with_the_node(checkpoint, tmp_path,
     source = dataclasses.replace(source, reader=None)  # as made where Ray was not running: no reader
     assert source.local() == str(checkpoint)
     monkeypatch.setenv("RLSYS_CACHE", str(tmp_path / "node-cache"))
-    with pytest.raises(FileNotFoundError, match=r"node \S+.*: model folder \S+not-on-this-node/step_3 .*is not on this node"):
+    named = r"node \S+.*: model folder \S+not-on-this-node/step_3 .*is not on this node"
+    with pytest.raises(FileNotFoundError, match=named):
         away(source, tmp_path).local()
 
 

@@ -13,7 +13,10 @@ done, <stage>/done.json records its outputs and evaluation. A re-run skips the s
 done; a stage killed halfway continues from its last checkpoint (train, sft: trainer.resume=auto;
 sample: the rounds already sampled, <stage>/candidates.jsonl). Each model is evaluated the R1
 way (rlsys.loops.evaluate, the pipeline's `eval` settings), the base and the student before any
-stage, and one table of every evaluation closes the run (<output_dir>/summary.md).
+stage, and one table of every evaluation closes the run (<output_dir>/summary.md); eval.enabled=false
+evaluates nothing. The pipeline runs as one driver: every stage's model is a folder on its node (the
+learners' checkpoints reach it without shared storage), and each stage's actors get it streamed
+from there once per node (rlsys.data.models.ModelSource).
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class PipelineEval:
     split: str = "test"
     limit: int = 50
     k: int = 4
+    enabled: bool = True
+    """False: no model is evaluated (the summary lists the stages alone): a pipeline run for its models
+    only, and tests that check the stages chain."""
 
 
 @dataclass
@@ -150,7 +156,8 @@ class Pipeline:
         self.models["base"] = resolve_model(dataclasses.replace(base_cfg.model, path=self.cfg.base))
         if self.cfg.student:
             self.models["student"] = resolve_model(dataclasses.replace(base_cfg.model, path=self.cfg.student))
-        for name in ("base", "student") if self.cfg.student else ("base",):
+        starts = ("base", "student") if self.cfg.student else ("base",)
+        for name in starts if self.cfg.eval.enabled else ():
             done = self.root / f"{name}_eval.json"  # evaluated once, like a stage
             if done.is_file():
                 self.rows.append(json.loads(done.read_text()))
@@ -176,7 +183,7 @@ class Pipeline:
             t0 = time.time()
             record = getattr(self, f"run_{s.kind}")(s, folder)
             record["seconds"] = round(time.time() - t0, 1)
-            if "model" in record and s.kind != "sample":
+            if "model" in record and s.kind != "sample" and self.cfg.eval.enabled:
                 record["eval"] = self.evaluated(s.name, s.kind, record["model"], self.rlsys_config(s, []))
                 record["eval"]["stage_s"] = record["seconds"]
             done.write_text(json.dumps(record, indent=1))
@@ -188,6 +195,9 @@ class Pipeline:
         elif s.kind == "sample":
             self.rows.append({"stage": s.name, "kind": "sample", "model": Path(record["model"]).name,
                               "kept": record["counts"]["kept"], "candidates": record["counts"]["candidates"],
+                              "stage_s": record["seconds"]})
+        else:  # eval.enabled=false
+            self.rows.append({"stage": s.name, "kind": s.kind, "model": Path(record["model"]).name,
                               "stage_s": record["seconds"]})
 
     def run_sample(self, s: StageConfig, folder: Path) -> dict:
@@ -250,6 +260,9 @@ def summary_table(rows: list[dict], seconds: float) -> str:
         if r["kind"] == "sample":
             lines.append(f"| {r['stage']} | sample | {r['model']} | {minutes} | kept {r['kept']} of "
                          f"{r['candidates']} samples | | | | |")
+            continue
+        if "pass@1" not in r:
+            lines.append(f"| {r['stage']} | {r['kind']} | {r['model']} | {minutes} | not evaluated | | | | |")
             continue
         lines.append(f"| {r['stage']} | {r['kind']} | {r['model']} | {minutes} | {r['pass@1']:.3f} | {r[cons]:.3f} | "
                      f"{r['format/full']:.3f} | {r['format']:.3f} | {r['response_length']:.1f} |")

@@ -11,6 +11,9 @@ for `rlsys train`; the prompts are shown in data.template, as in training. With 
 (R1 made its cold-start data by "few-shot prompting with a long CoT as an example") the sampler
 sees them before each question, while the dataset written pairs the bare question with the answer:
 SFT teaches the format without the examples in the prompt.
+
+The model (a run's checkpoint, any local folder) needs to be on the driver's node alone: engines on
+nodes without it get it streamed from there once per node (rlsys.data.models.ModelSource).
 """
 
 from __future__ import annotations
