@@ -281,6 +281,30 @@ def serve(address: str) -> None:
         print(REPLY + json.dumps(answer), file=reply_to, flush=True)
 
 
+def model_params_of(hidden: int, layers: int, heads: int, vocab: int = 108) -> int:
+    """Parameters of the tiny Qwen2 of this shape (rlsys/data/models.py build_tiny_model: kv heads
+    heads / 2, intermediate 2 x hidden, untied, q/k/v biases); checked against the built model in
+    tests/test_bench.py."""
+    kv = hidden // 2
+    layer = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden + 3 * hidden * 2 * hidden + 2 * hidden
+    return layers * layer + 2 * vocab * hidden + hidden
+
+
+def wait_for_memory(needed: float, what: str, timeout_s: float = 900.0) -> None:
+    """On a shared machine, start `what` only once the memory it needs is free (Ray's monitor kills
+    a worker when the node passes 95% of its memory, whoever used the rest); stop after timeout_s."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while (free := psutil.virtual_memory().available) < needed:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} need about {needed / 1e9:.1f} GB of memory; only {free / 1e9:.1f} GB "
+                               f"was free for {timeout_s:.0f} s: run it when the machine is quieter")
+        print(f"[weight_sync_link] waiting for {needed / 1e9:.1f} GB of free memory for {what} "
+              f"({free / 1e9:.1f} GB now)", flush=True)
+        time.sleep(30)
+
+
 def run_link(quick: bool, link: list[float]) -> Section:
     """The learner node and the rollout node (one core each), the head (the driver, no CPUs) beside
     them; per model size, one launch, then unshaped and every rate of `link`, slowest last."""
@@ -314,6 +338,8 @@ def run_link(quick: bool, link: list[float]) -> Section:
         nodes.worker("rollout", 2, {"rollout": 1}, cores=[1 % (info["cpus"] or 1)], shared=cache["rollout"])
         driver = Driver(nodes, folder / "driver.log")
         for size in sizes:
+            # learner: weights + raw buffer; engine: weights + raw buffer + KV cache; 2 GB for the rest
+            wait_for_memory(3 * 4 * model_params_of(*LINK_SIZES[size]) + 3e9, f"the {size} model's actors")
             print(f"[weight_sync_link] {size}: starting the learner and the engine ...", flush=True)
             launched = driver.ask({"do": "launch", "shape": LINK_SIZES[size]})
             for rate in rates:
@@ -331,6 +357,8 @@ def run_link(quick: bool, link: list[float]) -> Section:
                                            f"faster than the link allows ({row['limit_s']:.3f}s): the shaping is "
                                            f"not on the sync's path (rlsys/cluster/isolation.py shape)")
                 section.rows.append(row)
+                with open(folder / "rows.jsonl", "a") as out:  # kept if a later size fails
+                    out.write(json.dumps(row) + "\n")
                 print(f"[weight_sync_link] {size} ({launched['bytes'] / 1e9:.3f} GB) {link_label(rate)}: wire "
                       f"{row['wire_s']:.3f}s, raw {row['raw_s']:.3f}s"
                       + (f", limit {row['limit_s']:.3f}s, limit/wire {row['ratio']:.2f}" if rate else ""), flush=True)

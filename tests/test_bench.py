@@ -201,6 +201,10 @@ def test_link_rates_and_the_link_limit_by_hand(tmp_path):
     for bad in ("", "0", "1000,-5", "1G"):
         with pytest.raises(argparse.ArgumentTypeError, match="--link"):
             parse_links(bad)
+    from benchmarks.common import tiny_model
+    from benchmarks.weight_sync import model_params_of
+
+    assert model_params_of(64, 2, 2) == tiny_model(64, 2, 2)[1]  # the shape arithmetic the memory wait uses
     assert link_limit_s(125_000_000, 1000) == 1.0  # 1 Gbit at 1 Gb/s
     assert link_limit_s(378_540_032, 1000) == pytest.approx(3.028, abs=1e-3)  # the 95M model, fp32
     assert [link_label(r) for r in (None, 10000, 1000, 100)] == ["unshaped", "10 Gb/s", "1 Gb/s", "100 Mb/s"]
