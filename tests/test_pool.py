@@ -102,6 +102,10 @@ def fake_engine_class():
                             answer=answer)
                     for group, row, ids, answer in prompts for _ in range(n)]
 
+        def receive(self) -> int:
+            """Stands in for a weight receive: how many chunks this engine has been handed."""
+            return self.calls
+
         def whereami(self):
             import ray
 
@@ -208,3 +212,32 @@ def test_an_engine_found_dead_by_two_threads_leaves_once(ray_cluster):
     assert [e.index for e in pool.engines] == [0]
     assert [lost["engine"] for lost in pool.lost_this_step] == [1]
     ray.kill(alive)
+
+
+def test_a_push_first_lets_the_chunks_in_flight_finish_and_hands_out_none_until_it_is_done(ray_cluster):
+    """The asynchronous loop's push, phase one (GeneratorPool.paused): while the producer thread
+    generates, the pool hands out no chunk and waits for the ones in flight; phase two (inside)
+    finds the engine free, so its receive runs at once instead of queueing behind a chunk with
+    the learners' broadcast already posted. Generation goes on after, every prompt once."""
+    import threading
+
+    ray = ray_cluster
+    Actor = ray.remote(num_cpus=0)(fake_engine_class())
+    engine = Actor.options(max_restarts=0).remote("e", delay=0.4)
+    pool = GeneratorPool([Engine(0, engine, None, 0.0, where=ray.get(engine.whereami.remote()))], chunks_per_engine=4)
+    prompts = [(g, g, [1, 2], "0") for g in range(8)]  # 4 chunks of 2, one engine: 4 calls in a row
+    out: list = []
+    producer = threading.Thread(target=lambda: out.extend(pool.generate(prompts, n=1)))
+    producer.start()
+    time.sleep(0.6)  # the producer is in its chunks
+    with pool.paused():
+        assert pool.in_flight == 0  # the chunk in flight came back before the push's second phase
+        handed = ray.get(engine.receive.remote(), timeout=5)  # the engine takes the "receive" at once
+        time.sleep(1.0)  # longer than two chunks: none may start while the push runs
+        assert ray.get(engine.receive.remote()) == handed
+        assert producer.is_alive()
+    producer.join(timeout=30)
+    assert not producer.is_alive() and 1 <= handed < 4
+    assert sorted(r.prompt_index for r in out) == list(range(8))
+    assert ray.get(engine.receive.remote()) == 4  # the remaining chunks went after the push
+    ray.kill(engine)

@@ -96,6 +96,19 @@ def test_flatten_parameters_makes_consecutive_parameters_one_view_and_trains_the
         "the optimizer step must update the parameters in place, inside the flat buffer"
 
 
+def assert_serves(actor, expected: dict[str, torch.Tensor]) -> None:
+    """The engine (one worker) serves exactly `expected` (vLLM's names)."""
+    [served] = ray.get(actor.served_weights.remote())
+    assert set(served) == set(expected), set(served) ^ set(expected)
+    for name, want in expected.items():
+        got = served[name]
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            # vLLM pads the vocabulary dimension (to a multiple of 64) with zero rows.
+            assert not got[want.shape[0]:].any(), f"{name}: padding rows are not zero"
+            got = got[:want.shape[0]]
+        assert served_as_learner(got, want), f"{name} differs after sync"
+
+
 def one_step(groups, cfg, tokenizer):
     prompts = PromptStream(cfg.data, seed=0, tokenizer=tokenizer).next()
     rollouts = groups.generators.generate([p.request(g) for g, p in enumerate(prompts)], cfg.algo.group_size)
@@ -159,15 +172,7 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
             assert "lm_head.weight" not in learner
             expected["lm_head.weight"] = learner["model.embed_tokens.weight"]
         for actor in groups.generators.actors:
-            [served] = ray.get(actor.served_weights.remote())  # one worker per engine
-            assert set(served) == set(expected), set(served) ^ set(expected)
-            for name, want in expected.items():
-                got = served[name]
-                if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                    # vLLM pads the vocabulary dimension (to a multiple of 64) with zero rows.
-                    assert not got[want.shape[0]:].any(), f"{name}: padding rows are not zero"
-                    got = got[:want.shape[0]]
-                assert served_as_learner(got, want), f"{name} differs after sync"
+            assert_serves(actor, expected)
 
         if dtype == "float32":  # bf16 kernels of vLLM and HF round differently: compare text only in fp32
             hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -253,5 +258,52 @@ def test_tensor_parallel_engine_syncs_exactly_on_both_workers(ray_cluster):
         # The shards are not all alike: the test distinguishes the two workers.
         assert not torch.equal(workers[0]["model.layers.0.mlp.down_proj.weight"],
                                workers[1]["model.layers.0.mlp.down_proj.weight"])
+    finally:
+        groups.shutdown()
+
+
+def test_an_engine_that_dies_during_a_push_is_dropped_the_others_get_the_weights_and_it_is_replaced(ray_cluster):
+    """kill -9 of one of 3 engines after the pre-push check, so that it dies under the push itself:
+    the learner's send fails, closes its group (the survivors' receives fail at once, not at
+    deadlines.sync_s), the dead engine leaves the pool, and the push goes again to the two left,
+    exactly; at the step boundary a replacement starts and joins with the same weights."""
+    import os
+    import signal
+    import time
+
+    from transformers import AutoTokenizer
+
+    cfg = load_config(CONFIG, ["learner.zero_stage=0", "model.dtype=float32", "generator.num_engines=3",
+                               "learner.num_ranks=1", "reward.num_workers=1", "learner.sync_bucket_mb=0.05"])
+    model_path = resolve_model(cfg.model)
+    groups = launch(cfg, model_path, verifier="math")
+    try:
+        one_step(groups, cfg, AutoTokenizer.from_pretrained(model_path))
+        pool, victim = groups.generators, groups.generators.engines[1]
+        os.kill(victim.where["pid"], signal.SIGKILL)
+        checks = []
+        check = pool.drop_dead
+        pool.drop_dead = lambda: checks.append(len(checks)) or (check() if len(checks) > 1 else None)  # 1st: missed
+        t0 = time.monotonic()
+        assert groups.sync.push(version=1) == [1, 1]
+        assert time.monotonic() - t0 < cfg.deadlines.sync_s / 2, "the survivors waited out the group timeout"
+        assert [e.index for e in pool.engines] == [0, 2]
+        [lost] = pool.lost_this_step
+        assert lost["engine"] == 1 and lost["found"] == "during the weight push"
+        expected = vllm_names(groups.learner.full_state_dict())
+        for engine in pool.engines:
+            assert_serves(engine.actor, expected)
+        # The step boundary: the lost engine is replaced; the new one gets the current weights before it serves.
+        joined, deadline, step = [], time.monotonic() + 300, 1
+        while not joined and time.monotonic() < deadline:
+            state = pool.between_steps(step, None, 8, join=lambda new: groups.sync.catch_up(new, 1))
+            joined = [e for e in state["events"] if e["event"] == "join"]
+            step += 1
+            time.sleep(2)
+        assert [e["engine"] for e in joined] == [3], f"no replacement joined: {state}"
+        assert sorted(e.index for e in pool.engines) == [0, 2, 3]
+        assert groups.sync.push(version=2) == [2, 2, 2]
+        for engine in pool.engines:
+            assert_serves(engine.actor, expected)
     finally:
         groups.shutdown()

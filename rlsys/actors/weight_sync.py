@@ -19,6 +19,7 @@ tensor, so the engine never holds a second copy of the model.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import time
@@ -372,6 +373,19 @@ class WorkerExtension:
         return rank
 
     def rlsys_receive(self, wire_plan: list, shards: int = 1) -> list[int]:
+        """_rlsys_receive; when it fails (a peer died under the push) this worker's sync groups are
+        dropped before the error leaves, closing their connections: the members still waiting on
+        this push (a gloo broadcast relays through receivers) fail at once instead of at the
+        group's timeout. The next push builds new groups."""
+        try:
+            return self._rlsys_receive(wire_plan, shards)
+        except RuntimeError as e:  # the traceback's frames hold the groups: let them go with it
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        self.rlsys_sync = None
+        gc.collect()
+        raise RuntimeError(f"weight receive failed ({failure}); this worker's sync groups are closed")
+
+    def _rlsys_receive(self, wire_plan: list, shards: int = 1) -> list[int]:
         """Receive every bucket (in `shards` pieces each, see receive_buckets) and load it in
         place; returns each bucket's checksum as received (the senders compare them with what they sent).
 

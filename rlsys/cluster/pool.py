@@ -22,6 +22,7 @@ ready, or are dropped (and logged) after autoscale.node_timeout_s.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -133,6 +134,11 @@ class GeneratorPool:
         # The asynchronous loop's producer thread (generate) and its main thread (drop_dead before a
         # push) can both find the same engine dead: membership changes go through this lock, once.
         self.lock = threading.RLock()
+        # A push's first phase (`paused`): no chunk is handed out and the ones in flight finish,
+        # so the learners post their broadcast only once every engine is free to receive it.
+        self.idle_changed = threading.Condition(self.lock)
+        self.pausing = False
+        self.in_flight = 0  # chunks handed out and not back yet, over every generate call
 
     def requeue_older_than(self, version: int) -> None:
         """From now on, a chunk that comes back sampled by weights older than `version` goes back
@@ -166,13 +172,33 @@ class GeneratorPool:
         if not idle and self.engines:  # every node is draining: use them until they go
             idle = list(self.engines)[::-1]
         deadline = time.monotonic() + self.generate_timeout_s
+        try:
+            self._hand_out(chunks, todo, pending, results, idle, load, n, seed, sampling, deadline)
+        finally:  # a call that raises leaves no chunk counted in flight: the next push would wait for it
+            with self.idle_changed:
+                self.in_flight -= len(pending)
+                self.idle_changed.notify_all()
+        self.last_load = {i: (c, s) for i, (c, s) in load.items()}
+        out = [r for i in range(len(chunks)) for r in results[i]]
+        assert len(out) == len(prompts) * n, f"{len(out)} rollouts for {len(prompts)} prompts x {n}"
+        return out
+
+    def _hand_out(self, chunks: list, todo: list[int], pending: dict, results: dict, idle: list[Engine], load: dict,
+                  n: int, seed: tuple[int, ...] | None, sampling: dict, deadline: float) -> None:
+        """generate's loop: chunks to free engines (none while a push is paused), results back."""
         while todo or pending:
-            while idle and todo:
-                engine, chunk = idle.pop(), todo.pop()
-                chunk_sampling = sampling if seed is None else sampling | {"seed": chunk_seed(*seed, chunk)}
-                ref = engine.actor.generate.remote(chunks[chunk], n, **chunk_sampling)
-                pending[ref] = (chunk, engine, time.perf_counter())
+            with self.idle_changed:
+                if not pending and todo:  # a push in progress: wait until it is done
+                    self.idle_changed.wait_for(lambda: not self.pausing, timeout=max(0.0, deadline - time.monotonic()))
+                while idle and todo and not self.pausing:
+                    engine, chunk = idle.pop(), todo.pop()
+                    chunk_sampling = sampling if seed is None else sampling | {"seed": chunk_seed(*seed, chunk)}
+                    ref = engine.actor.generate.remote(chunks[chunk], n, **chunk_sampling)
+                    pending[ref] = (chunk, engine, time.perf_counter())
+                    self.in_flight += 1
             if not pending:
+                if self.pausing:
+                    raise PhaseTimeout("generate", ["the weight push"], self.generate_timeout_s, "deadlines.generate_s")
                 raise RuntimeError(f"no generator left to take {len(todo)} prompt chunk(s): every engine of the "
                                    f"pool was lost ({self.lost_this_step})")
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
@@ -180,11 +206,14 @@ class GeneratorPool:
                 raise PhaseTimeout("generate", sorted(f"generator {e.index}" for _, e, _ in pending.values()),
                                    self.generate_timeout_s, "deadlines.generate_s")
             chunk, engine, t0 = pending.pop(done[0])
+            with self.idle_changed:
+                self.in_flight -= 1
+                self.idle_changed.notify_all()
             try:
                 results[chunk] = ray.get(done[0])
             except LOST as e:
                 # Its node went (preempted, drained past its deadline): the chunk goes to another engine.
-                self._lost(engine, e, chunk_requeued=chunk)
+                self.lost_engine(engine, e, chunk_requeued=chunk)
                 load.pop(engine.index, None)
                 todo.append(chunk)
                 continue
@@ -196,12 +225,29 @@ class GeneratorPool:
                 del results[chunk]
                 todo.append(chunk)
                 self.requeued += 1
-        self.last_load = {i: (c, s) for i, (c, s) in load.items()}
-        out = [r for i in range(len(chunks)) for r in results[i]]
-        assert len(out) == len(prompts) * n, f"{len(out)} rollouts for {len(prompts)} prompts x {n}"
-        return out
 
-    def _lost(self, engine: Engine, error: Exception, **detail) -> None:
+    @contextlib.contextmanager
+    def paused(self):
+        """A weight push's first phase: no engine is handed a new chunk, and the chunks in flight
+        (the asynchronous loop's producer generating meanwhile) finish on the weights they began
+        with. The push's second phase, inside, finds every engine free: its receive starts at
+        once instead of queueing behind a chunk while the learners' broadcast is already posted
+        (whose group timeout would then count the chunk's time too). Generation resumes after."""
+        with self.idle_changed:
+            self.pausing = True
+            if not self.idle_changed.wait_for(lambda: self.in_flight == 0, timeout=self.generate_timeout_s):
+                self.pausing = False
+                self.idle_changed.notify_all()
+                raise PhaseTimeout("sync (engines finishing their chunks)", [f"{self.in_flight} chunk(s)"],
+                                   self.generate_timeout_s, "deadlines.generate_s")
+        try:
+            yield
+        finally:
+            with self.idle_changed:
+                self.pausing = False
+                self.idle_changed.notify_all()
+
+    def lost_engine(self, engine: Engine, error: Exception, **detail) -> None:
         """An engine that died (its process killed, its node gone) leaves the pool at once; the
         weight sync rebuilds its group before the next push, and the pool replaces it between steps."""
         with self.lock:
@@ -226,7 +272,7 @@ class GeneratorPool:
             try:
                 ray.get(ref)
             except LOST as e:
-                self._lost(refs[ref], e, found="before the weight push")
+                self.lost_engine(refs[ref], e, found="before the weight push")
 
     # ---- between steps
 

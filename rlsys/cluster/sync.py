@@ -7,7 +7,7 @@ from __future__ import annotations
 import ray
 
 from rlsys.actors.weight_sync import Bucket, combined
-from rlsys.cluster.deadlines import get_all
+from rlsys.cluster.deadlines import LOST, ActorLost, get_all
 from rlsys.cluster.learners import LearnerGroup
 from rlsys.cluster.pool import Engine, GeneratorPool
 
@@ -52,6 +52,7 @@ class WeightSync:
         self.shards: int = ray.get(rank0.sync_shards.remote())  # > 1: ZeRO-3 ranks each send their partitions
         self.addrs = [where["ip"] for where in ray.get([a.whereami.remote() for a in self.senders])]
         self.members: list[int] | None = None
+        self.in_flight: dict = {}  # the last push's calls -> who was called
         self.connect()
 
     def _group(self, engines: list[Engine]) -> None:
@@ -97,9 +98,10 @@ class WeightSync:
         sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
         receives = [e.actor.receive_wire.remote(self.plan, self.shards) if version is None
                     else e.actor.receive_weights.remote(self.plan, version, self.shards) for e in engines]
+        names = self.learners.names + [f"generator {e.index}" for e in engines]
+        self.in_flight = dict(zip(sends + receives, names))  # for _lost_in_push
         # Both sides done (every worker has loaded what it received) before the loop goes on.
-        done = get_all(sends + receives, self.learners.names + [f"generator {e.index}" for e in engines], "sync",
-                       self.timeout_s, "deadlines.sync_s")
+        done = get_all(sends + receives, names, "sync", self.timeout_s, "deadlines.sync_s")
         sent, received = self._sent(done[:len(sends)]), done[len(sends):]
         check_received(sent, {e.index: sums for e, (_, sums) in zip(engines, received)})
         return [version for version, _ in received]
@@ -114,8 +116,51 @@ class WeightSync:
         return self.generators.engines
 
     def push(self, version: int) -> list[int]:
-        """Broadcast the learner's weights; returns the version each generator now reports."""
-        return self._send(self._current_engines(), version)
+        """Broadcast the learner's weights; returns the version each generator now reports.
+
+        Two phases: the pool first stops handing out chunks and lets the ones in flight finish
+        (GeneratorPool.paused: the asynchronous loop generates meanwhile), then the learners post
+        and every engine receives at once. An engine that dies during the push leaves the pool
+        (replaced between steps, as one lost while generating) and the push goes again to the
+        others: the failed send closed every member's group (Learner.broadcast_weights), so the
+        survivors stopped waiting at once. A lost learner rank, a failure with every engine
+        alive, or more than `max_restarts` engines lost in this push stops the run."""
+        with self.generators.paused():
+            for attempt in range(self.generators.max_restarts + 1):
+                engines = self._current_engines()
+                try:
+                    return self._send(engines, version)
+                except (ActorLost, ray.exceptions.RayTaskError) as error:
+                    lost = self._lost_in_push(engines, error)
+                    if not lost or attempt == self.generators.max_restarts:
+                        raise
+                print(f"[rlsys] weight push {version}: generator(s) {[e.index for e in lost]} died during it; "
+                      f"pushing again to the {len(self.generators.engines)} left", flush=True)
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _lost_in_push(self, engines: list[Engine], error: Exception) -> list[Engine]:
+        """After a failed push: wait for every call of it to end (the failed send closed the groups,
+        so the others fail at once; deadlines.sync_s at most), then the engines whose actor died
+        leave the pool. Returns them; none when a learner rank died (that stops the run) or
+        every engine is alive (the push failed for another reason)."""
+        calls = self.in_flight
+        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
+        dead: dict[str, Exception] = {}
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except LOST as e:
+                dead[calls[ref]] = e
+            except ray.exceptions.RayTaskError:  # a survivor's receive or a send that lost a peer
+                pass
+        if isinstance(error, ActorLost):
+            dead.setdefault(error.name, error)
+        if any(name.startswith("learner") for name in dead):
+            return []
+        lost = [e for e in engines if f"generator {e.index}" in dead]
+        for engine in lost:
+            self.generators.lost_engine(engine, dead[f"generator {engine.index}"], found="during the weight push")
+        return lost
 
     def push_wire(self) -> None:
         """A push's wire part alone: the learners' buckets (copied from their parameters, as in
