@@ -53,6 +53,15 @@ def available() -> str | None:
     return None
 
 
+def _tool(name: str) -> str:
+    """A tool's full path as the harness finds it: the argv of command()/host_command() then runs
+    whatever PATH the caller gives the process (a node may be started with a PATH of its own)."""
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"isolated nodes need `{name}` on PATH (./dev.sh setup installs it as root)")
+    return found
+
+
 def sh(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -251,10 +260,13 @@ class Isolation:
                                f"{(self.folder / f'{name}.holder.log').read_text()[-2000:]})")
         return box
 
-    def command(self, name: str, args: list[str]) -> list[str]:
-        """args run on node `name` (its network, mounts and hostname); start it with `preexec(name)`."""
+    def command(self, name: str, args: list[str], cwd: str | Path | None = None) -> list[str]:
+        """args run on node `name` (its network, mounts and hostname); start it with `preexec(name)`.
+        Entering the node's mount namespace leaves the caller's working directory behind (the
+        process starts in the node's /): cwd is the one it gets, a path as the node sees it."""
         box = self.boxes[name]
-        return ["nsenter", "-t", str(box.holder.pid), "--net", "--mount", "--uts", "--", *args]
+        wd = [f"--wdns={cwd}"] if cwd is not None else []
+        return [_tool("nsenter"), "-t", str(box.holder.pid), "--net", "--mount", "--uts", *wd, "--", *args]
 
     def preexec(self, name: str):
         """For Popen(preexec_fn=...): the process joins the node's cgroup (its cores, its process list)."""
@@ -263,7 +275,7 @@ class Isolation:
 
     def host_command(self, args: list[str]) -> list[str]:
         """args run on the host's side of the cluster network (the host's files, the client address)."""
-        return ["ip", "netns", "exec", self.host[0], *args]
+        return [_tool("ip"), "netns", "exec", self.host[0], *args]
 
     # ---- faults -------------------------------------------------------------------------------
     def cut(self, name: str) -> None:

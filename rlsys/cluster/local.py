@@ -76,9 +76,12 @@ def fake_autoscaling_config(gcs_port: int, node_types: dict, idle_timeout_minute
 
 
 class LocalNodes:
-    def __init__(self, folder: Path, isolated: bool = False):
+    def __init__(self, folder: Path, isolated: bool = False, env: dict[str, str] | None = None):
+        """env: variables for every node and for the probes run on the head (alive, drain) over
+        clean_env's: token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN) or another PATH."""
         self.folder = Path(folder)  # the nodes' `ray start` logs
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.env = dict(env or {})
         self.procs: dict[str, subprocess.Popen] = {}
         self.node_ids: dict[str, str] = {}
         self.iso: Isolation | None = None
@@ -107,15 +110,26 @@ class LocalNodes:
     def dashboard(self) -> str:
         return f"http://{self.head_ip}:{self.dashboard_port}"
 
-    def command(self, name: str, args: list[str]) -> tuple[list[str], object]:
-        """(argv, preexec_fn) that run args on node `name`: its network, files and cores."""
+    def command(self, name: str, args: list[str], cwd: str | Path | None = None) -> tuple[list[str], object]:
+        """(argv, preexec_fn) that run args on node `name`: its network, files and cores. cwd: the
+        working directory there (isolated, a process on a node starts in its / otherwise; give
+        the same to Popen for the plain nodes, where it is the caller's)."""
         if self.iso is None:
             return args, None
-        return self.iso.command(name, args), self.iso.preexec(name)
+        return self.iso.command(name, args, cwd=cwd), self.iso.preexec(name)
 
     def host_command(self, args: list[str]) -> list[str]:
         """args run on the host, reaching the nodes by their addresses (outside every node)."""
         return self.iso.host_command(args) if self.iso else args
+
+    def node_env(self, **extra: str) -> dict[str, str]:
+        """The environment for a command run on a node (with command()): clean_env, the nodes' env,
+        extra. An isolated node gets no cache folder of the host's (RLSYS_CACHE: the test session's,
+        read-only there): what it builds goes to its own home, as on a machine of its own."""
+        env = clean_env(**(self.env | extra))
+        if self.iso is not None:
+            env.pop("RLSYS_CACHE", None)
+        return env
 
     def view(self, name: str, path: str | Path) -> Path:
         """Where the host reads a file as node `name` sees it."""
@@ -134,9 +148,7 @@ class LocalNodes:
             cmd.append(f"--dashboard-agent-listen-port={free_port()}")
             # Pinned: the node's raylet, and every worker process it starts, inherit this CPU affinity.
             pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
-        node_env = clean_env(**(env or {}))
-        if self.iso is not None:  # a cache folder of the host's (the test session's) is no node's
-            node_env.pop("RLSYS_CACHE", None)
+        node_env = self.node_env(**(env or {}))
         with open(log, "w") as out:
             self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                                 env=node_env, preexec_fn=pin)
@@ -162,6 +174,19 @@ class LocalNodes:
                              f"--dashboard-host={'0.0.0.0' if self.iso else '127.0.0.1'}",
                              f"--dashboard-port={self.dashboard_port}", *ports,
                              "--object-store-memory=300000000", *extra, *args], env, shared=shared)
+        # `Ray runtime started` can come before the dashboard's job API answers: a submission right
+        # after would fail to connect instead of testing what it means to.
+        self._wait("the head's job API", self._jobs_api_up)
+
+    def _jobs_api_up(self) -> bool:
+        """The dashboard's job API answers where clients reach it from (the host's side), with the
+        nodes' token when authentication is on."""
+        probe = ("import os, sys, urllib.request; token = os.environ.get('RAY_AUTH_TOKEN'); "
+                 "urllib.request.urlopen(urllib.request.Request(sys.argv[1] + '/api/jobs/', headers="
+                 "{'Authorization': 'Bearer ' + token} if token else {}), timeout=10)")
+        done = subprocess.run(self.host_command([sys.executable, "-c", probe, self.dashboard]), capture_output=True,
+                              timeout=60, env=clean_env(**self.env))
+        return done.returncode == 0
 
     def worker(self, name: str, num_cpus: int, resources: dict | None = None, cores: list[int] | None = None,
                shared: dict | None = None, disks: dict | None = None) -> None:
@@ -180,7 +205,8 @@ class LocalNodes:
                  "print('NODES ' + json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
                  % self.address)
         argv, pin = self.command("head", [sys.executable, "-c", probe])  # a driver runs on a node
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=clean_env(), preexec_fn=pin)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=clean_env(**self.env),
+                             preexec_fn=pin)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("NODES ")), None)
         if line is None:
             raise RuntimeError(f"could not list the nodes:\n{out.stderr[-2000:]}")
@@ -205,7 +231,8 @@ class LocalNodes:
             str(BIN / "ray"), "drain-node", "--address", self.address, "--node-id", node_id, "--reason",
             "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption notice (test)",
             "--deadline-remaining-seconds", "600"])
-        drained = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env(), preexec_fn=pin)
+        drained = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env(**self.env),
+                                 preexec_fn=pin)
         if drained.returncode != 0:
             raise RuntimeError(f"ray drain-node {node_id} failed:\n{drained.stderr[-2000:]}")
 
@@ -273,14 +300,16 @@ class Background:
         out = run.output()
     """
 
-    def __init__(self, args: list[str], log: Path, cwd: Path, preexec_fn=None):
-        """preexec_fn: from LocalNodes.command, for a command that runs on a node."""
-        self.args, self.log, self.cwd, self.preexec_fn = args, Path(log), cwd, preexec_fn
+    def __init__(self, args: list[str], log: Path, cwd: Path, preexec_fn=None, env: dict[str, str] | None = None):
+        """preexec_fn: from LocalNodes.command, for a command that runs on a node; env: its
+        environment (LocalNodes.node_env for one on a node; clean_env() if not given)."""
+        self.args, self.log, self.cwd, self.preexec_fn, self.env = args, Path(log), cwd, preexec_fn, env
 
     def __enter__(self) -> "Background":
         self._out = open(self.log, "w")
         self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=clean_env(), preexec_fn=self.preexec_fn)
+                                     start_new_session=True, env=self.env or clean_env(),
+                                     preexec_fn=self.preexec_fn)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -326,3 +355,79 @@ def kill_tree(pid: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     psutil.wait_procs(tree, timeout=60)
+
+
+USAGE = """python -m rlsys.cluster.local [--isolated] [--pools] [--folder DIR]
+A head (0 CPUs, dashboard) and one worker node of 8 logical CPUs, or with --pools a `rollout` and a
+`learner` node of 8; --isolated (root): every node in namespaces of its own (isolation.py).
+Runs until SIGTERM or Ctrl-C, then stops every node; cluster/start_local.sh runs it in the background."""
+
+
+def serve(folder: Path, isolated: bool, pools: bool, out=sys.stdout) -> None:
+    """Start the nodes, print how to reach them and write them to <folder>/cluster.json, then hold
+    them until SIGTERM or SIGINT (the harness lives as long as this process: an isolated cluster's
+    namespaces are taken down by it, or by the next harness's cleanup_stale once it is gone)."""
+    def stop_on(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop_on)
+    nodes = LocalNodes(folder, isolated=isolated)
+    try:
+        nodes.head()
+        if pools:
+            nodes.worker("rollout", 8, {"rollout": 1})
+            nodes.worker("learner", 8, {"learner": 1})
+        else:
+            nodes.worker("worker", 8)
+        placement = " cluster.placement=disaggregated" if pools else ""
+        driver = nodes.command("head", [], cwd=REPO)[0]  # where a driver runs: the head (as-is without isolation)
+        host = nodes.host_command([])  # where `rlsys submit` runs: the host's side of the cluster network
+        state = {"address": nodes.address, "dashboard": nodes.dashboard, "isolated": isolated, "pid": os.getpid(),
+                 "on_head": driver, "on_host": host,
+                 "nodes": {name: box.ip for name, box in nodes.iso.boxes.items()} if nodes.iso else {}}
+        (nodes.folder / "cluster.json").write_text(json.dumps(state, indent=1))
+        on_head, on_host = (" ".join(driver) + " " if driver else ""), (" ".join(host) + " " if host else "")
+        print(f"cluster up (logs in {nodes.folder}): {on_head}{BIN / 'rlsys'} train configs/tiny.yaml "
+              f"cluster.address={nodes.address}{placement}", file=out)
+        print(f"       or: {on_host}{REPO / 'cluster' / 'submit.sh'} {nodes.dashboard} configs/tiny.yaml{placement}",
+              file=out)
+        print(f"       or: {on_host}{BIN / 'rlsys'} submit configs/tiny.yaml{placement} "
+              f"trainer.output_dir=/tmp/runs/local --address {nodes.dashboard}", file=out)
+        if nodes.iso:
+            print(f"nodes: {', '.join(f'{n} {ip}' for n, ip in state['nodes'].items())}; the run folder of a "
+                  f"submitted job is on the head's own disk: {nodes.view('head', '/tmp/runs/local')}", file=out)
+        out.flush()
+        while True:
+            for name, proc in nodes.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"node {name} exited with {proc.returncode}: {nodes.folder / f'{name}.log'}")
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        print("stopping the nodes", file=out, flush=True)
+    finally:
+        nodes.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rlsys.cluster.local", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--isolated", action="store_true", help="every node in namespaces of its own (root)")
+    parser.add_argument("--pools", action="store_true", help="a rollout and a learner node instead of one worker")
+    parser.add_argument("--folder", type=Path, default=REPO / ".cache" / "local-cluster" / "nodes",
+                        help="the nodes' logs and cluster.json")
+    args = parser.parse_args(argv)
+    if args.isolated:
+        from rlsys.cluster.isolation import available
+
+        reason = available()
+        if reason is not None:
+            print(f"--isolated: {reason}", file=sys.stderr)
+            return 2
+    serve(args.folder, args.isolated, args.pools)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
