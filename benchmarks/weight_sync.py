@@ -305,12 +305,16 @@ def wait_for_memory(needed: float, what: str, timeout_s: float = 900.0) -> None:
         time.sleep(30)
 
 
-def run_link(quick: bool, link: list[float]) -> Section:
+def run_link(quick: bool, link: list[float], sizes: list[str] | None = None) -> Section:
     """The learner node and the rollout node (one core each), the head (the driver, no CPUs) beside
-    them; per model size, one launch, then unshaped and every rate of `link`, slowest last."""
+    them; per model size (of LINK_SIZES; default all, --quick 95M), one launch, then unshaped and
+    every rate of `link`, slowest last."""
     from rlsys.cluster.local import LocalNodes
 
-    sizes = ["95M"] if quick else list(LINK_SIZES)
+    unknown = [s for s in sizes or [] if s not in LINK_SIZES]
+    if unknown:
+        raise ValueError(f"--sizes: unknown {unknown}; the link benchmark's sizes are {list(LINK_SIZES)}")
+    sizes = sizes or (["95M"] if quick else list(LINK_SIZES))
     repeats = 2 if quick else 3
     rates: list[float | None] = [None, *sorted(link, reverse=True)]
     folder = REPO / "benchmarks" / "results" / f"weight_sync_link-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -381,8 +385,18 @@ def main_cli(argv: list[str] | None = None) -> None:
         return
     main(run, args, options={"--link": dict(type=parse_links, default=None, metavar="MBITS",
                                              help="link rates in Mb/s, comma-separated (e.g. 10000,1000): "
-                                                  "learner and engine on isolated nodes, links shaped (root)")},
-         run_with=lambda quick, link: run(quick) if link is None else run_link(quick, link))
+                                                  "learner and engine on isolated nodes, links shaped (root)"),
+                             "--sizes": dict(type=lambda text: text.split(","), default=None,
+                                             help=f"with --link: model sizes of {','.join(LINK_SIZES)}")},
+         run_with=run_cli)
+
+
+def run_cli(quick: bool, link: list[float] | None, sizes: list[str] | None) -> Section:
+    if link is None:
+        if sizes is not None:
+            raise SystemExit("--sizes goes with --link (the sizes of the link benchmark)")
+        return run(quick)
+    return run_link(quick, link, sizes)
 
 
 if __name__ == "__main__":
