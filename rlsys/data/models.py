@@ -183,9 +183,11 @@ def _reader_for(folder: Path, files: dict[str, tuple[int, str]], digest: str):
     reader = _READERS.get(key)
     if reader is None:
         # No CPU: it only reads files, and the head of a cluster often declares none. Started whether
-        # or not a node will need it: the driver cannot tell which nodes see its disk.
+        # or not a node will need it: the driver cannot tell which nodes see its disk. It holds no
+        # state, so Ray restarts it and retries the reads when it is killed (Ray's memory monitor
+        # picks the newest worker of a node, and this one is small and young).
         actor = ray.remote(FolderReader).options(
-            num_cpus=0, max_concurrency=4,
+            num_cpus=0, max_concurrency=4, max_restarts=-1, max_task_retries=3,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False))
         reader = _READERS[key] = actor.remote(str(folder), sorted(files))
     return reader
