@@ -52,7 +52,7 @@ class LearnerGroup:
             self.nodes = [w["node_id"] for w in where]
             self._ships = [True] * len(self.actors) if self.ship_all else shipping(
                 self.nodes, driver, self.cfg.cluster.shared_storage)
-            if any(self._ships):
+            if any(self._ships) and not self.ship_all:  # forced: the caller has said why
                 ranks = [r for r, s in enumerate(self._ships) if s]
                 print(f"[rlsys] learner rank(s) {ranks} run on other nodes than the driver ({driver[:12]}), no "
                       f"cluster.shared_storage: their checkpoint parts are streamed to the driver, which writes "
