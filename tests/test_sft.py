@@ -126,3 +126,22 @@ def test_sft_bad_input_stops_with_the_row_and_the_key(tmp_path):
     assert proc.returncode == 2 and "row 1" in proc.stderr and "'response'" in proc.stderr, proc.stderr[-2000:]
     proc = rlsys("sft", "configs/tiny.yaml", "data.name=gsm8k", f"trainer.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "data.name=gsm8k" in proc.stderr and "rlsys sample" in proc.stderr
+
+
+def test_a_learner_group_alone_is_placed_as_cluster_placement_says(capsys):
+    """rlsys sft (and the pipeline's SFT stages) start learners only: disaggregated keeps them on
+    the nodes that declare cluster.learner_resource; colocated (generator i beside learner rank i)
+    means nothing without generators, so they are placed as with `any`, and the run says so."""
+    from rlsys.cluster.learners import learners_alone
+    from rlsys.cluster.placement import MARKER, layout
+    from rlsys.config import load_config
+
+    cfg = load_config(None, ["cluster.placement=disaggregated", "cluster.learner_resource=trainers",
+                             "learner.num_ranks=2"])
+    bundles, _ = layout(learners_alone(cfg), gpu=False).groups["rlsys-learners"]
+    assert bundles == [{"CPU": cfg.learner.num_cpus, "trainers": MARKER}] * 2
+    assert capsys.readouterr().out == ""
+    cfg = load_config(None, ["cluster.placement=colocated", "learner.num_ranks=2", "generator.num_engines=2"])
+    lay = layout(learners_alone(cfg), gpu=False)
+    assert lay.groups["rlsys-learners"][0] == [{"CPU": cfg.learner.num_cpus}] * 2  # no generator CPUs asked
+    assert "placed as with cluster.placement=any" in capsys.readouterr().out
