@@ -29,7 +29,7 @@ from rlsys.config import Config, ConfigError, to_dict, to_yaml
 from rlsys.data.models import resolve_model
 from rlsys.data.prompts import DataError, apply_template, encode, load_rows, resolve_data_path
 from rlsys.loops.resume import check_same_run, cut_logs, resume_point
-from rlsys.loops.train import check_bad_steps, due, resolve_run_dir
+from rlsys.loops.train import check_bad_steps, due, resolve_run_dir, saves_left
 from rlsys.math.sft import sft_batch
 from rlsys.observe.metrics import RunLog, sparkline
 
@@ -177,16 +177,6 @@ def load_examples(cfg: Config, model_path: str) -> list[Example]:
         print(f"[rlsys] data.on_bad_row=skip: left out {len(skipped)} bad row(s) of {path}, {len(examples)} remain: "
               + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), flush=True)
     return examples
-
-
-def saves_left(done: int, total: int, every: int) -> int:
-    """Checkpoints a run of `total` steps still writes after step `done` (steps done): every
-    `every` steps and after the last.
-
-    >>> saves_left(2, 10, 2), saves_left(2, 9, 2), saves_left(4, 9, 0), saves_left(9, 9, 2)
-    (4, 4, 1, 0)
-    """
-    return sum(due(step, every, step + 1 == total) or step + 1 == total for step in range(done, total))
 
 
 def save(learner, run_dir: Path, step: int, cfg: Config, left: int | None = None) -> Path:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
+import ray
 from tqdm import tqdm
 
 from rlsys.data import datasets
@@ -78,6 +80,10 @@ def train(cfg: Config) -> Path:
         stacks = dump_stacks(groups.placement, run_dir / "stacks")
         raise RuntimeError(f"{e}. The run stops; every actor's stack is in {stacks}/. "
                            f"{last_checkpoint(run_dir)}") from e
+    except OSError as e:  # the driver's own writes into the run folder: a full disk, most often
+        raise RuntimeError(f"writing the run folder {run_dir} on node {socket.gethostname()} "
+                           f"({ray.util.get_node_ip_address()}) failed: {e}. The run stops; a checkpoint being "
+                           f"written was removed whole. {last_checkpoint(run_dir)}") from e
     except ActorLost as e:
         if not e.name.startswith("learner"):
             raise
@@ -194,7 +200,8 @@ def save(groups: Groups, run_dir: Path, version: int, prompts: PromptStream, cfg
         groups.learner.save(folder)
         write_trainer_state(folder, state)
 
-    return commit(run_dir, version, write, cfg.trainer.keep_last)
+    return commit(run_dir, version, write, cfg.trainer.keep_last,
+                  saves_left(version, cfg.trainer.total_steps, cfg.trainer.save_every))
 
 
 def last_checkpoint(run_dir: Path) -> str:
@@ -344,3 +351,13 @@ def evaluate(groups: Groups, problems: list[Problem], cfg: Config, out: Path) ->
     write(summary, out)
     return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float) and k != "temperature"
             and k != "top_p"}
+
+
+def saves_left(done: int, total: int, every: int) -> int:
+    """Checkpoints a run of `total` steps still writes after step `done` (steps done): every
+    `every` steps and after the last.
+
+    >>> saves_left(2, 10, 2), saves_left(2, 9, 2), saves_left(4, 9, 0), saves_left(9, 9, 2)
+    (4, 4, 1, 0)
+    """
+    return sum(due(step, every, step + 1 == total) or step + 1 == total for step in range(done, total))
