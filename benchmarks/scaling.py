@@ -321,18 +321,31 @@ def run_link(quick: bool, link: list[float]) -> Section:
                     nodes.shape(name, rate_mbit=rate)
                 tag = "unshaped" if rate is None else f"{rate:g}mbit"
                 print(f"[scaling_link] {engines} engine(s), {link_label(rate)}, {p['steps']} steps ...", flush=True)
-                r = train_run(nodes, engines, LEARNER_RANKS, p["steps"], folder / f"run-e{engines}-{tag}", model)
+                try:
+                    r = train_run(nodes, engines, LEARNER_RANKS, p["steps"], folder / f"run-e{engines}-{tag}", model)
+                except RuntimeError as e:
+                    # On a shared machine Ray's memory monitor may kill an actor (others' memory counts
+                    # too): the runs measured so far stay in the result, the failure with them, and
+                    # the runs after it are not attempted (they would need the memory the same way).
+                    first = str(e).splitlines()[0]
+                    section.params["failed"] = {"run": f"{engines} engine(s), {link_label(rate)}", "error": first}
+                    print(f"[scaling_link] {engines} engine(s), {link_label(rate)} FAILED: {first}", flush=True)
+                    break
                 r["rate_mbit"] = rate
                 print(f"[scaling_link] {engines} engine(s), {link_label(rate)}: {r['tokens_per_s']:.0f} tokens/s, "
                       f"{r['step_s_mean']:.2f} s a step (sync {r['phases_s_mean']['sync']:.2f} s, generate "
                       f"{r['generate_s_mean']:.2f} s)", flush=True)
                 by[(rate, engines)] = r
                 section.rows.append({"what": "link", **r})
+            if "failed" in section.params:
+                break
     finally:
         nodes.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     section.figures = link_figures(by, note)
+    if not section.figures:
+        raise RuntimeError(f"scaling_link: too few runs finished for any figure ({section.params.get('failed')})")
     return section
 
 
