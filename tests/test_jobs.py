@@ -1,10 +1,10 @@
 """rlsys submit / rlsys jobs (rlsys/cluster/jobs.py) and run storage at a URI (rlsys/cluster/storage.py).
 
 Unit tests check the job's runtime environment and the refusals before anything is submitted; the
-integration test (marked multinode) submits real runs to a two-node cluster of `ray start`
-processes on this machine with Ray's token authentication ON, follows, lists and stops them. The
-cluster is stopped by killing its process groups, never with `ray stop` (which stops every Ray
-process on the machine).
+integration test (marked multinode) submits real runs, from the host's side of the cluster network,
+to a two-node cluster of nodes that share nothing (LocalNodes(isolated=True): their own addresses,
+/tmp and homes) with Ray's token authentication ON, follows, lists and stops them; it skips where
+namespaces are not allowed (isolation.available()).
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ import dataclasses
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
 from rlsys.actors.generator import engine_env
 from rlsys.cluster import jobs
+from rlsys.cluster.isolation import available
+from rlsys.cluster.local import LocalNodes
 from rlsys.cluster.storage import RunStorage, StorageError, is_uri
 from rlsys.config import REDACTED, ConfigError, load_config, to_yaml
 
@@ -431,20 +429,12 @@ def test_storage_refuses_a_plain_path(tmp_path):
 # ---------------------------------------------------------------- a real two-node cluster, token auth on
 
 TOKEN = secrets.token_hex(32)
-RAY_TMP = Path("/tmp/ray")
-MARKER = RAY_TMP / "ray_current_cluster"  # where `ray start` leaves the address a plain ray.init() connects to
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home: Path, token: str | None = TOKEN, **extra: str) -> dict[str, str]:
-    """Token auth on, the token only in RAY_AUTH_TOKEN (HOME is a test folder: no ~/.ray/auth_token
-    of whoever runs the tests), the repo's .venv/bin first on PATH (the nodes get another PATH:
-    TwoNodes.start_node), and no Ray address or job variables from whoever ran pytest."""
+    """The host's side: token auth on, the token only in RAY_AUTH_TOKEN (HOME is a test folder: no
+    ~/.ray/auth_token of whoever runs the tests), the repo's .venv/bin first on PATH, and no Ray
+    address or job variables from whoever ran pytest."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k != "RLSYS_BASE_DIR"}
     env |= {"RAY_AUTH_MODE": "token", "HOME": str(home), "PATH": f"{BIN}:{env.get('PATH', '')}",
@@ -454,184 +444,126 @@ def _env(home: Path, token: str | None = TOKEN, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else f"({path} missing)"
+def _two_nodes(folder: Path) -> LocalNodes:
+    """A head (0 CPUs, dashboard) and a worker (8 CPUs) that share nothing (their own addresses,
+    /tmp and homes: no ~/.ray/auth_token either), token auth on. As Ray's docs start a node from an
+    environment that is not activated (`.venv/bin/ray start ...`): the nodes' PATH has no .venv/bin,
+    and its first `python` is not Ray's (a folder bound into both nodes)."""
+    wrong = folder / "bin"
+    wrong.mkdir(parents=True)
+    (wrong / "python").write_text("#!/bin/sh\necho 'the python on the node PATH ran' >&2\nexit 3\n")
+    (wrong / "python").chmod(0o755)
+    nodes = LocalNodes(folder / "nodes", isolated=True,
+                       env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PATH": f"{wrong}:/usr/bin:/bin"})
+    try:
+        nodes.head(shared={wrong: wrong})
+        nodes.worker("worker", 8, shared={wrong: wrong})
+    except BaseException:
+        nodes.stop()
+        raise
+    return nodes
 
 
-class TwoNodes:
-    """A head (0 CPUs, dashboard) and a worker (8 CPUs), each a `ray start --block` in a session of its own."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.home = folder, folder / "home"
-        self.home.mkdir()
-        self.gcs, self.dash = _free_port(), _free_port()
-        self.previous_marker = MARKER.read_text() if MARKER.is_file() else None
-        self.procs: list[subprocess.Popen] = []
-        self.members: list[psutil.Process] = []
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dash}"
-
-    def start_node(self, name: str, args: list[str]) -> None:
-        """As Ray's docs start a node from an environment that is not activated (`.venv/bin/ray
-        start ...`): the node's PATH has no .venv/bin, and its first `python` is not Ray's."""
-        log, wrong = self.folder / f"{name}.log", self.folder / "bin"
-        if not wrong.is_dir():
-            wrong.mkdir()
-            (wrong / "python").write_text("#!/bin/sh\necho 'the python on the node PATH ran' >&2\nexit 3\n")
-            (wrong / "python").chmod(0o755)
-        with open(log, "w") as out:
-            self.procs.append(subprocess.Popen(
-                [str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
-                 f"--dashboard-agent-listen-port={_free_port()}", *args],
-                stdout=out, stderr=subprocess.STDOUT, env=_env(self.home, PATH=f"{wrong}:/usr/bin:/bin"),
-                start_new_session=True))
-        self.wait(f"the {name} node", lambda: "Ray runtime started" in log.read_text())
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{_tail(p, 1500)}" for p in sorted(self.folder.glob("*.log")))
-
-    def wait(self, what: str, ready, timeout: float = 180.0):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"a `ray start` exited with {p.returncode} while waiting for {what}\n"
-                                       + self.logs())
-            try:
-                got = ready()
-                if got:
-                    return got
-            except OSError:  # the dashboard is not up yet
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"{what} not ready within {timeout:.0f}s\n" + self.logs())
-
-    def start(self) -> None:
-        self.start_node("head", ["--head", f"--port={self.gcs}", "--num-cpus=0", "--include-dashboard=true",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
-                                 f"--ray-client-server-port={_free_port()}", "--object-store-memory=500000000"])
-        self.start_node("worker", [f"--address=127.0.0.1:{self.gcs}", "--num-cpus=8",
-                                   "--object-store-memory=1000000000"])
-
-        def jobs_api() -> bool:
-            request = urllib.request.Request(f"{self.dashboard}/api/jobs/",
-                                             headers={"Authorization": f"Bearer {TOKEN}"})
-            with urllib.request.urlopen(request, timeout=10) as r:
-                return r.status == 200
-
-        self.wait("the job API", jobs_api)
-
-    def stop(self) -> None:
-        """SIGKILL each node's process group (raylet and gcs ignore SIGTERM); workers and job drivers
-        have groups of their own and exit when their raylet dies: wait for the whole trees."""
-        for p in self.procs:
-            try:
-                root = psutil.Process(p.pid)
-                self.members += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in reversed(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
-        _, alive = psutil.wait_procs(self.members, timeout=90)
-        if MARKER.is_file() and MARKER.read_text().strip().endswith(f":{self.gcs}"):
-            if self.previous_marker is None:
-                MARKER.unlink()
-            else:
-                MARKER.write_text(self.previous_marker)
-        assert not alive, f"processes of the test cluster outlived its teardown: {alive}"
+def _node_logs(nodes: LocalNodes) -> str:
+    return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-1500:]}"
+                     for p in sorted(nodes.folder.glob("*.log")))
 
 
-def _rlsys(cluster: TwoNodes, *args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "rlsys"), *args], cwd=cluster.folder, capture_output=True, text=True,
-                          timeout=timeout, env=env.pop("environ", None) or _env(cluster.home, **env))
+def _rlsys(nodes: LocalNodes, home: Path, *args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """rlsys on the host's side of the cluster network (its files, the nodes by address)."""
+    return subprocess.run(nodes.host_command([str(BIN / "rlsys"), *args]), cwd=home.parent, capture_output=True,
+                          text=True, timeout=timeout, env=_env(home, **env))
 
 
 def _tails(proc) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
 
 
-def _submit(cluster: TwoNodes, run_dir: Path, *extra: str) -> str:
-    proc = _rlsys(cluster, "submit", str(TINY), "--address", cluster.dashboard, "trainer.progress=false",
+def _submit(nodes: LocalNodes, home: Path, run_dir: str, *extra: str) -> str:
+    proc = _rlsys(nodes, home, "submit", str(TINY), "--address", nodes.dashboard, "trainer.progress=false",
                   f"trainer.output_dir={run_dir}", *extra)
-    assert proc.returncode == 0, _tails(proc) + cluster.logs()
+    assert proc.returncode == 0, _tails(proc) + _node_logs(nodes)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("submitted job ")), None)
     assert line, _tails(proc)
     job_id = line.split()[-1]
-    assert f"{cluster.dashboard}/#/jobs/{job_id}" in proc.stdout, proc.stdout
+    assert f"{nodes.dashboard}/#/jobs/{job_id}" in proc.stdout, proc.stdout
     return job_id
 
 
-def _status(cluster: TwoNodes, job_id: str) -> str:
-    proc = _rlsys(cluster, "jobs", "status", job_id, "--address", cluster.dashboard, timeout=120)
+def _status(nodes: LocalNodes, home: Path, job_id: str) -> str:
+    proc = _rlsys(nodes, home, "jobs", "status", job_id, "--address", nodes.dashboard, timeout=120)
     assert proc.returncode == 0, _tails(proc)
     return proc.stdout.splitlines()[0]
 
 
-def _logs(cluster: TwoNodes, job_id: str) -> str:
-    proc = _rlsys(cluster, "jobs", "logs", job_id, "--address", cluster.dashboard, timeout=120)
+def _logs(nodes: LocalNodes, home: Path, job_id: str) -> str:
+    proc = _rlsys(nodes, home, "jobs", "logs", job_id, "--address", nodes.dashboard, timeout=120)
     assert proc.returncode == 0, _tails(proc)
     return proc.stdout
 
 
 @pytest.mark.multinode
+@pytest.mark.skipif(available() is not None, reason=str(available()))
 def test_submit_follow_list_and_stop_on_a_two_node_cluster_with_token_auth(tmp_path):
+    """Submitted from the host's side; the job's driver runs on the head, its run folder on the
+    head's own disk (read here through nodes.view)."""
     from rlsys.observe.metrics import read_jsonl
 
-    cluster = TwoNodes(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    nodes = _two_nodes(tmp_path)
     try:
-        cluster.start()
-        run_dir = tmp_path / "runs" / "submitted"
+        there = "/tmp/runs/submitted"
+        run_dir = nodes.view("head", there)
         # Without the token (no RAY_AUTH_TOKEN, no ~/.ray/auth_token under this HOME): refused, and told where.
-        proc = _rlsys(cluster, "submit", str(TINY), "--address", cluster.dashboard, f"trainer.output_dir={run_dir}",
+        proc = _rlsys(nodes, home, "submit", str(TINY), "--address", nodes.dashboard, f"trainer.output_dir={there}",
                       token=None)
         assert proc.returncode == 2, _tails(proc)
         assert "RAY_AUTH_TOKEN_PATH" in proc.stderr and "~/.ray/auth_token" in proc.stderr, _tails(proc)
-        proc = _rlsys(cluster, "jobs", "list", "--address", cluster.dashboard, token="not-the-token")
+        proc = _rlsys(nodes, home, "jobs", "list", "--address", nodes.dashboard, token="not-the-token")
         assert proc.returncode == 2 and "refused the request" in proc.stderr, _tails(proc)
         assert "RAY_AUTH_TOKEN" in proc.stderr, _tails(proc)
 
-        job_id = _submit(cluster, run_dir, "trainer.total_steps=2")
+        job_id = _submit(nodes, home, there, "trainer.total_steps=2")
         deadline, state = time.time() + 600, None
         while time.time() < deadline:
-            state = _status(cluster, job_id)
+            state = _status(nodes, home, job_id)
             if state in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             time.sleep(5)
-        logs = _logs(cluster, job_id)
-        assert state == "SUCCEEDED", f"{state}\n{logs[-4000:]}\n{cluster.logs()}"
-        assert f"[rlsys] run folder: {run_dir}" in logs, logs[-4000:]
+        logs = _logs(nodes, home, job_id)
+        assert state == "SUCCEEDED", f"{state}\n{logs[-4000:]}\n{_node_logs(nodes)}"
+        assert f"[rlsys] run folder: {there}" in logs, logs[-4000:]
         assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
         assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
         # The job ran exactly the config validated here.
         assert load_config(run_dir / "config.yaml") == load_config(
-            TINY, ["trainer.progress=false", f"trainer.output_dir={run_dir}", "trainer.total_steps=2"])
-        proc = _rlsys(cluster, "jobs", "logs", job_id, "--follow", "--address", cluster.dashboard)
+            TINY, ["trainer.progress=false", f"trainer.output_dir={there}", "trainer.total_steps=2"])
+        proc = _rlsys(nodes, home, "jobs", "logs", job_id, "--follow", "--address", nodes.dashboard)
         assert proc.returncode == 0 and f"job {job_id}: SUCCEEDED" in proc.stdout, _tails(proc)
-        proc = _rlsys(cluster, "jobs", "list", "--address", cluster.dashboard)
+        proc = _rlsys(nodes, home, "jobs", "list", "--address", nodes.dashboard)
         assert proc.returncode == 0, _tails(proc)
         assert any(ln.startswith(f"{job_id}  SUCCEEDED  ") and "rlsys.cli train" in ln
                    for ln in proc.stdout.splitlines()), proc.stdout
 
         # A long run, followed from submission, stopped once it trains.
-        long_dir = tmp_path / "runs" / "long"
-        follower = subprocess.Popen(
-            [str(BIN / "rlsys"), "submit", str(TINY), "--address", cluster.dashboard, "--follow",
-             "--submission-id", "rlsys-test-long", "trainer.progress=false", f"trainer.output_dir={long_dir}",
-             "trainer.total_steps=1000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=_env(cluster.home))
+        long_there = "/tmp/runs/long"
+        long_dir = nodes.view("head", long_there)
+        follower = subprocess.Popen(nodes.host_command(
+            [str(BIN / "rlsys"), "submit", str(TINY), "--address", nodes.dashboard, "--follow",
+             "--submission-id", "rlsys-test-long", "trainer.progress=false", f"trainer.output_dir={long_there}",
+             "trainer.total_steps=1000"]), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_env(home))
         try:
-            cluster.wait("the long run's first step", lambda: (long_dir / "metrics.jsonl").is_file()
-                         and (long_dir / "metrics.jsonl").stat().st_size > 0, timeout=600)
-            assert _status(cluster, "rlsys-test-long") == "RUNNING"
-            proc = _rlsys(cluster, "jobs", "stop", "rlsys-test-long", "--address", cluster.dashboard)
+            deadline = time.time() + 600
+            while not ((long_dir / "metrics.jsonl").is_file() and (long_dir / "metrics.jsonl").stat().st_size > 0):
+                assert follower.poll() is None, f"the follower exited first:\n{follower.stdout.read()[-4000:]}"
+                assert time.time() < deadline, "the long run's first step: not within 600s\n" + _node_logs(nodes)
+                time.sleep(1.0)
+            assert _status(nodes, home, "rlsys-test-long") == "RUNNING"
+            proc = _rlsys(nodes, home, "jobs", "stop", "rlsys-test-long", "--address", nodes.dashboard)
             assert proc.returncode == 0 and proc.stdout.strip() == "STOPPED", _tails(proc)
-            assert _status(cluster, "rlsys-test-long") == "STOPPED"
+            assert _status(nodes, home, "rlsys-test-long") == "STOPPED"
             out, _ = follower.communicate(timeout=120)
         finally:
             if follower.poll() is None:
@@ -639,4 +571,4 @@ def test_submit_follow_list_and_stop_on_a_two_node_cluster_with_token_auth(tmp_p
         assert follower.returncode == 1, out[-4000:]
         assert "[rlsys] run folder:" in out and "job rlsys-test-long: STOPPED" in out, out[-4000:]
     finally:
-        cluster.stop()
+        nodes.stop()
