@@ -8,8 +8,16 @@
 #                                 # the custom resource `rollout`, one `learner`, for trying
 #                                 # cluster.placement=disaggregated (generators on the first,
 #                                 # learners on the second)
-#   cluster/start_local.sh stop   # stop this cluster, and only it (either kind)
+#   cluster/start_local.sh stop   # stop this cluster, and only it (either kind, and the --isolated one)
+#   cluster/start_local.sh --isolated [pools]  # the same nodes, each a machine of its own as far as it
+#                                 # can tell (root): its own address 10.213.<k>.<n>, /tmp, home and
+#                                 # cores (rlsys/cluster/isolation.py), run by
+#                                 # `python -m rlsys.cluster.local --isolated [--pools]` in the
+#                                 # background; it prints the commands that reach the cluster: a driver
+#                                 # runs on the head (nsenter), `rlsys submit` from the host's side of the
+#                                 # cluster network (ip netns exec). Stopped by `cluster/start_local.sh stop`.
 # Other ports: RAY_PORT=... DASHBOARD_PORT=... AGENT_PORT=... cluster/start_local.sh (RAY_PORT for stop too).
+# The --isolated cluster's state folder: ISOLATED_STATE=... (for stop too).
 # Each node is a `ray start --block` in a session of its own; stop kills those process groups.
 # Never `ray stop` here: it kills every Ray process on the machine, other people's runs too.
 # Authentication is off here (local only); keep it on for real clusters. A plain `rlsys train`
@@ -27,6 +35,37 @@ marker=/tmp/ray/ray_current_cluster       # where a plain ray.init() looks for a
 
 alive() {  # the recorded `ray start` process is still running (not a reused pid)
   [ -f "$state/$1.pid" ] && ps -o args= -p "$(cat "$state/$1.pid")" 2>/dev/null | grep -q "ray start"
+}
+
+iso=${ISOLATED_STATE:-$repo/.cache/local-cluster/isolated}  # the --isolated cluster: harness pid, nodes' logs
+iso_alive() {  # the recorded harness (python -m rlsys.cluster.local) is still running
+  [ -f "$iso/harness.pid" ] && ps -o args= -p "$(cat "$iso/harness.pid")" 2>/dev/null | grep -q "rlsys.cluster.local"
+}
+
+stop_isolated() {
+  if iso_alive; then
+    pid=$(cat "$iso/harness.pid")
+    kill -TERM "$pid"  # the harness stops every process of every node and takes the namespaces down
+    for _ in $(seq 240); do iso_alive || break; sleep 0.5; done
+    if iso_alive; then echo "the isolated cluster's harness (pid $pid) did not stop within 120s" >&2; exit 1; fi
+    echo "stopped the isolated cluster (harness $pid)"
+  fi
+  rm -f "$iso/harness.pid"
+}
+
+start_isolated() {  # pools or nothing
+  if iso_alive; then echo "an isolated cluster started by this script runs; cluster/start_local.sh stop first" >&2; exit 1; fi
+  mkdir -p "$iso"
+  : >"$iso/harness.log"
+  setsid python3 -m rlsys.cluster.local --isolated ${1:+--pools} --folder "$iso/nodes" \
+    >>"$iso/harness.log" 2>&1 </dev/null &
+  echo $! >"$iso/harness.pid"
+  for _ in $(seq 480); do
+    if grep -q "^cluster up" "$iso/harness.log"; then sed -n '/^cluster up/,$p' "$iso/harness.log"; return 0; fi
+    if ! iso_alive; then echo "the isolated cluster did not start:" >&2; tail -20 "$iso/harness.log" >&2; exit 1; fi
+    sleep 0.5
+  done
+  echo "the isolated cluster was not up within 240s (log: $iso/harness.log)" >&2; stop_isolated; exit 1
 }
 
 stop() {
@@ -60,10 +99,17 @@ start_node() {  # name, then `ray start` arguments
 }
 
 case ${1:-} in
-  stop) stop; exit 0;;
+  stop) stop; stop_isolated; exit 0;;
+  --isolated)
+    case ${2:-} in
+      "") start_isolated ""; exit 0;;
+      pools) start_isolated pools; exit 0;;
+    esac;;
   ""|pools) ;;
-  *) echo "usage: cluster/start_local.sh [pools|stop]" >&2; exit 2;;
 esac
+if [ $# -gt 1 ] || { [ $# = 1 ] && [ "$1" != pools ]; }; then
+  echo "usage: cluster/start_local.sh [--isolated] [pools] | stop" >&2; exit 2
+fi
 if alive head || alive worker || alive rollout || alive learner; then
   echo "a cluster started by this script runs on port $port; cluster/start_local.sh stop first" >&2; exit 1
 fi

@@ -11,7 +11,8 @@
 - cluster/slurm/rlsys.sbatch is valid bash (and shellcheck-clean where shellcheck is on PATH), and
   runs for real on a fake 3-node allocation on this machine: `srun` and `scontrol` shims run
   the steps here, and a fake `rlsys` records how it was called and what the cluster looked like.
-- cluster/start_local.sh pools starts a head and a rollout and a learner node.
+- cluster/start_local.sh pools starts a head and a rollout and a learner node; with --isolated,
+  each in namespaces of its own (LocalNodes(isolated=True); skipped where namespaces are not allowed).
 - Every file cluster/README.md's commands name exists.
 
 The tests that start Ray nodes never run `ray stop` (it stops every Ray process on the machine):
@@ -40,6 +41,7 @@ import psutil
 import pytest
 import yaml
 
+from rlsys.cluster.isolation import available
 from rlsys.cluster.placement import MARKER, layout, node_can_host
 from rlsys.config import load_config
 
@@ -460,7 +462,10 @@ def test_sbatch_commands(mode, tmp_path):
 
 @pytest.mark.multinode
 def test_sbatch_runs_on_a_fake_allocation(tmp_path):
-    """The whole script with real Ray nodes on this machine, token authentication on."""
+    """The whole script with real Ray nodes on this machine, token authentication on.
+
+    Not on LocalNodes(isolated=True): what is tested is the script starting its own nodes (through
+    the fake `srun`, on this machine's processes, address and disk), not a cluster the test makes."""
     seen = _run_sbatch(tmp_path, "submit", real=True)
     assert seen["auth_mode"] == "token" and seen["unauthenticated"] == 401, seen
     nodes = [n for n in seen["nodes"] if n["state"] == "ALIVE"]
@@ -479,7 +484,10 @@ def test_sbatch_runs_on_a_fake_allocation(tmp_path):
 
 @pytest.mark.multinode
 def test_start_local_pools(tmp_path):
-    """cluster/start_local.sh pools: a head with nothing to schedule, a rollout and a learner node."""
+    """cluster/start_local.sh pools: a head with nothing to schedule, a rollout and a learner node.
+
+    Not on LocalNodes(isolated=True): the plain script's nodes share this machine (its point);
+    test_start_local_isolated_pools runs the --isolated one, which is LocalNodes(isolated=True)."""
     marker = Path("/tmp/ray/ray_current_cluster")
     previous = marker.read_text() if marker.exists() else None
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
@@ -511,3 +519,46 @@ def test_start_local_pools(tmp_path):
             marker.write_text(previous)  # start overwrote another cluster's address; stop removed ours
         assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         shutil.rmtree(state, ignore_errors=True)  # its logs
+
+
+@pytest.mark.multinode
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+def test_start_local_isolated_pools(tmp_path):
+    """cluster/start_local.sh --isolated pools: the same three nodes, each in namespaces of its own
+    (python -m rlsys.cluster.local in the background); reached from the host's side of the cluster
+    network as the script prints; `stop` takes every node and namespace down."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env |= {"ISOLATED_STATE": str(tmp_path / "iso"), "RAY_AUTH_MODE": "disabled"}
+    pid_file = tmp_path / "iso" / "harness.pid"
+    namespaces = []
+    try:
+        proc = subprocess.run([str(START_LOCAL), "--isolated", "pools"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        state = json.loads((tmp_path / "iso" / "nodes" / "cluster.json").read_text())
+        assert state["isolated"] and set(state["nodes"]) == {"head", "rollout", "learner"}, state
+        assert f"cluster.address={state['address']} cluster.placement=disaggregated" in proc.stdout, proc.stdout
+        assert " ".join(state["on_host"]) in proc.stdout and state["address"].startswith("10.213."), proc.stdout
+        namespaces = [f"{state['on_host'][3].rsplit('-', 1)[0]}-{n}" for n in ("switch", "host", *state["nodes"])]
+        assert set(namespaces) <= set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+                                      .stdout.split()), namespaces
+        probe = ("import json, sys, urllib.request; print(json.dumps([n['resources_total'] for n in json.load("
+                 "urllib.request.urlopen(sys.argv[1] + '/api/v0/nodes?limit=10&detail=true', timeout=30))"
+                 "['data']['result']['result'] if n['state'] == 'ALIVE']))")
+        seen = subprocess.run([*state["on_host"], sys.executable, "-c", probe, state["dashboard"]], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert seen.returncode == 0, seen.stderr
+        head, learner, rollout = sorted(json.loads(seen.stdout), key=lambda r: ("rollout" in r, "learner" in r))
+        assert head.get("CPU", 0) == 0 and "rollout" not in head and "learner" not in head
+        assert rollout["rollout"] == 1 and rollout["CPU"] == 8 and "learner" not in rollout
+        assert learner["learner"] == 1 and learner["CPU"] == 8 and "rollout" not in learner
+    finally:
+        pid = int(pid_file.read_text()) if pid_file.exists() else None
+        stopped = subprocess.run([str(START_LOCAL), "stop"], env=env, capture_output=True, text=True, timeout=180)
+        if pid is not None and psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)  # only if stop failed; the next harness's cleanup_stale takes the rest
+    assert stopped.returncode == 0 and "stopped the isolated cluster" in stopped.stdout, stopped.stdout + stopped.stderr
+    left = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not left & set(namespaces), sorted(left & set(namespaces))
+    # the harness is gone (a zombie at most: the script that started it has exited, nobody waits for it)
+    assert pid is None or not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
