@@ -176,6 +176,32 @@ def test_a_rollout_node_cut_off_mid_run_loses_its_engine_and_a_replacement_joins
     joins = [e for e in events if e["event"] == "join"]
     assert len(joins) == 1 and joins[0]["step"] > lost["step"], f"no replacement joined: {events}"
     placed = {a["rank"]: a["ip"] for a in json.loads((run / "placement.json").read_text()) if a["role"] == "generator"}
-    assert placed[joins[0]["engine"]] == ip["rollout-c"] and victim not in placed, placed
+    assert placed[joins[0]["engine"]] == nodes.iso.boxes["rollout-c"].ip and victim not in placed, placed
     print(f"lost at step {lost['step']} ({lost.get('found') or 'mid-generate'}); replacement joined at step "
           f"{joins[0]['step']} after {joins[0]['seconds_to_serving']:.0f}s")
+
+
+def test_a_rollout_node_lost_during_an_asynchronous_step_leaves_the_run_going_on_the_others(nodes):
+    """trainer.max_staleness=1 (generation overlaps learning): a rollout node goes at once (every
+    process of it killed) while the producer samples and the learner pushes. Its engine leaves the
+    pool (the asynchronous pool is not refilled), its chunk goes to the other engine, and every step
+    still trains on every rollout within the staleness bound."""
+    run_dir = "/tmp/runs/async"
+    run = Path(nodes.disk) / "async"
+    steps = 8
+    job = submit(nodes, f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "trainer.save_every=0",
+                 "trainer.max_staleness=1")
+    wait_until("step 2", lambda: len(steps_logged(run)) >= 2, 400, nodes, job)
+    ip = {name: box.ip for name, box in nodes.iso.boxes.items()}
+    engines = {a["rank"]: a["ip"] for a in json.loads((run / "placement.json").read_text()) if a["role"] == "generator"}
+    assert len(engines) == 2, engines
+    victim, address = max(engines.items())
+    [node] = [name for name, addr in ip.items() if addr == address]
+    nodes.kill(node)
+    assert finish(nodes, job, timeout=900) == "SUCCEEDED", logs(nodes, job)[-5000:]
+    assert f"generator {victim} lost" in logs(nodes, job)
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(steps))
+    assert [m["rollouts/count"] for m in metrics] == [64] * steps
+    assert all(m["staleness/0"] + m["staleness/1"] == pytest.approx(1.0) for m in metrics)
+    assert metrics[-1]["pool/size"] == 1
