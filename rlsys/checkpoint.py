@@ -19,7 +19,9 @@ save that fails with an OSError (a full disk) removes its .partial folder, givin
 checksums.json is computed by the driver in `commit`, over the files as they landed in the run
 folder: every learner rank's files land there before it (written there with shared storage, sent
 to the driver without), so one place covers them all, and what is checked on resume is exactly
-what was written. A resume checks them before any actor starts (`verify`): a truncated, altered
+what was written. With a storage URI as trainer.output_dir the ranks upload their parts
+themselves and report each file's size and sha256 as they sent it; `commit` merges those into
+the same checksums.json (rlsys.cluster.storage). A resume checks them before any actor starts (`verify`): a truncated, altered
 or missing file stops it, naming the file and the newest older checkpoint whose checksums match.
 Hashing reads each file once more at save and at resume (sha256: about 1 s per 500 MB).
 Checkpoints written before rlsys wrote checksums.json are resumed from with a printed note that
@@ -86,10 +88,11 @@ def find_resumable(run_dir: Path) -> Path | None:
     return whole[max(whole)] if whole else None
 
 
-def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int = 0,
+def commit(run_dir: Path, step: int, write: Callable[[Path], dict | None], keep_last: int = 0,
            saves_left: int | None = None) -> Path:
     """Write checkpoint step_<step> atomically: `write(folder)` fills a temporary folder, then its
-    checksums.json is written, then the folder is renamed; then `latest` names it; then all but the
+    checksums.json is written (with the entries `write` returns for files it put elsewhere: the
+    ranks' parts uploaded straight to a storage URI), then the folder is renamed; then `latest` names it; then all but the
     newest `keep_last` whole checkpoints are removed (0: keep all). Then a warning is printed when
     the run folder's disk cannot hold the checkpoints still to come at this one's size (`disk_note`;
     saves_left: how many saves the run still makes after this one, None: unknown, only the next
@@ -99,8 +102,8 @@ def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: i
     shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
     tmp.mkdir(parents=True)
     try:
-        write(tmp)
-        write_checksums(tmp)  # last: a folder without it was not written whole
+        elsewhere = write(tmp)
+        write_checksums(tmp, elsewhere)  # last: a folder without it was not written whole
     except OSError:
         # A full disk, most often: give the space back now rather than at the next save of this
         # step. What is left if this fails never counts (.partial); the write's error is the one
@@ -116,7 +119,8 @@ def commit(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: i
     if keep_last > 0:
         for old in sorted(list_checkpoints(run_dir))[:-keep_last]:
             shutil.rmtree(root / f"step_{old}")
-    size = sum(entry["size"] for entry in read_checksums(final).values())
+    # The bytes on this disk: the ranks' parts on a storage URI are not.
+    size = sum(entry["size"] for name, entry in read_checksums(final).items() if (final / name).is_file())
     note = disk_note(root, size, len(list_checkpoints(run_dir)), keep_last, saves_left, shutil.disk_usage(root).free)
     if note:
         print(f"[rlsys] warning: {note}", flush=True)
@@ -179,10 +183,14 @@ def checkpoint_files(folder: Path) -> list[str]:
                   if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS)
 
 
-def write_checksums(folder: Path) -> None:
-    """checksums.json: each file's size and sha256, for `verify`."""
+def write_checksums(folder: Path, elsewhere: dict[str, dict] | None = None) -> None:
+    """checksums.json: each file's size and sha256, for `verify`; elsewhere: the entries of the
+    checkpoint's files that are not in `folder` (uploaded by the ranks to a storage URI)."""
     files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
              for name in checkpoint_files(folder)}
+    clash = sorted(set(files) & set(elsewhere or {}))
+    assert not clash, f"{folder}: files both in the folder and put elsewhere: {clash[:5]}"
+    files = dict(sorted((files | (elsewhere or {})).items()))
     (folder / CHECKSUMS).write_text(json.dumps({"format": 1, "files": files}, indent=1))
 
 
@@ -291,11 +299,23 @@ def rank_state_files(folder: Path, rank: int) -> list[str]:
     """The learner state files of checkpoint `folder` that learner rank `rank` reads, as names
     relative to the checkpoint: its own ZeRO partition and the files every rank reads (the module
     states, which under ZeRO-0 hold the whole model and optimizer)."""
+    return rank_files(sorted(p.relative_to(folder).as_posix() for p in (folder / "learner").rglob("*")
+                             if p.is_file()), rank)
+
+
+def rank_files(names: list[str], rank: int) -> list[str]:
+    """Of a checkpoint's files (relative names), those learner rank `rank` reads on resume.
+
+    >>> rank_files(["config.json", "learner/s/mp_rank_00_model_states.safetensors",
+    ...             "learner/s/zero_pp_rank_0_mp_rank_00_optim_states.safetensors",
+    ...             "learner/s/zero_pp_rank_1_mp_rank_00_optim_states.safetensors"], 1)
+    ['learner/s/mp_rank_00_model_states.safetensors', 'learner/s/zero_pp_rank_1_mp_rank_00_optim_states.safetensors']
+    """
     out = []
-    for path in sorted((folder / "learner").rglob("*")):
-        owner = re.search(r"zero_pp_rank_(\d+)_", path.name)
-        if path.is_file() and (owner is None or int(owner.group(1)) == rank):
-            out.append(path.relative_to(folder).as_posix())
+    for name in names:
+        owner = re.search(r"zero_pp_rank_(\d+)_", Path(name).name)
+        if name.startswith("learner/") and (owner is None or int(owner.group(1)) == rank):
+            out.append(name)
     return out
 
 

@@ -302,9 +302,9 @@ def test_a_storage_uri_run_is_checked_before_it_starts(tmp_path):
     from rlsys.cluster.storage import open_run_storage
 
     assert open_run_storage(str(tmp_path / "plain"), "", tmp_path / "stage") is None
-    with pytest.raises(ConfigError, match="trainer.resume=auto reads the run folder"):
-        open_run_storage(f"file://{tmp_path}/uri", "auto", tmp_path / "stage")
     (tmp_path / "uri").mkdir()
     (tmp_path / "uri" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="already holds a run"):
         open_run_storage(f"file://{tmp_path}/uri", "", tmp_path / "stage")
+    # trainer.resume=auto continues it (tests/test_storage_ranks.py: from the storage's checkpoints)
+    assert open_run_storage(f"file://{tmp_path}/uri", "auto", tmp_path / "stage").uri == f"file://{tmp_path}/uri"

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from rlsys.actors.state_tree import SafetensorsCheckpointEngine
-from rlsys.checkpoint import write_chunk
+from rlsys.checkpoint import safe_relative, write_chunk
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.flops import Shape
@@ -675,6 +675,32 @@ class Learner:
         torch.set_rng_state(mine["torch_rng"])
         random.setstate(mine["python_rng"])
         return self.steps
+
+    def upload_part(self, uri: str, rel: str, state: bool = True) -> dict[str, dict]:
+        """This rank's part of a checkpoint straight to a storage URI (trainer.output_dir), never
+        through the driver: written (`save`) to a temporary folder on this node, each file uploaded
+        to `rel` under `uri` a chunk at a time (rlsys.cluster.storage.RunStorage.put), the folder
+        removed. Returns {name relative to the checkpoint: {"size", "sha256"}} as uploaded: the
+        driver writes them into the checkpoint's checksums.json. Collective (the save is)."""
+        from rlsys.cluster.storage import RunStorage  # pyarrow only: no Ray comes with it
+
+        with tempfile.TemporaryDirectory(prefix="rlsys-ckpt-") as tmp:
+            self.save(tmp, state)
+            storage = RunStorage(uri, Path(tmp))
+            names = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
+            return {name: storage.put(Path(tmp) / name, f"{rel}/{name}") for name in names}
+
+    def fetch_part(self, uri: str, rel: str, files: dict[str, dict], key: str) -> None:
+        """Download `files` ({name relative to the checkpoint: its checksums.json entry}) of the
+        checkpoint at `rel` under storage `uri` into this node's received folder `key` (as
+        `receive_state_chunk` fills it), a chunk at a time, each file's size and sha256 checked:
+        a mismatch stops the resume naming the file and the URI. Then `load_received_state`."""
+        from rlsys.cluster.storage import RunStorage
+
+        folder = self._received(key)
+        storage = RunStorage(uri, folder)
+        for name, want in files.items():
+            storage.get(f"{rel}/{name}", folder / safe_relative(name), want)
 
     def receive_state_chunk(self, key: str, name: str, offset: int, data: bytes) -> None:
         """One chunk of a checkpoint's state file (rlsys.checkpoint.file_chunks), for a rank that

@@ -21,6 +21,7 @@ from rlsys import checkpoint
 from rlsys.cluster.deadlines import PhaseTimeout, get_all
 from rlsys.cluster.placement import layout, resolve_backend
 from rlsys.cluster.remote import LearnerActor, in_group, place, threads
+from rlsys.cluster.storage import RunStorage, is_uri
 from rlsys.config import Config
 from rlsys.data.models import ModelSource
 from rlsys.math.packing import cut
@@ -52,7 +53,11 @@ class LearnerGroup:
             self.nodes = [w["node_id"] for w in where]
             self._ships = [True] * len(self.actors) if self.ship_all else shipping(
                 self.nodes, driver, self.cfg.cluster.shared_storage)
-            if any(self._ships) and not self.ship_all:  # forced: the caller has said why
+            if is_uri(self.cfg.trainer.output_dir):
+                print(f"[rlsys] trainer.output_dir={self.cfg.trainer.output_dir} is a storage URI: every learner "
+                      f"rank uploads its own checkpoint part there and reads it from there on resume",
+                      flush=True)
+            elif any(self._ships) and not self.ship_all:  # forced: the caller has said why
                 ranks = [r for r, s in enumerate(self._ships) if s]
                 print(f"[rlsys] learner rank(s) {ranks} run on other nodes than the driver ({driver[:12]}), no "
                       f"cluster.shared_storage: their checkpoint parts are streamed to the driver, which writes "
@@ -96,11 +101,15 @@ class LearnerGroup:
         return self._all([a.full_state_dict.remote() for a in self.actors], "gather", self.deadlines.save_s,
                          "deadlines.save_s")[0]
 
-    def save(self, folder: Path, state: bool = True) -> None:
+    def save(self, folder: Path, state: bool = True, storage: RunStorage | None = None) -> dict[str, dict]:
         """Every rank's part of a checkpoint (rlsys.actors.learner.Learner.save) into `folder`
         (absolute, in the run folder), whatever node each rank runs on: a rank that sees the run
         folder writes its part there itself; the others write theirs to their own disk and stream it
-        to the driver, which writes it (`ships`)."""
+        to the driver, which writes it (`ships`). With `storage` (trainer.output_dir is a URI)
+        every rank uploads its part there itself instead (`upload_part`); returns the checksums.json
+        entries of the files the ranks uploaded ({} without storage)."""
+        if storage is not None:
+            return self._upload(folder, state, storage)
         ships = self.ships()
         # Submitted together: DeepSpeed's save is collective. A streaming rank is at most two
         # chunks ahead of the driver's writes (backpressure); the driver reads the streams in turn.
@@ -114,7 +123,7 @@ class LearnerGroup:
         if ships[0]:
             if not (folder / "config.json").is_file():
                 raise RuntimeError(f"learner rank 0 streamed checkpoint {folder} without config.json")
-            return
+            return {}
         # cluster.shared_storage=true on a path that is not shared: rank 0 wrote the checkpoint
         # to its own node's disk, and the run would end "successfully" without it. A few
         # seconds' grace for shared filesystems that cache a missing name briefly.
@@ -127,33 +136,58 @@ class LearnerGroup:
                     f"mounts at the same path (the checkpoint is on rank 0's node's local disk). Use "
                     f"cluster.shared_storage=false to have checkpoints sent to the driver")
             time.sleep(0.5)
+        return {}
 
-    def load_state(self, folder: Path, chunk_bytes: int = 64 << 20) -> int:
+    def _upload(self, folder: Path, state: bool, storage: RunStorage) -> dict[str, dict]:
+        """Every rank's part straight to the storage, at the name `folder` gets when whole. What an
+        earlier save of this step left there goes first: a checkpoint on the storage is whole once
+        its checksums.json is there (the driver uploads it after this returns), so an old one must
+        not vouch for a mix of old and new files."""
+        rel = storage.remote_path(folder)
+        assert rel is not None, f"{folder} is not in the staging folder {storage.local} of {storage.uri}"
+        storage.remove(rel)
+        t0 = time.time()
+        parts = self._all([a.upload_part.remote(storage.uri, rel, state) for a in self.actors], "save",
+                          self.deadlines.save_s, "deadlines.save_s")
+        files = {name: entry for part in parts for name, entry in part.items()}
+        assert len(files) == sum(map(len, parts)), f"learner ranks uploaded files of the same name to {rel}"
+        if "config.json" not in files:
+            raise RuntimeError(f"learner rank 0 uploaded checkpoint {storage.uri}/{rel} without config.json")
+        print(f"[rlsys] {Path(rel).name}: learner ranks {[r for r, p in enumerate(parts) if p]} uploaded their parts "
+              f"({len(files)} files, {sum(e['size'] for e in files.values()) / 2**20:.1f} MiB) to {storage.uri} "
+              f"themselves in {time.time() - t0:.1f}s", flush=True)
+        return files
+
+    def load_state(self, folder: Path, chunk_bytes: int = 64 << 20, storage: RunStorage | None = None) -> int:
         """Every rank continues from checkpoint `folder`; returns the number of batches trained. A
         rank that sees the run folder reads its files there. The files of ranks that do not
         (`ships`: rlsys.checkpoint.rank_state_files, a rank's own ZeRO partition and the module
         states) are sent to their nodes chunk by chunk, at most two chunks in flight, one rank
         after another, each file once per node (`deliveries`): the driver never holds more than two
         chunks, never a whole file. Then every rank loads at once (the load is collective) and the
-        received folders go."""
-        ships = self.ships()
+        received folders go. With `storage`, when `folder` is the staging copy of a checkpoint on
+        it (RunStorage.fetch_resumable: trainer state and checksums.json only), every rank
+        downloads the files it reads from the storage itself instead, sha256 checked
+        (`fetch_part`), each file once per node; none of them passes through the driver."""
+        rel = storage.remote_path(folder) if storage is not None else None
+        listed = checkpoint.read_checksums(folder) if rel is not None else None
+        assert rel is None or listed is not None, f"{folder}: a checkpoint fetched from {storage.uri} has no checksums"
+        ships = self.ships()  # also finds each rank's node
+        ships = ships if listed is None else [True] * len(self.actors)
         key = f"rlsys-resume-{uuid.uuid4().hex[:12]}"
-        wanted = [checkpoint.rank_state_files(folder, rank) if ship else [] for rank, ship in enumerate(ships)]
+        wanted = [checkpoint.rank_files(sorted(listed), rank) if listed is not None
+                  else checkpoint.rank_state_files(folder, rank) if ship else [] for rank, ship in enumerate(ships)]
         plan = deliveries(ships, self.nodes, wanted)
         first_on_node = {}
         for rank in plan:
             first_on_node.setdefault(self.nodes[rank], rank)
         try:
-            for rank, names in plan.items():
-                t0 = time.time()
-                actor = self.actors[rank]
-                send_bounded(checkpoint.file_chunks(folder, names, chunk_bytes),
-                             lambda name, offset, data, a=actor: a.receive_state_chunk.remote(key, name, offset, data),
-                             lambda ref, r=rank: self._one(ref, r, "resume"), in_flight=2)
-                size = sum((folder / name).stat().st_size for name in names)
-                print(f"[rlsys] learner {rank}: {len(names)} of the {len(wanted[rank])} state files it reads sent to "
-                      f"its node ({size / 2**20:.1f} MiB) in {time.time() - t0:.1f}s", flush=True)
-            sizes = {rank: {name: (folder / name).stat().st_size for name in wanted[rank]} for rank in plan}
+            if listed is None:
+                self._send(folder, plan, wanted, key, chunk_bytes)
+            else:
+                self._fetch(storage.uri, rel, listed, plan, key)
+            sizes = {rank: {name: listed[name]["size"] if listed is not None else (folder / name).stat().st_size
+                            for name in wanted[rank]} for rank in plan}
             refs = [a.load_received_state.remote(key, sizes[r]) if ships[r] else a.load_state.remote(str(folder))
                     for r, a in enumerate(self.actors)]
             counts = self._all(refs, "resume", self.deadlines.save_s, "deadlines.save_s")
@@ -164,6 +198,29 @@ class LearnerGroup:
         assert len(set(counts)) == 1, f"learner ranks resumed at different update counts: {counts}"
         self.trained = counts[0]
         return counts[0]
+
+    def _send(self, folder: Path, plan: dict[int, list[str]], wanted: list[list[str]], key: str,
+              chunk_bytes: int) -> None:
+        """The driver streams each rank's planned files from `folder` to the rank's node."""
+        for rank, names in plan.items():
+            t0 = time.time()
+            actor = self.actors[rank]
+            send_bounded(checkpoint.file_chunks(folder, names, chunk_bytes),
+                         lambda name, offset, data, a=actor: a.receive_state_chunk.remote(key, name, offset, data),
+                         lambda ref, r=rank: self._one(ref, r, "resume"), in_flight=2)
+            size = sum((folder / name).stat().st_size for name in names)
+            print(f"[rlsys] learner {rank}: {len(names)} of the {len(wanted[rank])} state files it reads sent to "
+                  f"its node ({size / 2**20:.1f} MiB) in {time.time() - t0:.1f}s", flush=True)
+
+    def _fetch(self, uri: str, rel: str, listed: dict[str, dict], plan: dict[int, list[str]], key: str) -> None:
+        """Each rank downloads its planned files of checkpoint `rel` from the storage itself, all
+        nodes at once (a node's ranks load only after every download is done)."""
+        t0 = time.time()
+        self._all([self.actors[r].fetch_part.remote(uri, rel, {n: listed[n] for n in names}, key)
+                   for r, names in plan.items()], "resume", self.deadlines.save_s, "deadlines.save_s")
+        size = sum(listed[n]["size"] for names in plan.values() for n in names)
+        print(f"[rlsys] learner ranks {sorted(plan)} fetched the state files they read from {uri}/{rel} themselves "
+              f"({size / 2**20:.1f} MiB, sha256 checked) in {time.time() - t0:.1f}s", flush=True)
 
     def _streamed(self, stream, rank: int) -> Iterator[tuple[str, bytes]]:
         """A rank's save_files stream, chunk by chunk; each chunk within deadlines.save_s of the

@@ -27,18 +27,36 @@ object becomes visible only when its upload completes, whole: there files are wr
 A failed copy raises StorageError naming the file and the URI; nothing is recorded as sent then,
 so the next call tries that file again.
 
+Checkpoints go straight from the learner ranks to the URI (`put`, on each rank's node): every
+rank writes its part to a node-local folder and uploads its own files, recording each one's size
+and sha256 as it streams it; the driver merges those records with its own files' into the
+checkpoint's checksums.json (rlsys.checkpoint.commit). The driver uploads only its own files
+(trainer_state.json, checksums.json, the logs), and `upload` sends every checksums.json after the
+other files and `latest` after everything: a checkpoint on the storage is whole once its
+checksums.json is there, and `latest` never names one that is not. Before the ranks upload a
+step, whatever a killed earlier save left at that step is removed (`remove`).
+
+A resume (trainer.resume=auto, `fetch_resumable`) reads the small files through the driver (the
+logs, `latest`, trainer_state.json, checksums.json) into the staging folder, checks that every
+file checksums.json lists is on the storage at its recorded size (`check_sizes`; not its sha256:
+that would read every byte through the driver), and each learner rank then downloads its own files
+(`get`, chunk by chunk, sha256 checked) to its node (rlsys.cluster.learners.LearnerGroup.load_state).
+
 Credentials are pyarrow's usual ones (AWS_* / the instance role for s3, Google application
 default credentials for gs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from rlsys.checkpoint import CHECKSUMS, TRACKER, TRAINER_STATE, DamagedCheckpoint, read_checksums
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Filesystems where an object appears whole when its upload completes and move() is a copy.
@@ -52,18 +70,12 @@ class StorageError(OSError):
 
 def open_run_storage(output_dir: str, resume: str, staging: Path) -> "RunStorage | None":
     """The storage a run whose trainer.output_dir is a URI is copied to (None for a plain path),
-    checked before any actor starts: trainer.resume=auto cannot read a URI's checkpoints, and a URI
-    that holds a run already is never mixed with or overwritten by another (`rlsys train`, `rlsys sft`)."""
-    from rlsys.config import ConfigError
-
+    checked before any actor starts: a URI that holds a run already is never mixed with or
+    overwritten by another (`rlsys train`, `rlsys sft`), only continued (trainer.resume=auto)."""
     if not is_uri(output_dir):
         return None
-    if resume == "auto":
-        raise ConfigError(f"trainer.resume=auto reads the run folder, and trainer.output_dir={output_dir} is a "
-                          f"storage URI: copy the run's checkpoint folder to local disk and give it as "
-                          f"trainer.resume=PATH (the run continues into a new trainer.output_dir)")
     storage = RunStorage(output_dir, staging)
-    if storage.holds_run():
+    if resume != "auto" and storage.holds_run():
         raise FileExistsError(f"trainer.output_dir={output_dir} already holds a run (metrics.jsonl); choose another "
                               f"trainer.output_dir")
     return storage
@@ -118,23 +130,31 @@ class RunStorage:
         return out
 
     def upload(self) -> list[str]:
-        """Copy what is new or changed to the URI; returns the relative paths copied."""
+        """Copy what is new or changed to the URI; returns the relative paths copied. Every
+        checksums.json goes after the other files, `latest` last: neither is on the storage before
+        what it vouches for (see the module docstring)."""
         copied = []
-        for rel, path, stamp in self.pending():
-            self._put(path, rel)
+        order = lambda item: (Path(item[0]).name == TRACKER, Path(item[0]).name == CHECKSUMS)  # noqa: E731
+        for rel, path, stamp in sorted(self.pending(), key=order):  # sorted() is stable: walk order otherwise
+            self.put(path, rel)
             self._sent[rel] = stamp
             copied.append(rel)
         return copied
 
-    def _put(self, path: Path, rel: str) -> None:
+    def put(self, path: Path, rel: str) -> dict:
+        """Copy local file `path` to `rel` under the URI, a chunk at a time; returns its
+        {"size", "sha256"} as sent (a checksums.json entry)."""
         dest = f"{self.root}/{rel}"
         target = dest if self.atomic_put else f"{dest}.partial-{uuid.uuid4().hex[:8]}"
+        digest, size = hashlib.sha256(), 0
         try:
             if not self.atomic_put:  # object stores have no folders to make
                 self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
             with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
                 while chunk := src.read(CHUNK):
                     out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
             if target != dest:
                 self.fs.move(target, dest)
         except OSError as e:  # pyarrow reports permission, network and missing-bucket errors as OSError
@@ -144,3 +164,117 @@ class RunStorage:
                 except OSError:
                     pass  # the temporary file may not exist (the open failed); the original error is what matters
             raise StorageError(f"uploading {path} to {self.uri}/{rel} failed: {e}") from e
+        return {"size": size, "sha256": digest.hexdigest()}
+
+    def get(self, rel: str, dest: Path, want: dict | None = None) -> dict:
+        """Download `rel` under the URI to local file `dest`, a chunk at a time, under a temporary
+        name renamed when whole; returns its {"size", "sha256"}. want: the checksums.json entry it
+        must match, else StorageError naming the file and the URI (nothing is left at `dest`).
+        A file fetched into the staging folder counts as sent (it is what the storage holds)."""
+        src = f"{self.uri}/{rel}"
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}.partial-{uuid.uuid4().hex[:8]}")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{rel}") as f, open(tmp, "wb") as out:
+                while chunk := f.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"downloading {src} to {dest} failed: {e}") from e
+        got = {"size": size, "sha256": digest.hexdigest()}
+        if want is not None and got != {"size": want["size"], "sha256": want["sha256"]}:
+            tmp.unlink()
+            what = (f"{size} bytes, {CHECKSUMS} recorded {want['size']}" if size != want["size"]
+                    else f"sha256 differs from the one in {CHECKSUMS} (same size, {size} bytes)")
+            raise StorageError(f"{src} is damaged: {what}; the resume stops")
+        os.replace(tmp, dest)
+        if dest.resolve() == (self.local / rel).resolve():
+            st = dest.stat()
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
+        return got
+
+    def read_text(self, rel: str) -> str | None:
+        """A small file under the URI as text; None when there is none."""
+        try:
+            if self.fs.get_file_info(f"{self.root}/{rel}").type != pafs.FileType.File:
+                return None
+            with self.fs.open_input_stream(f"{self.root}/{rel}") as f:
+                return f.read().decode()
+        except OSError as e:
+            raise StorageError(f"cannot read {self.uri}/{rel}: {e}") from e
+
+    def remove(self, rel: str) -> None:
+        """Folder `rel` under the URI and everything in it, if it is there."""
+        try:
+            if self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.Directory:
+                self.fs.delete_dir(f"{self.root}/{rel}")
+        except OSError as e:
+            raise StorageError(f"cannot remove {self.uri}/{rel}: {e}") from e
+
+    def remote_path(self, folder: Path) -> str | None:
+        """Where checkpoint `folder` of the staging folder is on the storage (relative to the URI;
+        a `.partial` folder by the name commit renames it to); None for a folder outside the
+        staging folder (a checkpoint given as trainer.resume=PATH: not on the storage)."""
+        folder = Path(folder).resolve()
+        if not folder.is_relative_to(self.local.resolve()):
+            return None
+        rel = folder.relative_to(self.local.resolve()).as_posix()
+        return rel.removesuffix(".partial")
+
+    def fetch_resumable(self) -> Path:
+        """trainer.resume=auto at a URI: the checkpoint `latest` names, its small files (trainer
+        state, checksums.json) and the run's logs fetched into the staging folder (the logs are
+        cut back and appended to, then uploaded whole, as a local resume does). Returns the local
+        copy of the checkpoint folder (its learner files stay on the storage: each rank fetches
+        its own, rlsys.cluster.learners.LearnerGroup.load_state). Raises FileNotFoundError when
+        the URI holds no whole checkpoint, DamagedCheckpoint when a listed file is missing or has
+        another size (checked here, before any actor starts)."""
+        named = (self.read_text(f"checkpoints/{TRACKER}") or "").strip()
+        if not named:
+            raise FileNotFoundError(f"trainer.resume=auto: {self.uri} holds no whole checkpoint to continue from (no "
+                                    f"checkpoints/{TRACKER}). Start a new run without trainer.resume in another "
+                                    f"trainer.output_dir")
+        rel = f"checkpoints/{named}"
+        folder = self.local / rel
+        if self.read_text(f"{rel}/{CHECKSUMS}") is None:  # `latest` is uploaded after it: never expected
+            raise DamagedCheckpoint(f"{self.uri}/checkpoints/{TRACKER} names {named}, which has no {CHECKSUMS} on the "
+                                    f"storage: it is not whole; give trainer.resume a local copy of an older one")
+        self.get(f"{rel}/{CHECKSUMS}", folder / CHECKSUMS)
+        try:
+            listed = read_checksums(folder)
+        except ValueError as e:
+            raise DamagedCheckpoint(f"{self.uri}/{rel}/{e}") from None
+        self.check_sizes(rel, listed)
+        if TRAINER_STATE not in listed:
+            raise DamagedCheckpoint(f"{self.uri}/{rel}: its {CHECKSUMS} lists no {TRAINER_STATE}: not a resumable "
+                                    f"checkpoint")
+        self.get(f"{rel}/{TRAINER_STATE}", folder / TRAINER_STATE, listed[TRAINER_STATE])
+        for log in ("metrics.jsonl", "samples.jsonl", "pool.jsonl"):
+            if self.read_text(log) is not None:  # small: the driver appends to them
+                self.get(log, self.local / log)
+        return folder
+
+    def check_sizes(self, rel: str, listed: dict[str, dict]) -> None:
+        """Every file checksums.json lists under `rel` is on the storage with its recorded size,
+        else DamagedCheckpoint naming each file that is not. Sizes only: their sha256 would read
+        every byte of every rank's part through the driver; each rank checks the sha256 of the
+        files it downloads (`get`), so damage of the same size still stops the resume there."""
+        names = sorted(listed)
+        try:
+            infos = self.fs.get_file_info([f"{self.root}/{rel}/{name}" for name in names])
+        except OSError as e:
+            raise StorageError(f"cannot list {self.uri}/{rel}: {e}") from e
+        bad = []
+        for name, info in zip(names, infos):
+            want = listed[name]["size"]
+            if info.type != pafs.FileType.File:
+                bad.append(f"{name}: missing ({CHECKSUMS} lists it, {want} bytes)")
+            elif info.size != want:
+                bad.append(f"{name}: {info.size} bytes, {CHECKSUMS} recorded {want} "
+                           f"({'truncated' if info.size < want else 'grown'})")
+        if bad:
+            raise DamagedCheckpoint(f"checkpoint {self.uri}/{rel} is damaged: " + "; ".join(bad))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rlsys.checkpoint import TRAINER_STATE, find_resumable, read_trainer_state, verify
+from rlsys.cluster.storage import RunStorage, is_uri
 from rlsys.config import Config, ConfigError, to_dict
 from rlsys.data.prompts import PromptStream
 
@@ -31,15 +32,26 @@ SAME_RUN = ("model", "data", "algo", "learner", "reward", "trainer.seed", "gener
 LOGS = ("metrics.jsonl", "samples.jsonl", "pool.jsonl")
 
 
-def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+def resume_point(cfg: Config, run_dir: Path, storage: RunStorage | None = None) -> Path | None:
     """The checkpoint this run continues from; None for a new run. Never a silent new start over
     an existing run: a resume request without a checkpoint stops here. Its files are checked
     against their checksums here, before any actor starts: a damaged checkpoint stops the resume
     naming the file and the newest older whole one (rlsys.checkpoint.verify); choosing it is the
-    user's call, never a silent step back."""
+    user's call, never a silent step back.
+
+    storage: trainer.output_dir is a storage URI, run_dir its staging folder: `auto` continues
+    from the storage's `latest` checkpoint, fetched (its small files only) into run_dir, sizes of
+    every file checked there, sha256 by each rank as it downloads its part
+    (RunStorage.fetch_resumable)."""
     want = cfg.trainer.resume
     if not want:
         return None
+    if is_uri(want):
+        raise ConfigError(f"trainer.resume={want}: a checkpoint on storage is continued from with trainer.resume=auto "
+                          f"and trainer.output_dir=<the run's URI> (its latest checkpoint, into the same URI); to "
+                          f"continue from another one, copy it to local disk and give its path")
+    if want == "auto" and storage is not None:
+        return storage.fetch_resumable()
     if want == "auto":
         found = find_resumable(run_dir) if run_dir.is_dir() else None
         if found is None:

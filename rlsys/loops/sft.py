@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rlsys.checkpoint import commit, read_trainer_state, write_trainer_state
-from rlsys.cluster.storage import open_run_storage
+from rlsys.cluster.storage import RunStorage, open_run_storage
 from rlsys.config import Config, ConfigError, to_dict, to_yaml
 from rlsys.data.models import resolve_model
 from rlsys.data.prompts import DataError, apply_template, encode, load_rows, resolve_data_path
@@ -44,7 +44,7 @@ def sft(cfg: Config) -> Path:
 
     run_dir = resolve_run_dir(cfg.trainer.output_dir)
     storage = open_run_storage(cfg.trainer.output_dir, cfg.trainer.resume, run_dir)  # a URI: staged in run_dir
-    resume_from = resume_point(cfg, run_dir)
+    resume_from = resume_point(cfg, run_dir, storage)
     resumed = read_trainer_state(resume_from) if resume_from is not None else None
     if resumed is not None:
         if resumed.get("kind") != "sft":
@@ -75,7 +75,7 @@ def sft(cfg: Config) -> Path:
     log = RunLog(run_dir, cfg)
     try:
         if resumed is not None:
-            trained = learner.load_state(resume_from)
+            trained = learner.load_state(resume_from, storage=storage)
             assert trained == start, f"{resume_from}: the learner has taken {trained} steps, the driver {start}"
         bar = tqdm(range(start, total), desc="sft", initial=start, total=total, disable=not cfg.trainer.progress,
                    dynamic_ncols=True)
@@ -96,7 +96,7 @@ def sft(cfg: Config) -> Path:
             log.log(step, metrics, {"prompt_tokens": len(p), "response_tokens": len(r), "row": rows[0]})
             last = step + 1 == total
             if due(step, cfg.trainer.save_every, last) or last:
-                save(learner, run_dir, step + 1, cfg, saves_left(step + 1, total, cfg.trainer.save_every))
+                save(learner, run_dir, step + 1, cfg, saves_left(step + 1, total, cfg.trainer.save_every), storage)
             if storage is not None:
                 storage.upload()
             curve.append(learn["nll"])
@@ -179,13 +179,16 @@ def load_examples(cfg: Config, model_path: str) -> list[Example]:
     return examples
 
 
-def save(learner, run_dir: Path, step: int, cfg: Config, left: int | None = None) -> Path:
+def save(learner, run_dir: Path, step: int, cfg: Config, left: int | None = None,
+         storage: RunStorage | None = None) -> Path:
     """Checkpoint step_<step>: the HF folder and every rank's learner state, then the driver's.
-    left: the saves the run still makes after this one (for the disk check of commit)."""
+    left: the saves the run still makes after this one (for the disk check of commit); storage:
+    the ranks upload their parts there themselves (rlsys.cluster.storage)."""
 
-    def write(folder: Path) -> None:
-        learner.save(folder)
+    def write(folder: Path) -> dict:
+        uploaded = learner.save(folder, storage=storage)
         write_trainer_state(folder, {"kind": "sft", "step": step, "config": to_dict(cfg)})
+        return uploaded
 
     return commit(run_dir, step, write, cfg.trainer.keep_last, left)
 

@@ -27,7 +27,7 @@ from rlsys.data.prompts import PromptStream, check_prompt_lengths, resolve_data_
 from rlsys.loops.evaluate import Problem, load_problems, require_usable_golds, run_eval
 from rlsys.cluster.capacity import check_local_run
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
-from rlsys.cluster.storage import RunStorage, is_uri
+from rlsys.cluster.storage import RunStorage, is_uri, open_run_storage
 from rlsys.checkpoint import commit, find_resumable, read_trainer_state, write_trainer_state
 from rlsys.cluster.deadlines import ActorLost, PhaseTimeout, dump_stacks
 from rlsys.loops.resume import check_same_run, cut_logs, driver_state, restore_driver, resume_point
@@ -39,15 +39,8 @@ from rlsys.loops.async_train import asynchronous
 
 def train(cfg: Config) -> Path:
     run_dir = resolve_run_dir(cfg.trainer.output_dir)
-    storage = RunStorage(cfg.trainer.output_dir, run_dir) if is_uri(cfg.trainer.output_dir) else None
-    if storage is not None and cfg.trainer.resume == "auto":
-        raise ConfigError(f"trainer.resume=auto reads the run folder, and trainer.output_dir={cfg.trainer.output_dir} "
-                          f"is a storage URI: copy the run's checkpoint folder to local disk and give it as "
-                          f"trainer.resume=PATH (the run continues into a new trainer.output_dir)")
-    if storage is not None and storage.holds_run():  # never mix two runs' metrics, never overwrite one
-        raise FileExistsError(f"trainer.output_dir={cfg.trainer.output_dir} already holds a run (metrics.jsonl); "
-                              f"choose another trainer.output_dir")
-    resume_from = resume_point(cfg, run_dir)
+    storage = open_run_storage(cfg.trainer.output_dir, cfg.trainer.resume, run_dir)  # a URI: staged in run_dir
+    resume_from = resume_point(cfg, run_dir, storage)
     resumed = read_trainer_state(resume_from) if resume_from is not None else None
     if resumed is not None:
         check_same_run(resumed["config"], cfg)
@@ -70,7 +63,7 @@ def train(cfg: Config) -> Path:
     loop = asynchronous if cfg.trainer.max_staleness > 0 else synchronous
     try:
         if resumed is not None:  # the checkpoint's learner, and its weights on every generator
-            trained = groups.learner.load_state(resume_from)
+            trained = groups.learner.load_state(resume_from, storage=storage)
             assert trained == start, f"{resume_from}: the learner has trained {trained} batches, the driver {start}"
             assert groups.sync.push(version) == [version] * len(groups.generators.engines)
         elif cfg.eval.every:  # the untrained weights, for comparison
@@ -168,7 +161,7 @@ class Run:
         self.log.log(step, metrics, sample)  # before the save: a checkpoint never holds a step the log lacks
         if due(step, cfg.trainer.save_every, last) or last:
             with self.timer.spans.span("save"):
-                save(self.groups, self.run_dir, version, self.prompts, cfg, prompt_state)
+                save(self.groups, self.run_dir, version, self.prompts, cfg, prompt_state, self.storage)
         if self.storage is not None:
             self.storage.upload()
         if self.timeline is not None:
@@ -192,13 +185,15 @@ class Run:
 
 
 def save(groups: Groups, run_dir: Path, version: int, prompts: PromptStream, cfg: Config,
-         prompt_state: dict | None = None) -> Path:
-    """Checkpoint step_<version>: every learner rank's part, then the driver's; whole or not at all."""
+         prompt_state: dict | None = None, storage: RunStorage | None = None) -> Path:
+    """Checkpoint step_<version>: every learner rank's part, then the driver's; whole or not at all.
+    storage: the ranks upload their parts there themselves (rlsys.cluster.storage)."""
     state = driver_state(version, version, prompts, cfg, prompt_state)
 
-    def write(folder: Path) -> None:
-        groups.learner.save(folder)
+    def write(folder: Path) -> dict:
+        uploaded = groups.learner.save(folder, storage=storage)
         write_trainer_state(folder, state)
+        return uploaded
 
     return commit(run_dir, version, write, cfg.trainer.keep_last,
                   saves_left(version, cfg.trainer.total_steps, cfg.trainer.save_every))
