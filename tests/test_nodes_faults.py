@@ -1,10 +1,11 @@
 """Faults on nodes that share nothing (rlsys/cluster/isolation.py), caused from outside while a
 submitted job runs, as a cloud or a network causes them: the run folder's disk fills up during a
-save, every link drops packets for a whole run, a rollout node's link is cut mid-run.
+save, every link drops packets for a whole run, the learner node is lost, a rollout node's link is
+cut mid-run, a rollout node is lost during an asynchronous step.
 
 One cluster for the module: a head (the job's driver; its run folder on a small disk of its own),
-two rollout nodes with room for one engine each, a learner node; a third rollout node arrives
-mid-run where a test says so. Ray's health checks are tightened (a node is declared dead after
+two rollout nodes with room for one engine each, a learner node; a new learner node and a third
+rollout node arrive where a test says so (the tests run in file order and build on each other's cluster). Ray's health checks are tightened (a node is declared dead after
 about 10-20 s of silence instead of 30-60) so that a partition costs the test less time.
 
 Run alone with `pytest -m multinode tests/test_nodes_faults.py`; skipped where namespaces are not allowed.
@@ -148,37 +149,105 @@ def test_a_run_with_5_percent_packet_loss_on_every_link_finishes(nodes):
     print("timings with 5% loss:", [{k: round(v, 2) for k, v in m.items() if k.startswith("timing/")} for m in metrics])
 
 
-def test_a_rollout_node_cut_off_mid_run_loses_its_engine_and_a_replacement_joins_on_a_new_node(nodes):
-    """rollout-b's link is cut (silent both ways) while the run generates and pushes: Ray declares
-    the node dead, its engine leaves the pool (its chunk goes to the other engine, or the push
-    goes again to the others), every step still has every rollout, and when a node with room
-    arrives (rollout-c) a replacement engine starts there and joins with the current weights."""
+def same_run(metrics: dict) -> dict:
+    """What two runs of the same config must agree on exactly: all but timings (and what follows from them)."""
+    return {k: v for k, v in metrics.items() if not k.startswith(("timing/", "throughput/", "pool/join"))}
+
+
+def test_a_learner_node_lost_stops_the_run_naming_its_checkpoint_and_resume_on_a_new_node_matches_an_uninterrupted_run(nodes):
+    """The learner node goes at once (both ranks and the reward worker with it) right after a
+    checkpoint: the run stops naming that checkpoint. A new learner node arrives (its disk has never
+    seen the run); `trainer.resume=auto` finishes the run there, and every step matches an
+    uninterrupted run of the same config on this cluster bit for bit (fp32: same prompts, same
+    samples from new engines, same rewards, losses and gradient norms)."""
+    rows = (REPO / "configs" / "data" / "toy_digits.jsonl").read_text().splitlines()[:16]
+    # 16 rows and 8 prompts a step: every checkpoint (every 2 steps) falls on an epoch boundary.
+    nodes.view("head", "/tmp/rows16.jsonl").write_text("\n".join(rows) + "\n")
+    steps = 6
+    common = ["data.path=/tmp/rows16.jsonl", f"trainer.total_steps={steps}", "trainer.save_every=2",
+              "trainer.seed=7"]
+    job = submit(nodes, *common, "trainer.output_dir=/tmp/runs/whole")
+    assert finish(nodes, job) == "SUCCEEDED", logs(nodes, job)[-5000:]
+    run_dir = "/tmp/runs/learner-lost"
+    run = Path(nodes.disk) / "learner-lost"
+    job = submit(nodes, *common, f"trainer.output_dir={run_dir}")
+    deadline = time.time() + 400
+    while not (run / "checkpoints" / "latest").is_file():  # polled closely: a step takes 2-3 s
+        assert state(nodes, job) in ("PENDING", "RUNNING") and time.time() < deadline, logs(nodes, job)[-5000:]
+        time.sleep(0.2)
+    nodes.kill("learner")
+    assert finish(nodes, job) == "FAILED", f"the run ended before the node went: {logs(nodes, job)[-3000:]}"
+    out = logs(nodes, job)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert int(latest.removeprefix("step_")) < steps, latest
+    assert re.search(r"learner \d died during", out), out[-4000:]
+    assert f"Last checkpoint: {run_dir}/checkpoints/{latest}; continue with trainer.resume=auto" in out, out[-4000:]
+    nodes.worker("learner-2", 4, {"learner": 1}, cores=[1])  # the ranks' new home: the checkpoint is only on the head
+    job = submit(nodes, *common, f"trainer.output_dir={run_dir}", "trainer.resume=auto")
+    assert finish(nodes, job) == "SUCCEEDED", logs(nodes, job)[-5000:]
+    assert f"resuming from {run_dir}/checkpoints/{latest}" in logs(nodes, job)
+    expected, got = read_jsonl(Path(nodes.disk) / "whole" / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in got] == list(range(steps))
+    for a, b in zip(expected, got):
+        assert same_run(b) == same_run(a), f"step {a['step']}"
+    assert read_jsonl(run / "samples.jsonl") == read_jsonl(Path(nodes.disk) / "whole" / "samples.jsonl")
+    placed = {a["ip"] for a in json.loads((run / "placement.json").read_text()) if a["role"] == "learner"}
+    assert placed == {nodes.iso.boxes["learner-2"].ip}, placed
+
+
+def wait_for_push(nodes: LocalNodes, name: str, timeout: float) -> None:
+    """Until bytes flow to the node at its shaped rate: a weight push is arriving (generation sends a
+    node a few KB a step; a push of the tiny model is ~0.4 MB, ~3 s at 1 Mb/s)."""
+    deadline, seen = time.time() + timeout, []
+    while True:
+        now, received = time.time(), nodes.iso.received_bytes(name)
+        seen = [(t, b) for t, b in seen if now - t <= 0.5] + [(now, received)]
+        if received - seen[0][1] > 40_000:  # over 0.5 s: 80 KB/s, two thirds of the link's rate
+            return
+        assert now < deadline, f"no weight push reached {name} within {timeout:.0f}s"
+        time.sleep(0.05)
+
+
+def test_a_rollout_node_cut_off_mid_push_loses_its_engine_and_a_replacement_joins_on_a_new_node(nodes):
+    """rollout-b's link is cut (silent both ways) while a weight push is arriving there (its link
+    slowed to 1 Mb/s so that the push lasts ~3 s; the test watches the bytes arrive): the push's
+    receive there fails when Ray declares the node dead, the learners' sends give up at the group
+    timeout (deadlines.sync_s: a silent link never resets), every member's group is closed and the
+    push goes again to the engine left. Every step still has every rollout, and when a node with
+    room arrives (rollout-c) a replacement engine starts there and joins with the current weights."""
     run_dir = "/tmp/runs/cut"
     run = Path(nodes.disk) / "cut"
     steps = 40
-    job = submit(nodes, f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "trainer.save_every=0")
-    wait_until("step 2", lambda: len(steps_logged(run)) >= 2, 400, nodes, job)
+    job = submit(nodes, f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "trainer.save_every=0",
+                 "deadlines.sync_s=30")
+    wait_until("step 1", lambda: len(steps_logged(run)) >= 1, 400, nodes, job)
     ip = {name: box.ip for name, box in nodes.iso.boxes.items()}
     engines = {a["rank"]: a["ip"] for a in json.loads((run / "placement.json").read_text()) if a["role"] == "generator"}
     assert sorted(engines.values()) == sorted([ip["rollout-a"], ip["rollout-b"]]), engines
     [victim] = [rank for rank, addr in engines.items() if addr == ip["rollout-b"]]
+    nodes.shape("rollout-b", rate_mbit=1)
+    wait_for_push(nodes, "rollout-b", timeout=120)
     nodes.cut("rollout-b")
     nodes.worker("rollout-c", 2, {"rollout": 1}, cores=[0])  # a node with room arrives
     assert finish(nodes, job, timeout=900) == "SUCCEEDED", logs(nodes, job)[-5000:]
     nodes.kill("rollout-b")  # Ray declared it dead: it cannot come back as the same node
+    text = logs(nodes, job)
+    assert re.search(rf"weight push \d+: generator\(s\) \[{victim}\] died during it; pushing again to the 1 left",
+                     text), text[-5000:]
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(steps))
     assert [m["rollouts/count"] for m in metrics] == [64] * steps  # 8 prompts x 8 samples, none lost or doubled
     assert [(m["rollout/weight_version"], m["weight_version"]) for m in metrics] == [(s, s + 1) for s in range(steps)]
     events = [e for p in read_jsonl(run / "pool.jsonl") for e in p["events"]]
     [lost] = [e for e in events if e["event"] == "lost"]
-    assert lost["engine"] == victim, events
+    assert lost["engine"] == victim and lost["found"] == "during the weight push", events
     joins = [e for e in events if e["event"] == "join"]
     assert len(joins) == 1 and joins[0]["step"] > lost["step"], f"no replacement joined: {events}"
     placed = {a["rank"]: a["ip"] for a in json.loads((run / "placement.json").read_text()) if a["role"] == "generator"}
     assert placed[joins[0]["engine"]] == nodes.iso.boxes["rollout-c"].ip and victim not in placed, placed
-    print(f"lost at step {lost['step']} ({lost.get('found') or 'mid-generate'}); replacement joined at step "
-          f"{joins[0]['step']} after {joins[0]['seconds_to_serving']:.0f}s")
+    seconds = [m["timing/sync"] for m in metrics if "timing/sync" in m]
+    print(f"lost during the push of step {lost['step']}; replacement joined at step {joins[0]['step']} after "
+          f"{joins[0]['seconds_to_serving']:.0f}s; the longest push took {max(seconds, default=0):.0f}s")
 
 
 def test_a_rollout_node_lost_during_an_asynchronous_step_leaves_the_run_going_on_the_others(nodes):
