@@ -118,6 +118,19 @@ def test_loopback_is_a_nodes_own_and_the_link_faults_act(iso):
         assert "numgen random mod 10000 < 1000 drop" in drops
         iso.shape("b")
         assert on(iso, "b", "nft", "list", "ruleset") == ""
+        # 50 ms on everything b sends (a relay process, the kernel has no netem): the handshake's
+        # SYN-ACK and the data wait each, so a fetch takes over 0.1 s; a partition still acts
+        iso.delay("b", 50)
+        assert b.port != b.veth_switch and b.relay.poll() is None
+        n, seconds = fetch(iso, "a", b.ip, timeout=10)
+        assert n == "1000000" and seconds > 0.1, seconds
+        iso.cut("b")
+        assert fetch(iso, "a", b.ip, timeout=2.0)[0] == "ERR"
+        iso.heal("b")
+        relay = b.relay
+        iso.delay("b", 0)
+        assert relay.poll() is not None and b.port == b.veth_switch
+        assert fetch(iso, "a", b.ip)[0] == "1000000"
     finally:
         server.kill()
 

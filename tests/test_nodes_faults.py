@@ -1,12 +1,13 @@
 """Faults on nodes that share nothing (rlsys/cluster/isolation.py), caused from outside while a
 submitted job runs, as a cloud or a network causes them: the run folder's disk fills up during a
-save, every link drops packets for a whole run, the learner node is lost, a rollout node's link is
-cut mid-run, a rollout node is lost during an asynchronous step.
+save, every link drops and delays packets for a whole run, the learner node is lost, a rollout
+node's link is cut mid-push, a rollout node is lost during an asynchronous step.
 
 One cluster for the module: a head (the job's driver; its run folder on a small disk of its own),
 two rollout nodes with room for one engine each, a learner node; a new learner node and a third
-rollout node arrive where a test says so (the tests run in file order and build on each other's cluster). Ray's health checks are tightened (a node is declared dead after
-about 10-20 s of silence instead of 30-60) so that a partition costs the test less time.
+rollout node arrive where a test says so (the tests run in file order, each on the cluster the one
+before left). Ray's health checks are tightened (a node is declared dead after about 10-20 s of
+silence instead of 30-60) so that a partition costs the test less time.
 
 Run alone with `pytest -m multinode tests/test_nodes_faults.py`; skipped where namespaces are not allowed.
 """
@@ -129,13 +130,15 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_the_run_res
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_6"
 
 
-def test_a_run_with_5_percent_packet_loss_on_every_link_finishes(nodes):
-    """5% of packets dropped in and out of every node (nftables) for a whole short run: TCP resends,
-    the run finishes with every rollout; its timings say where the time went. (Delay needs tc netem,
-    which this machine's kernel lacks: isolation.delay_supported() says so.)"""
+def test_a_run_with_5_percent_packet_loss_and_50_ms_delay_on_every_link_finishes(nodes):
+    """5% of packets dropped in and out of every node (nftables) and everything each node sends held
+    50 ms (a relay process per node: this kernel has no tc netem), so a round trip between two nodes
+    takes 100 ms, for a whole short run: TCP resends, the run finishes with every rollout; its
+    timings say where the time went."""
     names = ["head", "rollout-a", "rollout-b", "learner"]
     for name in names:
         nodes.shape(name, loss_pct=5)
+        nodes.delay(name, 50)
     try:
         run_dir = "/tmp/runs/lossy"
         job = submit(nodes, "trainer.total_steps=3", f"trainer.output_dir={run_dir}")
@@ -143,10 +146,12 @@ def test_a_run_with_5_percent_packet_loss_on_every_link_finishes(nodes):
     finally:
         for name in names:
             nodes.shape(name)
+            nodes.delay(name, 0)
     metrics = read_jsonl(Path(nodes.disk) / "lossy" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["rollouts/count"] == 64 for m in metrics)
-    print("timings with 5% loss:", [{k: round(v, 2) for k, v in m.items() if k.startswith("timing/")} for m in metrics])
+    print("timings with 5% loss and 50 ms delay:",
+          [{k: round(v, 2) for k, v in m.items() if k.startswith("timing/")} for m in metrics])
 
 
 def same_run(metrics: dict) -> dict:

@@ -15,8 +15,9 @@ Each node gets (root only; `available()` says why not elsewhere):
 
 Faults: `cut`/`heal` a node's link (silent: its frames no longer cross the bridge, as in a
 partition, not a link-down the kernel would report), `shape` (loss by nftables, rate by tc tbf, both
-directions), `kill` (every process of the node at once), and a `disk` to fill. Delay needs tc netem,
-which some kernels (this one's among them) lack: `delay_supported()` says so.
+directions), `delay` (everything the node sends held a fixed time: a relay process, delay.py, since
+kernels without tc netem, this one's among them, are common in VMs), `kill` (every process of the
+node at once), and a `disk` to fill.
 
 The namespaces are named rl<k>-<node>; `cleanup_stale()` removes those of a harness that died.
 """
@@ -28,6 +29,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,18 +117,6 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
-def delay_supported() -> str | None:
-    """None when tc netem (delay) works in this kernel, else why not. Loss and rate do not need it."""
-    ns = f"rlprobe{os.getpid()}"
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1", ns=ns)
-        done = sh("tc", "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms", ns=ns, check=False)
-        return None if done.returncode == 0 else f"tc netem is not available in this kernel ({done.stderr.strip()})"
-    finally:
-        sh("ip", "netns", "del", ns, check=False)
-
-
 @dataclass
 class Box:
     """One node's namespaces: the named network namespace, the holder process that keeps its mount
@@ -137,6 +127,11 @@ class Box:
     veth_switch: str  # the link's end in the switch namespace (faults act on both ends)
     cgroup: Path
     holder: subprocess.Popen | None = None
+    relay: subprocess.Popen | None = None  # delay.py, between veth_switch and the bridge, while delayed
+    port: str = ""  # what is on the bridge for this node: veth_switch, or the relay's TAP device
+
+    def __post_init__(self):
+        self.port = self.port or self.veth_switch
 
     def pids(self) -> list[int]:
         if not self.cgroup.is_dir():
@@ -281,14 +276,49 @@ class Isolation:
     def cut(self, name: str) -> None:
         """Partition: the node's link leaves the bridge. Nothing it sends arrives and nothing reaches
         it, silently (its own side still looks up), as when a switch port or a route fails."""
-        sh("ip", "link", "set", self.boxes[name].veth_switch, "nomaster", ns=self.switch)
+        sh("ip", "link", "set", self.boxes[name].port, "nomaster", ns=self.switch)
 
     def heal(self, name: str) -> None:
-        sh("ip", "link", "set", self.boxes[name].veth_switch, "master", "br0", ns=self.switch)
+        sh("ip", "link", "set", self.boxes[name].port, "master", "br0", ns=self.switch)
+
+    def delay(self, name: str, ms: float) -> None:
+        """Hold every frame the node sends for `ms` before the bridge gets it (as tc netem on its
+        eth0 would: between two delayed nodes a round trip takes 2 x ms); 0 takes the delay away.
+        A relay process (delay.py) in the switch namespace sits between the node's link and the
+        bridge, on a TAP device that takes the link's place there."""
+        box = self.boxes[name]
+        if box.relay is not None:  # back to the plain link first
+            sh("ip", "link", "set", box.veth_switch, "master", "br0", ns=self.switch)
+            box.relay.kill()
+            box.relay.wait(timeout=10)
+            box.relay, box.port = None, box.veth_switch
+        if not ms:
+            return
+        if not Path("/dev/net/tun").exists():
+            raise RuntimeError(f"node {name}: a delay needs /dev/net/tun (the tun module) for its relay")
+        tap = box.veth_switch.replace("s", "d", 1)  # r<k>s<n> -> r<k>d<n>
+        box.relay = subprocess.Popen(
+            ["ip", "netns", "exec", self.switch, sys.executable, str(Path(__file__).with_name("delay.py")),
+             box.veth_switch, tap, str(ms)], stdout=subprocess.PIPE, stderr=open(self.folder / f"{name}.relay.log", "w"),
+            text=True, start_new_session=True)
+        if (first := box.relay.stdout.readline().strip()) != "ready":
+            box.relay.kill()
+            box.relay = None
+            raise RuntimeError(f"node {name}: the delay relay did not start ({first!r}; "
+                               f"{(self.folder / f'{name}.relay.log').read_text()[-2000:]})")
+        sh("ip", "link", "set", tap, "master", "br0", "up", ns=self.switch)
+        sh("ip", "link", "set", box.veth_switch, "nomaster", ns=self.switch)
+        box.port = tap
+
+    def received_bytes(self, name: str) -> int:
+        """Bytes the node has received over its link, as the switch's end counts them (what it sent
+        the node): a test watches a weight push arrive with it."""
+        veth = self.boxes[name].veth_switch
+        return int(sh("cat", f"/sys/class/net/{veth}/statistics/tx_bytes", ns=self.switch).stdout)
 
     def shape(self, name: str, loss_pct: float = 0.0, rate_mbit: float | None = None) -> None:
         """Loss (nftables: each packet in and out of the node dropped with this probability) and rate
-        (tc tbf on both ends of its link). Delay needs tc netem, which `delay_supported` checks."""
+        (tc tbf on both ends of its link). Delay: `delay`."""
         box = self.boxes[name]
         sh("nft", "delete", "table", "inet", "rlsys", ns=box.netns, check=False)
         if loss_pct:
@@ -313,6 +343,9 @@ class Isolation:
         """Every process of the node at once (SIGKILL), as when the machine goes; its mounts with
         them. The network namespace stays: `add` the node again to bring a fresh one up."""
         box = self.boxes.pop(name)
+        if box.relay is not None:
+            box.relay.kill()
+            box.relay.wait(timeout=10)
         deadline = time.monotonic() + timeout
         while pids := box.pids():
             for pid in pids:

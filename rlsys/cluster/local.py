@@ -255,6 +255,9 @@ class LocalNodes:
     def shape(self, name: str, loss_pct: float = 0.0, rate_mbit: float | None = None) -> None:
         self._isolated("shape").shape(name, loss_pct=loss_pct, rate_mbit=rate_mbit)
 
+    def delay(self, name: str, ms: float) -> None:
+        self._isolated("delay").delay(name, ms)
+
     def _isolated(self, fault: str) -> Isolation:
         if self.iso is None:
             raise ValueError(f"{fault}: network faults need LocalNodes(isolated=True)")
