@@ -11,6 +11,10 @@ never saw the checkpoint, so they are streamed the state files they read (each f
 node), and their saves are streamed back to the head. The resumed run's step-4 weights must equal the uninterrupted run's,
 bit for bit (the same tolerance as tests/test_learner.py's single-process resume: none).
 
+The same with trainer.output_dir a storage URI (file:// on a folder the head and both learner
+nodes mount at /tmp/storage, nothing else shared): every rank uploads its own part there and, on
+node B, fetches its own part from there; the driver holds only its own files.
+
 Run alone with `pytest -m multinode tests/test_nodes_resume.py`; skipped where namespaces are not allowed.
 Measured on a 2-core machine shared with other work (load 15-20): 229-288 s, of which the nodes'
 start 60-70 s and each `rlsys sft` 80-105 s (mostly the driver's and the ranks' imports).
@@ -32,15 +36,22 @@ from rlsys.cluster.local import BIN, LocalNodes, clean_env
 pytestmark = [pytest.mark.multinode, pytest.mark.skipif(available() is not None, reason=str(available()))]
 REPO = Path(__file__).resolve().parent.parent
 DATA = "/tmp/sft.jsonl"  # on the head's own disk: the driver reads it
+STORAGE = "/tmp/storage"  # where the head and both learner nodes mount the host's `storage` folder
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, storage):
     nodes = LocalNodes(tmp_path_factory.mktemp("nodes"), isolated=True)
+    shared = {storage: STORAGE}
     try:
-        nodes.head()
-        nodes.worker("a", 2, {"learner_a": 1}, cores=[0])
-        nodes.worker("b", 2, {"learner_b": 1}, cores=[1])
+        nodes.head(shared=shared)
+        nodes.worker("a", 2, {"learner_a": 1}, cores=[0], shared=shared)
+        nodes.worker("b", 2, {"learner_b": 1}, cores=[1], shared=shared)
         yield nodes
     finally:
         nodes.stop()
@@ -69,10 +80,14 @@ def weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_a_resume_on_other_learner_nodes_continues_exactly(nodes):
+def write_data(nodes: LocalNodes) -> None:
     nodes.view("head", DATA).write_text("".join(
         json.dumps({"prompt": f"What is {i} + 2?", "response": f"<think> {i} + 2 </think> <answer> {i + 2} </answer>"})
         + "\n" for i in range(8)))  # 8 examples, 4 a step: 2 steps an epoch, 4 in all
+
+
+def test_a_resume_on_other_learner_nodes_continues_exactly(nodes):
+    write_data(nodes)
     out = sft_on_head(nodes, "/tmp/runs/whole", "learner_a")
     assert "learner rank(s) [0, 1] run on other nodes than the driver" in out, out[-3000:]
     whole = nodes.view("head", "/tmp/runs/whole")
@@ -95,6 +110,58 @@ def test_a_resume_on_other_learner_nodes_continues_exactly(nodes):
     assert resumed.keys() == expected.keys()
     assert all((resumed[k] == expected[k]).all() for k in expected), \
         [k for k in expected if not (resumed[k] == expected[k]).all()]
+    nll = {name: [json.loads(line)["nll"] for line in (root / "metrics.jsonl").read_text().splitlines()]
+           for name, root in (("whole", whole), ("cut", cut))}
+    assert nll["cut"] == nll["whole"] and len(nll["whole"]) == 4
+
+
+def staged_files(nodes: LocalNodes, out: str) -> list[str]:
+    """The files of the driver's staging folder on the head (the run folder it prints)."""
+    staging = nodes.view("head", re.search(r"run folder (\S+) \(staged here", out).group(1))
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+
+
+def test_a_uri_run_writes_and_resumes_rank_by_rank_from_the_storage(nodes, storage):
+    write_data(nodes)
+    out = sft_on_head(nodes, f"file://{STORAGE}/whole", "learner_a")
+    assert "every learner rank uploads its own checkpoint part there" in out, out[-3000:]
+    for step in (2, 4):
+        assert re.search(rf"step_{step}: learner ranks \[0, 1\] uploaded their parts .* to file://{STORAGE}/whole "
+                         rf"themselves", out), out[-3000:]
+    whole = storage / "whole"
+    assert (whole / "checkpoints" / "latest").read_text().strip() == "step_4"
+    assert sorted(p.name for p in (whole / "checkpoints").glob("step_*")) == ["step_2", "step_4"]
+    from rlsys.checkpoint import damage, read_checksums
+
+    for step in (2, 4):  # every rank's file listed, and each matches its checksum
+        assert damage(whole / "checkpoints" / f"step_{step}") == []
+    assert any("zero_pp_rank_1_" in name for name in read_checksums(whole / "checkpoints" / "step_2"))
+    # The driver never held a rank's part: its staging folder has its own files only.
+    driver = staged_files(nodes, out)
+    assert not [f for f in driver if "/learner/" in f or f.endswith(".safetensors")], driver
+    assert "checkpoints/step_4/trainer_state.json" in driver and "checkpoints/step_4/checksums.json" in driver
+
+    # The same run killed after its step-2 save, on the storage: resumed on node B's ranks, which
+    # never saw it, straight from the storage.
+    cut = storage / "cut"
+    shutil.copytree(whole, cut, ignore=shutil.ignore_patterns("step_4"))
+    (cut / "checkpoints" / "latest").write_text("step_2\n")
+    out = sft_on_head(nodes, f"file://{STORAGE}/cut", "learner_b", "trainer.resume=auto")
+    assert "resuming from" in out and "step_2" in out, out[-3000:]
+    assert re.search(rf"learner ranks \[0, 1\] fetched the state files they read from file://{STORAGE}/cut/checkpoints/"
+                     rf"step_2 themselves .*sha256 checked", out), out[-3000:]
+    assert "state files it reads sent to its node" not in out, "nothing streamed from the driver"
+    driver = staged_files(nodes, out)
+    assert not [f for f in driver if "/learner/" in f or f.endswith(".safetensors")], driver
+    for node in ("a", "b"):  # the ranks' local copies (saves and the fetched state) are gone
+        left = [p.name for p in nodes.view(node, "/tmp").iterdir() if p.name.startswith(("rlsys-ckpt-", "rlsys-resume-"))]
+        assert not left, (node, left)
+
+    resumed, expected = weights(cut / "checkpoints" / "step_4"), weights(whole / "checkpoints" / "step_4")
+    assert resumed.keys() == expected.keys()
+    assert all((resumed[k] == expected[k]).all() for k in expected), \
+        [k for k in expected if not (resumed[k] == expected[k]).all()]
+    assert damage(cut / "checkpoints" / "step_4") == []
     nll = {name: [json.loads(line)["nll"] for line in (root / "metrics.jsonl").read_text().splitlines()]
            for name, root in (("whole", whole), ("cut", cut))}
     assert nll["cut"] == nll["whole"] and len(nll["whole"]) == 4

@@ -55,7 +55,7 @@ class LearnerGroup:
                 self.nodes, driver, self.cfg.cluster.shared_storage)
             if is_uri(self.cfg.trainer.output_dir):
                 print(f"[rlsys] trainer.output_dir={self.cfg.trainer.output_dir} is a storage URI: every learner "
-                      f"rank uploads its own checkpoint part there and reads it from there on resume",
+                      f"rank uploads its own checkpoint part there and reads it from there on trainer.resume=auto",
                       flush=True)
             elif any(self._ships) and not self.ship_all:  # forced: the caller has said why
                 ranks = [r for r, s in enumerate(self._ships) if s]

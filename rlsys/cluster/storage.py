@@ -1,21 +1,22 @@
 """A run folder on storage named by a URI (s3://, gs://, hdfs://, file://...), through pyarrow.fs.
 
-A run whose trainer.output_dir is a URI is written to a local staging folder as usual and copied
-to the URI as it grows. The API, for the training loop:
+A run whose trainer.output_dir is a URI writes the driver's files (logs, trainer state,
+checksums) to a local staging folder as usual and copies them to the URI as it grows; the
+learner ranks put their checkpoint parts there themselves (below). The API, for the loops:
 
-    if is_uri(cfg.trainer.output_dir):
-        storage = RunStorage(cfg.trainer.output_dir, staging_dir)
-        if storage.holds_run():          # before any actor starts: never mix or overwrite runs
-            raise FileExistsError(...)
-        ...
-        storage.upload()                 # after each step (metrics, samples, new checkpoints)
-        ...
-        storage.upload()                 # once more at the end (also after a crash, in `finally`)
+    storage = open_run_storage(cfg.trainer.output_dir, cfg.trainer.resume, staging_dir)
+    # None for a plain path; refuses a URI that holds a run unless trainer.resume=auto
+    resume_from = resume_point(cfg, staging_dir, storage)   # auto: RunStorage.fetch_resumable
+    ...
+    learner.save(folder, storage=storage)    # in commit's write: the ranks upload their parts
+    storage.upload()                         # after each step (logs, the driver's checkpoint files)
+    ...
+    storage.upload()                         # once more at the end (also after a crash, in `finally`)
 
 `upload()` copies every file under the local folder that is new or changed since its previous
 call (size or mtime differ) to the same relative path under the URI, and returns the relative
 paths it copied. metrics.jsonl and samples.jsonl grow every step and are copied again whole each
-time; a checkpoint's files are copied once. Anything whose path has a part containing ".partial"
+time; a checkpoint's (driver's) files are copied once. Anything whose path has a part containing ".partial"
 is skipped: checkpoints are written under a .partial name and renamed when complete, so a
 checkpoint is uploaded only once it is whole. A file is stat'ed before it is read: one that grows
 while it is being copied is copied again by the next call.
@@ -108,11 +109,7 @@ class RunStorage:
 
     def holds_run(self) -> bool:
         """metrics.jsonl exists at the URI: a run was (or is being) written there."""
-        try:
-            info = self.fs.get_file_info(f"{self.root}/metrics.jsonl")
-        except OSError as e:
-            raise StorageError(f"cannot read {self.uri}/metrics.jsonl: {e}") from e
-        return info.type == pafs.FileType.File
+        return self.exists("metrics.jsonl")
 
     def pending(self) -> list[tuple[str, Path, tuple[int, int]]]:
         """(relative path, local file, (size, mtime_ns)) of every file new or changed since it was sent."""
@@ -197,11 +194,18 @@ class RunStorage:
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
         return got
 
+    def exists(self, rel: str) -> bool:
+        """A file `rel` under the URI."""
+        try:
+            return self.fs.get_file_info(f"{self.root}/{rel}").type == pafs.FileType.File
+        except OSError as e:
+            raise StorageError(f"cannot read {self.uri}/{rel}: {e}") from e
+
     def read_text(self, rel: str) -> str | None:
         """A small file under the URI as text; None when there is none."""
+        if not self.exists(rel):
+            return None
         try:
-            if self.fs.get_file_info(f"{self.root}/{rel}").type != pafs.FileType.File:
-                return None
             with self.fs.open_input_stream(f"{self.root}/{rel}") as f:
                 return f.read().decode()
         except OSError as e:
@@ -240,7 +244,7 @@ class RunStorage:
                                     f"trainer.output_dir")
         rel = f"checkpoints/{named}"
         folder = self.local / rel
-        if self.read_text(f"{rel}/{CHECKSUMS}") is None:  # `latest` is uploaded after it: never expected
+        if not self.exists(f"{rel}/{CHECKSUMS}"):  # `latest` is uploaded after it: never expected
             raise DamagedCheckpoint(f"{self.uri}/checkpoints/{TRACKER} names {named}, which has no {CHECKSUMS} on the "
                                     f"storage: it is not whole; give trainer.resume a local copy of an older one")
         self.get(f"{rel}/{CHECKSUMS}", folder / CHECKSUMS)
@@ -254,7 +258,7 @@ class RunStorage:
                                     f"checkpoint")
         self.get(f"{rel}/{TRAINER_STATE}", folder / TRAINER_STATE, listed[TRAINER_STATE])
         for log in ("metrics.jsonl", "samples.jsonl", "pool.jsonl"):
-            if self.read_text(log) is not None:  # small: the driver appends to them
+            if self.exists(log):  # small: the driver appends to them
                 self.get(log, self.local / log)
         return folder
 
