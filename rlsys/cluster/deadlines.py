@@ -46,7 +46,19 @@ class PhaseTimeout(RuntimeError):
 class ActorLost(RuntimeError):
     def __init__(self, name: str, phase: str, cause: Exception):
         self.name, self.phase = name, phase
-        super().__init__(f"{name} died during {phase} ({describe(cause)})")
+        super().__init__(f"{name} died during {phase} ({describe(cause)}{where_lost(cause)})")
+
+
+def where_lost(cause: Exception) -> str:
+    """Where a dead actor was, from Ray's message ("ip: ..."), and whether its whole node went: a
+    user on a cluster needs the node before the exception type."""
+    text = str(cause)
+    ip = re.search(r"\bip: (\S+)", text)
+    if ip is None:
+        return ""
+    if "node has died" in text or "node was terminated" in text:
+        return f"; its node {ip.group(1)} is gone"
+    return f"; on node {ip.group(1)}"
 
 
 def get_all(refs: list, names: list[str], phase: str, timeout_s: float, setting: str) -> list:

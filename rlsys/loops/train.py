@@ -77,11 +77,10 @@ def train(cfg: Config) -> Path:
         raise RuntimeError(f"writing the run folder {run_dir} on node {socket.gethostname()} "
                            f"({ray.util.get_node_ip_address()}) failed: {e}. The run stops; a checkpoint being "
                            f"written was removed whole. {last_checkpoint(run_dir)}") from e
-    except ActorLost as e:
-        if not e.name.startswith("learner"):
-            raise
-        raise RuntimeError(f"{e}. A learner rank cannot be replaced within a run (its optimizer shard and its "
-                           f"place in the collectives went with it): the run stops. {last_checkpoint(run_dir)}") from e
+    except ActorLost as e:  # one that could not be replaced (other losses are handled where they happen)
+        why = (" A learner rank cannot be replaced within a run (its optimizer shard and its place in the "
+               "collectives went with it)." if e.name.startswith("learner") else "")
+        raise RuntimeError(f"{e}.{why} The run stops. {last_checkpoint(run_dir)}") from e
     finally:
         run.close()
     return run_dir
