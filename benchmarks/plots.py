@@ -1,16 +1,40 @@
 """Plots of a result JSON, written beside it: <results>/<stem>/*.png.
 
     python benchmarks/plots.py benchmarks/results/<timestamp>.json
+
+Each plot is drawn on its own: one that raises (a row shape it does not know, a missing key) is
+printed with its error and traceback and named in Plots.failed, and every other plot is still
+written. draw_plots returns both; plot_all (what a benchmark script calls after writing its
+JSON) raises PlotsFailed naming the failed plots once the others are written.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def plot_all(result_path: Path) -> list[Path]:
+@dataclass
+class Plots:
+    written: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """plot name -> "ErrorType: message" of what it raised"""
+
+
+class PlotsFailed(RuntimeError):
+    def __init__(self, plots: Plots):
+        super().__init__("plots that failed (the others are written: "
+                         + ", ".join(str(p) for p in plots.written) + "): "
+                         + "; ".join(f"{name}: {error}" for name, error in plots.failed.items()))
+        self.plots = plots
+
+
+def draw_plots(result_path: Path) -> Plots:
+    """Every plot of the result's benchmarks, and targets.png; a plot that raises is printed and
+    recorded in .failed, the others still written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,24 +44,32 @@ def plot_all(result_path: Path) -> list[Path]:
     out_dir = Path(result_path).with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
     benches = result["benchmarks"]
-    written = []
-    for name, draw in PLOTS.items():
-        if name not in benches:
-            continue
+    jobs = [(name, draw, benches[name]) for name, draw in PLOTS.items() if name in benches]
+    jobs.append(("targets", _targets, benches))
+    plots = Plots()
+    for name, draw, data in jobs:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        draw(ax, benches[name])
-        fig.tight_layout()
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if _targets(ax, benches):
-        fig.tight_layout()
-        fig.savefig(out_dir / "targets.png", dpi=100)
-        written.append(out_dir / "targets.png")
-    plt.close(fig)
-    return written
+        try:
+            if draw(ax, data) is not False:  # _targets: False when no figure has a target
+                fig.tight_layout()
+                fig.savefig(path, dpi=100)
+                plots.written.append(path)
+        except Exception as e:  # noqa: BLE001 -- one plot's bug must not cost the others; it is reported
+            traceback.print_exc()
+            plots.failed[name] = f"{type(e).__name__}: {e}"
+            print(f"plot {name} FAILED ({result_path}): {plots.failed[name]}", file=sys.stderr, flush=True)
+        finally:
+            plt.close(fig)
+    return plots
+
+
+def plot_all(result_path: Path) -> list[Path]:
+    """draw_plots, raising PlotsFailed after the others are written when any plot failed."""
+    plots = draw_plots(result_path)
+    if plots.failed:
+        raise PlotsFailed(plots)
+    return plots.written
 
 
 def _bars(ax, labels: list[str], values: list[float], ylabel: str, title: str, colors=None) -> None:
@@ -87,13 +119,24 @@ def _learner(ax, bench: dict) -> None:
 
 
 def _weight_sync(ax, bench: dict) -> None:
-    rows = bench["rows"]
-    params = [r["params"] for r in rows]
-    ax.loglog(params, [r["rlsys_s"] for r in rows], "o-", label="rlsys push (wire + engine load)")
-    ax.loglog(params, [r["raw_s"] for r in rows], "s--", label="raw flat-buffer broadcast, same bytes")
-    ax.loglog(params, [r["engine_load_s"] for r in rows], "^:", label="of which: vLLM in-place load")
-    ax.set(xlabel="parameters", ylabel="seconds", title=f"weight sync to {rows[0]['generators']} engines "
-                                                        f"({rows[0]['backend']})")
+    """Seconds against parameters per model size (rank 0 of one learner rank sends), and the
+    2-rank ZeRO-3 row as points of its own: rank 0 gathering and sending every bucket against
+    each rank sending its partition (learner.sync_from_all_ranks)."""
+    sizes = [r for r in bench["rows"] if "zero3_two_ranks" not in r]
+    sharded = [r for r in bench["rows"] if "zero3_two_ranks" in r]
+    params = [r["params"] for r in sizes]
+    ax.loglog(params, [r["rlsys_s"] for r in sizes], "o-", label="rlsys push (wire + engine load)")
+    ax.loglog(params, [r["raw_s"] for r in sizes], "s--", label="raw flat-buffer broadcast, same bytes")
+    ax.loglog(params, [r["engine_load_s"] for r in sizes], "^:", label="of which: vLLM in-place load")
+    for r in sharded:
+        by = r["zero3_two_ranks"]  # {"False": rank 0 sends everything, "True": every rank its part}
+        ax.loglog([r["params"]], [by["False"]["rlsys_s"]], "D", color="tab:red", markerfacecolor="none",
+                  label=f"2 ZeRO-3 ranks, rank 0 gathers and sends ({r['size']})")
+        ax.loglog([r["params"]], [by["True"]["rlsys_s"]], "D", color="tab:red",
+                  label=f"2 ZeRO-3 ranks, each sends its partition ({r['size']})")
+    one = (sizes or [m for r in sharded for m in r["zero3_two_ranks"].values()])[0]
+    ax.set(xlabel="parameters", ylabel="seconds", title=f"weight sync to {one['generators']} engines "
+                                                        f"({one['backend']})")
     ax.legend(fontsize=8)
 
 

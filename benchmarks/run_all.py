@@ -8,7 +8,9 @@ rlsys/cluster/isolation.py) run only when --only names them, at LINK_RATES Mb/s.
 Writes benchmarks/results/<timestamp>.json (schema in benchmarks/common.py: every figure with its
 reference, measured in the same run, and their ratio; each target met or missed, by how much)
 and benchmarks/results/<timestamp>/*.png. Prints each benchmark's table as it finishes and a
-summary of the targets at the end. --quick finishes within 20 minutes on a 2-core machine.
+summary of the targets at the end. Each plot is drawn on its own: one that fails is printed with
+its error, the others are still written, and the run then exits 1 naming it. --quick finishes
+within 20 minutes on a 2-core machine.
 Run it on an otherwise idle machine: every side of every ratio shares the same cores.
 """
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import end_to_end, learner, overlap, packing, reward, rollout, scaling, weight_sync  # noqa: E402
 from benchmarks.common import REPO, Section, timed_sections, write_result  # noqa: E402
-from benchmarks.plots import plot_all  # noqa: E402
+from benchmarks.plots import draw_plots  # noqa: E402
 
 BENCHMARKS = {"rollout": rollout.run, "reward": reward.run, "learner": learner.run, "packing": packing.run,
               "weight_sync": weight_sync.run, "end_to_end": end_to_end.run, "overlap": overlap.run,
@@ -54,10 +56,13 @@ def main(argv: list[str] | None = None) -> Path:
             sections.append(section)
     out = args.out or REPO / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     write_result(sections, out, args.quick)
-    plots = plot_all(out)
+    plots = draw_plots(out)  # each plot on its own: one that fails is printed, the others written
     print(f"\n{len(sections)} benchmarks in {(time.perf_counter() - start) / 60:.1f} min; wrote {out}")
-    print("plots: " + ", ".join(str(p) for p in plots))
+    print("plots: " + ", ".join(str(p) for p in plots.written))
     print(targets(sections))
+    if plots.failed:
+        sys.exit(f"FAILED plots (a bug in benchmarks/plots.py; {out} and the plots above are written): "
+                 + "; ".join(f"{name}: {error}" for name, error in plots.failed.items()))
     return out
 
 
