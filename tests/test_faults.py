@@ -372,3 +372,20 @@ def test_an_actor_lost_with_its_node_names_the_node():
     assert str(ActorLost("learner 1", "train", alone)).endswith("; on node 10.213.1.3)")
     assert str(ActorLost("learner 1", "train", RuntimeError("no address"))) == \
         "learner 1 died during train (RuntimeError: no address)"
+
+
+def test_an_actor_lost_without_an_address_is_located_from_the_placement(ray_cluster):
+    """An actor whose connection closed first reports no address: the run's placement says where it
+    ran (and Ray whether that node is dead: this one is not known to Ray at all, so not said dead)."""
+    from rlsys.cluster.deadlines import ActorLost, located
+
+    placement = [{"role": "learner", "rank": 0, "ip": "10.0.0.8", "node_id": "a"},
+                 {"role": "learner", "rank": 1, "ip": "10.0.0.9", "node_id": "b"},
+                 {"role": "reward", "rank": 1, "ip": "10.0.0.7", "node_id": "c"}]
+    closed = RuntimeError("The actor is temporarily unavailable: RpcError: Socket closed")
+    assert located(ActorLost("learner 1", "train", closed), placement) == \
+        "learner 1 died during train (RuntimeError: The actor is temporarily unavailable: RpcError: Socket closed) " \
+        "(it ran on node 10.0.0.9)"
+    assert located(ActorLost("reward worker 1", "score", closed), placement).endswith("(it ran on node 10.0.0.7)")
+    assert located(ActorLost("generator 3", "generate", closed), placement) == \
+        str(ActorLost("generator 3", "generate", closed))  # not in the records: nothing made up

@@ -49,6 +49,23 @@ class ActorLost(RuntimeError):
         super().__init__(f"{name} died during {phase} ({describe(cause)}{where_lost(cause)})")
 
 
+def located(error: ActorLost, placement: list[dict]) -> str:
+    """The error, with the node the lost actor ran on when Ray's message did not say (an actor whose
+    connection closed first reports no address): from the run's placement records, and whether
+    Ray has declared that node dead."""
+    if "node " in str(error):
+        return str(error)
+    role, _, rank = error.name.rpartition(" ")
+    role = {"reward worker": "reward"}.get(role, role)
+    found = [r for r in placement if r.get("role") == role and str(r.get("rank")) == rank]
+    if not found:
+        return str(error)
+    dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+    node = found[0]
+    return (f"{error} (it ran on node {node['ip']}"
+            + (", which Ray has declared dead)" if node["node_id"] in dead else ")"))
+
+
 def where_lost(cause: Exception) -> str:
     """Where a dead actor was, from Ray's message ("ip: ..."), and whether its whole node went: a
     user on a cluster needs the node before the exception type."""

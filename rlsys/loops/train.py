@@ -29,7 +29,7 @@ from rlsys.cluster.capacity import check_local_run
 from rlsys.cluster.groups import Groups, in_ray_job, init_ray, launch
 from rlsys.cluster.storage import RunStorage, is_uri, open_run_storage
 from rlsys.checkpoint import commit, find_resumable, read_trainer_state, write_trainer_state
-from rlsys.cluster.deadlines import ActorLost, PhaseTimeout, dump_stacks
+from rlsys.cluster.deadlines import ActorLost, PhaseTimeout, dump_stacks, located
 from rlsys.loops.resume import check_same_run, cut_logs, driver_state, restore_driver, resume_point
 from rlsys.observe.metrics import RunLog, Timer, rollout_stats, sparkline
 from rlsys.data.models import default_cache_dir, resolve_model
@@ -80,7 +80,7 @@ def train(cfg: Config) -> Path:
     except ActorLost as e:  # one that could not be replaced (other losses are handled where they happen)
         why = (" A learner rank cannot be replaced within a run (its optimizer shard and its place in the "
                "collectives went with it)." if e.name.startswith("learner") else "")
-        raise RuntimeError(f"{e}.{why} The run stops. {last_checkpoint(run_dir)}") from e
+        raise RuntimeError(f"{located(e, groups.placement)}.{why} The run stops. {last_checkpoint(run_dir)}") from e
     finally:
         run.close()
     return run_dir
