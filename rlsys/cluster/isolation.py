@@ -310,11 +310,12 @@ class Isolation:
         sh("ip", "link", "set", box.veth_switch, "nomaster", ns=self.switch)
         box.port = tap
 
-    def received_bytes(self, name: str) -> int:
-        """Bytes the node has received over its link, as the switch's end counts them (what it sent
-        the node): a test watches a weight push arrive with it."""
-        veth = self.boxes[name].veth_switch
-        return int(sh("cat", f"/sys/class/net/{veth}/statistics/tx_bytes", ns=self.switch).stdout)
+    def link_bytes(self, name: str) -> tuple[int, int]:
+        """(bytes the node has received, bytes it has sent) over its link, as the switch's end counts
+        them: a test watches a weight push arrive, or a generate call's result leave, with it."""
+        stats = f"/sys/class/net/{self.boxes[name].veth_switch}/statistics"
+        out = sh("cat", f"{stats}/tx_bytes", f"{stats}/rx_bytes", ns=self.switch).stdout.split()
+        return int(out[0]), int(out[1])
 
     def shape(self, name: str, loss_pct: float = 0.0, rate_mbit: float | None = None) -> None:
         """Loss (nftables: each packet in and out of the node dropped with this probability) and rate
@@ -332,10 +333,14 @@ class Isolation:
             if done.returncode != 0:
                 raise RuntimeError(f"node {name}: nft could not set {loss_pct}% loss: {done.stderr.strip()}")
         for dev, ns in (("eth0", box.netns), (box.veth_switch, self.switch)):
-            if rate_mbit:  # a burst of 1 ms at the rate (at least 64 KiB, so a TSO segment passes)
-                burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 / 1000))
-                sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
-                   "burst", str(burst), "latency", "100ms", ns=ns)
+            if rate_mbit:
+                # A burst of 1 ms at the rate (two frames at least: tbf splits a larger GSO segment
+                # itself), so that even a small message pays the rate; a queue of 100 ms at the rate,
+                # 64 KiB at least, so that a slow link delays rather than drops.
+                per_s = rate_mbit * 1e6 / 8
+                burst = max(3000, int(per_s / 1000))
+                sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst),
+                   "limit", str(burst + max(64 * 1024, int(per_s / 10))), ns=ns)
             else:
                 sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
 
