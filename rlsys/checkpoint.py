@@ -103,6 +103,9 @@ def commit(run_dir: Path, step: int, write: Callable[[Path], dict | None], keep_
     tmp.mkdir(parents=True)
     try:
         elsewhere = write(tmp)
+        if elsewhere is not None and not isinstance(elsewhere, dict):
+            raise TypeError(f"commit({run_dir}, {step}): write(folder) returns the entries of files it put "
+                            f"elsewhere (a dict) or None, not {type(elsewhere).__name__}")
         write_checksums(tmp, elsewhere)  # last: a folder without it was not written whole
     except OSError:
         # A full disk, most often: give the space back now rather than at the next save of this

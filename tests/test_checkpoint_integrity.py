@@ -34,8 +34,11 @@ learner = Learner(resolve_model(ModelConfig()), "float32", cfg, AlgoConfig(group
                   temperature=1.0, rank=0, world=1, backend="gloo", seed=0)
 learner.setup("127.0.0.1", free_port())
 for step in (1, 2):
-    commit(Path(sys.argv[1]), step, lambda folder: (learner.save(str(folder)),
-                                                   write_trainer_state(folder, {"step": step})))
+    def write(folder):
+        learner.save(str(folder))
+        write_trainer_state(folder, {"step": step})
+
+    commit(Path(sys.argv[1]), step, write)
 """
 RANK_STATE = "learner/state/zero_pp_rank_0_mp_rank_00_optim_states.pt.safetensors"
 
@@ -167,7 +170,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_whole_and_lates
         if where == "files":
             raise full
 
-    def no_room(folder):
+    def no_room(folder, elsewhere=None):
         raise full
 
     if where == "checksums":

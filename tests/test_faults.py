@@ -201,12 +201,17 @@ commit(Path(sys.argv[1]), 4, write)
 """
 
 
+def fake_checkpoint(folder: Path, step: int) -> None:
+    (folder / "config.json").write_text("{}")
+    write_trainer_state(folder, {"step": step})
+
+
 def test_a_run_killed_while_it_writes_a_checkpoint_keeps_the_previous_one(tmp_path):
     """kill -9 in the middle of writing step_4: step_2 stays whole, `latest` still names it, a
     resume picks it, and the next save of step_4 starts clean."""
     from rlsys.checkpoint import TRACKER, commit, find_resumable, list_checkpoints
 
-    commit(tmp_path, 2, lambda f: ((f / "config.json").write_text("{}"), write_trainer_state(f, {"step": 2})))
+    commit(tmp_path, 2, lambda f: fake_checkpoint(f, 2))
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
@@ -215,7 +220,7 @@ def test_a_run_killed_while_it_writes_a_checkpoint_keeps_the_previous_one(tmp_pa
     assert sorted(list_checkpoints(tmp_path)) == [2]
     assert (tmp_path / "checkpoints" / TRACKER).read_text().strip() == "step_2"
     assert find_resumable(tmp_path) == tmp_path / "checkpoints" / "step_2"
-    commit(tmp_path, 4, lambda f: ((f / "config.json").write_text("{}"), write_trainer_state(f, {"step": 4})))
+    commit(tmp_path, 4, lambda f: fake_checkpoint(f, 4))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_2", "step_4"]
 
 
