@@ -124,3 +124,17 @@ def test_requeue_mode_runs_and_logs_the_chunks_sampled_again(ray_cluster, tmp_pa
     assert [r["weight_version"] for r in rows] == list(range(1, 9))
     assert all(r["generate/requeued_chunks"] >= 0 for r in rows)
     assert all(r["staleness/0"] + r["staleness/1"] == pytest.approx(1.0) for r in rows)
+
+
+def test_shared_cores_names_the_nodes_where_generators_and_learners_share_cpus():
+    from rlsys.loops.async_train import shared_cores
+
+    def rec(role, node, ip, gpus=()):
+        return {"role": role, "node_id": node, "ip": ip, "gpu_ids": list(gpus)}
+
+    one_node = [rec("generator", "a", "10.0.0.1"), rec("learner", "a", "10.0.0.1"), rec("reward", "a", "10.0.0.1")]
+    assert shared_cores(one_node) == ["10.0.0.1"]
+    split = [rec("generator", "a", "10.0.0.1"), rec("generator", "b", "10.0.0.2"), rec("learner", "c", "10.0.0.3")]
+    assert shared_cores(split) == []
+    gpus = [rec("generator", "a", "10.0.0.1", ["0"]), rec("learner", "a", "10.0.0.1", ["1"])]
+    assert shared_cores(gpus) == []  # one node, but each has a GPU of its own

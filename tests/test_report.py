@@ -15,8 +15,21 @@ def rows(rewards):
 def test_summary_figures_by_hand():
     s = summarize(rows([0.0, 0.1, 0.2, 0.9, 1.0, 0.8]), window=2)
     assert s["reward_first"] == pytest.approx(0.05) and s["reward_last"] == pytest.approx(0.9)
-    assert s["loop_s"] == pytest.approx(6 * 4.0)
+    assert s["loop_s"] == pytest.approx(6 * 4.0) and s["step_s"] == pytest.approx(4.0) and s["overlap_s"] == 0.0
     assert s["split"] == pytest.approx({"generate": 0.25, "reward": 0.125, "learn": 0.5, "sync": 0.125})
+
+
+def test_an_asynchronous_run_reports_wall_time_and_the_overlap_not_the_sum_of_its_phases(tmp_path):
+    """Phases of 4 s a step that overlapped into 2.5 s of wall time each (timing/step, as the
+    asynchronous loop records it): the loop is 3 x 2.5 s, the overlap 3 x 1.5 s."""
+    overlapped = [r | {"timing/step": 2.5} for r in rows([0.1, 0.5, 0.9])]
+    s = summarize(overlapped)
+    assert s["loop_s"] == pytest.approx(7.5) and s["step_s"] == pytest.approx(2.5)
+    assert s["overlap_s"] == pytest.approx(4.5)
+    assert s["split"] == pytest.approx({"generate": 0.25, "reward": 0.125, "learn": 0.5, "sync": 0.125})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in overlapped))
+    assert "3 steps, loop 7.5s wall, 2.50s a step (median)" in report(tmp_path)
+    assert "the phases overlapped 4.5s (asynchronous)" in report(tmp_path)
 
 
 def test_report_writes_plots_and_names_a_missing_run(tmp_path):

@@ -101,10 +101,26 @@ class Producer:
         self.thread.join(timeout=self.cfg.deadlines.generate_s + self.cfg.deadlines.score_s)
 
 
+def shared_cores(placement: list[dict]) -> list[str]:
+    """Addresses of the nodes where a generator and a learner rank run on the same CPUs (neither
+    holds a GPU). Overlapping generation with learning adds no compute there: the two compete
+    for the same cores, and the asynchronous loop can be slower than the synchronous one."""
+    def cpu_nodes(role: str) -> dict[str, str]:
+        return {r["node_id"]: r["ip"] for r in placement if r["role"] == role and not r.get("gpu_ids")}
+
+    learners = cpu_nodes("learner")
+    return sorted({ip for node, ip in cpu_nodes("generator").items() if node in learners})
+
+
 def asynchronous(run, start: int, version: int) -> None:
     """Every step: take the next scored batch (sampled meanwhile), learn, push the new weights."""
     cfg, groups, timer = run.cfg, run.groups, run.timer
     bound = cfg.trainer.max_staleness
+    if shared := shared_cores(groups.placement):
+        print(f"[rlsys] trainer.max_staleness={bound} with generators and learners on the same CPUs (node(s) "
+              f"{', '.join(shared)}): generation and learning overlap in time but compete for the same cores, "
+              f"so this can be slower than synchronous; asynchronous mode pays when rollouts and learners have "
+              f"resources of their own (nodes or cores: cluster.placement=disaggregated, or GPUs)", flush=True)
     producer = Producer(run, start, version)
     producer.start()
     try:

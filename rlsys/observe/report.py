@@ -1,6 +1,7 @@
 """rlsys report RUN_DIR: the run's figures in a few lines, and plots of them.
 
-Prints the reward at the start and the end, wall time and the step-time split; writes
+Prints the reward at the start and the end, wall time (per step too) and the phases' split (in an
+asynchronous run the phases overlap: the overlap is printed, not added to the loop time); writes
 `reward.png` (mean reward and its accuracy and format parts per step) and `timing.png`
 (seconds per phase per step) into the run folder.
 """
@@ -20,7 +21,11 @@ def summarize(rows: list[dict], window: int = 10) -> dict:
         raise ValueError("metrics.jsonl has no steps")
     w = min(window, max(1, len(rows) // 3))  # first and last windows never overlap
     mean = lambda key, part: statistics.fmean(r[key] for r in part)  # noqa: E731
-    step_s = [sum(r[f"timing/{p}"] for p in PHASES) for r in rows]
+    # Wall time per step as the loop measured it (timing/step); older logs lack it, and there the
+    # phases ran one after another. In an asynchronous run the phases overlap: their sum exceeds
+    # the wall time by the overlap, which is reported as such, never as loop time.
+    step_s = [r.get("timing/step", sum(r[f"timing/{p}"] for p in PHASES)) for r in rows]
+    phase_s = {p: sum(r[f"timing/{p}"] for r in rows) for p in PHASES}
     return {
         "steps": len(rows),
         "reward_first": mean("reward/mean", rows[:w]),
@@ -29,7 +34,9 @@ def summarize(rows: list[dict], window: int = 10) -> dict:
         "accuracy_last": mean("reward/accuracy", rows[-w:]),
         "window": w,
         "loop_s": sum(step_s),
-        "split": {p: sum(r[f"timing/{p}"] for r in rows) / sum(step_s) for p in PHASES},
+        "step_s": statistics.median(step_s),
+        "overlap_s": max(0.0, sum(phase_s.values()) - sum(step_s)),
+        "split": {p: v / sum(phase_s.values()) for p, v in phase_s.items()},  # shares of the phases' time
         "tokens_per_s": statistics.fmean(r["throughput/tokens_per_s"] for r in rows[1:] or rows),
     }
 
@@ -110,8 +117,11 @@ def report(run_dir: Path) -> str:
     s = summarize(rows)
     plots = plot(rows, run_dir)
     split = ", ".join(f"{p} {100 * v:.0f}%" for p, v in s["split"].items())
+    overlap = (f"; the phases overlapped {s['overlap_s']:.1f}s (asynchronous)" if s["overlap_s"] > 0.01 * s["loop_s"]
+               else "")
     evals = eval_line(run_dir) + utilisation_line(run_dir)
-    return (f"{run_dir}: {s['steps']} steps, loop {s['loop_s']:.1f}s ({split})\n"
+    return (f"{run_dir}: {s['steps']} steps, loop {s['loop_s']:.1f}s wall, {s['step_s']:.2f}s a step (median) "
+            f"({split}{overlap})\n"
             f"reward/mean  first {s['window']} steps {s['reward_first']:.3f} -> last {s['window']} {s['reward_last']:.3f}\n"
             f"accuracy     first {s['window']} steps {s['accuracy_first']:.3f} -> last {s['window']} {s['accuracy_last']:.3f}\n"
             f"throughput   {s['tokens_per_s']:.0f} tokens/s\n{evals}"
