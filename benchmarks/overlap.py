@@ -14,11 +14,16 @@ training. Figures: asynchronous tokens/s
 against synchronous (target 1.4x), and the mean reward of the last steps against synchronous
 ("not worse": the ratio should be about 1 or above).
 
+--layout shared runs the same pair on one node whose generator and learner share both cores
+(what a user gets on one machine with nothing pinned): there overlap cannot add compute, and the
+figure says how much asynchronous mode costs or gains on shared cores (no target: the point is to
+set it beside the pinned one).
+
 Workloads: toy (configs/toy.yaml: a tiny random model learns to copy a digit; its reward rises
 from ~0.1 to ~1 within 100 steps) and, without --quick, the Quickstart (rlsys/default.yaml,
 SmolLM2-135M on digit sums, its held-out evaluation off).
 
-    python benchmarks/overlap.py [--quick]
+    python benchmarks/overlap.py [--quick] [--layout pinned|shared]
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def plan(quick: bool) -> dict[str, int]:
     return {"toy": 40} if quick else {"toy": 100, "quickstart": 14}
 
 
-def train_run(nodes: LocalNodes, config: str, staleness: int, steps: int, run_dir: Path) -> list[dict]:
+def train_run(nodes: LocalNodes, config: str, staleness: int, steps: int, run_dir: Path,
+              rollout_node: str = "rollout", learner_node: str = "learner") -> list[dict]:
     args = [str(BIN / "rlsys"), "train", config, "trainer.progress=false", f"trainer.total_steps={steps}",
             f"trainer.output_dir={run_dir}", "eval.every=0", f"cluster.address={nodes.address}",
             "cluster.placement=disaggregated", "cluster.shared_storage=true",  # every node is this machine
@@ -67,7 +73,7 @@ def train_run(nodes: LocalNodes, config: str, staleness: int, steps: int, run_di
 
     placement = json.loads((run_dir / "placement.json").read_text())
     where = {a["role"]: a["node_id"] for a in placement if a["role"] in ("generator", "learner")}
-    assert where["generator"] == nodes.node_ids["rollout"] and where["learner"] == nodes.node_ids["learner"], where
+    assert where["generator"] == nodes.node_ids[rollout_node] and where["learner"] == nodes.node_ids[learner_node], where
     return read_jsonl(run_dir / "metrics.jsonl")
 
 
@@ -105,17 +111,23 @@ def plot(runs: dict[str, dict], title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool) -> list[Section]:
+LAYOUTS = {
+    "pinned": "disaggregated: rollout node pinned to core 0 (1 vLLM engine, 2 reward workers), learner node "
+              "pinned to core 1 (1 DeepSpeed rank), head 0 CPUs",
+    "shared": "one node on both cores declaring rollout and learner: the engine, 2 reward workers and the "
+              "DeepSpeed rank share its cores (nothing pinned), head 0 CPUs"}
+
+
+def run(quick: bool, layout: str = "pinned") -> list[Section]:
     steps = plan(quick)
     info = machine()
     if len(os.sched_getaffinity(0)) < 2:
-        raise RuntimeError("the overlap benchmark pins generation and learning to two different cores: this "
-                           "process may use fewer than 2")
-    folder = REPO / "benchmarks" / "results" / f"overlap-{time.strftime('%Y%m%d-%H%M%S')}"
-    section = Section("overlap", {
+        raise RuntimeError("the overlap benchmark runs on two cores: this process may use fewer than 2")
+    title = "overlap" if layout == "pinned" else f"overlap_{layout}"
+    folder = REPO / "benchmarks" / "results" / f"{title}-{time.strftime('%Y%m%d-%H%M%S')}"
+    section = Section(title, {
         "workloads": {k: WORKLOADS[k] for k in steps}, "steps": steps, "measured": "steps after the first",
-        "placement": "disaggregated: rollout node pinned to core 0 (1 vLLM engine, 2 reward workers), learner node "
-                     "pinned to core 1 (1 DeepSpeed rank), head 0 CPUs", "cpu": info["cpu"],
+        "layout": layout, "placement": LAYOUTS[layout], "cpu": info["cpu"],
         "files": str(folder.relative_to(REPO))})
     import ray
 
@@ -124,27 +136,34 @@ def run(quick: bool) -> list[Section]:
     nodes = LocalNodes(folder / "nodes")
     try:
         nodes.head()
-        nodes.worker("rollout", 2, {"rollout": 1}, cores=[0])
-        nodes.worker("learner", 1, {"learner": 1}, cores=[1])
+        if layout == "pinned":
+            nodes.worker("rollout", 2, {"rollout": 1}, cores=[0])
+            nodes.worker("learner", 1, {"learner": 1}, cores=[1])
+            where = {"rollout_node": "rollout", "learner_node": "learner"}
+        else:
+            nodes.worker("shared", 3, {"rollout": 1, "learner": 1}, cores=[0, 1])
+            where = {"rollout_node": "shared", "learner_node": "shared"}
         for name, n in steps.items():
             got = {}
             for staleness in (0, 1):
                 print(f"[overlap] {name}: staleness {staleness}, {n} steps ...", flush=True)
                 got[staleness] = measure(train_run(nodes, WORKLOADS[name], staleness, n,
-                                                   folder / f"{name}-s{staleness}"))
+                                                   folder / f"{name}-s{staleness}", **where))
                 print(f"[overlap] {name}: staleness {staleness}: {got[staleness]['tokens_per_s']:.0f} tokens/s, "
                       f"{got[staleness]['step_s_mean']:.2f} s a step", flush=True)
             sync, async_ = got[0], got[1]
             png = folder / f"reward_{name}.png"
             plot({"synchronous (max_staleness 0)": sync, "asynchronous (max_staleness 1)": async_},
-                 f"{name}: reward, same cluster and pinning, same run", png)
+                 f"{name}: reward, same cluster and placement ({layout}), same run", png)
             k = max(1, n // 5)
             last_sync, last_async = statistics.fmean(sync["reward"][-k:]), statistics.fmean(async_["reward"][-k:])
             section.rows.append({"workload": name, "synchronous": sync, "asynchronous": async_,
                                  "plot": str(png.relative_to(REPO))})
             section.figures += [
-                Figure(f"{name}: asynchronous (staleness 1) tokens/s", async_["tokens_per_s"], "tokens/s",
-                       "synchronous, same cluster and pinning, same run", sync["tokens_per_s"], target=TARGET,
+                Figure(f"{name}: asynchronous (staleness 1) tokens/s" + ("" if layout == "pinned" else f", {layout} cores"),
+                       async_["tokens_per_s"], "tokens/s",
+                       "synchronous, same cluster and placement, same run", sync["tokens_per_s"],
+                       target=TARGET if layout == "pinned" else None,
                        note=f"sync phases {fmt(sync['phases_s_mean'])}; async {fmt(async_['phases_s_mean'])} (its "
                             f"generate/reward overlap learn; wait = learner idle)"),
                 Figure(f"{name}: mean reward of the last {k} steps, asynchronous", last_async, "reward",
@@ -162,4 +181,6 @@ def fmt(phases: dict[str, float]) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main(run)
+    main(run, options={"--layout": {"choices": sorted(LAYOUTS), "default": "pinned",
+                                     "help": "pinned: rollout and learner on cores of their own (the target's "
+                                             "setting); shared: one node, cores shared"}}, run_with=run)
