@@ -166,7 +166,9 @@ class Run:
         if self.timeline is not None:
             collect_timeline(self.timeline, self.groups, self.timer)
         self.curve.append(stats["reward/mean"])
-        self.bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", acc=f"{stats['reward/accuracy']:.2f}",
+        # step: this step's wall time (timing/step; in an asynchronous run its phases overlap, their sum is more)
+        self.bar.set_postfix(step=f"{step_s:.2f}s", reward=f"{stats['reward/mean']:.3f}",
+                             acc=f"{stats['reward/accuracy']:.2f}",
                              fmt=f"{stats['reward/format']:.2f}", kl=f"{learn.get('kl', 0):.4f}",
                              curve=sparkline(self.curve[-30:]))
 
