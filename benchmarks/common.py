@@ -8,6 +8,13 @@ their ratio much less). Every ratio reads "higher is better": speed over the ref
 or for a time the reference's time over ours. A target is a lowest acceptable ratio; a missed
 target stays in the results with the shortfall, never hidden and never met by weakening the
 reference.
+
+Spread: a figure measured over repeats keeps every sample of both sides (`samples`,
+`reference_samples`), taken interleaved (ours, reference, ours, reference, ...: `interleaved`) so
+that a slow minute of a shared machine hits both sides alike. Its value is the median of its
+samples, its ratio the median of the pairwise ratios, and `ratio_range` the lowest and highest
+pairwise ratio; a target counts as met only when the LOWEST pairwise ratio meets it. A figure of a
+single measurement has a range of one point and says so (`repeats` 1).
 """
 
 from __future__ import annotations
@@ -45,21 +52,60 @@ class Figure:
     target: float | None = None
     """Lowest acceptable ratio, if the issue sets one."""
     note: str = ""
+    samples: list[float] = field(default_factory=list)
+    """Every repeat of the value, in the order taken (empty: one measurement, `value`)."""
+    reference_samples: list[float] = field(default_factory=list)
+    """The reference's repeats, taken interleaved with `samples` (pair i ran right after sample i)."""
+
+    @classmethod
+    def repeated(cls, name: str, samples: list[float], unit: str, reference: str, reference_samples: list[float],
+                 **kw) -> "Figure":
+        """A figure over interleaved repeats: value and reference value are the medians."""
+        if not samples or len(samples) != len(reference_samples):
+            raise ValueError(f"{name}: {len(samples)} samples against {len(reference_samples)} of the reference: "
+                             f"repeats come in pairs")
+        return cls(name, statistics.median(samples), unit, reference, statistics.median(reference_samples),
+                   samples=list(samples), reference_samples=list(reference_samples), **kw)
+
+    @property
+    def ratios(self) -> list[float]:
+        """The pairwise ratios (one per repeat), or the single ratio of the two values."""
+        if not self.samples:
+            return [ratio(self.value, self.reference_value, self.lower_is_better)]
+        return [ratio(v, r, self.lower_is_better) for v, r in zip(self.samples, self.reference_samples)]
 
     @property
     def ratio(self) -> float:
-        return ratio(self.value, self.reference_value, self.lower_is_better)
+        return statistics.median(self.ratios)
+
+    @property
+    def ratio_range(self) -> tuple[float, float]:
+        return min(self.ratios), max(self.ratios)
 
     def to_json(self) -> dict:
-        met = None if self.target is None else self.ratio >= self.target
+        low = self.ratio_range[0]
+        met = None if self.target is None else low >= self.target
         return {"name": self.name, "value": self.value, "unit": self.unit,
                 "reference": {"name": self.reference, "value": self.reference_value},
-                "ratio": self.ratio, "lower_is_better": self.lower_is_better,
+                "ratio": self.ratio, "ratio_range": list(self.ratio_range), "repeats": len(self.ratios),
+                "samples": self.samples, "reference_samples": self.reference_samples,
+                "lower_is_better": self.lower_is_better,
                 "target": None if self.target is None else {
                     "min_ratio": self.target, "met": met,
-                    # how far below the target, as a fraction of it (0 when met)
-                    "shortfall": 0.0 if met else 1.0 - self.ratio / self.target},
+                    # how far the lowest ratio is below the target, as a fraction of it (0 when met)
+                    "shortfall": 0.0 if met else 1.0 - low / self.target},
                 "note": self.note}
+
+
+def interleaved(ours: Callable[[], float], reference: Callable[[], float],
+                repeats: int) -> tuple[list[float], list[float]]:
+    """`repeats` measurements of each side, alternating ours, reference, ours, reference, ...:
+    (our samples, the reference's samples), pair i taken back to back."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(ours())
+        b.append(reference())
+    return a, b
 
 
 def ratio(value: float, reference: float, lower_is_better: bool = False) -> float:
@@ -89,8 +135,10 @@ class Section:
             j = f.to_json()
             target = "" if f.target is None else (f">= {f.target:g}: " + (
                 "met" if j["target"]["met"] else f"MISSED by {100 * j['target']['shortfall']:.0f}%"))
+            lo, hi = f.ratio_range
+            spread = f" ({lo:.2f}-{hi:.2f}, {len(f.ratios)} repeats)" if len(f.ratios) > 1 else " (1 measurement)"
             lines.append(f"{f.name[:58]:58} {_num(f.value):>12} {f.unit[:10]:10} {_num(f.reference_value):>12} "
-                         f"{f.ratio:>7.2f}  {target}")
+                         f"{f.ratio:>7.2f}  {target}{spread}")
             lines.append(f"{'':4}reference: {f.reference}" + (f"; {f.note}" if f.note else ""))
         return "\n".join(lines)
 
@@ -202,11 +250,19 @@ def check_result(result: dict) -> None:
             need(isinstance(f["value"], (int, float)) and f["value"] > 0, where, "value must be a positive number")
             need(set(f["reference"]) == {"name", "value"} and f["reference"]["value"] > 0, where,
                  "reference must be {name, value > 0}")
-            expected = ratio(f["value"], f["reference"]["value"], f["lower_is_better"])
+            samples, refs = f.get("samples") or [], f.get("reference_samples") or []
+            need(len(samples) == len(refs), where, "samples and reference_samples must pair up")
+            pairs = ([ratio(v, r, f["lower_is_better"]) for v, r in zip(samples, refs)] if samples
+                     else [ratio(f["value"], f["reference"]["value"], f["lower_is_better"])])
+            expected = statistics.median(pairs)
             need(abs(f["ratio"] - expected) <= 1e-9 * max(1.0, expected), where,
-                 f"ratio {f['ratio']} does not follow from value and reference ({expected})")
+                 f"ratio {f['ratio']} does not follow from the samples or value and reference ({expected})")
+            low = min(pairs)
+            if "ratio_range" in f:  # results written before spreads were kept have no range
+                need(abs(f["ratio_range"][0] - low) <= 1e-9 * max(1.0, low), where, "ratio_range is wrong")
             if f["target"] is not None:
-                need(f["target"]["met"] == (f["ratio"] >= f["target"]["min_ratio"]), where, "target.met is wrong")
+                need(f["target"]["met"] == (low >= f["target"]["min_ratio"]), where,
+                     "target.met is wrong (met only when the lowest ratio meets it)")
 
 
 def ray_up() -> None:

@@ -253,8 +253,11 @@ def _targets(ax, benches: dict) -> bool:
     ax.barh(range(len(figs)), ratios, color=colors)
     for i, f in enumerate(figs):
         ax.plot([f["target"]["min_ratio"]] * 2, [i - 0.4, i + 0.4], "k-")
+        lo, hi = f.get("ratio_range") or (f["ratio"], f["ratio"])  # older results kept one measurement
+        ax.plot([lo, hi], [i, i], color="0.25", lw=1.5)
     ax.set_yticks(range(len(figs)), [f["name"][:50] for f in figs], fontsize=7)
-    ax.set(xlabel="ratio to the reference (black: target)", title="targets: green met, red missed")
+    ax.set(xlabel="ratio to the reference: median, grey line lowest to highest repeat (black: target)",
+           title="targets: green met by the lowest repeat, red missed")
     return True
 
 

@@ -77,6 +77,32 @@ def test_ratios_read_higher_is_better_and_targets_report_the_shortfall():
     assert Figure("x", 1.0, "u", "r", 1.0).to_json()["target"] is None
 
 
+def test_repeats_are_taken_interleaved_and_a_target_is_met_only_by_the_lowest_ratio(tmp_path):
+    from benchmarks.common import interleaved
+
+    order, ours, refs = [], iter([2.0, 2.4, 1.9]), iter([1.0, 1.0, 1.25])
+    a, b = interleaved(lambda: order.append("ours") or next(ours), lambda: order.append("ref") or next(refs), 3)
+    assert order == ["ours", "ref"] * 3 and a == [2.0, 2.4, 1.9] and b == [1.0, 1.0, 1.25]
+    # pairwise speed ratios 2.0, 2.4, 1.52: median 2.0, lowest 1.52
+    fig = Figure.repeated("gen", a, "tokens/s", "hf", b, target=1.6)
+    assert fig.value == 2.0 and fig.reference_value == 1.0
+    assert fig.ratio == pytest.approx(2.0) and fig.ratio_range == pytest.approx((1.52, 2.4))
+    j = fig.to_json()
+    assert j["repeats"] == 3 and j["samples"] == a and j["reference_samples"] == b
+    assert j["target"] == {"min_ratio": 1.6, "met": False, "shortfall": pytest.approx(1 - 1.52 / 1.6)}
+    assert Figure.repeated("gen", a, "tokens/s", "hf", b, target=1.5).to_json()["target"]["met"]
+    times = Figure.repeated("sync", [0.5, 0.4], "s", "raw", [0.2, 0.2], lower_is_better=True)
+    assert times.ratios == pytest.approx([0.4, 0.5]) and times.ratio == pytest.approx(0.45)
+    assert "(1.52-2.40, 3 repeats)" in Section("s", {}, [fig]).table()
+    with pytest.raises(ValueError, match="pairs"):
+        Figure.repeated("gen", [1.0, 2.0], "u", "r", [1.0])
+    # the schema recomputes the median and the lowest ratio from the samples
+    result = json.loads(write_result([Section("s", {}, [fig], [], 1.0)], tmp_path / "r.json", quick=True).read_text())
+    result["benchmarks"]["s"]["figures"][0]["target"]["met"] = True
+    with pytest.raises(ValueError, match="lowest ratio"):
+        check_result(result)
+
+
 def test_result_schema_is_checked_on_write(tmp_path):
     section = Section("demo", {"size": 1}, [Figure("a", 2.0, "u", "ref", 1.0, target=1.5)], [{"row": 1}], 1.0)
     out = write_result([section], tmp_path / "r.json", quick=True)
