@@ -94,9 +94,31 @@ def test_run_all_writes_the_json_and_other_plots_then_exits_naming_the_failed_on
 
     monkeypatch.setattr(run_all, "BENCHMARKS", {"replay": replay})
     out = tmp_path / "run.json"
-    with pytest.raises(SystemExit, match="FAILED plots .*weight_sync: KeyError: 'raw_s'") as exit_:
+    with pytest.raises(SystemExit, match="FAILED .*plot weight_sync: KeyError: 'raw_s'") as exit_:
         run_all.main(["--quick", "--out", str(out)])
     assert exit_.value.code != 0
     assert json.loads(out.read_text())["benchmarks"].keys() == benches.keys()
     written = sorted(p.stem for p in (tmp_path / "run").glob("*.png"))
     assert written == sorted({*PLOTS, "targets"} - {"weight_sync"})
+
+
+def test_run_all_goes_on_past_a_failing_benchmark_and_exits_naming_it(tmp_path, monkeypatch):
+    """A benchmark that raises is reported and the next one still runs; the JSON holds what finished."""
+    from benchmarks import run_all
+
+    ran = []
+
+    def broken(quick: bool) -> list[Section]:
+        ran.append("broken")
+        raise RuntimeError("engine did not start")
+
+    def fine(quick: bool) -> list[Section]:
+        ran.append("fine")
+        return [Section("fine", {}, [Figure("x", 2.0, "u", "ref", 1.0)], [], 0.0)]
+
+    monkeypatch.setattr(run_all, "BENCHMARKS", {"broken": broken, "fine": fine})
+    out = tmp_path / "run.json"
+    with pytest.raises(SystemExit, match="FAILED .*benchmark broken: RuntimeError: engine did not start"):
+        run_all.main(["--quick", "--out", str(out)])
+    assert ran == ["broken", "fine"]
+    assert list(json.loads(out.read_text())["benchmarks"]) == ["fine"]
