@@ -7,18 +7,24 @@ with a wrong one, scored by the real rules (format + math-verify accuracy).
   sample, a per-sample deadline) against calling the same rule in-process, no protection
   (rlsys.math.rewards.score in a loop), on the same samples. The ratio is what the protection against
   a hanging verifier costs.
+Each figure's two sides are timed interleaved, `repeats` times each (ours, reference, ours, ...):
+the figure is the median pairwise ratio with its lowest and highest (benchmarks/common.py).
 
     python benchmarks/reward.py [--quick]
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from typing import Callable
+
 if __package__ in (None, ""):
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Figure, Section, main, ray_up, rlsys_config, timed
+from benchmarks.common import Figure, Section, interleaved, main, ray_up, rlsys_config
 
 
 def samples(count: int) -> list[tuple[str, str]]:
@@ -50,35 +56,50 @@ def run(quick: bool) -> Section:
     def direct():
         return [score(c, g, cfg) for c, g in batch]
 
+    last: dict[str, list] = {}
+
+    def rate(side: str, fn) -> Callable[[], float]:
+        """One timed call of fn, as samples/s; its result kept for the agreement check."""
+        def once() -> float:
+            start = time.perf_counter()
+            last[side] = fn()
+            return count / (time.perf_counter() - start)
+        return once
+
     with RewardWorker(cfg) as worker:
         direct(), worker.score(batch[:8])  # warm-up: math-verify's imports and caches
-        protected_s, results = timed(lambda: worker.score(batch), repeats)
-        direct_s, plain = timed(direct, repeats)
+        # interleaved (worker, in-process, worker, ...): a slow minute of the machine hits both sides
+        protected, plain_rates = interleaved(rate("worker", lambda: worker.score(batch)), rate("direct", direct),
+                                             repeats)
+    results, plain = last["worker"], last["direct"]
     assert [(r.accuracy, r.format) for r in results] == plain, "the worker and the plain rule disagree"
     assert sum(r.accuracy for r in results) == count // 2, "half the samples are right by construction"
-    section.figures.append(Figure(
-        "reward worker (killable child, per-sample timeout) samples/s", count / protected_s, "samples/s",
-        "the same rule called in-process, no timeout protection", count / direct_s,
+    section.figures.append(Figure.repeated(
+        "reward worker (killable child, per-sample timeout) samples/s", protected, "samples/s",
+        "the same rule called in-process, no timeout protection", plain_rates,
         note="1 - ratio = the cost of the timeout machinery"))
-    section.rows.append({"what": "timeout_machinery", "protected_s": protected_s, "direct_s": direct_s})
+    section.rows.append({"what": "timeout_machinery", "protected_s": [count / r for r in protected],
+                         "direct_s": [count / r for r in plain_rates]})
 
     ray_up()
     rollouts = [Rollout(i, i, [], [], [], c, "stop", 0, g) for i, (c, g) in enumerate(batch)]
-    rates = {}
-    for workers in (1, 2):
-        actors = [RewardActor.options(num_cpus=cfg.num_cpus).remote(cfg) for _ in range(workers)]
-        try:
-            pool = RewardPool(actors)
-            pool.score(rollouts[:8 * workers])  # warm-up
-            seconds, _ = timed(lambda: pool.score(rollouts), repeats)
-        finally:
-            for a in actors:
-                ray.kill(a)
-        rates[workers] = count / seconds
-        section.rows.append({"what": "pool", "workers": workers, "samples_per_s": rates[workers]})
-        print(f"[reward] pool of {workers}: {rates[workers]:.0f} samples/s", flush=True)
-    section.figures.append(Figure("reward pool, 2 workers samples/s", rates[2], "samples/s",
-                                  "reward pool, 1 worker, same samples", rates[1]))
+    # A pool of 1 worker and one of 2, both up, timed interleaved (2 workers, 1, 2, 1, ...).
+    actors = [RewardActor.options(num_cpus=cfg.num_cpus).remote(cfg) for _ in range(3)]
+    try:
+        pools = {1: RewardPool(actors[:1]), 2: RewardPool(actors[1:])}
+        for pool in pools.values():
+            pool.score(rollouts[:16])  # warm-up
+        two, one = interleaved(rate("pool 2", lambda: pools[2].score(rollouts)),
+                               rate("pool 1", lambda: pools[1].score(rollouts)), repeats)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    for workers, rates in ((1, one), (2, two)):
+        section.rows.append({"what": "pool", "workers": workers, "samples_per_s": statistics.median(rates),
+                             "samples_per_s_repeats": rates})
+        print(f"[reward] pool of {workers}: {statistics.median(rates):.0f} samples/s", flush=True)
+    section.figures.append(Figure.repeated("reward pool, 2 workers samples/s", two, "samples/s",
+                                           "reward pool, 1 worker, same samples", one))
     return section
 
 
