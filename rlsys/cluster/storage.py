@@ -82,6 +82,17 @@ def open_run_storage(output_dir: str, resume: str, staging: Path) -> "RunStorage
     return storage
 
 
+def copy_hashed(src, out) -> dict:
+    """Copy stream `src` to stream `out` a chunk at a time; returns what passed as a checksums.json
+    entry, {"size", "sha256"} (an upload and a download both record what they moved)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK):
+        out.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
 def is_uri(text: str) -> bool:
     """A storage URI with a scheme (s3://bucket/x, gs://..., hdfs://..., file:///abs), not a path.
 
@@ -143,15 +154,11 @@ class RunStorage:
         {"size", "sha256"} as sent (a checksums.json entry)."""
         dest = f"{self.root}/{rel}"
         target = dest if self.atomic_put else f"{dest}.partial-{uuid.uuid4().hex[:8]}"
-        digest, size = hashlib.sha256(), 0
         try:
             if not self.atomic_put:  # object stores have no folders to make
                 self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
             with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
+                sent = copy_hashed(src, out)
             if target != dest:
                 self.fs.move(target, dest)
         except OSError as e:  # pyarrow reports permission, network and missing-bucket errors as OSError
@@ -161,7 +168,7 @@ class RunStorage:
                 except OSError:
                     pass  # the temporary file may not exist (the open failed); the original error is what matters
             raise StorageError(f"uploading {path} to {self.uri}/{rel} failed: {e}") from e
-        return {"size": size, "sha256": digest.hexdigest()}
+        return sent
 
     def get(self, rel: str, dest: Path, want: dict | None = None) -> dict:
         """Download `rel` under the URI to local file `dest`, a chunk at a time, under a temporary
@@ -172,17 +179,13 @@ class RunStorage:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}.partial-{uuid.uuid4().hex[:8]}")
-        digest, size = hashlib.sha256(), 0
         try:
             with self.fs.open_input_stream(f"{self.root}/{rel}") as f, open(tmp, "wb") as out:
-                while chunk := f.read(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
+                got = copy_hashed(f, out)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"downloading {src} to {dest} failed: {e}") from e
-        got = {"size": size, "sha256": digest.hexdigest()}
+        size = got["size"]
         if want is not None and got != {"size": want["size"], "sha256": want["sha256"]}:
             tmp.unlink()
             what = (f"{size} bytes, {CHECKSUMS} recorded {want['size']}" if size != want["size"]
