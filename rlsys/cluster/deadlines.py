@@ -46,14 +46,15 @@ class PhaseTimeout(RuntimeError):
 class ActorLost(RuntimeError):
     def __init__(self, name: str, phase: str, cause: Exception):
         self.name, self.phase = name, phase
-        super().__init__(f"{name} died during {phase} ({describe(cause)}{where_lost(cause)})")
+        self.where = where_lost(cause)  # "" when Ray's message names no node
+        super().__init__(f"{name} died during {phase} ({describe(cause)}{self.where})")
 
 
 def located(error: ActorLost, placement: list[dict]) -> str:
     """The error, with the node the lost actor ran on when Ray's message did not say (an actor whose
     connection closed first reports no address): from the run's placement records, and whether
     Ray has declared that node dead."""
-    if "node " in str(error):
+    if error.where:
         return str(error)
     role, _, rank = error.name.rpartition(" ")
     role = {"reward worker": "reward"}.get(role, role)
