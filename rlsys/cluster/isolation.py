@@ -128,10 +128,16 @@ class Box:
     cgroup: Path
     holder: subprocess.Popen | None = None
     relay: subprocess.Popen | None = None  # delay.py, between veth_switch and the bridge, while delayed
-    port: str = ""  # what is on the bridge for this node: veth_switch, or the relay's TAP device
 
-    def __post_init__(self):
-        self.port = self.port or self.veth_switch
+    @property
+    def tap(self) -> str:
+        """The delay relay's TAP device in the switch namespace: r<k>s<n> -> r<k>d<n>."""
+        return self.veth_switch.replace("s", "d", 1)
+
+    @property
+    def port(self) -> str:
+        """What is on the bridge for this node: its link's end, or the relay's TAP device."""
+        return self.tap if self.relay is not None else self.veth_switch
 
     def pids(self) -> list[int]:
         if not self.cgroup.is_dir():
@@ -291,24 +297,27 @@ class Isolation:
             sh("ip", "link", "set", box.veth_switch, "master", "br0", ns=self.switch)
             box.relay.kill()
             box.relay.wait(timeout=10)
-            box.relay, box.port = None, box.veth_switch
+            box.relay = None
         if not ms:
             return
         if not Path("/dev/net/tun").exists():
             raise RuntimeError(f"node {name}: a delay needs /dev/net/tun (the tun module) for its relay")
-        tap = box.veth_switch.replace("s", "d", 1)  # r<k>s<n> -> r<k>d<n>
-        box.relay = subprocess.Popen(
+        relay = subprocess.Popen(
             ["ip", "netns", "exec", self.switch, sys.executable, str(Path(__file__).with_name("delay.py")),
-             box.veth_switch, tap, str(ms)], stdout=subprocess.PIPE, stderr=open(self.folder / f"{name}.relay.log", "w"),
-            text=True, start_new_session=True)
-        if (first := box.relay.stdout.readline().strip()) != "ready":
-            box.relay.kill()
-            box.relay = None
+             box.veth_switch, box.tap, str(ms)], stdout=subprocess.PIPE,
+            stderr=open(self.folder / f"{name}.relay.log", "w"), text=True, start_new_session=True)
+        if (first := relay.stdout.readline().strip()) != "ready":
+            relay.kill()
             raise RuntimeError(f"node {name}: the delay relay did not start ({first!r}; "
                                f"{(self.folder / f'{name}.relay.log').read_text()[-2000:]})")
-        sh("ip", "link", "set", tap, "master", "br0", "up", ns=self.switch)
-        sh("ip", "link", "set", box.veth_switch, "nomaster", ns=self.switch)
-        box.port = tap
+        try:
+            sh("ip", "link", "set", box.tap, "master", "br0", "up", ns=self.switch)
+            sh("ip", "link", "set", box.veth_switch, "nomaster", ns=self.switch)
+        except RuntimeError:
+            relay.kill()  # its TAP device goes with it; the link is on the bridge as before
+            sh("ip", "link", "set", box.veth_switch, "master", "br0", ns=self.switch)
+            raise
+        box.relay = relay  # from here the TAP device is the node's port on the bridge
 
     def link_bytes(self, name: str) -> tuple[int, int]:
         """(bytes the node has received, bytes it has sent) over its link, as the switch's end counts
