@@ -4,7 +4,8 @@ the bridge that holds every frame the node sends for a fixed time before passing
 Isolation.delay() runs it in the cluster's switch namespace: the node's veth end leaves the bridge,
 a TAP device takes its place, and this process copies frames between the two. Frames from the node
 (its egress, as netem on its eth0 would delay) wait `delay_ms`; frames to the node pass at once.
-Order is kept (one FIFO, one fixed delay). Both sockets carry the virtio-net header, so the large
+Order is kept (one FIFO, one fixed delay). A frame that finds the way out full (the socket's
+send buffer, the TAP's queue) is dropped, as a full queue on a real link drops it; TCP resends. Both sockets carry the virtio-net header, so the large
 segments that veth passes (TSO/GSO, up to 64 KiB) cross whole instead of one MTU at a time, and
 checksums left to offload stay so.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import os
 import selectors
 import socket
@@ -53,15 +55,24 @@ def open_link(name: str) -> socket.socket:
     return sock
 
 
+def send(write, frame: bytes) -> None:
+    """Pass a frame on; dropped when the way out is full (non-blocking: the relay never stalls)."""
+    try:
+        write(frame)
+    except BlockingIOError:
+        pass
+
+
 def relay(link: socket.socket, tap: int, delay_s: float, limit: int = 10_000) -> None:
     held: collections.deque[tuple[float, bytes]] = collections.deque()  # (due, frame) from the node
+    to_bridge = functools.partial(os.write, tap)
     sel = selectors.DefaultSelector()
     sel.register(link, selectors.EVENT_READ, "link")
     sel.register(tap, selectors.EVENT_READ, "tap")
     while True:
         now = time.monotonic()
         while held and held[0][0] <= now:  # due: on to the bridge
-            os.write(tap, held.popleft()[1])
+            send(to_bridge, held.popleft()[1])
         for key, _ in sel.select(timeout=max(0.0, held[0][0] - now) if held else None):
             for _ in range(64):  # drain a burst, then look at the clock again
                 try:
@@ -69,7 +80,7 @@ def relay(link: socket.socket, tap: int, delay_s: float, limit: int = 10_000) ->
                 except BlockingIOError:
                     break
                 if key.data == "tap":
-                    link.send(frame)  # to the node: no delay
+                    send(link.send, frame)  # to the node: no delay
                 elif len(held) < limit:
                     held.append((time.monotonic() + delay_s, frame))
 
