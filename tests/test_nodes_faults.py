@@ -208,16 +208,15 @@ def test_a_learner_node_lost_stops_the_run_naming_its_checkpoint_and_resume_on_a
     assert placed == {nodes.iso.boxes["learner-2"].ip}, placed
 
 
-def wait_for_bytes(nodes: LocalNodes, name: str, into: bool, least: int, timeout: float) -> None:
-    """Until over `least` bytes crossed the node's link (into it, or out of it) within half a second."""
+def wait_for_arriving(nodes: LocalNodes, name: str, least: int, timeout: float) -> None:
+    """Until over `least` bytes reached the node over its link within half a second."""
     deadline, seen = time.time() + timeout, []
     while True:
-        now, (received, sent) = time.time(), nodes.iso.link_bytes(name)
-        count = received if into else sent
-        seen = [(t, b) for t, b in seen if now - t <= 0.5] + [(now, count)]
-        if count - seen[0][1] > least:
+        now, (received, _) = time.time(), nodes.iso.link_bytes(name)
+        seen = [(t, b) for t, b in seen if now - t <= 0.5] + [(now, received)]
+        if received - seen[0][1] > least:
             return
-        assert now < deadline, f"no {least} B {'into' if into else 'out of'} {name} within {timeout:.0f}s"
+        assert now < deadline, f"no {least} B into {name} within {timeout:.0f}s"
         time.sleep(0.05)
 
 
@@ -243,7 +242,7 @@ def test_a_rollout_node_cut_off_mid_push_loses_its_engine_and_a_replacement_join
     nodes.shape("rollout-b", rate_mbit=1)
     # A weight push arriving: a push of the tiny model is ~0.4 MB, ~3 s at 1 Mb/s; generation sends
     # a node a few KB a step. 40 KB in 0.5 s is two thirds of the link's rate.
-    wait_for_bytes(nodes, "rollout-b", into=True, least=40_000, timeout=120)
+    wait_for_arriving(nodes, "rollout-b", least=40_000, timeout=120)
     nodes.cut("rollout-b")
     nodes.worker("rollout-c", 2, {"rollout": 1}, cores=[0])  # a node with room arrives
     assert finish(nodes, job, timeout=900) == "SUCCEEDED", logs(nodes, job)[-5000:]
