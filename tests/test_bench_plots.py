@@ -3,7 +3,6 @@ its "source" says where each section was measured), and a plot that raises repor
 the others are still written, by draw_plots, plot_all and run_all alike. Matplotlib Agg, seconds."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
