@@ -179,6 +179,9 @@ def hardware() -> dict:
 
 
 def machine() -> dict:
+    """What ran the benchmarks: Python, platform, package versions and the CPU (`cpu`: its model
+    name; `vendor`, `family`, `model`, the `flags` of note to these benchmarks, and `uarch`, the
+    microarchitecture they imply: see _uarch). machine_slug(machine()) names the published files."""
     import importlib.metadata as md
 
     versions = {}
@@ -188,17 +191,81 @@ def machine() -> dict:
         except md.PackageNotFoundError:
             continue
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "cpu": _cpu_name(), "packages": versions}
+            **_cpu(), "packages": versions}
 
 
-def _cpu_name() -> str:
+FLAGS_OF_NOTE = ("avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU flags that change which kernels the benchmarks' matmuls run (AVX-512, bf16 dot products, AMX)."""
+
+
+def _cpu(cpuinfo: str | None = None) -> dict:
+    """The first processor of /proc/cpuinfo (or of `cpuinfo`): model name, vendor, family and model
+    numbers, the flags of note present, and the uarch they imply."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor()
+        text = ""
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(fields.get("vendor_id", ""),
+                                                                 fields.get("vendor_id", "").lower() or "unknown")
+    flags = [f for f in FLAGS_OF_NOTE if f in fields.get("flags", "").split()]
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        family = model = None
+    return {"cpu": fields.get("model name") or platform.processor(), "vendor": vendor, "family": family,
+            "model": model, "flags": flags, "uarch": _uarch(vendor, family, model, flags)}
+
+
+def _uarch(vendor: str, family: int | None, model: int | None, flags: list[str]) -> str:
+    """The microarchitecture as far as the numbers say: AMD family 0x19 (25) models 0x10-0x1f,
+    0x60-0x7f, 0xa0-0xaf are Zen 4, family 0x1a (26) Zen 5; Intel with AMX "amx"; otherwise
+    f<family>m<model> ("unknown" without them).
+
+    >>> _uarch("amd", 25, 17, ["avx512f"]), _uarch("amd", 26, 2, []), _uarch("intel", 6, 143, ["amx_bf16"])
+    ('zen4', 'zen5', 'amx')
+    >>> _uarch("amd", 25, 1, [])
+    'f25m1'
+    """
+    if vendor == "amd" and family == 0x19 and model is not None and (
+            0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF):
+        return "zen4"
+    if vendor == "amd" and family == 0x1A:
+        return "zen5"
+    if vendor == "intel" and "amx_bf16" in flags:
+        return "amx"
+    return "unknown" if family is None else f"f{family}m{model}"
+
+
+def machine_slug(m: dict) -> str:
+    """The name of a machine's published results (docs/benchmarks/<slug>-quick.json): vendor, CPU
+    line, uarch and CPU count, e.g. "amd-epyc-zen4-2cpu", "intel-xeon-amx-2cpu". A machine dict
+    without a uarch (results written before machine() recorded one) leaves it out.
+
+    >>> machine_slug({"cpu": "AMD EPYC", "vendor": "amd", "uarch": "zen4", "cpus": 2})
+    'amd-epyc-zen4-2cpu'
+    >>> machine_slug({"cpu": "Intel(R) Xeon(R) Processor", "vendor": "intel", "uarch": "amx", "cpus": 2})
+    'intel-xeon-amx-2cpu'
+    >>> machine_slug({"cpu": "AMD EPYC 9654 96-Core Processor", "cpus": 192})
+    'amd-epyc-192cpu'
+    """
+    import re
+
+    name = re.sub(r"\((r|tm)\)", "", m.get("cpu", "").lower())
+    words = [w for w in re.split(r"[^a-z0-9]+", name) if w]
+    vendor = m.get("vendor") or (words[0] if words else "unknown")
+    # the vendor and the product line: the first word of the name after the vendor ("epyc", "xeon", "ryzen")
+    line = next((w for w in words if w not in (vendor, "amd", "intel", "genuine", "authentic") and not w[0].isdigit()),
+                None)
+    parts = [vendor, line, m.get("uarch"), f"{m.get('cpus')}cpu"]
+    return "-".join(p for p in parts if p)
 
 
 def timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
