@@ -16,8 +16,9 @@ The plots (default: the folder draw_plots writes beside the result, RESULT witho
 docs/benchmarks/<the same name>/, replacing what was there. The newest result replaces the
 published one (git keeps the history); an older one than the published is refused. Refused too,
 naming why: a result with benchmarks that failed (`failed`), one that check_result rejects, one
-whose machine has no uarch (written before machine() recorded it), and one without plots unless
---no-plots.
+whose machine has no uarch (written before machine() recorded it: --cpu-from-this-machine adds this
+machine's CPU fields to a result written here, same CPU name, count and platform), and one without
+plots unless --no-plots.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, check_result, machine_slug  # noqa: E402
+from benchmarks.common import REPO, _cpu, check_result, machine, machine_slug  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks"
 RUN_ALL = ("rollout", "reward", "learner", "packing", "weight_sync", "end_to_end", "overlap", "scaling")
@@ -67,10 +68,29 @@ def published_name(result: dict, partial: bool = False) -> str:
     return f"{machine_slug(result['machine'])}-{'+'.join(sections)}-{kind}"
 
 
+def cpu_from_this_machine(result: dict, here: dict | None = None) -> dict:
+    """result with this machine's CPU fields (vendor, family, model, flags, uarch) added to a machine
+    that lacks them, when it is this machine as far as the result says (CPU name, count, platform)."""
+    m, here = result["machine"], here or machine()
+    if m.get("uarch"):
+        return result
+    differ = [k for k in ("cpu", "cpus", "platform") if m.get(k) != here.get(k)]
+    if differ:
+        raise Refused("--cpu-from-this-machine: the result was not written on this machine ("
+                      + ", ".join(f"{k} {m.get(k)!r} here {here.get(k)!r}" for k in differ) + ")")
+    cpu = {k: v for k, v in here.items() if k in _cpu("")}
+    added = {k: v for k, v in cpu.items() if k not in m}
+    return {**result, "machine": {**m, **added, "cpu_added": (
+        f"{', '.join(added)} added by benchmarks/publish.py --cpu-from-this-machine: the result names this "
+        f"machine's CPU, CPU count and platform")}}
+
+
 def publish(result_path: Path, plots: Path | None = None, partial: bool = False, no_plots: bool = False,
-            docs: Path = DOCS) -> Path:
+            docs: Path = DOCS, cpu_here: bool = False) -> Path:
     """Copy result_path (and its plots) into docs; returns the published JSON's path."""
     result = json.loads(Path(result_path).read_text())
+    if cpu_here:
+        result = cpu_from_this_machine(result)
     if result.get("failed"):
         raise Refused("benchmarks failed in this run: " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()))
     try:
@@ -90,7 +110,10 @@ def publish(result_path: Path, plots: Path | None = None, partial: bool = False,
         raise Refused(f"no plots in {plots} (draw them with `python benchmarks/plots.py {result_path}`, name "
                       f"their folder with --plots, or publish without them: --no-plots)")
     docs.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result_path, out)
+    if cpu_here:
+        out.write_text(json.dumps(result, indent=1))
+    else:
+        shutil.copyfile(result_path, out)
     plot_dir = docs / name
     if plot_dir.exists():
         shutil.rmtree(plot_dir)  # the newest run's plots only: an old plot beside a new result would mislead
@@ -117,9 +140,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--partial", action="store_true",
                         help="a run of some of run_all's benchmarks stands in for the machine's quick/full run")
     parser.add_argument("--no-plots", action="store_true", help="publish a result that has no plots")
+    parser.add_argument("--cpu-from-this-machine", action="store_true",
+                        help="a result written here before machine() recorded the CPU's family and model: add them")
     args = parser.parse_args(argv)
     try:
-        out = publish(args.result, args.plots, args.partial, args.no_plots)
+        out = publish(args.result, args.plots, args.partial, args.no_plots, cpu_here=args.cpu_from_this_machine)
     except Refused as e:
         sys.exit(f"not published: {args.result}: {e}")
     rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out

@@ -24,7 +24,6 @@ import argparse
 import difflib
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -178,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         if new != text:
             args.readme.write_text(new)
-        print(f"{args.readme}: {len(blocks(text))} bench-table blocks, " + ("rewritten" if new != text else "up to date"))
+        state = "rewritten" if new != text else "up to date"
+        print(f"{args.readme}: {len(blocks(text))} bench-table blocks, {state}")
         return 0
     if new == text:
         return 0

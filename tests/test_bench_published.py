@@ -145,6 +145,20 @@ def test_publish_names_copies_and_refuses(tmp_path):
         publish.publish(no_plots, partial=True, docs=docs)
 
 
+def test_publish_adds_the_cpu_only_to_a_result_of_this_machine(tmp_path):
+    old = _result(tmp_path)
+    result = json.loads(old.read_text())
+    here = {"cpu": "AMD EPYC", "cpus": 2, "platform": "Linux-x", "vendor": "amd", "family": 25, "model": 17,
+            "flags": ["avx512f"], "uarch": "zen4", "python": "3.11.7"}
+    result["machine"] = {"cpu": "AMD EPYC", "cpus": 2, "platform": "Linux-x", "packages": {}}
+    with pytest.raises(publish.Refused, match="no uarch"):
+        publish.published_name(result)
+    added = publish.cpu_from_this_machine(result, here)["machine"]
+    assert added["uarch"] == "zen4" and added["family"] == 25 and "python" not in added and "cpu_added" in added
+    with pytest.raises(publish.Refused, match="not written on this machine .*platform 'Linux-y'"):
+        publish.cpu_from_this_machine({**result, "machine": {**result["machine"], "platform": "Linux-y"}}, here)
+
+
 def test_a_stale_readme_is_caught_and_rewritten(tmp_path, capsys):
     docs = tmp_path / "docs" / "benchmarks"
     docs.mkdir(parents=True)
