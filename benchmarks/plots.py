@@ -261,10 +261,44 @@ def _targets(ax, benches: dict) -> bool:
     return True
 
 
+def _limits(ax, bench: dict) -> None:
+    """Where each stage's time goes, one bar per stage and precision: the measured time is the
+    whole bar (1.0), split into its parts; the black tick is the stage's limit on this machine,
+    as a share of the measured time (the further left, the further the stage is from it)."""
+    import matplotlib.pyplot as plt
+
+    rows = bench["rows"]
+    parts = list(dict.fromkeys(k for r in rows for k in r["parts"]))
+    colors = dict(zip(parts, plt.get_cmap("tab20").colors))
+    for i, r in enumerate(rows):
+        left = 0.0
+        total = sum(r["parts"].values())
+        for part, seconds in r["parts"].items():
+            width = seconds / total
+            ax.barh(i, width, left=left, color=colors[part], label=part if i == [
+                j for j, q in enumerate(rows) if part in q["parts"]][0] else None)
+            left += width
+        share = r["limit_s"] / r["measured_s"]
+        ax.plot([share] * 2, [i - 0.45, i + 0.45], "k-", lw=2)
+        ax.annotate(f"{_seconds(r['measured_s'])}, limit {_seconds(r['limit_s'])} ({100 * share:.0f}%)",
+                    (1.01, i), va="center", fontsize=7, annotation_clip=False)
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    ax.set_yticks(range(len(rows)), [f"{r['stage']} {short.get(r['dtype'], r['dtype'])}" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set(xlabel="share of the stage's measured time (black: its limit on this machine)",
+           title="where the step goes, and each stage's distance to its limit")
+    ax.legend(fontsize=6, loc="lower left", bbox_to_anchor=(0, -0.5), ncol=4, frameon=False)
+
+
+def _seconds(s: float) -> str:
+    return f"{1e3 * s:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
 PLOTS = {"rollout": _rollout, "reward": _reward, "learner": _learner, "weight_sync": _weight_sync,
          "weight_sync_link": _weight_sync_link,
          "end_to_end": _end_to_end, "peer": _peer, "scaling": _scaling, "scaling_split": _scaling_split,
-         "scaling_link": _scaling_link}
+         "scaling_link": _scaling_link, "limits": _limits}
 
 if __name__ == "__main__":
     print("\n".join(str(p) for p in plot_all(Path(sys.argv[1]))))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import REPO, _cpu, check_result, machine, machine_slug  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks"
-RUN_ALL = ("rollout", "reward", "learner", "packing", "weight_sync", "end_to_end", "overlap", "scaling")
+RUN_ALL = ("rollout", "reward", "learner", "packing", "weight_sync", "end_to_end", "overlap", "scaling", "limits")
 """What `benchmarks/run_all.py` runs by default (its BENCHMARKS, checked by tests/test_bench_published.py):
 named here so that publishing does not import every benchmark."""
 

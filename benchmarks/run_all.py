@@ -27,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import end_to_end, learner, overlap, packing, reward, rollout, scaling, weight_sync  # noqa: E402
+from benchmarks import end_to_end, learner, limits, overlap, packing, reward, rollout, scaling, weight_sync  # noqa: E402
 from benchmarks.common import REPO, Section, timed_sections, write_result  # noqa: E402
 from benchmarks.plots import draw_plots  # noqa: E402
 
 BENCHMARKS = {"rollout": rollout.run, "reward": reward.run, "learner": learner.run, "packing": packing.run,
               "weight_sync": weight_sync.run, "end_to_end": end_to_end.run, "overlap": overlap.run,
-              "scaling": scaling.run}
+              "scaling": scaling.run, "limits": limits.run}
 LINK_RATES = [10000.0, 1000.0]  # Mb/s: 10 and 1 Gb/s
 OPTIONAL = {"weight_sync_link": functools.partial(weight_sync.run_link, link=LINK_RATES),
             "scaling_link": functools.partial(scaling.run_link, link=LINK_RATES)}

@@ -52,8 +52,11 @@ SIZES = {"1M": (128, 6, 4), "10M": (384, 8, 6), "100M": (1024, 10, 16), "450M": 
 TARGET = 0.8
 
 
-def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str, ...] = ("learner.num_ranks=1",)
-            ) -> dict:
+def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str, ...] = ("learner.num_ranks=1",),
+            between=None) -> dict:
+    """Pushes of `model_path`'s weights: wire only, whole (with the engines' reload) and a raw
+    broadcast of the same bytes, interleaved; `between(nbytes)`, if given, is called after each
+    repeat's three and its seconds kept beside them (benchmarks/limits.py: a memcpy of the bytes)."""
     import ray
 
     from rlsys.cluster.groups import init_ray, launch, resolve_backend
@@ -68,7 +71,7 @@ def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str,
         sync = groups.sync
         nbytes = sum(m.numel * (4 if m.dtype == "float32" else 2) for b in sync.plan for m in b)
         sync.push(1), sync.push_raw(), sync.push_wire()  # warm-up: first touch of buffers and of the reload path
-        ours, raw, load, wire = [], [], [], []
+        ours, raw, load, wire, other = [], [], [], [], []
         for i in range(repeats):
             start = time.perf_counter()
             sync.push_wire()
@@ -82,9 +85,11 @@ def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str,
             start = time.perf_counter()
             sync.push_raw()
             raw.append(time.perf_counter() - start)
+            if between is not None:
+                other.append(between(nbytes))
         return {"bytes": nbytes, "buckets": len(sync.plan), "rlsys_s": statistics.median(ours),
                 "raw_s": statistics.median(raw), "wire_s": statistics.median(wire),
-                "repeats_s": {"rlsys": ours, "raw": raw, "wire": wire},  # repeat i of each ran back to back
+                "repeats_s": {"rlsys": ours, "raw": raw, "wire": wire, **({"between": other} if other else {})},  # repeat i of each ran back to back
                 "engine_load_s": statistics.median(load), "backend": resolve_backend(cfg.cluster.backend, ray.cluster_resources()),
                 "generators": len(groups.generators.actors)}
     finally:

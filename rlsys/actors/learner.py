@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -335,6 +336,16 @@ class Learner:
         picked = model(input_ids=ids, attention_mask=mask, logprobs_of=ids[:, start + 1:], scored_from=start,
                        temperature=self.temperature, chunk=self.cfg.logprob_chunk)     # (B, L - 1 - start)
         return torch.nn.functional.pad(picked, (start + 1, 0))                        # (B, L)
+
+    def train_profiled(self, work: TrainBatch | Shard) -> tuple[dict[str, float], dict[str, float], float]:
+        """`train` under torch.profiler (CPU ops): its metrics, each op's self seconds summed over the
+        update (op name -> seconds), and the update's wall seconds. For benchmarks/limits.py's "where
+        the update goes"; the profiler slows the update, so read the shares, not the seconds."""
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            metrics = self.train(work)
+            wall = time.perf_counter() - start
+        return metrics, {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}, wall
 
     def model_shape(self) -> Shape:
         """The model's dimensions, for FLOP counts (the layouts' costs, MFU)."""

@@ -73,6 +73,11 @@ class LearnerGroup:
         """One GRPO update on a rollout batch."""
         return self._update(batch, "train")
 
+    def train_profiled(self, batch: TrainBatch) -> tuple[dict[str, float], dict[str, float], float]:
+        """One GRPO update under torch.profiler (rlsys.actors.learner.Learner.train_profiled): rank
+        0's metrics, op self seconds and wall seconds."""
+        return self._update(batch, "train_profiled")
+
     def train_sft(self, batch: TrainBatch) -> dict[str, float]:
         """One supervised step on one mini-batch of examples (rlsys.math.sft)."""
         return self._update(batch, "train_sft")

@@ -221,9 +221,92 @@ def best_of(*rooflines: dict) -> dict:
     return out
 
 
+def linear_shapes(shape) -> list[tuple[int, int, int]]:
+    """(K, N, count) of every weight matrix a forward multiplies activations by (rlsys.math.flops.Shape):
+    per layer q, k, v, o and the MLP's, then the output layer once.
+
+    >>> from rlsys.math.flops import Shape
+    >>> linear_shapes(Shape(8, 2, 2, 1, 4, 16, 10))
+    [(8, 8, 2), (8, 4, 4), (8, 8, 2), (8, 16, 4), (16, 8, 2), (8, 10, 1)]
+    """
+    h, q, kv, i, L = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, \
+        shape.intermediate, shape.layers
+    mlp_in = 2 if shape.gated_mlp else 1
+    return [(h, q, L), (h, kv, 2 * L), (q, h, L), (h, i, mlp_in * L), (i, h, L), (h, shape.vocab, 1)]
+
+
+def model_matmul_rate(shape, tokens: int, dtype: str, backward: bool, head_tokens: int | None = None,
+                      seconds: float = 0.2, repeats: int = 3) -> dict:
+    """FLOP/s of this model's own matrix products on every usable core: each distinct weight shape
+    (linear_shapes) multiplied by `tokens` rows of activations, with `backward` also the two
+    products of its backward pass (dX = dY W, dW = dY^T X); the output layer at `head_tokens` rows
+    (the learner scores its tokens in chunks; None: `tokens`). Each shape's best time of `repeats`
+    (each at least `seconds` of calls), weighted by how often the model has it: the matmul roofline
+    at the model's shapes, the denominator of the learner's MFU. Small models multiply thin
+    matrices (K, N in the hundreds), further from a square product's rate. Measured per shape, not
+    per layer: at thousands of rows a product is compute-bound, so one copy of a weight is enough."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(usable_cpus()))
+    flops = took = 0.0
+    try:
+        for k, n, count in linear_shapes(shape):
+            m = head_tokens if n == shape.vocab and head_tokens is not None else tokens
+            x, w, dy = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt), torch.randn(m, n, dtype=dt)
+
+            def once() -> None:
+                torch.matmul(x, w)
+                if backward:
+                    torch.matmul(dy, w.T)   # dX: (m, n) x (n, k)
+                    torch.matmul(x.T, dy)   # dW: (k, m) x (m, n)
+
+            once()  # first call: packing, kernel choice
+            best = float("inf")
+            for _ in range(repeats):
+                start, runs = time.perf_counter(), 0
+                while time.perf_counter() - start < seconds:
+                    once()
+                    runs += 1
+                best = min(best, (time.perf_counter() - start) / runs)
+            flops += count * 2 * m * k * n * (3 if backward else 1)
+            took += count * best
+    finally:
+        torch.set_num_threads(threads)
+    return {"flops_per_s": flops / took, "flops": flops, "seconds": took, "tokens": tokens, "dtype": dtype,
+            "backward": backward, "head_tokens": head_tokens}
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> dict:
+    """Main-memory bandwidth on every usable core, bytes/s, over a buffer far larger than any cache:
+    `read` a sum over it (each byte read once), `copy` a copy into a second buffer (read + write:
+    2 x nbytes moved). The best of `repeats` each."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(usable_cpus()))
+    try:
+        src = torch.ones(nbytes // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        dst.copy_(src), src.sum()  # first touch of both buffers
+        read = copy = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            src.sum()
+            read = min(read, time.perf_counter() - t)
+            t = time.perf_counter()
+            dst.copy_(src)
+            copy = min(copy, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return {"read": nbytes / read, "copy": 2 * nbytes / copy, "bytes": nbytes}
+
+
 def describe(peak: dict) -> str:
     return ", ".join(f"{k} {peak[k] / 1e12:.3g} TFLOP/s" for k in ("float32", "bfloat16") if k in peak)
 
 
 __all__ = ["CpuInfo", "IsaRate", "isa_rate", "estimate", "cpu_estimate", "matmul_roofline", "physical_cores",
-           "clock_ghz", "usable_cpus", "describe", "best_of"]
+           "clock_ghz", "usable_cpus", "describe", "best_of",
+           "linear_shapes", "model_matmul_rate", "memory_bandwidth"]
