@@ -11,7 +11,9 @@ one learner rank with every core). Per precision:
   products (every weight shape at the micro-batch's rows, forward and both backward products;
   rlsys.observe.hardware.model_matmul_rate). Model FLOPs are what the update executes (the
   prompt-shared or rows layout the learner picks, rlsys.math.packing), 3 x forward. Target: MFU
-  >= 50%. The square-matmul roofline is shown beside it.
+  >= 50%. The square-matmul roofline is shown beside it. Then the before/after of attention by
+  blocks, the change that closed part of the learner's distance: forward + backward of one shared
+  micro-batch, attention by blocks and with the block mask applied densely, in turn.
 - decode: seconds per decode step of the rlsys Generator (vLLM) at batch 32, the slope between a
   16-token and a 64-token call (prefill and per-call costs cancel). Its limit is the larger of two
   bounds: streaming every weight once per step (weight bytes / the read bandwidth measured in the
@@ -174,6 +176,7 @@ def prompts(count: int) -> tuple[str, list[str]]:
 # ---------------------------------------------------------------- learner
 
 def learner_stage(path: str, dtype: str, repeats: int) -> dict:
+    """The update against the model-shape roofline, interleaved (update, roofline, ...)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from benchmarks.learner import synthetic_batch
@@ -183,10 +186,9 @@ def learner_stage(path: str, dtype: str, repeats: int) -> dict:
 
     P, G, Lp, Lr = STEP["prompts"], STEP["group"], STEP["prompt_len"], STEP["response_len"]
     cores = len(usable_cpus())
-    cfg = rlsys_config([f"model.path={path}", f"model.dtype={dtype}",
-                        f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}", "learner.num_ranks=1",
-                        f"learner.num_cpus={cores}", f"data.prompts_per_step={P}", f"algo.group_size={G}",
-                        "algo.beta=0", f"learner.mini_batch_size={P * G}"], "rlsys/default.yaml")
+    cfg = rlsys_config([f"model.path={path}", f"model.dtype={dtype}", f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}",
+                 "learner.num_ranks=1", f"learner.num_cpus={cores}", f"data.prompts_per_step={P}",
+                 f"algo.group_size={G}", "algo.beta=0", f"learner.mini_batch_size={P * G}"], "rlsys/default.yaml")
     shape = Shape.of(AutoConfig.from_pretrained(path))
     work = update_flops(shape, STEP, cfg.learner.max_tokens_per_micro_batch, cfg.trainer.seed)
     batch = synthetic_batch(P, G, Lp, Lr, len(AutoTokenizer.from_pretrained(path)), cfg.algo)
@@ -217,6 +219,42 @@ def learner_stage(path: str, dtype: str, repeats: int) -> dict:
             "achieved_flops_per_s": achieved, "roofline_flops_per_s": roof, "square_roofline_flops_per_s": square,
             "parts": scaled(parts_of(ops, wall), median), "profiled_wall_s": wall, **work,
             "tokens": P * G * (Lp + Lr)}
+
+
+def attention_worker(path: str, dtype: str, repeats: int) -> dict:
+    """Before/after of attention by blocks (rlsys.math.prefix.prefix_attention), the change that
+    closed part of the learner's distance: forward + backward of the learner's model over one
+    micro-batch of the step in the shared layout (two groups: the 2048-token budget's), the
+    attention by blocks and with the block mask applied densely (rlsys before 2026-12-05), taken
+    in turn in one process with every core. Seconds each, and the attention ops' share."""
+    import torch
+
+    from benchmarks.learner import synthetic_batch
+    from rlsys.actors.learner import load_without_dropout, scored_from, with_logprob_forward
+    from rlsys.config import AlgoConfig
+    from rlsys.math.prefix import share_prompts
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = with_logprob_forward(load_without_dropout(path, getattr(torch, dtype)))
+    P, G, Lp, Lr = 2, STEP["group"], STEP["prompt_len"], STEP["response_len"]
+    batch = synthetic_batch(P, G, Lp, Lr, model.config.vocab_size, AlgoConfig(group_size=G))
+    lay = share_prompts(batch.input_ids, batch.attention_mask.sum(dim=1), batch.prompt_lens, scored_from(batch.loss_mask))
+    assert lay.blocks is not None
+
+    def step(blocks: bool) -> float:
+        start = time.perf_counter()
+        logp = model(input_ids=lay.input_ids, position_ids=lay.position_ids, attention_mask=lay.attention_mask,
+                     logprobs_of=lay.targets, source=lay.source, temperature=1.0, chunk=128,
+                     prefix_blocks=lay.blocks if blocks else None)
+        logp.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step(True), step(False)  # warm-up
+    after, before = interleaved(lambda: step(True), lambda: step(False), repeats)
+    return {"blocks_s": after, "dense_s": before, "sequences": lay.input_ids.shape[0],
+            "positions": lay.input_ids.shape[1], "pairs": {"blocks": lay.blocks.pairs,
+                                                           "dense": lay.input_ids.shape[0] * lay.input_ids.shape[1] ** 2}}
 
 
 # ---------------------------------------------------------------- decode (fresh process per dtype)
@@ -336,6 +374,15 @@ def run(quick: bool) -> Section:
             note=f"ratio = MFU; {r['layout']} layout, {r['flops'] / 1e12:.2f} TFLOP an update; square-matmul "
                  f"roofline {r['square_roofline_flops_per_s'] / 1e12:.3g} TFLOP/s: MFU against it "
                  f"{100 * statistics.median(r['achieved_flops_per_s']) / r['square_roofline_flops_per_s']:.0f}%"))
+        a = in_fresh_process(attention_worker, path, dtype, repeats + 1)
+        r["block_vs_dense"] = a
+        section.figures.append(Figure.repeated(
+            f"limits learner SmolLM2 {short} fwd+bwd of a shared micro-batch, attention by blocks", a["blocks_s"],
+            "s", "the same with the block mask applied densely (rlsys before 2026-12-05)", a["dense_s"],
+            lower_is_better=True,
+            note=f"before/after of the change that closed part of the learner's distance to its limit; "
+                 f"{a['sequences']} sequences of {a['positions']} positions, {a['pairs']['blocks']:,} attended pairs "
+                 f"against {a['pairs']['dense']:,}"))
         d = in_fresh_process(decode_worker, path, dtype, texts, STEP["group"], repeats)
         section.rows.append(d)
         print(f"[limits] decode {short}: {1e3 * d['measured_s']:.0f} ms a step at batch {d['batch']} against a "

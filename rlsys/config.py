@@ -215,10 +215,10 @@ class LearnerConfig:
     """Rows that share a prompt go through the learner as one sequence: the prompt once, then every
     answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for
     far fewer tokens when prompts are long (R1-Zero templates). Mini-batches then hold whole
-    groups, and token budgets count a group's prompt once. The mask is applied densely, so with long
-    answers on a small model (attention-bound) the shared layout costs more: a batch is laid out
-    shared only when its plan takes fewer forward FLOPs than the rows plan (rlsys.math.packing.shard;
-    logged as shared_prompt_frac: 1 when the batch was laid out shared, else 0)."""
+    groups, and token budgets count a group's prompt once. The attention goes block by block
+    (rlsys.math.prefix.prefix_attention; a model without SDPA applies the mask densely). A batch is
+    laid out shared only when its plan takes fewer forward FLOPs than the rows plan
+    (rlsys.math.packing.shard; logged as shared_prompt_frac: 1 when the batch was laid out shared, else 0)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

@@ -53,7 +53,7 @@ def test_ops_go_to_their_parts_and_the_rest_is_outside_ops():
 def test_update_flops_picks_the_layout_the_learner_picks():
     """The FLOPs divided by are those of the plan rlsys.math.packing.cut keeps, whatever it is."""
     algo, cfg = AlgoConfig(group_size=4), LearnerConfig(mini_batch_size=8, max_tokens_per_micro_batch=256)
-    for prompt_len, response_len in ((100, 8), (4, 60)):  # long prompts: shared; long answers: rows
+    for prompt_len, response_len in ((100, 8), (4, 60)):
         step = {"prompts": 2, "group": 4, "prompt_len": prompt_len, "response_len": response_len}
         batch = synthetic_batch(2, 4, prompt_len, response_len, 50, algo)
         shard = cut(batch, 0, 1, cfg, algo, seed=0, step=0, shape=SMOLLM2)
@@ -64,8 +64,6 @@ def test_update_flops_picks_the_layout_the_learner_picks():
         if got["layout"] == "shared":
             assert got["body"] < flat_body  # the prompt once per group instead of once per row
         assert got["flops"] == 3 * (got["body"] + 2 * SMOLLM2.hidden * SMOLLM2.vocab * 8 * response_len)
-    assert [update_flops(SMOLLM2, {"prompts": 2, "group": 4, "prompt_len": p, "response_len": r}, 256)["layout"]
-            for p, r in ((100, 8), (4, 60))] == ["shared", "rows"]
 
 
 def test_decode_bounds_by_hand():

@@ -93,12 +93,13 @@ def test_shared_prompts_give_the_same_update(beta):
     assert [o[0]["shared_prompt_frac"] for o in out] == [0.0, 1.0]
 
 
-def test_long_answers_on_a_small_model_are_laid_out_as_rows():
-    # Answers of 60 tokens to a 2-token prompt on the 2-layer, 64-wide test model: a shared
-    # sequence of 242 positions pays attention over 242^2 pairs (its mask is dense), rows 62^2 each;
-    # the FLOP count keeps the rows plan, and the update is the rows layout's.
-    batch = toy_batch([60] * 8, ADV, prompt_len=2, group=4)
-    planned, rows = (make_learner(1, max_tokens_per_micro_batch=256, share_prompts=share) for share in (True, False))
+def test_uneven_answers_on_a_small_model_are_laid_out_as_rows():
+    # One answer of 200 tokens and three of 60 to a 2-token prompt, per group, on the 2-layer,
+    # 64-wide test model, budget 512: a shared group pads its answers to 200 (in blocks, or pays
+    # its whole dense mask), where rows put the two 202s together and the 62s together: the shared
+    # plan costs 1.56x, the FLOP count keeps the rows plan, and the update is the rows layout's.
+    batch = toy_batch([200, 60, 60, 60] * 2, ADV, prompt_len=2, group=4)
+    planned, rows = (make_learner(1, max_tokens_per_micro_batch=512, share_prompts=share) for share in (True, False))
     assert not planned.shard(batch).shared
     a, b = planned.train(batch), rows.train(batch)
     assert a["shared_prompt_frac"] == 0.0

@@ -75,18 +75,21 @@ def test_each_rank_gets_only_its_rows_and_the_whole_minibatch_normaliser(max_tok
 
 
 def test_shared_prompts_are_kept_only_where_their_plan_costs_fewer_flops():
-    # 2 groups of 4 rows, 100-token prompts. Short answers (8 tokens) on a SmolLM2-shaped model:
-    # the shared plan computes each prompt once and wins. Long answers (1000 tokens) to 10-token
-    # prompts on a 1-layer, 64-wide model: one shared sequence of 4010 positions pays attention
-    # over 4010^2 pairs against 4 x 1010^2 for rows, and the rows plan is kept.
+    # 2 groups of 4 rows. 100-token prompts, 8-token answers, SmolLM2-shaped model: the shared plan
+    # computes each prompt once and wins. 10-token prompts to one 1000-token answer and three of 300
+    # on a 1-layer, 64-wide model, budget 2048: a group (1910 positions) fills a micro-batch alone
+    # and its blocks pad every answer to 1000 (or its mask is dense, 1910^2 pairs), while rows,
+    # sorted by length over both groups, pair the two 1010s and put the six 310s together:
+    # the shared plan costs 2.5x and the rows plan is kept.
     from rlsys.math.flops import Shape
 
     smollm2, small = Shape(576, 30, 9, 3, 64, 1536, 49152), Shape(64, 1, 4, 4, 16, 16, 1000)
-    for shape, prompt, answer, shared in ((smollm2, 100, 8, True), (small, 10, 1000, False)):
-        batch = batch_of([prompt + answer] * 8, prompt)
+    for shape, prompt, answers, budget, shared in ((smollm2, 100, [8] * 4, 8192, True),
+                                                   (small, 10, [1000, 300, 300, 300], 2048, False)):
+        batch = batch_of([prompt + a for a in answers * 2], prompt)
         batch.prompt_lens = torch.full((8,), prompt)
         batch.input_ids[:, :prompt] = (torch.arange(8) // 4).unsqueeze(1)  # one prompt a group
-        work = shard(batch, 0, 1, 8, 8, 8192, seed=0, step=0, aggregation="token", group_size=4, shape=shape)
+        work = shard(batch, 0, 1, 8, 8, budget, seed=0, step=0, aggregation="token", group_size=4, shape=shape)
         assert work.shared == shared
         assert sorted(work.batch.advantages.tolist()) == list(range(8))  # every row once either way
         assert shard(batch, 0, 1, 8, 8, 8192, 0, 0, "token", group_size=4).shared  # no shape: as asked

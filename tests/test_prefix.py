@@ -51,6 +51,8 @@ def one_by_one(model, ids, lengths, start):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_layout_scores_every_row_as_it_scores_alone(attn):
+    """sdpa: the learner's attention (with_logprob_forward makes it rlsys_prefix: attention by blocks
+    when prefix_blocks are passed); eager: the block mask applied densely."""
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 97) for _ in range(n)] for n in (9, 4, 6)]
     answers = [[[rng.randrange(1, 97) for _ in range(n)] for n in lens] for lens in ([5, 1, 8, 3], [7, 2], [0, 4])]
@@ -62,8 +64,9 @@ def test_shared_layout_scores_every_row_as_it_scores_alone(attn):
     assert lay.tokens < int(lengths.sum())                   # fewer positions than the rows have tokens
     with torch.no_grad():
         shared = model(input_ids=lay.input_ids, position_ids=lay.position_ids, attention_mask=lay.attention_mask,
-                       logprobs_of=lay.targets, source=lay.source, temperature=1.0, chunk=5)
+                       logprobs_of=lay.targets, source=lay.source, temperature=1.0, chunk=5, prefix_blocks=lay.blocks)
         alone = one_by_one(model, ids, lengths, start)
+    assert model.config._attn_implementation == {"sdpa": "rlsys_prefix", "eager": "eager"}[attn]
     scored = torch.arange(ids.shape[1] - 1 - start)[None, :] < (lengths - 1 - start)[:, None]   # (B, T)
     assert torch.allclose(shared[scored], alone[scored], atol=1e-5)
     assert scored.sum() == int((lengths - 1 - start).sum())
@@ -77,12 +80,13 @@ def test_shared_layout_gives_the_same_gradient():
     weights = torch.randn(ids.shape[0], ids.shape[1] - 1 - 4, generator=torch.Generator().manual_seed(0))
     scored = torch.arange(weights.shape[1])[None, :] < (lengths - 5)[:, None]
     grads = []
-    for share in (False, True):
+    for share in (False, "dense", "blocks"):
         model = tiny_llama("sdpa")
         if share:
             lay = share_prompts(ids, lengths, prompt_lens, start=4)
             logp = model(input_ids=lay.input_ids, position_ids=lay.position_ids, attention_mask=lay.attention_mask,
-                         logprobs_of=lay.targets, source=lay.source, temperature=1.0, chunk=4)
+                         logprobs_of=lay.targets, source=lay.source, temperature=1.0, chunk=4,
+                         prefix_blocks=lay.blocks if share == "blocks" else None)
         else:
             logp = model(input_ids=ids, attention_mask=(torch.arange(ids.shape[1])[None] < lengths[:, None]).long(),
                          logprobs_of=ids[:, 5:], scored_from=4, temperature=1.0, chunk=4)
@@ -90,6 +94,29 @@ def test_shared_layout_gives_the_same_gradient():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(grads[0], grads[2], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_attention_equals_dense_attention_under_the_block_mask(dtype):
+    """Ragged prompts and answers (one empty), grouped-query heads: outputs and gradients at every
+    real position match SDPA with block_mask applied densely."""
+    segment = torch.tensor([[0] * 5 + [1] * 3 + [2] * 1 + [3] * 4 + [-1] * 2,
+                            [0] * 2 + [2] * 6 + [-1] * 7])                          # (2, 15): seq 1 has no answer 1
+    S, Lp, H, Hkv, D = 2, 15, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(S, h, Lp, D, generator=g).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=prefix.block_mask(segment), scale=0.3
+    ).transpose(1, 2)                                                                 # (S, Lp, H, D)
+    blocks = prefix.prefix_attention(q, k, v, prefix.prefix_blocks(segment), scaling=0.3)
+    real = segment >= 0
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(dense[real].float(), blocks[real].float(), atol=tol)
+    w = torch.randn(S, Lp, H, D, generator=g).to(dtype) * real[:, :, None, None]
+    grads = [torch.autograd.grad((out * w).sum(), (q, k, v)) for out in (dense, blocks)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a.float(), b.float(), atol=tol * 5)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -41,7 +41,7 @@ from rlsys.checkpoint import safe_relative, write_chunk
 from rlsys.math.grpo import grpo_loss, truncated_is_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.flops import Shape
-from rlsys.math.prefix import share_prompts
+from rlsys.math.prefix import prefix_attention, share_prompts
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
@@ -77,12 +77,17 @@ def with_logprob_forward(model: torch.nn.Module) -> torch.nn.Module:
     separate call to the output layer after the engine's forward loses its gradient under
     DeepSpeed's bf16 optimizer (measured: grad norm 2.39 instead of 2.89)."""
     own = model.forward
+    if model.config._attn_implementation == "sdpa":  # the same SDPA, plus shared layouts by their blocks
+        model.set_attn_implementation(register_prefix_attention())
 
-    def forward(*args, logprobs_of=None, scored_from=0, temperature=1.0, chunk=0, source=None, **kwargs):
+    def forward(*args, logprobs_of=None, scored_from=0, temperature=1.0, chunk=0, source=None, prefix_blocks=None,
+                **kwargs):
         if logprobs_of is None:
             return own(*args, **kwargs)
+        if prefix_blocks is not None and model.config._attn_implementation == PREFIX_ATTENTION:
+            kwargs["prefix_blocks"] = prefix_blocks  # reaches every layer's attention (the mask is then unused)
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 4 and model.config._attn_implementation != "sdpa":
+        if mask is not None and mask.dim() == 4 and model.config._attn_implementation not in ("sdpa", PREFIX_ATTENTION):
             # A custom 4D mask reaches the attention as it is: SDPA takes booleans, eager adds it to the scores.
             kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(model.dtype).min)
@@ -95,6 +100,30 @@ def with_logprob_forward(model: torch.nn.Module) -> torch.nn.Module:
 
     model.forward = forward
     return model
+
+
+PREFIX_ATTENTION = "rlsys_prefix"
+"""The learner's attention implementation: HF's SDPA, except where a shared layout's blocks are
+passed (prefix_blocks=): then rlsys.math.prefix.prefix_attention, which attends block by block
+instead of applying the block mask densely."""
+
+
+def register_prefix_attention() -> str:
+    """Register PREFIX_ATTENTION with transformers (attention and mask functions); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, prefix_blocks=None, **kwargs):
+        if prefix_blocks is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        assert dropout == 0.0, "prefix attention has no dropout (the learner loads models without it)"
+        return prefix_attention(query, key, value, prefix_blocks, scaling), None
+
+    AttentionInterface.register(PREFIX_ATTENTION, attention)
+    AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+    return PREFIX_ATTENTION
 
 
 def chunked_logprobs(hidden: torch.Tensor, output_layer: torch.nn.Module, targets: torch.Tensor,
@@ -324,7 +353,9 @@ class Learner:
         if shared:
             lay = share_prompts(batch.input_ids, batch.attention_mask.sum(dim=1), batch.prompt_lens, start)
             picked = model(input_ids=lay.input_ids.to(device), position_ids=lay.position_ids.to(device),
-                           attention_mask=lay.attention_mask.to(device), logprobs_of=lay.targets.to(device),
+                           attention_mask=lay.attention_mask.to(device),
+                           prefix_blocks=lay.blocks.to(device) if lay.blocks is not None else None,
+                           logprobs_of=lay.targets.to(device),
                            source=lay.source.to(device), temperature=self.temperature,
                            chunk=self.cfg.logprob_chunk or max(1, lay.targets.shape[1]))  # (B, L - 1 - start)
             return torch.nn.functional.pad(picked, (start + 1, 0))                    # (B, L)

@@ -295,13 +295,15 @@ def send_bounded(items: Iterable[tuple], submit: Callable, wait: Callable, in_fl
     return count
 
 
-def start_learner_group(cfg: Config, model_path: str, updates: int | None = None) -> tuple[LearnerGroup, object]:
+def start_learner_group(cfg: Config, model_path: str, updates: int | None = None,
+                        placement_name: str = "rlsys-learners") -> tuple[LearnerGroup, object]:
     """A learner group alone, set up and ready to train (`rlsys sft`, benchmarks); returns it and
     its placement group. updates: optimizer steps in the run (the LR schedule's length; None: a
-    GRPO run's, from trainer.total_steps)."""
+    GRPO run's, from trainer.total_steps). placement_name: Ray refuses two placement groups of one
+    name, so a second group alive beside the first (a benchmark's reference) needs its own."""
     backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
     lay = layout(learners_alone(cfg), backend == "nccl")
-    pg = place("rlsys-learners", *lay.groups["rlsys-learners"], cfg.cluster)
+    pg = place(placement_name, *lay.groups["rlsys-learners"], cfg.cluster)
     actors = learner_actors(cfg, ModelSource.of(cfg.model, model_path), backend, lay, {"rlsys-learners": pg}, updates)
     ip = ray.get(actors[0].whereami.remote())["ip"]
     port = ray.get(actors[0].free_port.remote())

@@ -58,16 +58,20 @@ def forward_flops(shape: Shape, seq_len: int, logits: int | None = None) -> int:
     return dense + attention
 
 
-def padded_forward_flops(shape: Shape, sequences: int, length: int) -> int:
+def padded_forward_flops(shape: Shape, sequences: int, length: int, pairs: int | None = None) -> int:
     """A forward over `sequences` sequences padded to `length` under an explicit attention mask,
     as the learner runs a micro-batch: attention over every (query, key) pair (SDPA applies a 4-D
-    mask densely), the output layer left out (every layout scores the same tokens).
+    mask densely) or over `pairs` (query, key) pairs where the attention goes block by block
+    (rlsys.math.prefix.prefix_attention), the output layer left out (every layout scores the same tokens).
 
     >>> padded_forward_flops(Shape(8, 1, 1, 1, 8, 16, 10), sequences=2, length=3)  # 2*(64*4+384)*6 + 4*8*18
     8256
+    >>> padded_forward_flops(Shape(8, 1, 1, 1, 8, 16, 10), sequences=2, length=3, pairs=10)  # 2*640*6 + 4*8*10
+    8000
     """
     body = 2 * (shape.matmul_params - shape.hidden * shape.vocab) * sequences * length
-    attention = shape.layers * 4 * shape.heads * shape.head_dim * sequences * length * length
+    attention = shape.layers * 4 * shape.heads * shape.head_dim * (sequences * length * length if pairs is None
+                                                                    else pairs)
     return body + attention
 
 

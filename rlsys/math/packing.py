@@ -82,6 +82,22 @@ def padded_shared(bin_: list[int], lengths: list[int], prompt_lens: list[int], g
     return len(sizes) * max(sizes)
 
 
+def shared_pairs(bin_: list[int], lengths: list[int], prompt_lens: list[int], groups: list[int]) -> int:
+    """(query, key) pairs the attention of these rows computes with prompts shared
+    (rlsys.math.prefix.prefix_attention): each sequence's prompt part over the longest prompt P,
+    then every answer's R positions (R the longest answer) against P prompt keys and R of its own;
+    or, where fewer (very uneven answers), every pair of each sequence padded to the longest.
+
+    >>> shared_pairs([0, 1, 2], lengths=[7, 5, 3], prompt_lens=[3, 3, 2], groups=[0, 0, 1])  # 2*3*3 + 3*4*(3+4)
+    102
+    """
+    answers = [lengths[i] - prompt_lens[i] for i in bin_ if lengths[i] > prompt_lens[i]]
+    P, R = max(prompt_lens[i] for i in bin_), max(answers, default=0)
+    sizes = shared_sizes(bin_, lengths, prompt_lens, groups)
+    blocks, dense = len(sizes) * P * P + len(answers) * R * (P + R), len(sizes) * max(sizes) ** 2
+    return min(blocks, dense)  # share_prompts applies the mask densely where that costs less
+
+
 def micro_batches_by_tokens(rows: list[int], lengths: list[int], world: int, budget: int,
                             prompt_lens: list[int] | None = None, groups: list[int] | None = None
                             ) -> list[list[list[int]]]:
@@ -212,16 +228,20 @@ def plan(lengths: list[int], world: int, mini_batch_size: int, micro_batch_size:
 def plan_flops(shape: Shape, minis: list[tuple[list[int], list[list[list[int]]]]], lengths: list[int],
                prompt_lens: list[int] | None = None, group_size: int = 0) -> int:
     """Forward FLOPs of a plan's micro-batches over every rank: each micro-batch its rows padded to
-    the longest or, prompts shared (group_size > 0), one sequence per group padded to the longest
-    (rlsys.math.flops.padded_forward_flops: attention over every pair of a padded sequence)."""
+    the longest (rlsys.math.flops.padded_forward_flops: attention over every pair of a padded
+    sequence) or, prompts shared (group_size > 0), one sequence per group padded to the longest,
+    its attention by blocks (shared_pairs)."""
     groups = [i // group_size for i in range(len(lengths))] if group_size > 0 else None
     total = 0
     for _, per_rank in minis:
         for micros in per_rank:
             for micro in micros:
-                sizes = (shared_sizes(micro, lengths, prompt_lens, groups) if groups is not None
-                         else [lengths[i] for i in micro])
-                total += padded_forward_flops(shape, len(sizes), max(sizes))
+                if groups is not None:
+                    sizes = shared_sizes(micro, lengths, prompt_lens, groups)
+                    total += padded_forward_flops(shape, len(sizes), max(sizes),
+                                                  shared_pairs(micro, lengths, prompt_lens, groups))
+                else:
+                    total += padded_forward_flops(shape, len(micro), max(lengths[i] for i in micro))
     return total
 
 
@@ -232,9 +252,9 @@ def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_
 
     group_size > 0 asks for shared prompts; given the model's `shape` too (and token budgets), the
     shared plan is kept only when its micro-batches cost fewer forward FLOPs than the rows plan's
-    (plan_flops). Shared sequences are longer than rows and their mask is applied densely: with
-    long answers on a small model their attention costs more than the prompts they save, and the
-    rows plan, sorted by length over the whole mini-batch, pads less than a group's own rows."""
+    (plan_flops). Shared sequences pad every answer to the group's longest, and the rows plan,
+    sorted by length over the whole mini-batch, pads less than a group's own rows: with long,
+    uneven answers and short prompts rows can cost less."""
     lengths = batch.attention_mask.sum(dim=1).tolist()
     prompt_lens = None
     if group_size > 0:
