@@ -3,12 +3,17 @@
 A Ray cluster on this machine (rlsys/cluster/local.py): a head with no CPUs (the driver), a
 rollout node pinned to core 0 (the vLLM engine and the reward workers) and a learner node pinned
 to core 1 (one DeepSpeed rank), so that generation and learning run on cores of their own and
-can really overlap. The same workload then runs twice, one after the other on the same cluster:
-trainer.max_staleness=0 (synchronous: the learner waits for generation and the engine for the
-learner) and trainer.max_staleness=1 (generation of batch k + 1 overlaps the update on batch k).
+can really overlap. The same workload then runs on the same cluster with trainer.max_staleness=0
+(synchronous: the learner waits for generation and the engine for the learner) and
+trainer.max_staleness=1 (generation of batch k + 1 overlaps the update on batch k), in turn:
+synchronous, asynchronous, synchronous, asynchronous, ... (`repeats` pairs: 2 with --quick, 3
+without), so that a slow minute of a shared machine hits both modes alike. Each run's tokens/s is
+one sample; the figure is the median pairwise ratio (pair i: the i-th synchronous run and the
+asynchronous run right after it) with its lowest and highest, and the target counts as met only
+when the lowest meets it (benchmarks/common.py).
 
 Per run, over the steps after the first (warm-up): tokens (prompt + response, every sample) per
-second of wall time (timing/step), the phases, and the reward curve; the curves of both runs go
+second of wall time (timing/step), the phases, and the reward curve; the curves of every run go
 into one plot (<results>/overlap-<stamp>/reward_<workload>.png), per step and per second of
 training. Figures: asynchronous tokens/s
 against synchronous (target 1.4x), and the mean reward of the last steps against synchronous
@@ -40,7 +45,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, Figure, Section, machine, main  # noqa: E402
+from benchmarks.common import REPO, Figure, Section, interleaved, machine, main  # noqa: E402
 from rlsys.cluster.local import BIN, Background, LocalNodes  # noqa: E402
 
 TARGET = 1.4
@@ -51,6 +56,11 @@ WORKLOADS = {"toy": "configs/toy.yaml", "quickstart": "rlsys/default.yaml"}
 def plan(quick: bool) -> dict[str, int]:
     """Steps per run, per workload."""
     return {"toy": 40} if quick else {"toy": 100, "quickstart": 14}
+
+
+def repeats_of(quick: bool) -> int:
+    """(synchronous, asynchronous) pairs per workload."""
+    return 2 if quick else 3
 
 
 def train_run(nodes: LocalNodes, config: str, staleness: int, steps: int, run_dir: Path,
@@ -120,6 +130,7 @@ LAYOUTS = {
 
 def run(quick: bool, layout: str = "pinned") -> list[Section]:
     steps = plan(quick)
+    repeats = repeats_of(quick)
     info = machine()
     if len(os.sched_getaffinity(0)) < 2:
         raise RuntimeError("the overlap benchmark runs on two cores: this process may use fewer than 2")
@@ -128,7 +139,8 @@ def run(quick: bool, layout: str = "pinned") -> list[Section]:
     section = Section(title, {
         "workloads": {k: WORKLOADS[k] for k in steps}, "steps": steps, "measured": "steps after the first",
         "layout": layout, "placement": LAYOUTS[layout], "cpu": info["cpu"],
-        "files": str(folder.relative_to(REPO))})
+        "files": str(folder.relative_to(REPO)), "repeats": repeats,
+        "interleaved": "synchronous, asynchronous, synchronous, asynchronous, ..."})
     import ray
 
     if ray.is_initialized():
@@ -144,35 +156,64 @@ def run(quick: bool, layout: str = "pinned") -> list[Section]:
             nodes.worker("shared", 3, {"rollout": 1, "learner": 1}, cores=[0, 1])
             where = {"rollout_node": "shared", "learner_node": "shared"}
         for name, n in steps.items():
-            got = {}
-            for staleness in (0, 1):
-                print(f"[overlap] {name}: staleness {staleness}, {n} steps ...", flush=True)
-                got[staleness] = measure(train_run(nodes, WORKLOADS[name], staleness, n,
-                                                   folder / f"{name}-s{staleness}", **where))
-                print(f"[overlap] {name}: staleness {staleness}: {got[staleness]['tokens_per_s']:.0f} tokens/s, "
-                      f"{got[staleness]['step_s_mean']:.2f} s a step", flush=True)
-            sync, async_ = got[0], got[1]
-            png = folder / f"reward_{name}.png"
-            plot({"synchronous (max_staleness 0)": sync, "asynchronous (max_staleness 1)": async_},
-                 f"{name}: reward, same cluster and placement ({layout}), same run", png)
-            k = max(1, n // 5)
-            last_sync, last_async = statistics.fmean(sync["reward"][-k:]), statistics.fmean(async_["reward"][-k:])
-            section.rows.append({"workload": name, "synchronous": sync, "asynchronous": async_,
-                                 "plot": str(png.relative_to(REPO))})
-            section.figures += [
-                Figure(f"{name}: asynchronous (staleness 1) tokens/s" + ("" if layout == "pinned" else f", {layout} cores"),
-                       async_["tokens_per_s"], "tokens/s",
-                       "synchronous, same cluster and placement, same run", sync["tokens_per_s"],
-                       target=TARGET if layout == "pinned" else None,
-                       note=f"sync phases {fmt(sync['phases_s_mean'])}; async {fmt(async_['phases_s_mean'])} (its "
-                            f"generate/reward overlap learn; wait = learner idle)"),
-                Figure(f"{name}: mean reward of the last {k} steps, asynchronous", last_async, "reward",
-                       f"synchronous, last {k} steps", last_sync,
-                       note=f"first 3 steps: sync {statistics.fmean(sync['reward'][:3]):.3f}, async "
-                            f"{statistics.fmean(async_['reward'][:3]):.3f}; curves in {png.name}")]
+            runs: dict[int, list[dict]] = {0: [], 1: []}
+
+            def one(staleness: int) -> float:
+                i = len(runs[staleness])
+                print(f"[overlap] {name}: staleness {staleness}, run {i + 1} of {repeats}, {n} steps ...", flush=True)
+                m = measure(train_run(nodes, WORKLOADS[name], staleness, n, folder / f"{name}-s{staleness}-r{i}",
+                                      **where))
+                runs[staleness].append(m)
+                print(f"[overlap] {name}: staleness {staleness}, run {i + 1}: {m['tokens_per_s']:.0f} tokens/s, "
+                      f"{m['step_s_mean']:.2f} s a step", flush=True)
+                return m["tokens_per_s"]
+
+            # synchronous, asynchronous, synchronous, ... (pair i: sync run i, then async run i)
+            interleaved(lambda: one(0), lambda: one(1), repeats)
+            section.rows.append(overlap_row(name, runs[0], runs[1], folder, layout))
+            section.figures += overlap_figures(name, runs[0], runs[1], layout, section.rows[-1]["plot"])
     finally:
         nodes.stop()
     return [section]
+
+
+def overlap_row(name: str, sync: list[dict], async_: list[dict], folder: Path, layout: str) -> dict:
+    """The workload's row: every run of each mode in the order taken, and the reward plot of all of them."""
+    png = folder / f"reward_{name}.png"
+    curves = {f"synchronous (max_staleness 0), run {i + 1}": r for i, r in enumerate(sync)}
+    curves |= {f"asynchronous (max_staleness 1), run {i + 1}": r for i, r in enumerate(async_)}
+    plot(curves, f"{name}: reward, same cluster and placement ({layout}), same run", png)
+    return {"workload": name, "synchronous": sync, "asynchronous": async_,
+            "tokens_per_s": {"synchronous": [r["tokens_per_s"] for r in sync],
+                             "asynchronous": [r["tokens_per_s"] for r in async_]},
+            "plot": str(png.relative_to(REPO)) if png.is_relative_to(REPO) else str(png)}
+
+
+def overlap_figures(name: str, sync: list[dict], async_: list[dict], layout: str, png: str) -> list[Figure]:
+    """Asynchronous tokens/s against synchronous over the interleaved pairs (sync[i] ran right before
+    async_[i]; the target judged on the lowest pairwise ratio), and the mean reward of the last
+    steps (untimed: the mean over every run of each mode)."""
+    n = sync[0]["steps"]
+    k = max(1, n // 5)
+    last = {mode: statistics.fmean(statistics.fmean(r["reward"][-k:]) for r in runs)
+            for mode, runs in (("sync", sync), ("async", async_))}
+    first = {mode: statistics.fmean(statistics.fmean(r["reward"][:3]) for r in runs)
+             for mode, runs in (("sync", sync), ("async", async_))}
+    mean_phases = {mode: {p: statistics.fmean(r["phases_s_mean"][p] for r in runs) for p in runs[0]["phases_s_mean"]}
+                   for mode, runs in (("sync", sync), ("async", async_))}
+    return [
+        Figure.repeated(
+            f"{name}: asynchronous (staleness 1) tokens/s" + ("" if layout == "pinned" else f", {layout} cores"),
+            [r["tokens_per_s"] for r in async_], "tokens/s",
+            "synchronous, same cluster and placement, same run", [r["tokens_per_s"] for r in sync],
+            target=TARGET if layout == "pinned" else None,
+            note=f"{len(sync)} runs a mode, interleaved (sync, async, ...); mean phases: sync "
+                 f"{fmt(mean_phases['sync'])}; async {fmt(mean_phases['async'])} (its generate/reward overlap "
+                 f"learn; wait = learner idle)"),
+        Figure(f"{name}: mean reward of the last {k} steps, asynchronous", last["async"], "reward",
+               f"synchronous, last {k} steps", last["sync"],
+               note=f"mean over {len(sync)} runs a mode; first 3 steps: sync {first['sync']:.3f}, async "
+                    f"{first['async']:.3f}; curves in {Path(png).name}")]
 
 
 def fmt(phases: dict[str, float]) -> str:

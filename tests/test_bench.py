@@ -263,3 +263,29 @@ def test_scaling_link_figures_by_hand():
     assert figs["1 engine(s) at 1 Gb/s: tokens/s vs unshaped"].ratio == pytest.approx(4.0 / 5.0)  # 4 s vs 5 s steps
     assert figs["1 engine(s) at 1 Gb/s: sync phase vs unshaped"].ratio == pytest.approx(0.5 / 1.5)
     assert figs["2 engines at unshaped: tokens/s vs 1 engine"].ratio == pytest.approx(4.0 / 3.5)
+
+
+
+def test_overlap_figures_by_hand(tmp_path):
+    """overlap: synchronous and asynchronous runs taken in turn; the tokens/s figure pairs run i of
+    each, judges the 1.4 target by the lowest pair; the reward figure is the mean over the runs."""
+    from benchmarks.overlap import TARGET, overlap_figures, overlap_row
+
+    def run(rate, rewards):
+        return {"steps": 5, "tokens_per_s": rate, "reward": rewards, "elapsed_s": [1.0 * i for i in range(5)],
+                "phases_s_mean": {"wait": 0.0, "generate": 0.1, "learn": 0.2}}
+
+    sync = [run(100, [0.1, 0.2, 0.3, 0.4, 0.5]), run(80, [0.1, 0.2, 0.3, 0.4, 0.7])]
+    async_ = [run(150, [0.1, 0.2, 0.3, 0.4, 0.6]), run(120, [0.1, 0.2, 0.3, 0.4, 0.6])]
+    row = overlap_row("toy", sync, async_, tmp_path, "pinned")
+    assert row["tokens_per_s"] == {"synchronous": [100, 80], "asynchronous": [150, 120]}
+    assert (tmp_path / "reward_toy.png").is_file()
+    speed, reward = overlap_figures("toy", sync, async_, "pinned", row["plot"])
+    assert speed.ratios == pytest.approx([1.5, 1.5]) and speed.target == TARGET
+    assert speed.to_json()["target"]["met"]
+    assert reward.value == pytest.approx(0.6) and reward.reference_value == pytest.approx(0.6)  # last step, mean
+    slow = [run(160, sync[0]["reward"]), run(100, sync[0]["reward"])]  # 1.6 and 1.25: median meets, lowest not
+    speed, _ = overlap_figures("toy", sync, slow, "pinned", row["plot"])
+    assert speed.ratio == pytest.approx(1.425) and not speed.to_json()["target"]["met"]
+    shared, _ = overlap_figures("toy", sync, slow, "shared", row["plot"])
+    assert shared.target is None and "shared cores" in shared.name
