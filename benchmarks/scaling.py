@@ -5,12 +5,17 @@ number of CPUs between generators and learner ranks.
 The cluster (rlsys/cluster/local.py): a head with 0 CPUs (the driver only), one rollout node
 per engine (generator.num_cpus CPUs and the custom resource `rollout`) and one learner node (the
 learner ranks' CPUs, plus room for the reward workers, and `learner`); every run uses
-cluster.placement=disaggregated, so each engine has a rollout node of its own. Nodes are added
-as the runs need them (runs go in order of engine count), never more than the current run uses.
+cluster.placement=disaggregated, so each engine has a rollout node of its own. Every node is
+started before the first run (an idle node costs little), so every run sees the same cluster.
 
 Each run: `rlsys train configs/tiny.yaml` for a few steps in a process of its own; from its
 metrics.jsonl, over the steps after the first (warm-up): step time (sum of timing/generate,
 reward, learn, sync), the generate phase, and tokens/s = sum of tokens/total / sum of step times.
+
+Spread: every run is repeated, the runs alternated per repeat (1 engine, 2 engines, ..., then
+again: `repeats` rounds, 2 with --quick, 3 without), so that a slow minute of a shared machine
+hits every setting alike; each run's figure is one sample, and a figure is the median pairwise
+ratio (round i of each side) with its lowest and highest (benchmarks/common.py).
 
 Figures (ratios to runs measured in the same invocation):
 - engines: tokens/s of N engines against ideal linear scaling, N x the 1-engine run's tokens/s
@@ -70,8 +75,8 @@ def plan(quick: bool) -> dict:
     first split of each total is its reference. learner.mini_batch_size (32) must be a multiple of
     ranks x micro_batch_size (8): 1, 2 or 4 ranks."""
     if quick:
-        return {"steps": 6, "engines": [1, 2], "splits": {3: [(1, 2), (2, 1)]}}
-    return {"steps": 12, "engines": [1, 2, 4], "splits": {3: [(1, 2), (2, 1)], 4: [(2, 2), (3, 1)]}}
+        return {"steps": 6, "engines": [1, 2], "splits": {3: [(1, 2), (2, 1)]}, "repeats": 2}
+    return {"steps": 12, "engines": [1, 2, 4], "splits": {3: [(1, 2), (2, 1)], 4: [(2, 2), (3, 1)]}, "repeats": 3}
 
 
 def runs_needed(p: dict) -> list[tuple[int, int]]:
@@ -110,44 +115,66 @@ def sharing_note(engines: int, ranks: int, cores: int, cpu: str) -> str:
     return f"{asked:g} logical CPUs asked of {cores} cores ({cpu}): all actors share them, little speed-up expected"
 
 
-def engine_figures(by_engines: dict[int, dict], ranks: int, cores: int, cpu: str) -> list[Figure]:
-    """by_engines: engine count -> measure() of that run; needs the 1-engine run (the reference)."""
+def repeats_of(runs: dict | list[dict]) -> list[dict]:
+    """A setting's runs in the order of the rounds (one run: a list of one)."""
+    return runs if isinstance(runs, list) else [runs]
+
+
+def series(runs: list[dict], key: str, scale: float = 1.0) -> list[float]:
+    return [scale * r[key] for r in runs]
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The medians of a setting's runs, for notes and the Amdahl bound."""
+    return {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "step_s_mean", "generate_s_mean")}
+
+
+def engine_figures(by_engines: dict[int, dict | list[dict]], ranks: int, cores: int, cpu: str) -> list[Figure]:
+    """by_engines: engine count -> measure() of that run, or of its repeats (round i of every
+    count taken in turn); needs the 1-engine run (the reference). Each figure pairs round i of N
+    engines with round i of 1 engine."""
     if 1 not in by_engines:
         raise ValueError(f"the engine sweep needs a 1-engine run as its reference, got {sorted(by_engines)}")
-    base = by_engines[1]
+    base_runs = repeats_of(by_engines[1])
+    base = median_run(base_runs)
     # Amdahl: more engines shorten the generate phase at best; the rest of the step stays
     bound = base["step_s_mean"] / (base["step_s_mean"] - base["generate_s_mean"])
     figures = []
     for n in sorted(by_engines):
         if n == 1:
             continue
-        m, note = by_engines[n], sharing_note(n, ranks, cores, cpu)
-        (ideal,) = ideal_line(base["tokens_per_s"], [n])
+        runs, note = repeats_of(by_engines[n]), sharing_note(n, ranks, cores, cpu)
+        if len(runs) != len(base_runs):
+            raise ValueError(f"{n} engines: {len(runs)} runs against {len(base_runs)} of 1 engine")
         figures += [
-            Figure(f"{n} engines: tokens/s vs ideal linear", m["tokens_per_s"], "tokens/s",
-                   f"ideal: {n} x the 1-engine run's tokens/s", ideal, note=note),
-            Figure(f"{n} engines: tokens/s vs 1 engine", m["tokens_per_s"], "tokens/s",
-                   f"1 engine, {ranks} learner ranks, same run", base["tokens_per_s"],
-                   note=f"{note}; generate is {100 * base['generate_s_mean'] / base['step_s_mean']:.0f}% of the "
-                        f"1-engine step, so free generation would give at most {bound:.2f}x"),
-            Figure(f"{n} engines: generate phase", m["generate_s_mean"], "s", "1 engine's generate phase",
-                   base["generate_s_mean"], lower_is_better=True, note=note),
-            Figure(f"{n} engines: step time", m["step_s_mean"], "s", "1 engine's step time", base["step_s_mean"],
-                   lower_is_better=True, note=note)]
+            Figure.repeated(f"{n} engines: tokens/s vs ideal linear", series(runs, "tokens_per_s"), "tokens/s",
+                            f"ideal: {n} x the 1-engine run's tokens/s (same round)",
+                            [ideal_line(r["tokens_per_s"], [n])[0] for r in base_runs], note=note),
+            Figure.repeated(f"{n} engines: tokens/s vs 1 engine", series(runs, "tokens_per_s"), "tokens/s",
+                            f"1 engine, {ranks} learner ranks, same run", series(base_runs, "tokens_per_s"),
+                            note=f"{note}; generate is {100 * base['generate_s_mean'] / base['step_s_mean']:.0f}% "
+                                 f"of the 1-engine step, so free generation would give at most {bound:.2f}x"),
+            Figure.repeated(f"{n} engines: generate phase", series(runs, "generate_s_mean"), "s",
+                            "1 engine's generate phase", series(base_runs, "generate_s_mean"), lower_is_better=True,
+                            note=note),
+            Figure.repeated(f"{n} engines: step time", series(runs, "step_s_mean"), "s", "1 engine's step time",
+                            series(base_runs, "step_s_mean"), lower_is_better=True, note=note)]
     return figures
 
 
-def split_figures(splits: dict[int, list[tuple[int, int]]], by_run: dict[tuple[int, int], dict], cores: int,
-                  cpu: str) -> list[Figure]:
-    """Per CPU total, every split's tokens/s against the first split of that total."""
+def split_figures(splits: dict[int, list[tuple[int, int]]], by_run: dict[tuple[int, int], dict | list[dict]],
+                  cores: int, cpu: str) -> list[Figure]:
+    """Per CPU total, every split's tokens/s against the first split of that total, round i of
+    each paired."""
     figures = []
     for total, options in splits.items():
         ref_e, ref_r = options[0]
-        ref = by_run[options[0]]
+        ref = repeats_of(by_run[options[0]])
         for e, r in options[1:]:
-            figures.append(Figure(
-                f"{e} gen + {r} learner ranks ({total} CPUs): tokens/s", by_run[(e, r)]["tokens_per_s"], "tokens/s",
-                f"{ref_e} gen + {ref_r} learner ranks, same CPUs, same run", ref["tokens_per_s"],
+            figures.append(Figure.repeated(
+                f"{e} gen + {r} learner ranks ({total} CPUs): tokens/s", series(repeats_of(by_run[(e, r)]),
+                                                                                 "tokens_per_s"), "tokens/s",
+                f"{ref_e} gen + {ref_r} learner ranks, same CPUs, same run", series(ref, "tokens_per_s"),
                 note=sharing_note(e, r, cores, cpu)))
     return figures
 
@@ -214,7 +241,8 @@ def run(quick: bool) -> list[Section]:
                              f"{cores} cores ({cpu})")}
     engines_section = Section("scaling", params | {"engines": p["engines"], "learner_ranks": LEARNER_RANKS})
     split_section = Section("scaling_split", params | {"splits": {str(t): s for t, s in p["splits"].items()}})
-    results: dict[tuple[int, int], dict] = {}
+    results: dict[tuple[int, int], list[dict]] = {run: [] for run in runs}
+    engines_section.params["repeats"] = split_section.params["repeats"] = p["repeats"]
     import ray
 
     if ray.is_initialized():
@@ -226,20 +254,26 @@ def run(quick: bool) -> list[Section]:
         ranks_max = max(r for _, r in runs)
         # the learner ranks' CPUs plus a CPU for the reward workers, which have no placement group
         nodes.worker("learner", math.ceil(ranks_max * LEARNER_CPUS + REWARD_WORKERS * REWARD_CPUS), {"learner": 1})
-        for engines, ranks in runs:
-            for i in range(sum(1 for n in nodes.procs if n.startswith("rollout")), engines):
-                nodes.worker(f"rollout-{i}", math.ceil(GENERATOR_CPUS), {"rollout": 1})
-            print(f"[scaling] {engines} engine(s), {ranks} learner rank(s), {p['steps']} steps ...", flush=True)
-            r = train_run(nodes, engines, ranks, p["steps"], folder / f"run-e{engines}-l{ranks}")
-            print(f"[scaling] {engines} engine(s), {ranks} learner rank(s): {r['tokens_per_s']:.0f} tokens/s, "
-                  f"{r['step_s_mean']:.2f} s a step (generate {r['generate_s_mean']:.2f} s), {r['wall_s']:.0f} s "
-                  f"with start-up", flush=True)
-            results[(engines, ranks)] = r
+        # Every rollout node up front: the runs of every round see the same cluster.
+        for i in range(max(e for e, _ in runs)):
+            nodes.worker(f"rollout-{i}", math.ceil(GENERATOR_CPUS), {"rollout": 1})
+        # Round after round, every setting in turn (1 engine, 2 engines, ..., 1 engine, ...): the
+        # settings' round-i runs are close in time, and a figure pairs them.
+        for round_ in range(p["repeats"]):
+            for engines, ranks in runs:
+                print(f"[scaling] round {round_ + 1} of {p['repeats']}: {engines} engine(s), {ranks} learner "
+                      f"rank(s), {p['steps']} steps ...", flush=True)
+                r = train_run(nodes, engines, ranks, p["steps"], folder / f"run-e{engines}-l{ranks}-r{round_}")
+                print(f"[scaling] {engines} engine(s), {ranks} learner rank(s): {r['tokens_per_s']:.0f} tokens/s, "
+                      f"{r['step_s_mean']:.2f} s a step (generate {r['generate_s_mean']:.2f} s), {r['wall_s']:.0f} s "
+                      f"with start-up", flush=True)
+                results[(engines, ranks)].append(r)
     finally:
         nodes.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    for (engines, ranks), r in results.items():
+    for (engines, ranks), rs in results.items():
+        r = setting_row(rs)
         if ranks == LEARNER_RANKS and engines in p["engines"]:
             engines_section.rows.append({"what": "engines", **r})
         if any((engines, ranks) in s for s in p["splits"].values()):
@@ -251,32 +285,57 @@ def run(quick: bool) -> list[Section]:
     return [engines_section, split_section]
 
 
+def setting_row(runs: list[dict]) -> dict:
+    """One setting's row: the medians over its runs under the keys a single run has (plots read
+    tokens_per_s, generate_s_mean, phases_s_mean), every run under `repeats`."""
+    first = runs[0]
+    return {**{k: first[k] for k in ("engines", "ranks", "steps", "asked_cpus") if k in first},
+            **median_run(runs),
+            "phases_s_mean": {ph: statistics.median(r["phases_s_mean"][ph] for r in runs)
+                              for ph in first["phases_s_mean"]},
+            "tokens_per_s_repeats": series(runs, "tokens_per_s"), "repeats": runs}
+
+
 # ---------------------------------------------------------------- on shaped links (--link)
 
 LINK_MODEL = (384, 8, 6)  # (hidden, layers, heads) of model.path=tiny: 10.7M parameters, 43 MB fp32, head_dim 64
 
 
 def link_plan(quick: bool) -> dict:
-    return {"steps": 4, "engines": [1, 2]} if quick else {"steps": 6, "engines": [1, 2, 3]}
+    return {"steps": 4, "engines": [1, 2], "repeats": 2} if quick else {"steps": 6, "engines": [1, 2, 3], "repeats": 3}
 
 
-def link_figures(by: dict[tuple[float | None, int], dict], note: str) -> list[Figure]:
-    """by: (rate in Mb/s or None for unshaped, engines) -> measure() of that run. Each shaped run
-    against the unshaped run with the same engines (tokens/s, sync phase); each rate's N engines
-    against its own 1-engine run."""
+def paired(runs: list[dict], reference: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """Round i of a setting against round i of its reference, as far as both got (a run that
+    failed ends its rounds)."""
+    n = min(len(runs), len(reference))
+    return series(runs[:n], key), series(reference[:n], key)
+
+
+def sync_s(runs: list[dict]) -> list[dict]:
+    return [{"sync": r["phases_s_mean"]["sync"]} for r in runs]
+
+
+def link_figures(by: dict[tuple[float | None, int], dict | list[dict]], note: str) -> list[Figure]:
+    """by: (rate in Mb/s or None for unshaped, engines) -> measure() of that run, or of its rounds.
+    Each shaped setting against the unshaped one with the same engines (tokens/s, sync phase); each
+    rate's N engines against its own 1-engine run; round i paired with round i."""
     figures = []
+    by = {k: repeats_of(v) for k, v in by.items()}
     for (rate, n), m in sorted(by.items(), key=lambda kv: (kv[0][0] is not None, -(kv[0][0] or 0), kv[0][1])):
         label = link_label(rate)
         if rate is not None and (None, n) in by:
             ref = by[(None, n)]
-            figures.append(Figure(f"{n} engine(s) at {label}: tokens/s vs unshaped", m["tokens_per_s"], "tokens/s",
-                                  f"{n} engine(s), unshaped links, same run", ref["tokens_per_s"], note=note))
-            figures.append(Figure(f"{n} engine(s) at {label}: sync phase vs unshaped", m["phases_s_mean"]["sync"],
-                                  "s", f"{n} engine(s), unshaped links", ref["phases_s_mean"]["sync"],
-                                  lower_is_better=True, note=note))
+            ours, theirs = paired(m, ref, "tokens_per_s")
+            figures.append(Figure.repeated(f"{n} engine(s) at {label}: tokens/s vs unshaped", ours, "tokens/s",
+                                           f"{n} engine(s), unshaped links, same run", theirs, note=note))
+            ours, theirs = paired(sync_s(m), sync_s(ref), "sync")
+            figures.append(Figure.repeated(f"{n} engine(s) at {label}: sync phase vs unshaped", ours, "s",
+                                           f"{n} engine(s), unshaped links", theirs, lower_is_better=True, note=note))
         if n > 1 and (rate, 1) in by:
-            figures.append(Figure(f"{n} engines at {label}: tokens/s vs 1 engine", m["tokens_per_s"], "tokens/s",
-                                  f"1 engine at {label}, same run", by[(rate, 1)]["tokens_per_s"], note=note))
+            ours, theirs = paired(m, by[(rate, 1)], "tokens_per_s")
+            figures.append(Figure.repeated(f"{n} engines at {label}: tokens/s vs 1 engine", ours, "tokens/s",
+                                           f"1 engine at {label}, same run", theirs, note=note))
     return figures
 
 
@@ -298,11 +357,12 @@ def run_link(quick: bool, link: list[float]) -> Section:
         "config": CONFIG, "model": {"tiny_hidden": hidden, "tiny_layers": layers, "tiny_heads": heads,
                                     "params": params, "bytes_fp32": 4 * params},
         "steps": p["steps"], "measured": "steps after the first", "engines": p["engines"], "rates_mbit": link,
+        "repeats": p["repeats"], "interleaved": "per round and engine count: unshaped, then each rate",
         "learner_ranks": LEARNER_RANKS, "generator_num_cpus": GENERATOR_CPUS, "learner_num_cpus": LEARNER_CPUS,
         "nodes": "isolated (own address, disk, home; nothing shared): head (driver, 0 CPUs), one learner node, "
                  "one rollout node per engine; every node's link shaped (tc tbf, both ends) to the rate",
         "cores": cores, "cpu": cpu, "files": str(folder.relative_to(REPO)), "cores_note": note})
-    by: dict[tuple[float | None, int], dict] = {}
+    by: dict[tuple[float | None, int], list[dict]] = {}
     import ray
 
     if ray.is_initialized():
@@ -313,32 +373,42 @@ def run_link(quick: bool, link: list[float]) -> Section:
     try:
         nodes.head(shared={folder: folder})  # the driver's run folders, read from the host
         nodes.worker("learner", math.ceil(LEARNER_RANKS * LEARNER_CPUS + REWARD_WORKERS * REWARD_CPUS), {"learner": 1})
-        for engines in p["engines"]:
-            for i in range(sum(1 for n in nodes.procs if n.startswith("rollout")), engines):
-                nodes.worker(f"rollout-{i}", math.ceil(GENERATOR_CPUS), {"rollout": 1})
-            for rate in rates:
-                for name in nodes.procs:
-                    nodes.shape(name, rate_mbit=rate)
-                tag = "unshaped" if rate is None else f"{rate:g}mbit"
-                print(f"[scaling_link] {engines} engine(s), {link_label(rate)}, {p['steps']} steps ...", flush=True)
-                try:
-                    r = train_run(nodes, engines, LEARNER_RANKS, p["steps"], folder / f"run-e{engines}-{tag}", model)
-                except RuntimeError as e:
-                    # On a shared machine Ray's memory monitor may kill an actor (others' memory counts
-                    # too): the runs measured so far stay in the result, the failure with them, and
-                    # the runs after it are not attempted (they would need the memory the same way).
-                    first = str(e).splitlines()[0]
-                    section.params["failed"] = {"run": f"{engines} engine(s), {link_label(rate)}", "error": first}
-                    print(f"[scaling_link] {engines} engine(s), {link_label(rate)} FAILED: {first}", flush=True)
+        # Every rollout node up front (the runs of every round see the same cluster); then round after
+        # round, per engine count every rate in turn (unshaped, each rate, ...), so a figure pairs
+        # round i of a setting with round i of its reference, taken close in time.
+        for i in range(max(p["engines"])):
+            nodes.worker(f"rollout-{i}", math.ceil(GENERATOR_CPUS), {"rollout": 1})
+        for round_ in range(p["repeats"]):
+            for engines in p["engines"]:
+                for rate in rates:
+                    for name in nodes.procs:
+                        nodes.shape(name, rate_mbit=rate)
+                    tag = "unshaped" if rate is None else f"{rate:g}mbit"
+                    print(f"[scaling_link] round {round_ + 1} of {p['repeats']}: {engines} engine(s), "
+                          f"{link_label(rate)}, {p['steps']} steps ...", flush=True)
+                    try:
+                        r = train_run(nodes, engines, LEARNER_RANKS, p["steps"],
+                                      folder / f"run-e{engines}-{tag}-r{round_}", model)
+                    except RuntimeError as e:
+                        # On a shared machine Ray's memory monitor may kill an actor (others' memory counts
+                        # too): the runs measured so far stay in the result, the failure with them, and
+                        # the runs after it are not attempted (they would need the memory the same way).
+                        first = str(e).splitlines()[0]
+                        section.params["failed"] = {"run": f"round {round_ + 1}, {engines} engine(s), "
+                                                           f"{link_label(rate)}", "error": first}
+                        print(f"[scaling_link] {engines} engine(s), {link_label(rate)} FAILED: {first}", flush=True)
+                        break
+                    r["rate_mbit"] = rate
+                    print(f"[scaling_link] {engines} engine(s), {link_label(rate)}: {r['tokens_per_s']:.0f} "
+                          f"tokens/s, {r['step_s_mean']:.2f} s a step (sync {r['phases_s_mean']['sync']:.2f} s, "
+                          f"generate {r['generate_s_mean']:.2f} s)", flush=True)
+                    by.setdefault((rate, engines), []).append(r)
+                if "failed" in section.params:
                     break
-                r["rate_mbit"] = rate
-                print(f"[scaling_link] {engines} engine(s), {link_label(rate)}: {r['tokens_per_s']:.0f} tokens/s, "
-                      f"{r['step_s_mean']:.2f} s a step (sync {r['phases_s_mean']['sync']:.2f} s, generate "
-                      f"{r['generate_s_mean']:.2f} s)", flush=True)
-                by[(rate, engines)] = r
-                section.rows.append({"what": "link", **r})
             if "failed" in section.params:
                 break
+        # one row per setting: medians under a single run's keys (benchmarks/plots.py), every run beside
+        section.rows = [{"what": "link", "rate_mbit": rate, **setting_row(rs)} for (rate, _), rs in by.items()]
     finally:
         nodes.stop()
         if previous is not None:

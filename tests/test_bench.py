@@ -289,3 +289,38 @@ def test_overlap_figures_by_hand(tmp_path):
     assert speed.ratio == pytest.approx(1.425) and not speed.to_json()["target"]["met"]
     shared, _ = overlap_figures("toy", sync, slow, "shared", row["plot"])
     assert shared.target is None and "shared cores" in shared.name
+
+
+
+def test_scaling_figures_over_rounds_by_hand():
+    """Every setting run round after round: a figure pairs round i of each side; rows keep the
+    medians under a single run's keys and every run beside; a link round that failed is left out."""
+    from benchmarks.scaling import engine_figures, link_figures, measure, setting_row, split_figures
+
+    def run(gen, sync, tokens, **extra):
+        step = {"timing/generate": gen, "timing/reward": 0.5, "timing/learn": 1.0, "timing/sync": sync,
+                "tokens/total": tokens}
+        return {**measure([step, step]), **extra}
+
+    one = [run(2.0, 0.5, 400), run(2.5, 0.5, 400)]  # 4 s and 4.5 s steps: 100, 88.9 tokens/s
+    two = [run(1.0, 0.5, 400), run(2.0, 0.5, 400)]  # 3 s and 4 s: 133.3, 100 tokens/s
+    figs = {f.name: f for f in engine_figures({1: one, 2: two}, 2, 2, "cpu")}
+    speed = figs["2 engines: tokens/s vs 1 engine"]
+    assert speed.samples == pytest.approx([400 / 3, 100]) and speed.reference_samples == pytest.approx([100, 400 / 4.5])
+    assert speed.ratios == pytest.approx([4 / 3, 4.5 / 4])
+    ideal = figs["2 engines: tokens/s vs ideal linear"]
+    assert ideal.reference_samples == pytest.approx([200, 800 / 4.5]) and ideal.ratio_range[0] == pytest.approx(4.5 / 8)
+    assert figs["2 engines: step time"].ratios == pytest.approx([4 / 3, 4.5 / 4])
+    (split,) = split_figures({3: [(1, 2), (2, 1)]}, {(1, 2): one, (2, 1): two}, 8, "cpu")
+    assert split.ratios == speed.ratios
+    with pytest.raises(ValueError, match="runs against"):
+        engine_figures({1: one, 2: two[:1]}, 2, 2, "cpu")
+    row = setting_row([{**r, "engines": 2, "ranks": 2} for r in two])
+    assert row["engines"] == 2 and row["tokens_per_s"] == pytest.approx((400 / 3 + 100) / 2)
+    assert row["tokens_per_s_repeats"] == pytest.approx([400 / 3, 100]) and len(row["repeats"]) == 2
+    assert row["phases_s_mean"]["generate"] == 1.5 and row["generate_s_mean"] == 1.5
+    # links: the 1 Gb/s setting's second round failed; its figures pair the one round it has
+    by = {(None, 1): [run(2.0, 0.5, 400), run(2.0, 0.5, 400)], (1000, 1): [run(2.0, 1.5, 400)]}
+    figs = {f.name: f for f in link_figures(by, "note")}
+    assert figs["1 engine(s) at 1 Gb/s: tokens/s vs unshaped"].ratios == pytest.approx([4.0 / 5.0])
+    assert figs["1 engine(s) at 1 Gb/s: sync phase vs unshaped"].samples == [1.5]
