@@ -161,26 +161,29 @@ REPLY = "@@ "  # the prefix of the serving driver's answers on its stdout (Ray's
 
 def link_rows_figures(rows: list[dict]) -> list[Figure]:
     """Per size: unshaped wire against raw (as in run()); per shaped rate, wire against the link's
-    limit for the same bytes (target) and raw against it (what gloo itself reaches on that link)."""
+    limit for the same bytes (target) and raw against it (what gloo itself reaches on that link).
+    A row's repeats (wire_all_s, raw_all_s: repeat i of each back to back) are the figures'
+    samples; the limit, a number, stands beside each (a row without them: one measurement)."""
     figures = []
     for r in rows:
         gb = r["bytes"] / 1e9
+        wire, raw = r.get("wire_all_s") or [r["wire_s"]], r.get("raw_all_s") or [r["raw_s"]]
         if r["rate_mbit"] is None:
-            figures.append(Figure(
-                f"sync wire {r['size']}, unshaped veth", r["wire_s"], "s",
-                f"raw gloo broadcast of one flat buffer, same {gb:.3f} GB", r["raw_s"], lower_is_better=True,
+            figures.append(Figure.repeated(
+                f"sync wire {r['size']}, unshaped veth", wire, "s",
+                f"raw gloo broadcast of one flat buffer, same {gb:.3f} GB", raw, lower_is_better=True,
                 target=TARGET, note=f"{gb * 8 / r['wire_s']:.2f} Gb/s on the wire; learner and engine on "
                                     f"isolated nodes, one core each; no link limit"))
             continue
         label = link_label(r["rate_mbit"])
         limit = f"link limit: {gb:.3f} GB x 8 / {label}"
-        figures.append(Figure(
-            f"sync wire {r['size']} at {label}", r["wire_s"], "s", limit, r["limit_s"], lower_is_better=True,
+        figures.append(Figure.repeated(
+            f"sync wire {r['size']} at {label}", wire, "s", limit, [r["limit_s"]] * len(wire), lower_is_better=True,
             target=TARGET, note=f"{gb * 8 / r['wire_s']:.2f} Gb/s achieved; raw broadcast {r['raw_s']:.3f}s "
                                 f"({r['limit_s'] / r['raw_s']:.2f}x of the limit): where raw is below the limit "
                                 f"too, the CPUs (gloo, copies, checksums), not the link, set the pace"))
-        figures.append(Figure(
-            f"raw broadcast {r['size']} at {label}", r["raw_s"], "s", limit, r["limit_s"], lower_is_better=True,
+        figures.append(Figure.repeated(
+            f"raw broadcast {r['size']} at {label}", raw, "s", limit, [r["limit_s"]] * len(raw), lower_is_better=True,
             note="one preallocated flat buffer over the same group: what gloo reaches on this link, no rlsys code"))
     return figures
 

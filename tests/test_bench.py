@@ -240,6 +240,13 @@ def test_link_rates_and_the_link_limit_by_hand(tmp_path):
     assert unshaped.ratio == 0.5 and unshaped.target == 0.8
     assert wire.ratio == pytest.approx(0.8) and wire.to_json()["target"]["met"] and wire.reference_value == 1.0
     assert raw.ratio == pytest.approx(1 / 1.1) and raw.target is None
+    # with the row's repeats: wire against raw pairs repeat i of each; against the limit, each repeat
+    rows[0] |= {"wire_all_s": [0.5, 0.4], "raw_all_s": [0.25, 0.4]}
+    rows[1] |= {"wire_all_s": [1.25, 1.2, 1.3], "raw_all_s": [1.1, 1.1, 1.1]}
+    unshaped, wire, raw = link_rows_figures(rows)
+    assert unshaped.ratios == pytest.approx([0.5, 1.0]) and not unshaped.to_json()["target"]["met"]
+    assert wire.ratios == pytest.approx([0.8, 1 / 1.2, 1 / 1.3]) and not wire.to_json()["target"]["met"]
+    assert wire.reference_samples == [1.0] * 3 and raw.samples == [1.1] * 3
     got = []
     section = Section("demo", {}, [Figure("a", 2.0, "u", "ref", 1.0)], [{"row": 1}])
     main(lambda quick: section, ["--link", "1000", "--out", str(tmp_path / "r.json")],
