@@ -8,9 +8,13 @@
    Measured: learner.max_tokens_per_micro_batch=BUDGET (micro-batches of at most BUDGET padded
    tokens, balanced over the ranks by tokens), rows one by one (learner.share_prompts=false); and
    the same budget with each group's prompt computed once (learner.share_prompts=true, the
-   default: rlsys.math.prefix). The three updates run in turn on the same batch in the same group;
-   tokens/s = real tokens of the rows (no padding, every row's prompt counted) / median seconds of
-   an update, so sharing's gain shows as the same tokens in less time.
+   default: rlsys.math.prefix). The three updates run in turn on the same batch in the same group,
+   round after round (fixed rows, budget, budget shared, fixed rows, ...: interleaved, so a slow
+   minute of a shared machine hits every layout alike), the first round a warm-up; every later
+   round's tokens/s = real tokens of the rows (no padding, every row's prompt counted) / seconds of
+   its update is one sample, and a figure is the median pairwise ratio of two layouts' samples
+   of the same rounds with its lowest and highest (benchmarks/common.py). Sharing's gain shows as
+   the same tokens in less time.
 2. Memory. One learner rank (a fresh process each, so its peak RSS is its own) takes one update
    on one 8k-token row of a model with a 152k vocabulary (Qwen2's): learner.logprob_chunk=0 (the
    whole (1, 8k, 152k) logits at once, and their fp32 copies) against the default chunks. The
@@ -86,8 +90,11 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
         for a in group.actors:
             ray.kill(a)
         remove_placement_group(pg)
-    seconds = {layout: statistics.median(t[1:]) for layout, t in times.items()}
+    rounds = {layout: t[1:] for layout, t in times.items()}  # the first round warmed up
+    seconds = {layout: statistics.median(t) for layout, t in rounds.items()}
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": {k: tokens / s for k, s in seconds.items()},
+            "seconds_repeats": rounds, "warmup_s": {layout: t[0] for layout, t in times.items()},
+            "tokens_per_s_repeats": {k: [tokens / x for x in t] for k, t in rounds.items()},
             "rows": P * G, "padded_tokens_fixed": fixed_padding(batch, cfg), "shared_prompt_frac": shared_frac,
             "computed_tokens_shared": shared_positions(batch, cfg)}
 
@@ -174,14 +181,14 @@ def run(quick: bool) -> Section:
     ray_up()
     t = throughput(model, shape, repeats)
     section.rows.append({"what": "throughput", **t})
-    rate = t["tokens_per_s"]
-    section.figures.append(Figure(
+    rate = t["tokens_per_s_repeats"]  # per round after the warm-up: the layouts of round i ran back to back
+    section.figures.append(Figure.repeated(
         f"learner tokens/s, token budget {BUDGET}", rate["token budget"], "tokens/s",
         "fixed micro-batches of 8 rows padded to their longest (learner.max_tokens_per_micro_batch=0), same batch, "
         "same group", rate["fixed rows"], target=TARGET,
         note=f"{t['rows']} rows, {t['tokens']} real tokens; the fixed layout computes {t['padded_tokens_fixed']} "
              f"padded tokens; 2 ranks, ZeRO-0 fp32, {params / 1e6:.0f}M params; both without shared prompts"))
-    section.figures.append(Figure(
+    section.figures.append(Figure.repeated(
         f"learner tokens/s, token budget {BUDGET}, shared prompts", rate["token budget, shared prompts"], "tokens/s",
         "the same budget, rows one by one (learner.share_prompts=false)", rate["token budget"],
         note=f"all shared, the forward would compute {t['computed_tokens_shared']} positions for the {t['tokens']} "
