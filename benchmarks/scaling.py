@@ -37,7 +37,9 @@ grown 1..N engines, every node's link unshaped first and then shaped to each rat
 the step's sync and rollout traffic cross a link of that rate. The model is rlsys's tiny random
 Qwen2 made larger (LINK_MODEL, 43 MB of fp32 weights) so that a push takes a visible share of a
 step on the slower links. Figures: tokens/s and the sync phase at each rate against the unshaped
-run with the same engines, and each rate's speed-up against its own 1-engine run.
+run with the same engines, and each rate's speed-up against its own 1-engine run. Rounds as
+above (2 with --quick, 3 without): per round, per engine count, unshaped then each rate; a figure
+pairs round i of both sides (a failed run ends the rounds: the figures pair what both sides got).
 
     python benchmarks/scaling.py --link 10000,1000 [--quick]
 """
