@@ -331,3 +331,39 @@ def test_scaling_figures_over_rounds_by_hand():
     figs = {f.name: f for f in link_figures(by, "note")}
     assert figs["1 engine(s) at 1 Gb/s: tokens/s vs unshaped"].ratios == pytest.approx([4.0 / 5.0])
     assert figs["1 engine(s) at 1 Gb/s: sync phase vs unshaped"].samples == [1.5]
+
+
+
+def test_peer_figures_by_hand():
+    """end_to_end: rlsys and TRL runs taken in turn, each run's tokens/s one sample; the SmolLM2
+    target (3.0) is met only when the LOWEST pairwise ratio meets it; the note names the CPU."""
+    from benchmarks.end_to_end import TARGETS_VS_TRL, mean_shares, peer_figures
+
+    assert TARGETS_VS_TRL == {"tiny": 2.0, "smollm2-gsm8k": 3.0, "smollm2-gsm8k-bf16": 3.0}
+
+    def ours(rate, step):
+        return {"tokens_per_s": rate, "step_s_mean": step, "split": {"generate": 0.3, "learn": 0.6},
+                "groups": {"generator": {"generate": 0.2 + step / 100, "idle": 0.8 - step / 100}}}
+
+    def trl(rate, step, gen=60.0):
+        return {"tokens_per_s": rate, "step_s_mean": step, "generate_s_mean": gen, "trl_version": "0.x",
+                "generation": "generate"}
+
+    # pairwise ratios 2.9 and 3.2: median 3.05 meets 3.0, the lowest does not
+    figs, bound = peer_figures("smollm2-gsm8k", [ours(290, 30), ours(320, 28)], [trl(100, 90), trl(100, 84)],
+                               "Test CPU 9000")
+    speed, step = figs
+    assert speed.ratios == pytest.approx([2.9, 3.2]) and speed.ratio == pytest.approx(3.05)
+    j = speed.to_json()
+    assert j["samples"] == [290, 320] and j["reference_samples"] == [100, 100] and j["repeats"] == 2
+    assert j["target"]["min_ratio"] == 3.0 and not j["target"]["met"]
+    assert j["target"]["shortfall"] == pytest.approx(1 - 2.9 / 3.0)
+    assert "Test CPU 9000" in speed.note and "Test CPU 9000" in step.note
+    assert step.lower_is_better and step.ratios == pytest.approx([3.0, 3.0])
+    assert bound == pytest.approx(87 / (87 - 60))  # TRL's median step and generation
+    met, _ = peer_figures("smollm2-gsm8k-bf16", [ours(305, 30), ours(330, 28)], [trl(100, 90), trl(100, 84)], "cpu")
+    assert met[0].to_json()["target"]["met"]
+    tiny, _ = peer_figures("tiny", [ours(250, 1), ours(260, 1)], [trl(100, 2, 1), trl(110, 2, 1)], "cpu")
+    assert tiny[0].target == 2.0 and tiny[0].to_json()["target"]["met"]  # lowest 260/110 = 2.36
+    shares = mean_shares([ours(1, 10), ours(1, 30)])
+    assert shares == {"generator": pytest.approx({"generate": 0.4, "idle": 0.6})}
