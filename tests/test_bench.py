@@ -367,3 +367,42 @@ def test_peer_figures_by_hand():
     assert tiny[0].target == 2.0 and tiny[0].to_json()["target"]["met"]  # lowest 260/110 = 2.36
     shares = mean_shares([ours(1, 10), ours(1, 30)])
     assert shares == {"generator": pytest.approx({"generate": 0.4, "idle": 0.6})}
+
+
+
+def test_learner_sweep_alternates_each_setting_with_the_reference(monkeypatch):
+    """learner: the reference group stays up; each setting's updates alternate with the reference's,
+    every update followed by a roofline of its precision; the reference's row gathers every pair."""
+    import benchmarks.learner as learner
+
+    calls = []
+
+    class Fake:
+        def __init__(self, path, zero, dtype, shape):
+            self.zero, self.dtype, self.tokens, self.flops, self.seconds = zero, dtype, 100, 1e9, []
+            calls.append(("up", zero, dtype))
+
+        def update(self):
+            calls.append(("update", self.zero, self.dtype))
+            self.seconds.append(1.0 + len(calls) / 100)
+            return self.tokens / self.seconds[-1]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            calls.append(("down", self.zero, self.dtype))
+
+    monkeypatch.setattr(learner, "Live", Fake)
+    roofs = []
+    out = learner.paired_sweep({"m": "path"}, [(0, "float32"), (1, "bfloat16"), (3, "float32")], {}, 2,
+                               lambda dtype: roofs.append(dtype) or 2e12)
+    updates = [c[1:] for c in calls if c[0] == "update"]
+    assert updates == [(1, "bfloat16"), (0, "float32")] * 2 + [(3, "float32"), (0, "float32")] * 2
+    assert roofs == ["bfloat16", "float32"] * 2 + ["float32"] * 4
+    assert calls[0] == ("up", 0, "float32") and calls[-1] == ("down", 0, "float32")  # the reference outlives them
+    assert [(m["live"].zero, m["base"]) for m in out] == [(0, True), (1, False), (3, False)]
+    base, zero1, _ = out
+    assert len(base["seconds"]) == len(base["roofline"]) == 4 and base["base_seconds"] == base["seconds"]
+    assert len(zero1["seconds"]) == len(zero1["base_seconds"]) == len(zero1["roofline"]) == 2
+    assert zero1["base_seconds"] == base["seconds"][:2]  # the reference's updates of the same pairs
