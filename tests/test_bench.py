@@ -406,3 +406,24 @@ def test_learner_sweep_alternates_each_setting_with_the_reference(monkeypatch):
     assert len(base["seconds"]) == len(base["roofline"]) == 4 and base["base_seconds"] == base["seconds"]
     assert len(zero1["seconds"]) == len(zero1["base_seconds"]) == len(zero1["roofline"]) == 2
     assert zero1["base_seconds"] == base["seconds"][:2]  # the reference's updates of the same pairs
+
+
+
+def test_rollout_sides_alternate_in_fresh_processes(monkeypatch):
+    """rollout: vLLM and HF each a fresh process per sample, taken vLLM, HF, vLLM, HF; the 1.5
+    target judged by the lowest pairwise speed ratio; the row keeps the medians and every sample."""
+    import benchmarks.rollout as rollout
+
+    order, seconds = [], iter([1.0, 2.0, 1.0, 1.4])  # vLLM 1.0 s, HF 2.0 s; then 1.0 s, 1.4 s
+    monkeypatch.setattr(rollout, "in_fresh_process", lambda fn, *a: order.append(fn.__name__) or next(seconds))
+    monkeypatch.setattr(rollout, "generate_flops", lambda *a: 10**9)
+    section = Section("rollout", {})
+    rollout.vllm_vs_hf(section, "m", "path", ["a", "b"], n=4, tokens=8, repeats=2, roofline=1e10)
+    assert order == ["vllm_side", "hf_side"] * 2
+    speed, flops = section.figures
+    assert speed.ratios == pytest.approx([2.0, 1.4]) and speed.ratio == pytest.approx(1.7)
+    assert speed.target == 1.5 and not speed.to_json()["target"]["met"]
+    assert speed.samples == pytest.approx([64.0, 64.0])  # 2 prompts x 4 x 8 tokens in 1 s
+    assert flops.ratios == pytest.approx([0.1, 0.1])  # 1 GFLOP in 1 s of a 10 GFLOP/s roofline
+    (row,) = section.rows
+    assert row["vllm_s_repeats"] == [1.0, 1.0] and row["hf_s_repeats"] == [2.0, 1.4] and row["hf_s"] == 1.7
