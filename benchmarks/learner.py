@@ -63,31 +63,6 @@ def synthetic_batch(prompts: int, group: int, prompt_len: int, response_len: int
     return make_batch(rollouts, rewards, algo)
 
 
-def start_group(cfg, model_path: str):
-    """rlsys.cluster.learners.start_learner_group with a placement group of its own name: that one
-    names its placement group rlsys-learners, and Ray refuses a second group of the same name, so
-    the reference's group and a setting's could not be up together."""
-    import uuid
-
-    import ray
-
-    from rlsys.cluster.learners import LearnerGroup, learner_actors, learners_alone
-    from rlsys.cluster.placement import layout, resolve_backend
-    from rlsys.cluster.remote import place
-    from rlsys.data.models import ModelSource
-
-    backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
-    lay = layout(learners_alone(cfg), backend == "nccl")
-    pg = place(f"rlsys-learners-bench-{uuid.uuid4().hex[:8]}", *lay.groups["rlsys-learners"], cfg.cluster)
-    actors = learner_actors(cfg, ModelSource.of(cfg.model, model_path), backend, lay, {"rlsys-learners": pg})
-    ip = ray.get(actors[0].whereami.remote())["ip"]
-    port = ray.get(actors[0].free_port.remote())
-    ray.get([a.setup.remote(ip, port) for a in actors])
-    group = LearnerGroup(actors, cfg)
-    group.ships()
-    return group, pg
-
-
 class Live:
     """A 2-rank learner group of one setting, up and warmed, timing one update per call."""
 
@@ -95,6 +70,7 @@ class Live:
         from transformers import AutoConfig, AutoTokenizer
 
         from rlsys.cluster.groups import init_ray
+        from rlsys.cluster.learners import start_learner_group
         from rlsys.math.flops import Shape, grpo_step_flops
 
         P, G, Lp, Lr = shape["prompts"], shape["group"], shape["prompt_len"], shape["response_len"]
@@ -109,7 +85,8 @@ class Live:
         self.flops = grpo_step_flops(Shape.of(AutoConfig.from_pretrained(model_path)), [Lp + Lr] * (P * G),
                                      epochs=cfg.learner.epochs, reference=cfg.algo.beta > 0,
                                      response_lens=[Lr] * (P * G), old_logprob_pass=False)
-        self.group, self.pg = start_group(cfg, model_path)
+        # a placement group of its own name: the reference's group is up beside each setting's
+        self.group, self.pg = start_learner_group(cfg, model_path, placement_name=f"rlsys-learners-{zero}-{dtype}")
         self.seconds: list[float] = []
         try:
             self.group.train(self.batch)  # warm-up: allocator, optimizer state, DeepSpeed buffers
