@@ -35,7 +35,7 @@ def test_the_quick_result_has_a_section_for_every_plot():
     assert set(PLOTS) <= set(result["benchmarks"]), f"no data to draw {set(PLOTS) - set(result['benchmarks'])}"
     assert set(result["source"]) == set(result["benchmarks"]), "every section says where it was measured"
     assert any("zero3_two_ranks" in r for r in result["benchmarks"]["weight_sync"]["rows"])
-    assert DATA.stat().st_size < 64_000
+    assert DATA.stat().st_size < 128_000  # one whole quick run (97 KB in one line), kept small enough to read in review
 
 
 def test_every_plot_is_drawn_from_a_real_quick_result(tmp_path):
