@@ -261,6 +261,33 @@ def _targets(ax, benches: dict) -> bool:
     return True
 
 
+def _packing(ax, bench: dict) -> None:
+    """Learner tokens/s per micro-batch layout (median of the rounds, the range as an error bar)."""
+    row = next(r for r in bench["rows"] if r["what"] == "throughput")
+    layouts = list(row["tokens_per_s"])
+    tokens = row["tokens"]
+    lows = [tokens / max(row["seconds_repeats"][k]) for k in layouts]
+    highs = [tokens / min(row["seconds_repeats"][k]) for k in layouts]
+    values = [row["tokens_per_s"][k] for k in layouts]
+    _bars(ax, layouts, values, "learner tokens/s", "packing: micro-batch layouts (bars: lowest to highest round)")
+    ax.errorbar(range(len(layouts)), values, yerr=[[v - lo for v, lo in zip(values, lows)],
+                                                   [hi - v for v, hi in zip(values, highs)]], fmt="none", ecolor="k")
+
+
+def _overlap(ax, bench: dict) -> None:
+    """Mean reward against seconds of training, every synchronous and asynchronous run (the
+    asynchronous one should get as far in less time)."""
+    for row in bench["rows"]:
+        for mode, color in (("synchronous", "tab:blue"), ("asynchronous", "tab:orange")):
+            for i, run in enumerate(row[mode]):
+                ax.plot(run["elapsed_s"], run["reward"], color=color, alpha=0.8,
+                        label=f"{row['workload']}: {mode}" if i == 0 else None)
+    ax.set(xlabel="seconds of training (sum of step times)", ylabel="mean reward of the step's rollouts",
+           title="overlap: reward against time, every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _limits(ax, bench: dict) -> None:
     """Where each stage's time goes, one bar per stage and precision: the measured time is the
     whole bar (1.0), split into its parts; the black tick is the stage's limit on this machine,
@@ -298,7 +325,8 @@ def _seconds(s: float) -> str:
 PLOTS = {"rollout": _rollout, "reward": _reward, "learner": _learner, "weight_sync": _weight_sync,
          "weight_sync_link": _weight_sync_link,
          "end_to_end": _end_to_end, "peer": _peer, "scaling": _scaling, "scaling_split": _scaling_split,
-         "scaling_link": _scaling_link, "limits": _limits}
+         "scaling_link": _scaling_link, "limits": _limits,
+         "packing": _packing, "overlap": _overlap}
 
 if __name__ == "__main__":
     print("\n".join(str(p) for p in plot_all(Path(sys.argv[1]))))
