@@ -184,15 +184,17 @@ def learner_stage(path: str, dtype: str, repeats: int) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from benchmarks.learner import synthetic_batch
-    from rlsys.cluster.groups import init_ray, start_learner_group
+    from rlsys.cluster.groups import init_ray
+    from rlsys.cluster.learners import start_learner_group
     from rlsys.math.flops import Shape
     from rlsys.observe.hardware import matmul_roofline, model_matmul_rate, usable_cpus
 
     P, G, Lp, Lr = STEP["prompts"], STEP["group"], STEP["prompt_len"], STEP["response_len"]
     cores = len(usable_cpus())
-    cfg = rlsys_config([f"model.path={path}", f"model.dtype={dtype}", f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}",
-                 "learner.num_ranks=1", f"learner.num_cpus={cores}", f"data.prompts_per_step={P}",
-                 f"algo.group_size={G}", "algo.beta=0", f"learner.mini_batch_size={P * G}"], "rlsys/default.yaml")
+    cfg = rlsys_config([f"model.path={path}", f"model.dtype={dtype}",
+                        f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}", "learner.num_ranks=1",
+                        f"learner.num_cpus={cores}", f"data.prompts_per_step={P}", f"algo.group_size={G}",
+                        "algo.beta=0", f"learner.mini_batch_size={P * G}"], "rlsys/default.yaml")
     shape = Shape.of(AutoConfig.from_pretrained(path))
     work = update_flops(shape, STEP, cfg.learner.max_tokens_per_micro_batch, cfg.trainer.seed)
     batch = synthetic_batch(P, G, Lp, Lr, len(AutoTokenizer.from_pretrained(path)), cfg.algo)
@@ -230,7 +232,7 @@ def attention_worker(path: str, dtype: str, repeats: int) -> dict:
     closed part of the learner's distance: forward + backward of the learner's model over one
     micro-batch of the step in the shared layout (two groups: the 2048-token budget's), the
     attention by blocks and with the block mask applied densely (rlsys before 2026-12-05), taken
-    in turn in one process with every core. Seconds each, and the attention ops' share."""
+    in turn in one process with every core: seconds of each, and the attended pairs of each."""
     import torch
 
     from benchmarks.learner import synthetic_batch
