@@ -201,26 +201,17 @@ FLAGS_OF_NOTE = ("avx512f", "avx512_bf16", "amx_bf16")
 def _cpu(cpuinfo: str | None = None) -> dict:
     """The first processor of /proc/cpuinfo (or of `cpuinfo`): model name, vendor, family and model
     numbers, the flags of note present, and the uarch they imply."""
-    fields: dict[str, str] = {}
+    from rlsys.observe.hardware import CpuInfo
+
     try:
         text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
         text = ""
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break  # the first processor is enough
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(fields.get("vendor_id", ""),
-                                                                 fields.get("vendor_id", "").lower() or "unknown")
-    flags = [f for f in FLAGS_OF_NOTE if f in fields.get("flags", "").split()]
-    try:
-        family, model = int(fields["cpu family"]), int(fields["model"])
-    except (KeyError, ValueError):
-        family = model = None
-    return {"cpu": fields.get("model name") or platform.processor(), "vendor": vendor, "family": family,
+    info = CpuInfo.parse(text)
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.vendor, info.vendor.lower() or "unknown")
+    flags = [f for f in FLAGS_OF_NOTE if f in info.flags]
+    family, model = (info.family, info.model) if info.family is not None and info.model is not None else (None, None)
+    return {"cpu": info.model_name or platform.processor(), "vendor": vendor, "family": family,
             "model": model, "flags": flags, "uarch": _uarch(vendor, family, model, flags)}
 
 

@@ -36,6 +36,8 @@ class CpuInfo:
     model_name: str
     flags: frozenset[str]
     mhz: float | None
+    model: int | None = None
+    """cpuinfo's model number (with the family it names the microarchitecture)."""
 
     @classmethod
     def parse(cls, text: str) -> "CpuInfo":
@@ -48,11 +50,11 @@ class CpuInfo:
                 continue
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
-        family = fields.get("cpu family")
+        family, model = fields.get("cpu family"), fields.get("model")
         mhz = fields.get("cpu MHz")
         return cls(vendor=fields.get("vendor_id", ""), family=int(family) if family and family.isdigit() else None,
                    model_name=fields.get("model name", ""), flags=frozenset(fields.get("flags", "").split()),
-                   mhz=float(mhz) if mhz else None)
+                   mhz=float(mhz) if mhz else None, model=int(model) if model and model.isdigit() else None)
 
 
 @dataclass(frozen=True)
