@@ -43,6 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Figure, Section, in_fresh_process, interleaved, main, ray_up, rlsys_config
+from benchmarks.end_to_end import GSM8K
+from benchmarks.rollout import workload_prompts
 
 MODEL = "smollm2-135m-instruct"
 STEP = {"prompts": 4, "group": 8, "prompt_len": 200, "response_len": 64}
@@ -53,7 +55,6 @@ TARGET_DECODE = 0.5
 """Decode's share of its limit, set after the first measurement (AMD EPYC Zen 4, 2 vCPUs, 2026-12-05:
 0.47 fp32, 0.35 bf16): the matmuls already run at about the roofline; the rest is attention,
 vLLM's own per-step work and sampling."""
-GSM8K = ["data.name=gsm8k", "data.split=train"]
 
 PARTS = ("matmul", "attention", "softmax and log-probs", "sampling", "optimizer", "communication",
          "copies and casts", "other ops", "outside ops")
@@ -162,19 +163,6 @@ def decode_step(short_s: float, long_s: float, lengths: tuple[int, int] = DECODE
     0.125
     """
     return (long_s - short_s) / (lengths[1] - lengths[0])
-
-
-def prompts(count: int) -> tuple[str, list[str]]:
-    """(model path, templated GSM8K prompts) of the end-to-end workload."""
-    from transformers import AutoTokenizer
-
-    from rlsys.data.models import resolve_model
-    from rlsys.data.prompts import PromptStream
-
-    cfg = rlsys_config(GSM8K, "rlsys/default.yaml")
-    path = resolve_model(cfg.model)
-    stream = PromptStream(cfg.data, seed=0, tokenizer=AutoTokenizer.from_pretrained(path))
-    return path, [p.text for p in stream.next(count)]
 
 
 # ---------------------------------------------------------------- learner
@@ -362,7 +350,7 @@ def sync_stage(path: str, dtype: str, repeats: int) -> dict:
 
 def run(quick: bool) -> Section:
     repeats = 2 if quick else 4
-    path, texts = prompts(STEP["prompts"])
+    path, texts = workload_prompts("rlsys/default.yaml", STEP["prompts"], GSM8K)  # the end-to-end step's prompts
     section = Section("limits", {"model": MODEL, "step": STEP, "decode_lengths": list(DECODE_LENGTHS),
                                  "repeats": repeats, "target_mfu": TARGET_MFU})
     ray_up()

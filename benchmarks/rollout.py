@@ -106,14 +106,15 @@ def hf_side(model_path: str, prompts: list[str], n: int, tokens: int) -> float:
     return seconds
 
 
-def workload_prompts(config: str, count: int) -> tuple[str, list[str]]:
-    """(model path, templated prompt texts) of an rlsys config: what its run would generate from."""
+def workload_prompts(config: str, count: int, overrides: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """(model path, templated prompt texts) of an rlsys config (with overrides): what its run would
+    generate from."""
     from transformers import AutoTokenizer
 
     from rlsys.data.prompts import PromptStream
     from rlsys.data.models import resolve_model
 
-    cfg = rlsys_config([], config)
+    cfg = rlsys_config(list(overrides), config)
     path = resolve_model(cfg.model)
     stream = PromptStream(cfg.data, seed=0, tokenizer=AutoTokenizer.from_pretrained(path))
     return path, [p.text for p in stream.next(count)]
