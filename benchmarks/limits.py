@@ -279,7 +279,7 @@ def decode_worker(path: str, dtype: str, texts: list[str], group: int, repeats: 
     call(short), call(long)  # warm-up
     shape = Shape.of(AutoConfig.from_pretrained(path))
     B, context = len(texts) * group, statistics.mean(len(ids) for *_, ids, _ in batch) + (short + long) / 2
-    steps, limits, bounds = [], [], []
+    steps, bounds = [], []
 
     def ours() -> float:
         steps.append(decode_step(call(short), call(long)))
