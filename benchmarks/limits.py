@@ -279,11 +279,10 @@ def decode_worker(path: str, dtype: str, texts: list[str], group: int, repeats: 
     call(short), call(long)  # warm-up
     shape = Shape.of(AutoConfig.from_pretrained(path))
     B, context = len(texts) * group, statistics.mean(len(ids) for *_, ids, _ in batch) + (short + long) / 2
-    steps, bounds = [], []
+    bounds = []
 
     def ours() -> float:
-        steps.append(decode_step(call(short), call(long)))
-        return steps[-1]
+        return decode_step(call(short), call(long))
 
     def limit() -> float:
         bw = memory_bandwidth()
@@ -291,8 +290,7 @@ def decode_worker(path: str, dtype: str, texts: list[str], group: int, repeats: 
                                     .element_size(), bw["read"], matmul_roofline((dtype,))[dtype]) | {"bandwidth": bw})
         return bounds[-1]["limit_s"]
 
-    interleaved(ours, limit, repeats)
-    limits = [b["limit_s"] for b in bounds]
+    steps, limits = interleaved(ours, limit, repeats)
     profiled = []
     for tokens in (short, long):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
