@@ -3,7 +3,7 @@
 The engine runs in this process (`distributed_executor_backend="uni"`) when it has one worker,
 which starts in seconds; with tensor parallelism its workers are processes of their own (on GPU,
 and on CPU with one OpenMP core set per worker). Either way the weight sync runs inside the
-workers as vLLM worker-extension methods (rlsys.actors.weight_sync.WorkerExtension) called by name.
+workers as vLLM worker-extension methods (rlsys.actors.engine_worker.WorkerExtension) called by name.
 Weights change only through `receive_weights`, which also bumps the version every rollout carries.
 
 Prompts arrive as token ids, tokenised once by rlsys (rlsys.data.prompts): the engine never re-tokenises
@@ -18,7 +18,8 @@ import os
 
 from rlsys.config import GeneratorConfig
 from rlsys.types import PromptRequest, Rollout
-from rlsys.actors.weight_sync import WORKER_EXTENSION, Bucket, plan_to_wire
+from rlsys.actors.engine_worker import WORKER_EXTENSION, plan_to_wire
+from rlsys.actors.weight_sync import Bucket
 
 
 def engine_env(cfg: GeneratorConfig, local_index: int | None = None, local_engines: int = 1,
