@@ -20,7 +20,9 @@ one learner rank with every core). Per precision:
   same process) and the step's FLOPs at the square-matmul roofline (decode's thin products cannot
   beat it; they do not reach it either). Target: half of it (TARGET_DECODE).
 - sync: the learner -> engine weight push of the whole model (benchmarks/weight_sync.measure: wire
-  only, and whole with vLLM's reload) against one memcpy of the same bytes in the driver.
+  only, and whole with vLLM's reload) against one memcpy of the same bytes in the driver: by handle
+  (the engine being on the learner's node), and over gloo beside it (rlsys before 2026-12-05: the
+  before/after of the change that closed part of this stage's distance).
 
 Each side of each figure is taken interleaved (ours, limit, ours, limit, ...). Where the time goes:
 the learner's update and two decode calls once more under torch.profiler, each op's self time put
@@ -307,41 +309,25 @@ def decode_worker(path: str, dtype: str, texts: list[str], group: int, repeats: 
 # ---------------------------------------------------------------- sync
 
 def sync_stage(path: str, dtype: str, repeats: int) -> dict:
-    import torch
-
-    from benchmarks.weight_sync import measure
-    from rlsys.observe.hardware import usable_cpus
-
-    buffers: dict[int, tuple] = {}
-
-    def memcpy(nbytes: int) -> float:
-        """One copy of the push's bytes on every usable core: the floor of moving them once."""
-        if nbytes not in buffers:
-            buffers[nbytes] = (torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8))
-            buffers[nbytes][1].copy_(buffers[nbytes][0])  # first touch
-        src, dst = buffers[nbytes]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(len(usable_cpus()))
-        try:
-            start = time.perf_counter()
-            dst.copy_(src)
-            return time.perf_counter() - start
-        finally:
-            torch.set_num_threads(threads)
+    """The push of the whole model to one engine on the learner's node, by handle (rlsys's default
+    there) and over the collective (before 2026-12-05, and what engines on other nodes use),
+    interleaved, against one memcpy of the bytes."""
+    from benchmarks.weight_sync import measure, memcpy_seconds
 
     m = measure(path, repeats, 32.0, ("learner.num_ranks=1", f"model.dtype={dtype}", "generator.num_engines=1",
-                                      f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}"), between=memcpy)
-    buffers.clear()
+                                      f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}"),
+                between=memcpy_seconds, handle=True)
     reps = m["repeats_s"]
-    median = statistics.median(reps["rlsys"])
-    wire = statistics.median(reps["wire"])
-    load = min(m["engine_load_s"], median - wire)
-    return {"stage": "sync", "dtype": dtype, "bytes": m["bytes"], "seconds": reps["rlsys"], "measured_s": median,
-            "wire_seconds": reps["wire"], "raw_seconds": reps["raw"], "memcpy_seconds": reps["between"],
+    median = statistics.median(reps["handle"])
+    wire = statistics.median(reps["handle_wire"])
+    load = min(statistics.median(reps["handle_load"]), median - wire)
+    return {"stage": "sync", "dtype": dtype, "bytes": m["bytes"], "seconds": reps["handle"], "measured_s": median,
+            "wire_seconds": reps["handle_wire"], "memcpy_seconds": reps["between"],
+            "collective_seconds": reps["rlsys"], "collective_wire_seconds": reps["wire"], "raw_seconds": reps["raw"],
             "limit_s": statistics.median(reps["between"]), "binding": "memcpy of the bytes",
-            "parts": {"wire (buckets, broadcast, checksums)": wire, "engine reload (vLLM load_weights)": load,
+            "parts": {"wire (shared buffer, checksums)": wire, "engine reload (vLLM load_weights)": load,
                       "rest (driver, versions)": max(0.0, median - wire - load)},
-            "backend": m["backend"]}
+            "backend": f"by handle (shared memory); collective: {m['backend']}"}
 
 
 # ---------------------------------------------------------------- the section
@@ -392,8 +378,15 @@ def run(quick: bool) -> Section:
             section.figures.append(Figure.repeated(
                 f"limits sync SmolLM2 {short} {label} seconds", samples, "s",
                 f"one memcpy of the same {s['bytes'] / 1e6:.0f} MB in the driver", s["memcpy_seconds"],
-                lower_is_better=True, note=f"ratio = share of the memcpy floor reached; {s['backend']} push to 1 "
-                                           f"engine" + ("" if label == "wire" else ", with vLLM's reload")))
+                lower_is_better=True, note="ratio = share of the memcpy floor reached; push by handle to 1 engine "
+                                           "on the learner's node" + ("" if label == "wire" else ", with vLLM's reload")))
+        for label, after, before in (("wire", s["wire_seconds"], s["collective_wire_seconds"]),
+                                     ("whole push", s["seconds"], s["collective_seconds"])):
+            section.figures.append(Figure.repeated(
+                f"limits sync SmolLM2 {short} {label} by handle seconds", after, "s",
+                "the same over gloo (rlsys before 2026-12-05; engines on other nodes still), same run", before,
+                lower_is_better=True,
+                note="before/after of the change that closed part of the sync's distance to its limit"))
     return section
 
 

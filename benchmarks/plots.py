@@ -11,6 +11,7 @@ JSON) raises PlotsFailed naming the failed plots once the others are written.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -125,9 +126,15 @@ def _weight_sync(ax, bench: dict) -> None:
     sizes = [r for r in bench["rows"] if "zero3_two_ranks" not in r]
     sharded = [r for r in bench["rows"] if "zero3_two_ranks" in r]
     params = [r["params"] for r in sizes]
-    ax.loglog(params, [r["rlsys_s"] for r in sizes], "o-", label="rlsys push (wire + engine load)")
+    ax.loglog(params, [r["rlsys_s"] for r in sizes], "o-", label="rlsys push over the collective (wire + engine load)")
     ax.loglog(params, [r["raw_s"] for r in sizes], "s--", label="raw flat-buffer broadcast, same bytes")
     ax.loglog(params, [r["engine_load_s"] for r in sizes], "^:", label="of which: vLLM in-place load")
+    handle = [r for r in sizes if "handle" in r["repeats_s"]]  # runs since 2026-12-05
+    if handle:
+        ax.loglog([r["params"] for r in handle], [statistics.median(r["repeats_s"]["handle"]) for r in handle], "o-",
+                  color="tab:green", label="rlsys push by handle (engines on the learner's node)")
+        ax.loglog([r["params"] for r in handle], [statistics.median(r["repeats_s"]["between"]) for r in handle], "x:",
+                  color="tab:gray", label="one memcpy of the bytes")
     for r in sharded:
         by = r["zero3_two_ranks"]  # {"False": rank 0 sends everything, "True": every rank its part}
         ax.loglog([r["params"]], [by["False"]["rlsys_s"]], "D", color="tab:red", markerfacecolor="none",

@@ -199,6 +199,13 @@ class LearnerConfig:
     its own with the generators; under ZeRO-3 each rank sends its own partition of every parameter
     instead (no gather), and the engines put them together; false: rank 0 sends them all (ZeRO-3:
     gathering each bucket first)."""
+    sync_by_handle: bool = True
+    """An engine on the node of every sending rank (cluster.placement=colocated; on one machine,
+    all of them) receives the weights by handle: the ranks copy their buckets into shared memory
+    (CPU: a memfd; GPU: CUDA IPC) and the engine's workers map it (rlsys.actors.shared_weights),
+    instead of a collective (gloo/NCCL) that would copy every byte through sockets or, with two
+    ranks on one GPU, be refused by NCCL. Engines on other nodes receive over the collective as
+    before. false: every engine over the collective."""
     max_tokens_per_micro_batch: int = 2048
     """Token-budget micro-batches: rows (longest first) go into micro-batches of at most this many
     tokens, padding included (a longer row goes alone), balanced over the ranks by tokens; then

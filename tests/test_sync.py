@@ -121,9 +121,17 @@ def one_step(groups, cfg, tokenizer):
 
 
 CASES = {
+    # Every engine here is on the learner ranks' node: by handle (shared memory) unless a case says
+    # learner.sync_by_handle=false (the collective, as engines on other nodes receive), or "mixed".
     # fp32 at temperature 0.7: the generators' log-probs must be the tempered ones the learner computes
     "fp32": (["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7"]),
+    "fp32-collective": ["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7",
+                        "learner.sync_by_handle=false"],
     "zero3-bf16": ["learner.zero_stage=3", "model.dtype=bfloat16"],
+    "zero3-bf16-collective": ["learner.zero_stage=3", "model.dtype=bfloat16", "learner.sync_by_handle=false"],
+    # engine 0 by handle, engine 1 over the collective in the same push (as one engine on the
+    # learners' node and one elsewhere): each checked against what the ranks sent
+    "mixed": ["learner.zero_stage=0", "model.dtype=float32"],
     "tied": ["learner.zero_stage=0", "model.tiny_tied=true"],
     # a Llama whose tokenizer has no pad token and writes BOS in its chat template
     # ... and learner rank 0 sending every bucket alone (the other cases: both ranks send their share)
@@ -133,8 +141,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
+def test_sync_is_exact_after_a_learner_step(ray_cluster, case, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlsys.cluster.sync import WeightSync
+
+    if case == "mixed":
+        monkeypatch.setattr(WeightSync, "by_hand", lambda self, engine: engine.index == 0)
 
     cfg = load_config(CONFIG, CASES[case] + ["learner.sync_bucket_mb=0.05"])  # several buckets, even for the tiny model
     dtype, tied = cfg.model.dtype, cfg.model.tiny_tied
@@ -145,6 +158,9 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case):
         assert len(groups.sync.plan) > 3, "the test should exercise several buckets"
         # ZeRO-3 with both ranks sending: each sends its own partition of every bucket, no gather
         assert groups.sync.shards == (2 if cfg.learner.zero_stage == 3 else 1)
+        by_hand = {"mixed": [True, False]}.get(case, [cfg.learner.sync_by_handle] * 2)
+        assert [groups.sync.by_hand(e) for e in groups.generators.engines] == by_hand
+        assert groups.sync.members == [i for i, hand in enumerate(by_hand) if not hand]  # the collective's engines
         prompts, metrics = one_step(groups, cfg, tokenizer)
         assert metrics["grad_norm"] > 0
         if dtype == "float32":
@@ -262,11 +278,14 @@ def test_tensor_parallel_engine_syncs_exactly_on_both_workers(ray_cluster):
         groups.shutdown()
 
 
-def test_an_engine_that_dies_during_a_push_is_dropped_the_others_get_the_weights_and_it_is_replaced(ray_cluster):
+@pytest.mark.parametrize("by_handle", [True, False])
+def test_an_engine_that_dies_during_a_push_is_dropped_the_others_get_the_weights_and_it_is_replaced(
+        ray_cluster, by_handle):
     """kill -9 of one of 3 engines after the pre-push check, so that it dies under the push itself:
-    the learner's send fails, closes its group (the survivors' receives fail at once, not at
-    deadlines.sync_s), the dead engine leaves the pool, and the push goes again to the two left,
-    exactly; at the step boundary a replacement starts and joins with the same weights."""
+    over the collective the learner's send fails and closes its group (the survivors' receives fail
+    at once, not at deadlines.sync_s); by handle the survivors load what they mapped. Either way the
+    dead engine leaves the pool, and the push goes again to the two left, exactly; at the step
+    boundary a replacement starts and joins with the same weights."""
     import os
     import signal
     import time
@@ -274,7 +293,8 @@ def test_an_engine_that_dies_during_a_push_is_dropped_the_others_get_the_weights
     from transformers import AutoTokenizer
 
     cfg = load_config(CONFIG, ["learner.zero_stage=0", "model.dtype=float32", "generator.num_engines=3",
-                               "learner.num_ranks=1", "reward.num_workers=1", "learner.sync_bucket_mb=0.05"])
+                               "learner.num_ranks=1", "reward.num_workers=1", "learner.sync_bucket_mb=0.05",
+                               f"learner.sync_by_handle={str(by_handle).lower()}"])
     model_path = resolve_model(cfg.model)
     groups = launch(cfg, model_path, verifier="math")
     try:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from rlsys.actors.shared_weights import Mapped
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, make_group, raw_broadcast,
                                       receive_buckets)
 
@@ -55,17 +56,18 @@ class WorkerExtension:
         """Join every sending learner rank's sync group ([addr, port] each, in rank order) as
         first_rank + this worker's rank inside its engine, each with timeout_s (make_group). Every
         member builds the groups in the same order, so the rendezvous of one never waits on another."""
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
         rank = first_rank + self.rank
         self.rlsys_sync = ([make_group(backend, addr, port, rank, world, timeout_s) for addr, port in rendezvous],
                            backend)
         return rank
 
-    def rlsys_receive(self, wire_plan: list, shards: int = 1) -> list[int]:
-        """_rlsys_receive; when it fails (a peer died under the push) this worker's sync groups are
-        dropped before the error leaves, closing their connections: the members still waiting on
-        this push (a gloo broadcast relays through receivers) fail at once instead of at the
-        group's timeout. The next push builds new groups."""
+    def rlsys_receive(self, wire_plan: list, shards: int = 1, shares: list | None = None) -> list[int]:
+        """_rlsys_receive; when the collective fails (a peer died under the push) this worker's sync
+        groups are dropped before the error leaves, closing their connections: the members still
+        waiting on this push (a gloo broadcast relays through receivers) fail at once instead of at
+        the group's timeout. The next push builds new groups. By handle (`shares`) there is no group."""
+        if shares is not None:
+            return self._rlsys_receive(wire_plan, shards, shares)
         try:
             return self._rlsys_receive(wire_plan, shards)
         except RuntimeError as e:  # the traceback's frames hold the groups: let them go with it
@@ -74,21 +76,23 @@ class WorkerExtension:
         gc.collect()
         raise RuntimeError(f"weight receive failed ({failure}); this worker's sync groups are closed")
 
-    def _rlsys_receive(self, wire_plan: list, shards: int = 1) -> list[int]:
-        """Receive every bucket (in `shards` pieces each, see receive_buckets) and load it in
-        place; returns each bucket's checksum as received (the senders compare them with what they sent).
+    def _rlsys_receive(self, wire_plan: list, shards: int = 1, shares: list | None = None) -> list[int]:
+        """Receive every bucket (in `shards` pieces each; _rlsys_buckets) and load it in place;
+        returns each bucket's checksum as received (the senders compare them with what they sent).
 
         Leaves `self.rlsys_receive_s` = (seconds in all, seconds spent waiting for the wire) for
         the sync benchmark's breakdown (the rest is vLLM's in-place load: on CPU, repacking every
         linear layer's weight for oneDNN)."""
         plan = plan_from_wire(wire_plan)
-        groups, backend = self.rlsys_sync
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if not any(isinstance(f, _QuietRotaryReload) for f in reload_log.filters):
+            reload_log.addFilter(_QuietRotaryReload())
         sums: list[int] = []  # what arrived, per bucket
         count, waited, start = 0, 0.0, time.perf_counter()
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count, waited
-            items = receive_buckets(groups, plan, device_for(backend), sums, shards)
+            items = self._rlsys_buckets(plan, shards, shares, sums)
             while True:
                 t = time.perf_counter()
                 item = next(items, None)
@@ -111,20 +115,33 @@ class WorkerExtension:
             quant_method = getattr(module, "quant_method", None)
             if quant_method is not None:
                 quant_method.process_weights_after_loading(module)
-        if backend == "nccl":  # the loads are queued on the stream: done before the push returns
-            torch.cuda.synchronize()
+        device = next(model.parameters()).device
+        if device.type == "cuda":  # the loads are queued on the stream: done before the push returns
+            torch.cuda.synchronize(device)
         self.rlsys_receive_s = (time.perf_counter() - start, waited)
         expected = sum(len(b) for b in plan)
         # The loader must drain the iterator, or the sender would block on a broadcast nobody takes.
         assert count == expected, f"the engine consumed {count} of {expected} tensors"
         return sums
 
-    def rlsys_receive_wire(self, wire_plan: list, shards: int = 1) -> list[int]:
-        """The wire alone, for the sync benchmark: every bucket received into its buffer and
-        checksummed as in rlsys_receive, nothing loaded into the model; returns the checksums."""
+    def _rlsys_buckets(self, plan: list[Bucket], shards: int, shares: list | None,
+                       sums: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every parameter, bucket by bucket, each bucket's checksum into `sums`:
+        by handle, as views into the sending ranks' shared buffers (`shares`, one per sending
+        rank: rlsys.actors.shared_weights), else received from their sync groups."""
+        if shares is not None:
+            if getattr(self, "rlsys_mapped", None) is None:
+                self.rlsys_mapped = Mapped()  # kept: a buffer is mapped once while the learner keeps it
+            return self.rlsys_mapped.buckets(shares, plan, sums, shards)
         groups, backend = self.rlsys_sync
+        return receive_buckets(groups, plan, device_for(backend), sums, shards)
+
+    def rlsys_receive_wire(self, wire_plan: list, shards: int = 1, shares: list | None = None) -> list[int]:
+        """The wire alone, for the sync benchmark: every bucket received into its buffer (or, by
+        handle, mapped) and checksummed as in rlsys_receive, nothing loaded into the model; returns
+        the checksums."""
         sums: list[int] = []
-        for _ in receive_buckets(groups, plan_from_wire(wire_plan), device_for(backend), sums, shards):
+        for _ in self._rlsys_buckets(plan_from_wire(wire_plan), shards, shares, sums):
             pass
         return sums
 

@@ -145,19 +145,23 @@ class Generator:
         return self.llm.collective_rpc("rlsys_join", args=([list(r) for r in rendezvous], first_rank, world, backend,
                                                            timeout_s))
 
-    def receive_weights(self, plan: list[Bucket], version: int, shards: int = 1) -> tuple[int, list[list[int]]]:
-        """Receive and load every bucket (in `shards` pieces each: weight_sync.receive_buckets);
+    def receive_weights(self, plan: list[Bucket], version: int, shards: int = 1,
+                        shares: list[dict] | None = None) -> tuple[int, list[list[int]]]:
+        """Receive and load every bucket (in `shards` pieces each: weight_sync.receive_buckets), from
+        the sync groups, or by handle from the sending learner ranks' shared buffers (`shares`, one
+        per sending rank, as Learner.share_weights returns them: rlsys.actors.shared_weights);
         returns (the version now served, each worker's checksum of every bucket as received)."""
-        sums = self.llm.collective_rpc("rlsys_receive", args=(plan_to_wire(plan), shards))
+        sums = self.llm.collective_rpc("rlsys_receive", args=(plan_to_wire(plan), shards, shares))
         # Cached prefixes hold KV computed by the old weights: drop them, every time.
         self.llm.reset_prefix_cache()
         self.version = version
         return version, sums
 
-    def receive_wire(self, plan: list[Bucket], shards: int = 1) -> tuple[None, list[list[int]]]:
+    def receive_wire(self, plan: list[Bucket], shards: int = 1,
+                     shares: list[dict] | None = None) -> tuple[None, list[list[int]]]:
         """The receiving end of a push without the load (the sync benchmark's wire part): the
         engine keeps serving the weights it has. Returns (None, each worker's checksums)."""
-        return None, self.llm.collective_rpc("rlsys_receive_wire", args=(plan_to_wire(plan), shards))
+        return None, self.llm.collective_rpc("rlsys_receive_wire", args=(plan_to_wire(plan), shards, shares))
 
     def receive_raw(self, numel: int, dtype: str) -> None:
         """The receiving end of Learner.broadcast_raw (the sync benchmark's reference)."""

@@ -45,6 +45,7 @@ from rlsys.math.prefix import prefix_attention, share_prompts
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
+from rlsys.actors.shared_weights import Shares
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, flatten_parameters, free_port, make_group,
                                       owners, partition, plan_buckets, raw_broadcast, send_buckets)
 
@@ -263,6 +264,7 @@ class Learner:
         self.total_updates, self.updates_per_batch = total_updates, updates_per_batch
         self.engine = self.ref = None
         self.sync_group = None
+        self.shares = Shares()  # the buffer the engines on this node map (share_weights)
         self.steps = 0
 
     def free_port(self) -> int:
@@ -628,41 +630,60 @@ class Learner:
 
     def _broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
         """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank
-        broadcasts the buckets it owns (weight_sync.owners) and returns their checksums by bucket
-        index; the others return {}. ZeRO 0-2: a rank holds every parameter whole and touches only
-        its own buckets. ZeRO-3 with every rank sending (sync_shards > 1): each rank sends its own
-        partition of every bucket's parameters, as it holds them (no gather), and returns every
-        bucket's piece checksum. ZeRO-3 with rank 0 sending alone: every rank gathers every bucket,
-        in plan order, rank 0 sends it."""
+        broadcasts the buckets it owns (_my_buckets) over its sync group and returns their
+        checksums by bucket index; the others return {}."""
+        mine, buckets = self._my_buckets(plan)
+        if not mine:
+            for _ in buckets:  # ZeRO-3: a rank that sends nothing takes part in each gather
+                pass
+            return {}
+        return dict(zip(mine, send_buckets(self.sync_group, buckets, device_for(self.backend))))
+
+    def share_weights(self, plan: list[Bucket]) -> dict | None:
+        """The same buckets as broadcast_weights, by handle, for the engines on this rank's node
+        (rlsys.actors.shared_weights): copied into this rank's shared buffer; returns its handle and
+        each bucket's place and checksum, or None from a rank that sends nothing. Collective over
+        all learner ranks, as broadcast_weights."""
+        mine, buckets = self._my_buckets(plan)
+        if not mine:
+            for _ in buckets:
+                pass
+            return None
+        return self.shares.share(plan, mine, buckets, device_for(self.backend), self.sync_shards())
+
+    def _my_buckets(self, plan: list[Bucket]) -> tuple[list[int], Iterator[list[torch.Tensor]]]:
+        """The buckets this rank sends (their plan indices) and an iterator over their tensors,
+        one bucket at a time. ZeRO 0-2: a rank holds every parameter whole and touches only its
+        own buckets (weight_sync.owners). ZeRO-3 with every rank sending (sync_shards > 1): each
+        rank's own partition of every bucket's parameters, as it holds them (no gather). ZeRO-3
+        with rank 0 sending alone: every rank gathers every bucket, in plan order, and rank 0
+        yields it; a rank with no buckets must still drain the iterator."""
         params = dict(self._named_params())
         if self.sync_shards() > 1:
             shards = [[params[m.name].ds_tensor for m in bucket] for bucket in plan]
             for bucket, pieces in zip(plan, shards):
                 for m, piece in zip(bucket, pieces):
                     assert piece.numel() == partition(m.numel, self.world), f"{m.name}: partition of {piece.numel()}"
-            return dict(enumerate(send_buckets(self.sync_group, iter(shards), device_for(self.backend))))
+            return list(range(len(plan))), iter(shards)
         zero3 = self.cfg.zero_stage == 3
         owner = owners(len(plan), self.senders())
         mine = [i for i in range(len(plan)) if owner[i] == self.rank]
-        if not zero3 and not mine:
-            return {}
-        import deepspeed
 
         def buckets():
+            if not zero3 and not mine:
+                return
+            import deepspeed
+
             for i, bucket in enumerate(plan):
                 if not zero3 and owner[i] != self.rank:
                     continue
                 tensors = [params[m.name] for m in bucket]
-                # ZeRO-3: every rank gathers the bucket; the owner's copy into its flat buffer happens inside.
+                # ZeRO-3: every rank gathers the bucket; the owner's copy out of it happens inside.
                 with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=zero3):
                     if owner[i] == self.rank:
                         yield [t.data for t in tensors]
 
-        if not mine:  # ZeRO-3, a rank that sends nothing: it takes part in each gather
-            for _ in buckets():
-                pass
-            return {}
-        return dict(zip(mine, send_buckets(self.sync_group, buckets(), device_for(self.backend))))
+        return mine, buckets()
 
     def broadcast_raw(self, numel: int, dtype: str) -> None:
         """Rank 0: one flat buffer over its sync group (the reference for the sync benchmark)."""

@@ -214,7 +214,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
                   f"{driver_node[:12]}, no cluster.shared_storage: checkpoints are sent to the driver, "
                   f"which writes them into the run folder", flush=True)
         learner_group = LearnerGroup(learners, cfg, ship)
-        sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size, cfg.deadlines.sync_s)
+        sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size, cfg.deadlines.sync_s,
+                          by_handle=cfg.learner.sync_by_handle)
     print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
     return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,

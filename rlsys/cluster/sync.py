@@ -1,5 +1,6 @@
 """The weight push, as the driver runs it: every learner rank sends its buckets to every worker
-of every engine in the pool (rlsys.actors.weight_sync has both ends' code), checksums compared.
+of every engine in the pool, by handle on the ranks' node (rlsys.actors.shared_weights), else over
+a collective (rlsys.actors.weight_sync; rlsys.actors.engine_worker receives), checksums compared.
 """
 
 from __future__ import annotations
@@ -35,25 +36,35 @@ def check_received(sent: list[int], received: dict[int, list[list[int]]]) -> Non
 
 
 class WeightSync:
-    """The learner ranks -> every generator worker: each sending rank its share of the buckets,
-    over a group of its own (learner.sync_from_all_ranks; else rank 0 sends them all).
+    """The learner ranks -> every generator worker: each sending rank its share of the buckets
+    (learner.sync_from_all_ranks; else rank 0 sends them all). An engine on the node of every
+    sending rank gets them by handle (learner.sync_by_handle: the ranks' shared buffers, mapped by
+    the engine's workers: rlsys.actors.shared_weights); the others over a collective group of each
+    sending rank and them.
 
-    The group is built for one membership of the pool; `push` rebuilds it first whenever the pool
-    changed (an engine joined, left or was lost): collective groups cannot grow or shrink in place."""
+    The group is built for one membership of the engines it serves; `push` rebuilds it first
+    whenever that changed (an engine joined, left or was lost): collective groups cannot grow or
+    shrink in place. Engines reached by handle need no group."""
 
     def __init__(self, learners: LearnerGroup, generators: GeneratorPool, backend: str, workers_per_engine: int,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, by_handle: bool = True):
         """timeout_s: one push or group rebuild, both sides (deadlines.sync_s)."""
         self.learners, self.generators, self.timeout_s = learners, generators, timeout_s
-        self.backend, self.workers = backend, workers_per_engine
+        self.backend, self.workers, self.by_handle = backend, workers_per_engine, by_handle
         rank0 = learners.actors[0]
         self.plan: list[Bucket] = ray.get(rank0.sync_plan.remote())
         self.senders = learners.actors[:ray.get(rank0.senders.remote())]  # each sends its share of the buckets
         self.shards: int = ray.get(rank0.sync_shards.remote())  # > 1: ZeRO-3 ranks each send their partitions
-        self.addrs = [where["ip"] for where in ray.get([a.whereami.remote() for a in self.senders])]
-        self.members: list[int] | None = None
+        where = ray.get([a.whereami.remote() for a in self.senders])
+        self.addrs = [w["ip"] for w in where]
+        self.sender_nodes = {w["node_id"] for w in where}
+        self.members: list[int] | None = None  # the engines the group serves, by index
         self.in_flight: dict = {}  # the last push's calls -> who was called
         self.connect()
+
+    def by_hand(self, engine: Engine) -> bool:
+        """Does this engine receive by handle: sync_by_handle, and every sending rank on its node."""
+        return self.by_handle and self.sender_nodes == {engine.where.get("node_id")}
 
     def _group(self, engines: list[Engine]) -> None:
         """One group per sending learner rank: that rank and every worker of these engines."""
@@ -78,40 +89,71 @@ class WeightSync:
         assert all(len(pieces) == self.shards for pieces in merged.values()), f"pieces per bucket, {self.shards} expected"
         return [combined(merged[i]) for i in range(len(self.plan))]
 
+    def _by_collective(self, engines: list[Engine]) -> list[Engine]:
+        return [e for e in engines if not self.by_hand(e)]
+
     def connect(self) -> None:
-        """(Re)build the group over the pool's engines as they are now."""
-        self._group(self.generators.engines)
-        self.members = [e.index for e in self.generators.engines]
+        """(Re)build the group over the pool's engines that receive over it, as they are now."""
+        remote = self._by_collective(self.generators.engines)
+        if remote:
+            self._group(remote)
+        self.members = [e.index for e in remote]
 
     def catch_up(self, engines: list[Engine], version: int) -> None:
-        """Engines joining the pool get the current weights (as `version`) over a group of rank 0
-        and them alone, before they serve a prompt; the engines already serving are not disturbed.
-        The next push rebuilds the full group."""
-        self._group(engines)
-        self.members = None
+        """Engines joining the pool get the current weights (as `version`) before they serve a
+        prompt, by handle or over a group of rank 0 and them alone; the engines already serving
+        are not disturbed. The next push rebuilds the full group."""
+        remote = self._by_collective(engines)
+        if remote:
+            self._group(remote)
+            self.members = None
         versions = self._send(engines, version)
         assert versions == [version] * len(engines), f"joining engines report versions {versions}, expected {version}"
 
     def _send(self, engines: list[Engine], version: int | None) -> list:
         """Every learner rank sends its buckets; the engines load them as `version`, or, with None,
-        only receive them (the wire alone). Returns what each engine's receive returned."""
-        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
-        receives = [e.actor.receive_wire.remote(self.plan, self.shards) if version is None
-                    else e.actor.receive_weights.remote(self.plan, version, self.shards) for e in engines]
-        names = self.learners.names + [f"generator {e.index}" for e in engines]
-        self.in_flight = dict(zip(sends + receives, names))  # for _lost_in_push
+        only receive them (the wire alone). By handle first: the ranks fill their shared buffers
+        (a collective among the learners under ZeRO-3), then those engines read them while the
+        ranks broadcast to the others. Returns what each engine's receive returned, in `engines`' order."""
+        local = [e for e in engines if self.by_hand(e)]
+        remote = [e for e in engines if not self.by_hand(e)]
+        learners = self.learners.names
+        shares, calls, names = None, [], []
+        if local:
+            shared = [a.share_weights.remote(self.plan) for a in self.learners.actors]
+            self.in_flight = dict(zip(shared, learners))
+            shares = [s for s in get_all(shared, learners, "sync (share)", self.timeout_s, "deadlines.sync_s")
+                      if s is not None]  # one per sending rank, in rank order
+            calls += [e.actor.receive_wire.remote(self.plan, self.shards, shares) if version is None
+                      else e.actor.receive_weights.remote(self.plan, version, self.shards, shares) for e in local]
+            names += [f"generator {e.index}" for e in local]
+        sends = []
+        if remote:
+            sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
+            calls += sends + [e.actor.receive_wire.remote(self.plan, self.shards) if version is None
+                              else e.actor.receive_weights.remote(self.plan, version, self.shards) for e in remote]
+            names += learners + [f"generator {e.index}" for e in remote]
+        self.in_flight = dict(zip(calls, names))  # for _lost_in_push
         # Both sides done (every worker has loaded what it received) before the loop goes on.
-        done = get_all(sends + receives, names, "sync", self.timeout_s, "deadlines.sync_s")
-        sent, received = self._sent(done[:len(sends)]), done[len(sends):]
-        check_received(sent, {e.index: sums for e, (_, sums) in zip(engines, received)})
-        return [version for version, _ in received]
+        done = dict(zip(calls, get_all(calls, names, "sync", self.timeout_s, "deadlines.sync_s")))
+        received = {}
+        if local:
+            sent = self._sent([{i: c for i, _, c in s["buckets"]} for s in shares])
+            received |= {e.index: done[call] for e, call in zip(local, calls)}
+            check_received(sent, {e.index: done[call][1] for e, call in zip(local, calls)})
+        if remote:
+            sent = self._sent([done[call] for call in sends])
+            receives = calls[len(calls) - len(remote):]
+            received |= {e.index: done[call] for e, call in zip(remote, receives)}
+            check_received(sent, {e.index: done[call][1] for e, call in zip(remote, receives)})
+        return [received[e.index][0] for e in engines]
 
     def _current_engines(self) -> list[Engine]:
         """The pool's live engines, the group rebuilt over them if it changed. Engines that died
         since the step's generate leave first (a dead member breaks a broadcast: gloo's sender
         fails at once, the other receivers would wait out the group timeout)."""
         self.generators.drop_dead()
-        if self.members != [e.index for e in self.generators.engines]:
+        if self.members != [e.index for e in self._by_collective(self.generators.engines)]:
             self.connect()
         return self.generators.engines
 
@@ -164,12 +206,15 @@ class WeightSync:
 
     def push_wire(self) -> None:
         """A push's wire part alone: the learners' buckets (copied from their parameters, as in
-        `push`) into the engines' receive buffers, checksums compared, nothing loaded (the sync
-        benchmark sets it against push_raw and against the whole push)."""
+        `push`) into the engines' receive buffers (by handle: the ranks' shared buffers, mapped by
+        the engines), checksums compared, nothing loaded (the sync benchmark sets it against
+        push_raw and against the whole push)."""
         self._send(self._current_engines(), None)
 
     def push_raw(self) -> None:
         """The same bytes as `push` in one flat buffer, over the same group: the link's best case."""
+        assert self.members == [e.index for e in self.generators.engines], \
+            "push_raw measures the collective: every engine must receive over it (learner.sync_by_handle=false)"
         dtype = self.plan[0][0].dtype
         assert all(m.dtype == dtype for b in self.plan for m in b), "raw broadcast assumes one dtype"
         numel = sum(m.numel for b in self.plan for m in b)
