@@ -171,8 +171,9 @@ def _weight_sync_link(ax, bench: dict) -> None:
 
 def _end_to_end(ax, bench: dict) -> None:
     labels, bottoms = [], []
-    phases = ["generate", "receive_weights", "score", "train", "broadcast_weights", "idle"]
-    colors = dict(zip(phases, ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "lightgray"]))
+    phases = ["generate", "receive_weights", "score", "train", "broadcast_weights", "share_weights", "idle"]
+    colors = dict(zip(phases, ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive", "tab:brown",
+                               "lightgray"]))
     rows = [(r["workload"], g, shares) for r in bench["rows"] for g, shares in r["groups"].items()]
     for i, (workload, group, shares) in enumerate(rows):
         left = 0.0

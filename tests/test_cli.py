@@ -73,7 +73,9 @@ def test_profiled_run_writes_every_actors_phases_to_the_timeline(smoke_run):
     assert {"generate", "reward", "learn", "sync", "eval", "save"} <= set(names("driver"))
     for rank in (0, 1):
         assert names(f"learner {rank}").count("train") == 3
-        assert names(f"learner {rank}").count("broadcast_weights") == 3
+        # every engine on the learners' node: the weights go by handle (learner.sync_by_handle)
+        assert names(f"learner {rank}").count("share_weights") == 3
+        assert "broadcast_weights" not in names(f"learner {rank}")
         assert names(f"generator {rank}").count("receive_weights") == 3
         assert "score" in names(f"reward {rank}")
     steps = sorted((s for s in tracks["driver"] if s["name"] == "step"), key=lambda s: s["ts"])

@@ -82,7 +82,7 @@ def test_submitted_disaggregated_job_puts_each_role_on_its_pool(pools, tmp_path)
     there, run_dir = head_run_dir(pools, tmp_path)  # the job's driver runs on the head
     submitted = on_host(pools, [str(BIN / "rlsys"), "submit", *TINY, "--address", pools.dashboard,
                                 "trainer.total_steps=2", f"trainer.output_dir={there}",
-                                "cluster.placement=disaggregated"])
+                                "cluster.placement=disaggregated", "profile.enabled=true"])
     assert submitted.returncode == 0, tails(submitted)
     job = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
     deadline, state = time.time() + 600, ""
@@ -103,19 +103,27 @@ def test_submitted_disaggregated_job_puts_each_role_on_its_pool(pools, tmp_path)
         assert {"node_id", "ip", "resources", "node_resources", "role", "rank"} <= set(actor), actor
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1]
     assert (run_dir / "checkpoints" / "step_2" / "config.json").is_file()
+    # engines on other nodes than the learners': the weights went over the collective
+    calls = {e["name"] for e in json.loads((run_dir / "timeline.json").read_text())["traceEvents"]}
+    assert "broadcast_weights" in calls and "share_weights" not in calls, sorted(calls)
 
 
 def test_colocated_puts_each_generator_beside_its_learner_rank(pools, tmp_path):
     there, run_dir = head_run_dir(pools, tmp_path)
     proc = on_head(pools, [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false",
                            "trainer.total_steps=1", f"trainer.output_dir={there}", f"cluster.address={pools.address}",
-                           "cluster.placement=colocated"])
+                           "cluster.placement=colocated", "profile.enabled=true"])
     assert proc.returncode == 0, tails(proc)
     placement = json.loads((run_dir / "placement.json").read_text())
     node = {(a["role"], a["rank"]): a["node_id"] for a in placement}
     assert {r for r, _ in node} == {"learner", "generator", "reward"}
     for rank in (0, 1):
         assert node[("generator", rank)] == node[("learner", rank)], placement
+    # Both learner ranks on one node here: their engines got the weights by handle (shared memory
+    # mapped across the node's processes), not over the collective.
+    assert node[("learner", 0)] == node[("learner", 1)], placement
+    calls = {e["name"] for e in json.loads((run_dir / "timeline.json").read_text())["traceEvents"]}
+    assert "share_weights" in calls and "broadcast_weights" not in calls, sorted(calls)
 
 
 def test_impossible_placement_fails_fast_naming_what_is_missing(pools, tmp_path):

@@ -67,7 +67,7 @@ class GeneratorActor(Placed, Traced, Generator):
 
 @ray.remote
 class LearnerActor(Placed, Traced, Learner):
-    PHASES = ("train", "broadcast_weights")
+    PHASES = ("train", "broadcast_weights", "share_weights")
 
 
 @ray.remote
