@@ -217,7 +217,7 @@ class LearnerConfig:
     time, recomputed in the backward pass, so no (batch, length, vocabulary) tensor is ever whole;
     0: all positions at once. 128: a chunk's fp32 logits are 24 MiB at a 49k vocabulary (SmolLM2),
     under the 32 MiB up to which a CPU learner's malloc reuses freed memory instead of faulting it
-    in again (rlsys.actors.learner.keep_freed_memory). At a 152k vocabulary (Qwen2) 48 stays under it."""
+    in again (rlsys.actors.heap.keep_freed_memory). At a 152k vocabulary (Qwen2) 48 stays under it."""
     share_prompts: bool = True
     """Rows that share a prompt go through the learner as one sequence: the prompt once, then every
     answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from rlsys.actors.heap import keep_freed_memory
 from rlsys.actors.shared_weights import Mapped
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, make_group, raw_broadcast,
                                       receive_buckets)
@@ -47,6 +48,10 @@ class WorkerExtension:
     results cross msgpack: plain lists, numbers, strings and bytes only). `self` is vLLM's worker.
     Each worker holds its shard of every layer; vLLM's loaders cut that shard from the full
     tensors every worker receives."""
+
+    def rlsys_keep_freed_memory(self) -> bool:
+        """A CPU worker keeps what vLLM's reload frees for the next push (rlsys.actors.heap)."""
+        return keep_freed_memory(mmap_threshold=1 << 30)
 
     def rlsys_reseed(self, seed: int) -> None:
         """The sampler draws from torch's default generator (no per-request seeds): reseed it."""

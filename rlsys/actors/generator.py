@@ -106,6 +106,8 @@ class Generator:
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
             worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
         )
+        if not torch.cuda.is_available():  # each push reallocates the layers vLLM reloads: keep them on the heap
+            self.llm.collective_rpc("rlsys_keep_freed_memory")
 
     def generate(self, prompts: list[PromptRequest], n: int, greedy: bool = False,
                  temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,

@@ -45,6 +45,7 @@ from rlsys.math.prefix import prefix_attention, share_prompts
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig
 from rlsys.types import TrainBatch
+from rlsys.actors.heap import keep_freed_memory
 from rlsys.actors.shared_weights import Shares
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, flatten_parameters, free_port, make_group,
                                       owners, partition, plan_buckets, raw_broadcast, send_buckets)
@@ -215,35 +216,6 @@ def load_without_dropout(model_path: str, dtype):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep the memory a CPU learner frees for its next use, instead of
-    handing it back to the kernel and faulting it in again, zeroed, a page at a time.
-
-    Every update allocates and frees the same activations, gradients and logit chunks. By default
-    glibc serves blocks above a moving threshold (at most 32 MiB) with a fresh mmap each time and
-    trims the heap's free top. Measured on the 2-vCPU Intel machine, SmolLM2, 32 samples: 1-2
-    million minor page faults and 2-3 s of system time per update in one process; inside a whole
-    run, where each fault costs 3-4 times more, ~9 s of system time in updates of 15-19 s. Here
-    blocks up to 32 MiB (glibc's largest threshold; logit chunks stay below it,
-    learner.logprob_chunk) come from the heap, whose free top is kept up to 2 GiB: 0.2 million
-    faults and 0.4 s in one process, and the whole run's updates 13-17 s (`rlsys train` of
-    benchmarks/end_to_end.py's SmolLM2 workload, 4 steps). Bounded: the heap holds at most the
-    peak of what was live at once, reused from one update to the next. False where the C library
-    is not glibc."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = [libc.mallopt(M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1),  # an int: 2 GiB
-          libc.mallopt(M_TOP_PAD, 64 << 20)]
-    if not all(ok):
-        raise RuntimeError(f"mallopt refused a setting (returned {ok}): M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD")
-    return True
 
 
 LEARNER_STATE, STATE_TAG = "learner", "state"
