@@ -35,6 +35,7 @@ def test_the_quick_result_has_a_section_for_every_plot():
     assert set(PLOTS) <= set(result["benchmarks"]), f"no data to draw {set(PLOTS) - set(result['benchmarks'])}"
     assert set(result["source"]) == set(result["benchmarks"]), "every section says where it was measured"
     assert any("zero3_two_ranks" in r for r in result["benchmarks"]["weight_sync"]["rows"])
+    assert any("handle" in r.get("repeats_s", {}) for r in result["benchmarks"]["weight_sync"]["rows"])  # by handle
     assert DATA.stat().st_size < 128_000  # one whole quick run (97 KB in one line), kept small enough to read in review
 
 
