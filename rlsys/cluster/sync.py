@@ -116,36 +116,37 @@ class WeightSync:
         (a collective among the learners under ZeRO-3), then those engines read them while the
         ranks broadcast to the others. Returns what each engine's receive returned, in `engines`' order."""
         local = [e for e in engines if self.by_hand(e)]
-        remote = [e for e in engines if not self.by_hand(e)]
+        remote = self._by_collective(engines)
         learners = self.learners.names
-        shares, calls, names = None, [], []
+
+        def receive(e: Engine, shares: list | None):
+            return (e.actor.receive_wire.remote(self.plan, self.shards, shares) if version is None
+                    else e.actor.receive_weights.remote(self.plan, version, self.shards, shares))
+
+        shares = []
         if local:
             shared = [a.share_weights.remote(self.plan) for a in self.learners.actors]
             self.in_flight = dict(zip(shared, learners))
+            # one per sending rank, in rank order (a rank with no buckets returns None: it is the
+            # last of the round robin, so the others' owners are the same without it)
             shares = [s for s in get_all(shared, learners, "sync (share)", self.timeout_s, "deadlines.sync_s")
-                      if s is not None]  # one per sending rank, in rank order
-            calls += [e.actor.receive_wire.remote(self.plan, self.shards, shares) if version is None
-                      else e.actor.receive_weights.remote(self.plan, version, self.shards, shares) for e in local]
-            names += [f"generator {e.index}" for e in local]
-        sends = []
-        if remote:
-            sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors]
-            calls += sends + [e.actor.receive_wire.remote(self.plan, self.shards) if version is None
-                              else e.actor.receive_weights.remote(self.plan, version, self.shards) for e in remote]
-            names += learners + [f"generator {e.index}" for e in remote]
+                      if s is not None]
+        sends = [a.broadcast_weights.remote(self.plan) for a in self.learners.actors] if remote else []
+        by_handle = [receive(e, shares) for e in local]
+        by_collective = [receive(e, None) for e in remote]
+        calls = by_handle + sends + by_collective
+        names = [f"generator {e.index}" for e in local] + (learners if remote else []) + \
+                [f"generator {e.index}" for e in remote]
         self.in_flight = dict(zip(calls, names))  # for _lost_in_push
         # Both sides done (every worker has loaded what it received) before the loop goes on.
         done = dict(zip(calls, get_all(calls, names, "sync", self.timeout_s, "deadlines.sync_s")))
         received = {}
-        if local:
-            sent = self._sent([{i: c for i, _, c in s["buckets"]} for s in shares])
-            received |= {e.index: done[call] for e, call in zip(local, calls)}
-            check_received(sent, {e.index: done[call][1] for e, call in zip(local, calls)})
-        if remote:
-            sent = self._sent([done[call] for call in sends])
-            receives = calls[len(calls) - len(remote):]
-            received |= {e.index: done[call] for e, call in zip(remote, receives)}
-            check_received(sent, {e.index: done[call][1] for e, call in zip(remote, receives)})
+        for group, receives, sent in ((local, by_handle, [{i: c for i, _, c in s["buckets"]} for s in shares]),
+                                      (remote, by_collective, [done[call] for call in sends])):
+            if group:
+                got = {e.index: done[call] for e, call in zip(group, receives)}  # (version, each worker's checksums)
+                check_received(self._sent(sent), {index: sums for index, (_, sums) in got.items()})
+                received |= got
         return [received[e.index][0] for e in engines]
 
     def _current_engines(self) -> list[Engine]:
