@@ -606,8 +606,6 @@ class Learner:
         checksums by bucket index; the others return {}."""
         mine, buckets = self._my_buckets(plan)
         if not mine:
-            for _ in buckets:  # ZeRO-3: a rank that sends nothing takes part in each gather
-                pass
             return {}
         return dict(zip(mine, send_buckets(self.sync_group, buckets, device_for(self.backend))))
 
@@ -618,8 +616,6 @@ class Learner:
         all learner ranks, as broadcast_weights."""
         mine, buckets = self._my_buckets(plan)
         if not mine:
-            for _ in buckets:
-                pass
             return None
         return self.shares.share(plan, mine, buckets, device_for(self.backend), self.sync_shards())
 
@@ -629,7 +625,7 @@ class Learner:
         own buckets (weight_sync.owners). ZeRO-3 with every rank sending (sync_shards > 1): each
         rank's own partition of every bucket's parameters, as it holds them (no gather). ZeRO-3
         with rank 0 sending alone: every rank gathers every bucket, in plan order, and rank 0
-        yields it; a rank with no buckets must still drain the iterator."""
+        yields it; a rank with no buckets takes part in every gather here and gets none."""
         params = dict(self._named_params())
         if self.sync_shards() > 1:
             shards = [[params[m.name].ds_tensor for m in bucket] for bucket in plan]
@@ -642,8 +638,6 @@ class Learner:
         mine = [i for i in range(len(plan)) if owner[i] == self.rank]
 
         def buckets():
-            if not zero3 and not mine:
-                return
             import deepspeed
 
             for i, bucket in enumerate(plan):
@@ -655,6 +649,11 @@ class Learner:
                     if owner[i] == self.rank:
                         yield [t.data for t in tensors]
 
+        if not mine:
+            if zero3:  # the gathers are collective: a rank that sends nothing still takes part in each
+                for _ in buckets():
+                    pass
+            return [], iter(())
         return mine, buckets()
 
     def broadcast_raw(self, numel: int, dtype: str) -> None:
