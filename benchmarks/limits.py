@@ -312,11 +312,11 @@ def sync_stage(path: str, dtype: str, repeats: int) -> dict:
     """The push of the whole model to one engine on the learner's node, by handle (rlsys's default
     there) and over the collective (before 2026-12-05, and what engines on other nodes use),
     interleaved, against one memcpy of the bytes."""
-    from benchmarks.weight_sync import measure, memcpy_seconds
+    from benchmarks.weight_sync import Memcpy, measure
 
     m = measure(path, repeats, 32.0, ("learner.num_ranks=1", f"model.dtype={dtype}", "generator.num_engines=1",
                                       f"learner.zero_stage={1 if dtype == 'bfloat16' else 0}"),
-                between=memcpy_seconds, handle=True)
+                between=Memcpy(), handle=True)
     reps = m["repeats_s"]
     median = statistics.median(reps["handle"])
     wire = statistics.median(reps["handle_wire"])

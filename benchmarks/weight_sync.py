@@ -60,26 +60,31 @@ HANDLE_WIRE_TARGET = 0.3
 HANDLE_TARGET = 2.0
 
 
-def memcpy_seconds(nbytes: int, _buffers: dict = {}) -> float:
-    """One copy of `nbytes` on every usable core, in this process: the floor of moving the bytes
-    once (the buffers kept per size, touched before the first timing)."""
-    import torch
+class Memcpy:
+    """`Memcpy()(nbytes)`: seconds of one copy of `nbytes` on every usable core, in this process:
+    the floor of moving the bytes once. Its two buffers are made and touched on the first call and
+    kept for the next ones (one measurement's), then go with the object."""
 
-    from rlsys.observe.hardware import usable_cpus
+    def __init__(self):
+        self.buffers: tuple | None = None
 
-    if nbytes not in _buffers:
-        _buffers.clear()  # one size at a time
-        _buffers[nbytes] = (torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8))
-        _buffers[nbytes][1].copy_(_buffers[nbytes][0])  # first touch
-    src, dst = _buffers[nbytes]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(len(usable_cpus()))
-    try:
-        start = time.perf_counter()
-        dst.copy_(src)
-        return time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
+    def __call__(self, nbytes: int) -> float:
+        import torch
+
+        from rlsys.observe.hardware import usable_cpus
+
+        if self.buffers is None or self.buffers[0].numel() != nbytes:
+            self.buffers = (torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8))
+            self.buffers[1].copy_(self.buffers[0])  # first touch
+        src, dst = self.buffers
+        threads = torch.get_num_threads()
+        torch.set_num_threads(len(usable_cpus()))
+        try:
+            start = time.perf_counter()
+            dst.copy_(src)
+            return time.perf_counter() - start
+        finally:
+            torch.set_num_threads(threads)
 
 
 def use_transport(sync, by_handle: bool) -> None:
@@ -95,7 +100,7 @@ def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str,
     only, whole (with the engines' reload) and a raw broadcast of the same bytes, interleaved;
     with `handle`, the same push by handle (rlsys.actors.shared_weights: the engines here are on
     the learner's node), wire and whole, in each repeat too. `between(nbytes)`, if given, is called
-    after each repeat's pushes and its seconds kept beside them (memcpy_seconds)."""
+    after each repeat's pushes and its seconds kept beside them (Memcpy)."""
     import ray
 
     from rlsys.cluster.groups import init_ray, launch, resolve_backend
@@ -167,7 +172,7 @@ def run(quick: bool) -> Section:
     ray_up()
     for size in sizes:
         path, params = tiny_model(*SIZES[size])
-        m = measure(path, repeats, 32.0, between=memcpy_seconds, handle=True)
+        m = measure(path, repeats, 32.0, between=Memcpy(), handle=True)
         gb = m["bytes"] / 1e9
         row = {"size": size, "params": params, **m, "rlsys_gb_per_s": gb / m["rlsys_s"], "raw_gb_per_s": gb / m["raw_s"]}
         section.rows.append(row)
