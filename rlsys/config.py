@@ -226,6 +226,14 @@ class LearnerConfig:
     (rlsys.math.prefix.prefix_attention; a model without SDPA applies the mask densely). A batch is
     laid out shared only when its plan takes fewer forward FLOPs than the rows plan
     (rlsys.math.packing.shard; logged as shared_prompt_frac: 1 when the batch was laid out shared, else 0)."""
+    skip_zero_advantage: bool = True
+    """At algo.beta 0, a row whose advantage is exactly 0 (every row of a group whose answers all
+    scored alike, most groups early in R1-Zero training) adds exactly nothing to the gradient: the
+    learner does not compute it. The update is the same (the loss normaliser still counts its
+    tokens); a mini-batch with too few other rows keeps the shortest of them, so every rank still
+    steps (rlsys.math.packing.trained_rows). The per-token metrics (clip_frac, ratio_mean,
+    gen_logprob_*) then cover the computed rows; rows_computed_frac says how many that was. At
+    beta > 0 (the KL term has a gradient on every row) every row is computed."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
 

@@ -93,3 +93,30 @@ def test_shared_prompts_are_kept_only_where_their_plan_costs_fewer_flops():
         assert work.shared == shared
         assert sorted(work.batch.advantages.tolist()) == list(range(8))  # every row once either way
         assert shard(batch, 0, 1, 8, 8, 8192, 0, 0, "token", group_size=4).shared  # no shape: as asked
+
+
+@pytest.mark.parametrize("max_tokens", [0, 40])
+def test_zero_advantage_rows_leave_the_micro_batches_but_not_the_normaliser(max_tokens):
+    # 8 rows, 2 ranks, mini-batches of 4. Advantages 0 on rows 0-4: a mini-batch keeps its other
+    # rows, topped up with its shortest zero rows to a multiple of the ranks (each rank steps);
+    # its normaliser is still every row's response tokens.
+    lengths = [12, 5, 9, 30, 7, 3, 18, 6]
+    batch = batch_of(lengths)
+    batch.advantages = torch.tensor([0.0] * 5 + [1.0, -1.0, 2.0])
+    whole, skipped = ([shard(batch, r, 2, 4, 2, max_tokens, seed=1, step=3, aggregation="token",
+                             skip_zero_advantage=skip) for r in range(2)] for skip in (False, True))
+    for a, b in zip(whole, skipped):
+        assert a.normalizers == b.normalizers and a.batch_rows == b.batch_rows == 8
+        assert len(a.minis) == len(b.minis) == 2
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(4)).tolist()  # seed + step
+    computed = []
+    for m in range(2):
+        rows = order[4 * m:4 * m + 4]
+        busy = [i for i in rows if i >= 5]
+        zero = sorted((i for i in rows if i < 5), key=lambda i: lengths[i])
+        want = zero[:max(2, -(-len(busy) // 2) * 2) - len(busy)] + busy
+        got = [int(s.batch.input_ids[i, 0]) for s in skipped for sl in s.minis[m] for i in range(sl.start, sl.stop)]
+        assert sorted(got) == sorted(want), (m, rows)
+        assert len({len(s.minis[m]) for s in skipped}) == 1  # lockstep: every rank as many micro-batches
+        computed += got
+    assert len(computed) < 8

@@ -366,9 +366,9 @@ class Learner:
                 out[rows, :micro.input_ids.shape[1]] = self._logprobs(model, micro, work.shared).float().cpu()
         return out
 
-    def shard(self, batch: TrainBatch) -> Shard:
+    def shard(self, batch: TrainBatch, grpo: bool = True) -> Shard:
         """This rank's part of a whole rollout batch (rlsys.math.packing; the driver cuts the same)."""
-        return cut(batch, self.rank, self.world, self.cfg, self.algo, self.seed, self.steps, self.model_shape())
+        return cut(batch, self.rank, self.world, self.cfg, self.algo, self.seed, self.steps, self.model_shape(), grpo)
 
     def train(self, work: TrainBatch | Shard) -> dict[str, float]:
         """One GRPO update on a rollout batch: this rank's Shard of it (the driver cuts the batch and
@@ -463,6 +463,8 @@ class Learner:
         out["offpolicy_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["offpolicy_kl"] = kl_sum / max(tokens, 1.0)
         out["shared_prompt_frac"] = float(work.shared)  # the plan is the batch's (packing.shard): every rank's the same
+        computed = float(self._reduce(torch.tensor([float(len(local))]), dist.ReduceOp.SUM)[0])
+        out["rows_computed_frac"] = computed / max(work.batch_rows, 1)  # the rest: zero advantage, skipped
         out["lr"] = lr
         out["skipped_updates"] = float(skipped)
         return out
@@ -472,7 +474,7 @@ class Learner:
         rank's micro-batches, each normalised by the whole mini-batch's token count over the ranks,
         then one optimizer step. The batch is one mini-batch (the driver sends one per step)."""
         if isinstance(work, TrainBatch):
-            work = self.shard(work)
+            work = self.shard(work, grpo=False)
         assert work.step == self.steps, f"learner {self.rank}: a shard cut for step {work.step}, at step {self.steps}"
         assert len(work.minis) == 1, f"an SFT step is one mini-batch, got {len(work.minis)}"
         micros, normalizer = work.minis[0], work.normalizers[0]

@@ -89,8 +89,8 @@ class LearnerGroup:
         if self.shape is None:
             self.shape = self._all([self.actors[0].model_shape.remote()], "model shape", self.deadlines.train_s,
                                    "deadlines.train_s")[0]
-        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained, self.shape)
-                  for rank in range(W)]
+        shards = [cut(batch, rank, W, self.cfg.learner, self.cfg.algo, self.cfg.trainer.seed, self.trained, self.shape,
+                      grpo=method != "train_sft") for rank in range(W)]
         out = self._all([getattr(a, method).remote(shard) for a, shard in zip(self.actors, shards)], "train",
                         self.deadlines.train_s, "deadlines.train_s")[0]
         self.trained += 1

@@ -45,6 +45,8 @@ class Shard:
     seed + step, and a rank checks it is at the same update as the driver that cut the batch."""
     shared: bool = False
     """Micro-batches were planned with prompts shared: the rank lays them out so (rlsys.math.prefix)."""
+    batch_rows: int = 0
+    """Rows of the whole rollout batch, computed or not (learner.skip_zero_advantage)."""
 
 
 def micro_batches_by_rows(rows: list[int], lengths: list[int], world: int, micro: int) -> list[list[list[int]]]:
@@ -198,8 +200,27 @@ BALANCE = 1.25
 heaviest micro-batch is split and the micro-batches dealt again."""
 
 
+def trained_rows(rows: list[int], inert: list[bool], lengths: list[int], world: int) -> list[int]:
+    """The rows of one mini-batch the learner computes: those not `inert` (no gradient: a zero
+    advantage at beta 0), topped up with the shortest inert rows to a multiple of the world size,
+    at least `world` (every rank computes a micro-batch and steps; an inert row's gradient is
+    exactly 0, so the optimizer steps as if on the whole mini-batch). In `rows` order.
+
+    >>> trained_rows([0, 1, 2, 3, 4, 5], [True, False, True, True, False, False], [5, 4, 3, 2, 9, 9], world=2)
+    [1, 3, 4, 5]
+    >>> trained_rows([0, 1, 2, 3], [True] * 4, [5, 4, 3, 2], world=2)
+    [2, 3]
+    """
+    busy = [i for i in rows if not inert[i]]
+    want = max(world, -(-len(busy) // world) * world)
+    spare = sorted((i for i in rows if inert[i]), key=lambda i: (lengths[i], i))[:want - len(busy)]
+    keep = set(busy) | set(spare)
+    return [i for i in rows if i in keep]
+
+
 def plan(lengths: list[int], world: int, mini_batch_size: int, micro_batch_size: int, max_tokens: int, seed: int,
-         step: int, prompt_lens: list[int] | None = None, group_size: int = 0) -> list[tuple[list[int], list[list[list[int]]]]]:
+         step: int, prompt_lens: list[int] | None = None, group_size: int = 0,
+         inert: list[bool] | None = None) -> list[tuple[list[int], list[list[list[int]]]]]:
     """Every mini-batch of a rollout batch for update `step`: (its rows, per rank its micro-batches).
     Mini-batches follow a shuffle seeded by seed + step (the same on every rank and on the driver);
     within them, the layout above.
@@ -207,7 +228,10 @@ def plan(lengths: list[int], world: int, mini_batch_size: int, micro_batch_size:
     group_size > 0 (prompts shared, rlsys.math.prefix): the batch is groups of that many rows with
     one prompt each (make_batch's layout); the shuffle moves whole groups, so a mini-batch holds
     whole groups (when mini_batch_size is a multiple of it), and token budgets count each group's
-    prompt once."""
+    prompt once.
+
+    inert: per row, True where it has no gradient (learner.skip_zero_advantage): the micro-batches
+    hold only trained_rows; a mini-batch's rows (its loss normaliser) are still all of them."""
     B = len(lengths)
     groups = None
     if group_size > 0:
@@ -220,8 +244,9 @@ def plan(lengths: list[int], world: int, mini_batch_size: int, micro_batch_size:
     out = []
     for start in range(0, B, mini_batch_size):
         rows = order[start:start + mini_batch_size]
-        out.append((rows, micro_batches_by_tokens(rows, lengths, world, max_tokens, prompt_lens, groups)
-                    if max_tokens > 0 else micro_batches_by_rows(rows, lengths, world, micro_batch_size)))
+        packed = rows if inert is None else trained_rows(rows, inert, lengths, world)
+        out.append((rows, micro_batches_by_tokens(packed, lengths, world, max_tokens, prompt_lens, groups)
+                    if max_tokens > 0 else micro_batches_by_rows(packed, lengths, world, micro_batch_size)))
     return out
 
 
@@ -246,25 +271,30 @@ def plan_flops(shape: Shape, minis: list[tuple[list[int], list[list[list[int]]]]
 
 
 def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_batch_size: int,
-          max_tokens: int, seed: int, step: int, aggregation: str, group_size: int = 0, shape: Shape | None = None
-          ) -> Shard:
+          max_tokens: int, seed: int, step: int, aggregation: str, group_size: int = 0, shape: Shape | None = None,
+          skip_zero_advantage: bool = False) -> Shard:
     """Rank `rank`'s part of a rollout batch for update `step` (the mini-batches of `plan`).
 
     group_size > 0 asks for shared prompts; given the model's `shape` too (and token budgets), the
     shared plan is kept only when its micro-batches cost fewer forward FLOPs than the rows plan's
     (plan_flops). Shared sequences pad every answer to the group's longest, and the rows plan,
     sorted by length over the whole mini-batch, pads less than a group's own rows: with long,
-    uneven answers and short prompts rows can cost less."""
+    uneven answers and short prompts rows can cost less.
+
+    skip_zero_advantage: rows whose advantage is exactly 0 are left out of the micro-batches
+    (trained_rows; the caller vouches that such a row has no gradient: beta 0, a GRPO update)."""
     lengths = batch.attention_mask.sum(dim=1).tolist()
+    inert = (batch.advantages == 0).tolist() if skip_zero_advantage else None
     prompt_lens = None
     if group_size > 0:
         if batch.prompt_lens is None:
             raise ValueError("learner.share_prompts needs each row's prompt length (TrainBatch.prompt_lens, "
                              "set by rlsys.math.batch.make_batch)")
         prompt_lens = batch.prompt_lens.tolist()
-    minis = plan(lengths, world, mini_batch_size, micro_batch_size, max_tokens, seed, step, prompt_lens, group_size)
+    minis = plan(lengths, world, mini_batch_size, micro_batch_size, max_tokens, seed, step, prompt_lens, group_size,
+                 inert)
     if group_size > 0 and shape is not None and max_tokens > 0:
-        rows = plan(lengths, world, mini_batch_size, micro_batch_size, max_tokens, seed, step)
+        rows = plan(lengths, world, mini_batch_size, micro_batch_size, max_tokens, seed, step, inert=inert)
         if plan_flops(shape, rows, lengths) < plan_flops(shape, minis, lengths, prompt_lens, group_size):
             minis, group_size = rows, 0
     mine: list[int] = []
@@ -278,12 +308,14 @@ def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_
         out.append(micros)
         count = float(batch.loss_mask[rows_of_mini].sum()) if aggregation == "token" else float(len(rows_of_mini))
         normalizers.append(max(count, 1.0) / world)  # no loss token at all (every row masked): a loss of 0, not 0/0
-    return Shard(batch.select(torch.tensor(mine)), out, normalizers, step, shared=group_size > 0)
+    return Shard(batch.select(torch.tensor(mine)), out, normalizers, step, shared=group_size > 0, batch_rows=len(batch))
 
 
 def cut(batch: TrainBatch, rank: int, world: int, cfg: LearnerConfig, algo: AlgoConfig, seed: int, step: int,
-        shape: Shape | None = None) -> Shard:
+        shape: Shape | None = None, grpo: bool = True) -> Shard:
     """Rank `rank`'s Shard of a rollout batch for update `step`, as the learner config lays it out
-    (shape: the model's, to keep shared prompts only where they are cheaper)."""
+    (shape: the model's, to keep shared prompts only where they are cheaper). grpo: the batch is
+    for a GRPO update (False: a supervised step, whose rows all have a gradient)."""
+    skip = grpo and cfg.skip_zero_advantage and algo.beta == 0.0
     return shard(batch, rank, world, cfg.mini_batch_size, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
-                 seed, step, algo.aggregation, algo.group_size if cfg.share_prompts else 0, shape)
+                 seed, step, algo.aggregation, algo.group_size if cfg.share_prompts else 0, shape, skip)
