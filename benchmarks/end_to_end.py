@@ -6,7 +6,8 @@ Three workloads, each an rlsys config with overrides, the same for both sides:
                       1e-5, beta 0) on GSM8K questions (the chat template and system prompt make a
                       prompt of ~150-250 tokens, as in real R1-Zero work), without evaluation; fp32;
 - smollm2-gsm8k-bf16: the same in bfloat16 (TRL: bf16=True; rlsys: ZeRO-1, fp32 master weights).
-rlsys runs its defaults (token-budget micro-batches and shared prompts among them) plus
+rlsys runs its defaults (token-budget micro-batches, shared prompts, rows of zero advantage not
+computed: the note gives the share computed) plus
 RLSYS_BEST (one engine and one learner rank with every core, see rlsys_best), TRL its own.
 
 rlsys side: `rlsys train` of the workload for `steps` steps with profile.enabled=true on a local
@@ -105,6 +106,8 @@ def rlsys_side(config: str, overrides: list[str], steps: int, keep: Path) -> dic
             "split": summary["split"],
             "groups": busy_split(tracks, skip_steps=1 if len(rows) > 1 else 0),
             "reward": [r["reward/mean"] for r in rows],
+            # rows the learner computed (the rest had zero advantage: learner.skip_zero_advantage)
+            "rows_computed": [r.get("rows_computed_frac", 1.0) for r in measured],
             "setup_s": wall - sum(s["dur"] for s in driver_steps) / 1e6, "run_files": str(keep.relative_to(REPO))}
 
 
@@ -133,6 +136,7 @@ def peer_figures(name: str, ours: list[dict], theirs: list[dict], cpu: str) -> t
     trl_gen = statistics.median(t["generate_s_mean"] for t in theirs)
     bound = trl_step / (trl_step - trl_gen)
     split = {p: statistics.median(o["split"][p] for o in ours) for p in ("generate", "learn")}
+    computed = statistics.fmean(x for o in ours for x in o.get("rows_computed", [1.0]))
     first = theirs[0]
     figures = [
         Figure.repeated(
@@ -142,7 +146,9 @@ def peer_figures(name: str, ours: list[dict], theirs: list[dict], cpu: str) -> t
             note=f"on {cpu}; {len(ours)} runs a side, interleaved (rlsys, TRL, ...); TRL generates with "
                  f"{first['generation']}, {trl_gen:.2f}s of its {trl_step:.2f}s step (medians); a system whose "
                  f"generation took no time at all and trained as fast as TRL would be {bound:.2f}x; rlsys: "
-                 f"generate {100 * split['generate']:.0f}%, learn {100 * split['learn']:.0f}% of its step"),
+                 f"generate {100 * split['generate']:.0f}%, learn {100 * split['learn']:.0f}% of its step; rlsys's "
+                 f"learner computed {100 * computed:.0f}% of the rows (the rest had zero advantage: no gradient at "
+                 f"beta 0, learner.skip_zero_advantage), TRL computes every row"),
         Figure.repeated(
             f"{name}: rlsys step time", [o["step_s_mean"] for o in ours], "s", "TRL GRPOTrainer step time",
             [t["step_s_mean"] for t in theirs], lower_is_better=True, note=f"on {cpu}")]
