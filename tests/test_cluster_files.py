@@ -131,6 +131,21 @@ def _check_fits(pools: dict[str, dict], where: str) -> None:
         tp *= 2
 
 
+def test_colocated_on_gpus_over_a_collective_is_refused_before_anything_is_placed():
+    # Learner rank i and engine i on one GPU, over NCCL: NCCL refuses the pair at the first push.
+    # By handle (the default) it is laid out; over a collective on CPUs (gloo) too.
+    from rlsys.config import ConfigError
+
+    over_nccl = disaggregated(tp=1, engines=2, ranks=2, per_node=0, placement="colocated")
+    over_nccl.learner.sync_by_handle = False
+    with pytest.raises(ConfigError, match="learner.sync_by_handle=false.*Duplicate GPU"):
+        layout(over_nccl, gpu=True)
+    assert len(layout(over_nccl, gpu=False).of("generator")) == 2
+    assert len(layout(over_nccl, gpu=True, train=False).of("generator")) == 2  # evaluation pushes nothing
+    by_handle = disaggregated(tp=1, engines=2, ranks=2, per_node=0, placement="colocated")
+    assert [s.num_gpus for s in layout(by_handle, gpu=True).slots] == [0.5] * 4
+
+
 @pytest.mark.parametrize("source", ["launcher", "raycluster", "rayjob"])
 def test_node_types_host_what_rlsys_asks_for(source):
     types = dict(all_node_types())[source]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlsys.config import Config
+from rlsys.config import Config, ConfigError
 
 MARKER = 0.001
 """How much of a role resource one bundle asks for: enough to need a node that declares it, small
@@ -67,6 +67,8 @@ def layout(cfg: Config, gpu: bool, train: bool = True) -> Layout:
     """Placement groups and actor slots for the learners (train=True) and the starting generators.
     Reward workers have no placement group: they are small CPU actors Ray places anywhere."""
     g, l, c = cfg.generator, cfg.learner, cfg.cluster
+    if train:  # evaluation pushes no weights
+        refuse_on_device(cfg, gpu)
     groups: dict[str, tuple[list[dict], str]] = {}
     slots: list[ActorSlot] = []
     if c.placement == "colocated":
@@ -91,6 +93,25 @@ def layout(cfg: Config, gpu: bool, train: bool = True) -> Layout:
         slots.append(ActorSlot("generator", i, generator_group(i), 0, g.num_cpus,
                                g.tensor_parallel_size if gpu else 0))
     return Layout(groups, slots)
+
+
+def refuse_on_device(cfg: Config, gpu: bool) -> None:
+    """Settings that config.validate cannot judge because they fail only on GPUs (known once the
+    cluster is: resolve_backend), refused before any placement group or actor exists.
+
+    Colocated on GPUs, learner rank i and engine i hold one GPU between them. Over a collective
+    they would be two ranks of one NCCL group on one device, which NCCL refuses ("Duplicate GPU
+    detected") at the first push; by handle (CUDA IPC) the push needs no group between them.
+
+    >>> from rlsys.config import load_config
+    >>> refuse_on_device(load_config(None, ["cluster.placement=colocated", "learner.sync_by_handle=false"]), gpu=False)
+    """
+    if cfg.cluster.placement == "colocated" and gpu and not cfg.learner.sync_by_handle:
+        raise ConfigError(
+            "cluster.placement=colocated on GPUs with learner.sync_by_handle=false: learner rank i and generator i "
+            "share one GPU, and NCCL refuses two ranks of one group on one device (\"Duplicate GPU detected\") at the "
+            "first weight push. Set learner.sync_by_handle=true (the push then goes by CUDA IPC handle) or use "
+            "cluster.placement=any or disaggregated")
 
 
 def node_can_host(node_resources: dict, bundle: dict) -> bool:
