@@ -90,7 +90,10 @@ class GeneratorConfig:
     """GPU share vLLM takes (weights + KV cache). None: 0.9 when the engine's GPUs are its own
     (cluster.placement any or disaggregated), 0.45 when it shares a GPU with a learner rank (colocated)."""
     enable_prefix_caching: bool = True
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None
+    """vLLM without CUDA graphs or torch.compile. None: chosen by the engine's own device
+    (rlsys.actors.generator.eager): eager on CPU (the CPU backend compiles nothing worth its start-up
+    for short runs), graphs on GPUs (decode of small batches is launch-bound without them)."""
     chunks_per_engine: int = 1
     """A step's prompts are cut into about this many chunks per engine, handed out as engines come
     free. 1: each engine decodes all its samples in one batch (a CPU engine reads every weight once

@@ -144,6 +144,10 @@ def test_colocated_on_gpus_over_a_collective_is_refused_before_anything_is_place
     assert len(layout(over_nccl, gpu=True, train=False).of("generator")) == 2  # evaluation pushes nothing
     by_handle = disaggregated(tp=1, engines=2, ranks=2, per_node=0, placement="colocated")
     assert [s.num_gpus for s in layout(by_handle, gpu=True).slots] == [0.5] * 4
+    import doctest
+
+    from rlsys.cluster import placement
+    assert doctest.testmod(placement).failed == 0  # node_can_host, resolve_backend, refuse_on_device
 
 
 @pytest.mark.parametrize("source", ["launcher", "raycluster", "rayjob"])

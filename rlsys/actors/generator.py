@@ -82,6 +82,15 @@ def cpu_thread_binding(cores: list[int], workers: int) -> str:
     return "|".join(",".join(map(str, cores[i * per:(i + 1) * per])) for i in range(workers))
 
 
+def eager(cfg: GeneratorConfig, cuda: bool) -> bool:
+    """generator.enforce_eager, or when None by the device this engine runs on (not the driver's).
+
+    >>> eager(GeneratorConfig(), cuda=False), eager(GeneratorConfig(), cuda=True), eager(GeneratorConfig(enforce_eager=True), cuda=True)
+    (True, False, True)
+    """
+    return (not cuda) if cfg.enforce_eager is None else cfg.enforce_eager
+
+
 class Generator:
     def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int):
         for k, v in engine_env(cfg).items():
@@ -99,7 +108,7 @@ class Generator:
         # reseeded per call instead (generate(seed=...)).
         self.llm = LLM(
             model_path, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
-            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=eager(cfg, torch.cuda.is_available()),
             tensor_parallel_size=cfg.tensor_parallel_size,
             # None: the launcher resolves it from the placement (rlsys.config.engine_memory_share); unused on CPU
             gpu_memory_utilization=0.9 if cfg.gpu_memory_utilization is None else cfg.gpu_memory_utilization,
