@@ -197,11 +197,14 @@ class LearnerConfig:
     """cosine only: the final learning rate as a share of `lr`."""
     sync_bucket_mb: float = 32.0
     """Weight-sync bucket size; ZeRO-3 parameters are gathered one bucket at a time."""
-    sync_from_all_ranks: bool = True
-    """Every learner rank sends its share of the buckets (round robin), at once, over a group of
-    its own with the generators; under ZeRO-3 each rank sends its own partition of every parameter
-    instead (no gather), and the engines put them together; false: rank 0 sends them all (ZeRO-3:
-    gathering each bucket first)."""
+    sync_from_all_ranks: bool | None = None
+    """true: every learner rank sends its share of the buckets (round robin), at once, over a group
+    of its own with the generators; under ZeRO-3 each rank sends its own partition of every
+    parameter instead (no gather), and the engines put them together. false: rank 0 sends them all
+    (ZeRO-3: gathering each bucket first). None: all ranks under ZeRO-3 (no rank holds a whole
+    bucket), rank 0 alone under ZeRO 0-2: there every rank holds every weight and the engines' side
+    of the link is the bottleneck, so more senders add little and cost every engine worker one
+    more communicator (on GPUs an NCCL one, per learner rank)."""
     sync_by_handle: bool = True
     """An engine on the node of every sending rank (cluster.placement=colocated; on one machine,
     all of them) receives the weights by handle: the ranks copy their buckets into shared memory

@@ -124,17 +124,19 @@ CASES = {
     # Every engine here is on the learner ranks' node: by handle (shared memory) unless a case says
     # learner.sync_by_handle=false (the collective, as engines on other nodes receive), or "mixed".
     # fp32 at temperature 0.7: the generators' log-probs must be the tempered ones the learner computes
-    "fp32": (["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7"]),
+    # (ZeRO-0 sends from rank 0 alone by default: these two ask both ranks to send their share)
+    "fp32": (["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7",
+              "learner.sync_from_all_ranks=true"]),
     "fp32-collective": ["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7",
-                        "learner.sync_by_handle=false"],
+                        "learner.sync_by_handle=false", "learner.sync_from_all_ranks=true"],
     "zero3-bf16": ["learner.zero_stage=3", "model.dtype=bfloat16"],
     "zero3-bf16-collective": ["learner.zero_stage=3", "model.dtype=bfloat16", "learner.sync_by_handle=false"],
     # engine 0 by handle, engine 1 over the collective in the same push (as one engine on the
     # learners' node and one elsewhere): each checked against what the ranks sent
-    "mixed": ["learner.zero_stage=0", "model.dtype=float32"],
+    "mixed": ["learner.zero_stage=0", "model.dtype=float32", "learner.sync_from_all_ranks=true"],
+    # ZeRO-0's default: learner rank 0 sends every bucket alone
     "tied": ["learner.zero_stage=0", "model.tiny_tied=true"],
-    # a Llama whose tokenizer has no pad token and writes BOS in its chat template
-    # ... and learner rank 0 sending every bucket alone (the other cases: both ranks send their share)
+    # a Llama whose tokenizer has no pad token and writes BOS in its chat template, rank 0 alone
     "llama-chat": ["learner.zero_stage=0", "model.tiny_arch=llama", "data.template=chat",
                    "learner.sync_from_all_ranks=false"],
 }

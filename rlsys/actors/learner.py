@@ -573,8 +573,10 @@ class Learner:
         return plan_buckets(metas, int(self.cfg.sync_bucket_mb * 2**20))
 
     def senders(self) -> int:
-        """How many learner ranks send weights (ranks 0 .. senders-1), each over its own group."""
-        return self.world if self.cfg.sync_from_all_ranks else 1
+        """How many learner ranks send weights (ranks 0 .. senders-1), each over its own group
+        (learner.sync_from_all_ranks; None: all under ZeRO-3, else rank 0 alone)."""
+        all_ranks = self.cfg.sync_from_all_ranks
+        return self.world if (self.cfg.zero_stage == 3 if all_ranks is None else all_ranks) else 1
 
     def sync_shards(self) -> int:
         """How many pieces each bucket travels in: under ZeRO-3 with every rank sending, each rank
