@@ -107,7 +107,7 @@ def rlsys_side(config: str, overrides: list[str], steps: int, keep: Path) -> dic
             "groups": busy_split(tracks, skip_steps=1 if len(rows) > 1 else 0),
             "reward": [r["reward/mean"] for r in rows],
             # rows the learner computed (the rest had zero advantage: learner.skip_zero_advantage)
-            "rows_computed": [r.get("rows_computed_frac", 1.0) for r in measured],
+            "rows_computed": [r["rows_computed_frac"] for r in measured],
             "setup_s": wall - sum(s["dur"] for s in driver_steps) / 1e6, "run_files": str(keep.relative_to(REPO))}
 
 
@@ -136,7 +136,7 @@ def peer_figures(name: str, ours: list[dict], theirs: list[dict], cpu: str) -> t
     trl_gen = statistics.median(t["generate_s_mean"] for t in theirs)
     bound = trl_step / (trl_step - trl_gen)
     split = {p: statistics.median(o["split"][p] for o in ours) for p in ("generate", "learn")}
-    computed = statistics.fmean(x for o in ours for x in o.get("rows_computed", [1.0]))
+    computed = statistics.fmean(x for o in ours for x in o["rows_computed"])
     first = theirs[0]
     figures = [
         Figure.repeated(

@@ -343,7 +343,8 @@ def test_peer_figures_by_hand():
 
     def ours(rate, step):
         return {"tokens_per_s": rate, "step_s_mean": step, "split": {"generate": 0.3, "learn": 0.6},
-                "groups": {"generator": {"generate": 0.2 + step / 100, "idle": 0.8 - step / 100}}}
+                "groups": {"generator": {"generate": 0.2 + step / 100, "idle": 0.8 - step / 100}},
+                "rows_computed": [0.5, 0.75]}
 
     def trl(rate, step, gen=60.0):
         return {"tokens_per_s": rate, "step_s_mean": step, "generate_s_mean": gen, "trl_version": "0.x",
@@ -359,6 +360,7 @@ def test_peer_figures_by_hand():
     assert j["target"]["min_ratio"] == 3.0 and not j["target"]["met"]
     assert j["target"]["shortfall"] == pytest.approx(1 - 2.9 / 3.0)
     assert "Test CPU 9000" in speed.note and "Test CPU 9000" in step.note
+    assert "computed 62% of the rows" in speed.note  # the mean share over both runs' steps
     assert step.lower_is_better and step.ratios == pytest.approx([3.0, 3.0])
     assert bound == pytest.approx(87 / (87 - 60))  # TRL's median step and generation
     met, _ = peer_figures("smollm2-gsm8k-bf16", [ours(305, 30), ours(330, 28)], [trl(100, 90), trl(100, 84)], "cpu")

@@ -463,8 +463,7 @@ class Learner:
         out["offpolicy_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["offpolicy_kl"] = kl_sum / max(tokens, 1.0)
         out["shared_prompt_frac"] = float(work.shared)  # the plan is the batch's (packing.shard): every rank's the same
-        computed = float(self._reduce(torch.tensor([float(len(local))]), dist.ReduceOp.SUM)[0])
-        out["rows_computed_frac"] = computed / max(work.batch_rows, 1)  # the rest: zero advantage, skipped
+        out["rows_computed_frac"] = work.rows_computed_frac  # the plan's, over every rank
         out["lr"] = lr
         out["skipped_updates"] = float(skipped)
         return out

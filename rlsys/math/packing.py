@@ -45,8 +45,9 @@ class Shard:
     seed + step, and a rank checks it is at the same update as the driver that cut the batch."""
     shared: bool = False
     """Micro-batches were planned with prompts shared: the rank lays them out so (rlsys.math.prefix)."""
-    batch_rows: int = 0
-    """Rows of the whole rollout batch, computed or not (learner.skip_zero_advantage)."""
+    rows_computed_frac: float = 1.0
+    """The share of the whole rollout batch's rows the plan computes, over every rank (the rest:
+    zero advantage, learner.skip_zero_advantage)."""
 
 
 def micro_batches_by_rows(rows: list[int], lengths: list[int], world: int, micro: int) -> list[list[list[int]]]:
@@ -308,7 +309,9 @@ def shard(batch: TrainBatch, rank: int, world: int, mini_batch_size: int, micro_
         out.append(micros)
         count = float(batch.loss_mask[rows_of_mini].sum()) if aggregation == "token" else float(len(rows_of_mini))
         normalizers.append(max(count, 1.0) / world)  # no loss token at all (every row masked): a loss of 0, not 0/0
-    return Shard(batch.select(torch.tensor(mine)), out, normalizers, step, shared=group_size > 0, batch_rows=len(batch))
+    computed = sum(len(micro) for _, per_rank in minis for micros in per_rank for micro in micros)
+    return Shard(batch.select(torch.tensor(mine)), out, normalizers, step, shared=group_size > 0,
+                 rows_computed_frac=computed / len(batch))
 
 
 def cut(batch: TrainBatch, rank: int, world: int, cfg: LearnerConfig, algo: AlgoConfig, seed: int, step: int,
