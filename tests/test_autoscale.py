@@ -47,7 +47,11 @@ def rollout_nodes(nodes: LocalNodes) -> list[str]:
 
 def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_again(autoscaling, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 60  # about 1 s each here; an engine joins about 15 s after it is asked for
+    # Steps take about 1 s each here; an engine joins 15-30 s after it is asked for (a node from the
+    # autoscaler, then vLLM's start), slower on a loaded machine: CI once took 29 steps to grow the
+    # first time and the 26 steps left after the drain were too few to grow again. 100 leaves the
+    # regrowth about twice the first growth's time.
+    steps = 100
     drained_node = None
     with Background(
             [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", f"trainer.total_steps={steps}",
@@ -78,13 +82,15 @@ def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_aga
     assert changes[:3] == [2, 1, 2], f"pool sizes per step: {sizes}"
     events = [e for p in read_jsonl(run_dir / "pool.jsonl") for e in p["events"]]
     kinds = [e["event"] for e in events]
-    assert kinds.count("join") == 2 and kinds.count("drained") == 1, events
+    # (the pool may change again later in the run: the policy is free to, what matters is this order)
+    assert [k for k in kinds if k in ("join", "drained")][:3] == ["join", "drained", "join"], events
+    assert kinds.count("drained") == 1, events
     joins = [e for e in events if e["event"] == "join"]
     assert all(e["seconds_to_serving"] > 0 for e in joins)
-    assert [m["pool/join_seconds"] > 0 for m in metrics].count(True) == 2
+    assert [m["pool/join_seconds"] > 0 for m in metrics].count(True) == len(joins)
     [drain] = [e for e in events if e["event"] == "drained"]
     assert drain["node"] == drained_node
-    assert {joins[1]["node"], drained_node} == {joins[1]["node"]} | {drained_node} and joins[1]["node"] != drained_node
+    assert joins[1]["node"] != drained_node  # the regrown engine is on a fresh node
     # the first engine's placement group waited for the autoscaler's first rollout node, and said so
     assert re.search(r"waiting for the autoscaler .*rlsys-generator-0 needs 1 x .*'rollout'.*missing now: no alive "
                      r"node declares rollout", out), out[-4000:]
