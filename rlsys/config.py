@@ -90,6 +90,14 @@ class GeneratorConfig:
     """GPU share vLLM takes (weights + KV cache). None: 0.9 when the engine's GPUs are its own
     (cluster.placement any or disaggregated), 0.45 when it shares a GPU with a learner rank (colocated)."""
     enable_prefix_caching: bool = True
+    sleep_level: int | None = None
+    """vLLM's sleep mode between generation and the next push, so that a learner rank sharing the
+    engine's GPU gets its memory back while it trains. 0: engines stay awake. 1: weights copied
+    to host memory, KV cache dropped. 2: weights and KV cache dropped (the push that follows brings
+    the weights; the engine wakes its weight memory, receives, then wakes its KV cache). None: 2
+    where an engine shares a GPU with a learner rank (cluster.placement=colocated on GPUs), else 0
+    (rlsys.config.sleep_level). Synchronous runs only. Only vLLM's CUDA builds have sleep mode:
+    an engine whose vLLM lacks it (the CPU build) says so once and stays awake."""
     enforce_eager: bool | None = None
     """vLLM without CUDA graphs or torch.compile. None: chosen by the engine's own device
     (rlsys.actors.generator.eager): eager on CPU (the CPU backend compiles nothing worth its start-up
@@ -505,6 +513,20 @@ def engine_memory_share(cfg: Config) -> float:
     return 0.45 if cfg.cluster.placement == "colocated" else 0.9
 
 
+def sleep_level(cfg: Config, gpu: bool) -> int:
+    """generator.sleep_level, or when None: 2 where engines share their GPUs with learner ranks.
+
+    >>> sleep_level(load_config(None, ["cluster.placement=colocated"]), gpu=True), sleep_level(load_config(None, ["cluster.placement=colocated"]), gpu=False)
+    (2, 0)
+    >>> sleep_level(load_config(None, ["cluster.placement=disaggregated", "generator.sleep_level=1"]), gpu=False)
+    1
+    """
+    if cfg.generator.sleep_level is not None:
+        return cfg.generator.sleep_level
+    shares = gpu and cfg.cluster.placement == "colocated"
+    return 2 if shares and cfg.trainer.max_staleness == 0 else 0  # an asynchronous run never pauses generation
+
+
 def _check_sections(node: Any, where: str) -> None:
     """omegaconf reports a non-mapping file or section (`learner: 3`) without naming the key."""
     if not isinstance(node, DictConfig):
@@ -586,6 +608,11 @@ def validate(cfg: Config) -> None:
     need(cfg.trainer.max_staleness == 0 or not cfg.autoscale.enabled,
          "trainer.max_staleness > 0 (asynchronous mode) needs autoscale.enabled=false: the elastic pool changes "
          "between synchronous steps only")
+    need(cfg.generator.sleep_level in (None, 0, 1, 2),
+         f"generator.sleep_level must be 0, 1, 2 or null (by placement), got {cfg.generator.sleep_level!r}")
+    need(not cfg.generator.sleep_level or cfg.trainer.max_staleness == 0,
+         f"generator.sleep_level={cfg.generator.sleep_level} needs trainer.max_staleness=0: an asynchronous run "
+         f"generates while it learns, so its engines never have a time to sleep")
     need(cfg.trainer.in_flight in ("finish", "requeue"),
          f"trainer.in_flight must be finish or requeue, got {cfg.trainer.in_flight!r}")
     need(cfg.trainer.in_flight == "finish" or cfg.trainer.max_staleness > 0,

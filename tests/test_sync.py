@@ -130,7 +130,10 @@ CASES = {
     "fp32-collective": ["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7",
                         "learner.sync_by_handle=false", "learner.sync_from_all_ranks=true"],
     "zero3-bf16": ["learner.zero_stage=3", "model.dtype=bfloat16"],
-    "zero3-bf16-collective": ["learner.zero_stage=3", "model.dtype=bfloat16", "learner.sync_by_handle=false"],
+    # asking for sleep mode: this vLLM build (CPU) has none, so the engines say so and stay awake,
+    # and the pool's sleep before the push runs and changes nothing
+    "zero3-bf16-collective": ["learner.zero_stage=3", "model.dtype=bfloat16", "learner.sync_by_handle=false",
+                              "generator.sleep_level=2"],
     # engine 0 by handle, engine 1 over the collective in the same push (as one engine on the
     # learners' node and one elsewhere): each checked against what the ranks sent
     "mixed": ["learner.zero_stage=0", "model.dtype=float32", "learner.sync_from_all_ranks=true"],
@@ -174,6 +177,9 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case, monkeypatch):
             assert tokenizer.pad_token is None, "the case must cover a tokenizer without a pad token"
             for p in prompts:  # the chat template writes BOS; encoding must not add a second one
                 assert p.ids[0] == tokenizer.bos_token_id and p.ids.count(tokenizer.bos_token_id) == 1, p.ids[:4]
+        groups.generators.sleep()  # as the loop does before the learner's update (a no-op unless asked for)
+        assert groups.generators.sleeps == (cfg.generator.sleep_level == 2)
+        assert [ray.get(a.sleep.remote()) for a in groups.generators.actors] == [False, False]  # no sleep mode here
         assert groups.sync.push(version=1) == [1, 1]
         # A second step and push: the weights compared below are the second push's.
         _, metrics = one_step(groups, cfg, tokenizer)

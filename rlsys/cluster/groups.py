@@ -25,7 +25,7 @@ from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import (GeneratorActor, Placed, RewardActor, in_group, node_roles, place, placement_record,
                                   threads)
 from rlsys.cluster.sync import WeightSync
-from rlsys.config import Config, engine_memory_share
+from rlsys.config import Config, engine_memory_share, sleep_level
 from rlsys.data.models import ModelSource
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout
@@ -167,7 +167,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     env = engine_env(cfg.generator) | threads(cfg.generator.num_cpus)
     gen_gpus = cfg.generator.tensor_parallel_size if gpu else 0
     asked = {"CPU": cfg.generator.num_cpus, "GPU": gen_gpus}
-    engine_cfg = dataclasses.replace(cfg.generator, gpu_memory_utilization=engine_memory_share(cfg))
+    engine_cfg = dataclasses.replace(cfg.generator, gpu_memory_utilization=engine_memory_share(cfg),
+                                     sleep_level=sleep_level(cfg, gpu) if train else 0)
 
     def generator(index: int, where: dict, gpus: float = gen_gpus):
         return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
@@ -201,7 +202,8 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
                          if elastic else None, autoscale=cfg.autoscale, bundle=bundle,
                          wait_timeout_s=cfg.autoscale.node_timeout_s if cfg.autoscale.enabled
                          else cfg.cluster.placement_timeout_s, max_restarts=cfg.cluster.max_actor_restarts,
-                         generate_timeout_s=cfg.deadlines.generate_s, chunks_per_engine=cfg.generator.chunks_per_engine)
+                         generate_timeout_s=cfg.deadlines.generate_s, chunks_per_engine=cfg.generator.chunks_per_engine,
+                         sleeps=engine_cfg.sleep_level > 0)
     learner_group, sync = None, None
     if train:
         port = ray.get(learners[0].free_port.remote())

@@ -106,15 +106,17 @@ class GeneratorPool:
     def __init__(self, engines: list[Engine], start: Callable[[int], Engine] | None = None,
                  autoscale: AutoscaleConfig | None = None, bundle: dict | None = None, target: int | None = None,
                  wait_timeout_s: float = 600.0, max_restarts: int = 3, generate_timeout_s: float = 3600.0,
-                 chunks_per_engine: int = 1):
+                 chunks_per_engine: int = 1, sleeps: bool = False):
         """engines: started and placed. start(index): begin starting one more engine (returns at
         once; the engine is ready when `ready` resolves). bundle: one engine's placement bundle, for
         the autoscaler. target: the size to keep without autoscaling (None: the starting size; with
         start=None nothing is ever replaced).
         wait_timeout_s: how long a pool left empty waits for a starting engine. max_restarts: engines
         lost (died, not drained) that the run replaces before it stops. generate_timeout_s: one
-        step's rollouts (deadlines.generate_s). chunks_per_engine: see chunk_size."""
+        step's rollouts (deadlines.generate_s). chunks_per_engine: see chunk_size. sleeps: the
+        engines were started with a sleep level (generator.sleep_level; see `sleep`)."""
         self.engines = engines
+        self.sleeps = sleeps
         self.chunks_per_engine = chunks_per_engine
         self.start = start
         self.autoscale = autoscale if autoscale is not None and autoscale.enabled else None
@@ -156,6 +158,24 @@ class GeneratorPool:
         return [e.actor for e in self.engines]
 
     # ---- within a step
+
+    def sleep(self) -> None:
+        """Every engine frees its GPU memory for the learner, until the push that follows
+        (generator.sleep_level; an engine without sleep mode returns at once). An engine lost
+        here leaves the pool as in generation; the pool replaces it between steps."""
+        if not self.sleeps:
+            return
+        engines = list(self.engines)
+        refs = [e.actor.sleep.remote() for e in engines]
+        _, hung = ray.wait(refs, num_returns=len(refs), timeout=self.generate_timeout_s)
+        if hung:
+            raise PhaseTimeout("sleep", [f"generator {e.index}" for e, r in zip(engines, refs) if r in hung],
+                               self.generate_timeout_s, "deadlines.generate_s")
+        for ref, engine in zip(refs, engines):
+            try:
+                ray.get(ref)
+            except LOST as e:
+                self.lost_engine(engine, e, phase="sleep")
 
     def generate(self, prompts: list, n: int, seed: tuple[int, ...] | None = None, **sampling) -> list[Rollout]:
         """n rollouts per prompt, in prompt order; every prompt exactly once, whatever engines leave.

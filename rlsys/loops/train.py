@@ -103,9 +103,10 @@ def synchronous(run: "Run", start: int, version: int) -> None:
             assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
             batch = make_batch(got.rollouts, got.rewards, cfg.algo)
             with timer("learn"):
+                groups.generators.sleep()  # engines sharing the learner's GPUs free them (generator.sleep_level)
                 learn = groups.learner.train(batch)
             with timer("sync"):
-                versions = groups.sync.push(version + 1)
+                versions = groups.sync.push(version + 1)  # a sleeping engine wakes to receive
         assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
         version += 1
         timings = timer.pop()
