@@ -8,6 +8,8 @@ rlsys report RUN_DIR                            a run's figures and plots
 rlsys submit [CONFIG.yaml] [key=value ...] --address http://HEAD:8265 [--follow]
                                                 GRPO as a Ray job on a running cluster (rlsys/cluster/jobs.py)
 rlsys jobs list | status ID | logs ID [--follow] | stop ID  [--address ...]
+rlsys doctor [CONFIG.yaml] [key=value ...] [--address HEAD:6379]
+                                                every node checked against the config before a long job
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                 "SUCCEEDED")
         if action == "stop":
             q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the job to end")
+    p = sub.add_parser("doctor", help="check every node of a running cluster against a config: devices, versions, "
+                                      "reachability, disk, placement; exit 1 on a problem")
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...] (the job's config)")
+    p.add_argument("--address", help="the cluster (GCS) address, HEAD_IP:6379 (default: cluster.address, then "
+                                     "auto: the cluster this node belongs to)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds each node has to answer a probe")
     p = sub.add_parser("eval", help="pass@1 and cons@K of a model or a run's checkpoint on a registry dataset")
     p.add_argument("--model", required=True, help="HF folder, named model (tiny, smollm2-135m-instruct) or RUN_DIR")
     p.add_argument("--dataset", required=True)
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse leaves over once the positional list has ended.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "submit", "sft", "sample", "distill", "pipeline") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "submit", "sft", "sample", "distill", "pipeline", "doctor") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.args += extra
     try:
@@ -205,13 +213,27 @@ def cmd_submit(args) -> int:
     return submit_main(args)
 
 
+def cmd_doctor(args) -> int:
+    from rlsys.cluster.doctor import doctor
+
+    given, overrides = split_config_args(args.args)
+    cfg = load_config(given or DEFAULT_CONFIG, overrides)
+    try:
+        return doctor(cfg, args.address, args.timeout)
+    except ConnectionError as e:
+        print(f"rlsys doctor: no Ray cluster to check at {args.address or cfg.cluster.address or 'auto'}: {e}. "
+              f"Run it on a node of the cluster (`ray start` made it one), or pass --address HEAD_IP:6379",
+              file=sys.stderr)
+        return 2
+
+
 def cmd_jobs(args) -> int:
     from rlsys.cluster.jobs import jobs_main
 
     return jobs_main(args)
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "pipeline": cmd_pipeline, "submit": cmd_submit, "jobs": cmd_jobs, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "pipeline": cmd_pipeline, "submit": cmd_submit, "jobs": cmd_jobs, "doctor": cmd_doctor, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "data": cmd_data}
 
 if __name__ == "__main__":
     sys.exit(main())

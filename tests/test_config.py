@@ -368,3 +368,11 @@ def test_redact_args_hides_secret_overrides_on_a_command_line():
     assert redact_args(args) == ["train", "configs/tiny.yaml", f"submit.env_vars={REDACTED}",
                                  f"submit.env_vars.X={REDACTED}", f"submit.env_vars.Y={REDACTED}", "learner.lr=0.5",
                                  f"foo.hf_token={REDACTED}", "--config-env", "RLSYS_SUBMITTED_CONFIG"]
+
+
+def test_config_doctests():
+    import doctest
+
+    from rlsys import config
+
+    assert doctest.testmod(config).failed == 0

@@ -80,3 +80,42 @@ def test_a_job_without_shared_storage_builds_the_model_on_every_node(nodes):
         built = list(nodes.view(node, Path.home() / ".cache" / "rlsys").glob("tiny-*/model.safetensors"))
         assert len(built) == 1, (node, built)
     assert not Path(run_dir).exists(), "the host should not see the head's disk"
+
+
+def doctor(nodes: LocalNodes, *args: str) -> subprocess.CompletedProcess:
+    """`rlsys doctor` where a user runs it: on the head, a driver of the cluster."""
+    argv, pin = nodes.command("head", [str(BIN / "rlsys"), "doctor", "configs/tiny.yaml", *args,
+                                       "--address", nodes.address, "--timeout", "90"], cwd=REPO)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=nodes.node_env(),
+                          preexec_fn=pin)
+
+
+def test_doctor_passes_a_sound_cluster_and_names_a_missing_resource_and_a_blocked_link_with_their_fixes(nodes):
+    ip = {name: box.ip for name, box in nodes.iso.boxes.items()}
+    sound = ["generator.num_cpus=2", "cluster.placement=disaggregated"]
+    ok = doctor(nodes, *sound)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    rows = {name: next(ln for ln in ok.stdout.splitlines() if f"({ip[name]})" in ln) for name in ip}
+    for name, row in rows.items():  # every node answered and reached the two others
+        assert row.startswith(f"{name} ({ip[name]})") and row.endswith(" 2/2"), row
+    assert "rollout=1" in rows["rollout"] and "learner=1" in rows["learner"]
+    assert re.search(r"rlsys-learners: .*'learner': 0\.001.* -> 1 node\(s\) can hold one", ok.stdout), ok.stdout
+    assert "no problems found" in ok.stdout
+
+    # The learner pool's nodes lack the resource the config names, and the rollout node cannot open
+    # a connection to the learner node (the learner node can still open one to it).
+    nodes.block("rollout", "learner")
+    try:
+        bad = doctor(nodes, *sound, "cluster.learner_resource=trainer")
+    finally:
+        nodes.unblock("rollout")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    problems = bad.stdout[bad.stdout.index("problem(s):"):]
+    assert "2 problem(s)" in bad.stdout, problems
+    assert re.search(r"rlsys-learners asks for .*'trainer': 0\.001.* no node can hold it: no alive node declares "
+                     r"trainer\n +fix: start the nodes for the learners with `ray start --resources='\{\"trainer\": 1\}'`",
+                     problems), problems
+    assert re.search(rf"node rollout \({ip['rollout']}\) cannot reach node learner \({ip['learner']}\) on a fresh "
+                     rf"port \({ip['learner']}:\d+: .*\)\n +fix: open TCP between the cluster's nodes", problems), problems
+    rows = {name: next(ln for ln in bad.stdout.splitlines() if f"({ip[name]})" in ln) for name in ip}
+    assert rows["rollout"].endswith(" 1/2") and rows["learner"].endswith(" 2/2") and rows["head"].endswith(" 2/2")

@@ -287,6 +287,20 @@ class Isolation:
     def heal(self, name: str) -> None:
         sh("ip", "link", "set", self.boxes[name].port, "master", "br0", ns=self.switch)
 
+    def block(self, name: str, other: str) -> None:
+        """A firewall between two nodes: TCP connections that `name` opens to `other` are dropped at
+        their first packet (a SYN); connections `other` opens to `name` still work, and so does
+        everything else either node says to the rest of the cluster. unblock takes it away."""
+        rules = (f"table inet rlsys_block {{ chain output {{ type filter hook output priority 0; "
+                 f"ip daddr {self.boxes[other].ip} tcp flags & (syn | ack) == syn drop; }} }}")
+        done = subprocess.run(["ip", "netns", "exec", self.boxes[name].netns, "nft", "-f", "-"], input=rules, text=True,
+                              capture_output=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"node {name}: nft could not block connections to {other}: {done.stderr.strip()}")
+
+    def unblock(self, name: str) -> None:
+        sh("nft", "delete", "table", "inet", "rlsys_block", ns=self.boxes[name].netns, check=False)
+
     def delay(self, name: str, ms: float) -> None:
         """Hold every frame the node sends for `ms` before the bridge gets it (as tc netem on its
         eth0 would: between two delayed nodes a round trip takes 2 x ms); 0 takes the delay away.

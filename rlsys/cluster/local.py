@@ -252,6 +252,12 @@ class LocalNodes:
     def heal(self, name: str) -> None:
         self._isolated("heal").heal(name)
 
+    def block(self, name: str, other: str) -> None:
+        self._isolated("block").block(name, other)
+
+    def unblock(self, name: str) -> None:
+        self._isolated("unblock").unblock(name)
+
     def shape(self, name: str, loss_pct: float = 0.0, rate_mbit: float | None = None) -> None:
         self._isolated("shape").shape(name, loss_pct=loss_pct, rate_mbit=rate_mbit)
 
