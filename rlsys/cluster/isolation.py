@@ -291,8 +291,9 @@ class Isolation:
         """A firewall between two nodes: TCP connections that `name` opens to `other` are dropped at
         their first packet (a SYN); connections `other` opens to `name` still work, and so does
         everything else either node says to the rest of the cluster. unblock takes it away."""
-        rules = (f"table inet rlsys_block {{ chain output {{ type filter hook output priority 0; "
-                 f"ip daddr {self.boxes[other].ip} tcp flags & (syn | ack) == syn drop; }} }}")
+        rules = "\n".join(["table inet rlsys_block {",
+                           f"  chain output {{ type filter hook output priority 0; "
+                           f"ip daddr {self.boxes[other].ip} tcp flags & (syn | ack) == syn drop; }}", "}"])
         done = subprocess.run(["ip", "netns", "exec", self.boxes[name].netns, "nft", "-f", "-"], input=rules, text=True,
                               capture_output=True, timeout=60)
         if done.returncode != 0:
