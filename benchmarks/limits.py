@@ -174,6 +174,7 @@ def learner_stage(path: str, dtype: str, repeats: int) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from benchmarks.learner import synthetic_batch
+    from rlsys.actors.learner import resolve_logprob_chunk
     from rlsys.cluster.groups import init_ray
     from rlsys.cluster.learners import start_learner_group
     from rlsys.math.flops import Shape
@@ -202,7 +203,7 @@ def learner_stage(path: str, dtype: str, repeats: int) -> dict:
 
         def roofline() -> float:  # the learner's rank is idle meanwhile: the driver has the cores
             return model_matmul_rate(shape, cfg.learner.max_tokens_per_micro_batch, dtype, backward=True,
-                                     head_tokens=cfg.learner.logprob_chunk)["flops_per_s"]
+                                     head_tokens=resolve_logprob_chunk(cfg.learner.logprob_chunk, cuda=False))["flops_per_s"]
 
         achieved, roof = interleaved(update, roofline, repeats)
         _, ops, wall = group.train_profiled(batch)

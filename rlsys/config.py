@@ -226,12 +226,14 @@ class LearnerConfig:
     micro_batch_size is not used. 0: fixed micro-batches of micro_batch_size rows, padded to their
     longest (the earlier layout: fewer learner tokens/s on mixed lengths, benchmarks/packing.py).
     Activation memory grows with the budget: at 4096, SmolLM2-135M took ~8 GB a rank on CPU."""
-    logprob_chunk: int = 128
+    logprob_chunk: int | None = None
     """The output layer and log-softmax run over about this many tokens (rows x positions) at a
     time, recomputed in the backward pass, so no (batch, length, vocabulary) tensor is ever whole;
-    0: all positions at once. 128: a chunk's fp32 logits are 24 MiB at a 49k vocabulary (SmolLM2),
-    under the 32 MiB up to which a CPU learner's malloc reuses freed memory instead of faulting it
-    in again (rlsys.actors.heap.keep_freed_memory). At a 152k vocabulary (Qwen2) 48 stays under it."""
+    0: all positions at once. None: by the rank's device (rlsys.actors.learner.resolve_logprob_chunk):
+    128 on CPUs, where a chunk's fp32 logits are 24 MiB at a 49k vocabulary (SmolLM2), under the
+    32 MiB up to which a CPU learner's malloc reuses freed memory instead of faulting it in again
+    (rlsys.actors.heap.keep_freed_memory; at a 152k vocabulary (Qwen2) 48 stays under it); 1024 on
+    GPUs, where larger kernels pay and memory is counted in GiB."""
     share_prompts: bool = True
     """Rows that share a prompt go through the learner as one sequence: the prompt once, then every
     answer, under a block attention mask (rlsys.math.prefix): the same log-probs and gradients for
@@ -592,6 +594,8 @@ def validate(cfg: Config) -> None:
     for name in positive + at_least_zero:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
+        if value is None and name == "learner.logprob_chunk":  # None: by the device
+            continue
         need(value > 0 if name in positive else value >= 0,
              f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
     need(cfg.algo.epsilon_high is None or cfg.algo.epsilon_high > 0,

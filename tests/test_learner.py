@@ -537,3 +537,11 @@ def test_zero3_builds_the_model_sharded_from_the_start(monkeypatch):
         assert learner.train(toy_batch(LENGTHS, ADV))["loss"] == pytest.approx(7.5 / 36, abs=1e-6)
     assert built == [True, True, False, False]  # ZeRO-3: policy and reference sharded; ZeRO-0: whole
 
+
+
+def test_learner_doctests():  # resolve_logprob_chunk
+    import doctest
+
+    from rlsys.actors import learner
+
+    assert doctest.testmod(learner).failed == 0

@@ -21,6 +21,8 @@ The learning rate follows learner.lr_schedule (warm-up, then constant or cosine)
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import importlib
 import math
@@ -176,6 +178,19 @@ def generator_mismatch(gen_logprobs: torch.Tensor, learner_logprobs: torch.Tenso
     return torch.stack([diff.abs().sum(), k3.sum(), m.sum(), max_diff])
 
 
+def resolve_logprob_chunk(chunk: int | None, cuda: bool) -> int:
+    """learner.logprob_chunk, or when None by the rank's device: 128 positions on CPUs (a chunk's
+    fp32 logits stay under the size up to which malloc reuses freed memory: rlsys.actors.heap),
+    1024 on GPUs (fewer, larger kernels; at a 152k vocabulary a chunk's fp32 logits are 0.6 GiB).
+
+    >>> resolve_logprob_chunk(None, cuda=False), resolve_logprob_chunk(None, cuda=True), resolve_logprob_chunk(0, cuda=True)
+    (128, 1024, 0)
+    """
+    if chunk is not None:
+        return chunk
+    return 1024 if cuda else 128
+
+
 def scored_from(loss_mask: torch.Tensor) -> int:
     """The first position whose logits any row needs: one before the earliest response token."""
     scored = loss_mask.any(dim=0).nonzero()
@@ -231,6 +246,7 @@ class Learner:
         then starts at its batch's place in the schedule, so a short batch (DAPO's dynamic
         sampling cuts one to whole mini-batches) skips the steps it did not take instead of
         stretching the schedule past the run's last step. None (SFT): the schedule counts steps."""
+        cfg = dataclasses.replace(cfg, logprob_chunk=resolve_logprob_chunk(cfg.logprob_chunk, cuda=backend == "nccl"))
         self.model_path, self.dtype, self.cfg, self.algo = model_path, dtype, cfg, algo
         self.temperature, self.rank, self.world, self.backend, self.seed = temperature, rank, world, backend, seed
         self.total_updates, self.updates_per_batch = total_updates, updates_per_batch
