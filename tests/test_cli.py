@@ -36,6 +36,7 @@ def smoke_run(tmp_path_factory):
                  "profile.enabled=true", "trainer.loggers=[jsonl,tensorboard]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"copied to file://{out} after every step" in proc.stdout
+    assert "(backend gloo, placement any, float32)" in proc.stdout  # model.dtype=auto on CPUs
     return out
 
 

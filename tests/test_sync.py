@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlsys.math.batch import make_batch
-from rlsys.config import load_config
+from rlsys.config import load_config, model_dtype
 from rlsys.data.prompts import PromptStream
 from rlsys.cluster.groups import launch
 from rlsys.data.models import resolve_model
@@ -130,10 +130,11 @@ CASES = {
     "fp32-collective": ["learner.zero_stage=0", "model.dtype=float32", "generator.temperature=0.7",
                         "learner.sync_by_handle=false", "learner.sync_from_all_ranks=true"],
     "zero3-bf16": ["learner.zero_stage=3", "model.dtype=bfloat16"],
-    # asking for sleep mode: this vLLM build (CPU) has none, so the engines say so and stay awake,
-    # and the pool's sleep before the push runs and changes nothing
+    # asking for sleep mode and offloading, as colocated GPUs do: this vLLM build (CPU) has no sleep
+    # mode and a CPU rank's state is in host memory, so each says so and goes on; the calls run and
+    # change nothing
     "zero3-bf16-collective": ["learner.zero_stage=3", "model.dtype=bfloat16", "learner.sync_by_handle=false",
-                              "generator.sleep_level=2"],
+                              "generator.sleep_level=2", "learner.offload_states=true"],
     # engine 0 by handle, engine 1 over the collective in the same push (as one engine on the
     # learners' node and one elsewhere): each checked against what the ranks sent
     "mixed": ["learner.zero_stage=0", "model.dtype=float32", "learner.sync_from_all_ranks=true"],
@@ -155,7 +156,7 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case, monkeypatch):
         monkeypatch.setattr(WeightSync, "by_hand", lambda self, engine: engine.index == 0)
 
     cfg = load_config(CONFIG, CASES[case] + ["learner.sync_bucket_mb=0.05"])  # several buckets, even for the tiny model
-    dtype, tied = cfg.model.dtype, cfg.model.tiny_tied
+    dtype, tied = model_dtype(cfg, gpu=False), cfg.model.tiny_tied
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     groups = launch(cfg, model_path, verifier="math")
@@ -166,6 +167,9 @@ def test_sync_is_exact_after_a_learner_step(ray_cluster, case, monkeypatch):
         by_hand = {"mixed": [True, False]}.get(case, [cfg.learner.sync_by_handle] * 2)
         assert [groups.sync.by_hand(e) for e in groups.generators.engines] == by_hand
         assert groups.sync.members == [i for i, hand in enumerate(by_hand) if not hand]  # the collective's engines
+        groups.learner.offload()  # as the loop does before generating (a no-op unless asked for)
+        assert groups.learner.offloads == bool(cfg.learner.offload_states)
+        assert ray.get([a.offload.remote() for a in groups.learner.actors]) == [False, False]  # CPU ranks
         prompts, metrics = one_step(groups, cfg, tokenizer)
         assert metrics["grad_norm"] > 0
         if dtype == "float32":

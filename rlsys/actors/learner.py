@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import functools
 import gc
 import importlib
 import math
@@ -237,6 +238,17 @@ LEARNER_STATE, STATE_TAG = "learner", "state"
 """A checkpoint's DeepSpeed state lives in <checkpoint>/learner/state/ (one set of files per rank)."""
 
 
+def resident(method):
+    """Bring the rank's state back to its device (after `Learner.offload`) before `method` runs."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.offloaded:
+            self.engine.reload_states()
+            self.offloaded = False
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Learner:
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
                  rank: int, world: int, backend: str, seed: int, total_updates: int = 1,
@@ -254,6 +266,24 @@ class Learner:
         self.sync_group = None
         self.shares = Shares()  # the buffer the engines on this node map (share_weights)
         self.steps = 0
+        self.offloaded = False  # the state waits in host memory (offload) until a `resident` method runs
+        self.said_no_offload = False
+
+    def offload(self) -> bool:
+        """learner.offload_states: the rank's optimizer state, master weights, gradients and weights
+        to host memory until its next update, push or save (`resident`), while engines sharing its
+        GPU generate. The frozen reference (algo.beta > 0) stays: DeepSpeed offloads an optimizer's
+        state only. False where there is nothing to move: a CPU rank's state is in host memory."""
+        if self.backend != "nccl":
+            if not self.said_no_offload:
+                print(f"[rlsys] learner {self.rank}: learner.offload_states: this rank runs on CPUs, where its state "
+                      f"is in host memory already; nothing to offload", flush=True)
+                self.said_no_offload = True
+            return False
+        if not self.offloaded:
+            self.engine.offload_states()
+            self.offloaded = True
+        return True
 
     def free_port(self) -> int:
         """A free port on this rank's node (rank 0 hosts the rendezvous of both groups)."""
@@ -358,6 +388,7 @@ class Learner:
                        temperature=self.temperature, chunk=self.cfg.logprob_chunk)     # (B, L - 1 - start)
         return torch.nn.functional.pad(picked, (start + 1, 0))                        # (B, L)
 
+    @resident
     def train_profiled(self, work: TrainBatch | Shard) -> tuple[dict[str, float], dict[str, float], float]:
         """`train` under torch.profiler (CPU ops): its metrics, each op's self seconds summed over the
         update (op name -> seconds), and the update's wall seconds. For benchmarks/limits.py's "where
@@ -386,6 +417,7 @@ class Learner:
         """This rank's part of a whole rollout batch (rlsys.math.packing; the driver cuts the same)."""
         return cut(batch, self.rank, self.world, self.cfg, self.algo, self.seed, self.steps, self.model_shape(), grpo)
 
+    @resident
     def train(self, work: TrainBatch | Shard) -> dict[str, float]:
         """One GRPO update on a rollout batch: this rank's Shard of it (the driver cuts the batch and
         sends each rank its rows), or the whole batch (cut here, the same way)."""
@@ -484,6 +516,7 @@ class Learner:
         out["skipped_updates"] = float(skipped)
         return out
 
+    @resident
     def train_sft(self, work: TrainBatch | Shard) -> dict[str, float]:
         """One supervised step (rlsys.math.sft, `rlsys sft`): the NLL of the response tokens of this
         rank's micro-batches, each normalised by the whole mini-batch's token count over the ranks,
@@ -605,6 +638,7 @@ class Learner:
         assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
         self.sync_group = make_group(self.backend, addr, port, 0, world, timeout_s)
 
+    @resident
     def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
         """_broadcast_weights, and when it fails (an engine died under the push) this rank's sync
         group is dropped before the error leaves: its connections close, so the engines still
@@ -628,6 +662,7 @@ class Learner:
             return {}
         return dict(zip(mine, send_buckets(self.sync_group, buckets, device_for(self.backend))))
 
+    @resident
     def share_weights(self, plan: list[Bucket]) -> dict | None:
         """The same buckets as broadcast_weights, by handle, for the engines on this rank's node
         (rlsys.actors.shared_weights): copied into this rank's shared buffer; returns its handle and
@@ -675,11 +710,13 @@ class Learner:
             return [], iter(())
         return mine, buckets()
 
+    @resident
     def broadcast_raw(self, numel: int, dtype: str) -> None:
         """Rank 0: one flat buffer over its sync group (the reference for the sync benchmark)."""
         if self.rank == 0:
             raw_broadcast(self.sync_group, numel, dtype, device_for(self.backend))
 
+    @resident
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every parameter, whole, on CPU, on rank 0 only (None on the others): the one full copy
         a save, an export or a check needs. Under ZeRO-3 every rank takes part in each gather, one
@@ -697,6 +734,7 @@ class Learner:
                     out[name] = p.data.detach().to("cpu", copy=zero3)
         return out if self.rank == 0 else None
 
+    @resident
     def save(self, folder: str, state: bool = True) -> None:
         """Write this rank's part of a checkpoint into `folder` (created if missing): rank 0 the HF
         weights (safetensors, config, tokenizer) that transformers and vLLM load directly; with
@@ -716,6 +754,7 @@ class Learner:
             for script in (out / LEARNER_STATE).glob("zero_to_*.py") if self.rank == 0 else []:
                 script.unlink(missing_ok=True)
 
+    @resident
     def load_state(self, folder: str) -> int:
         """Continue from a checkpoint written by `save`: weights, optimizer, LR scheduler, update
         count and RNG. Collective. Returns the number of batches trained so far."""
@@ -729,6 +768,7 @@ class Learner:
         random.setstate(mine["python_rng"])
         return self.steps
 
+    @resident
     def upload_part(self, uri: str, rel: str, state: bool = True) -> dict[str, dict]:
         """This rank's part of a checkpoint straight to a storage URI (trainer.output_dir), never
         through the driver: written (`save`) to a temporary folder on this node, each file uploaded

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rlsys.config import Config, ConfigError, engine_memory_share
+from rlsys.config import Config, ConfigError, engine_memory_share, on_device
 
 GIB = 1 << 30
 ENGINE_BASE, LEARNER_BASE, REWARD_BASE = 0.9 * GIB, 0.7 * GIB, 0.4 * GIB
@@ -116,6 +116,7 @@ def check_fits(cfg: Config, params: int, available: int, gpus: list[tuple[int, i
     (None or []: none). On GPUs the model's state is counted per GPU and the host holds the
     processes alone."""
     gpus = gpus or []
+    cfg = on_device(cfg, on_gpus(cfg, gpus))  # model.dtype=auto counted as the actors will run it
     if on_gpus(cfg, gpus):
         check_gpus(cfg, params, gpus)
         need = {"generators": cfg.generator.num_engines * ENGINE_BASE, "learners": cfg.learner.num_ranks * LEARNER_BASE,

@@ -25,7 +25,7 @@ from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import (GeneratorActor, Placed, RewardActor, in_group, node_roles, place, placement_record,
                                   threads)
 from rlsys.cluster.sync import WeightSync
-from rlsys.config import Config, engine_memory_share, sleep_level
+from rlsys.config import Config, engine_memory_share, offload_states, on_device, sleep_level
 from rlsys.data.models import ModelSource
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout
@@ -159,6 +159,10 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     only (evaluation)."""
     backend = resolve_backend(cfg.cluster.backend, ray.cluster_resources())
     gpu = backend == "nccl"
+    if cfg.model.dtype == "auto" and gpu and cfg.learner.zero_stage == 0:
+        print("[rlsys] model.dtype=auto: float32 on these GPUs, since learner.zero_stage=0 (DeepSpeed accumulates "
+              "ZeRO-0 bf16 gradients in bf16); learner.zero_stage >= 1 trains in bfloat16", flush=True)
+    cfg = on_device(cfg, gpu)  # model.dtype=auto resolved by the actors' device
     t0 = time.time()
     lay = layout(cfg, gpu, train)
     pgs = {name: place(name, bundles, strategy, cfg.cluster) for name, (bundles, strategy) in lay.groups.items()}
@@ -215,11 +219,12 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
             print(f"[rlsys] learner rank 0 runs on node {others[0]['node_id'][:12]}, the driver on "
                   f"{driver_node[:12]}, no cluster.shared_storage: checkpoints are sent to the driver, "
                   f"which writes them into the run folder", flush=True)
-        learner_group = LearnerGroup(learners, cfg, ship)
+        learner_group = LearnerGroup(learners, cfg, ship, offloads=offload_states(cfg, gpu))
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size, cfg.deadlines.sync_s,
                           by_handle=cfg.learner.sync_by_handle)
     print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
-          f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement})", flush=True)
+          f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement}, "
+          f"{cfg.model.dtype})", flush=True)
     return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
                                    max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s,
                                    start_timeout_s=cfg.deadlines.start_s),

@@ -22,17 +22,19 @@ from rlsys.cluster.deadlines import PhaseTimeout, get_all
 from rlsys.cluster.placement import layout, resolve_backend
 from rlsys.cluster.remote import LearnerActor, in_group, place, threads
 from rlsys.cluster.storage import RunStorage, is_uri
-from rlsys.config import Config
+from rlsys.config import Config, model_dtype
 from rlsys.data.models import ModelSource
 from rlsys.math.packing import cut
 from rlsys.types import TrainBatch
 
 
 class LearnerGroup:
-    def __init__(self, actors: list, cfg: Config, ship_checkpoints: bool = False):
+    def __init__(self, actors: list, cfg: Config, ship_checkpoints: bool = False, offloads: bool = False):
         """ship_checkpoints: True sends every rank's part of a checkpoint through the driver
-        whatever node it runs on; False: decided per rank (`ships`)."""
+        whatever node it runs on; False: decided per rank (`ships`). offloads: `offload` moves the
+        ranks' state to host memory (learner.offload_states, resolved: rlsys.config.offload_states)."""
         self.actors = actors
+        self.offloads = offloads
         self.cfg = cfg
         self.trained = 0
         """Updates the group has taken (batches trained): the next shard is cut for this update."""
@@ -68,6 +70,13 @@ class LearnerGroup:
         """Every rank's result; a rank that dies raises ActorLost at once (its peers would wait
         in a collective), a phase past its deadline PhaseTimeout."""
         return get_all(refs, self.names, phase, timeout_s, setting)
+
+    def offload(self) -> None:
+        """Every rank's state to host memory while engines sharing its GPU generate; back before the
+        ranks' next update, push or save (rlsys.actors.learner.Learner.offload). Nothing unless
+        learner.offload_states is on."""
+        if self.offloads:
+            self._all([a.offload.remote() for a in self.actors], "offload", self.deadlines.train_s, "deadlines.train_s")
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One GRPO update on a rollout batch."""
@@ -332,6 +341,6 @@ def learner_actors(cfg: Config, model: ModelSource, backend: str, lay, pgs: dict
         updates = cfg.trainer.total_steps * per_batch
     return [LearnerActor.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, **in_group(pgs[s.group], s.bundle),
                                  runtime_env={"env_vars": threads(s.num_cpus)}).remote(
-        model, cfg.model.dtype, cfg.learner, cfg.algo, cfg.generator.temperature,
+        model, model_dtype(cfg, backend == "nccl"), cfg.learner, cfg.algo, cfg.generator.temperature,
         s.rank, cfg.learner.num_ranks, backend, cfg.trainer.seed, updates, per_batch)
         for s in lay.of("learner")]

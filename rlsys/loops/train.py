@@ -96,6 +96,7 @@ def synchronous(run: "Run", start: int, version: int) -> None:
             with timer("pool"):  # engines join (with this version's weights) or leave, between steps
                 pool = groups.generators.between_steps(step, generate_share, len(batch_prompts),
                                                        join=lambda new: groups.sync.catch_up(new, version))
+            groups.learner.offload()  # learner.offload_states: host memory while engines on its GPUs generate
             # timer("generate") and timer("reward") inside, once per sampling round
             got = collect(batch_prompts, run.prompts.next, groups.generators.generate, groups.rewards.score, cfg,
                           step, phase=timer)

@@ -1,9 +1,12 @@
-"""vLLM's sleep mode around the weight push (generator.sleep_level): the order of the engine's calls.
+"""An engine and a learner rank taking turns with one GPU: vLLM's sleep mode around the weight push
+(generator.sleep_level) and the learner's state in host memory while the engines generate
+(learner.offload_states); the order of the calls each side makes.
 
-Only vLLM's CUDA builds have sleep mode, so here the engine's vLLM is a stand-in that records
-what the Generator asks of it: what a GPU would show (the memory freed while the learner trains,
-the weights right after waking) is in tests/gpu/. The real CPU path (an engine without sleep mode
-that says so and stays awake) runs in tests/test_sync.py's zero3-bf16-collective case."""
+Only vLLM's CUDA builds have sleep mode and only a GPU rank has state to offload, so here the
+engine's vLLM and the rank's DeepSpeed engine are stand-ins that record what they are asked: what
+a GPU would show (the memory freed, the weights right after waking) is in tests/gpu/. The real
+CPU path (an engine without sleep mode and a CPU rank, each saying so and going on) runs in
+tests/test_sync.py's zero3-bf16-collective case."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import types
 import pytest
 
 from rlsys.actors.generator import Generator, usable_sleep_level
-from rlsys.config import ConfigError, load_config, sleep_level
+from rlsys.actors.learner import Learner, resident
+from rlsys.config import ConfigError, load_config, offload_states, sleep_level
 
 
 class RecordingLLM:
@@ -103,3 +107,60 @@ def test_the_sleep_level_follows_placement_and_device():
         load_config(None, ["generator.sleep_level=2", "trainer.max_staleness=1"])
     with pytest.raises(ConfigError, match="generator.sleep_level must be 0, 1, 2"):
         load_config(None, ["generator.sleep_level=3"])
+
+
+class RecordingDeepSpeed:
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def offload_states(self):
+        self.calls.append("offload_states")
+
+    def reload_states(self):
+        self.calls.append("reload_states")
+
+
+def rank(backend: str) -> Learner:
+    learner = Learner.__new__(Learner)  # without DeepSpeed
+    learner.engine, learner.backend, learner.rank = RecordingDeepSpeed(), backend, 0
+    learner.offloaded = learner.said_no_offload = False
+    return learner
+
+
+def test_an_offloaded_rank_brings_its_state_back_before_it_touches_it():
+    learner, touched = rank("nccl"), []
+
+    @resident
+    def update(self):
+        touched.append(list(self.engine.calls))
+
+    assert learner.offload() is True and learner.offload() is True  # once
+    update(learner)
+    update(learner)  # resident already: nothing to bring back
+    assert touched == [["offload_states", "reload_states"]] * 2
+    # every method the driver calls that reads or writes the state is guarded
+    for name in ("train", "train_profiled", "train_sft", "broadcast_weights", "share_weights", "broadcast_raw",
+                 "full_state_dict", "save", "load_state", "upload_part"):
+        assert getattr(Learner, name).__code__ is resident(lambda self: None).__code__, name
+    # save_files stays a plain generator function (Ray streams it); it saves through `save`
+    import inspect
+    assert inspect.isgeneratorfunction(Learner.save_files)
+
+
+def test_a_cpu_rank_has_nothing_to_offload_and_says_so_once(capsys):
+    learner = rank("gloo")
+    assert learner.offload() is False and learner.offload() is False
+    assert learner.engine.calls == []
+    assert capsys.readouterr().out.count("this rank runs on CPUs, where its state is in host memory already") == 1
+
+
+def test_offloading_follows_placement_device_and_stage():
+    def on(*overrides, gpu):
+        return offload_states(load_config(None, list(overrides)), gpu)
+
+    assert on("cluster.placement=colocated", "learner.zero_stage=3", gpu=True) is True
+    assert on("cluster.placement=colocated", "learner.zero_stage=3", gpu=False) is False
+    assert on("cluster.placement=disaggregated", "learner.zero_stage=3", gpu=True) is False
+    assert on("cluster.placement=colocated", "learner.zero_stage=3", "trainer.max_staleness=1", gpu=True) is False
+    with pytest.raises(ConfigError, match="learner.offload_states=true needs learner.zero_stage >= 1"):
+        load_config(None, ["learner.offload_states=true"])
