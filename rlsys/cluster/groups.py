@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from rlsys.actors.generator import engine_env
+from rlsys.actors.weight_sync import sending_ranks
 from rlsys.cluster.deadlines import LOST, get_all
 from rlsys.cluster.learners import LearnerGroup, learner_actors, start_learner_group
 from rlsys.cluster.placement import generator_bundle, generator_group, layout, resolve_backend
@@ -171,13 +172,14 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     env = engine_env(cfg.generator) | threads(cfg.generator.num_cpus)
     gen_gpus = cfg.generator.tensor_parallel_size if gpu else 0
     asked = {"CPU": cfg.generator.num_cpus, "GPU": gen_gpus}
+    communicators = sending_ranks(cfg.learner, cfg.learner.num_ranks) if train else 0  # each engine worker's sync groups
     engine_cfg = dataclasses.replace(cfg.generator, gpu_memory_utilization=engine_memory_share(cfg),
                                      sleep_level=sleep_level(cfg, gpu) if train else 0)
 
     def generator(index: int, where: dict, gpus: float = gen_gpus):
         return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
                                       **where).remote(model, engine_cfg, cfg.model.dtype,
-                                                      cfg.trainer.seed + index)
+                                                      cfg.trainer.seed + index, communicators)
 
     engines = []
     for s in lay.of("generator"):
