@@ -223,9 +223,10 @@ class LearnerConfig:
     ranks on one GPU, be refused by NCCL. Engines on other nodes receive over the collective as
     before. false: every engine over the collective."""
     offload_states: bool | None = None
-    """While the engines generate, each rank's optimizer state, master weights, gradients and
-    weights wait in host memory (DeepSpeed's offload_states, ZeRO 1-3), back on the GPU before the
-    update, so that an engine sharing the rank's GPU has it for its KV cache. None: where engines
+    """From after its update until its next one (or a save), each rank's optimizer state, fp32
+    master weights and gradients wait in host memory (DeepSpeed's offload_states, ZeRO 1-3; the
+    model's weights stay, the push reads them), so that an engine sharing the rank's GPU has it for
+    its weights and KV cache while it receives and generates. None: where engines
     share the learners' GPUs (cluster.placement=colocated on GPUs, learner.zero_stage >= 1,
     synchronous), else off (rlsys.config.offload_states). GPU only: on CPUs the state is in host
     memory already; a rank asked to says so once and goes on."""

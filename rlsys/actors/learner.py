@@ -270,10 +270,13 @@ class Learner:
         self.said_no_offload = False
 
     def offload(self) -> bool:
-        """learner.offload_states: the rank's optimizer state, master weights, gradients and weights
-        to host memory until its next update, push or save (`resident`), while engines sharing its
-        GPU generate. The frozen reference (algo.beta > 0) stays: DeepSpeed offloads an optimizer's
-        state only. False where there is nothing to move: a CPU rank's state is in host memory."""
+        """learner.offload_states: the rank's optimizer state, fp32 master weights and gradients to
+        host memory until its next update or save (`resident`), while engines sharing its GPU take
+        their weights and generate. The model's own weights stay: the push reads them (by handle,
+        or its broadcast) while the state waits, and they are the smallest part (Adam's moments
+        and the master copy are 12 bytes a parameter). The frozen reference (algo.beta > 0) stays
+        too: DeepSpeed offloads an optimizer's state only. False where there is nothing to move: a
+        CPU rank's state is in host memory already."""
         if self.backend != "nccl":
             if not self.said_no_offload:
                 print(f"[rlsys] learner {self.rank}: learner.offload_states: this rank runs on CPUs, where its state "
@@ -281,7 +284,10 @@ class Learner:
                 self.said_no_offload = True
             return False
         if not self.offloaded:
-            self.engine.offload_states()
+            from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
+
+            self.engine.offload_states(include=[State.optim_states, State.hp_params, State.lp_grads,
+                                                State.contiguous_grad_buffer])
             self.offloaded = True
         return True
 
@@ -637,7 +643,6 @@ class Learner:
         assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
         self.sync_group = make_group(self.backend, addr, port, 0, world, timeout_s)
 
-    @resident
     def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
         """_broadcast_weights, and when it fails (an engine died under the push) this rank's sync
         group is dropped before the error leaves: its connections close, so the engines still
@@ -661,7 +666,6 @@ class Learner:
             return {}
         return dict(zip(mine, send_buckets(self.sync_group, buckets, device_for(self.backend))))
 
-    @resident
     def share_weights(self, plan: list[Bucket]) -> dict | None:
         """The same buckets as broadcast_weights, by handle, for the engines on this rank's node
         (rlsys.actors.shared_weights): copied into this rank's shared buffer; returns its handle and
@@ -709,13 +713,11 @@ class Learner:
             return [], iter(())
         return mine, buckets()
 
-    @resident
     def broadcast_raw(self, numel: int, dtype: str) -> None:
         """Rank 0: one flat buffer over its sync group (the reference for the sync benchmark)."""
         if self.rank == 0:
             raw_broadcast(self.sync_group, numel, dtype, device_for(self.backend))
 
-    @resident
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every parameter, whole, on CPU, on rank 0 only (None on the others): the one full copy
         a save, an export or a check needs. Under ZeRO-3 every rank takes part in each gather, one

@@ -96,7 +96,7 @@ def synchronous(run: "Run", start: int, version: int) -> None:
             with timer("pool"):  # engines join (with this version's weights) or leave, between steps
                 pool = groups.generators.between_steps(step, generate_share, len(batch_prompts),
                                                        join=lambda new: groups.sync.catch_up(new, version))
-            groups.learner.offload()  # learner.offload_states: host memory while engines on its GPUs generate
+            groups.learner.offload()  # (again, after a save brought the state back: the engines generate next)
             # timer("generate") and timer("reward") inside, once per sampling round
             got = collect(batch_prompts, run.prompts.next, groups.generators.generate, groups.rewards.score, cfg,
                           step, phase=timer)
@@ -104,8 +104,12 @@ def synchronous(run: "Run", start: int, version: int) -> None:
             assert not stale, f"step {step}: rollouts from weight versions {stale}, expected only {version}"
             batch = make_batch(got.rollouts, got.rewards, cfg.algo)
             with timer("learn"):
-                groups.generators.sleep()  # engines sharing the learner's GPUs free them (generator.sleep_level)
+                # Colocated on GPUs the two sides take turns: the engines free the GPU (generator.sleep_level)
+                # while the learner trains, the learner's optimizer state goes to host memory
+                # (learner.offload_states) before the engines wake for the push and generate.
+                groups.generators.sleep()
                 learn = groups.learner.train(batch)
+                groups.learner.offload()
             with timer("sync"):
                 versions = groups.sync.push(version + 1)  # a sleeping engine wakes to receive
         assert versions == [version + 1] * len(versions), f"step {step}: generators report versions {versions}"
