@@ -13,7 +13,7 @@ with a message that names the key.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -540,9 +540,13 @@ def model_dtype(cfg: Config, gpu: bool) -> str:
 
 def on_device(cfg: Config, gpu: bool) -> Config:
     """cfg with model.dtype resolved for the device (model_dtype)."""
-    import dataclasses
+    return replace(cfg, model=replace(cfg.model, dtype=model_dtype(cfg, gpu)))
 
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=model_dtype(cfg, gpu)))
+
+def takes_turns(cfg: Config, gpu: bool) -> bool:
+    """Engines and learner ranks share GPUs (colocated on GPUs) and a synchronous loop lets them
+    take turns with the memory: the case generator.sleep_level and learner.offload_states default to."""
+    return gpu and cfg.cluster.placement == "colocated" and cfg.trainer.max_staleness == 0
 
 
 def offload_states(cfg: Config, gpu: bool) -> bool:
@@ -556,8 +560,7 @@ def offload_states(cfg: Config, gpu: bool) -> bool:
     """
     if cfg.learner.offload_states is not None:
         return cfg.learner.offload_states
-    return (gpu and cfg.cluster.placement == "colocated" and cfg.learner.zero_stage >= 1
-            and cfg.trainer.max_staleness == 0)
+    return takes_turns(cfg, gpu) and cfg.learner.zero_stage >= 1  # DeepSpeed offloads a ZeRO optimizer's state
 
 
 def sleep_level(cfg: Config, gpu: bool) -> int:
@@ -570,8 +573,7 @@ def sleep_level(cfg: Config, gpu: bool) -> int:
     """
     if cfg.generator.sleep_level is not None:
         return cfg.generator.sleep_level
-    shares = gpu and cfg.cluster.placement == "colocated"
-    return 2 if shares and cfg.trainer.max_staleness == 0 else 0  # an asynchronous run never pauses generation
+    return 2 if takes_turns(cfg, gpu) else 0
 
 
 def _check_sections(node: Any, where: str) -> None:
