@@ -22,7 +22,6 @@ The learning rate follows learner.lr_schedule (warm-up, then constant or cosine)
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import gc
 import importlib

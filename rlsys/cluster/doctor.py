@@ -109,6 +109,7 @@ class Finding:
     nodes: list[dict]                              # probe() of every node that answered
     reach: dict[str, dict[str, str | None]]        # from node -> to node -> None or the error
     placement: list[str]                           # one line per placement group the run asks for
+    resources: dict[str, dict]                     # node id -> its Ray resources (ray.nodes())
     problems: list[tuple[str, str]] = field(default_factory=list)  # (what is wrong, the fix)
 
 
@@ -145,7 +146,7 @@ def examine(cfg: Config, timeout_s: float = 60.0) -> Finding:
     placement, more = placement_problems(cfg, alive)
     problems += more
     problems += disk_problems(cfg, list(nodes.values()))
-    return Finding(list(nodes.values()), reached, placement, problems)
+    return Finding(list(nodes.values()), reached, placement, alive, problems)
 
 
 def answers(calls: dict[str, ray.ObjectRef], timeout_s: float, what: str, problems: list) -> dict:
@@ -267,14 +268,14 @@ def disk_problems(cfg: Config, nodes: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def table(finding: Finding, alive_resources: dict[str, dict]) -> str:
+def table(finding: Finding) -> str:
     """One row per node, then the placement lines."""
     head = ["node", "resources", "GPUs", "CUDA/NCCL", "torch", "vllm", "deepspeed", "ray", "rlsys", "cache GiB",
             "run GiB", "reaches"]
     rows = [head]
     others = len(finding.nodes) - 1
     for p in sorted(finding.nodes, key=lambda p: p["ip"]):
-        res = alive_resources.get(p["node_id"], {})
+        res = finding.resources.get(p["node_id"], {})
         shown = {k: v for k, v in res.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
         gpus = f"{len(p['gpus'])} x {p['gpus'][0]}" if p["gpus"] else "-"
         ok = sum(e is None for e in finding.reach.get(p["node_id"], {}).values())
@@ -294,12 +295,11 @@ def doctor(cfg: Config, address: str | None, timeout_s: float = 60.0) -> int:
     try:
         t0 = time.time()
         finding = examine(cfg, timeout_s)
-        alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         roles = node_roles()
-        print(f"[rlsys] doctor: {len(alive)} node(s) at {target}, {len(finding.nodes)} answered in "
+        print(f"[rlsys] doctor: {len(finding.resources)} node(s) at {target}, {len(finding.nodes)} answered in "
               f"{time.time() - t0:.1f}s; custom resources: "
               + (", ".join(sorted({r for rs in roles.values() for r in rs})) or "none"))
-        print(table(finding, alive))
+        print(table(finding))
         if not finding.problems:
             print("\nno problems found")
             return 0

@@ -72,9 +72,9 @@ class LearnerGroup:
         return get_all(refs, self.names, phase, timeout_s, setting)
 
     def offload(self) -> None:
-        """Every rank's state to host memory while engines sharing its GPU generate; back before the
-        ranks' next update, push or save (rlsys.actors.learner.Learner.offload). Nothing unless
-        learner.offload_states is on."""
+        """Every rank's optimizer state, master weights and gradients to host memory while engines
+        sharing its GPU receive and generate; back before the ranks' next update or save
+        (rlsys.actors.learner.Learner.offload). Nothing unless learner.offload_states is on."""
         if self.offloads:
             self._all([a.offload.remote() for a in self.actors], "offload", self.deadlines.train_s, "deadlines.train_s")
 
