@@ -17,3 +17,10 @@ def ray_cluster():
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_report_header(config):
+    # The default selection leaves the multi-node tier out (pyproject.toml's addopts): say so at the top.
+    if config.option.markexpr == "not multinode":
+        return "tier: core (tests marked multinode left out; `-m multinode` runs them, README 'Tests')"
+    return f"tier: -m {config.option.markexpr!r}" if config.option.markexpr else "tier: every test"
