@@ -159,11 +159,21 @@ class AlgoConfig:
     aggregation: str = "token"
     """token: every response token of a mini-batch weighs the same (DAPO) | sequence: every
     sequence weighs the same (original GRPO)."""
-    is_cap: float = 2.0
-    """Asynchronous mode (trainer.max_staleness > 0): a rollout produced by older weights than the
-    learner's is corrected token by token with the importance weight pi_learner / pi_generator
-    (the generators' own log-probs), truncated at this cap (truncated importance sampling). Rows
-    of the current weight version are not reweighted."""
+    off_policy: str = "tis"
+    """How a rollout sampled by another policy than the learner's is corrected, token by token, with
+    rho = pi_learner / pi_generator (the generators' own log-probs; rlsys.math.grpo.off_policy_weights
+    has each definition and its paper): tis (truncated IS: min(rho, is_cap)) | mis (masked IS:
+    tokens with rho outside [is_low, is_cap] left out, the others weighted by rho) | icepop (the
+    same, a band on both sides) | seq_mask (a sequence whose geometric-mean rho leaves the band
+    is dropped whole)."""
+    off_policy_rows: str = "stale"
+    """stale: only rollouts produced by older weights than the learner's (asynchronous mode) are
+    corrected | all: every rollout, for the mismatch between the generators' and the learner's
+    kernels and precision as well (its size is logged as gen_kl in any case)."""
+    is_low: float | None = None
+    is_cap: float | None = None
+    """The band [is_low, is_cap] of the correction; None: the method's default (OFF_POLICY_BAND:
+    tis and mis [0, 2], icepop [0.5, 5], seq_mask [0.8, 1.25])."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: a group whose rewards are all equal (no learning signal) is dropped,
     and more prompts are sampled to refill the batch, at most `max_fill_rounds` extra rounds; the
@@ -366,7 +376,7 @@ class TrainerConfig:
     """0: synchronous (every rollout of a step comes from the weights the learner has). S > 0:
     asynchronous (rlsys.loops.async_train): generation of the next batches overlaps learning on
     this one; no rollout trained on was produced by weights more than S versions behind the
-    learner's (checked per rollout), corrected by truncated importance sampling (algo.is_cap)."""
+    learner's (checked per rollout), corrected by importance weights (algo.off_policy)."""
     in_flight: str = "finish"
     """Asynchronous mode: a prompt chunk still being sampled when new weights are pushed.
     finish: it completes on the weights it started with (its rollouts carry that version; the
@@ -486,6 +496,22 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"
 
 class ConfigError(ValueError):
     pass
+
+
+# algo.off_policy -> its band [is_low, is_cap] when those are None (rlsys.math.grpo.off_policy_weights):
+# tis's cap of 2 as verl's and AReaL's default; mis one-sided as its paper's token-level form; icepop's
+# [0.5, 5] from the Ring-1T report; seq_mask +-0.22 nats per token on average (log-symmetric).
+OFF_POLICY_BAND = {"tis": (0.0, 2.0), "mis": (0.0, 2.0), "icepop": (0.5, 5.0), "seq_mask": (0.8, 1.25)}
+
+
+def off_policy_band(algo: AlgoConfig) -> tuple[float, float]:
+    """[lo, hi] of algo.off_policy: algo.is_low / algo.is_cap, or the method's default for None.
+
+    >>> off_policy_band(AlgoConfig(off_policy="icepop")), off_policy_band(AlgoConfig(is_cap=3.0))
+    ((0.5, 5.0), (0.0, 3.0))
+    """
+    lo, hi = OFF_POLICY_BAND[algo.off_policy]
+    return (lo if algo.is_low is None else algo.is_low), (hi if algo.is_cap is None else algo.is_cap)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -654,7 +680,16 @@ def validate(cfg: Config) -> None:
     need(cfg.generator.max_tokens < cfg.generator.max_model_len,
          f"generator.max_tokens={cfg.generator.max_tokens} leaves no room for a prompt in generator.max_model_len="
          f"{cfg.generator.max_model_len}")
-    need(cfg.algo.is_cap >= 1, f"algo.is_cap must be >= 1 (the importance weight is truncated at it), got {cfg.algo.is_cap}")
+    need(cfg.algo.off_policy in OFF_POLICY_BAND,
+         f"algo.off_policy must be one of {sorted(OFF_POLICY_BAND)}, got {cfg.algo.off_policy!r}")
+    need(cfg.algo.off_policy_rows in ("stale", "all"),
+         f"algo.off_policy_rows must be stale or all, got {cfg.algo.off_policy_rows!r}")
+    need(cfg.algo.is_low is None or cfg.algo.off_policy != "tis",
+         f"algo.is_low={cfg.algo.is_low} has no effect with algo.off_policy=tis (it truncates at is_cap only)")
+    if cfg.algo.off_policy in OFF_POLICY_BAND:
+        lo, hi = off_policy_band(cfg.algo)
+        need(0 <= lo < 1 < hi, f"algo.is_low={lo} and algo.is_cap={hi} must make a band 0 <= is_low < 1 < is_cap "
+             f"around a ratio of 1 (algo.off_policy={cfg.algo.off_policy})")
     need(cfg.algo.overlong_buffer < cfg.generator.max_tokens,
          f"algo.overlong_buffer={cfg.algo.overlong_buffer} must be < generator.max_tokens={cfg.generator.max_tokens}")
     need(cfg.trainer.max_staleness == 0 or not cfg.autoscale.enabled,

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from rlsys.math.grpo import (LOG_RATIO_CLAMP, clipped_surrogate, group_advantages, grpo_loss,
-                        k3_kl, masked_aggregate, masked_mean)
+from rlsys.config import OFF_POLICY_BAND
+from rlsys.math.grpo import (LOG_RATIO_CLAMP, OFF_POLICY, clipped_surrogate, group_advantages, grpo_loss,
+                             k3_kl, masked_aggregate, masked_mean, off_policy_weights)
 
 LN2 = 0.6931471805599453
 E20 = math.exp(20.0)  # 485165195.4, the largest ratio after the log-ratio clamp
@@ -269,6 +270,51 @@ def test_grpo_loss_gradient():
                         eps_high=0.2, beta=0.0, aggregation="token", normalizer=6)
     loss.backward()
     assert close(logp.grad[0, 0], -2 * 1.1 / 6)
+
+
+def test_importance_weights_scale_each_tokens_gradient_and_weights_of_one_change_nothing():
+    # token mode, normalizer 3, eps .2/.2, beta 0, logp = old (ratio 1, inside the clip band): the
+    # per-token loss is -w_t * A * ratio_t / 3, so d/dlogp_t = -w_t * A / 3.
+    # row 0 (A=2), weights [0.5, 2.0] -> [-1/3, -4/3]; row 1 (A=-1), weight 0 (a masked token) -> 0,
+    # and its padding -> 0.
+    old = torch.log(torch.tensor([[0.5, 0.25], [0.4, 0.9]]))
+    adv, mask = torch.tensor([2., -1.]), torch.tensor([[1, 1], [1, 0]])
+
+    def grad(weights):
+        logp = old.clone().requires_grad_(True)
+        loss, _ = grpo_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0,
+                            aggregation="token", is_weights=weights)
+        loss.backward()
+        return loss.detach(), logp.grad
+
+    loss, g = grad(torch.tensor([[0.5, 2.0], [0.0, 7.0]]))
+    assert close(g, [[-1 / 3, -4 / 3], [0.0, 0.0]])
+    assert close(loss, -(2 * 0.5 + 2 * 2.0) / 3)  # -(w A) summed over tokens / 3 = -5/3
+    plain_loss, plain = grad(None)
+    assert close(plain, [[-2 / 3, -2 / 3], [1 / 3, 0.0]])
+    ones_loss, ones = grad(torch.ones(2, 2))
+    assert torch.equal(ones, plain) and torch.equal(ones_loss, plain_loss)
+
+
+def test_off_policy_methods_each_have_a_default_band():
+    assert set(OFF_POLICY) == set(OFF_POLICY_BAND)
+    with pytest.raises(ValueError, match="unknown off-policy correction 'clip'"):
+        off_policy_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([True]), "clip", 0, 2)
+
+
+def test_off_policy_masking_counts_only_response_tokens_of_corrected_rows():
+    # Two rows, rho = e^{prox - behav}: row 0 [e^2, 1, (pad: e^5)], row 1 [e^-1, e^-1, e^-1].
+    # seq_mask [0.8, 1.25]: row 0's mean log rho over its 2 tokens = 1 -> e > 1.25: dropped (its padding
+    # not counted in the mean: with it the mean would be 7/3); row 1 mean -1 -> e^-1 = 0.37 < 0.8: dropped.
+    prox = torch.tensor([[2.0, 0.0, 5.0], [-1.0, -1.0, -1.0]])
+    behav = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    w, out = off_policy_weights(prox, behav, mask, torch.tensor([True, True]), "seq_mask", 0.8, 1.25)
+    assert torch.equal(out, mask.bool()) and torch.equal(w, 1.0 - mask.float())  # padding keeps weight 1
+    # icepop [0.5, 5] on row 0 only (row 1 not corrected): e^2 = 7.39 > 5 out, 1 in; padding never masked.
+    w, out = off_policy_weights(prox, behav, mask, torch.tensor([True, False]), "icepop", 0.5, 5.0)
+    assert out.tolist() == [[True, False, False], [False, False, False]]
+    assert w.tolist() == [[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
 
 
 def test_bfloat16_inputs_give_float32():

@@ -225,6 +225,10 @@ def test_group_size_one_is_refused():
     ("generator.max_tokens=4096", "generator.max_tokens"),
     ("trainer.in_flight=drop", "trainer.in_flight"),
     ("trainer.in_flight=requeue", "trainer.in_flight"),  # synchronous: nothing is ever in flight at a push
+    ("algo.off_policy=clip", "algo.off_policy"),
+    ("algo.off_policy_rows=fresh", "algo.off_policy_rows"),
+    ("algo.is_low=0.5", "algo.is_low"),  # tis truncates at is_cap only
+    ("algo.is_cap=0.9", "algo.is_low"),  # the band must hold a ratio of 1
 ])
 def test_bad_values_name_their_key(override, key):
     msg = config_error(None, [override])

@@ -426,6 +426,55 @@ def test_generator_gap_metrics_are_token_weighted_means_and_a_true_max():
     assert metrics["gen_kl"] == pytest.approx(float(k3.mean()), rel=1e-5)
 
 
+def corrected_learner(off_policy: str = "tis", rows: str = "all") -> Learner:
+    learner = make_learner(8)
+    learner.algo = AlgoConfig(group_size=4, beta=0.0, off_policy=off_policy, off_policy_rows=rows)
+    return learner
+
+
+def test_off_policy_weights_reach_the_update():
+    """algo.off_policy_rows=all weights every response token by rho = pi_learner / pi_generator
+    (one micro-batch of the 8 rows, first step: ratio 1, per-token loss -w A, token mean over 36).
+    Generator log-probs equal to the learner's: rho = 1, the loss and the updated weights are an
+    uncorrected learner's. Lower by 0.3 on rows 0-3: their tokens weigh e^0.3 (TIS, under the cap
+    of 2), loss -(e^0.3 (1 - 2 + 1.5 - 2) + (10 + 0 + 0 - 16)) / 36 = (1.5 e^0.3 + 6) / 36 instead
+    of 7.5 / 36, and the update differs. seq_mask drops rows 0-3 (geometric-mean rho e^0.3 = 1.35 >
+    1.25): loss -(10 - 16) / 36 = 6 / 36, every token of those rows counted as masked."""
+    import math
+
+    batch = toy_batch(LENGTHS, ADV)
+    plain = make_learner(8)
+    with torch.no_grad():
+        own = plain._logprobs(plain.engine.module, batch, shared=False)
+    plain_metrics = plain.train(batch)
+    assert plain_metrics["loss"] == pytest.approx(7.5 / 36, abs=1e-6)
+    plain_weights = plain.full_state_dict()
+
+    batch.gen_logprobs = own.clone()
+    same = corrected_learner()
+    metrics = same.train(batch)
+    assert metrics["loss"] == pytest.approx(7.5 / 36, abs=1e-6) and metrics["is_weight_mean"] == pytest.approx(1.0)
+    for name, w in same.full_state_dict().items():
+        assert torch.allclose(w, plain_weights[name], atol=1e-6), name
+
+    shifted = own.clone()
+    shifted[:4] -= 0.3
+    batch.gen_logprobs = shifted
+    tis = corrected_learner()
+    metrics = tis.train(batch)
+    assert metrics["loss"] == pytest.approx((1.5 * math.exp(0.3) + 6) / 36, abs=1e-5)
+    tokens_0_3 = sum(LENGTHS[:4]) / sum(LENGTHS)
+    assert metrics["is_weight_mean"] == pytest.approx(1 + tokens_0_3 * (math.exp(0.3) - 1), rel=1e-5)
+    moved = tis.full_state_dict()
+    assert any(not torch.allclose(moved[name], w, atol=1e-4) for name, w in plain_weights.items())
+
+    dropped = corrected_learner("seq_mask").train(batch)
+    assert dropped["loss"] == pytest.approx(6 / 36, abs=1e-5)
+    assert dropped["is_masked_frac"] == pytest.approx(tokens_0_3) and dropped["is_masked_seq_frac"] == 0.5
+    # k3 KL(generator || learner) with r = learner - generator = 0.3 on those tokens, 0 elsewhere
+    assert dropped["mismatch_kl"] == pytest.approx(tokens_0_3 * (math.exp(0.3) - 0.3 - 1), rel=1e-4)
+
+
 def stateful_learner(stage: int, dtype: str) -> Learner:
     # A warm-up and a cosine: the LR differs at every update, so a lost scheduler state shows.
     cfg = LearnerConfig(num_ranks=1, mini_batch_size=4, micro_batch_size=2, max_tokens_per_micro_batch=0, lr=1e-2, zero_stage=stage,

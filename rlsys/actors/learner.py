@@ -40,12 +40,12 @@ import torch.distributed as dist
 
 from rlsys.actors.state_tree import SafetensorsCheckpointEngine
 from rlsys.checkpoint import safe_relative, write_chunk
-from rlsys.math.grpo import grpo_loss, truncated_is_weights
+from rlsys.math.grpo import grpo_loss, off_policy_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.flops import Shape
 from rlsys.math.prefix import prefix_attention, share_prompts
 from rlsys.math.sft import sft_loss
-from rlsys.config import AlgoConfig, LearnerConfig
+from rlsys.config import AlgoConfig, LearnerConfig, off_policy_band
 from rlsys.types import TrainBatch
 from rlsys.actors.heap import keep_freed_memory
 from rlsys.actors.shared_weights import Shares
@@ -66,8 +66,10 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 PER_STEP = ("loss", "pg_loss", "kl", "grad_norm")
 """Metrics with one value per optimizer step (averaged over steps and ranks); the others are
 per-token shares."""
-ONCE = ("is_weight_mean", "is_capped_frac", "stale_frac")
+ONCE = ("is_weight_mean", "is_capped_frac", "is_masked_frac", "stale_frac")
 """Per-token shares counted once per row (the first epoch), not once per epoch."""
+PER_ROW = ("is_masked_seq_frac",)
+"""Shares of rows, counted once per row (the first epoch)."""
 
 
 def with_logprob_forward(model: torch.nn.Module) -> torch.nn.Module:
@@ -436,6 +438,9 @@ class Learner:
         old = self._frozen_logprobs(self.engine.module, work) if self.needs_old_logprobs(len(work.minis)) else None
         ref = self._frozen_logprobs(self.ref.module, work) if self.ref is not None else None
         stale_rows = (local.staleness > 0) if local.staleness is not None else torch.zeros(len(local), dtype=torch.bool)
+        # the rows whose tokens algo.off_policy reweights: those of older weights, or every row
+        corrected_rows = stale_rows if self.algo.off_policy_rows == "stale" else torch.ones(len(local), dtype=torch.bool)
+        lo, hi = off_policy_band(self.algo)
         sums: dict[str, float] = defaultdict(float)
         skipped = 0  # optimizer steps not taken: a non-finite loss or gradient norm
         # generator vs learner on this rank's response tokens: (sum |diff|, sum k3 KL, tokens), max |diff|
@@ -461,8 +466,11 @@ class Learner:
                         gen_max = torch.maximum(gen_max, mismatch[3:])
                         off_sums += generator_mismatch(micro.gen_logprobs, old_micro.cpu(),
                                                        micro.loss_mask - fresh_mask)[:3]
-                    weights = (truncated_is_weights(old_micro, micro.gen_logprobs.to(logp.device), stale.to(logp.device),
-                                                    self.algo.is_cap) if bool(stale.any()) else None)
+                    corrected = corrected_rows[rows]
+                    weights, masked = (off_policy_weights(old_micro, micro.gen_logprobs.to(logp.device),
+                                                          micro.loss_mask.to(logp.device), corrected.to(logp.device),
+                                                          self.algo.off_policy, lo, hi)
+                                       if bool(corrected.any()) else (None, None))
                     loss, metrics = grpo_loss(
                         logp, old_micro,
                         None if ref is None else ref[rows, :width].to(logp.device),
@@ -485,8 +493,13 @@ class Learner:
                         m = micro.loss_mask.to(logp.device)
                         w = torch.ones_like(m) if weights is None else weights
                         sums["is_weight_mean"] += float((w * m).sum())
-                        sums["is_capped_frac"] += float(((w >= self.algo.is_cap) * m).sum())
+                        capped = (w >= hi) if self.algo.off_policy == "tis" else torch.zeros_like(m, dtype=torch.bool)
+                        sums["is_capped_frac"] += float((capped * m).sum())
                         sums["stale_frac"] += float((stale.to(m.device).unsqueeze(1) * m).sum())
+                        out_tokens = torch.zeros_like(m, dtype=torch.bool) if masked is None else masked
+                        sums["is_masked_frac"] += float((out_tokens * m).sum())
+                        sums["is_masked_seq_frac"] += float(out_tokens.any(dim=1).sum())
+                        sums["rows"] += micro.loss_mask.shape[0]
                 norm = self.engine.get_global_grad_norm() if boundary_norm is None else boundary_norm
                 assert norm is not None, "DeepSpeed reported no gradient norm"
                 if math.isfinite(float(norm)):
@@ -503,8 +516,9 @@ class Learner:
         n_steps = self.cfg.epochs * len(work.minis)
         first_epoch_tokens = max(totals["tokens"] / self.cfg.epochs, 1.0)
         out = {k: v / ((n_steps - skipped if k == "grad_norm" else n_steps) * W if k in PER_STEP
-                       else first_epoch_tokens if k in ONCE else max(totals["tokens"], 1.0))
-               for k, v in totals.items() if k != "tokens"}
+                       else first_epoch_tokens if k in ONCE else max(totals["rows"], 1.0) if k in PER_ROW
+                       else max(totals["tokens"], 1.0))
+               for k, v in totals.items() if k not in ("tokens", "rows")}
         if skipped == n_steps:  # no update taken: no norm to report
             out["grad_norm"] = float("nan")
         # The generator/learner gap is token-weighted over all ranks (sums, then one division), its max a max.
@@ -512,9 +526,11 @@ class Learner:
         out["gen_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
         out["gen_logprob_max_abs_diff"] = float(self._reduce(gen_max, dist.ReduceOp.MAX)[0])
         out["gen_kl"] = kl_sum / max(tokens, 1.0)
-        diff_sum, kl_sum, tokens = self._reduce(off_sums, dist.ReduceOp.SUM).tolist()
-        out["offpolicy_logprob_abs_diff"] = diff_sum / max(tokens, 1.0)
-        out["offpolicy_kl"] = kl_sum / max(tokens, 1.0)
+        off_diff, off_kl, off_tokens = self._reduce(off_sums, dist.ReduceOp.SUM).tolist()
+        out["offpolicy_logprob_abs_diff"] = off_diff / max(off_tokens, 1.0)
+        out["offpolicy_kl"] = off_kl / max(off_tokens, 1.0)
+        # k3 KL(generator || learner) over every response token, fresh and stale rows together
+        out["mismatch_kl"] = (kl_sum + off_kl) / max(tokens + off_tokens, 1.0)
         out["shared_prompt_frac"] = float(work.shared)  # the plan is the batch's (packing.shard): every rank's the same
         out["rows_computed_frac"] = work.rows_computed_frac  # the plan's, over every rank
         out["lr"] = lr

@@ -10,7 +10,7 @@ sampled it. A batch can therefore mix versions.
 Admission (as AReaL): the producer starts batch j only once the learner has pushed version
 j - S. Batch j is trained at version j, so no rollout of it is more than S versions behind; the
 loop checks that per rollout and logs the staleness histogram. Off-policy correction: rows
-sampled by older weights get truncated importance weights (algo.is_cap, in the learner).
+sampled by older weights get importance weights (algo.off_policy, in the learner).
 
 What a resume continues from: the checkpoint after step k holds the prompt stream's position
 before batch k + 1's prompts; batches in flight then are sampled again, with the checkpoint's

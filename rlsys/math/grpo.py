@@ -76,25 +76,63 @@ def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor
     return torch.exp(log_ratio)                                  # (B, T)
 
 
-def truncated_is_weights(prox_logp: torch.Tensor, behav_logp: torch.Tensor, stale: torch.Tensor, cap: float
-                         ) -> torch.Tensor:
-    """Per-token truncated importance weights for rollouts sampled by older weights than the learner's.
+OFF_POLICY = ("tis", "mis", "icepop", "seq_mask")  # their default bands: rlsys.config.OFF_POLICY_BAND
 
-    prox_logp: (B, T) the learner's log-probs before this update (the PPO ratio's denominator);
-    behav_logp: (B, T) the generator's log-probs of the sampled tokens (the behaviour policy);
-    stale: (B,) bool, rows produced by an older weight version. The clipped PPO ratio then stays
-    around the learner's own policy (decoupled PPO, as AReaL), and w = min(pi_prox / pi_behav, cap)
-    reweights each token for having been sampled by another policy (truncated IS: the cap bounds
-    the variance). Rows that are not stale get 1. Returns (B, T) float32, detached.
 
-    >>> prox = torch.tensor([[0.0, -1.0, -1.0]]); behav = torch.tensor([[0.0, -2.0, -0.5]])
-    >>> truncated_is_weights(prox, behav, torch.tensor([True]), cap=2.0)   # exp(1) capped at 2, exp(-0.5)
-    tensor([[1.0000, 2.0000, 0.6065]])
-    >>> truncated_is_weights(prox, behav, torch.tensor([False]), cap=2.0)
-    tensor([[1., 1., 1.]])
+def off_policy_weights(prox_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                       method: str, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights that correct for rollouts sampled by another policy than the learner's.
+
+    prox_logp: (B, T) the learner's log-probs before this update (the PPO ratio's denominator:
+    the clip stays around the learner's own policy, decoupled PPO as AReaL); behav_logp: (B, T) the
+    generator's log-probs of the sampled tokens (the behaviour policy: older weights, or the same
+    weights through other kernels and precision); mask: (B, T) response tokens; rows: (B,) bool,
+    the rows to correct (stale rows, or every row). With rho_t = pi_prox(y_t) / pi_behav(y_t):
+    - "tis", truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly
+      Brings You Off-Policy RL Training"): w_t = min(rho_t, hi); every token keeps a gradient.
+    - "mis", masked importance sampling (Liu, Li et al. 2025, "When Speed Kills Stability"):
+      w_t = rho_t where lo <= rho_t <= hi, else 0: a token the generator found far likelier than
+      the learner does (or, with lo > 0, far less likely) is left out instead of truncated.
+      The paper's token-level form is one-sided (lo = 0, the default).
+    - "icepop" (Ling Team 2025, Ring-1T; INTELLECT-3): the same form with a band on both sides
+      (default [0.5, 5]): rho_t outside it gets weight 0, inside it weighs rho_t.
+    - "seq_mask", sequence-level masking (rejection by the geometric mean): a row whose
+      geometric-mean ratio exp(mean_t log rho_t) leaves [lo, hi] is dropped whole (every token 0),
+      the others weigh 1 (default band [0.8, 1.25]: +-0.22 nats per token on average).
+    Rows not in `rows` and positions outside the mask get weight 1 and are never masked.
+    Returns (weights (B, T) float32, detached; masked (B, T) bool: tokens the band zeroed).
+
+    >>> prox = torch.tensor([[0.0, -1.0, -1.0, -3.0]]); behav = torch.tensor([[0.0, -2.0, -0.5, -1.0]])
+    >>> m = torch.tensor([[0.0, 1.0, 1.0, 1.0]]); yes = torch.tensor([True])  # rho = 1, e, e^-0.5, e^-2
+    >>> off_policy_weights(prox, behav, m, yes, "tis", 0.0, 2.0)[0]    # e capped at 2
+    tensor([[1.0000, 2.0000, 0.6065, 0.1353]])
+    >>> off_policy_weights(prox, behav, m, yes, "mis", 0.0, 2.0)       # e > 2: out
+    (tensor([[1.0000, 0.0000, 0.6065, 0.1353]]), tensor([[False,  True, False, False]]))
+    >>> off_policy_weights(prox, behav, m, yes, "icepop", 0.5, 5.0)    # e^-2 = 0.135 < 0.5: out
+    (tensor([[1.0000, 2.7183, 0.6065, 0.0000]]), tensor([[False, False, False,  True]]))
+    >>> off_policy_weights(prox, behav, m, yes, "seq_mask", 0.8, 1.25)  # mean log rho = -0.5: e^-0.5 < 0.8
+    (tensor([[1., 0., 0., 0.]]), tensor([[False,  True,  True,  True]]))
+    >>> off_policy_weights(prox, behav, m, torch.tensor([False]), "icepop", 0.5, 5.0)[0]  # a row not corrected
+    tensor([[1., 1., 1., 1.]])
     """
-    w = importance_ratio(prox_logp, behav_logp).clamp(max=cap)                   # (B, T)
-    return torch.where(stale.unsqueeze(1), w, torch.ones_like(w)).detach()      # (B, T)
+    if method not in OFF_POLICY:
+        raise ValueError(f"unknown off-policy correction {method!r}; allowed: {OFF_POLICY}")
+    log_rho = (prox_logp.float() - behav_logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
+    rho = torch.exp(log_rho)                                                     # (B, T)
+    m = mask.bool()                                                              # (B, T)
+    if method == "tis":
+        w, out = rho.clamp(max=hi), torch.zeros_like(m)                          # (B, T) x2
+    elif method in ("mis", "icepop"):
+        out = (rho < lo) | (rho > hi)                                            # (B, T)
+        w = torch.where(out, torch.zeros_like(rho), rho)                         # (B, T)
+    else:  # seq_mask
+        mean_log = (log_rho * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)          # (B,)
+        geo = torch.exp(mean_log)                                                # (B,)
+        out = ((geo < lo) | (geo > hi)).unsqueeze(1).expand_as(m)                # (B, T)
+        w = (~out).float()                                                       # (B, T)
+    corrected = rows.unsqueeze(1) & m                                            # (B, T)
+    w = torch.where(corrected, w, torch.ones_like(w))                            # (B, T)
+    return w.detach(), out & corrected                                           # (B, T) x2
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -163,8 +201,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     logp (B, T) with grad; old_logp, ref_logp (B, T) detached (ref_logp may be None when
     beta == 0: no KL is computed); advantages (B,); mask (B, T).
     per-token = is_weights * clipped surrogate (dual-clipped if dual_clip is not None) + beta * k3_kl;
-    loss = masked_aggregate(per-token). is_weights (B, T), detached: truncated importance weights of
-    stale rollouts (truncated_is_weights); None is 1 everywhere.
+    loss = masked_aggregate(per-token). is_weights (B, T), detached: the off-policy correction's
+    weights (off_policy_weights); None is 1 everywhere.
     Returns (loss scalar float32, metrics of detached scalars: pg_loss, kl (same aggregation),
     clip_frac, dual_clip_frac (0 when off, so the keys do not depend on the config),
     ratio_mean (the last three token-weighted over this micro-batch)).
