@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="the cluster (GCS) address, HEAD_IP:6379 (default: cluster.address, then "
                                      "auto: the cluster this node belongs to)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds each node has to answer a probe")
-    p = sub.add_parser("eval", help="pass@1 and cons@K of a model or a run's checkpoint on a registry dataset")
+    p = sub.add_parser("eval", help="pass@1 and cons@K of a model or a run's checkpoint on a dataset")
     p.add_argument("--model", required=True, help="HF folder, named model (tiny, smollm2-135m-instruct) or RUN_DIR")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="a registry dataset or a .jsonl/.parquet of questions and golds")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--k", type=int, default=4)

@@ -280,6 +280,8 @@ class EvalConfig:
     """Evaluate before training, every N steps and after the last one (<run_dir>/evals/step_N.json,
     summary in that step's metrics); 0 = never."""
     dataset: str = "gsm8k"
+    """A registry dataset, or a .jsonl/.parquet file of questions and golds (data.prompt_field and
+    data.answer_field name its columns; a parquet from `rlsys data prepare` names its verifier)."""
     split: str = "test"
     limit: int = 50
     """First N problems of the split (a fixed subset, so evaluations compare)."""

@@ -55,3 +55,33 @@ def test_checkpoints_found_latest_or_by_step_and_exported(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     with pytest.raises(FileExistsError):
         export(tmp_path, tmp_path / "out")
+
+
+def test_eval_problems_come_from_a_registry_name_or_a_prepared_file_with_its_verifier(tmp_path):
+    """eval.dataset may be a file: a parquet from `rlsys data prepare` (reasoning-gym chain sums with
+    options) gives its rows and its recorded verifier; a jsonl without metadata is judged as math;
+    an unknown name stops with the key named."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rlsys.config import DataConfig, EvalConfig, GeneratorConfig, ModelConfig
+    from rlsys.data.datasets import prepare
+    from rlsys.data.models import resolve_model
+    from rlsys.data.prompts import DataError
+    from rlsys.loops.evaluate import load_problems
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ModelConfig()))
+    data, generator = DataConfig(template="none"), GeneratorConfig(max_tokens=8, max_model_len=256)
+    sums = prepare("chain_sum", "test", tmp_path / "sums.parquet", 5,
+                   options={"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2})
+    problems, verifier = load_problems(EvalConfig(dataset=str(sums), limit=3), data, generator, tokenizer)
+    assert verifier == "reasoning_gym" and len(problems) == 3
+    # a reasoning-gym gold is the task entry its scorer reads (the answer inside)
+    assert all(json.loads(p.gold)["answer"].lstrip("-").isdigit() and "arithmetic problem" in p.question for p in problems)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{a} + 1 =", "answer": str(a + 1)}) + "\n" for a in range(4)))
+    problems, verifier = load_problems(EvalConfig(dataset=str(rows), limit=None), data, generator, tokenizer)
+    assert verifier == "math" and [p.gold for p in problems] == ["1", "2", "3", "4"]
+    with pytest.raises(DataError, match="eval.dataset=gsm9k"):
+        load_problems(EvalConfig(dataset="gsm9k"), data, generator, tokenizer)

@@ -429,6 +429,27 @@ def resolve_verifier(verifier: str, data_name: str | None, data_path: str | None
     return "math"
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def question_rows(dataset: str, split: str, limit: int | None, data, verifier: str
+                  ) -> tuple[list[tuple[str, str]], str]:
+    """(question, gold) rows of a registry dataset, or of a .jsonl/.parquet file whose columns
+    `data` (a DataConfig) names, and the verifier that judges them (reward.verifier `verifier`,
+    resolved). A registry name or split that does not exist raises ValueError; a bad file, DataError."""
+    import dataclasses
+
+    if Path(dataset).suffix in FILE_SUFFIXES:
+        from rlsys.data.prompts import load_rows
+
+        rows = load_rows(dataclasses.replace(data, name=None, path=dataset))
+        judge = resolve_verifier(verifier, None, dataset)
+    else:
+        rows = list(load(dataset, split))
+        judge = resolve_verifier(verifier, dataset, None)
+    return (rows[:limit] if limit else rows), judge
+
+
 def prepare_main(argv: list[str]) -> int:
     """``rlsys data prepare NAME --split S --out FILE.parquet [--limit N] [--size N] [--options JSON]``."""
     parser = argparse.ArgumentParser(prog="rlsys data prepare",

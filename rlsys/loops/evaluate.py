@@ -70,21 +70,26 @@ def require_usable_golds(golds: list[str], verifier: str, what: str) -> None:
         raise DataError(str(e)) from None
 
 
-def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer) -> list[Problem]:
-    """The evaluation problems, checked before any actor starts: a bad dataset name or split, a gold
-    answer the verifier cannot read, or a prompt that leaves no room to answer stops with the key named."""
+def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig, tokenizer, verifier: str = "auto"
+                  ) -> tuple[list[Problem], str]:
+    """The evaluation problems (eval.dataset: a registry name, or a .jsonl/.parquet file with the
+    columns data.prompt_field / data.answer_field name) and the verifier that judges them
+    (reward.verifier `verifier`, resolved), checked before any actor starts: a bad dataset name or
+    split, a gold answer the verifier cannot read, or a prompt that leaves no room to answer stops
+    with the key named."""
     from rlsys.data import datasets
 
     try:
-        problems = datasets.load(cfg.dataset, cfg.split, cfg.limit)
+        rows, judge = datasets.question_rows(cfg.dataset, cfg.split, cfg.limit, data, verifier)
+    except DataError:
+        raise
     except ValueError as e:
         raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
-    require_usable_golds([a for _, a in problems], datasets.verifier_for(cfg.dataset),
-                         f"eval dataset {cfg.dataset} (split {cfg.split})")
-    ids = encode([apply_template(q, data, tokenizer) for q, _ in problems], tokenizer, data.template)
+    require_usable_golds([a for _, a in rows], judge, f"eval dataset {cfg.dataset} (split {cfg.split})")
+    ids = encode([apply_template(q, data, tokenizer) for q, _ in rows], tokenizer, data.template)
     check_prompt_lengths(ids, generator.max_model_len - (cfg.max_tokens or generator.max_tokens),
                          f"eval dataset {cfg.dataset}")
-    return [Problem(q, a, row) for (q, a), row in zip(problems, ids)]
+    return [Problem(q, a, row) for (q, a), row in zip(rows, ids)], judge
 
 
 def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig, require_answer_tag: bool,
@@ -136,11 +141,11 @@ def evaluate_model(cfg, model_path: str) -> dict:
     from transformers import AutoTokenizer
 
     from rlsys.cluster.groups import init_ray, launch
-    from rlsys.data import datasets
 
-    problems = load_problems(cfg.eval, cfg.data, cfg.generator, AutoTokenizer.from_pretrained(model_path))
+    problems, verifier = load_problems(cfg.eval, cfg.data, cfg.generator, AutoTokenizer.from_pretrained(model_path),
+                                       cfg.reward.verifier)
     init_ray(cfg)
-    groups = launch(cfg, model_path, datasets.verifier_for(cfg.eval.dataset), train=False)
+    groups = launch(cfg, model_path, verifier, train=False)
     try:
         return run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag, cfg.generator.max_tokens)
     finally:
@@ -155,7 +160,6 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
 
     from transformers import AutoTokenizer
 
-    from rlsys.data import datasets
     from rlsys.checkpoint import find_checkpoint, is_run_dir
     from rlsys.config import load_config
     from rlsys.cluster.groups import init_ray, launch
@@ -169,9 +173,9 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
         dataclasses.replace(cfg.model, path=model))
     cfg.eval = dataclasses.replace(cfg.eval, dataset=dataset, split=split, limit=limit, k=k)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer)
+    problems, verifier = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer, cfg.reward.verifier)
     init_ray(cfg)
-    groups = launch(cfg, model_path, datasets.verifier_for(dataset), train=False)
+    groups = launch(cfg, model_path, verifier, train=False)
     try:
         summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag,
                            cfg.generator.max_tokens)
@@ -179,7 +183,7 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
         groups.shutdown()
     summary |= {"model": model_path, "dataset": dataset, "split": split}
     name = Path(model_path).name if Path(model_path).exists() else model_path.replace("/", "_")
-    path = write(summary, out or Path("runs") / "eval" / f"{dataset}-{split}-{name}-k{k}-n{len(problems)}.json")
+    path = write(summary, out or Path("runs") / "eval" / f"{Path(dataset).stem}-{split}-{name}-k{k}-n{len(problems)}.json")
     print(table(model_path, summary))
     print(f"[rlsys] per-problem results: {path}")
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rlsys.config import Config, ConfigError
-from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode, load_rows, load_shots
+from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode, load_shots
 from rlsys.data.traces import Candidate, Filters, provenance, rejection, select, write
 from rlsys.math.language import language_consistency
 
@@ -36,21 +36,15 @@ PROMPTS_PER_ROUND = 16
 
 
 def questions(dataset: str, split: str, limit: int | None, cfg: Config) -> tuple[list[tuple[str, str]], str]:
-    """(question, gold) rows of a registry dataset or a .jsonl/.parquet file (data.prompt_field
-    and data.answer_field name its columns), and the verifier that judges them."""
+    """(question, gold) rows of a registry dataset or a .jsonl/.parquet file, and their verifier."""
     from rlsys.data import datasets
 
-    if Path(dataset).suffix in (".jsonl", ".json", ".parquet"):
-        data = dataclasses.replace(cfg.data, name=None, path=dataset)
-        rows = load_rows(data)
-        verifier = datasets.resolve_verifier(cfg.reward.verifier, None, dataset)
-    else:
-        try:
-            rows = datasets.load(dataset, split)
-        except ValueError as e:
-            raise DataError(f"--dataset {dataset} --split {split}: {e}") from e
-        verifier = datasets.resolve_verifier(cfg.reward.verifier, dataset, None)
-    return (rows[:limit] if limit else rows), verifier
+    try:
+        return datasets.question_rows(dataset, split, limit, cfg.data, cfg.reward.verifier)
+    except DataError:  # a bad file: its message names file and row
+        raise
+    except ValueError as e:
+        raise DataError(f"--dataset {dataset} --split {split}: {e}") from e
 
 
 def checkpoint_step(model_path: str) -> int | None:

@@ -332,10 +332,12 @@ def preflight(cfg: Config, run_dir: Path, resume_from: Path | None = None):
               + (" ..." if len(prompts.skipped) > 5 else ""), flush=True)
     verifier = datasets.resolve_verifier(cfg.reward.verifier, cfg.data.name, cfg.data.path)
     require_usable_golds([answer for _, answer in prompts.rows], verifier, source)
-    if cfg.eval.every and datasets.verifier_for(cfg.eval.dataset) != verifier:
-        raise ConfigError(f"eval.dataset={cfg.eval.dataset} is judged by {datasets.verifier_for(cfg.eval.dataset)}, "
-                          f"training data by {verifier}: the reward workers serve one verifier per run")
-    eval_problems = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer) if cfg.eval.every else []
+    eval_problems = []
+    if cfg.eval.every:
+        eval_problems, eval_verifier = load_problems(cfg.eval, cfg.data, cfg.generator, tokenizer, cfg.reward.verifier)
+        if eval_verifier != verifier:
+            raise ConfigError(f"eval.dataset={cfg.eval.dataset} is judged by {eval_verifier}, training data by "
+                              f"{verifier}: the reward workers serve one verifier per run")
     return model_path, tokenizer, prompts, eval_problems, verifier
 
 
