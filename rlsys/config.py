@@ -374,6 +374,9 @@ class TrainerConfig:
     folder (.../checkpoints/step_N): continue from it, into trainer.output_dir."""
     progress: bool = True
     """Progress bar with the live reward on the terminal."""
+    reflection_words: list[str] = field(default_factory=lambda: ["wait", "check", "verify", "again"])
+    """Words (whole, any case) that mark a response as reflecting: their share of each step's
+    responses is logged as response/reflection_frac (R1-Zero's "aha moment" signature)."""
     max_staleness: int = 0
     """0: synchronous (every rollout of a step comes from the weights the learner has). S > 0:
     asynchronous (rlsys.loops.async_train): generation of the next batches overlaps learning on

@@ -297,6 +297,11 @@ def test_importance_weights_scale_each_tokens_gradient_and_weights_of_one_change
 
 
 def test_off_policy_methods_each_have_a_default_band():
+    import doctest
+
+    from rlsys.math import grpo
+
+    assert doctest.testmod(grpo).failed == 0  # off_policy_weights' worked numbers
     assert set(OFF_POLICY) == set(OFF_POLICY_BAND)
     with pytest.raises(ValueError, match="unknown off-policy correction 'clip'"):
         off_policy_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([True]), "clip", 0, 2)

@@ -37,7 +37,7 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
     text = report(tmp_path)
     assert "0.100" in text or "0.500" in text
     assert (tmp_path / "reward.png").stat().st_size > 1000 and (tmp_path / "timing.png").is_file()
-    assert (tmp_path / "lengths.png").stat().st_size > 1000
+    assert (tmp_path / "lengths.png").stat().st_size > 1000 and (tmp_path / "signatures.png").stat().st_size > 1000
     assert "actors" not in text  # no timeline.json: not a profiled run
     with pytest.raises(FileNotFoundError, match="no metrics"):
         report(tmp_path / "nope")
@@ -48,3 +48,14 @@ def test_sparkline_maps_zero_to_one_onto_eight_blocks():
 
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([-1.0, 2.0]) == "▁█"  # out of range: clamped, never an IndexError
+
+
+def test_reflection_share_counts_whole_words_in_any_case():
+    import doctest
+
+    from rlsys.observe import metrics
+
+    assert doctest.testmod(metrics).failed == 0  # reflection_share
+    texts = ["WAIT. 12 + 30 = 42", "Let me verify: 42", "42", "again and again", "waiting", "verify? check!"]
+    assert metrics.reflection_share(texts, ["wait", "check", "verify", "again"]) == pytest.approx(4 / 6)
+    assert metrics.reflection_share(texts, []) == 0.0

@@ -147,7 +147,7 @@ class Run:
         cfg, rollouts, scores = self.cfg, got.rollouts, got.scores
         check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
         self.bad_streak = check_bad_steps(step, learn, self.bad_streak, cfg.learner.max_bad_steps)
-        stats = rollout_stats(rollouts, scores, cfg.algo.group_size)
+        stats = rollout_stats(rollouts, scores, cfg.algo.group_size, cfg.trainer.reflection_words)
         tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
         metrics = {"weight_version": version, "rollouts/count": len(rollouts),
                    "data/skipped_rows": len(self.prompts.skipped), **stats, **learn, **timings, **got.metrics,

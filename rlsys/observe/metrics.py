@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -36,7 +37,21 @@ class Timer:
         return out
 
 
-def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_size: int) -> dict[str, float]:
+def reflection_share(texts: list[str], words: list[str] | tuple[str, ...]) -> float:
+    """Share of the texts with any of `words` as a whole word, any case: R1-Zero's "aha moment"
+    signature (answers that stop to re-check: "wait", "check", "verify", "again").
+
+    >>> reflection_share(["Wait, 3 + 4 is 7", "7", "let me re-check: 7", "Checking"], ["wait", "check"])
+    0.5
+    """
+    if not words or not texts:
+        return 0.0
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    return sum(pattern.search(t) is not None for t in texts) / len(texts)
+
+
+def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_size: int,
+                  reflection_words: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
     rewards = [r.reward for r in results]
     groups = [rewards[i:i + group_size] for i in range(0, len(rewards), group_size)]
     lengths = [len(r.response_ids) for r in rollouts]
@@ -54,6 +69,7 @@ def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_si
         "groups/all_equal_frac": sum(len(set(g)) == 1 for g in groups) / len(groups),
         "response_length/mean": statistics.fmean(lengths),
         "response_length/max": max(lengths),
+        "response/reflection_frac": reflection_share([r.text for r in rollouts], reflection_words),
         "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
         "rollout/weight_version": rollouts[0].weight_version,
         "tokens/response": sum(lengths),

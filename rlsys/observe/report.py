@@ -77,8 +77,35 @@ def plot(rows: list[dict], run_dir: Path) -> list[Path]:
     ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out[2], dpi=100)
+    out.append(signatures(rows, run_dir, plt))
     plt.close("all")
     return out
+
+
+def signatures(rows: list[dict], run_dir: Path, plt) -> Path:
+    """signatures.png: R1-Zero's four curves side by side: accuracy (training samples, and the
+    held-out pass@1 of each evaluation), format share, mean response length, and the share of
+    responses with reflection words (trainer.reflection_words; absent from older logs)."""
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    (acc, fmt), (length, reflect) = axes
+    acc.plot(steps, [r["reward/accuracy"] for r in rows], label="training samples")
+    held = [(r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r]
+    if held:
+        acc.plot(*zip(*held), "o-", label="held-out pass@1")
+    acc.set(ylabel="accuracy", ylim=(-0.02, 1.02))
+    acc.legend()
+    fmt.plot(steps, [r["reward/format"] for r in rows])
+    fmt.set(ylabel="format reward", ylim=(-0.02, 1.02))
+    length.plot(steps, [r["response_length/mean"] for r in rows])
+    length.set(xlabel="step", ylabel="mean response tokens")
+    reflect.plot(steps, [r.get("response/reflection_frac", float("nan")) for r in rows])
+    reflect.set(xlabel="step", ylabel="reflection share", ylim=(-0.02, 1.02))
+    fig.suptitle(f"R1-Zero signatures: {run_dir.name}")
+    fig.tight_layout()
+    path = run_dir / "signatures.png"
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def eval_line(run_dir: Path) -> str:
