@@ -372,19 +372,31 @@ _META = (b"rlsys.source", b"rlsys.dataset", b"rlsys.split", b"rlsys.verifier")
 
 
 def prepare(name: str, split: str, out: Path, limit: int | None = None, *, size: int | None = None,
-            options: dict | None = None) -> Path:
+            options: dict | None = None, math_answers: bool = False) -> Path:
     """Writes the split (or its first ``limit`` rows) to ``out`` as parquet: columns prompt and
-    answer, schema metadata rlsys.source / rlsys.dataset / rlsys.split / rlsys.verifier."""
+    answer, schema metadata rlsys.source / rlsys.dataset / rlsys.split / rlsys.verifier.
+
+    ``math_answers`` (reasoning-gym tasks whose answer is a number: chain_sum, basic_arithmetic):
+    the answer column holds the task's answer itself, judged by the math verifier (math-verify: the
+    <answer> block, or without one the completion's final number), instead of the task entry its
+    own scorer reads (which compares the whole extracted text: a completion without <answer> tags
+    scores 0 however right its number)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = load(name, split, limit, size=size, options=options)
+    verifier = verifier_for(name)
+    if math_answers:
+        if verifier != "reasoning_gym":
+            raise ValueError(f"--math-answers: {name} is judged by {verifier} already")
+        rows = [(q, str(json.loads(entry)["answer"])) for q, entry in rows]
+        verifier = "math"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"prompt": pa.array([q for q, _ in rows], pa.string()),
                       "answer": pa.array([a for _, a in rows], pa.string())})
     source = source_of(name, split, size, options) + (f"; the first {len(rows)} rows" if limit is not None else "")
-    meta = dict(zip(_META, (source, name, split, verifier_for(name))))
+    meta = dict(zip(_META, (source, name, split, verifier)))
     table = table.replace_schema_metadata({k: v.encode() for k, v in meta.items()})
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)
@@ -451,7 +463,7 @@ def question_rows(dataset: str, split: str, limit: int | None, data, verifier: s
 
 
 def prepare_main(argv: list[str]) -> int:
-    """``rlsys data prepare NAME --split S --out FILE.parquet [--limit N] [--size N] [--options JSON]``."""
+    """``rlsys data prepare NAME --split S --out FILE.parquet [--limit N] [--size N] [--options JSON] [--math-answers]``."""
     parser = argparse.ArgumentParser(prog="rlsys data prepare",
                                      description="write a registry dataset's split as parquet (prompt, answer)")
     parser.add_argument("name", help=f"one of: {', '.join(REGISTRY)}")
@@ -461,6 +473,8 @@ def prepare_main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, help="reasoning-gym: rows in the split (default: RG_SIZES)")
     parser.add_argument("--options", type=json.loads,
                         help='reasoning-gym: task config as JSON, e.g. \'{"min_numbers": 3, "max_numbers": 4}\'')
+    parser.add_argument("--math-answers", action="store_true",
+                        help="reasoning-gym tasks with a numeric answer: the answer itself, judged by math-verify")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage
@@ -469,7 +483,8 @@ def prepare_main(argv: list[str]) -> int:
         print(f"rlsys data prepare: --out must end in .parquet, got {args.out}", file=sys.stderr)
         return 2
     try:
-        path = prepare(args.name, args.split, args.out, args.limit, size=args.size, options=args.options)
+        path = prepare(args.name, args.split, args.out, args.limit, size=args.size, options=args.options,
+                       math_answers=args.math_answers)
     except ValueError as e:
         print(f"rlsys data prepare: {e}", file=sys.stderr)
         return 2
