@@ -117,7 +117,9 @@ def fake_engine_class():
 def test_an_engine_lost_mid_step_hands_its_chunk_to_another(ray_cluster):
     ray = ray_cluster
     Actor = ray.remote(num_cpus=0)(fake_engine_class())
-    steady = Actor.options(max_restarts=0).remote("steady", delay=0.5)  # slower: doomed takes a 2nd chunk
+    # steady is slower by far: doomed finishes its first chunk and takes a second (then dies) before
+    # steady is done with its first, however loaded the machine (at 0.5 s steady once won on a Zen 1 in the suite)
+    steady = Actor.options(max_restarts=0).remote("steady", delay=2.0)
     doomed = Actor.options(max_restarts=0).remote("doomed", die_on=2, delay=0.05)
     node = ray.get(steady.whereami.remote())
     pool = GeneratorPool([Engine(0, steady, None, 0.0, where=node), Engine(1, doomed, None, 0.0, where=node)],
