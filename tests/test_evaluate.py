@@ -85,3 +85,5 @@ def test_eval_problems_come_from_a_registry_name_or_a_prepared_file_with_its_ver
     assert verifier == "math" and [p.gold for p in problems] == ["1", "2", "3", "4"]
     with pytest.raises(DataError, match="eval.dataset=gsm9k"):
         load_problems(EvalConfig(dataset="gsm9k"), data, generator, tokenizer)
+    with pytest.raises(DataError, match=r"eval.dataset=.*rows.jsonl eval.split=test: limit must be >= 1, got 0"):
+        load_problems(EvalConfig(dataset=str(rows), limit=0), data, generator, tokenizer)

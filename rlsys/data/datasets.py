@@ -444,22 +444,31 @@ def resolve_verifier(verifier: str, data_name: str | None, data_path: str | None
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def question_rows(dataset: str, split: str, limit: int | None, data, verifier: str
+def question_rows(dataset: str, split: str, limit: int | None, data, verifier: str, what: str
                   ) -> tuple[list[tuple[str, str]], str]:
     """(question, gold) rows of a registry dataset, or of a .jsonl/.parquet file whose columns
     `data` (a DataConfig) names, and the verifier that judges them (reward.verifier `verifier`,
-    resolved). A registry name or split that does not exist raises ValueError; a bad file, DataError."""
+    resolved). A bad file stops with its own DataError (file and row named); an unknown registry
+    name or split, or a limit below 1, with a DataError that starts with `what` (the keys or flags
+    that chose the dataset)."""
     import dataclasses
 
-    if Path(dataset).suffix in FILE_SUFFIXES:
-        from rlsys.data.prompts import load_rows
+    from rlsys.data.prompts import DataError, load_rows
 
-        rows = load_rows(dataclasses.replace(data, name=None, path=dataset))
-        judge = resolve_verifier(verifier, None, dataset)
-    else:
-        rows = list(load(dataset, split))
-        judge = resolve_verifier(verifier, dataset, None)
-    return (rows[:limit] if limit else rows), judge
+    try:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        if Path(dataset).suffix in FILE_SUFFIXES:
+            rows = load_rows(dataclasses.replace(data, name=None, path=dataset))
+            judge = resolve_verifier(verifier, None, dataset)
+        else:
+            rows = load(dataset, split, limit)  # reasoning-gym generates only the rows asked for
+            judge = resolve_verifier(verifier, dataset, None)
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(f"{what}: {e}") from e
+    return rows[:limit], judge
 
 
 def prepare_main(argv: list[str]) -> int:

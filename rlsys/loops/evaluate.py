@@ -79,12 +79,8 @@ def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig,
     with the key named."""
     from rlsys.data import datasets
 
-    try:
-        rows, judge = datasets.question_rows(cfg.dataset, cfg.split, cfg.limit, data, verifier)
-    except DataError:
-        raise
-    except ValueError as e:
-        raise DataError(f"eval.dataset={cfg.dataset} eval.split={cfg.split}: {e}") from e
+    rows, judge = datasets.question_rows(cfg.dataset, cfg.split, cfg.limit, data, verifier,
+                                         f"eval.dataset={cfg.dataset} eval.split={cfg.split}")
     require_usable_golds([a for _, a in rows], judge, f"eval dataset {cfg.dataset} (split {cfg.split})")
     ids = encode([apply_template(q, data, tokenizer) for q, _ in rows], tokenizer, data.template)
     check_prompt_lengths(ids, generator.max_model_len - (cfg.max_tokens or generator.max_tokens),

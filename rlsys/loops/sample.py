@@ -39,12 +39,8 @@ def questions(dataset: str, split: str, limit: int | None, cfg: Config) -> tuple
     """(question, gold) rows of a registry dataset or a .jsonl/.parquet file, and their verifier."""
     from rlsys.data import datasets
 
-    try:
-        return datasets.question_rows(dataset, split, limit, cfg.data, cfg.reward.verifier)
-    except DataError:  # a bad file: its message names file and row
-        raise
-    except ValueError as e:
-        raise DataError(f"--dataset {dataset} --split {split}: {e}") from e
+    return datasets.question_rows(dataset, split, limit, cfg.data, cfg.reward.verifier,
+                                  f"--dataset {dataset} --split {split}")
 
 
 def checkpoint_step(model_path: str) -> int | None:
