@@ -136,8 +136,10 @@ class RewardConfig:
     in `language`'s script, added to the reward with this weight (0: off, not computed). R1 added
     it in its reasoning RL stage, where chains of thought mixed languages."""
     verifier: str = "auto"
-    """How accuracy is judged: math (math-verify against the gold) | reasoning_gym (the task's
-    own scorer; the gold is the task entry as JSON) | auto (from the dataset: the registry entry
+    """How accuracy is judged: math (math-verify against the gold) | number (the answer's last
+    number literal equals the gold, a plain number: for arithmetic, where math-verify would
+    evaluate a restated problem) | reasoning_gym (the task's own scorer; the gold is the task entry
+    as JSON) | auto (from the dataset: the registry entry
     or the metadata `rlsys data prepare` wrote; math otherwise)."""
 
 
@@ -643,8 +645,8 @@ def validate(cfg: Config) -> None:
     need(cfg.reward.language_weight >= 0, f"reward.language_weight must be >= 0, got {cfg.reward.language_weight}")
     need(cfg.sft.epochs >= 1 and cfg.sft.max_length >= 2,
          f"sft.epochs must be >= 1 and sft.max_length >= 2, got {cfg.sft.epochs}, {cfg.sft.max_length}")
-    need(cfg.reward.verifier in ("auto", "math", "reasoning_gym"),
-         f"reward.verifier must be auto, math or reasoning_gym, got {cfg.reward.verifier!r}")
+    need(cfg.reward.verifier in ("auto", "math", "number", "reasoning_gym"),
+         f"reward.verifier must be auto, math, number or reasoning_gym, got {cfg.reward.verifier!r}")
     need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,
          "eval.k and eval.limit must be >= 1 and eval.every >= 0")
     need(cfg.cluster.backend in ("auto", "gloo", "nccl"), f"cluster.backend must be auto, gloo or nccl, got {cfg.cluster.backend!r}")

@@ -252,24 +252,28 @@ def test_prepare_reasoning_gym(tmp_path):
     assert load_rows(DataConfig(path=str(out))) == load("chain_sum", "test", 5)
 
 
-def test_prepare_math_answers_holds_the_numbers_judged_by_math_verify(tmp_path):
-    """--math-answers: a numeric reasoning-gym task's answers themselves, verifier math, so a right
-    number without <answer> tags counts (the task's own scorer compares the whole text); the
-    committed held-out set of configs/r1_zero_sums.yaml is this, for chain_sum's test split."""
-    from rlsys.math.rewards import accuracy_reward
+def test_prepare_number_answers_holds_the_numbers_judged_by_the_number_verifier(tmp_path):
+    """--number-answers: a numeric reasoning-gym task's answers themselves, verifier number, so a
+    right number without <answer> tags counts (the task's own scorer compares the whole text) and a
+    restated problem does not (math-verify would evaluate it); the committed held-out set of
+    configs/r1_zero_sums.yaml is this, for chain_sum's test split."""
+    from rlsys.math.rewards import number_accuracy
 
     options = {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}
-    out = prepare("chain_sum", "test", tmp_path / "sums.parquet", limit=4, options=options, math_answers=True)
-    assert file_verifier(out) == "math"
+    out = prepare("chain_sum", "test", tmp_path / "sums.parquet", limit=4, options=options, number_answers=True)
+    assert file_verifier(out) == "number"
     entries = load("chain_sum", "test", 4, options=options)
     rows = load_rows(DataConfig(path=str(out)))
     assert rows == [(q, json.loads(e)["answer"]) for q, e in entries]
     q, answer = rows[0]
-    assert accuracy_reward(f" {q.split(': ')[1]} {answer}. The answer is {answer}.", answer, require_tag=False) == 1.0
-    committed = pq.read_table(Path(__file__).resolve().parent.parent / "configs/data/sums_2x2_test.parquet").to_pylist()
-    assert [(r["prompt"], r["answer"]) for r in committed[:4]] == rows
+    problem = q.split(": ")[1]  # "State the final answer to the following arithmetic problem: 13 + 56 ="
+    assert number_accuracy(f" {problem} {answer}. The answer is {answer}.", answer, require_tag=False) == 1.0
+    assert number_accuracy(f"<think> {problem}</think>", answer, require_tag=False) == 0.0
+    committed = Path(__file__).resolve().parent.parent / "configs/data/sums_2x2_test.parquet"
+    assert [(r["prompt"], r["answer"]) for r in pq.read_table(committed).to_pylist()[:4]] == rows
+    assert file_verifier(committed) == "number"
     with pytest.raises(ValueError, match="gsm8k is judged by math already"):
-        prepare("gsm8k", "test", tmp_path / "g.parquet", limit=2, math_answers=True)
+        prepare("gsm8k", "test", tmp_path / "g.parquet", limit=2, number_answers=True)
 
 
 def test_file_verifier_without_metadata(tmp_path):

