@@ -135,3 +135,31 @@ def test_no_visible_gpus_are_none(monkeypatch):
     a machine without an NVIDIA driver there are none either)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert capacity.local_gpus() == []
+
+
+def test_learner_activations_are_counted():
+    """A rank's largest micro-batch (68 bytes a token per unit of width per layer in fp32) beside its
+    state: SmolLM2-135M's shape (576 wide, 30 layers) at 32768 tokens a micro-batch is 35.9 GiB a rank,
+    which 24 GiB cannot hold, though the state alone (2 x 2.7 GiB) fits; checkpointing fits it."""
+    gib = capacity.GIB
+    cfg = load_config("configs/tiny.yaml", ["learner.max_tokens_per_micro_batch=32768", "model.dtype=float32"])
+    smollm2 = (576, 30)
+    assert capacity.activation_bytes(cfg, *smollm2) == 68 * 32768 * 576 * 30
+    capacity.check_fits(cfg, 134_515_008, 24 * gib)  # the shape unknown: the state alone
+    with pytest.raises(ConfigError, match=r"activations 35.9 GiB for 32768 tokens a micro-batch "
+                                          r"\(learner.max_tokens_per_micro_batch"):
+        capacity.check_fits(cfg, 134_515_008, 24 * gib, shape=smollm2)
+    cfg.learner.gradient_checkpointing = True  # each layer keeps its input: 4 x 32768 x 576 x 30 + one layer
+    assert capacity.activation_bytes(cfg, *smollm2) == 4 * 32768 * 576 * 30 + 68 * 32768 * 576
+    capacity.check_fits(cfg, 134_515_008, 24 * gib, shape=smollm2)
+    # fixed micro-batches: micro_batch_size rows of up to generator.max_model_len tokens
+    rows = load_config("configs/tiny.yaml", ["learner.max_tokens_per_micro_batch=0", "learner.micro_batch_size=4"])
+    assert capacity.micro_batch_tokens(rows) == 4 * rows.generator.max_model_len
+
+
+def test_activations_count_on_the_gpu_of_each_rank():
+    gib = capacity.GIB
+    cfg = load_config("configs/tiny.yaml", ["model.dtype=bfloat16", "learner.zero_stage=1", "algo.beta=0"])
+    without = capacity.gpu_need(cfg, 10**9, 80 * gib)
+    with_acts = capacity.gpu_need(cfg, 10**9, 80 * gib, activations=3 * gib)
+    assert [b - a for (_, a), (_, b) in zip(without, with_acts)] == [3 * gib, 3 * gib, 0, 0]

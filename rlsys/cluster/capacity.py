@@ -10,7 +10,8 @@ GPU, against that GPU's free memory, and only the processes themselves against h
 GPU holds a learner rank's state (weights, gradients, optimizer, reference; ZeRO partitions
 counted) or an engine's vLLM share (generator.gpu_memory_utilization of the GPU's memory: weights,
 activations and KV cache; vLLM refuses to start when that much is not free), or both when
-colocated. The learner's activations are not counted on either.
+colocated. A learner rank's activations are counted beside its state (:func:`activation_bytes`:
+one micro-batch's forward pass kept for the backward, from the model's width and depth).
 
 A model that is not a local folder (a hub id) is not measured: the actors resolve it on their
 nodes, and the driver need not be able to reach the hub; the check is skipped, saying so.
@@ -45,8 +46,57 @@ def model_params(model_path: str) -> int:
     return total
 
 
-def memory_need(cfg: Config, params: int) -> dict[str, float]:
-    """Bytes each role needs in all, an upper-bound estimate.
+def model_shape(model_path: str) -> tuple[int, int]:
+    """(hidden size, layers) from the model's config.json: what a learner's activations scale with."""
+    import json
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return int(config["hidden_size"]), int(config["num_hidden_layers"])
+
+
+ACTIVATION_BYTES = 34
+"""Bytes a decoder layer keeps for the backward pass per token and per unit of hidden size, at
+2-byte activations and no recomputation (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models": 34sbh per layer; their 5as^2b term for the attention
+scores is left out, since SDPA kernels keep no s x s matrix; the output layer's logits are left
+out too, since rlsys computes them in learner.logprob_chunk pieces). fp32 doubles it. Checked on
+CPU: SmolLM2-135M (576 wide, 30 layers) at 4096 tokens a micro-batch estimates 4.5 GiB, and a rank
+took ~8 GB with its 0.7 GiB process and 2.0 GiB of state."""
+
+
+def micro_batch_tokens(cfg: Config) -> int:
+    """The most tokens one micro-batch can hold: the token budget (a row longer than it goes alone,
+    up to generator.max_model_len), or micro_batch_size rows of up to max_model_len each."""
+    budget, longest = cfg.learner.max_tokens_per_micro_batch, cfg.generator.max_model_len
+    return max(budget, longest) if budget > 0 else cfg.learner.micro_batch_size * longest
+
+
+def activation_bytes(cfg: Config, hidden: int, layers: int) -> float:
+    """One learner rank's activation memory for its largest micro-batch (:data:`ACTIVATION_BYTES`).
+    With gradient checkpointing each layer keeps only its input, and one layer at a time is
+    recomputed whole.
+
+    SmolLM2-135M in fp32 at the default budget of 2048 tokens: 68 x 2048 x 576 x 30 = 2.24 GiB;
+    checkpointed: 4 x 2048 x 576 x 30 + 68 x 2048 x 576 = 0.21 GiB.
+
+    >>> from rlsys.config import load_config
+    >>> cfg = load_config(None, ["model.dtype=float32"])
+    >>> round(activation_bytes(cfg, 576, 30) / GIB, 2)
+    2.24
+    >>> cfg.learner.gradient_checkpointing = True
+    >>> round(activation_bytes(cfg, 576, 30) / GIB, 2)
+    0.21
+    """
+    tokens, scale = micro_batch_tokens(cfg), weight_bytes(cfg) / 2
+    layer = ACTIVATION_BYTES * scale * tokens * hidden
+    if cfg.learner.gradient_checkpointing:
+        return layers * tokens * hidden * weight_bytes(cfg) + layer
+    return layers * layer
+
+
+def memory_need(cfg: Config, params: int, activations: float = 0.0) -> dict[str, float]:
+    """Bytes each role needs in all, an upper-bound estimate; ``activations``: a learner rank's
+    (:func:`activation_bytes`; 0 counts the state alone).
 
     The defaults (2 engines with 1 GiB of KV cache, 2 ZeRO-0 ranks, fp32, KL on) for 1e9 parameters
     (3.73 GiB in fp32): engines 2 x (0.9 + 1 + 3.73) = 11.25 GiB; a rank holds weights + gradients
@@ -58,7 +108,7 @@ def memory_need(cfg: Config, params: int) -> dict[str, float]:
     (11.25, 38.65)
     """
     engines = cfg.generator.num_engines * (ENGINE_BASE + cfg.generator.kv_cache_gib * GIB + params * weight_bytes(cfg))
-    per_rank = LEARNER_BASE + rank_state(cfg, params, partitioned=False)
+    per_rank = LEARNER_BASE + rank_state(cfg, params, partitioned=False) + activations
     return {"generators": engines, "learners": cfg.learner.num_ranks * per_rank,
             "reward workers": cfg.reward.num_workers * REWARD_BASE}
 
@@ -89,8 +139,9 @@ def on_gpus(cfg: Config, gpus: list[tuple[int, int]]) -> bool:
     return cfg.cluster.backend == "nccl" or (cfg.cluster.backend == "auto" and len(gpus) > 0)
 
 
-def gpu_need(cfg: Config, params: int, gpu_total: int) -> list[tuple[str, float]]:
-    """(what, bytes) for each GPU the run takes, on GPUs of `gpu_total` bytes.
+def gpu_need(cfg: Config, params: int, gpu_total: int, activations: float = 0.0) -> list[tuple[str, float]]:
+    """(what, bytes) for each GPU the run takes, on GPUs of `gpu_total` bytes; ``activations``: a
+    learner rank's, beside its state.
 
     2 ZeRO-1 ranks in bf16 without KL, 2 engines, for 1e9 parameters on 80 GiB GPUs: a rank holds
     weights 2e9 + gradients 2e9 + (Adam 8e9 + fp32 master 4e9) / 2 = 10e9 bytes (9.31 GiB); an
@@ -101,7 +152,7 @@ def gpu_need(cfg: Config, params: int, gpu_total: int) -> list[tuple[str, float]
     >>> [(what, round(b / GIB, 2)) for what, b in gpu_need(cfg, 10**9, 80 * GIB)]
     [('learner rank 0', 9.31), ('learner rank 1', 9.31), ('generator 0', 72.0), ('generator 1', 72.0)]
     """
-    state = rank_state(cfg, params, partitioned=True)
+    state = rank_state(cfg, params, partitioned=True) + activations
     vllm = engine_memory_share(cfg) * gpu_total
     ranks, engines, tp = cfg.learner.num_ranks, cfg.generator.num_engines, cfg.generator.tensor_parallel_size
     if cfg.cluster.placement == "colocated":  # generator i on learner rank i's GPU
@@ -110,22 +161,30 @@ def gpu_need(cfg: Config, params: int, gpu_total: int) -> list[tuple[str, float]
             + [(f"generator {i}" + (f" GPU {j}" if tp > 1 else ""), vllm) for i in range(engines) for j in range(tp)])
 
 
-def check_fits(cfg: Config, params: int, available: int, gpus: list[tuple[int, int]] | None = None) -> None:
+def check_fits(cfg: Config, params: int, available: int, gpus: list[tuple[int, int]] | None = None,
+               shape: tuple[int, int] | None = None) -> None:
     """Stop with the numbers when the estimate exceeds the memory this machine has available:
     `available` bytes of host memory, `gpus` (free, total) bytes per GPU the local cluster gets
-    (None or []: none). On GPUs the model's state is counted per GPU and the host holds the
-    processes alone."""
+    (None or []: none), `shape` the model's (hidden size, layers) for the learners' activations
+    (None: not counted). On GPUs the model's state and the activations are counted per GPU and the
+    host holds the processes alone."""
     gpus = gpus or []
     cfg = on_device(cfg, on_gpus(cfg, gpus))  # model.dtype=auto counted as the actors will run it
+    activations = activation_bytes(cfg, *shape) if shape is not None else 0.0
     if on_gpus(cfg, gpus):
-        check_gpus(cfg, params, gpus)
+        check_gpus(cfg, params, gpus, activations)
         need = {"generators": cfg.generator.num_engines * ENGINE_BASE, "learners": cfg.learner.num_ranks * LEARNER_BASE,
                 "reward workers": cfg.reward.num_workers * REWARD_BASE}
         what = "their processes; the model's state is on the GPUs"
     else:
-        need = memory_need(cfg, params)
+        need = memory_need(cfg, params, activations)
         what = (f"generator.num_engines={cfg.generator.num_engines} x (engine + generator.kv_cache_gib="
                 f"{cfg.generator.kv_cache_gib} + the model)")
+        if activations:
+            what += (f"; a learner rank's activations {activations / GIB:.1f} GiB for {micro_batch_tokens(cfg)} tokens "
+                     f"a micro-batch (learner.max_tokens_per_micro_batch, learner.micro_batch_size, "
+                     f"generator.max_model_len; learner.gradient_checkpointing="
+                     f"{str(cfg.learner.gradient_checkpointing).lower()})")
     total = sum(need.values())
     if total > available:
         parts = ", ".join(f"{role} {b / GIB:.1f} GiB" for role, b in need.items())
@@ -136,7 +195,7 @@ def check_fits(cfg: Config, params: int, available: int, gpus: list[tuple[int, i
             f"engines or ranks, a smaller KV cache, or a cluster (cluster.address)")
 
 
-def check_gpus(cfg: Config, params: int, gpus: list[tuple[int, int]]) -> None:
+def check_gpus(cfg: Config, params: int, gpus: list[tuple[int, int]], activations: float = 0.0) -> None:
     """Each GPU the run takes holds what is placed on it, on the GPUs with the most free memory
     (Ray does not choose by memory: a GPU that another process fills may still be given, and
     then that actor fails at start)."""
@@ -144,7 +203,7 @@ def check_gpus(cfg: Config, params: int, gpus: list[tuple[int, int]]) -> None:
         raise ConfigError(f"cluster.backend={cfg.cluster.backend} places the actors on GPUs, and this machine has none "
                           f"that the local Ray cluster would get: use cluster.backend=auto or gloo")
     gpu_total = min(total for _, total in gpus)
-    needs = gpu_need(cfg, params, gpu_total)
+    needs = gpu_need(cfg, params, gpu_total, activations)
     if len(needs) > len(gpus):
         raise ConfigError(
             f"this run takes {len(needs)} GPUs (learner.num_ranks={cfg.learner.num_ranks}, generator.num_engines="
@@ -164,17 +223,20 @@ def check_gpus(cfg: Config, params: int, gpus: list[tuple[int, int]]) -> None:
         if need > has:
             raise ConfigError(
                 f"{what} needs about {need / GIB:.1f} GiB of GPU memory, and the GPU left for it has {has / GIB:.1f} "
-                f"GiB free (of {gpu_total / GIB:.1f}): {gpu_parts(cfg, params, gpu_total)}. It would run out of GPU "
+                f"GiB free (of {gpu_total / GIB:.1f}): {gpu_parts(cfg, params, gpu_total, activations)}. It would "
+                f"run out of GPU "
                 f"memory. Use learner.zero_stage 1-3 with more ranks, model.dtype=bfloat16, a smaller "
                 f"generator.gpu_memory_utilization, or a cluster (cluster.address)")
 
 
-def gpu_parts(cfg: Config, params: int, gpu_total: int) -> str:
+def gpu_parts(cfg: Config, params: int, gpu_total: int, activations: float = 0.0) -> str:
     """What each kind of GPU holds, in words with the keys that set it."""
     learner = (f"a learner rank holds {rank_state(cfg, params, partitioned=True) / GIB:.1f} GiB (weights, gradients, "
                f"optimizer{', reference' if cfg.algo.beta > 0 else ''}; model.dtype={cfg.model.dtype}, "
                f"learner.zero_stage={cfg.learner.zero_stage} over learner.num_ranks={cfg.learner.num_ranks}, "
-               f"{params / 1e6:.1f}M parameters)")
+               f"{params / 1e6:.1f}M parameters)"
+               + (f" and {activations / GIB:.1f} GiB of activations ({micro_batch_tokens(cfg)} tokens a micro-batch)"
+                  if activations else ""))
     engine = (f"an engine takes generator.gpu_memory_utilization={engine_memory_share(cfg):.2f} of its GPU for "
               f"weights and KV cache")
     where = " on the same GPU (cluster.placement=colocated)" if cfg.cluster.placement == "colocated" else ""
@@ -220,4 +282,4 @@ def check_local_run(cfg: Config, model_path: str) -> None:
         print(f"[rlsys] memory check skipped: model {model_path} is not a local folder (a hub id: the actors resolve "
               f"it on their nodes, and its size is not known here)", flush=True)
         return
-    check_fits(cfg, model_params(model_path), psutil.virtual_memory().available, local_gpus())
+    check_fits(cfg, model_params(model_path), psutil.virtual_memory().available, local_gpus(), model_shape(model_path))
