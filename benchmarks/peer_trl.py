@@ -23,14 +23,16 @@ if TYPE_CHECKING:
 GENERATION = "transformers generate (TRL default, use_vllm=False)"
 
 
-def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+def build_trainer(cfg: "Config", workdir: pathlib.Path, steps: int, callbacks: list | None = None):
+    """TRL's GRPOTrainer on cfg's workload: (trainer, its GRPOConfig, gens), where gens gets one
+    {"tokens", "reward"} entry per generation (= per rlsys step). ``steps`` rlsys steps at most.
+    Shared by run_trl (throughput) and benchmarks/learning_trl.py (what it learns)."""
     # TRL imports vllm when it is installed and warns that 0.32 is newer than it supports; this run
     # does not use TRL's vLLM path (use_vllm=False).
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
     from rlsys.data import datasets
     from rlsys.math import rewards
@@ -94,6 +96,17 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
         scale_rewards="group" if cfg.algo.std_normalize else "none",
     )
 
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                              processing_class=tok, callbacks=callbacks or [])
+    trainer.remove_callback(PrinterCallback)  # its end-of-training summary line is noise here
+    return trainer, args, gens
+
+
+def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    import trl
+    from transformers import TrainerCallback
+
     class Timer(TrainerCallback):
         """Wall time and TRL's own token counter around every optimizer step."""
 
@@ -111,8 +124,9 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
             self.seen.append(state.num_input_tokens_seen - self.seen0)
 
     timer = Timer()
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                              processing_class=tok, callbacks=[timer])
+    trainer, args, gens = build_trainer(cfg, workdir, steps, [timer])
+    B, M, micro = cfg.rollout_batch_size, cfg.learner.mini_batch_size, cfg.learner.micro_batch_size
+    opt_per_step = cfg.learner.epochs * B // M
     # Seconds inside TRL's sampling call, per generation: how much of a step generation is (the
     # most any faster generator could save).
     generate_s: list[float] = []
@@ -126,7 +140,6 @@ def run_trl(cfg: "Config", steps: int, workdir: pathlib.Path) -> dict:
             generate_s.append(time.perf_counter() - t)
 
     trainer._generate_single_turn = timed_sample
-    trainer.remove_callback(PrinterCallback)  # its end-of-training summary line is noise here
     trainer.train()
 
     # Optimizer steps -> rlsys steps (a rollout batch each; its generation runs inside its first optimizer step).
