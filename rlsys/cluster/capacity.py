@@ -60,8 +60,12 @@ ACTIVATION_BYTES = 34
 Recomputation in Large Transformer Models": 34sbh per layer; their 5as^2b term for the attention
 scores is left out, since SDPA kernels keep no s x s matrix; the output layer's logits are left
 out too, since rlsys computes them in learner.logprob_chunk pieces). fp32 doubles it. Checked on
-CPU: SmolLM2-135M (576 wide, 30 layers) at 4096 tokens a micro-batch estimates 4.5 GiB, and a rank
-took ~8 GB with its 0.7 GiB process and 2.0 GiB of state."""
+CPU (configs/r1_zero_sums.yaml, SmolLM2-135M: 576 wide, 30 layers, fp32): a rank's peak resident
+memory was 6.5 GB at 1024 tokens a micro-batch and 7.8 GB at 2048, 1.3 GB per 1024 tokens, which
+is 37 bytes at 2-byte activations. The rest of that peak, ~5.2 GB, is ~2.3 GB more than
+LEARNER_BASE and rank_state count (optimizer temporaries and the freed memory the learner's heap
+keeps, rlsys.actors.heap): the estimate stays low by that much on CPUs, and an engine measured
+3.5 GB resident where memory_need counts 2.4."""
 
 
 def micro_batch_tokens(cfg: Config) -> int:
