@@ -1,0 +1,99 @@
+"""Off-policy corrections on a long asynchronous run: one training run per (staleness, correction),
+side by side.
+
+    python benchmarks/off_policy_runs.py configs/r1_zero_sums.yaml --out runs/off_policy \
+        [--staleness 1 2] [--methods tis mis icepop seq_mask] [key=value ...]
+
+Each run is `rlsys train CONFIG trainer.max_staleness=S algo.off_policy=M algo.off_policy_rows=all
+trainer.output_dir=OUT/s<S>_<M> key=value ...`, one after another (each takes the whole machine).
+A run whose folder already holds a finished run (its last step logged with its evaluation) is not run again,
+so the grid can be filled over several sittings; an unfinished one continues (trainer.resume=auto).
+Then OUT/table.md and OUT/table.json: per run, the final held-out pass@1 and cons@k, the mean
+mismatch KL (k3 of generator vs learner log-probs over the run), the shares of masked tokens and
+sequences, the mean importance weight and the share of stale rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LEARNER_KEYS = ("mismatch_kl", "is_masked_frac", "is_masked_seq_frac", "is_weight_mean", "stale_frac")
+
+
+def finished(run: Path, total_steps: int) -> bool:
+    """The run logged its last step, with that step's evaluation."""
+    from rlsys.observe.metrics import read_jsonl
+
+    if not (run / "metrics.jsonl").is_file():
+        return False
+    rows = read_jsonl(run / "metrics.jsonl")
+    return any(r["step"] == total_steps - 1 and "eval/pass@1" in r for r in rows)
+
+
+def summarize(run: Path, k: int) -> dict:
+    """A finished run's row: the last evaluation, and the learner's off-policy metrics averaged over its steps."""
+    from rlsys.observe.metrics import read_jsonl
+
+    rows = read_jsonl(run / "metrics.jsonl")
+    last = max(rows, key=lambda r: r["step"])
+    row = {"steps": len(rows), "pass@1": last["eval/pass@1"], f"cons@{k}": last[f"eval/cons@{k}"]}
+    for key in LEARNER_KEYS:
+        values = [r[key] for r in rows if key in r]
+        row[key] = statistics.fmean(values) if values else None
+    return row
+
+
+def table(results: dict[str, dict], k: int) -> str:
+    head = ["run", "steps", "pass@1", f"cons@{k}", *LEARNER_KEYS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in results.items():
+        cells = [name] + [("" if row[h] is None else f"{row[h]:.4g}" if isinstance(row[h], float) else str(row[h]))
+                          for h in head[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--methods", nargs="+", default=["tis", "mis", "icepop", "seq_mask"])
+    parser.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = parser.parse_args(argv)
+
+    from rlsys.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.eval.every:
+        parser.error("the runs are compared by their last held-out evaluation: eval.every must be > 0")
+    results = {}
+    for staleness in args.staleness:
+        for method in args.methods:
+            name = f"s{staleness}_{method}"
+            run = (args.out / name).resolve()
+            if not finished(run, cfg.trainer.total_steps):
+                resume = ["trainer.resume=auto"] if (run / "metrics.jsonl").is_file() else []
+                cmd = [sys.executable, "-m", "rlsys.cli", "train", args.config, *args.overrides,
+                       f"trainer.max_staleness={staleness}", f"algo.off_policy={method}", "algo.off_policy_rows=all",
+                       f"trainer.output_dir={run}", "trainer.progress=false", *resume]
+                print(f"[off_policy_runs] {name}: {' '.join(cmd[3:])}", flush=True)
+                subprocess.run(cmd, cwd=REPO, check=True)
+            results[name] = summarize(run, cfg.eval.k)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.json").write_text(json.dumps(results, indent=1))
+    (args.out / "table.md").write_text(table(results, cfg.eval.k))
+    print(table(results, cfg.eval.k))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
