@@ -39,6 +39,13 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
     assert (tmp_path / "reward.png").stat().st_size > 1000 and (tmp_path / "timing.png").is_file()
     assert (tmp_path / "lengths.png").stat().st_size > 1000 and (tmp_path / "signatures.png").stat().st_size > 1000
     assert "actors" not in text  # no timeline.json: not a profiled run
+    assert "samples" not in text and not (tmp_path / "samples.md").exists()  # no samples.jsonl
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(
+        {"step": i, "prompt": "...", "question": f"{i} + 1 =", "completion": f"<think> t </think> {i + 1}",
+         "answer": str(i + 1), "reward": 1.0}) + "\n" for i in range(3)))
+    assert f"samples      {tmp_path / 'samples.md'}" in report(tmp_path)
+    table = (tmp_path / "samples.md").read_text().splitlines()
+    assert [line.split(" | ")[1] for line in table[2:]] == ["0 + 1 =", "1 + 1 =", "2 + 1 ="]  # first, middle, last
     with pytest.raises(FileNotFoundError, match="no metrics"):
         report(tmp_path / "nope")
 
@@ -59,3 +66,11 @@ def test_reflection_share_counts_whole_words_in_any_case():
     texts = ["WAIT. 12 + 30 = 42", "Let me verify: 42", "42", "again and again", "waiting", "verify? check!"]
     assert metrics.reflection_share(texts, ["wait", "check", "verify", "again"]) == pytest.approx(4 / 6)
     assert metrics.reflection_share(texts, []) == 0.0
+
+
+def test_report_doctests():
+    import doctest
+
+    from rlsys.observe import report as module
+
+    assert doctest.testmod(module).failed == 0  # sample_table

@@ -161,7 +161,8 @@ class Run:
         if due(step, cfg.eval.every, last):
             with self.timer.spans.span("eval"):
                 metrics |= evaluate(self.groups, self.eval_problems, cfg, self.run_dir / "evals" / f"step_{version}.json")
-        sample = {"prompt": got.prompts[0].text, "completion": rollouts[0].text, "answer": rollouts[0].answer,
+        sample = {"prompt": got.prompts[0].text, "question": got.prompts[0].question, "completion": rollouts[0].text,
+                  "answer": rollouts[0].answer,
                   "reward": scores[0].reward}
         self.log.log(step, metrics, sample)  # before the save: a checkpoint never holds a step the log lacks
         if due(step, cfg.trainer.save_every, last) or last:

@@ -3,7 +3,8 @@
 Prints the reward at the start and the end, wall time (per step too) and the phases' split (in an
 asynchronous run the phases overlap: the overlap is printed, not added to the loop time); writes
 `reward.png` (mean reward and its accuracy and format parts per step) and `timing.png`
-(seconds per phase per step) into the run folder.
+(seconds per phase per step) into the run folder, and `samples.md`: the logged sample answer of
+the first, middle and last step.
 """
 
 from __future__ import annotations
@@ -108,6 +109,39 @@ def signatures(rows: list[dict], run_dir: Path, plt) -> Path:
     return path
 
 
+def sample_table(run_dir: Path) -> str:
+    """A markdown table of the sample answer logged (samples.jsonl, one a step) at the first, middle
+    and last step: question, completion (after the prompt, so without data.prefill), gold, reward.
+    "" when the run logged none.
+
+    >>> import json, tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> _ = (run / "samples.jsonl").write_text("".join(json.dumps({"step": s, "question": "1 + 2 =",
+    ...     "completion": f" {s} | {s}\\n", "answer": "3", "reward": s / 4}) + "\\n" for s in range(5)))
+    >>> print(sample_table(run))
+    | step | question | completion | gold | reward |
+    |---|---|---|---|---|
+    | 0 | 1 + 2 = | 0 \\| 0 | 3 | 0.00 |
+    | 2 | 1 + 2 = | 2 \\| 2 | 3 | 0.50 |
+    | 4 | 1 + 2 = | 4 \\| 4 | 3 | 1.00 |
+    """
+    path = run_dir / "samples.jsonl"
+    found = read_jsonl(path) if path.is_file() else []
+    if not found:
+        return ""
+    picked = [found[i] for i in sorted({0, len(found) // 2, len(found) - 1})]
+
+    def cell(text: str) -> str:
+        return " ".join(text.replace("|", "\\|").split())
+
+    lines = ["| step | question | completion | gold | reward |", "|---|---|---|---|---|"]
+    for r in picked:
+        question = r.get("question") or r["prompt"][-200:]  # logs before the question was logged: the prompt's end
+        lines.append(f"| {r['step']} | {cell(question)} | {cell(r['completion'])} | {cell(r['answer'])} "
+                     f"| {r['reward']:.2f} |")
+    return "\n".join(lines)
+
+
 def eval_line(run_dir: Path) -> str:
     """Held-out figures of the first and last evaluation of the run, if it made any."""
     import json
@@ -147,6 +181,10 @@ def report(run_dir: Path) -> str:
     overlap = (f"; the phases overlapped {s['overlap_s']:.1f}s (asynchronous)" if s["overlap_s"] > 0.01 * s["loop_s"]
                else "")
     evals = eval_line(run_dir) + utilisation_line(run_dir)
+    samples = sample_table(run_dir)
+    if samples:
+        (run_dir / "samples.md").write_text(samples + "\n")
+        evals += f"samples      {run_dir / 'samples.md'} (the first, middle and last step's logged answer)\n"
     return (f"{run_dir}: {s['steps']} steps, loop {s['loop_s']:.1f}s wall, {s['step_s']:.2f}s a step (median) "
             f"({split}{overlap})\n"
             f"reward/mean  first {s['window']} steps {s['reward_first']:.3f} -> last {s['window']} {s['reward_last']:.3f}\n"
