@@ -91,7 +91,9 @@ def signatures(rows: list[dict], run_dir: Path, plt) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     (acc, fmt), (length, reflect) = axes
     acc.plot(steps, [r["reward/accuracy"] for r in rows], label="training samples")
-    held = [(r["step"], r["eval/pass@1"]) for r in rows if "eval/pass@1" in r]
+    # Each evaluation at the step whose samples the same weights drew: evals/step_V.json holds weight
+    # version V, which samples step V (V = 0: the untrained model, evaluated before the first step).
+    held = sorted((version, summary["pass@1"]) for version, summary in evaluations(run_dir))
     if held:
         acc.plot(*zip(*held), "o-", label="held-out pass@1")
     acc.set(ylabel="accuracy", ylim=(-0.02, 1.02))
@@ -142,15 +144,20 @@ def sample_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def eval_line(run_dir: Path) -> str:
-    """Held-out figures of the first and last evaluation of the run, if it made any."""
+def evaluations(run_dir: Path) -> list[tuple[int, dict]]:
+    """(weight version, summary) of every held-out evaluation of the run (evals/step_V.json), in order."""
     import json
 
     found = sorted((int(p.stem.removeprefix("step_")), p) for p in (run_dir / "evals").glob("step_*.json"))
+    return [(version, json.loads(p.read_text())) for version, p in found]
+
+
+def eval_line(run_dir: Path) -> str:
+    """Held-out figures of the first and last evaluation of the run, if it made any."""
+    found = evaluations(run_dir)
     if not found:
         return ""
     (first, a), (last, b) = found[0], found[-1]
-    a, b = json.loads(a.read_text()), json.loads(b.read_text())
     k = a["k"]
     return (f"held-out     pass@1 {a['pass@1']:.3f} (step {first}) -> {b['pass@1']:.3f} (step {last}); "
             f"cons@{k} {a[f'cons@{k}']:.3f} -> {b[f'cons@{k}']:.3f}; format {a['format']:.3f} -> {b['format']:.3f}\n")
