@@ -134,6 +134,12 @@ def test_eval_command_on_a_run_folder(smoke_run, tmp_path):
     assert summary["model"].endswith("checkpoints/step_3") and summary["problems"] == 3 and summary["k"] == 2
     assert 0.0 <= summary["pass@1"] <= 1.0 and "cons@2" in summary
     assert "pass@1" in proc.stdout
+    # Sampling is seeded (trainer.seed): the same weights give the same samples, evaluation after evaluation.
+    again = tmp_path / "again.json"
+    proc = rlsys("eval", "--model", str(smoke_run), "--dataset", "gsm8k", "--limit", "3", "--k", "2",
+                 "--out", str(again))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(again.read_text())["results"] == summary["results"]
 
 
 def test_unknown_key_stops_before_any_actor(tmp_path):

@@ -87,3 +87,37 @@ def test_eval_problems_come_from_a_registry_name_or_a_prepared_file_with_its_ver
         load_problems(EvalConfig(dataset="gsm9k"), data, generator, tokenizer)
     with pytest.raises(DataError, match=r"eval.dataset=.*rows.jsonl eval.split=test: limit must be >= 1, got 0"):
         load_problems(EvalConfig(dataset=str(rows), limit=0), data, generator, tokenizer)
+
+
+def test_run_eval_seeds_its_sampling_and_votes_on_what_the_verifier_reads():
+    """Evaluation samples with (trainer.seed, EVAL_STREAM, chunk) seeds, so the same weights give the
+    same samples every time (a run's held-out curve moves only with its weights), and cons@k votes
+    on the number the verifier read: "40 + 27 = 67" and "so 67." are one vote."""
+    from types import SimpleNamespace
+
+    from rlsys.config import DataConfig, EvalConfig, RewardConfig
+    from rlsys.loops.evaluate import EVAL_STREAM, Problem, run_eval
+    from rlsys.math.rewards import accuracy
+    from rlsys.types import RewardResult, Rollout
+
+    texts = [" 40 + 27 = 67</think>", " so 67.", " 40 + 27 =</think> 13", " 68"]
+    calls = []
+
+    def generate(prompts, n, seed=None, **sampling):
+        calls.append((seed, sampling))
+        return [Rollout(prompt_index=0, group=0, prompt_ids=[1], response_ids=[2] * (i + 1), response_logprobs=[0.0],
+                        text=t, finish_reason="stop", weight_version=0, answer="67") for i, t in enumerate(texts)]
+
+    reward = RewardConfig(verifier="number", require_answer_tag=False)
+
+    def score(rollouts):
+        return [RewardResult(reward=a, accuracy=a, format=0.0, timed_out=False)
+                for a in (accuracy("<think>" + r.text, r.answer, reward) for r in rollouts)]
+
+    groups = SimpleNamespace(generators=SimpleNamespace(generate=generate),
+                             rewards=SimpleNamespace(score=score, cfg=reward))
+    summary = run_eval(groups, [Problem("40 + 27 =", "67", [1])], EvalConfig(k=4), DataConfig(prefill="<think>"),
+                       max_tokens=32, seed=7)
+    assert calls[0][0] == (7, EVAL_STREAM)
+    assert summary["results"][0]["answers"] == ["67", "67", "13", "68"]
+    assert summary["pass@1"] == 0.5 and summary["cons@4"] == 1.0

@@ -88,13 +88,20 @@ def load_problems(cfg: EvalConfig, data: DataConfig, generator: GeneratorConfig,
     return [Problem(q, a, row) for (q, a), row in zip(rows, ids)], judge
 
 
-def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig, max_tokens: int) -> dict:
+EVAL_STREAM = 0x5EED_E7A1
+"""The sampling-seed key of evaluations, (seed, EVAL_STREAM, chunk): a stream of its own beside the
+training steps' (seed, step, chunk) (rlsys.cluster.pool.chunk_seed)."""
+
+
+def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig, max_tokens: int, seed: int) -> dict:
     """Generate cfg.k samples per problem on the generator pool, score them on the reward pool; the
-    answers cons@k votes on are read the way the reward workers' verifier reads them."""
+    answers cons@k votes on are read the way the reward workers' verifier reads them. Sampling is
+    seeded (trainer.seed `seed`): the same weights give the same samples at every evaluation on a
+    machine, so a run's held-out curve moves only when the weights do."""
     t0 = time.time()
     prompts = [(i, i, p.ids, p.gold) for i, p in enumerate(problems)]
-    rollouts = groups.generators.generate(prompts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                                          max_tokens=cfg.max_tokens or max_tokens)
+    rollouts = groups.generators.generate(prompts, cfg.k, seed=(seed, EVAL_STREAM), temperature=cfg.temperature,
+                                          top_p=cfg.top_p, max_tokens=cfg.max_tokens or max_tokens)
     scores = groups.rewards.score(rollouts)
     results = []
     for i, problem in enumerate(problems):
@@ -143,7 +150,7 @@ def evaluate_model(cfg, model_path: str) -> dict:
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier, train=False)
     try:
-        return run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens)
+        return run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens, cfg.trainer.seed)
     finally:
         groups.shutdown()
 
@@ -173,7 +180,7 @@ def eval_command(model: str, dataset: str, split: str, limit: int, k: int, step:
     init_ray(cfg)
     groups = launch(cfg, model_path, verifier, train=False)
     try:
-        summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens)
+        summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens, cfg.trainer.seed)
     finally:
         groups.shutdown()
     summary |= {"model": model_path, "dataset": dataset, "split": split}

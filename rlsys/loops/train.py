@@ -351,7 +351,7 @@ def evaluate(groups: Groups, problems: list[Problem], cfg: Config, out: Path) ->
     """Held-out evaluation with the weights the generators now serve; the summary goes to the step's metrics."""
     from rlsys.loops.evaluate import write
 
-    summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens)
+    summary = run_eval(groups, problems, cfg.eval, cfg.data, cfg.generator.max_tokens, cfg.trainer.seed)
     write(summary, out)
     return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float) and k != "temperature"
             and k != "top_p"}
