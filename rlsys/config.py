@@ -151,7 +151,12 @@ class AlgoConfig:
     """Divide advantages by the group std (GRPO); false is the Dr.GRPO variant."""
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    """Upper clip (DAPO's clip-higher); None means epsilon."""
+    """Upper clip (DAPO's clip-higher); None means epsilon. The clip binds only where the policy
+    has moved since the batch was sampled: from a rollout batch's second update on (batch larger
+    than learner.mini_batch_size, or learner.epochs > 1) and on stale rows (asynchronous mode).
+    With one update per batch, synchronous, the ratio is 1 up to the generator/learner mismatch
+    and neither bound changes anything (a clip-higher run of configs/r1_zero_sums.yaml matched the
+    plain one step for step)."""
     beta: float = 0.001
     """KL coefficient (k3, inside the loss). 0 loads no reference model at all."""
     dual_clip: float | None = None
