@@ -650,7 +650,9 @@ def validate(cfg: Config) -> None:
     need(cfg.reward.language_weight >= 0, f"reward.language_weight must be >= 0, got {cfg.reward.language_weight}")
     need(cfg.sft.epochs >= 1 and cfg.sft.max_length >= 2,
          f"sft.epochs must be >= 1 and sft.max_length >= 2, got {cfg.sft.epochs}, {cfg.sft.max_length}")
-    need(cfg.reward.verifier in ("auto", "math", "number", "reasoning_gym"),
+    from rlsys.math.rewards import VERIFIERS
+
+    need(cfg.reward.verifier in ("auto", *VERIFIERS),
          f"reward.verifier must be auto, math, number or reasoning_gym, got {cfg.reward.verifier!r}")
     need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,
          "eval.k and eval.limit must be >= 1 and eval.every >= 0")

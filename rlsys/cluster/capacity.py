@@ -46,11 +46,18 @@ def model_params(model_path: str) -> int:
     return total
 
 
-def model_shape(model_path: str) -> tuple[int, int]:
-    """(hidden size, layers) from the model's config.json: what a learner's activations scale with."""
+def model_shape(model_path: str) -> tuple[int, int] | None:
+    """(hidden size, layers) from the model's config.json: what a learner's activations scale with;
+    None, saying so, for a config without hidden_size and num_hidden_layers (the check then counts
+    the model's state alone)."""
     import json
 
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    path = Path(model_path) / "config.json"
+    config = json.loads(path.read_text())
+    if "hidden_size" not in config or "num_hidden_layers" not in config:
+        print(f"[rlsys] memory check: {path} has no hidden_size and num_hidden_layers; the learners' "
+              f"activations are not counted", flush=True)
+        return None
     return int(config["hidden_size"]), int(config["num_hidden_layers"])
 
 
