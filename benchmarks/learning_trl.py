@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--also", action="append", default=[], help="another held-out dataset to evaluate on")
     parser.add_argument("overrides", nargs="*", help="key=value")
-    args = parser.parse_args(argv)
+    # intermixed: key=value overrides may follow the options, as the usage line shows
+    args = parser.parse_intermixed_args(argv)
     start = time.monotonic()
 
     from transformers import TrainerCallback

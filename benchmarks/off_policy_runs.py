@@ -1,8 +1,8 @@
 """Off-policy corrections on a long asynchronous run: one training run per (staleness, correction),
 side by side.
 
-    python benchmarks/off_policy_runs.py configs/r1_zero_sums.yaml --out runs/off_policy \
-        [--staleness 1 2] [--methods tis mis icepop seq_mask] [key=value ...]
+    python benchmarks/off_policy_runs.py configs/r1_zero_sums.yaml [key=value ...] --out runs/off_policy \
+        [--staleness 1 2] [--methods tis mis icepop seq_mask]
 
 Each run is `rlsys train CONFIG trainer.max_staleness=S algo.off_policy=M algo.off_policy_rows=all
 trainer.output_dir=OUT/s<S>_<M> key=value ...`, one after another (each takes the whole machine).
@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+METHODS = ("tis", "mis", "icepop", "seq_mask")
 LEARNER_KEYS = ("mismatch_kl", "is_masked_frac", "is_masked_seq_frac", "is_weight_mean", "stale_frac")
 
 
@@ -66,9 +67,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--methods", nargs="+", default=["tis", "mis", "icepop", "seq_mask"])
+    # choices: a key=value written after --methods is refused, not taken for a method
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from rlsys.config import load_config
 
