@@ -7,6 +7,8 @@ with a wrong one, scored by the real rules (format + math-verify accuracy).
   sample, a per-sample deadline) against calling the same rule in-process, no protection
   (rlsys.math.rewards.score in a loop), on the same samples. The ratio is what the protection against
   a hanging verifier costs.
+- The sandbox (reward.verifier=code): a program judged in a fresh isolated process against the same
+  program in a plain subprocess (`sandbox_figure`); target >= 0.5x.
 Each figure's two sides are timed interleaved, `repeats` times each (ours, reference, ours, ...):
 the figure is the median pairwise ratio with its lowest and highest (benchmarks/common.py).
 
@@ -100,7 +102,61 @@ def run(quick: bool) -> Section:
         print(f"[reward] pool of {workers}: {statistics.median(rates):.0f} samples/s", flush=True)
     section.figures.append(Figure.repeated("reward pool, 2 workers samples/s", two, "samples/s",
                                            "reward pool, 1 worker, same samples", one))
+    sandbox_figure(section, 16 if quick else 64, repeats)
     return section
+
+
+def sandbox_figure(section: Section, count: int, repeats: int) -> None:
+    """The cost of isolation: a program judged against its tests in the sandbox (a fresh bwrap with
+    namespaces, limits and its own uid each time: rlsys.sandbox) against the same harness program
+    run by a plain subprocess in a temporary folder, no isolation. Executions/s, one after another."""
+    import json
+    import os
+    import secrets
+    import subprocess
+    import tempfile
+
+    from rlsys.sandbox.execute import Limits, Sandbox
+    from rlsys.sandbox.judge import harness, judge
+
+    if os.geteuid() != 0:
+        print("[reward] sandbox figure skipped: the sandbox's per-run uids need root", flush=True)
+        return
+    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
+    gold = json.dumps({"tests": tests})
+    completion = "<answer>def add(a, b):\n    return a + b</answer>"
+    program = harness("def add(a, b):\n    return a + b", tests)
+    sandbox = Sandbox()
+    limits = Limits(wall_s=10.0)
+
+    def isolated() -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            assert judge(sandbox, completion, gold, limits).passed == 3
+        return count / (time.perf_counter() - start)
+
+    def plain() -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            with tempfile.TemporaryDirectory() as folder:
+                with open(os.path.join(folder, "main.py"), "w") as f:
+                    f.write(program)
+                nonce = secrets.token_hex(16)
+                out = subprocess.run([sandbox.python, "-I", "main.py"], cwd=folder, input=nonce + "\n",
+                                     capture_output=True, text=True, timeout=10).stdout
+                assert out.count(f"{nonce} ") == 3 and " 0 " not in out.replace(nonce, "")
+        return count / (time.perf_counter() - start)
+
+    try:
+        isolated(), plain()  # warm-up: the interpreter's files in the page cache
+        ours, reference = interleaved(isolated, plain, repeats)
+    finally:
+        sandbox.close()
+    section.figures.append(Figure.repeated(
+        "sandboxed code executions/s (bwrap: namespaces, limits, own uid)", ours, "executions/s",
+        "the same program in a plain subprocess, no isolation", reference, target=0.5,
+        note="1 - ratio = the cost of isolation; the issue's bar: isolation at most doubles an execution's cost"))
+    section.rows.append({"what": "sandbox", "executions": count, "isolated_per_s": ours, "plain_per_s": reference})
 
 
 if __name__ == "__main__":

@@ -112,6 +112,27 @@ class GeneratorConfig:
 
 
 @dataclass
+class CodeConfig:
+    """How reward.verifier=code runs a program (rlsys.sandbox: the isolation, the judge)."""
+    sandbox: str = "bwrap"
+    """bwrap: namespaces (no network, no host files but /usr, no other process visible), limits and
+    a uid of its own | unsafe_rlimits_only: the limits and the uid only, for machines that forbid user
+    namespaces; the host's files stay readable and its network reachable, so only choose it knowingly."""
+    python: str = "/usr/bin/python3"
+    """The interpreter programs run under, inside the sandbox (the system's: a sandbox uid can read it)."""
+    partial: bool = False
+    """False: accuracy 1 only when every test passes (R1) | True: the fraction of tests passed."""
+    wall_s: float = 4.0
+    """Wall-clock deadline of one program with all its tests; the whole process tree is killed at it."""
+    cpu_s: int = 2
+    memory_mb: int = 512
+    processes: int = 16
+    output_kb: int = 256
+    uid_base: int = 61000
+    """As root, each concurrent run gets its own uid from here (uid_base .. uid_base + 63)."""
+
+
+@dataclass
 class RewardConfig:
     num_workers: int = 2
     num_cpus: float = 0.25
@@ -139,8 +160,9 @@ class RewardConfig:
     """How accuracy is judged: math (math-verify against the gold) | number (the answer's last
     number literal equals the gold, a plain number: for arithmetic, where math-verify would
     evaluate a restated problem) | reasoning_gym (the task's own scorer; the gold is the task entry
-    as JSON) | auto (from the dataset: the registry entry
-    or the metadata `rlsys data prepare` wrote; math otherwise)."""
+    as JSON) | code (the answer's program run against the gold's tests in a sandbox: reward.code) |
+    auto (from the dataset: the registry entry or the metadata `rlsys data prepare` wrote; math otherwise)."""
+    code: CodeConfig = field(default_factory=CodeConfig)
 
 
 @dataclass
@@ -653,7 +675,16 @@ def validate(cfg: Config) -> None:
     from rlsys.math.rewards import VERIFIERS
 
     need(cfg.reward.verifier in ("auto", *VERIFIERS),
-         f"reward.verifier must be auto, math, number or reasoning_gym, got {cfg.reward.verifier!r}")
+         f"reward.verifier must be auto or one of {', '.join(VERIFIERS)}, got {cfg.reward.verifier!r}")
+    from rlsys.sandbox.execute import MODES
+
+    code = cfg.reward.code
+    need(code.sandbox in MODES, f"reward.code.sandbox must be one of {MODES}, got {code.sandbox!r}")
+    need(code.wall_s > 0 and code.cpu_s >= 1 and code.memory_mb >= 16 and code.processes >= 1 and code.output_kb >= 1,
+         "reward.code: wall_s > 0, cpu_s >= 1, memory_mb >= 16, processes >= 1 and output_kb >= 1")
+    need(cfg.reward.verifier != "code" or cfg.reward.timeout_s >= code.wall_s + 2,
+         f"reward.timeout_s={cfg.reward.timeout_s} must leave the sandbox's start and its deadline "
+         f"reward.code.wall_s={code.wall_s} 2 s of room (timeout_s >= wall_s + 2)")
     need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,
          "eval.k and eval.limit must be >= 1 and eval.every >= 0")
     need(cfg.cluster.backend in ("auto", "gloo", "nccl"), f"cluster.backend must be auto, gloo or nccl, got {cfg.cluster.backend!r}")

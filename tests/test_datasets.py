@@ -33,10 +33,11 @@ def raw_rows(folder, split):
 # ---------------------------------------------------------------- the registry
 
 def test_registry_names_splits_and_verifiers():
-    assert set(REGISTRY) == set(LLM_MATH) | set(RG) | {"digit_add"}
+    code = {"code_functions", "humaneval"}
+    assert set(REGISTRY) == set(LLM_MATH) | set(RG) | {"digit_add"} | code
     for name, spec in REGISTRY.items():
         assert spec.name == name
-        assert spec.verifier == ("reasoning_gym" if name in RG else "math")
+        assert spec.verifier == ("reasoning_gym" if name in RG else "code" if name in code else "math")
         assert datasets.verifier_for(name) == spec.verifier
     assert REGISTRY["math500"].splits == ("test",)
     assert REGISTRY["gsm8k"].splits == REGISTRY["countdown"].splits == ("train", "test")

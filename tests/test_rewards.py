@@ -372,8 +372,8 @@ def test_check_golds_value_is_cut_to_200_chars_and_non_strings_are_bad():
 def test_check_golds_refuses_an_unresolved_verifier():
     with pytest.raises(ValueError, match="auto must be resolved"):
         check_golds(["1"], "auto", "data")
-    with pytest.raises(ValueError, match="'code'"):
-        check_golds(["1"], "code", "data")
+    with pytest.raises(ValueError, match="'sql'"):
+        check_golds(["1"], "sql", "data")
 
 
 def test_check_golds_accepts_the_real_golds():

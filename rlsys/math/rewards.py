@@ -86,7 +86,7 @@ __all__ = ["format_reward", "partial_format_reward", "extract_answer", "accuracy
            "number_accuracy", "last_number", "answer_key", "accuracy", "format_score", "score", "combine", "check_golds",
            "GoldError", "VERIFIERS", "FORMAT_MODES"]
 
-VERIFIERS = ("math", "number", "reasoning_gym")
+VERIFIERS = ("math", "number", "reasoning_gym", "code")
 """RewardConfig.verifier values that :func:`accuracy` scores with ("auto" is resolved before)."""
 FORMAT_MODES = ("strict", "partial")
 """RewardConfig.format_mode values: :func:`format_reward` | :func:`partial_format_reward`."""
@@ -340,6 +340,12 @@ _EXPRESSION_TASKS = frozenset({"countdown", "puzzle24"})
 
 
 @functools.lru_cache(maxsize=64)
+def _code_gold(gold: str) -> dict:
+    from rlsys.sandbox.judge import parse_gold
+
+    return parse_gold(gold)
+
+
 def _reasoning_gym_scorer(task: str, config_json: str | None) -> Any:
     """The task's ``score_answer(answer, entry)``, built with the options the data was made with."""
     import reasoning_gym  # lazily: only runs on reasoning-gym data pay for the import
@@ -420,6 +426,10 @@ def accuracy(completion: str, gold: str, cfg: RewardConfig) -> float:
         return number_accuracy(completion, gold, cfg.require_answer_tag)
     if verifier == "reasoning_gym":
         return reasoning_gym_accuracy(completion, gold, cfg.require_answer_tag)
+    if verifier == "code":  # runs the program: in the sandbox this process holds (rlsys.sandbox.judge)
+        from rlsys.sandbox.judge import code_accuracy
+
+        return code_accuracy(completion, gold, cfg)
     raise ValueError(_bad_verifier(verifier))
 
 
@@ -427,7 +437,7 @@ def _bad_verifier(verifier: str) -> str:
     if verifier == "auto":
         return ("reward.verifier=auto must be resolved to math, number or reasoning_gym before scoring "
                 "(rlsys.data.datasets.resolve_verifier)")
-    return f"reward.verifier must be math, number or reasoning_gym, got {verifier!r}"
+    return f"reward.verifier must be one of {', '.join(VERIFIERS)}, got {verifier!r}"
 
 
 def answer_key(completion: str, cfg: RewardConfig) -> str | None:
@@ -443,6 +453,11 @@ def answer_key(completion: str, cfg: RewardConfig) -> str | None:
     >>> answer_key("<think> t </think> <answer> 3 </answer>", RewardConfig(verifier="math"))
     '3'
     """
+    if cfg.verifier == "code":  # the program, whitespace at line ends aside
+        from rlsys.sandbox.judge import extract_code
+
+        code = extract_code(completion)
+        return None if code is None else "\n".join(line.rstrip() for line in code.strip().splitlines())
     answer = extract_answer(completion, cfg.require_answer_tag)
     if answer is None:
         return None
@@ -565,7 +580,7 @@ def check_golds(golds: list[str], verifier: str, what: str, *, processes: int | 
 
 def _gold_reasons(golds: list[str], verifier: str) -> dict[str, str]:
     """{gold: why} for each gold of ``golds`` that the verifier cannot use."""
-    check = {"math": _parse_gold, "number": _gold_number, "reasoning_gym": _parse_entry}[verifier]
+    check = {"math": _parse_gold, "number": _gold_number, "reasoning_gym": _parse_entry, "code": _code_gold}[verifier]
     reasons = {}
     for gold in golds:
         try:

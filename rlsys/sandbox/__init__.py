@@ -1,0 +1,1 @@
+"""Running code a model wrote: isolated executions (execute.py)."""
