@@ -1,24 +1,53 @@
-"""Guardrails against silent errors, on hand-made inputs: the weight-sync checksum comparison and
-the generator/learner log-prob gap (warn, then stop), skipped updates in a row (stop). The real syncs compare checksums in
-tests/test_sync.py."""
+"""Guardrails against silent errors, on hand-made inputs: the weight-sync checksum and its
+comparison, the generator/learner log-prob gap (warn, then stop), skipped updates in a row (stop),
+the chunk seeds. The real syncs compare checksums in tests/test_sync.py; every docstring example of
+these modules runs in tests/test_doctests.py."""
 
-import doctest
+import pytest
+import torch
 
-from rlsys.actors import weight_sync
-from rlsys.cluster import groups
-from rlsys.loops import train
-
-
-def test_checksums_and_their_comparison():
-    assert doctest.testmod(weight_sync).failed == 0  # checksum
-    assert doctest.testmod(groups).failed == 0  # check_received
+from rlsys.actors.weight_sync import checksum, combined
+from rlsys.cluster.pool import chunk_seed
+from rlsys.cluster.sync import check_received
+from rlsys.loops.train import check_bad_steps, check_logprob_gap
 
 
-def test_logprob_gap_warns_then_stops_and_bad_steps_in_a_row_stop():
-    assert doctest.testmod(train).failed == 0  # check_logprob_gap, check_bad_steps
+def test_checksums_tell_bytes_apart_and_combine_over_views():
+    a = torch.tensor([1.0, -2.0, 3.0])
+    assert checksum(a) == checksum(a.clone())
+    assert checksum(a) != checksum(torch.tensor([1.0, 2.0, 3.0]))  # one sign bit
+    assert checksum(a) != checksum(torch.tensor([1.0, -2.0, 3.0000002]))  # one mantissa bit
+    b = torch.arange(1, 11, dtype=torch.uint8)
+    assert checksum(b) == sum((i + 1) * 256 ** (i % 8) for i in range(10))  # by hand: words of 8 bytes, summed
+    assert combined([checksum(b[:3]), checksum(b[3:], offset=3)]) == checksum(b)
+
+
+def test_a_bucket_received_with_another_checksum_stops_the_run_naming_it():
+    check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 9]]})  # every worker got every bucket
+    with pytest.raises(RuntimeError, match=r"generator 1 worker 1 received bucket 1 with checksum 8, the learners sent 9"):
+        check_received([7, 9], {0: [[7, 9]], 1: [[7, 9], [7, 8]]})
+    with pytest.raises(RuntimeError, match=r"generator 0 worker 0 received bucket 1 with checksum None"):
+        check_received([7, 9], {0: [[7]]})  # a bucket missing
+
+
+def test_logprob_gap_warns_then_stops(capsys):
+    check_logprob_gap(0, {"gen_logprob_abs_diff": 0.05}, warn=0.1, stop=1.0)
+    assert capsys.readouterr().out == ""
+    check_logprob_gap(1, {"gen_logprob_abs_diff": 0.2}, warn=0.1, stop=1.0)
+    assert "log-prob gap 0.2 > trainer.logprob_gap_warn=0.1" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="differ from the learner's by 1.5 per token"):
+        check_logprob_gap(3, {"gen_logprob_abs_diff": 1.5}, warn=0.1, stop=1.0)
+
+
+def test_skipped_updates_in_a_row_stop_past_the_limit():
+    streak = 0
+    for step, skipped in enumerate([1.0, 0.0, 1.0, 2.0]):
+        streak = check_bad_steps(step, {"skipped_updates": skipped}, streak=streak, limit=2)
+    assert streak == 2  # steps 2 and 3; the clean step 1 reset the count
+    with pytest.raises(RuntimeError, match=r"3 steps in a row \(steps 2-4\), more than learner.max_bad_steps=2"):
+        check_bad_steps(4, {"skipped_updates": 1.0}, streak=streak, limit=2)
 
 
 def test_chunk_seeds_depend_on_the_chunk_not_on_the_engine():
-    from rlsys.cluster import pool
-
-    assert doctest.testmod(pool).failed == 0  # chunk_seed (and chunk_size)
+    assert chunk_seed(0, 3, 1) == 3679268941  # numpy's SeedSequence: the same on every machine and engine
+    assert len({chunk_seed(0, 3, c) for c in range(8)} | {chunk_seed(1, 3, 0), chunk_seed(0, 4, 0)}) == 10
