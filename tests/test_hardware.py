@@ -85,14 +85,34 @@ def test_physical_cores_and_clock_from_sysfs(tmp_path):
     assert clock_ghz(cpu, tmp_path) == (3.8, "cpufreq cpuinfo_max_freq")
 
 
-def test_measured_roofline_is_positive_and_restores_threads():
+def test_measured_roofline_is_restored_threads_and_a_real_size():
     import torch
 
     threads = torch.get_num_threads()
     roof = matmul_roofline(("float32",), device="cpu", seconds=0.2, repeats=2)
-    assert roof["float32"] > 1e8 and roof["n"]["float32"] >= 1024 and roof["device"] == "cpu"
+    assert roof["n"]["float32"] in (1024, 2048, 4096, 8192) and roof["device"] == "cpu"
     assert roof["other_load_cores"] is None or roof["other_load_cores"] >= 0
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("flops, n", [(1e10, 1024), (1e12, 4096)])
+def test_roofline_arithmetic_on_a_machine_of_known_speed(monkeypatch, flops, n):
+    """A fake clock in which an n x n product takes 2 n^3 / flops seconds: the roofline must read
+    exactly `flops`, at the first size whose product takes >= 50 ms (1024 at 1e10: 0.21 s; at 1e12:
+    2048 takes 17 ms, 4096 takes 0.14 s)."""
+    import torch
+
+    from rlsys.observe import hardware
+
+    clock = [0.0]
+
+    def matmul(a, b):
+        clock[0] += 2 * a.shape[0] ** 3 / flops
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch, "matmul", matmul)
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.empty(1).expand(*shape))  # no real n x n
+    roof = hardware.matmul_roofline(("float32",), device="cpu", seconds=10, repeats=3)
+    assert roof["float32"] == pytest.approx(flops, rel=1e-9) and roof["n"]["float32"] == n
 
 
 def test_hardware_file_estimate_or_override(tmp_path, monkeypatch):
