@@ -53,6 +53,17 @@ def write_run(tmp_path, loggers, caplog=None):
     return run_dir, OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
+def test_the_helpers_the_tracker_tests_compare_with_by_hand():
+    """flatten and sample_markdown give the expected values of the tracker tests below: checked here
+    against hand-written text, so a bug in them cannot hide in both sides of those comparisons."""
+    assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None, "f": [1, 2], "g": {}, "h": True}) == {
+        "a.b": 1, "a.c.d": "x", "e": "null", "f": "[1, 2]", "g": "{}", "h": True}
+    assert sample_markdown(1, sample(1)) == (
+        "**step** 1 · **reward** 1.0 · **answer** `2`\n\n"
+        "**prompt**\n\n~~~~\nWhat is 1+1?\n| a | b |\n~~~~\n\n"
+        "**completion**\n\n~~~~\n<think>```x```</think> 2\n~~~~\n")
+
+
 def test_tensorboard(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
