@@ -323,8 +323,9 @@ def test_resolve_verifier(tmp_path):
     plain = tmp_path / "plain.parquet"
     pq.write_table(pa.table({"prompt": ["q"], "answer": ["1"]}), plain)
     assert resolve_verifier("auto", None, str(plain)) == "math"
-    with pytest.raises(ValueError, match="code"):
-        resolve_verifier("code", None, None)
+    assert resolve_verifier("auto", "code_functions", None) == "code"
+    with pytest.raises(ValueError, match="'sql'"):
+        resolve_verifier("sql", None, None)
     with pytest.raises(ValueError, match="gsm9k"):
         resolve_verifier("auto", "gsm9k", None)
 

@@ -300,8 +300,8 @@ def test_check_golds_names_the_first_bad_number_gold():
 
 def test_unknown_verifier():
     cfg = RewardConfig(verifier="math")
-    cfg.verifier = "code"
-    with pytest.raises(ValueError, match="code"):
+    cfg.verifier = "sql"
+    with pytest.raises(ValueError, match="must be one of .*got .sql."):
         score(tagged("4"), "4", cfg)
 
 
