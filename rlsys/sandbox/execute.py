@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 MODES = ("bwrap", "unsafe_rlimits_only")
@@ -146,6 +147,8 @@ class Sandbox:
         # This sandbox's own folder of scratch folders: the sandbox uids may enter their own, not list others'
         self.scratch_root = Path(tempfile.mkdtemp(prefix="rlsys-sandbox-", dir=scratch_root))
         self.scratch_root.chmod(0o711)
+        # removed by close(), or when the sandbox is collected or the process exits (a reward worker's)
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.scratch_root), True)
         self.root = os.geteuid() == 0
         if self.root:
             for folder in self.scratch_root.parents:
@@ -167,7 +170,7 @@ class Sandbox:
                                      f"{probe.stderr.strip()[-500:]!r}{hint}")
 
     def close(self) -> None:
-        shutil.rmtree(self.scratch_root, ignore_errors=True)
+        self._remove()
 
     def run(self, argv: list[str], files: dict[str, str | bytes], limits: Limits, stdin: bytes = b"") -> Execution:
         """Runs argv in a fresh sandbox whose /work holds `files` (relative path -> content)."""
