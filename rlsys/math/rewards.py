@@ -339,13 +339,13 @@ _ARITHMETIC_RE = re.compile(r"[0-9\s+\-*/()]+")
 _EXPRESSION_TASKS = frozenset({"countdown", "puzzle24"})
 
 
-@functools.lru_cache(maxsize=64)
 def _code_gold(gold: str) -> dict:
     from rlsys.sandbox.judge import parse_gold
 
     return parse_gold(gold)
 
 
+@functools.lru_cache(maxsize=64)
 def _reasoning_gym_scorer(task: str, config_json: str | None) -> Any:
     """The task's ``score_answer(answer, entry)``, built with the options the data was made with."""
     import reasoning_gym  # lazily: only runs on reasoning-gym data pay for the import
