@@ -111,9 +111,13 @@ class Judgement:
 
 
 def judge(sandbox: Sandbox, completion: str, gold: str, limits: Limits) -> Judgement:
+    return judge_program(sandbox, extract_code(completion), gold, limits)
+
+
+def judge_program(sandbox: Sandbox, code: str | None, gold: str, limits: Limits) -> Judgement:
+    """`judge` of a program already taken from its completion (None: there was none)."""
     spec = parse_gold(gold)
     tests = spec["tests"]
-    code = extract_code(completion)
     if code is None:
         return Judgement(0, len(tests), "no code found (no <answer> block or fenced code)", None)
     nonce = secrets.token_hex(16)
@@ -168,7 +172,7 @@ def code_accuracy(completion: str, gold: str, cfg) -> float:
     key = hashlib.sha256(json.dumps([code, gold, dataclasses.asdict(limits)]).encode()).hexdigest()
     verdict = _CACHE.get(key)
     if verdict is None:  # the same program on the same tests (a group's identical answers) runs once
-        verdict = judge(sandbox, completion, gold, limits)
+        verdict = judge_program(sandbox, code, gold, limits)
         _CACHE[key] = verdict
         if len(_CACHE) > CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
