@@ -50,10 +50,10 @@ def test_generated_problems_tests_agree_with_their_reference_solutions():
             assert problem.name in question and level in (1, 2, 3)
             for test in parse_gold(gold)["tests"]:
                 exec(test, {problem.name: problem.ref})
-    train = {q.split("`")[1].split("(")[0] + q.split("that ", 1)[1].split(". For example")[0]
-             for q, _ in datasets.load("code_functions", "train")}
-    test = {q.split("`")[1].split("(")[0] + q.split("that ", 1)[1].split(". For example")[0]
-            for q, _ in datasets.load("code_functions", "test")}
+    def functions(split):  # (name, specification) of every question: the example apart
+        return {(q.split("`")[1].split("(")[0], q.split("that ", 1)[1].split(". For example")[0])
+                for q, _ in datasets.load("code_functions", split)}
+    train, test = functions("train"), functions("test")
     assert len(test) >= 20 and not train & test
 
 
