@@ -3,6 +3,7 @@
 # Each one first makes (or updates) the project's environment in .venv: CPU build of torch and
 # vLLM, DeepSpeed, Ray, and rlsys itself (editable), with the `rlsys` command in .venv/bin.
 # ./dev.sh bench [--quick] adds the benchmarks' extra (TRL, the peer) and runs benchmarks/run_all.py.
+# ./dev.sh docs builds the documentation site into site/ (strict: a broken link fails it).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,5 +37,7 @@ case "$cmd" in
   train) setup; exec .venv/bin/rlsys train "$@" ;;
   test)  setup; exec .venv/bin/python -m pytest "$@" ;;
   bench) setup cpu,test,bench; exec .venv/bin/python benchmarks/run_all.py "$@" ;;
-  *) echo "usage: ./dev.sh train [CONFIG.yaml] [key=value ...] | test [pytest args] | bench [--quick] | setup" >&2; exit 2 ;;
+  # NO_MKDOCS_2_WARNING: Material's notice about MkDocs 2 and its own end of life, printed at every build
+  docs)  setup; NO_MKDOCS_2_WARNING=1 exec .venv/bin/python -m mkdocs build --strict "$@" ;;
+  *) echo "usage: ./dev.sh train [CONFIG.yaml] [key=value ...] | test [pytest args] | bench [--quick] | docs | setup" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """Publish a benchmark result: copy it, and its plots, to docs/benchmarks/ under its machine's name.
 
     python benchmarks/publish.py RESULT.json [--plots DIR] [--partial] [--no-plots]
-    python benchmarks/readme_tables.py --write      # then: the README's tables from the new file
+    python benchmarks/doc_tables.py --write      # then: the tables of docs/benchmarks.md from the new file
 
 The name is machine_slug(result["machine"]) (benchmarks/common.py: vendor, CPU line, uarch, CPU
 count) and the run's kind:
@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit(f"not published: {args.result}: {e}")
     rel = out.relative_to(REPO) if out.is_relative_to(REPO) else out
     print(f"published {rel}" + (f" and its plots in {rel.with_suffix('')}/" if out.with_suffix("").is_dir() else ""))
-    print("next: python benchmarks/readme_tables.py --write (the README's tables of it), then commit docs/benchmarks "
-          "and README.md")
+    print("next: python benchmarks/doc_tables.py --write (the tables of it in docs/), then commit docs/")
     return out
 
 

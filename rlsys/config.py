@@ -36,8 +36,11 @@ class ModelConfig:
     get (rlsys.config.model_dtype): bfloat16 on GPUs with learner.zero_stage >= 1, float32 on CPUs
     and with ZeRO-0 (DeepSpeed accumulates ZeRO-0 bf16 gradients in bf16)."""
     tiny_seed: int = 0
+    """model.path=tiny: the seed its random weights are drawn from."""
     tiny_hidden: int = 64
+    """model.path=tiny: hidden size."""
     tiny_layers: int = 2
+    """model.path=tiny: decoder layers."""
     tiny_tied: bool = False
     """Tie the tiny model's output layer to its embeddings (as SmolLM2 and many small models do)."""
     tiny_heads: int = 2
@@ -58,7 +61,9 @@ class DataConfig:
     """A .jsonl or .parquet file; relative paths resolve against the working directory, then
     against the rlsys source tree (so the embedded default works from anywhere)."""
     prompt_field: str = "prompt"
+    """The column (jsonl key) holding the question."""
     answer_field: str = "answer"
+    """The column holding the gold answer the accuracy rule checks against."""
     template: str = "r1_zero"
     """r1_zero: the R1-Zero text template | chat: the tokenizer's chat template | none: the raw prompt."""
     system_prompt: str | None = None
@@ -83,15 +88,22 @@ class GeneratorConfig:
     num_cpus: float = 1.0
     """Logical CPUs reserved per engine actor (CPU runs)."""
     temperature: float = 1.0
+    """Sampling temperature of training rollouts (R1: 1.0). 0 is refused: the learner scores
+    logits / temperature and cannot reproduce greedy decoding's log-probs."""
     top_p: float = 1.0
+    """Nucleus sampling of training rollouts; below 1 is refused for the same reason as temperature 0."""
     max_tokens: int = 1024
+    """New tokens per response at most; a response cut there has finish reason "length" (truncated_frac)."""
     max_model_len: int = 2048
+    """Prompt + response tokens an engine holds per sequence; a longer prompt is a bad row (data.on_bad_row)."""
     kv_cache_gib: int = 1
     """CPU only: VLLM_CPU_KVCACHE_SPACE per engine."""
     gpu_memory_utilization: float | None = None
     """GPU share vLLM takes (weights + KV cache). None: 0.9 when the engine's GPUs are its own
     (cluster.placement any or disaggregated), 0.45 when it shares a GPU with a learner rank (colocated)."""
     enable_prefix_caching: bool = True
+    """vLLM's prefix cache: the G samples of a group share their prompt's KV blocks (reset after each
+    weight push, so no sample reuses a cache of older weights)."""
     sleep_level: int | None = None
     """vLLM's sleep mode between generation and the next push, so that a learner rank sharing the
     engine's GPU gets its memory back while it trains. 0: engines stay awake. 1: weights copied
@@ -125,9 +137,13 @@ class CodeConfig:
     wall_s: float = 4.0
     """Wall-clock deadline of one program with all its tests; the whole process tree is killed at it."""
     cpu_s: int = 2
+    """CPU seconds a program may use (RLIMIT_CPU)."""
     memory_mb: int = 512
+    """Address space of a program, in MiB (RLIMIT_AS)."""
     processes: int = 16
+    """Processes and threads of one run at most (RLIMIT_NPROC, counted for its own uid)."""
     output_kb: int = 256
+    """Output kept from a program (stdout and stderr each); beyond it the rest is dropped."""
     uid_base: int = 61000
     """As root, each concurrent run gets its own uid from here (uid_base .. uid_base + 63)."""
 
@@ -135,9 +151,11 @@ class CodeConfig:
 @dataclass
 class RewardConfig:
     num_workers: int = 2
+    """Reward actors; a step's samples are split between them."""
     num_cpus: float = 0.25
     """Logical CPUs reserved per reward actor."""
     accuracy_weight: float = 0.8
+    """Weight of the accuracy rule in the reward (see format_weight)."""
     format_weight: float = 0.2
     """reward = accuracy_weight * accuracy + format_weight * format (defaults sum to 1, so the
     reward lies in [0, 1])."""
@@ -152,6 +170,7 @@ class RewardConfig:
     well-formed think block alone, 1 for the full format (a ladder for models that never write the
     full format unprompted: a reward that is 0 for a whole group teaches nothing)."""
     language_weight: float = 0.0
+    """Weight of the language-consistency reward (see language); 0: off."""
     language: str = "en"
     """R1's language-consistency reward (rlsys.math.language): the share of the reasoning's words
     in `language`'s script, added to the reward with this weight (0: off, not computed). R1 added
@@ -172,6 +191,7 @@ class AlgoConfig:
     std_normalize: bool = True
     """Divide advantages by the group std (GRPO); false is the Dr.GRPO variant."""
     epsilon: float = 0.2
+    """Clip range of the ratio: [1 - epsilon, 1 + epsilon_high] (PPO, GRPO: 0.2)."""
     epsilon_high: float | None = None
     """Upper clip (DAPO's clip-higher); None means epsilon. The clip binds only where the policy
     has moved since the batch was sampled: from a rollout batch's second update on (batch larger
@@ -200,6 +220,7 @@ class AlgoConfig:
     corrected | all: every rollout, for the mismatch between the generators' and the learner's
     kernels and precision as well (its size is logged as gen_kl in any case)."""
     is_low: float | None = None
+    """Lower end of the off-policy band (see is_cap); None: the method's default."""
     is_cap: float | None = None
     """The band [is_low, is_cap] of the correction; None: the method's default (OFF_POLICY_BAND:
     tis and mis [0, 2], icepop [0.5, 5], seq_mask [0.8, 1.25])."""
@@ -208,10 +229,12 @@ class AlgoConfig:
     and more prompts are sampled to refill the batch, at most `max_fill_rounds` extra rounds; the
     dropped count is logged (the batch may stay short after the last round)."""
     max_fill_rounds: int = 3
+    """dynamic_sampling: extra rounds of sampling to refill a batch at most."""
     overlong_buffer: int = 0
     """DAPO's overlong reward shaping: a response longer than generator.max_tokens - overlong_buffer
     tokens loses up to `overlong_penalty` of reward, linearly, reaching it at max_tokens; 0 = off."""
     overlong_penalty: float = 1.0
+    """overlong_buffer: the reward lost by a response of max_tokens tokens."""
     mask_truncated: bool = False
     """DAPO's overlong filtering: responses cut at generator.max_tokens (finish_reason "length")
     carry no loss (their tokens are masked out; they still count in their group's advantages)."""
@@ -222,10 +245,15 @@ class LearnerConfig:
     num_ranks: int = 2
     """DeepSpeed data-parallel ranks, one Ray actor each."""
     num_cpus: float = 1.0
+    """Logical CPUs reserved per learner actor (CPU runs; on GPUs each rank takes one GPU)."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (3: parameters, gradients and optimizer state partitioned over the ranks)."""
     lr: float = 1e-6
+    """AdamW's peak learning rate (R1-Zero: 3e-6)."""
     weight_decay: float = 0.0
+    """AdamW's weight decay."""
     grad_clip: float = 1.0
+    """Gradients are clipped to this global norm before each optimizer step (grad_norm logs the norm before)."""
     max_bad_steps: int = 3
     """An update whose loss or gradient norm is NaN or inf is skipped (counted as
     skipped_updates); steps with a skipped update this many times in a row, plus one, stop the run."""
@@ -312,12 +340,15 @@ class EvalConfig:
     """A registry dataset, or a .jsonl/.parquet file of questions and golds (data.prompt_field and
     data.answer_field name its columns; a parquet from `rlsys data prepare` names its verifier)."""
     split: str = "test"
+    """Split of a registry dataset."""
     limit: int = 50
     """First N problems of the split (a fixed subset, so evaluations compare)."""
     k: int = 4
     """Samples per problem: pass@1 is their mean correctness, cons@k their majority vote."""
     temperature: float = 0.6
+    """Evaluation sampling (R1's protocol: 0.6)."""
     top_p: float = 0.95
+    """Evaluation nucleus sampling (R1's protocol: 0.95)."""
     max_tokens: int | None = None
     """None: generator.max_tokens."""
 
@@ -347,7 +378,9 @@ class ClusterConfig:
     node, and on GPUs a GPU) with learner rank i (needs generator.num_engines = learner.num_ranks and
     tensor_parallel_size 1)."""
     rollout_resource: str = "rollout"
+    """placement=disaggregated: the custom node resource that marks rollout (generator) nodes."""
     learner_resource: str = "learner"
+    """placement=disaggregated: the custom node resource that marks learner nodes."""
     learners_per_node: int = 0
     """disaggregated/any: put exactly this many learner ranks on each node (their bundles are
     spread over distinct nodes); 0: pack them as Ray finds room."""
@@ -382,8 +415,12 @@ class DeadlineConfig:
 @dataclass
 class TrainerConfig:
     total_steps: int = 100
+    """Loop steps (one rollout batch and its updates each)."""
     output_dir: str = "runs/default"
+    """The run folder (metrics, samples, evaluations, checkpoints): a path, resolved once on the driver,
+    or a storage URI (file://, s3://, gs://: staged locally and copied there after every step)."""
     seed: int = 0
+    """Seeds the prompt order, every engine's sampling (per prompt chunk) and the learner."""
     save_every: int = 0
     """Write a checkpoint every N steps (and after the last step); 0 = only at the end. Each is an
     HF folder (weights transformers and vLLM load) plus what a resume needs (rlsys.checkpoint)."""
@@ -418,6 +455,7 @@ class TrainerConfig:
     again by the new weights (fresher rollouts, at the cost of the sampling redone); the count is
     logged as generate/requeued_chunks."""
     logprob_gap_warn: float = 0.1
+    """See logprob_gap_stop."""
     logprob_gap_stop: float = 1.0
     """Guardrail on gen_logprob_abs_diff, the mean |generator - learner| log-prob of the sampled
     tokens: above warn the step prints a warning, above stop the run stops (the generators would
@@ -455,8 +493,11 @@ class SubmitConfig:
 class AutoscaleConfig:
     """The elastic rollout pool: generators join and leave between steps."""
     enabled: bool = False
+    """Grow and shrink the rollout pool by how busy it is (synchronous runs only)."""
     min_generators: int = 1
+    """The pool never shrinks below this many engines."""
     max_generators: int = 4
+    """... nor grows beyond this many."""
     grow_above: float = 0.5
     """Grow by one engine when the generate phase takes more than this share of the step ..."""
     patience: int = 2
@@ -489,17 +530,23 @@ class DistillConfig:
     """`rlsys distill` (rlsys.loops.pipeline.distill_pipeline): the teacher's correct samples
     (rejection sampling) fine-tune the student; both are evaluated before, the student after (eval.*)."""
     teacher: str | None = None
+    """The model that writes the traces (see student)."""
     student: str | None = None
     """Each: a named model (smollm2-135m-instruct, tiny), an HF folder or a run folder."""
     traces: str | None = None
     """A file of (prompt, response) pairs to train on; None: sampled from the teacher."""
     dataset: str = "gsm8k"
+    """The teacher's questions: a registry dataset or a file."""
     split: str = "train"
+    """Split of that dataset."""
     limit: int | None = None
+    """First N questions; None: all."""
     k: int = 8
+    """Samples of the teacher per question."""
     keep: str = "correct"
+    """Which samples are kept (rlsys.data.traces.Filters): correct | all."""
     max_per_prompt: int = 4
-    """The teacher's questions and the sampling (rlsys.data.traces.Filters)."""
+    """Kept samples per question at most (rlsys.data.traces.Filters)."""
 
 
 @dataclass

@@ -22,5 +22,5 @@ def ray_cluster():
 def pytest_report_header(config):
     # The default selection leaves the multi-node tier out (pyproject.toml's addopts): say so at the top.
     if config.option.markexpr == "not multinode":
-        return "tier: core (tests marked multinode left out; `-m multinode` runs them, README 'Tests')"
+        return "tier: core (tests marked multinode left out; `-m multinode` runs them, docs/tests.md)"
     return f"tier: -m {config.option.markexpr!r}" if config.option.markexpr else "tier: every test"

@@ -1,17 +1,19 @@
-"""The published figures are the committed results (issue 28).
+"""The published figures are the committed results.
 
 - Every file in docs/benchmarks/*.json is a result that check_result accepts, with no failed
   benchmark, named by its machine and kind: `<machine_slug>-quick.json` / `-full.json` for a
   benchmarks/run_all.py run, `<machine_slug>-<its sections joined by +>-quick.json` / `-full.json`
   for benchmarks run apart (benchmarks/publish.py writes them so).
-- Every bench-table block of README.md (`<!-- bench-table docs/benchmarks/FILE.json ... -->` ...
-  `<!-- /bench-table -->`) is exactly what benchmarks/readme_tables.py renders from its committed
-  file: every figure a README table cites is the file's value, reference, ratio and range.
-- The rule for tables: no markdown table in README's "## Benchmarks" section stands outside a
-  bench-table block unless the line right above it is `<!-- not-measured: why -->` (a table of
-  settings or commands, no measured figure). Measured figures with no committed results file are
-  not tabulated: the history is told in prose and kept in git.
-- Every docs/benchmarks/ path README.md names (plots, results) exists.
+- Every bench-table block of the docs' pages (`<!-- bench-table benchmarks/FILE.json ... -->` ...
+  `<!-- /bench-table -->`, the path relative to docs/) is exactly what benchmarks/doc_tables.py
+  renders from its committed file: every figure a table cites is the file's value, reference,
+  ratio and range.
+- The rule for tables: no markdown table of the benchmark pages (docs/benchmarks.md and its
+  history) stands outside a bench-table block unless the line right above it is
+  `<!-- not-measured: why -->` (a table of settings or commands, no measured figure). Measured
+  figures with no committed results file are not tabulated: the history is told in prose and kept
+  in git.
+- Every docs/benchmarks/ file README.md and the docs' pages name (plots, results) exists.
 
 No Ray, no torch: well under a second.
 """
@@ -23,23 +25,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import publish, readme_tables
+from benchmarks import doc_tables, publish
 from benchmarks.common import Figure, Section, _cpu, check_result, machine_slug
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks"
 README = REPO / "README.md"
+BENCH_PAGES = [REPO / "docs" / "benchmarks.md", REPO / "docs" / "benchmarks-history.md"]
 NOT_MEASURED = re.compile(r"^<!-- not-measured: .+ -->$")
 
 
 def _results() -> list[Path]:
     return sorted(DOCS.glob("*.json"))
-
-
-def _benchmarks_section(text: str) -> str:
-    start = text.index("\n## Benchmarks\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else len(text)]
 
 
 def test_committed_results_are_valid_and_named_by_their_machine():
@@ -65,35 +62,39 @@ def test_publish_knows_what_run_all_runs():
     assert tuple(keys) == publish.RUN_ALL
 
 
-def test_readme_bench_tables_are_rendered_from_the_committed_results():
-    text = README.read_text()
-    blocks = readme_tables.blocks(text)
-    assert blocks, "README.md has no bench-table block"
-    for block in blocks:
-        path, _ = readme_tables.parse_spec(block["spec"])
-        assert (REPO / path).resolve().parent == DOCS, f"{path}: a bench-table renders a file of docs/benchmarks"
-        rendered = readme_tables.render(block["spec"])
-        assert block["body"] == rendered, (f"README.md's bench-table of {block['spec']} is stale: run python "
-                                           f"benchmarks/readme_tables.py --write\n--- README\n{block['body']}"
-                                           f"\n--- rendered\n{rendered}")
+def test_bench_tables_are_rendered_from_the_committed_results():
+    pages = doc_tables.pages()
+    assert set(BENCH_PAGES) <= set(pages), f"the benchmark pages hold no bench-table block: {pages}"
+    for page in pages:
+        for block in doc_tables.blocks(page.read_text()):
+            path, _ = doc_tables.parse_spec(block["spec"])
+            assert (page.parent / path).resolve().parent == DOCS, f"{page.name}: {path}: a bench-table renders a " \
+                                                                  "file of docs/benchmarks"
+            rendered = doc_tables.render(block["spec"], page.parent)
+            assert block["body"] == rendered, (f"{page.name}'s bench-table of {block['spec']} is stale: run python "
+                                               f"benchmarks/doc_tables.py --write\n--- page\n{block['body']}"
+                                               f"\n--- rendered\n{rendered}")
 
 
 def test_no_measured_table_stands_outside_a_bench_table_block():
-    section = _benchmarks_section(README.read_text())
-    outside = readme_tables.BLOCK.sub("", section).splitlines()
-    for i, line in enumerate(outside):
-        if line.startswith("|") and i + 1 < len(outside) and re.match(r"^\|\s*:?-{3,}", outside[i + 1]):
-            above = outside[i - 1] if i else ""
-            assert NOT_MEASURED.match(above), (f"README.md Benchmarks: the table {line[:80]!r} stands outside a "
-                                               f"bench-table block and is not marked <!-- not-measured: why -->")
+    for page in BENCH_PAGES:
+        outside = doc_tables.BLOCK.sub("", page.read_text()).splitlines()
+        for i, line in enumerate(outside):
+            if line.startswith("|") and i + 1 < len(outside) and re.match(r"^\|\s*:?-{3,}", outside[i + 1]):
+                above = outside[i - 1] if i else ""
+                assert NOT_MEASURED.match(above), (f"{page.name}: the table {line[:80]!r} stands outside a "
+                                                   f"bench-table block and is not marked <!-- not-measured: why -->")
 
 
-def test_every_docs_benchmarks_path_the_readme_names_exists():
+def test_every_docs_benchmarks_file_named_exists():
+    # README names them from the repository (docs/benchmarks/...), the pages from docs/ (benchmarks/...);
     # a path after "REV:" is a file in git history (`git show 2b49940:docs/benchmarks/...`), not a link
     named = set(re.findall(r"(?<![:\w/])docs/benchmarks/[\w.+/-]+\.(?:png|json)", README.read_text()))
+    for page in sorted((REPO / "docs").glob("*.md")):
+        named |= {"docs/" + p for p in re.findall(r"(?<![:\w/])benchmarks/[\w.+/-]+\.(?:png|json)", page.read_text())}
     assert named
     missing = sorted(p for p in named if not (REPO / p).is_file())
-    assert not missing, f"README.md names files that are not in docs/benchmarks: {missing}"
+    assert not missing, f"the docs name files that are not in docs/benchmarks: {missing}"
 
 
 # ---------------------------------------------------------------- the tools, on files made here
@@ -159,32 +160,33 @@ def test_publish_adds_the_cpu_only_to_a_result_of_this_machine(tmp_path):
         publish.cpu_from_this_machine({**result, "machine": {**result["machine"], "platform": "Linux-y"}}, here)
 
 
-def test_a_stale_readme_is_caught_and_rewritten(tmp_path, capsys):
-    docs = tmp_path / "docs" / "benchmarks"
-    docs.mkdir(parents=True)
+def test_a_stale_page_is_caught_and_rewritten(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    (docs / "benchmarks").mkdir(parents=True)
     src = _result(tmp_path)
-    (docs / "x-quick.json").write_text(src.read_text())
-    (docs / "x-quick").mkdir()
-    (docs / "x-quick" / "reward.png").write_bytes(b"png")
-    readme = tmp_path / "README.md"
-    readme.write_text("## Benchmarks\n\n<!-- bench-table docs/benchmarks/x-quick.json -->\n<!-- /bench-table -->\n")
-    fresh = readme_tables.rewrite(readme.read_text(), tmp_path)
+    (docs / "benchmarks" / "x-quick.json").write_text(src.read_text())
+    (docs / "benchmarks" / "x-quick").mkdir()
+    (docs / "benchmarks" / "x-quick" / "reward.png").write_bytes(b"png")
+    page = docs / "benchmarks.md"
+    page.write_text("# Benchmarks\n\n<!-- bench-table benchmarks/x-quick.json -->\n<!-- /bench-table -->\n")
+    fresh = doc_tables.rewrite(page.read_text(), docs)
     assert "| reward pool, 2 workers samples/s | 110 (90.0-120) samples/s | 1 worker, same samples: 100 samples/s " \
            "| 1.10 (0.90-1.20) | 3 | >= 1: missed by 10% (lowest 0.90) |" in fresh
-    assert "![reward](docs/benchmarks/x-quick/reward.png)" in fresh
-    assert readme_tables.rewrite(fresh, tmp_path) == fresh
+    assert "![reward](benchmarks/x-quick/reward.png)" in fresh
+    assert doc_tables.rewrite(fresh, docs) == fresh
     stale = fresh.replace("1.10 (0.90-1.20)", "1.12 (0.90-1.20)")
     with pytest.raises(ValueError, match="do not pair up"):
-        readme_tables.blocks(fresh.replace("<!-- /bench-table -->", ""))
+        doc_tables.blocks(fresh.replace("<!-- /bench-table -->", ""))
     with pytest.raises(ValueError, match="has no section learner"):
-        readme_tables.rewrite(fresh.replace("x-quick.json -->", "x-quick.json sections=learner -->"), tmp_path)
+        doc_tables.rewrite(fresh.replace("x-quick.json -->", "x-quick.json sections=learner -->"), docs)
+    assert doc_tables.pages(docs) == [page]
     # the command line: --check exits 1 with the diff, --write mends it
-    readme.write_text(stale)
-    assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
+    page.write_text(stale)
+    assert doc_tables.main(["--check", "--page", str(page)]) == 1
     assert "-| reward pool" in capsys.readouterr().out
-    assert readme_tables.main(["--write", "--readme", str(readme)]) == 0
-    assert readme.read_text() == fresh
-    assert readme_tables.main(["--check", "--readme", str(readme)]) == 0
+    assert doc_tables.main(["--write", "--page", str(page)]) == 0
+    assert page.read_text() == fresh
+    assert doc_tables.main(["--check", "--page", str(page)]) == 0
 
 
 AMX = """processor\t: 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,24 @@ def test_train_tiny_three_steps(smoke_run):
     assert [m["pool/size"] for m in rows] == [2, 2, 2] and len(read_jsonl(out / "pool.jsonl")) == 3
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "trainer.loggers=[jsonl,tensorboard]"
     assert not [p for p in out.rglob("*") if ".partial" in p.name], "only whole checkpoints reach the storage"
+
+
+def documented_metrics() -> list[re.Pattern]:
+    """The keys of docs/metrics.md's table (first column, each in backticks; `<k>` stands for any part)."""
+    text = (REPO / "docs" / "metrics.md").read_text()
+    cells = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
+    keys = [k for cell in cells for k in re.findall(r"`([^`]+)`", cell)]
+    return [re.compile(re.sub(r"<\w+>", r"[^/]+", re.escape(k).replace("\\<", "<").replace("\\>", ">")) + "$")
+            for k in keys]
+
+
+def test_every_metric_a_run_writes_is_documented(smoke_run):
+    patterns = documented_metrics()
+    assert any(p.match("eval/cons@2") for p in patterns) and not any(p.match("eval/cons@2/x") for p in patterns)
+    written = sorted({k for row in read_jsonl(smoke_run / "metrics.jsonl") for k in row})
+    assert len(written) > 50
+    undocumented = [k for k in written if not any(p.match(k) for p in patterns)]
+    assert not undocumented, f"metrics.jsonl keys missing from docs/metrics.md's table: {undocumented}"
 
 
 def test_profiled_run_writes_every_actors_phases_to_the_timeline(smoke_run):

@@ -240,7 +240,7 @@ NUMBER = RewardConfig(verifier="number", require_answer_tag=False)
 
 
 def test_a_restated_problem_scores_with_math_verify_and_not_with_the_number_verifier():
-    """The reward hack a 10-step run found (README): restate "27 + 40 =" in the think block and
+    """The reward hack a 10-step run found (docs/learning.md): restate "27 + 40 =" in the think block and
     math-verify evaluates the expression to the gold; the number verifier reads 40."""
     hack = "<think> 27 + 40 =</think>"
     assert accuracy(hack, "67", RewardConfig(verifier="math", require_answer_tag=False)) == 1.0

