@@ -174,7 +174,7 @@ def learner_stage(path: str, dtype: str, repeats: int) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from benchmarks.learner import synthetic_batch
-    from rlsys.actors.learner import resolve_logprob_chunk
+    from rlsys.actors.logprobs import resolve_logprob_chunk
     from rlsys.cluster.groups import init_ray
     from rlsys.cluster.learners import start_learner_group
     from rlsys.math.flops import Shape
@@ -227,7 +227,7 @@ def attention_worker(path: str, dtype: str, repeats: int) -> dict:
     import torch
 
     from benchmarks.learner import synthetic_batch
-    from rlsys.actors.learner import load_without_dropout, scored_from, with_logprob_forward
+    from rlsys.actors.logprobs import load_without_dropout, scored_from, with_logprob_forward
     from rlsys.config import AlgoConfig
     from rlsys.math.prefix import share_prompts
 

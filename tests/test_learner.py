@@ -168,7 +168,7 @@ def test_on_policy_update_skips_the_old_logprob_pass_and_changes_nothing(monkeyp
 
 
 def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
-    from rlsys.actors.learner import scored_from, token_logprobs
+    from rlsys.actors.logprobs import scored_from, token_logprobs
 
     mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.float)
     assert scored_from(mask) == 2 and scored_from(torch.zeros(2, 4)) == 0
@@ -187,7 +187,7 @@ def test_logits_only_from_the_first_response_position_give_the_same_logprobs():
 
 
 def test_chunked_logprobs_give_the_same_gradient_as_one_pass():
-    from rlsys.actors.learner import chunked_logprobs
+    from rlsys.actors.logprobs import chunked_logprobs
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
@@ -326,7 +326,7 @@ def test_bf16_updates_track_the_fp32_update(stage):
 
 def two_rank_group(zero_stage: int, overrides: list[str]):
     from rlsys.config import load_config
-    from rlsys.cluster.groups import start_learner_group
+    from rlsys.cluster.learners import start_learner_group
 
     cfg = load_config(None, ["learner.num_ranks=2", f"learner.zero_stage={zero_stage}", "algo.group_size=4",
                              "algo.beta=0", "data.prompts_per_step=4", "learner.max_tokens_per_micro_batch=0", *overrides])

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from rlsys.actors.learner import with_logprob_forward
+from rlsys.actors.logprobs import with_logprob_forward
 from rlsys.math import packing, prefix
 from rlsys.math.packing import micro_batches_by_tokens, padded_shared, shard
 from rlsys.math.prefix import share_prompts

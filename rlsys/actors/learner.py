@@ -1,5 +1,9 @@
 """One learner rank: a DeepSpeed engine training the policy with GRPO (Ray is applied in rlsys/cluster/).
 
+This module holds the rank's set-up and its update; its side of the weight push is
+rlsys.actors.learner_sync (WeightSender), its checkpoint I/O rlsys.actors.learner_checkpoint
+(CheckpointIO), the log-prob forward it trains through rlsys.actors.logprobs.
+
 Per rollout batch (each rank gets its Shard: its own rows of every mini-batch, cut into
 micro-batches by rlsys.math.packing, with each mini-batch's loss normaliser):
 1. old log-probs (and reference log-probs when beta > 0) for this rank's rows, no grad, with the
@@ -22,45 +26,30 @@ The learning rate follows learner.lr_schedule (warm-up, then constant or cosine)
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gc
 import importlib
 import math
 import os
-import random
-import shutil
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from rlsys.actors.state_tree import SafetensorsCheckpointEngine
-from rlsys.checkpoint import safe_relative, write_chunk
 from rlsys.math.grpo import grpo_loss, off_policy_weights
 from rlsys.math.packing import Shard, cut
 from rlsys.math.flops import Shape
-from rlsys.math.prefix import prefix_attention, share_prompts
+from rlsys.math.prefix import share_prompts
 from rlsys.math.sft import sft_loss
 from rlsys.config import AlgoConfig, LearnerConfig, off_policy_band
 from rlsys.types import TrainBatch
 from rlsys.actors.heap import keep_freed_memory
+from rlsys.actors.learner_checkpoint import CheckpointIO, resident
+from rlsys.actors.learner_sync import WeightSender
+from rlsys.actors.logprobs import (generator_mismatch, load_without_dropout, resolve_logprob_chunk, scored_from,
+                                   token_logprobs, with_logprob_forward)
 from rlsys.actors.shared_weights import Shares
-from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, flatten_parameters, free_port, make_group,
-                                      owners, partition, plan_buckets, raw_broadcast, send_buckets, sending_ranks)
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits (B, L, V) at positions 0..L-1, input_ids (B, L) -> (B, L) log-prob of token t given < t.
-
-    Column 0 (no prediction for the first token) is 0; it is never a response token.
-    """
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)         # (B, L-1, V)
-    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)                    # (B, L-1)
-    return torch.nn.functional.pad(picked, (1, 0))                                  # (B, L)
+from rlsys.actors.weight_sync import device_for, flatten_parameters, free_port
 
 
 PER_STEP = ("loss", "pg_loss", "kl", "grad_norm")
@@ -70,133 +59,6 @@ ONCE = ("is_weight_mean", "is_capped_frac", "is_masked_frac", "stale_frac")
 """Per-token shares counted once per row (the first epoch), not once per epoch."""
 PER_ROW = ("is_masked_seq_frac",)
 """Shares of rows, counted once per row (the first epoch)."""
-
-
-def with_logprob_forward(model: torch.nn.Module) -> torch.nn.Module:
-    """Give the HF causal LM a forward that can return log-probs directly: called with
-    `logprobs_of=targets (B, T)`, it runs the decoder over the whole input and the output layer
-    only on positions scored_from .. L-2, `chunk` at a time (chunked_logprobs), and returns (B, T);
-    given `source` (B, T) too (prompts shared, rlsys.math.prefix), the input is the shared layout
-    and the output layer runs on the hidden states at those flat positions. Without logprobs_of,
-    the model's own forward. The output layer runs inside the forward that DeepSpeed
-    wraps (its gradient hooks and ZeRO-3 gathers see every use of a parameter in a step): a
-    separate call to the output layer after the engine's forward loses its gradient under
-    DeepSpeed's bf16 optimizer (measured: grad norm 2.39 instead of 2.89)."""
-    own = model.forward
-    if model.config._attn_implementation == "sdpa":  # the same SDPA, plus shared layouts by their blocks
-        model.set_attn_implementation(register_prefix_attention())
-
-    def forward(*args, logprobs_of=None, scored_from=0, temperature=1.0, chunk=0, source=None, prefix_blocks=None,
-                **kwargs):
-        if logprobs_of is None:
-            return own(*args, **kwargs)
-        if prefix_blocks is not None and model.config._attn_implementation == PREFIX_ATTENTION:
-            kwargs["prefix_blocks"] = prefix_blocks  # reaches every layer's attention (the mask is then unused)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 4 and model.config._attn_implementation not in ("sdpa", PREFIX_ATTENTION):
-            # A custom 4D mask reaches the attention as it is: SDPA takes booleans, eager adds it to the scores.
-            kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(model.dtype).min)
-        hidden = model.base_model(*args, **kwargs).last_hidden_state                 # (B or S, L, H), final norm applied
-        if source is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[source]                    # (B, T, H)
-            return chunked_logprobs(hidden, model.get_output_embeddings(), logprobs_of, temperature, chunk)
-        return chunked_logprobs(hidden[:, scored_from:-1], model.get_output_embeddings(), logprobs_of,
-                                temperature, chunk)                                   # (B, L - 1 - scored_from)
-
-    model.forward = forward
-    return model
-
-
-PREFIX_ATTENTION = "rlsys_prefix"
-"""The learner's attention implementation: HF's SDPA, except where a shared layout's blocks are
-passed (prefix_blocks=): then rlsys.math.prefix.prefix_attention, which attends block by block
-instead of applying the block mask densely."""
-
-
-def register_prefix_attention() -> str:
-    """Register PREFIX_ATTENTION with transformers (attention and mask functions); returns its name."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, prefix_blocks=None, **kwargs):
-        if prefix_blocks is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                          **kwargs)
-        assert dropout == 0.0, "prefix attention has no dropout (the learner loads models without it)"
-        return prefix_attention(query, key, value, prefix_blocks, scaling), None
-
-    AttentionInterface.register(PREFIX_ATTENTION, attention)
-    AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
-    return PREFIX_ATTENTION
-
-
-def chunked_logprobs(hidden: torch.Tensor, output_layer: torch.nn.Module, targets: torch.Tensor,
-                     temperature: float, chunk: int) -> torch.Tensor:
-    """hidden (B, T, H) final hidden states, targets (B, T) the next tokens -> (B, T) log-probs of
-    the targets under softmax(output_layer(hidden) / temperature), about `chunk` tokens (rows x
-    positions) at a time.
-
-    Each chunk's logits (B, c, V), c = chunk // B, live only inside it: with grad the chunk is recomputed in the
-    backward pass (activation checkpointing), so neither pass ever holds a whole (B, T, V) tensor
-    (at 8k tokens and a 152k vocabulary one fp32 copy is 5 GB a row). log p = logit - logsumexp,
-    without a separate log-softmax copy."""
-
-    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = output_layer(h).float()                                             # (B, c, V)
-        if temperature != 1.0:  # a vocabulary-wide pass saved at the default temperature
-            logits = logits / temperature
-        return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, c)
-
-    pieces = []
-    c = max(1, chunk // max(1, hidden.shape[0]))
-    for i in range(0, hidden.shape[1], c):
-        h, t = hidden[:, i:i + c], targets[:, i:i + c]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
-        else:
-            pieces.append(piece(h, t))
-    return torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
-
-
-def generator_mismatch(gen_logprobs: torch.Tensor, learner_logprobs: torch.Tensor, mask: torch.Tensor
-                       ) -> torch.Tensor:
-    """How far the generators' policy is from the learner's on the sampled tokens, (B, T) each:
-    [sum |learner - generator| log-prob, sum of k3 KL(generator || learner), tokens, max |diff|]
-    over the mask. The tokens were sampled by the generator, so k3 with r = learner - generator
-    (exp(r) - r - 1) estimates KL(generator || learner) without bias. Both sides are the tempered
-    distribution (vLLM's processed log-probs, the learner's logits / temperature): the gap is a real
-    mismatch (kernels, precision, stale weights), not the temperature.
-
-    >>> g = torch.tensor([[0.0, -1.0, -2.0]]); l = torch.tensor([[0.0, -1.5, -2.0]]); m = torch.tensor([[0., 1., 1.]])
-    >>> [round(v, 4) for v in generator_mismatch(g, l, m).tolist()]  # k3(-0.5) = exp(-0.5) + 0.5 - 1
-    [0.5, 0.1065, 2.0, 0.5]
-    """
-    gen, learner, m = gen_logprobs.double(), learner_logprobs.double(), mask.double()      # (B, T)
-    diff = (learner - gen) * m                                                             # (B, T)
-    k3 = (torch.exp(diff) - diff - 1.0) * m                                                # (B, T)
-    max_diff = diff.abs().max() if m.any() else torch.zeros((), dtype=torch.float64)
-    return torch.stack([diff.abs().sum(), k3.sum(), m.sum(), max_diff])
-
-
-def resolve_logprob_chunk(chunk: int | None, cuda: bool) -> int:
-    """learner.logprob_chunk, or when None by the rank's device: 128 positions on CPUs (a chunk's
-    fp32 logits stay under the size up to which malloc reuses freed memory: rlsys.actors.heap),
-    1024 on GPUs (fewer, larger kernels; at a 152k vocabulary a chunk's fp32 logits are 0.6 GiB).
-
-    >>> resolve_logprob_chunk(None, cuda=False), resolve_logprob_chunk(None, cuda=True), resolve_logprob_chunk(0, cuda=True)
-    (128, 1024, 0)
-    """
-    if chunk is not None:
-        return chunk
-    return 1024 if cuda else 128
-
-
-def scored_from(loss_mask: torch.Tensor) -> int:
-    """The first position whose logits any row needs: one before the earliest response token."""
-    scored = loss_mask.any(dim=0).nonzero()
-    return max(0, int(scored[0]) - 1) if len(scored) else 0
 
 
 def lr_factor(step: int, cfg: LearnerConfig, total: int) -> float:
@@ -217,40 +79,7 @@ def lr_factor(step: int, cfg: LearnerConfig, total: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def load_without_dropout(model_path: str, dtype):
-    """The HF model with every dropout probability in its config set to 0 (attention, hidden,
-    embedding, residual: the names differ by architecture), and any nn.Dropout left in the modules
-    set to p=0. Dropout would make the training forward score another policy than the old-log-prob
-    and reference passes (which run in eval mode) and than the generators."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path)
-    for key, value in config.to_dict().items():
-        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(model_path, config=config, dtype=dtype)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
-
-
-LEARNER_STATE, STATE_TAG = "learner", "state"
-"""A checkpoint's DeepSpeed state lives in <checkpoint>/learner/state/ (one set of files per rank)."""
-
-
-def resident(method):
-    """Bring the rank's state back to its device (after `Learner.offload`) before `method` runs."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if self.offloaded:
-            self.engine.reload_states()
-            self.offloaded = False
-        return method(self, *args, **kwargs)
-    return wrapper
-
-
-class Learner:
+class Learner(WeightSender, CheckpointIO):
     def __init__(self, model_path: str, dtype: str, cfg: LearnerConfig, algo: AlgoConfig, temperature: float,
                  rank: int, world: int, backend: str, seed: int, total_updates: int = 1,
                  updates_per_batch: int | None = None):
@@ -632,239 +461,3 @@ class Learner:
 
 
     # ---- weight sync
-
-    def _named_params(self):
-        return list(self.engine.module.named_parameters())
-
-    def sync_plan(self) -> list[Bucket]:
-        metas = [TensorMeta(n, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
-                 for n, p in self._named_params()]
-        return plan_buckets(metas, int(self.cfg.sync_bucket_mb * 2**20))
-
-    def senders(self) -> int:
-        """How many learner ranks send weights (ranks 0 .. senders-1), each over its own group
-        (learner.sync_from_all_ranks; None: all under ZeRO-3, else rank 0 alone)."""
-        return sending_ranks(self.cfg, self.world)
-
-    def sync_shards(self) -> int:
-        """How many pieces each bucket travels in: under ZeRO-3 with every rank sending, each rank
-        sends its own partition of every parameter (no gather among the learners); else 1 (whole
-        buckets, dealt round robin to the senders)."""
-        return self.world if self.cfg.zero_stage == 3 and self.senders() == self.world > 1 else 1
-
-    def join_sync(self, addr: str, port: int, world: int, timeout_s: float) -> None:
-        """A sending rank: rank 0 of its own sync group, hosting its rendezvous; timeout_s: how
-        long its collectives may wait (deadlines.sync_s)."""
-        assert self.rank < self.senders(), f"learner rank {self.rank} does not send weights"
-        self.sync_group = make_group(self.backend, addr, port, 0, world, timeout_s)
-
-    def broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
-        """_broadcast_weights, and when it fails (an engine died under the push) this rank's sync
-        group is dropped before the error leaves: its connections close, so the engines still
-        waiting on this push fail at once. A pending gloo receive cannot be cancelled (abort()
-        and shutdown() leave it waiting); it ends when a peer's sockets close, or at the group's
-        timeout (deadlines.sync_s). The next push builds a new group."""
-        try:
-            return self._broadcast_weights(plan)
-        except RuntimeError as e:  # gloo's and NCCL's errors; the traceback holds the group: let it go
-            failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        self.sync_group = None
-        gc.collect()  # the failed send's frames are gone with the exception: the group closes now
-        raise RuntimeError(f"learner rank {self.rank}: the weight push failed ({failure}); its sync group is closed")
-
-    def _broadcast_weights(self, plan: list[Bucket]) -> dict[int, int]:
-        """Collective over all learner ranks (ZeRO-3 gathers need them): each sending rank
-        broadcasts the buckets it owns (_my_buckets) over its sync group and returns their
-        checksums by bucket index; the others return {}."""
-        mine, buckets = self._my_buckets(plan)
-        if not mine:
-            return {}
-        return dict(zip(mine, send_buckets(self.sync_group, buckets, device_for(self.backend))))
-
-    def share_weights(self, plan: list[Bucket]) -> dict | None:
-        """The same buckets as broadcast_weights, by handle, for the engines on this rank's node
-        (rlsys.actors.shared_weights): copied into this rank's shared buffer; returns its handle and
-        each bucket's place and checksum, or None from a rank that sends nothing. Collective over
-        all learner ranks, as broadcast_weights."""
-        mine, buckets = self._my_buckets(plan)
-        if not mine:
-            return None
-        return self.shares.share(plan, mine, buckets, device_for(self.backend), self.sync_shards())
-
-    def _my_buckets(self, plan: list[Bucket]) -> tuple[list[int], Iterator[list[torch.Tensor]]]:
-        """The buckets this rank sends (their plan indices) and an iterator over their tensors,
-        one bucket at a time. ZeRO 0-2: a rank holds every parameter whole and touches only its
-        own buckets (weight_sync.owners). ZeRO-3 with every rank sending (sync_shards > 1): each
-        rank's own partition of every bucket's parameters, as it holds them (no gather). ZeRO-3
-        with rank 0 sending alone: every rank gathers every bucket, in plan order, and rank 0
-        yields it; a rank with no buckets takes part in every gather here and gets none."""
-        params = dict(self._named_params())
-        if self.sync_shards() > 1:
-            shards = [[params[m.name].ds_tensor for m in bucket] for bucket in plan]
-            for bucket, pieces in zip(plan, shards):
-                for m, piece in zip(bucket, pieces):
-                    assert piece.numel() == partition(m.numel, self.world), f"{m.name}: partition of {piece.numel()}"
-            return list(range(len(plan))), iter(shards)
-        zero3 = self.cfg.zero_stage == 3
-        owner = owners(len(plan), self.senders())
-        mine = [i for i in range(len(plan)) if owner[i] == self.rank]
-
-        def buckets():
-            import deepspeed
-
-            for i, bucket in enumerate(plan):
-                if not zero3 and owner[i] != self.rank:
-                    continue
-                tensors = [params[m.name] for m in bucket]
-                # ZeRO-3: every rank gathers the bucket; the owner's copy out of it happens inside.
-                with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=zero3):
-                    if owner[i] == self.rank:
-                        yield [t.data for t in tensors]
-
-        if not mine:
-            if zero3:  # the gathers are collective: a rank that sends nothing still takes part in each
-                for _ in buckets():
-                    pass
-            return [], iter(())
-        return mine, buckets()
-
-    def broadcast_raw(self, numel: int, dtype: str) -> None:
-        """Rank 0: one flat buffer over its sync group (the reference for the sync benchmark)."""
-        if self.rank == 0:
-            raw_broadcast(self.sync_group, numel, dtype, device_for(self.backend))
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Every parameter, whole, on CPU, on rank 0 only (None on the others): the one full copy
-        a save, an export or a check needs. Under ZeRO-3 every rank takes part in each gather, one
-        parameter at a time, and only rank 0 keeps a copy; otherwise the parameters are whole on
-        rank 0 already and the other ranks do nothing (no gather, no copy)."""
-        import deepspeed
-
-        zero3 = self.cfg.zero_stage == 3
-        if not zero3 and self.rank != 0:
-            return None
-        out = {}
-        for name, p in self._named_params():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero3):
-                if self.rank == 0:  # ZeRO-3 frees the gathered storage on exit: copy it
-                    out[name] = p.data.detach().to("cpu", copy=zero3)
-        return out if self.rank == 0 else None
-
-    @resident
-    def save(self, folder: str, state: bool = True) -> None:
-        """Write this rank's part of a checkpoint into `folder` (created if missing): rank 0 the HF
-        weights (safetensors, config, tokenizer) that transformers and vLLM load directly; with
-        `state`, every rank its DeepSpeed state under learner/ (optimizer, LR scheduler, update
-        count, RNG). Collective. The caller writes into a temporary folder and renames it when whole
-        (rlsys.checkpoint.commit): a reader never sees a half-written checkpoint."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        weights = self.full_state_dict()
-        if weights is not None:
-            self._write_hf(weights, out)
-        del weights
-        if state:
-            self.engine.save_checkpoint(str(out / LEARNER_STATE), tag=STATE_TAG, save_latest=False,
-                                        client_state={"rlsys": self._client_state()})
-            # DeepSpeed's conversion scripts (zero_to_fp32.py, ...) read its pickles, not these files.
-            for script in (out / LEARNER_STATE).glob("zero_to_*.py") if self.rank == 0 else []:
-                script.unlink(missing_ok=True)
-
-    @resident
-    def load_state(self, folder: str) -> int:
-        """Continue from a checkpoint written by `save`: weights, optimizer, LR scheduler, update
-        count and RNG. Collective. Returns the number of batches trained so far."""
-        path, client = self.engine.load_checkpoint(str(Path(folder) / LEARNER_STATE), tag=STATE_TAG,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None or "rlsys" not in client:
-            raise FileNotFoundError(f"{folder}: no learner state for rank {self.rank} under {LEARNER_STATE}/")
-        mine = client["rlsys"]
-        self.steps = mine["steps"]
-        torch.set_rng_state(mine["torch_rng"])
-        random.setstate(mine["python_rng"])
-        return self.steps
-
-    @resident
-    def upload_part(self, uri: str, rel: str, state: bool = True) -> dict[str, dict]:
-        """This rank's part of a checkpoint straight to a storage URI (trainer.output_dir), never
-        through the driver: written (`save`) to a temporary folder on this node, each file uploaded
-        to `rel` under `uri` a chunk at a time (rlsys.cluster.storage.RunStorage.put), the folder
-        removed. Returns {name relative to the checkpoint: {"size", "sha256"}} as uploaded: the
-        driver writes them into the checkpoint's checksums.json. Collective (the save is)."""
-        from rlsys.cluster.storage import RunStorage  # pyarrow only: no Ray comes with it
-
-        with tempfile.TemporaryDirectory(prefix="rlsys-ckpt-") as tmp:
-            self.save(tmp, state)
-            storage = RunStorage(uri, Path(tmp))
-            names = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
-            return {name: storage.put(Path(tmp) / name, f"{rel}/{name}") for name in names}
-
-    def fetch_part(self, uri: str, rel: str, files: dict[str, dict], key: str) -> None:
-        """Download `files` ({name relative to the checkpoint: its checksums.json entry}) of the
-        checkpoint at `rel` under storage `uri` into this node's received folder `key` (as
-        `receive_state_chunk` fills it), a chunk at a time, each file's size and sha256 checked:
-        a mismatch stops the resume naming the file and the URI. Then `load_received_state`."""
-        from rlsys.cluster.storage import RunStorage
-
-        folder = self._received(key)
-        storage = RunStorage(uri, folder)
-        for name, want in files.items():
-            storage.get(f"{rel}/{name}", folder / safe_relative(name), want)
-
-    def receive_state_chunk(self, key: str, name: str, offset: int, data: bytes) -> None:
-        """One chunk of a checkpoint's state file (rlsys.checkpoint.file_chunks), for a rank that
-        cannot read the run folder: written at its offset into the node's temporary folder `key`
-        (one per resume, shared by this node's ranks: a file several of them read, the module
-        states, arrives once per node). A chunk at a time, never a whole file, so neither the
-        driver nor the object store ever holds a model-sized argument."""
-        write_chunk(self._received(key), name, offset, data)
-
-    def load_received_state(self, key: str, sizes: dict[str, int]) -> int:
-        """`load_state` from the node's received folder `key`, once each file this rank reads has
-        its size in `sizes` (relative name: bytes, as the driver read them). Collective."""
-        folder = self._received(key)
-        got = {name: (folder / name).stat().st_size if (folder / name).is_file() else None for name in sizes}
-        wrong = sorted(name for name in sizes if got[name] != sizes[name])
-        if wrong:
-            raise RuntimeError(f"learner {self.rank}: the state files received into {folder} differ from the "
-                               f"checkpoint's: " + ", ".join(f"{n}: {got[n]} bytes, expected {sizes[n]}"
-                                                            for n in wrong[:5]))
-        return self.load_state(str(folder))
-
-    def drop_received_state(self, key: str) -> None:
-        """The node's received folder `key` goes, once every rank on the node has loaded from it."""
-        folder = self._received(key)
-        if folder.exists():
-            shutil.rmtree(folder)
-
-    @staticmethod
-    def _received(key: str) -> Path:
-        assert key.startswith("rlsys-resume-") and "/" not in key, f"not a received-state folder name: {key!r}"
-        return Path(tempfile.gettempdir()) / key
-
-    def _client_state(self) -> dict:
-        """What DeepSpeed does not keep: the update count (it seeds each update's shuffle) and the
-        RNG states (plain types: rlsys.actors.state_tree writes them)."""
-        return {"steps": self.steps, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-
-    def save_files(self, state: bool = True, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, bytes]]:
-        """The same checkpoint for a driver on another node without shared storage: this rank
-        writes its part (`save`) to a local temporary folder and streams the files back as
-        (relative name, chunk) pairs (a Ray streaming generator: a chunk at a time in flight, never
-        the whole model in the object store); the driver writes them into the run folder
-        (rlsys.checkpoint.receive). A rank with nothing to write (not rank 0, no state, ZeRO 0-2)
-        yields nothing."""
-        with tempfile.TemporaryDirectory(prefix="rlsys-ckpt-") as tmp:
-            self.save(tmp, state)
-            for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
-                name = file.relative_to(tmp).as_posix()
-                with open(file, "rb") as f:
-                    while chunk := f.read(chunk_bytes):
-                        yield name, chunk
-                yield name, b""  # end of this file (an empty file is one empty chunk)
-
-    def _write_hf(self, state: dict[str, torch.Tensor], folder: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self.engine.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(folder)

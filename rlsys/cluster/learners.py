@@ -116,7 +116,7 @@ class LearnerGroup:
                          "deadlines.save_s")[0]
 
     def save(self, folder: Path, state: bool = True, storage: RunStorage | None = None) -> dict[str, dict]:
-        """Every rank's part of a checkpoint (rlsys.actors.learner.Learner.save) into `folder`
+        """Every rank's part of a checkpoint (rlsys.actors.learner_checkpoint.CheckpointIO.save) into `folder`
         (absolute, in the run folder), whatever node each rank runs on: a rank that sees the run
         folder writes its part there itself; the others write theirs to their own disk and stream it
         to the driver, which writes it (`ships`). With `storage` (trainer.output_dir is a URI)

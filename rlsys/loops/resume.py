@@ -3,7 +3,7 @@ state (step, weight version, prompt stream position, RNG), and the run folder's 
 the checkpoint so that no step is logged twice.
 
 What makes a resumed run the uninterrupted one from step k on: the learner's DeepSpeed state
-(weights, optimizer, LR scheduler, update count, RNG; rlsys.actors.learner.Learner.load_state),
+(weights, optimizer, LR scheduler, update count, RNG; rlsys.actors.learner_checkpoint.CheckpointIO.load_state),
 the prompt stream's (epoch, cursor) (its order is a function of the seed and the epoch), and the
 generators' sampling, which is reseeded per prompt chunk from (trainer.seed, step, chunk)
 (rlsys.cluster.pool.chunk_seed): a new engine samples what the old one would have, provided the

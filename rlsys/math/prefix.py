@@ -48,7 +48,7 @@ class SharedLayout:
     source: torch.Tensor          # (B, T) long: flat index into (S * Lp) of the hidden state scoring each target
     targets: torch.Tensor         # (B, T) long: the row's token at position start + 1 + j (0 past its end)
     start: int
-    """Targets are the rows' tokens from position start + 1 on (rlsys.actors.learner.scored_from)."""
+    """Targets are the rows' tokens from position start + 1 on (rlsys.actors.logprobs.scored_from)."""
     blocks: "PrefixBlocks | None" = None
     """The same mask as blocks, for prefix_attention (None: apply attention_mask densely)."""
 
