@@ -66,7 +66,7 @@ def throughput(model_path: str, shape: dict, repeats: int) -> dict:
     from ray.util.placement_group import remove_placement_group
     from transformers import AutoTokenizer
 
-    from rlsys.cluster.groups import start_learner_group
+    from rlsys.cluster.learners import start_learner_group
 
     P, G = shape["prompts"], shape["group"]
     cfg = rlsys_config([f"model.path={model_path}", "learner.zero_stage=0", "learner.num_ranks=2",

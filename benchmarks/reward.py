@@ -44,7 +44,8 @@ def samples(count: int) -> list[tuple[str, str]]:
 def run(quick: bool) -> Section:
     import ray
 
-    from rlsys.cluster.groups import RewardActor, RewardPool
+    from rlsys.cluster.remote import RewardActor
+    from rlsys.cluster.rewards import RewardPool
     from rlsys.actors.reward_worker import RewardWorker
     from rlsys.math.rewards import score
     from rlsys.types import Rollout

@@ -103,7 +103,8 @@ def measure(model_path: str, repeats: int, bucket_mb: float, learner: tuple[str,
     after each repeat's pushes and its seconds kept beside them (Memcpy)."""
     import ray
 
-    from rlsys.cluster.groups import init_ray, launch, resolve_backend
+    from rlsys.cluster.groups import init_ray, launch
+    from rlsys.cluster.placement import resolve_backend
 
     cfg = rlsys_config([f"model.path={model_path}", "learner.mini_batch_size=4",
                         "learner.micro_batch_size=2", "data.prompts_per_step=1", "algo.group_size=4",

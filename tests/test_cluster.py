@@ -302,7 +302,8 @@ def test_plain_run_beside_a_ray_start_cluster_starts_its_own(cluster):
 GPU_PROBE = textwrap.dedent("""
     import json
     import ray
-    from rlsys.cluster.groups import Placed, resolve_backend
+    from rlsys.cluster.placement import resolve_backend
+    from rlsys.cluster.remote import Placed
 
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
 

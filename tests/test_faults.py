@@ -58,7 +58,7 @@ def test_a_generator_killed_with_kill_9_is_replaced_and_the_run_finishes(tmp_pat
 
 
 def test_a_reward_worker_killed_is_replaced_and_its_samples_scored_again(ray_cluster):
-    from rlsys.cluster.groups import RewardPool
+    from rlsys.cluster.rewards import RewardPool
     from rlsys.cluster.remote import RewardActor
     from rlsys.config import RewardConfig
     from rlsys.types import Rollout
@@ -98,7 +98,7 @@ def test_a_hung_reward_worker_is_replaced_and_its_busy_verifier_child_dies_with_
     (Ray kills a dead worker's child processes; the test below covers a worker outside Ray.)"""
     import psutil
 
-    from rlsys.cluster.groups import RewardPool
+    from rlsys.cluster.rewards import RewardPool
     from rlsys.cluster.remote import RewardActor
     from rlsys.config import RewardConfig
     from rlsys.types import Rollout

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rlsys.cluster.groups import check_verifier, resolve_backend
+from rlsys.cluster.placement import resolve_backend
+from rlsys.cluster.rewards import check_verifier
 from rlsys.types import RewardResult
 
 

@@ -3,7 +3,8 @@
 `launch` places every role where cluster.placement says (rlsys/cluster/placement.py), starts
 the actors (rlsys/cluster/remote.py) and returns the handles below, which submit work to every
 member and `ray.get` once. The generators form an elastic pool (rlsys/cluster/pool.py), the
-learners a group (rlsys/cluster/learners.py); the weight push joins them (rlsys/cluster/sync.py).
+reward workers a pool (rlsys/cluster/rewards.py), the learners a group (rlsys/cluster/learners.py);
+the weight push joins generators and learners (rlsys/cluster/sync.py).
 """
 
 from __future__ import annotations
@@ -19,79 +20,17 @@ from ray.util.placement_group import remove_placement_group
 
 from rlsys.actors.generator import engine_env
 from rlsys.actors.weight_sync import sending_ranks
-from rlsys.cluster.deadlines import LOST, get_all
-from rlsys.cluster.learners import LearnerGroup, learner_actors, start_learner_group
+from rlsys.cluster.deadlines import get_all
+from rlsys.cluster.learners import LearnerGroup, learner_actors
 from rlsys.cluster.placement import generator_bundle, generator_group, layout, resolve_backend
 from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
-from rlsys.cluster.remote import (GeneratorActor, Placed, RewardActor, in_group, node_roles, place, placement_record,
+from rlsys.cluster.rewards import RewardPool
+from rlsys.cluster.remote import (GeneratorActor, RewardActor, in_group, node_roles, place, placement_record,
                                   threads)
 from rlsys.cluster.sync import WeightSync
-from rlsys.config import Config, RewardConfig, engine_memory_share, offload_states, on_device, sleep_level
+from rlsys.config import Config, engine_memory_share, offload_states, on_device, sleep_level
 from rlsys.data.models import ModelSource
 from rlsys.observe.profile import Span
-from rlsys.types import RewardResult, Rollout
-
-__all__ = ["Placed", "RewardActor", "resolve_backend", "start_learner_group"]  # re-exported for tests and benchmarks
-
-
-def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
-    """One sample's verifier error is the model's odd text (scored 0, counted, the run goes on);
-    every sample of a call failing is a broken verifier, and training on its zeros would hide it."""
-    if len(results) > 1 and all(r.error is not None for r in results):
-        raise RuntimeError(f"the verifier failed on all {len(results)} samples of this call (first: "
-                           f"{results[0].error}): it is broken, not the model's text")
-    return results
-
-
-class RewardPool:
-    def __init__(self, actors: list, prefill: str = "", make=None, max_restarts: int = 3, timeout_s: float = 600.0,
-                 start_timeout_s: float = 300.0, cfg: RewardConfig | None = None):
-        """make(): a new reward actor, to replace one that died or hung (None: that stops the run).
-        cfg: the workers' config, verifier resolved (evaluation reads answers the way they judge them).
-        timeout_s: how long one worker's share may take (deadlines.score_s), counted once it runs;
-        start_timeout_s: how long a replacement may take to start (deadlines.start_s)."""
-        self.actors = actors
-        self.prefill = prefill  # written by the prompt, scored as the model's own text
-        self.make, self.max_restarts, self.restarts = make, max_restarts, 0
-        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
-        self.cfg = cfg
-
-    def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
-        """Every sample scored once. A worker that dies (its process killed, its node lost) or
-        gives no answer within timeout_s (hung) is killed, with its verifier child, and replaced;
-        its share is scored again by the new one; at most max_restarts times a run."""
-        samples = [(self.prefill + r.text, r.answer) for r in rollouts]
-        size = math.ceil(len(samples) / len(self.actors))
-        shares = [samples[i * size:(i + 1) * size] for i in range(len(self.actors))]
-        results: list[list[RewardResult] | None] = [None] * len(shares)
-        while any(r is None for r in results):
-            pending = {self.actors[i].score.remote(shares[i]): i for i, r in enumerate(results) if r is None}
-            deadline = time.monotonic() + self.timeout_s
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-                if not ready:  # hung: every worker still busy is replaced, its share scored again
-                    for i in pending.values():
-                        self._replace(i, f"gave no result within {self.timeout_s:g}s (deadlines.score_s)",
-                                      len(shares[i]))
-                    break
-                i = pending.pop(ready[0])
-                try:
-                    results[i] = ray.get(ready[0])
-                except LOST as e:
-                    self._replace(i, f"died ({type(e).__name__})", len(shares[i]))
-        return check_verifier([res for chunk in results for res in chunk])
-
-    def _replace(self, i: int, why: str, samples: int) -> None:
-        self.restarts += 1
-        if self.make is None or self.restarts > self.max_restarts:
-            raise RuntimeError(f"reward worker {i} {why}; {self.restarts} reward worker failures in this run, "
-                               f"cluster.max_actor_restarts={self.max_restarts}")
-        print(f"[rlsys] reward worker {i} {why}; replaced, its {samples} samples scored again", flush=True)
-        ray.kill(self.actors[i])  # its verifier child dies with it (PR_SET_PDEATHSIG)
-        self.actors[i] = self.make()
-        get_all([self.actors[i].whereami.remote()], [f"reward worker {i}"], "reward worker start",
-                self.start_timeout_s, "deadlines.start_s")  # started before its deadline runs
-
 
 @dataclass
 class Groups:

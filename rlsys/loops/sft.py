@@ -40,7 +40,8 @@ Example = tuple[list[int], list[int]]
 def sft(cfg: Config) -> Path:
     """Fine-tune cfg.model on cfg.data's (prompt, response) pairs; returns the run folder, whose
     last checkpoint (checkpoints/step_N) is the fine-tuned model."""
-    from rlsys.cluster.groups import init_ray, start_learner_group
+    from rlsys.cluster.groups import init_ray
+    from rlsys.cluster.learners import start_learner_group
 
     run_dir = resolve_run_dir(cfg.trainer.output_dir)
     storage = open_run_storage(cfg.trainer.output_dir, cfg.trainer.resume, run_dir)  # a URI: staged in run_dir
