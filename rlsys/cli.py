@@ -19,13 +19,8 @@ import sys
 from pathlib import Path
 
 from rlsys.cluster.jobs import JobError
-from rlsys.config import DEFAULT_CONFIG, ConfigError, load_config
+from rlsys.config import DEFAULT_CONFIG, ConfigError, load_config, split_config_args
 from rlsys.data.prompts import DataError
-
-
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    given = args[0] if args and "=" not in args[0] else None
-    return given, (args[1:] if given else args)
 
 
 def main(argv: list[str] | None = None) -> int:

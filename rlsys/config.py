@@ -306,7 +306,7 @@ class LearnerConfig:
     logprob_chunk: int | None = None
     """The output layer and log-softmax run over about this many tokens (rows x positions) at a
     time, recomputed in the backward pass, so no (batch, length, vocabulary) tensor is ever whole;
-    0: all positions at once. None: by the rank's device (rlsys.actors.learner.resolve_logprob_chunk):
+    0: all positions at once. None: by the rank's device (rlsys.actors.logprobs.resolve_logprob_chunk):
     128 on CPUs, where a chunk's fp32 logits are 24 MiB at a 49k vocabulary (SmolLM2), under the
     32 MiB up to which a CPU learner's malloc reuses freed memory instead of faulting it in again
     (rlsys.actors.heap.keep_freed_memory; at a 152k vocabulary (Qwen2) 48 stays under it); 1024 on
@@ -593,6 +593,16 @@ def off_policy_band(algo: AlgoConfig) -> tuple[float, float]:
     """
     lo, hi = OFF_POLICY_BAND[algo.off_policy]
     return (lo if algo.is_low is None else algo.is_low), (hi if algo.is_cap is None else algo.is_cap)
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """A command's `[CONFIG.yaml] [key=value ...]`: the file (None when the first is an override) and the overrides.
+
+    >>> split_config_args(["exp.yaml", "learner.lr=1e-5"]), split_config_args(["trainer.seed=1"])
+    (('exp.yaml', ['learner.lr=1e-5']), (None, ['trainer.seed=1']))
+    """
+    given = args[0] if args and "=" not in args[0] else None
+    return given, (args[1:] if given else args)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlsys.config import DataConfig
-from rlsys.data.prompts import (R1_ZERO_TEMPLATE, SOURCE_ROOT, DataError, PromptStream, apply_template, load_rows,
-                        load_shots, resolve_data_path)
+from rlsys.data.files import SOURCE_ROOT
+from rlsys.data.prompts import (R1_ZERO_TEMPLATE, DataError, PromptStream, apply_template, load_rows, load_shots,
+                                resolve_data_path)
 from rlsys.data.models import build_tiny_tokenizer
 
 ROWS = [("What is 2+3?", "5"), ("Copy the digit 7", "7"), ("Name a prime.", "2"),

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from rlsys.config import Config, ConfigError, load_config, to_yaml
+from rlsys.config import Config, ConfigError, load_config, split_config_args, to_yaml
 
 CONFIG_ENV = "RLSYS_SUBMITTED_CONFIG"
 TRAIN = f"-m rlsys.cli train --config-env {CONFIG_ENV}"
@@ -315,8 +315,6 @@ def follow_to_end(jobs, job_id: str) -> int:
 
 
 def submit_main(args) -> int:
-    from rlsys.cli import split_config_args
-
     address = resolve_address(args.address)
     given, overrides = split_config_args(args.args)
     job_id = submit(given, overrides, address, args.submission_id, base_dir=args.base_dir)

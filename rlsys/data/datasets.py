@@ -46,6 +46,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from rlsys.data.files import DataError, read_rows, resolve_data_path
 from rlsys.math.rewards import VERIFIERS, check_golds
 
 __all__ = ["DatasetSpec", "REGISTRY", "RG_SIZES", "RG_SEEDS", "load", "verifier_for", "source_of", "prepare",
@@ -473,8 +474,6 @@ def resolve_verifier(verifier: str, data_name: str | None, data_path: str | None
     if data_name:
         return verifier_for(data_name)
     if data_path:
-        from rlsys.data.prompts import DataError, resolve_data_path
-
         try:
             path = resolve_data_path(data_path)
         except DataError:
@@ -497,15 +496,12 @@ def question_rows(dataset: str, split: str, limit: int | None, data, verifier: s
     resolved). A bad file stops with its own DataError (file and row named); an unknown registry
     name or split, or a limit below 1, with a DataError that starts with `what` (the keys or flags
     that chose the dataset)."""
-    import dataclasses
-
-    from rlsys.data.prompts import DataError, load_rows
-
     try:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         if Path(dataset).suffix in FILE_SUFFIXES:
-            rows = load_rows(dataclasses.replace(data, name=None, path=dataset))
+            rows = read_rows(resolve_data_path(dataset), data.prompt_field, data.answer_field,
+                             data.on_bad_row == "skip")
             judge = resolve_verifier(verifier, None, dataset)
         else:
             rows = load(dataset, split, limit)  # reasoning-gym generates only the rows asked for

@@ -79,6 +79,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from rlsys.math.golds import GoldError
+
 if TYPE_CHECKING:  # only for annotations: this module stays importable without omegaconf
     from rlsys.config import RewardConfig
 
@@ -90,19 +92,6 @@ VERIFIERS = ("math", "number", "reasoning_gym", "code")
 """RewardConfig.verifier values that :func:`accuracy` scores with ("auto" is resolved before)."""
 FORMAT_MODES = ("strict", "partial")
 """RewardConfig.format_mode values: :func:`format_reward` | :func:`partial_format_reward`."""
-
-
-class GoldError(ValueError):
-    """A gold answer the verifier cannot use (a data bug, never a 0 reward).
-
-    ``reason`` says why, without the gold itself; the message has both."""
-
-    def __init__(self, verifier: str, gold: str, reason: str) -> None:
-        super().__init__(f"{verifier} gold answer {gold[:200]!r} {reason}")
-        self.verifier, self.gold, self.reason = verifier, gold, reason
-
-    def __reduce__(self):  # picklable although __init__ takes three arguments
-        return GoldError, (self.verifier, self.gold, self.reason)
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

@@ -25,6 +25,7 @@ import re
 import secrets
 
 from rlsys.sandbox.execute import Execution, Limits, Sandbox
+from rlsys.math.golds import GoldError
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
@@ -51,8 +52,6 @@ def extract_code(completion: str) -> str | None:
 
 def parse_gold(gold: str) -> dict:
     """The problem's tests, checked: a malformed gold is a data bug (GoldError saying what is wrong)."""
-    from rlsys.math.rewards import GoldError
-
     try:
         spec = json.loads(gold)
     except json.JSONDecodeError as e:
