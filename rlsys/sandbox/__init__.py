@@ -1,1 +1,2 @@
-"""Running code a model wrote: isolated executions (execute.py)."""
+"""Running code a model wrote: one isolated execution (execute.py), and a completion's program
+judged against its problem's tests there (judge.py, reward.verifier=code)."""
