@@ -702,163 +702,374 @@ def _check_sections(node: Any, where: str) -> None:
             raise ConfigError(f"{where}: key {key!r} is a section and must be a mapping, got {value!r}")
 
 
-def validate(cfg: Config) -> None:
-    """Checks that no single field's type can express; each message names the keys."""
+# ---- What load_config checks once the types hold: declared here, key by key and rule by rule, so
+# that the configuration reference (docs/configuration.md, generated) prints each key's allowed
+# values and every rule that spans keys, and each message names the keys.
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
+CHOICES: dict[str, tuple] = {
+    "model.tiny_arch": ("qwen2", "llama"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "data.on_bad_row": ("stop", "skip"),
+    "data.template": ("r1_zero", "chat", "none"),
+    "generator.sleep_level": (0, 1, 2, None),
+    "reward.format_mode": ("strict", "partial"),
+    "reward.verifier": ("auto", "math", "number", "reasoning_gym", "code"),  # auto + rlsys.math.rewards.VERIFIERS
+    "reward.code.sandbox": ("bwrap", "unsafe_rlimits_only"),  # rlsys.sandbox.execute.MODES
+    "algo.aggregation": ("token", "sequence"),
+    "algo.off_policy": tuple(OFF_POLICY_BAND),
+    "algo.off_policy_rows": ("stale", "all"),
+    "learner.zero_stage": (0, 1, 2, 3),
+    "learner.lr_schedule": ("constant", "cosine"),
+    "cluster.backend": ("auto", "gloo", "nccl"),
+    "cluster.placement": ("any", "disaggregated", "colocated"),
+    "trainer.in_flight": ("finish", "requeue"),
+}
+"""key -> its allowed values (tests/test_config.py holds the components' own lists to these)."""
+
+LOWER_BOUNDS: dict[str, tuple[str, float]] = {
+    **{k: (">=", 1) for k in ("generator.num_engines", "generator.max_tokens", "generator.chunks_per_engine",
+                              "reward.num_workers", "data.prompts_per_step", "learner.num_ranks",
+                              "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "eval.k",
+                              "eval.limit", "sft.epochs", "reward.code.cpu_s", "reward.code.processes",
+                              "reward.code.output_kb")},
+    **{k: (">", 0) for k in ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb",
+                             "generator.num_cpus", "generator.max_model_len", "generator.kv_cache_gib",
+                             "reward.num_cpus", "reward.timeout_s", "reward.code.wall_s",
+                             "algo.epsilon", "algo.epsilon_high", "trainer.total_steps", "trainer.logprob_gap_warn",
+                             "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s", "autoscale.node_timeout_s",
+                             "deadlines.generate_s", "deadlines.score_s", "deadlines.train_s", "deadlines.sync_s",
+                             "deadlines.save_s", "deadlines.start_s", "model.tiny_hidden", "model.tiny_layers",
+                             "model.tiny_heads")},
+    **{k: (">=", 0) for k in ("learner.weight_decay", "learner.max_bad_steps", "learner.max_tokens_per_micro_batch",
+                              "learner.logprob_chunk", "learner.warmup_steps", "reward.accuracy_weight",
+                              "reward.format_weight", "reward.language_weight", "algo.beta", "algo.max_fill_rounds",
+                              "algo.overlong_buffer", "algo.overlong_penalty", "trainer.save_every",
+                              "trainer.keep_last", "trainer.max_staleness", "eval.every", "eval.temperature",
+                              "cluster.learners_per_node")},
+    "algo.group_size": (">=", 2),
+    "algo.dual_clip": (">", 1),
+    "sft.max_length": (">=", 2),
+    "reward.code.memory_mb": (">=", 16),
+}
+"""key -> (">" or ">=", bound). A key whose value is null (None: chosen later, or off) is not checked."""
+
+RANGES: dict[str, tuple[float, float]] = {
+    "learner.min_lr_ratio": (0.0, 1.0),
+    "eval.top_p": (0.0, 1.0),
+    "generator.gpu_memory_utilization": (0.0, 1.0),
+}
+"""key -> (lo, hi): lo < value <= hi, except learner.min_lr_ratio, which may be 0 too."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    keys: tuple[str, ...]
+    """The keys it ties together (the reference lists it under the first one's slice)."""
+    says: str
+    """What must hold, in words (the check's docstring)."""
+    check: Any
+    """cfg -> None when it holds, else the message."""
+
+
+RULES: list[Rule] = []
+
+
+def rule(*keys: str):
+    """Declare a rule across keys: the decorated check returns None when it holds, else the message."""
+    def register(check):
+        RULES.append(Rule(keys, " ".join(check.__doc__.split()), check))
+        return check
+    return register
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    """cfg's value of a dotted key (reward.code.wall_s)."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _value_text(v: object) -> str:
+    return "null" if v is None else str(v)
+
+
+def _choices_text(key: str) -> str:
+    """The allowed values in words: "a, b or c" (reward.language: "one of" its sorted list)."""
+    options = [_value_text(v) for v in _choices(key)]
+    if key == "reward.language":
+        return "one of " + ", ".join(options)
+    return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
+
+
+def _choices(key: str) -> tuple:
+    if key == "reward.language":  # the scripts rlsys.math.language knows
+        from rlsys.math.language import SCRIPTS
+
+        return tuple(sorted(SCRIPTS))
+    return CHOICES[key]
+
+
+def key_checks(key: str) -> list[str]:
+    """What the per-key declarations say of `key`, in words, for the reference.
+
+    >>> key_checks("learner.zero_stage"), key_checks("algo.group_size"), key_checks("eval.top_p")
+    (['0, 1, 2 or 3'], ['>= 2'], ['in (0.0, 1.0]'])
+    """
+    out = []
+    if key in CHOICES or key == "reward.language":
+        out.append(_choices_text(key))
+    if key in LOWER_BOUNDS:
+        op, bound = LOWER_BOUNDS[key]
+        out.append(f"{op} {bound:g}")
+    if key in RANGES:
+        lo, hi = RANGES[key]
+        out.append(f"in [{lo}, {hi}]" if key == "learner.min_lr_ratio" else f"in ({lo}, {hi}]")
+    return out
+
+
+def _check_key(cfg: Config, key: str) -> str | None:
+    value = get_key(cfg, key)
+    if key in CHOICES or key == "reward.language":
+        if value not in _choices(key):
+            return f"{key} must be {_choices_text(key)}, got {value!r}"
+    if value is None:
+        return None
+    if key in LOWER_BOUNDS:
+        op, bound = LOWER_BOUNDS[key]
+        if not (value > bound if op == ">" else value >= bound):
+            return f"{key} must be {op} {bound:g}, got {value}"
+    if key in RANGES:
+        lo, hi = RANGES[key]
+        if not (lo <= value <= hi if key == "learner.min_lr_ratio" else lo < value <= hi):
+            return f"{key} must be {key_checks(key)[-1]}, got {value}"
+    return None
+
+
+def validate(cfg: Config) -> None:
+    """Every declared check (CHOICES, LOWER_BOUNDS, RANGES, then RULES), in that order; the first
+    that fails stops with its message."""
+    for key in [*CHOICES, "reward.language", *LOWER_BOUNDS, *RANGES]:
+        if (msg := _check_key(cfg, key)) is not None:
+            raise ConfigError(msg)
+    for r in RULES:
+        if (msg := r.check(cfg)) is not None:
             raise ConfigError(msg)
 
-    need(cfg.model.tiny_arch in ("qwen2", "llama"), f"model.tiny_arch must be qwen2 or llama, got {cfg.model.tiny_arch!r}")
-    need(cfg.model.dtype in ("auto", "float32", "bfloat16"),
-         f"model.dtype must be auto, float32 or bfloat16, got {cfg.model.dtype!r}")
-    need(cfg.data.on_bad_row in ("stop", "skip"), f"data.on_bad_row must be stop or skip, got {cfg.data.on_bad_row!r}")
-    need(cfg.data.template in ("r1_zero", "chat", "none"), f"data.template must be r1_zero, chat or none, got {cfg.data.template!r}")
-    need(cfg.algo.aggregation in ("token", "sequence"), f"algo.aggregation must be token or sequence, got {cfg.algo.aggregation!r}")
-    need(cfg.algo.group_size >= 2, f"algo.group_size must be >= 2 (a group of one has no baseline), got {cfg.algo.group_size}")
-    need(cfg.algo.beta >= 0, f"algo.beta must be >= 0, got {cfg.algo.beta}")
-    need(cfg.generator.chunks_per_engine >= 1, f"generator.chunks_per_engine must be >= 1, got {cfg.generator.chunks_per_engine}")
-    need(cfg.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0..3, got {cfg.learner.zero_stage}")
-    need(cfg.reward.format_mode in ("strict", "partial"),
-         f"reward.format_mode must be strict or partial, got {cfg.reward.format_mode!r}")
-    need(cfg.data.system_prompt is None or cfg.data.template == "chat",
-         "data.system_prompt needs data.template=chat")
-    from rlsys.math.language import SCRIPTS
 
-    need(cfg.reward.language in SCRIPTS, f"reward.language must be one of {sorted(SCRIPTS)}, got {cfg.reward.language!r}")
-    need(cfg.reward.language_weight >= 0, f"reward.language_weight must be >= 0, got {cfg.reward.language_weight}")
-    need(cfg.sft.epochs >= 1 and cfg.sft.max_length >= 2,
-         f"sft.epochs must be >= 1 and sft.max_length >= 2, got {cfg.sft.epochs}, {cfg.sft.max_length}")
-    from rlsys.math.rewards import VERIFIERS
+# Batch sizes: the learner cuts a rollout batch into whole mini-batches of whole micro-batches per rank.
 
-    need(cfg.reward.verifier in ("auto", *VERIFIERS),
-         f"reward.verifier must be auto or one of {', '.join(VERIFIERS)}, got {cfg.reward.verifier!r}")
-    from rlsys.sandbox.execute import MODES
-
-    code = cfg.reward.code
-    need(code.sandbox in MODES, f"reward.code.sandbox must be one of {MODES}, got {code.sandbox!r}")
-    need(code.wall_s > 0 and code.cpu_s >= 1 and code.memory_mb >= 16 and code.processes >= 1 and code.output_kb >= 1,
-         "reward.code: wall_s > 0, cpu_s >= 1, memory_mb >= 16, processes >= 1 and output_kb >= 1")
-    need(cfg.reward.verifier != "code" or cfg.reward.timeout_s >= code.wall_s + 2,
-         f"reward.timeout_s={cfg.reward.timeout_s} must leave the sandbox's start and its deadline "
-         f"reward.code.wall_s={code.wall_s} 2 s of room (timeout_s >= wall_s + 2)")
-    need(cfg.eval.k >= 1 and cfg.eval.limit >= 1 and cfg.eval.every >= 0,
-         "eval.k and eval.limit must be >= 1 and eval.every >= 0")
-    need(cfg.cluster.backend in ("auto", "gloo", "nccl"), f"cluster.backend must be auto, gloo or nccl, got {cfg.cluster.backend!r}")
-    for name in ("generator.num_engines", "reward.num_workers", "learner.num_ranks", "data.prompts_per_step",
-                 "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "generator.max_tokens"):
-        section, key = name.split(".")
-        need(getattr(getattr(cfg, section), key) >= 1, f"{name} must be >= 1")
+@rule("learner.mini_batch_size", "data.prompts_per_step", "algo.group_size")
+def _mini_batch_divides_the_rollout_batch(cfg: Config) -> str | None:
+    """learner.mini_batch_size divides the rollout batch, data.prompts_per_step * algo.group_size."""
     batch, mini = cfg.rollout_batch_size, cfg.learner.mini_batch_size
-    need(batch % mini == 0,
-         f"learner.mini_batch_size={mini} must divide the rollout batch data.prompts_per_step * algo.group_size = {batch}")
-    per_rank = cfg.learner.num_ranks * cfg.learner.micro_batch_size
-    need(mini % per_rank == 0,
-         f"learner.mini_batch_size={mini} must be a multiple of learner.num_ranks * learner.micro_batch_size = {per_rank}")
-    need(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
-    # Out of range: each of these would start every actor and then fail (or train on nonsense).
-    positive = ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb", "generator.num_cpus",
-                "generator.max_model_len", "generator.kv_cache_gib", "reward.num_cpus", "algo.epsilon",
-                "trainer.total_steps", "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s",
-                "autoscale.node_timeout_s", "deadlines.generate_s", "deadlines.score_s", "deadlines.train_s",
-                "deadlines.sync_s", "deadlines.save_s", "deadlines.start_s", "model.tiny_hidden", "model.tiny_layers",
-                "model.tiny_heads")
-    at_least_zero = ("learner.weight_decay", "reward.accuracy_weight", "reward.format_weight", "trainer.save_every",
-                     "trainer.keep_last", "learner.max_bad_steps", "eval.temperature",
-                     "learner.max_tokens_per_micro_batch", "learner.logprob_chunk", "trainer.max_staleness",
-                     "algo.max_fill_rounds", "algo.overlong_buffer", "algo.overlong_penalty")
-    for name in positive + at_least_zero:
-        section, key = name.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value is None and name == "learner.logprob_chunk":  # None: by the device
-            continue
-        need(value > 0 if name in positive else value >= 0,
-             f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
-    need(cfg.algo.epsilon_high is None or cfg.algo.epsilon_high > 0,
-         f"algo.epsilon_high must be > 0 (or null: epsilon), got {cfg.algo.epsilon_high}")
-    need(0 < engine_memory_share(cfg) <= 1 and 0 < cfg.eval.top_p <= 1,
-         f"generator.gpu_memory_utilization ({cfg.generator.gpu_memory_utilization}) and eval.top_p "
-         f"({cfg.eval.top_p}) must be in (0, 1]")
-    need(cfg.generator.max_tokens < cfg.generator.max_model_len,
-         f"generator.max_tokens={cfg.generator.max_tokens} leaves no room for a prompt in generator.max_model_len="
-         f"{cfg.generator.max_model_len}")
-    need(cfg.algo.off_policy in OFF_POLICY_BAND,
-         f"algo.off_policy must be one of {sorted(OFF_POLICY_BAND)}, got {cfg.algo.off_policy!r}")
-    need(cfg.algo.off_policy_rows in ("stale", "all"),
-         f"algo.off_policy_rows must be stale or all, got {cfg.algo.off_policy_rows!r}")
-    need(cfg.algo.is_low is None or cfg.algo.off_policy != "tis",
-         f"algo.is_low={cfg.algo.is_low} has no effect with algo.off_policy=tis (it truncates at is_cap only)")
-    if cfg.algo.off_policy in OFF_POLICY_BAND:
-        lo, hi = off_policy_band(cfg.algo)
-        need(0 <= lo < 1 < hi, f"algo.is_low={lo} and algo.is_cap={hi} must make a band 0 <= is_low < 1 < is_cap "
-             f"around a ratio of 1 (algo.off_policy={cfg.algo.off_policy})")
-    need(cfg.algo.overlong_buffer < cfg.generator.max_tokens,
-         f"algo.overlong_buffer={cfg.algo.overlong_buffer} must be < generator.max_tokens={cfg.generator.max_tokens}")
-    need(cfg.trainer.max_staleness == 0 or not cfg.autoscale.enabled,
-         "trainer.max_staleness > 0 (asynchronous mode) needs autoscale.enabled=false: the elastic pool changes "
-         "between synchronous steps only")
-    need(cfg.generator.sleep_level in (None, 0, 1, 2),
-         f"generator.sleep_level must be 0, 1, 2 or null (by placement), got {cfg.generator.sleep_level!r}")
-    need(not cfg.generator.sleep_level or cfg.trainer.max_staleness == 0,
-         f"generator.sleep_level={cfg.generator.sleep_level} needs trainer.max_staleness=0: an asynchronous run "
-         f"generates while it learns, so its engines never have a time to sleep")
-    need(not cfg.learner.offload_states or (cfg.learner.zero_stage >= 1 and cfg.trainer.max_staleness == 0),
-         "learner.offload_states=true needs learner.zero_stage >= 1 (DeepSpeed offloads a ZeRO optimizer's state) and "
-         "trainer.max_staleness=0 (an asynchronous run learns while it generates)")
-    need(cfg.trainer.in_flight in ("finish", "requeue"),
-         f"trainer.in_flight must be finish or requeue, got {cfg.trainer.in_flight!r}")
-    need(cfg.trainer.in_flight == "finish" or cfg.trainer.max_staleness > 0,
-         "trainer.in_flight=requeue needs trainer.max_staleness > 0: synchronous steps never push while sampling")
-    need(cfg.algo.dual_clip is None or cfg.algo.dual_clip > 1, f"algo.dual_clip must be > 1 (or null: off), got {cfg.algo.dual_clip}")
-    need(cfg.learner.lr_schedule in ("constant", "cosine"),
-         f"learner.lr_schedule must be constant or cosine, got {cfg.learner.lr_schedule!r}")
-    need(cfg.learner.warmup_steps >= 0, f"learner.warmup_steps must be >= 0, got {cfg.learner.warmup_steps}")
-    need(0 <= cfg.learner.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {cfg.learner.min_lr_ratio}")
-    need(cfg.cluster.placement in ("any", "disaggregated", "colocated"),
-         f"cluster.placement must be any, disaggregated or colocated, got {cfg.cluster.placement!r}")
-    if cfg.cluster.placement == "colocated":
-        need(cfg.generator.num_engines == cfg.learner.num_ranks and cfg.generator.tensor_parallel_size == 1,
-             f"cluster.placement=colocated puts generator i beside learner rank i: it needs generator.num_engines "
-             f"({cfg.generator.num_engines}) = learner.num_ranks ({cfg.learner.num_ranks}) and "
-             f"generator.tensor_parallel_size 1 (got {cfg.generator.tensor_parallel_size})")
-        need(not cfg.autoscale.enabled, "autoscale.enabled needs cluster.placement any or disaggregated: colocated "
-                                        "generators live and die with their learner rank")
-    need(cfg.cluster.learners_per_node >= 0, f"cluster.learners_per_node must be >= 0, got {cfg.cluster.learners_per_node}")
-    need(cfg.cluster.learners_per_node == 0 or cfg.learner.num_ranks % cfg.cluster.learners_per_node == 0,
-         f"cluster.learners_per_node={cfg.cluster.learners_per_node} must divide learner.num_ranks={cfg.learner.num_ranks}")
-    need(not (cfg.cluster.shared_storage and "://" in cfg.trainer.output_dir),
-         f"trainer.output_dir={cfg.trainer.output_dir} is a storage URI: the run is staged on the driver and copied "
-         f"there, so cluster.shared_storage must be false (learner rank 0 sends checkpoints to the driver)")
-    need(0 < cfg.trainer.logprob_gap_warn <= cfg.trainer.logprob_gap_stop,
-         f"need 0 < trainer.logprob_gap_warn ({cfg.trainer.logprob_gap_warn}) <= trainer.logprob_gap_stop "
-         f"({cfg.trainer.logprob_gap_stop})")
+    if batch % mini:
+        return (f"learner.mini_batch_size={mini} must divide the rollout batch data.prompts_per_step * "
+                f"algo.group_size = {batch}")
+
+
+@rule("learner.mini_batch_size", "learner.num_ranks", "learner.micro_batch_size")
+def _mini_batch_is_whole_micro_batches(cfg: Config) -> str | None:
+    """learner.mini_batch_size is a multiple of learner.num_ranks * learner.micro_batch_size."""
+    mini, per_rank = cfg.learner.mini_batch_size, cfg.learner.num_ranks * cfg.learner.micro_batch_size
+    if mini % per_rank:
+        return (f"learner.mini_batch_size={mini} must be a multiple of learner.num_ranks * "
+                f"learner.micro_batch_size = {per_rank}")
+
+
+@rule("generator.max_tokens", "generator.max_model_len")
+def _room_for_a_prompt(cfg: Config) -> str | None:
+    """generator.max_tokens < generator.max_model_len (room is left for a prompt)."""
+    if cfg.generator.max_tokens >= cfg.generator.max_model_len:
+        return (f"generator.max_tokens={cfg.generator.max_tokens} leaves no room for a prompt in "
+                f"generator.max_model_len={cfg.generator.max_model_len}")
+
+
+@rule("algo.overlong_buffer", "generator.max_tokens")
+def _overlong_buffer_within_max_tokens(cfg: Config) -> str | None:
+    """algo.overlong_buffer < generator.max_tokens."""
+    if cfg.algo.overlong_buffer >= cfg.generator.max_tokens:
+        return (f"algo.overlong_buffer={cfg.algo.overlong_buffer} must be < generator.max_tokens="
+                f"{cfg.generator.max_tokens}")
+
+
+# Sampling: the learner scores each sampled token under logits / temperature over the whole
+# vocabulary; that is the generators' sampling distribution only with no truncation.
+
+@rule("generator.temperature")
+def _training_samples_with_temperature(cfg: Config) -> str | None:
+    """generator.temperature > 0 for training: the learner's log-probs divide the logits by it, and greedy
+    decoding samples no group to compare (eval.temperature sets evaluation sampling)."""
+    if not cfg.generator.temperature > 0:
+        return ("generator.temperature must be > 0 for training: the learner's log-probs divide the logits by it, and "
+                "greedy decoding (0) samples no group to compare (eval.temperature sets evaluation sampling)")
+
+
+@rule("generator.top_p")
+def _training_samples_the_full_distribution(cfg: Config) -> str | None:
+    """generator.top_p = 1 for training: with top-p the generators sample a truncated distribution that
+    the learner's log-probs (full vocabulary) do not reproduce (eval.top_p sets evaluation sampling)."""
+    if cfg.generator.top_p != 1.0:
+        return (f"generator.top_p={cfg.generator.top_p}: training needs top_p = 1; with top-p the generators sample "
+                "a truncated distribution that the learner's log-probs (full vocabulary) do not reproduce, so the "
+                "importance ratios would be wrong (eval.top_p sets evaluation sampling)")
+
+
+@rule("data.system_prompt", "data.template")
+def _system_prompt_needs_chat(cfg: Config) -> str | None:
+    """data.system_prompt needs data.template=chat."""
+    if cfg.data.system_prompt is not None and cfg.data.template != "chat":
+        return "data.system_prompt needs data.template=chat"
+
+
+# Rewards.
+
+@rule("reward.timeout_s", "reward.verifier", "reward.code.wall_s")
+def _code_timeout_covers_the_sandbox(cfg: Config) -> str | None:
+    """With reward.verifier=code, reward.timeout_s >= reward.code.wall_s + 2 (the sandbox's start and
+    its deadline fit in a sample's time)."""
+    code = cfg.reward.code
+    if cfg.reward.verifier == "code" and cfg.reward.timeout_s < code.wall_s + 2:
+        return (f"reward.timeout_s={cfg.reward.timeout_s} must leave the sandbox's start and its deadline "
+                f"reward.code.wall_s={code.wall_s} 2 s of room (timeout_s >= wall_s + 2)")
+
+
+# Off-policy corrections.
+
+@rule("algo.is_low", "algo.off_policy")
+def _is_low_needs_a_band(cfg: Config) -> str | None:
+    """algo.is_low is unset with algo.off_policy=tis (it truncates at is_cap only)."""
+    if cfg.algo.is_low is not None and cfg.algo.off_policy == "tis":
+        return f"algo.is_low={cfg.algo.is_low} has no effect with algo.off_policy=tis (it truncates at is_cap only)"
+
+
+@rule("algo.is_low", "algo.is_cap", "algo.off_policy")
+def _off_policy_band_around_one(cfg: Config) -> str | None:
+    """The correction's band (algo.is_low, algo.is_cap, or the method's default) makes 0 <= is_low < 1 < is_cap."""
+    lo, hi = off_policy_band(cfg.algo)
+    if not 0 <= lo < 1 < hi:
+        return (f"algo.is_low={lo} and algo.is_cap={hi} must make a band 0 <= is_low < 1 < is_cap around a ratio of "
+                f"1 (algo.off_policy={cfg.algo.off_policy})")
+
+
+# Modes that exclude each other.
+
+@rule("trainer.max_staleness", "autoscale.enabled")
+def _async_keeps_its_pool(cfg: Config) -> str | None:
+    """trainer.max_staleness > 0 (asynchronous mode) needs autoscale.enabled=false."""
+    if cfg.trainer.max_staleness > 0 and cfg.autoscale.enabled:
+        return ("trainer.max_staleness > 0 (asynchronous mode) needs autoscale.enabled=false: the elastic pool changes "
+                "between synchronous steps only")
+
+
+@rule("generator.sleep_level", "trainer.max_staleness")
+def _sleep_needs_sync(cfg: Config) -> str | None:
+    """generator.sleep_level 1 or 2 needs trainer.max_staleness=0 (an asynchronous run never has a time to sleep)."""
+    if cfg.generator.sleep_level and cfg.trainer.max_staleness > 0:
+        return (f"generator.sleep_level={cfg.generator.sleep_level} needs trainer.max_staleness=0: an asynchronous run "
+                f"generates while it learns, so its engines never have a time to sleep")
+
+
+@rule("learner.offload_states", "learner.zero_stage", "trainer.max_staleness")
+def _offload_needs_zero_and_sync(cfg: Config) -> str | None:
+    """learner.offload_states=true needs learner.zero_stage >= 1 and trainer.max_staleness=0."""
+    if cfg.learner.offload_states and not (cfg.learner.zero_stage >= 1 and cfg.trainer.max_staleness == 0):
+        return ("learner.offload_states=true needs learner.zero_stage >= 1 (DeepSpeed offloads a ZeRO optimizer's "
+                "state) and trainer.max_staleness=0 (an asynchronous run learns while it generates)")
+
+
+@rule("trainer.in_flight", "trainer.max_staleness")
+def _requeue_needs_async(cfg: Config) -> str | None:
+    """trainer.in_flight=requeue needs trainer.max_staleness > 0."""
+    if cfg.trainer.in_flight == "requeue" and cfg.trainer.max_staleness == 0:
+        return "trainer.in_flight=requeue needs trainer.max_staleness > 0: synchronous steps never push while sampling"
+
+
+@rule("model.dtype", "learner.zero_stage")
+def _bf16_needs_zero(cfg: Config) -> str | None:
+    """model.dtype=bfloat16 needs learner.zero_stage >= 1 (DeepSpeed 0.19.8 accumulates ZeRO-0 bf16
+    gradients in bf16; its fp32 accumulation exists only for ZeRO 1-3)."""
+    if cfg.model.dtype == "bfloat16" and cfg.learner.zero_stage == 0:
+        return ("model.dtype=bfloat16 needs learner.zero_stage >= 1: DeepSpeed accumulates ZeRO-0 bf16 gradients in "
+                "bf16; ZeRO-1 keeps fp32 master weights and accumulates and all-reduces gradients in fp32, with the "
+                "same per-rank memory for weights and gradients as ZeRO-0 and the optimizer state partitioned")
+
+
+# Placement and the cluster.
+
+@rule("cluster.placement", "generator.num_engines", "learner.num_ranks", "generator.tensor_parallel_size")
+def _colocated_pairs(cfg: Config) -> str | None:
+    """cluster.placement=colocated needs generator.num_engines = learner.num_ranks and
+    generator.tensor_parallel_size 1 (generator i beside learner rank i)."""
+    g = cfg.generator
+    if cfg.cluster.placement == "colocated" and not (g.num_engines == cfg.learner.num_ranks and
+                                                      g.tensor_parallel_size == 1):
+        return (f"cluster.placement=colocated puts generator i beside learner rank i: it needs generator.num_engines "
+                f"({g.num_engines}) = learner.num_ranks ({cfg.learner.num_ranks}) and generator.tensor_parallel_size "
+                f"1 (got {g.tensor_parallel_size})")
+
+
+@rule("autoscale.enabled", "cluster.placement")
+def _colocated_does_not_scale(cfg: Config) -> str | None:
+    """autoscale.enabled needs cluster.placement any or disaggregated."""
+    if cfg.autoscale.enabled and cfg.cluster.placement == "colocated":
+        return ("autoscale.enabled needs cluster.placement any or disaggregated: colocated generators live and die "
+                "with their learner rank")
+
+
+@rule("cluster.learners_per_node", "learner.num_ranks")
+def _learners_per_node_divides(cfg: Config) -> str | None:
+    """cluster.learners_per_node (when not 0) divides learner.num_ranks."""
+    per = cfg.cluster.learners_per_node
+    if per and cfg.learner.num_ranks % per:
+        return f"cluster.learners_per_node={per} must divide learner.num_ranks={cfg.learner.num_ranks}"
+
+
+@rule("cluster.shared_storage", "trainer.output_dir")
+def _uri_is_not_shared_storage(cfg: Config) -> str | None:
+    """A storage URI as trainer.output_dir needs cluster.shared_storage=false (the run is staged on the driver)."""
+    if cfg.cluster.shared_storage and "://" in cfg.trainer.output_dir:
+        return (f"trainer.output_dir={cfg.trainer.output_dir} is a storage URI: the run is staged on the driver and "
+                f"copied there, so cluster.shared_storage must be false (learner rank 0 sends checkpoints to the driver)")
+
+
+@rule("trainer.logprob_gap_warn", "trainer.logprob_gap_stop")
+def _gap_warns_before_it_stops(cfg: Config) -> str | None:
+    """trainer.logprob_gap_warn <= trainer.logprob_gap_stop."""
+    t = cfg.trainer
+    if t.logprob_gap_warn > t.logprob_gap_stop:
+        return f"need 0 < trainer.logprob_gap_warn ({t.logprob_gap_warn}) <= trainer.logprob_gap_stop ({t.logprob_gap_stop})"
+
+
+@rule("trainer.loggers")
+def _known_loggers(cfg: Config) -> str | None:
+    """trainer.loggers lists only jsonl, tensorboard, wandb and mlflow."""
     bad = [name for name in cfg.trainer.loggers if name not in ("jsonl", "tensorboard", "wandb", "mlflow")]
-    need(not bad, f"trainer.loggers: unknown logger(s) {bad}; choose from jsonl, tensorboard, wandb, mlflow")
-    need(not (cfg.submit.pip and cfg.submit.uv), "submit.pip and submit.uv: give one of them, not both")
-    if cfg.autoscale.enabled:
-        a = cfg.autoscale
-        need(1 <= a.min_generators <= a.max_generators,
-             f"autoscale: need 1 <= min_generators ({a.min_generators}) <= max_generators ({a.max_generators})")
-        need(a.min_generators <= cfg.generator.num_engines <= a.max_generators,
-             f"autoscale: generator.num_engines={cfg.generator.num_engines} (the pool's starting size) must lie in "
-             f"[autoscale.min_generators, autoscale.max_generators] = [{a.min_generators}, {a.max_generators}]")
-        need(0 < a.grow_above < 1 and a.patience >= 1,
-             f"autoscale.grow_above must be in (0, 1) and autoscale.patience >= 1, got {a.grow_above}, {a.patience}")
-    # The learner scores each sampled token under logits / temperature over the whole vocabulary:
-    # that is the generators' sampling distribution only for temperature > 0 and no truncation.
-    need(cfg.generator.temperature > 0,
-         "generator.temperature must be > 0 for training: the learner's log-probs divide the logits by it, and "
-         "greedy decoding (0) samples no group to compare (eval.temperature sets evaluation sampling)")
-    need(cfg.generator.top_p == 1.0,
-         f"generator.top_p={cfg.generator.top_p}: training needs top_p = 1; with top-p the generators sample a "
-         "truncated distribution that the learner's log-probs (full vocabulary) do not reproduce, so the importance "
-         "ratios would be wrong (eval.top_p sets evaluation sampling)")
-    # DeepSpeed 0.19.8 accumulates and all-reduces ZeRO-0 bf16 gradients in bf16 (its fp32
-    # accumulation, data_types.grad_accum_dtype, exists only for ZeRO 1-3).
-    need(not (cfg.model.dtype == "bfloat16" and cfg.learner.zero_stage == 0),
-         "model.dtype=bfloat16 needs learner.zero_stage >= 1: DeepSpeed accumulates ZeRO-0 bf16 gradients in bf16; "
-         "ZeRO-1 keeps fp32 master weights and accumulates and all-reduces gradients in fp32, with the same "
-         "per-rank memory for weights and gradients as ZeRO-0 and the optimizer state partitioned")
+    if bad:
+        return f"trainer.loggers: unknown logger(s) {bad}; choose from jsonl, tensorboard, wandb, mlflow"
+
+
+@rule("submit.pip", "submit.uv")
+def _one_installer(cfg: Config) -> str | None:
+    """At most one of submit.pip and submit.uv."""
+    if cfg.submit.pip and cfg.submit.uv:
+        return "submit.pip and submit.uv: give one of them, not both"
+
+
+@rule("autoscale.min_generators", "autoscale.max_generators", "generator.num_engines", "autoscale.enabled")
+def _pool_within_its_bounds(cfg: Config) -> str | None:
+    """With autoscale.enabled: 1 <= autoscale.min_generators <= generator.num_engines <= autoscale.max_generators,
+    0 < autoscale.grow_above < 1 and autoscale.patience >= 1."""
+    a = cfg.autoscale
+    if not a.enabled:
+        return None
+    if not 1 <= a.min_generators <= a.max_generators:
+        return f"autoscale: need 1 <= min_generators ({a.min_generators}) <= max_generators ({a.max_generators})"
+    if not a.min_generators <= cfg.generator.num_engines <= a.max_generators:
+        return (f"autoscale: generator.num_engines={cfg.generator.num_engines} (the pool's starting size) must lie in "
+                f"[autoscale.min_generators, autoscale.max_generators] = [{a.min_generators}, {a.max_generators}]")
+    if not (0 < a.grow_above < 1 and a.patience >= 1):
+        return f"autoscale.grow_above must be in (0, 1) and autoscale.patience >= 1, got {a.grow_above}, {a.patience}"
 
 
 REDACTED = "<redacted>"

@@ -380,3 +380,31 @@ def test_config_doctests():
     from rlsys import config
 
     assert doctest.testmod(config).failed == 0
+
+
+# ---------------------------------------------------------------- the declared checks
+
+def test_declared_checks_name_real_keys_and_match_the_components_lists():
+    from rlsys.config import CHOICES, LOWER_BOUNDS, RANGES, RULES, get_key
+    from rlsys.math.rewards import VERIFIERS
+    from rlsys.sandbox.execute import MODES
+
+    cfg = Config()
+    for key in [*CHOICES, *LOWER_BOUNDS, *RANGES, *(k for r in RULES for k in r.keys)]:
+        get_key(cfg, key)  # AttributeError for a key that does not exist
+    assert CHOICES["reward.verifier"] == ("auto", *VERIFIERS)
+    assert CHOICES["reward.code.sandbox"] == MODES
+    assert all(r.says and r.check(cfg) is None for r in RULES), "the defaults break no rule"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["generator.sleep_level=3"], "generator.sleep_level must be 0, 1, 2 or null, got 3"),
+    (["algo.group_size=1"], "algo.group_size must be >= 2, got 1"),
+    (["eval.top_p=0"], "eval.top_p must be in (0.0, 1.0], got 0.0"),
+    (["learner.min_lr_ratio=1.5"], "learner.min_lr_ratio must be in [0.0, 1.0], got 1.5"),
+    (["reward.code.memory_mb=8"], "reward.code.memory_mb must be >= 16, got 8"),
+    (["autoscale.enabled=true", "autoscale.grow_above=1.5", "generator.num_engines=2"],
+     "autoscale.grow_above must be in (0, 1) and autoscale.patience >= 1, got 1.5, 2"),
+])
+def test_each_kind_of_declared_check_stops_with_its_message(overrides, message):
+    assert config_error(None, overrides) == message

@@ -60,6 +60,11 @@ def test_the_site_builds_strictly_with_every_config_key_in_its_reference(tmp_pat
     assert len(keys) > 150 and "reward.code.wall_s" in keys
     missing = [k for k in keys if f"<code>{k}</code>" not in page]
     assert not missing, f"keys missing from the built configuration reference: {missing}"
+    from rlsys.config import RULES
+
+    text = re.sub(r"<[^>]+>", "", page)
+    unprinted = [r.says for r in RULES if r.says.replace("<", "&lt;").replace(">", "&gt;")[:60] not in text]
+    assert len(RULES) > 20 and not unprinted, f"rules missing from the configuration reference: {unprinted}"
     home = (tmp_path / "site" / "index.html").read_text()
     assert "What sets it apart" in home and 'href="concepts/"' in home, "the home page is README.md, linked into the site"
     for name in ("index", "quickstart", "concepts", "benchmarks", "troubleshooting", "metrics"):
@@ -92,7 +97,7 @@ def test_a_config_key_without_a_docstring_fails_the_build(tmp_path, monkeypatch)
         hook.on_page_markdown(f"# c\n\n{hook.MARKER}\n", page, {}, None)
     monkeypatch.setattr(hook, "CONFIG_SOURCE", REPO / "rlsys" / "config.py")
     text = hook.on_page_markdown(f"# c\n\n{hook.MARKER}\n", page, {}, None)
-    assert "| `learner.lr` | `float` | `1e-06` | AdamW's peak learning rate" in text
+    assert "| `learner.lr` | `float` | `1e-06` | > 0 | AdamW's peak learning rate" in text
 
 
 def test_the_reference_hook_examples_run():

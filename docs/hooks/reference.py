@@ -3,8 +3,9 @@
 - docs/index.md's `<!-- readme -->` becomes the repository's README.md, its links made relative to
   docs/ (the site's home page and the repository's front page are one text).
 - docs/configuration.md's `<!-- config-reference -->` becomes one table per config slice, read from
-  rlsys/config.py: every key with its type, its default and its field docstring. A key without a
-  docstring fails the build, naming it.
+  rlsys/config.py: every key with its type, its default, what load_config allows (rlsys.config's
+  CHOICES, LOWER_BOUNDS, RANGES) and its field docstring, then the slice's rules across keys
+  (rlsys.config.RULES). A key without a docstring fails the build, naming it.
 - docs/metrics.md's table of metric keys is checked, not generated (the keys come from a run):
   tests/test_cli.py holds every key a real run writes against it.
 
@@ -79,8 +80,10 @@ def _value(value: object) -> str:
 
 
 def rows(cls: type, prefix: str, docs: dict[str, dict[str, str]], missing: list[str]) -> list[tuple[str, str, str, str]]:
-    """(key, type, default, what it does) for every leaf key under cls; a nested slice is flattened
-    (reward.code.wall_s). Keys without a docstring go to `missing`."""
+    """(key, type, default, what it does, checked) for every leaf key under cls; a nested slice is
+    flattened (reward.code.wall_s). Keys without a docstring go to `missing`."""
+    from rlsys.config import key_checks
+
     out = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}"
@@ -92,7 +95,7 @@ def rows(cls: type, prefix: str, docs: dict[str, dict[str, str]], missing: list[
         if not doc:
             missing.append(f"{key} ({cls.__name__}.{f.name} in rlsys/config.py)")
             continue
-        out.append((key, str(f.type), _value(default), doc))
+        out.append((key, str(f.type), _value(default), doc, "; ".join(key_checks(key))))
     return out
 
 
@@ -101,6 +104,7 @@ def config_reference() -> str:
     from rlsys import config
 
     docs = field_docstrings(CONFIG_SOURCE.read_text())
+    rules = config.RULES
     missing: list[str] = []
     parts = []
     for top in dataclasses.fields(config.Config):
@@ -108,9 +112,15 @@ def config_reference() -> str:
         intro = inspect.cleandoc(cls.__doc__) if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""
         table = rows(cls, top.name, docs, missing)
         parts += [f"## `{top.name}`", "", *([intro, ""] if intro else []),
-                  "| key | type | default | what it does |", "|---|---|---|---|"]
-        parts += [f"| `{key}` | `{_cell(kind)}` | {default} | {_cell(doc)} |" for key, kind, default, doc in table]
+                  "| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]
+        parts += [f"| `{key}` | `{_cell(kind)}` | {default} | {_cell(checked)} | {_cell(doc)} |"
+                  for key, kind, default, doc, checked in table]
         parts.append("")
+        across = [r for r in rules if r.keys[0].split(".")[0] == top.name]
+        if across:
+            parts += ["Checked across keys (`rlsys.config.RULES`; a run that breaks one stops before any actor starts):", ""]
+            parts += [f"- {_cell(r.says)}" for r in across]
+            parts.append("")
     if missing:
         raise ReferenceError("config keys without a docstring (a string literal right below the field): "
                              + ", ".join(missing))
