@@ -42,6 +42,33 @@ def make_learner(micro: int, aggregation: str = "token", beta: float = 0.0, **le
     return learner
 
 
+def train_seeing_gradients(learner: Learner, work) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """learner.train(work), and each optimizer step's whole gradient (before clipping), by parameter:
+    read where the plain path (ZeRO-0 fp32) clips them, at the accumulation boundary."""
+    seen, clip = [], learner._clip_or_drop_plain_grads
+
+    def capture(norm: float) -> None:
+        seen.append({n: p.grad.detach().clone() for n, p in learner.engine.module.named_parameters()
+                     if p.grad is not None})
+        clip(norm)
+
+    learner._clip_or_drop_plain_grads = capture
+    try:
+        return learner.train(work), seen
+    finally:
+        learner._clip_or_drop_plain_grads = clip
+
+
+def assert_same_gradients(got: list[dict], want: list[dict], rtol: float) -> None:
+    """Every parameter's gradient within rtol, elementwise, with an absolute slack of rtol times the
+    tensor's largest entry (float sums in another order leave near-zero entries ~1e-8 apart)."""
+    assert len(got) == len(want) > 0 and all(g.keys() == w.keys() and g for g, w in zip(got, want))
+    for step, (g, w) in enumerate(zip(got, want)):
+        for name in w:
+            torch.testing.assert_close(g[name], w[name], rtol=rtol, atol=rtol * float(w[name].abs().max()),
+                                       msg=lambda m: f"step {step} {name}: {m}")
+
+
 LENGTHS = [1, 2, 3, 4, 5, 6, 7, 8]
 ADV = [1.0, -1.0, 0.5, -0.5, 2.0, 0.0, 0.0, -2.0]
 
@@ -61,36 +88,44 @@ def test_first_step_loss_is_the_whole_minibatch_value(aggregation):
 def test_micro_batching_does_not_change_the_gradient():
     # Same mini-batch as 4 accumulated micro-batches or as 1, or cut by token budgets (prompt 3 +
     # lengths 1..8: budgets of 11 and 24 padded tokens give 7 and 4 micro-batches): the same
-    # gradient. (The weights after AdamW are not compared: its first step is about lr * sign(g),
-    # which turns float noise in near-zero gradients into lr-sized differences.)
+    # gradient, parameter by parameter. (The weights after AdamW are not compared: its first step is
+    # about lr * sign(g), which turns float noise in near-zero gradients into lr-sized differences.)
     batch = toy_batch(LENGTHS, ADV)
-    norms = [make_learner(micro).train(batch)["grad_norm"] for micro in (1, 2, 8)]
+    runs = [train_seeing_gradients(make_learner(micro), batch) for micro in (1, 2, 8)]
     for budget in (11, 24):
         learner = make_learner(1)
         learner.cfg.max_tokens_per_micro_batch = budget
         assert sum(len(m) for m in learner.shard(batch).minis) == {11: 7, 24: 4}[budget]
-        norms.append(learner.train(batch)["grad_norm"])
-    assert norms[0] > 0
-    assert norms[1:] == pytest.approx([norms[0]] * 4, rel=1e-5)
+        runs.append(train_seeing_gradients(learner, batch))
+    (first, want), *rest = runs
+    assert first["grad_norm"] > 0
+    for metrics, grads in rest:
+        assert metrics["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-5)
+        assert_same_gradients(grads, want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_shared_prompts_give_the_same_update(beta):
     # Groups of 4 rows with one 6-token prompt: laid out shared (two sequences of 6 + answers) or
-    # row by row, with token budgets, the same loss, gradient and generator gap; with beta > 0 the
-    # reference pass (and, over 2 epochs, the old-log-prob pass) shares too. (One mini-batch: with
-    # several, sharing shuffles whole groups and the rows layout single rows, a different split.)
+    # row by row, with token budgets, the same loss, gradient (parameter by parameter) and
+    # generator gap; with beta > 0 the reference pass (and, over 2 epochs, the old-log-prob pass)
+    # shares too. (One mini-batch: with several, sharing shuffles whole groups and the rows layout
+    # single rows, a different split.)
     batch = toy_batch(LENGTHS, ADV, prompt_len=6, group=4)
-    out = []
+    out, grads = [], []
     for share in (False, True):
         learner = make_learner(1, beta=beta, max_tokens_per_micro_batch=40, share_prompts=share,
                                epochs=2 if beta else 1)
         work = learner.shard(batch)
         assert work.shared == share
-        out.append((learner.train(work), learner.train(batch)))
+        (first, g1), (second, g2) = train_seeing_gradients(learner, work), train_seeing_gradients(learner, batch)
+        out.append((first, second))
+        grads.append(g1 + g2)
     for key in ("loss", "grad_norm", "gen_logprob_abs_diff", "kl", "ratio_mean"):
         for step in range(2):
             assert out[1][step][key] == pytest.approx(out[0][step][key], rel=1e-4, abs=1e-6), (key, step)
+    assert len(grads[0]) == (4 if beta else 2)  # an optimizer step per epoch, per train call
+    assert_same_gradients(grads[1], grads[0], rtol=1e-3)
     assert out[0][1]["grad_norm"] > 0 and (beta == 0 or out[0][1]["kl"] > 0)
     # Short answers to a prompt as long: every micro-batch was really laid out shared.
     assert [o[0]["shared_prompt_frac"] for o in out] == [0.0, 1.0]
@@ -100,21 +135,24 @@ def test_shared_prompts_give_the_same_update(beta):
 def test_zero_advantage_rows_are_not_computed_and_the_update_is_the_same(layout):
     # Two groups of 4 with one 6-token prompt; group 0 scored alike (advantage 0 on every row). At
     # beta 0 its rows carry no gradient: skipped, the learner computes half the rows, and the loss
-    # and gradient norm are those of computing every row, at this step and the next (whose
-    # gradient is taken at the weights this step left).
+    # and gradient (parameter by parameter) are those of computing every row, at this step and the
+    # next (whose gradient is taken at the weights this step left).
     batch = toy_batch(LENGTHS, [0.0] * 4 + [1.0, -1.0, 0.5, -0.5], prompt_len=6, group=4)
     micro = layout["micro"]
     rest = {k: v for k, v in layout.items() if k != "micro"}
-    out = []
+    out, grads = [], []
     for skip in (False, True):
         learner = make_learner(micro, skip_zero_advantage=skip, **rest)
         work = learner.shard(batch)
         assert len(work.batch) == (4 if skip else 8)
-        out.append([learner.train(work), learner.train(batch)])
+        (first, g1), (second, g2) = train_seeing_gradients(learner, work), train_seeing_gradients(learner, batch)
+        out.append([first, second])
+        grads.append(g1 + g2)
     assert [o[0]["rows_computed_frac"] for o in out] == [1.0, 0.5]
     for key in ("loss", "grad_norm"):
         for step in range(2):
             assert out[1][step][key] == pytest.approx(out[0][step][key], rel=1e-5), (key, step)
+    assert_same_gradients(grads[1], grads[0], rtol=1e-4)
     assert out[0][0]["grad_norm"] > 0
 
 
