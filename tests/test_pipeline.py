@@ -2,6 +2,7 @@
 skips finished stages, a stage killed halfway resumes from its checkpoint; bad pipeline files
 stop with the stage named; `rlsys sample` keeps what its rules say and records its provenance."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from rlsys.config import ConfigError
+from rlsys.config import ConfigError, load_config
+from rlsys.data.models import resolve_model
 from rlsys.loops.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,6 +136,13 @@ def test_bad_pipeline_files_stop_with_the_stage_named(tmp_path, stages, message)
         load_pipeline(write_pipeline(tmp_path, stages))
 
 
+def weights(folder) -> dict:
+    """An HF folder's tensors, by name, from its safetensors files."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def test_distill_samples_the_teacher_and_fine_tunes_the_student(tmp_path):
     # The plumbing, on the tiny model as both teacher and student: the tiny teacher is never
     # right, so its samples are kept whatever they say (distill.keep=all).
@@ -157,6 +167,13 @@ eval: {{dataset: digit_add, split: test, limit: 4, k: 2}}
     record = json.loads((out / "student_sft" / "done.json").read_text())
     assert record["data"].endswith("teacher_samples/traces.parquet") and Path(record["model"]).is_dir()
     assert json.loads(pq.read_schema(record["data"]).metadata[b"rlsys"])["k"] == 2
+    # The student was fine-tuned: its weights are not the tiny model's it started from.
+    cfg = load_config(config, ["learner.mini_batch_size=4", *SMALL])
+    before = weights(resolve_model(dataclasses.replace(cfg.model, path="tiny")))
+    after = weights(record["model"])
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2, f"SFT changed only {changed} of {sorted(before)}"
 
 
 def test_the_shipped_pipeline_file_loads():
