@@ -5,7 +5,7 @@ Per process, measured on the tiny model on CPU: a vLLM engine ~0.9 GiB before it
 learner rank ~0.7 GiB, a reward worker ~0.4 GiB; then what each holds of the model.
 
 Where the actors run on GPUs (cluster.backend nccl, or auto on a machine with GPUs: the local Ray
-cluster then has them, rlsys.cluster.groups.resolve_backend), the model's state is counted per
+cluster then has them, rlsys.cluster.placement.resolve_backend), the model's state is counted per
 GPU, against that GPU's free memory, and only the processes themselves against host memory. A
 GPU holds a learner rank's state (weights, gradients, optimizer, reference; ZeRO partitions
 counted) or an engine's vLLM share (generator.gpu_memory_utilization of the GPU's memory: weights,
@@ -146,7 +146,7 @@ def rank_state(cfg: Config, params: int, partitioned: bool) -> float:
 
 def on_gpus(cfg: Config, gpus: list[tuple[int, int]]) -> bool:
     """Whether the local cluster's actors are placed on GPUs: the backend's choice
-    (rlsys.cluster.groups.resolve_backend), for a local cluster whose GPUs are this machine's."""
+    (rlsys.cluster.placement.resolve_backend), for a local cluster whose GPUs are this machine's."""
     return cfg.cluster.backend == "nccl" or (cfg.cluster.backend == "auto" and len(gpus) > 0)
 
 
