@@ -715,6 +715,8 @@ CHOICES: dict[str, tuple] = {
     "reward.format_mode": ("strict", "partial"),
     "reward.verifier": ("auto", "math", "number", "reasoning_gym", "code"),  # auto + rlsys.math.rewards.VERIFIERS
     "reward.code.sandbox": ("bwrap", "unsafe_rlimits_only"),  # rlsys.sandbox.execute.MODES
+    "reward.language": ("ar", "de", "el", "en", "es", "fa", "fr", "he", "hi", "id", "it", "ja", "ko", "nl", "pl", "pt",
+                        "ru", "th", "tr", "uk", "vi", "zh"),  # rlsys.math.language.SCRIPTS
     "algo.aggregation": ("token", "sequence"),
     "algo.off_policy": tuple(OFF_POLICY_BAND),
     "algo.off_policy_rows": ("stale", "all"),
@@ -753,12 +755,12 @@ LOWER_BOUNDS: dict[str, tuple[str, float]] = {
 }
 """key -> (">" or ">=", bound). A key whose value is null (None: chosen later, or off) is not checked."""
 
-RANGES: dict[str, tuple[float, float]] = {
-    "learner.min_lr_ratio": (0.0, 1.0),
-    "eval.top_p": (0.0, 1.0),
-    "generator.gpu_memory_utilization": (0.0, 1.0),
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "learner.min_lr_ratio": (0.0, 1.0, True),
+    "eval.top_p": (0.0, 1.0, False),
+    "generator.gpu_memory_utilization": (0.0, 1.0, False),
 }
-"""key -> (lo, hi): lo < value <= hi, except learner.min_lr_ratio, which may be 0 too."""
+"""key -> (lo, hi, lo allowed): lo < value <= hi, or lo <= value <= hi where lo is allowed."""
 
 
 @dataclass(frozen=True)
@@ -790,24 +792,17 @@ def get_key(cfg: Config, key: str) -> Any:
     return value
 
 
-def _value_text(v: object) -> str:
-    return "null" if v is None else str(v)
-
-
 def _choices_text(key: str) -> str:
-    """The allowed values in words: "a, b or c" (reward.language: "one of" its sorted list)."""
-    options = [_value_text(v) for v in _choices(key)]
-    if key == "reward.language":
+    """A key's allowed values in words: "a, b or c", or "one of a, b, ..." for more than four."""
+    options = ["null" if v is None else str(v) for v in CHOICES[key]]
+    if len(options) > 4:
         return "one of " + ", ".join(options)
     return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
 
 
-def _choices(key: str) -> tuple:
-    if key == "reward.language":  # the scripts rlsys.math.language knows
-        from rlsys.math.language import SCRIPTS
-
-        return tuple(sorted(SCRIPTS))
-    return CHOICES[key]
+def _range_text(key: str) -> str:
+    lo, hi, lo_allowed = RANGES[key]
+    return f"in {'[' if lo_allowed else '('}{lo}, {hi}]"
 
 
 def key_checks(key: str) -> list[str]:
@@ -817,22 +812,20 @@ def key_checks(key: str) -> list[str]:
     (['0, 1, 2 or 3'], ['>= 2'], ['in (0.0, 1.0]'])
     """
     out = []
-    if key in CHOICES or key == "reward.language":
+    if key in CHOICES:
         out.append(_choices_text(key))
     if key in LOWER_BOUNDS:
         op, bound = LOWER_BOUNDS[key]
         out.append(f"{op} {bound:g}")
     if key in RANGES:
-        lo, hi = RANGES[key]
-        out.append(f"in [{lo}, {hi}]" if key == "learner.min_lr_ratio" else f"in ({lo}, {hi}]")
+        out.append(_range_text(key))
     return out
 
 
 def _check_key(cfg: Config, key: str) -> str | None:
     value = get_key(cfg, key)
-    if key in CHOICES or key == "reward.language":
-        if value not in _choices(key):
-            return f"{key} must be {_choices_text(key)}, got {value!r}"
+    if key in CHOICES and value not in CHOICES[key]:
+        return f"{key} must be {_choices_text(key)}, got {value!r}"
     if value is None:
         return None
     if key in LOWER_BOUNDS:
@@ -840,16 +833,16 @@ def _check_key(cfg: Config, key: str) -> str | None:
         if not (value > bound if op == ">" else value >= bound):
             return f"{key} must be {op} {bound:g}, got {value}"
     if key in RANGES:
-        lo, hi = RANGES[key]
-        if not (lo <= value <= hi if key == "learner.min_lr_ratio" else lo < value <= hi):
-            return f"{key} must be {key_checks(key)[-1]}, got {value}"
+        lo, hi, lo_allowed = RANGES[key]
+        if not ((lo <= value if lo_allowed else lo < value) and value <= hi):
+            return f"{key} must be {_range_text(key)}, got {value}"
     return None
 
 
 def validate(cfg: Config) -> None:
     """Every declared check (CHOICES, LOWER_BOUNDS, RANGES, then RULES), in that order; the first
     that fails stops with its message."""
-    for key in [*CHOICES, "reward.language", *LOWER_BOUNDS, *RANGES]:
+    for key in [*CHOICES, *LOWER_BOUNDS, *RANGES]:
         if (msg := _check_key(cfg, key)) is not None:
             raise ConfigError(msg)
     for r in RULES:

@@ -386,6 +386,7 @@ def test_config_doctests():
 
 def test_declared_checks_name_real_keys_and_match_the_components_lists():
     from rlsys.config import CHOICES, LOWER_BOUNDS, RANGES, RULES, get_key
+    from rlsys.math.language import SCRIPTS
     from rlsys.math.rewards import VERIFIERS
     from rlsys.sandbox.execute import MODES
 
@@ -394,6 +395,7 @@ def test_declared_checks_name_real_keys_and_match_the_components_lists():
         get_key(cfg, key)  # AttributeError for a key that does not exist
     assert CHOICES["reward.verifier"] == ("auto", *VERIFIERS)
     assert CHOICES["reward.code.sandbox"] == MODES
+    assert CHOICES["reward.language"] == tuple(sorted(SCRIPTS))
     assert all(r.says and r.check(cfg) is None for r in RULES), "the defaults break no rule"
 
 
