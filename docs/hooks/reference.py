@@ -25,7 +25,7 @@ MARKER = "<!-- config-reference -->"
 README_MARKER = "<!-- readme -->"
 
 
-class ReferenceError(Exception):
+class UndocumentedKeys(Exception):
     """A config key the reference cannot document (mkdocs stops the build with it)."""
 
 
@@ -79,7 +79,8 @@ def _value(value: object) -> str:
     return f"`{value!r}`"
 
 
-def rows(cls: type, prefix: str, docs: dict[str, dict[str, str]], missing: list[str]) -> list[tuple[str, str, str, str]]:
+def rows(cls: type, prefix: str, docs: dict[str, dict[str, str]], missing: list[str]
+         ) -> list[tuple[str, str, str, str, str]]:
     """(key, type, default, what it does, checked) for every leaf key under cls; a nested slice is
     flattened (reward.code.wall_s). Keys without a docstring go to `missing`."""
     from rlsys.config import key_checks
@@ -100,11 +101,10 @@ def rows(cls: type, prefix: str, docs: dict[str, dict[str, str]], missing: list[
 
 
 def config_reference() -> str:
-    """The markdown of every config slice's table; ReferenceError names every key without a docstring."""
+    """The markdown of every config slice's table; UndocumentedKeys names every key without a docstring."""
     from rlsys import config
 
     docs = field_docstrings(CONFIG_SOURCE.read_text())
-    rules = config.RULES
     missing: list[str] = []
     parts = []
     for top in dataclasses.fields(config.Config):
@@ -116,13 +116,13 @@ def config_reference() -> str:
         parts += [f"| `{key}` | `{_cell(kind)}` | {default} | {_cell(checked)} | {_cell(doc)} |"
                   for key, kind, default, doc, checked in table]
         parts.append("")
-        across = [r for r in rules if r.keys[0].split(".")[0] == top.name]
+        across = [r for r in config.RULES if r.keys[0].split(".")[0] == top.name]
         if across:
             parts += ["Checked across keys (`rlsys.config.RULES`; a run that breaks one stops before any actor starts):", ""]
             parts += [f"- {_cell(r.says)}" for r in across]
             parts.append("")
     if missing:
-        raise ReferenceError("config keys without a docstring (a string literal right below the field): "
+        raise UndocumentedKeys("config keys without a docstring (a string literal right below the field): "
                              + ", ".join(missing))
     return "\n".join(parts)
 
@@ -146,5 +146,5 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001
 
     try:
         return markdown.replace(MARKER, config_reference())
-    except ReferenceError as e:
+    except UndocumentedKeys as e:
         raise PluginError(f"{page.file.src_path}: {e}") from None

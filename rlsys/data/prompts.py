@@ -57,7 +57,8 @@ def load_rows(cfg: DataConfig, skipped: list[str] | None = None) -> list[tuple[s
             return datasets.load(cfg.name, cfg.split)
         except ValueError as e:
             raise DataError(f"data.name={cfg.name} data.split={cfg.split}: {e}") from e
-    return read_rows(resolve_data_path(cfg.path), cfg.prompt_field, cfg.answer_field, cfg.on_bad_row == "skip", skipped)
+    return read_rows(resolve_data_path(cfg.path), cfg.prompt_field, cfg.answer_field, cfg.on_bad_row == "skip",
+                     skipped)
 
 
 def apply_template(question: str, cfg: DataConfig, tokenizer=None, shots: list[tuple[str, str]] = ()) -> str:
