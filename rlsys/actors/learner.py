@@ -239,6 +239,11 @@ class Learner(WeightSender, CheckpointIO):
         """The model's dimensions, for FLOP counts (the layouts' costs, MFU)."""
         return Shape.of(self.engine.module.config)
 
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the policy as the engine holds it (ZeRO-3: shards); the weight push
+        (learner_sync) and the checkpoint I/O (learner_checkpoint) read them here."""
+        return list(self.engine.module.named_parameters())
+
     @torch.no_grad()
     def _frozen_logprobs(self, model, work: Shard) -> torch.Tensor:
         """(B, L) log-probs of every row of this rank's shard, micro-batch by micro-batch."""
@@ -458,6 +463,3 @@ class Learner(WeightSender, CheckpointIO):
         t = values.to(dtype=torch.float64, device=device_for(self.backend))
         dist.all_reduce(t, op=op)
         return t.cpu()
-
-
-    # ---- weight sync

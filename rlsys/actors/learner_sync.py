@@ -1,6 +1,7 @@
 """A learner rank's side of the weight push: which buckets it sends, over its sync group or by handle.
 
-A mixin of rlsys.actors.learner.Learner (it reads the rank's DeepSpeed engine, config and world);
+A mixin of rlsys.actors.learner.Learner (it reads the rank's DeepSpeed engine and its parameters,
+`_named_params`, config and world);
 the receiving side is rlsys.actors.engine_worker, the wire format rlsys.actors.weight_sync.
 """
 
@@ -16,9 +17,6 @@ from rlsys.actors.weight_sync import (Bucket, TensorMeta, device_for, make_group
 
 
 class WeightSender:
-    def _named_params(self):
-        return list(self.engine.module.named_parameters())
-
     def sync_plan(self) -> list[Bucket]:
         metas = [TensorMeta(n, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
                  for n, p in self._named_params()]
