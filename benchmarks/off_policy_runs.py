@@ -11,12 +11,18 @@ so the grid can be filled over several sittings; an unfinished one continues (tr
 Then OUT/table.md and OUT/table.json: per run, the final held-out pass@1 and cons@k, the mean
 mismatch KL (k3 of generator vs learner log-probs over the run), the shares of masked tokens and
 sequences, the mean importance weight and the share of stale rows.
+
+--keep DIR copies each finished run's metrics.jsonl and config.yaml to DIR/<name>.metrics.jsonl and
+DIR/<name>.config.yaml (a few tens of KB, committed: docs/learning/off_policy/), and a run kept there
+counts as finished: a grid of ~45-minute runs is filled over several sittings on machines that keep
+nothing between them, and the table is rebuilt from what was kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,21 +35,21 @@ METHODS = ("tis", "mis", "icepop", "seq_mask")
 LEARNER_KEYS = ("mismatch_kl", "is_masked_frac", "is_masked_seq_frac", "is_weight_mean", "stale_frac")
 
 
-def finished(run: Path, total_steps: int) -> bool:
-    """The run logged its last step, with that step's evaluation."""
+def finished(metrics: Path, total_steps: int) -> bool:
+    """The run behind this metrics.jsonl logged its last step, with that step's evaluation."""
     from rlsys.observe.metrics import read_jsonl
 
-    if not (run / "metrics.jsonl").is_file():
+    if not metrics.is_file():
         return False
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(metrics)
     return any(r["step"] == total_steps - 1 and "eval/pass@1" in r for r in rows)
 
 
-def summarize(run: Path, k: int) -> dict:
+def summarize(metrics: Path, k: int) -> dict:
     """A finished run's row: the last evaluation, and the learner's off-policy metrics averaged over its steps."""
     from rlsys.observe.metrics import read_jsonl
 
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(metrics)
     last = max(rows, key=lambda r: r["step"])
     row = {"steps": len(rows), "pass@1": last["eval/pass@1"], f"cons@{k}": last[f"eval/cons@{k}"]}
     for key in LEARNER_KEYS:
@@ -69,6 +75,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2])
     # choices: a key=value written after --methods is refused, not taken for a method
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--keep", type=Path, help="copy each finished run's metrics and config here; "
+                        "a run kept here is not run again")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_intermixed_args(argv)
 
@@ -82,14 +90,22 @@ def main(argv: list[str]) -> int:
         for method in args.methods:
             name = f"s{staleness}_{method}"
             run = (args.out / name).resolve()
-            if not finished(run, cfg.trainer.total_steps):
+            kept = args.keep / f"{name}.metrics.jsonl" if args.keep else None
+            if kept is not None and finished(kept, cfg.trainer.total_steps):
+                results[name] = summarize(kept, cfg.eval.k)
+                continue
+            if not finished(run / "metrics.jsonl", cfg.trainer.total_steps):
                 resume = ["trainer.resume=auto"] if (run / "metrics.jsonl").is_file() else []
                 cmd = [sys.executable, "-m", "rlsys.cli", "train", args.config, *args.overrides,
                        f"trainer.max_staleness={staleness}", f"algo.off_policy={method}", "algo.off_policy_rows=all",
                        f"trainer.output_dir={run}", "trainer.progress=false", *resume]
                 print(f"[off_policy_runs] {name}: {' '.join(cmd[3:])}", flush=True)
                 subprocess.run(cmd, cwd=REPO, check=True)
-            results[name] = summarize(run, cfg.eval.k)
+            if kept is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run / "metrics.jsonl", kept)
+                shutil.copyfile(run / "config.yaml", args.keep / f"{name}.config.yaml")
+            results[name] = summarize(run / "metrics.jsonl", cfg.eval.k)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(table(results, cfg.eval.k))
