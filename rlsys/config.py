@@ -146,6 +146,16 @@ class CodeConfig:
     """Output kept from a program (stdout and stderr each); beyond it the rest is dropped."""
     uid_base: int = 61000
     """As root, each concurrent run gets its own uid from here (uid_base .. uid_base + 63)."""
+    workers: int = 2
+    """Sandbox workers (Ray actors, rlsys.cluster.sandboxes) a run starts with; with reward.verifier=code
+    they judge the programs in place of the reward workers, each run with reward.timeout_s as its deadline."""
+    max_workers: int = 4
+    """The pool grows up to this many workers while programs wait (see backlog), and back to
+    reward.code.workers when a step's work fits them."""
+    backlog: int = 4
+    """Programs waiting per worker above which the pool grows by a worker (one scoring call at a time)."""
+    num_cpus: float = 0.5
+    """Logical CPUs reserved per sandbox worker (its programs run as its children)."""
 
 
 @dataclass
@@ -733,10 +743,10 @@ LOWER_BOUNDS: dict[str, tuple[str, float]] = {
                               "reward.num_workers", "data.prompts_per_step", "learner.num_ranks",
                               "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "eval.k",
                               "eval.limit", "sft.epochs", "reward.code.cpu_s", "reward.code.processes",
-                              "reward.code.output_kb")},
+                              "reward.code.output_kb", "reward.code.workers", "reward.code.backlog")},
     **{k: (">", 0) for k in ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb",
                              "generator.num_cpus", "generator.max_model_len", "generator.kv_cache_gib",
-                             "reward.num_cpus", "reward.timeout_s", "reward.code.wall_s",
+                             "reward.num_cpus", "reward.timeout_s", "reward.code.wall_s", "reward.code.num_cpus",
                              "algo.epsilon", "algo.epsilon_high", "trainer.total_steps", "trainer.logprob_gap_warn",
                              "cluster.placement_timeout_s", "cluster.autoscaler_timeout_s", "autoscale.node_timeout_s",
                              "deadlines.generate_s", "deadlines.score_s", "deadlines.train_s", "deadlines.sync_s",
@@ -928,6 +938,15 @@ def _code_timeout_covers_the_sandbox(cfg: Config) -> str | None:
 
 
 # Off-policy corrections.
+
+@rule("reward.code.workers", "reward.code.max_workers")
+def _sandbox_pool_within_its_bounds(cfg: Config) -> str | None:
+    """reward.code.max_workers >= reward.code.workers (the pool never shrinks below its start)."""
+    code = cfg.reward.code
+    if code.max_workers < code.workers:
+        return f"reward.code.max_workers={code.max_workers} is below reward.code.workers={code.workers}"
+    return None
+
 
 @rule("algo.is_low", "algo.off_policy")
 def _is_low_needs_a_band(cfg: Config) -> str | None:

@@ -24,18 +24,20 @@ from rlsys.cluster.deadlines import get_all
 from rlsys.cluster.learners import LearnerGroup, learner_actors
 from rlsys.cluster.placement import generator_bundle, generator_group, layout, resolve_backend
 from rlsys.cluster.pool import Engine, GeneratorPool, start_engine
-from rlsys.cluster.rewards import RewardPool
-from rlsys.cluster.remote import (GeneratorActor, RewardActor, in_group, node_roles, place, placement_record,
-                                  threads)
+from rlsys.cluster.rewards import CodeRewardPool, RewardPool
+from rlsys.cluster.sandboxes import SandboxPool
+from rlsys.cluster.remote import (GeneratorActor, RewardActor, SandboxActor, in_group, node_roles, place,
+                                  placement_record, threads)
 from rlsys.cluster.sync import WeightSync
 from rlsys.config import Config, engine_memory_share, offload_states, on_device, sleep_level
 from rlsys.data.models import ModelSource
 from rlsys.observe.profile import Span
+from rlsys.sandbox.judge import limits_of
 
 @dataclass
 class Groups:
     generators: GeneratorPool
-    rewards: RewardPool
+    rewards: RewardPool | CodeRewardPool
     learner: LearnerGroup | None
     sync: WeightSync | None
     others: list[dict]  # placement records of the learners and reward workers
@@ -58,7 +60,8 @@ class Groups:
     def shutdown(self) -> None:
         self.generators.shutdown()
         learners = self.learner.actors if self.learner else []
-        for actor in self.rewards.actors + learners:
+        self.rewards.close()
+        for actor in learners:
             ray.kill(actor)
         for pg in self.placement_groups:
             remove_placement_group(pg)
@@ -82,7 +85,8 @@ def init_ray(cfg: Config) -> None:
         ray.init()
         return
     wanted = (cfg.generator.num_engines * cfg.generator.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus
-              + cfg.reward.num_workers * cfg.reward.num_cpus)
+              + (cfg.reward.code.max_workers * cfg.reward.code.num_cpus if cfg.reward.verifier == "code"
+                 else cfg.reward.num_workers * cfg.reward.num_cpus))
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted))
     # Logical CPUs: on a small machine the actors share cores; Ray only books them.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
@@ -128,19 +132,32 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         own = pgs.pop(s.group) if s.group == generator_group(s.rank) else None  # the engine's own group
         engines.append(Engine(s.rank, actor, own, time.time(), asked={"CPU": s.num_cpus, "GPU": s.num_gpus}))
     reward_cfg = dataclasses.replace(cfg.reward, verifier=verifier)
+    code = cfg.reward.code
+    reward_cpus = code.num_cpus if verifier == "code" else cfg.reward.num_cpus
 
     def reward_worker():
-        return RewardActor.options(num_cpus=cfg.reward.num_cpus).remote(reward_cfg)
+        if verifier == "code":  # the programs' judges, in place of the reward workers (rlsys.cluster.sandboxes)
+            return SandboxActor.options(num_cpus=reward_cpus).remote(code)
+        return RewardActor.options(num_cpus=reward_cpus).remote(reward_cfg)
 
-    rewards = [reward_worker() for _ in range(cfg.reward.num_workers)]
+    sandboxes = None
+    if verifier == "code":
+        sandboxes = SandboxPool(reward_worker, code.workers, code.max_workers, code.backlog, limits_of(code),
+                                cfg.reward.timeout_s, cfg.deadlines.start_s, cfg.cluster.max_actor_restarts)
+        rewards = [a for a, _ in sandboxes.starting.values()]
+    else:
+        rewards = [reward_worker() for _ in range(cfg.reward.num_workers)]
     start_s = cfg.deadlines.start_s
     for e, w in zip(engines, _where([e.actor for e in engines], [e.asked for e in engines], "generator", start_s)):
         e.where = w
     learner_asks = [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in lay.of("learner")]
     others = [w | {"role": "learner", "rank": s.rank}
               for s, w in zip(lay.of("learner"), _where(learners, learner_asks, "learner", start_s))]
-    reward_asks = [{"CPU": cfg.reward.num_cpus, "GPU": 0}] * len(rewards)
-    others += [w | {"role": "reward", "rank": i} for i, w in enumerate(_where(rewards, reward_asks, "reward", start_s))]
+    reward_asks = [{"CPU": reward_cpus, "GPU": 0}] * len(rewards)
+    role = "sandbox" if verifier == "code" else "reward"
+    others += [w | {"role": role, "rank": i} for i, w in enumerate(_where(rewards, reward_asks, role, start_s))]
+    if sandboxes is not None:
+        sandboxes.wait_ready()  # started (above): now they serve
     if cfg.profile.enabled:
         ray.get([a.start_tracing.remote() for a in learners + [e.actor for e in engines] + rewards])
     bundle = generator_bundle(cfg, gpu)
@@ -165,10 +182,11 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
         learner_group = LearnerGroup(learners, cfg, ship, offloads=offload_states(cfg, gpu))
         sync = WeightSync(learner_group, pool, backend, cfg.generator.tensor_parallel_size, cfg.deadlines.sync_s,
                           by_handle=cfg.learner.sync_by_handle)
-    print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} reward workers "
+    print(f"[rlsys] {len(learners)} learners, {len(engines)} generators, {len(rewards)} {role} workers "
           f"ready in {time.time() - t0:.1f}s (backend {backend}, placement {cfg.cluster.placement}, "
           f"{cfg.model.dtype})", flush=True)
-    return Groups(pool, RewardPool(rewards, cfg.data.prefill, make=reward_worker,
-                                   max_restarts=cfg.cluster.max_actor_restarts, timeout_s=cfg.deadlines.score_s,
-                                   start_timeout_s=cfg.deadlines.start_s, cfg=reward_cfg),
+    scorer = (CodeRewardPool(sandboxes, cfg.data.prefill, reward_cfg) if sandboxes is not None else
+              RewardPool(rewards, cfg.data.prefill, make=reward_worker, max_restarts=cfg.cluster.max_actor_restarts,
+                         timeout_s=cfg.deadlines.score_s, start_timeout_s=cfg.deadlines.start_s, cfg=reward_cfg))
+    return Groups(pool, scorer,
                   learner_group, sync, others, list(pgs.values()))

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlsys.actors.generator import Generator
 from rlsys.actors.learner import Learner
 from rlsys.actors.reward_worker import RewardWorker
+from rlsys.actors.sandbox_worker import SandboxWorker
 from rlsys.cluster.deadlines import install_stack_dump
 from rlsys.config import ClusterConfig
 from rlsys.data.models import ModelSource
@@ -73,6 +74,11 @@ class LearnerActor(Placed, Traced, Learner):
 @ray.remote
 class RewardActor(Placed, Traced, RewardWorker):
     PHASES = ("score",)
+
+
+@ray.remote
+class SandboxActor(Placed, Traced, SandboxWorker):
+    PHASES = ("run",)
 
 
 def autoscaler_running() -> bool:

@@ -1,20 +1,28 @@
-"""The reward pool: a step's samples scored by the reward actors, each sample once.
+"""The reward pools: a step's samples scored, each sample once.
 
+RewardPool: the reward actors (rlsys.actors.reward_worker, made Ray actors in rlsys.cluster.remote).
 A worker that dies or hangs is replaced and its share scored again (at most
 cluster.max_actor_restarts times a run); a verifier that fails on every sample of a call stops the
-run. The workers themselves are rlsys.actors.reward_worker, made Ray actors in rlsys.cluster.remote.
+run. CodeRewardPool (reward.verifier=code): the programs judged by the sandbox pool
+(rlsys.cluster.sandboxes), the format and language rules paid on the driver (two regexes).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import ray
 
 from rlsys.cluster.deadlines import LOST, get_all
+from rlsys.cluster.sandboxes import SandboxPool
 from rlsys.config import RewardConfig
+from rlsys.math.rewards import combine, format_score, language_score
+from rlsys.sandbox.judge import extract_code
 from rlsys.types import RewardResult, Rollout
+
+log = logging.getLogger(__name__)
 
 
 def check_verifier(results: list[RewardResult]) -> list[RewardResult]:
@@ -64,6 +72,14 @@ class RewardPool:
                     self._replace(i, f"died ({type(e).__name__})", len(shares[i]))
         return check_verifier([res for chunk in results for res in chunk])
 
+    def take_metrics(self) -> dict[str, float]:
+        """The pool's own metrics since the last call (none: the workers' spans are in the timeline)."""
+        return {}
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
     def _replace(self, i: int, why: str, samples: int) -> None:
         self.restarts += 1
         if self.make is None or self.restarts > self.max_restarts:
@@ -74,3 +90,38 @@ class RewardPool:
         self.actors[i] = self.make()
         get_all([self.actors[i].whereami.remote()], [f"reward worker {i}"], "reward worker start",
                 self.start_timeout_s, "deadlines.start_s")  # started before its deadline runs
+
+
+class CodeRewardPool:
+    """reward.verifier=code: each sample's program (its `<answer>` block or last fenced block) run
+    against its problem's tests by the sandbox pool; accuracy 1 when all pass (R1), or the fraction
+    passed with reward.code.partial. A program the sandbox had to stop (deadline, output cap, a
+    signal) is logged as a warning with the reason, any other failure at debug level."""
+
+    def __init__(self, sandboxes: SandboxPool, prefill: str, cfg: RewardConfig):
+        self.sandboxes, self.prefill, self.cfg = sandboxes, prefill, cfg
+
+    @property
+    def actors(self) -> list:
+        return self.sandboxes.actors
+
+    def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
+        completions = [self.prefill + r.text for r in rollouts]
+        verdicts = self.sandboxes.judge([(extract_code(c), r.answer) for c, r in zip(completions, rollouts)])
+        results = []
+        for completion, verdict in zip(completions, verdicts):
+            acc = verdict.fraction if self.cfg.code.partial else float(verdict.passed == verdict.total)
+            fmt, lang = format_score(completion, self.cfg), language_score(completion, self.cfg)
+            stopped = any(w in verdict.reason for w in ("deadline", "output cap", "killed by", "sandbox worker"))
+            if verdict.reason:
+                log.log(logging.WARNING if stopped else logging.DEBUG, "code reward: %d/%d tests passed: %s",
+                        verdict.passed, verdict.total, verdict.reason)
+            results.append(RewardResult(reward=combine(acc, fmt, self.cfg, lang), accuracy=acc, format=fmt,
+                                        timed_out="deadline" in verdict.reason, language=lang))
+        return results
+
+    def take_metrics(self) -> dict[str, float]:
+        return self.sandboxes.take_metrics()
+
+    def close(self) -> None:
+        self.sandboxes.close()

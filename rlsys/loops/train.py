@@ -151,6 +151,7 @@ class Run:
         tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
         metrics = {"weight_version": version, "rollouts/count": len(rollouts),
                    "data/skipped_rows": len(self.prompts.skipped), **stats, **learn, **timings, **got.metrics,
+                   **self.groups.rewards.take_metrics(),
                    **(extra or {}), "timing/step": step_s, "tokens/total": tokens,
                    "throughput/tokens_per_s": tokens / step_s, **pool_metrics(pool)}
         self.pool_log.write(json.dumps({"step": step, **pool}) + "\n")

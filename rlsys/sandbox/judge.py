@@ -118,9 +118,20 @@ def judge_program(sandbox: Sandbox, code: str | None, gold: str, limits: Limits)
     spec = parse_gold(gold)
     tests = spec["tests"]
     if code is None:
-        return Judgement(0, len(tests), "no code found (no <answer> block or fenced code)", None)
+        return Judgement(0, len(tests), NO_CODE, None)
+    results, run = run_tests(sandbox, code, tests, spec.get("setup", ""), limits)
+    return tally(results, len(tests), run)
+
+
+NO_CODE = "no code found (no <answer> block or fenced code)"
+
+
+def run_tests(sandbox: Sandbox, code: str, tests: list[str], setup: str, limits: Limits
+              ) -> tuple[dict[int, tuple[bool, str]], Execution]:
+    """One sandboxed run of the program against `tests`: test index -> (passed, what failed), for the
+    tests that reported before the run ended (a test that never returned, and those after it, are absent)."""
     nonce = secrets.token_hex(16)
-    run = sandbox.python_source(harness(code, tests, spec.get("setup", "")), limits, stdin=(nonce + "\n").encode())
+    run = sandbox.python_source(harness(code, tests, setup), limits, stdin=(nonce + "\n").encode())
     results: dict[int, tuple[bool, str]] = {}
     for line in run.stdout.splitlines():
         parts = line.split(" ", 3)
@@ -130,17 +141,25 @@ def judge_program(sandbox: Sandbox, code: str | None, gold: str, limits: Limits)
             except (ValueError, SyntaxError):
                 what = parts[3]
             results.setdefault(int(parts[1]), (parts[2] == "1", str(what)))
+    return results, run
+
+
+def tally(results: dict[int, tuple[bool, str]], total: int, run: Execution | None, cut: str = "") -> Judgement:
+    """The judgement from the tests' results (of one run, or of a program's tests split over several):
+    passed, and the reason: the first failing test, and how the run ended when tests are missing.
+    cut: how the run(s) that left tests unreported ended, when `run` is not the one that did."""
     passed = sum(ok for ok, _ in results.values())
     failures = [f"test {i}: {what}" for i, (ok, what) in sorted(results.items()) if not ok]
-    if passed == len(tests):
+    ended = cut or (run.reason if run is not None else "")
+    if passed == total:
         reason = ""
     elif failures:
         reason = failures[0]
     else:
-        reason = run.reason or "the harness reported nothing"
-    if len(results) < len(tests) and run.reason:
-        reason = f"{reason}; run {run.reason}" if failures else run.reason
-    return Judgement(passed, len(tests), reason, run)
+        reason = ended or "the harness reported nothing"
+    if len(results) < total and ended:
+        reason = f"{reason}; run {ended}" if failures else ended
+    return Judgement(passed, total, reason, run)
 
 
 CACHE_SIZE = 4096
@@ -149,16 +168,25 @@ _SANDBOXES: dict = {}  # one per reward.code setting in a process (the reward wo
 log = logging.getLogger(__name__)
 
 
+def open_sandbox(code_cfg, concurrency: int = 64) -> Sandbox:
+    """A sandbox as reward.code says (probed: a machine that cannot give it stops here, naming why)."""
+    if code_cfg.sandbox != "bwrap":
+        log.warning("reward.code.sandbox=%s: model-written code runs with resource limits only, without "
+                    "isolation (the host's files readable, its network reachable)", code_cfg.sandbox)
+    return Sandbox(mode=code_cfg.sandbox, python=code_cfg.python, uid_base=code_cfg.uid_base, concurrency=concurrency)
+
+
+def limits_of(code_cfg) -> Limits:
+    return Limits(wall_s=code_cfg.wall_s, cpu_s=code_cfg.cpu_s, memory_mb=code_cfg.memory_mb,
+                  processes=code_cfg.processes, output_bytes=code_cfg.output_kb << 10)
+
+
 def sandbox_for(code_cfg) -> tuple[Sandbox, Limits]:
+    """The process's sandbox for this reward.code setting (one each, kept), and the limits of a run."""
     key = (code_cfg.sandbox, code_cfg.python, code_cfg.uid_base)
     if key not in _SANDBOXES:
-        if code_cfg.sandbox != "bwrap":
-            log.warning("reward.code.sandbox=%s: model-written code runs with resource limits only, without "
-                        "isolation (the host's files readable, its network reachable)", code_cfg.sandbox)
-        _SANDBOXES[key] = Sandbox(mode=code_cfg.sandbox, python=code_cfg.python, uid_base=code_cfg.uid_base, concurrency=64)
-    limits = Limits(wall_s=code_cfg.wall_s, cpu_s=code_cfg.cpu_s, memory_mb=code_cfg.memory_mb,
-                    processes=code_cfg.processes, output_bytes=code_cfg.output_kb << 10)
-    return _SANDBOXES[key], limits
+        _SANDBOXES[key] = open_sandbox(code_cfg)
+    return _SANDBOXES[key], limits_of(code_cfg)
 
 
 def code_accuracy(completion: str, gold: str, cfg) -> float:
