@@ -121,6 +121,14 @@ class GeneratorConfig:
     free. 1: each engine decodes all its samples in one batch (a CPU engine reads every weight once
     per decode step: 2 prompts x 8 samples take 1.24x the time of 1 prompt x 8 on SmolLM2, not 2x);
     2 or more: an engine that finishes early takes more, for answers of very unequal lengths."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the model may call in its rollouts (rlsys.actors.tools): calculator (`<calc> 3 * 4
+    </calc>`) | python (`<python> print(1) </python>`, run in reward.code's sandbox). The output comes
+    back as `<output> ... </output>` in the text and generation goes on; its tokens are left out of the
+    loss. The prompt must tell the model how to call them. []: no tools, one turn."""
+    max_turns: int = 4
+    """With generator.tools: turns per rollout at most (a turn ends at a tool call or the end); the
+    tokens of all turns and tool outputs together stay within generator.max_tokens."""
 
 
 @dataclass
@@ -725,6 +733,7 @@ CHOICES: dict[str, tuple] = {
     "reward.format_mode": ("strict", "partial"),
     "reward.verifier": ("auto", "math", "number", "reasoning_gym", "code"),  # auto + rlsys.math.rewards.VERIFIERS
     "reward.code.sandbox": ("bwrap", "unsafe_rlimits_only"),  # rlsys.sandbox.execute.MODES
+    "generator.tools": ("calculator", "python"),  # rlsys.actors.tools.TOOLS: each item one of these
     "reward.language": ("ar", "de", "el", "en", "es", "fa", "fr", "he", "hi", "id", "it", "ja", "ko", "nl", "pl", "pt",
                         "ru", "th", "tr", "uk", "vi", "zh"),  # rlsys.math.language.SCRIPTS
     "algo.aggregation": ("token", "sequence"),
@@ -743,7 +752,8 @@ LOWER_BOUNDS: dict[str, tuple[str, float]] = {
                               "reward.num_workers", "data.prompts_per_step", "learner.num_ranks",
                               "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "eval.k",
                               "eval.limit", "sft.epochs", "reward.code.cpu_s", "reward.code.processes",
-                              "reward.code.output_kb", "reward.code.workers", "reward.code.backlog")},
+                              "reward.code.output_kb", "reward.code.workers", "reward.code.backlog",
+                              "generator.max_turns")},
     **{k: (">", 0) for k in ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb",
                              "generator.num_cpus", "generator.max_model_len", "generator.kv_cache_gib",
                              "reward.num_cpus", "reward.timeout_s", "reward.code.wall_s", "reward.code.num_cpus",
@@ -834,6 +844,9 @@ def key_checks(key: str) -> list[str]:
 
 def _check_key(cfg: Config, key: str) -> str | None:
     value = get_key(cfg, key)
+    if key in CHOICES and isinstance(value, list):  # a list key: each item one of the choices
+        bad = [v for v in value if v not in CHOICES[key]]
+        return f"{key}: each item must be {_choices_text(key)}, got {bad[0]!r}" if bad else None
     if key in CHOICES and value not in CHOICES[key]:
         return f"{key} must be {_choices_text(key)}, got {value!r}"
     if value is None:

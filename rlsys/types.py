@@ -30,6 +30,14 @@ class Rollout:
     """The weight version of the engine that produced it."""
     answer: str
     """The gold answer, carried along for the reward."""
+    loss_mask: list[int] | None = None
+    """Per response token: 1 sampled by the model, 0 a tool's output (generator.tools: no log-prob,
+    left out of the loss). None: every token is the model's."""
+    turns: int = 1
+    """Turns the model took (generator.tools: 1 + the tool calls answered)."""
+    tool_calls: int = 0
+    tool_errors: int = 0
+    """Tool calls made, and those whose tool failed (its error message was the output)."""
 
 
 @dataclass

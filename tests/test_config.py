@@ -389,12 +389,14 @@ def test_declared_checks_name_real_keys_and_match_the_components_lists():
     from rlsys.math.language import SCRIPTS
     from rlsys.math.rewards import VERIFIERS
     from rlsys.sandbox.execute import MODES
+    from rlsys.actors.tools import TOOLS
 
     cfg = Config()
     for key in [*CHOICES, *LOWER_BOUNDS, *RANGES, *(k for r in RULES for k in r.keys)]:
         get_key(cfg, key)  # AttributeError for a key that does not exist
     assert CHOICES["reward.verifier"] == ("auto", *VERIFIERS)
     assert CHOICES["reward.code.sandbox"] == MODES
+    assert CHOICES["generator.tools"] == TOOLS
     assert CHOICES["reward.language"] == tuple(sorted(SCRIPTS))
     assert all(r.says and r.check(cfg) is None for r in RULES), "the defaults break no rule"
 
@@ -405,6 +407,8 @@ def test_declared_checks_name_real_keys_and_match_the_components_lists():
     (["eval.top_p=0"], "eval.top_p must be in (0.0, 1.0], got 0.0"),
     (["learner.min_lr_ratio=1.5"], "learner.min_lr_ratio must be in [0.0, 1.0], got 1.5"),
     (["reward.code.memory_mb=8"], "reward.code.memory_mb must be >= 16, got 8"),
+    (["generator.tools=[calculator,shell]"], "generator.tools: each item must be calculator or python, got 'shell'"),
+    (["reward.code.workers=3", "reward.code.max_workers=2"], "reward.code.max_workers=2 is below reward.code.workers=3"),
     (["autoscale.enabled=true", "autoscale.grow_above=1.5", "generator.num_engines=2"],
      "autoscale.grow_above must be in (0, 1) and autoscale.patience >= 1, got 1.5, 2"),
 ])

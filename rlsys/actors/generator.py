@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from rlsys.config import GeneratorConfig
+from rlsys.config import CodeConfig, GeneratorConfig
 from rlsys.types import PromptRequest, Rollout
 from rlsys.actors.engine_worker import WORKER_EXTENSION, plan_to_wire
 from rlsys.actors.weight_sync import Bucket
@@ -123,9 +123,11 @@ def usable_sleep_level(level: int, available: bool) -> int:
 
 
 class Generator:
-    def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int, communicators: int = 1):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str, seed: int, communicators: int = 1,
+                 code: CodeConfig | None = None):
         """communicators: the weight-sync groups each worker will join (one per sending learner
-        rank); on GPUs their memory is left out of vLLM's share (engine_memory)."""
+        rank); on GPUs their memory is left out of vLLM's share (engine_memory). code: the sandbox
+        settings of the python tool (reward.code), when generator.tools lists it."""
         for k, v in engine_env(cfg).items():
             os.environ.setdefault(k, v)
         import torch
@@ -138,6 +140,12 @@ class Generator:
 
         self.cfg = cfg
         self.version = 0
+        self.tool_sandbox = None
+        if "python" in cfg.tools:  # probed now: a machine that cannot sandbox stops at start, not mid-rollout
+            from rlsys.sandbox.judge import limits_of, open_sandbox
+
+            assert code is not None, "generator.tools=[python] needs the sandbox settings (reward.code)"
+            self.tool_sandbox, self.tool_limits = open_sandbox(code, concurrency=8), limits_of(code)
         self.sleep_level = usable_sleep_level(cfg.sleep_level or 0, current_platform.is_sleep_mode_available())
         self.asleep = False
         # None: the launcher resolves it from the placement (rlsys.config.engine_memory_share); unused on CPU
@@ -179,6 +187,8 @@ class Generator:
             top_p=self.cfg.top_p if top_p is None else top_p,
             max_tokens=max_tokens or self.cfg.max_tokens, min_tokens=min_tokens, logprobs=0,
         )
+        if self.cfg.tools:
+            return self._generate_with_tools(prompts, n, params)
         outputs = self.llm.generate([{"prompt_token_ids": ids} for _, _, ids, _ in prompts], params, use_tqdm=False)
         rollouts = []
         for (group, row, ids, answer), out in zip(prompts, outputs):
@@ -192,6 +202,48 @@ class Generator:
                     finish_reason=c.finish_reason, weight_version=self.version, answer=answer,
                 ))
         return rollouts
+
+    def _generate_with_tools(self, prompts: list[PromptRequest], n: int, params) -> list[Rollout]:
+        """generator.tools: n multi-turn rollouts per prompt (rlsys.actors.tools.multi_turn), each turn
+        one engine call for every rollout still going (the prefix cache holds the earlier turns)."""
+        from vllm import SamplingParams
+
+        from rlsys.actors.tools import Turn, multi_turn, stop_strings
+
+        tokenizer = self.llm.get_tokenizer()
+        stops = stop_strings(self.cfg.tools)
+
+        def engine_step(contexts: list[list[int]], budgets: list[int]) -> list[Turn]:
+            turn_params = [SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=b,
+                                          logprobs=0, stop=stops, include_stop_str_in_output=True) for b in budgets]
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in contexts], turn_params, use_tqdm=False)
+            turns = []
+            for out in outputs:
+                c = out.outputs[0]
+                turns.append(Turn(list(c.token_ids), [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
+                                  c.text, c.finish_reason, c.stop_reason if isinstance(c.stop_reason, str) else None))
+            return turns
+
+        requests = [req for req in prompts for _ in range(n)]
+        done = multi_turn([ids for _, _, ids, _ in requests], engine_step,
+                          lambda text: tokenizer.encode(text, add_special_tokens=False), self.cfg.tools,
+                          self.cfg.max_turns, params.max_tokens, self._run_tool)
+        return [Rollout(prompt_index=row, group=group, prompt_ids=list(ids), response_ids=r.response_ids,
+                        response_logprobs=r.logprobs, text=r.text, finish_reason=r.finish_reason,
+                        weight_version=self.version, answer=answer, loss_mask=r.loss_mask, turns=r.turns,
+                        tool_calls=r.tool_calls, tool_errors=r.tool_errors)
+                for (group, row, ids, answer), r in zip(requests, done)]
+
+    def _run_tool(self, tool: str, call: str) -> tuple[str, bool]:
+        """(output, failed) of one call: the calculator here, a program in the sandbox (its stdout)."""
+        from rlsys.actors.tools import run_calculator
+
+        if tool == "calculator":
+            return run_calculator(call)
+        run = self.tool_sandbox.python_source(call, self.tool_limits)
+        if run.ok:
+            return run.stdout.strip(), False
+        return f"error: {run.reason}", True
 
     def join_sync(self, rendezvous: list[tuple[str, int]], first_rank: int, world: int, backend: str,
                   timeout_s: float) -> list[int]:

@@ -124,7 +124,7 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     def generator(index: int, where: dict, gpus: float = gen_gpus):
         return GeneratorActor.options(num_cpus=cfg.generator.num_cpus, num_gpus=gpus, runtime_env={"env_vars": env},
                                       **where).remote(model, engine_cfg, cfg.model.dtype,
-                                                      cfg.trainer.seed + index, communicators)
+                                                      cfg.trainer.seed + index, communicators, cfg.reward.code)
 
     engines = []
     for s in lay.of("generator"):

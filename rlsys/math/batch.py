@@ -16,6 +16,9 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, v
     learner's weight version the batch is trained at; each row's staleness is measured from it
     (None: synchronous, every row on-policy).
 
+    A rollout's loss_mask (generator.tools) leaves its tools' output tokens out of the loss: they
+    stay in the row (the model reads them) but are never trained on.
+
     cfg.mask_truncated (DAPO's overlong filtering): a truncated rollout's row has no loss tokens;
     its reward still counts in its group's advantages, so the other rows' advantages are the same.
 
@@ -38,7 +41,7 @@ def make_batch(rollouts: list[Rollout], rewards: list[float], cfg: AlgoConfig, v
         p, n = len(r.prompt_ids), len(r.response_ids)
         input_ids[i, :p + n] = torch.tensor(r.prompt_ids + r.response_ids)
         attention_mask[i, :p + n] = 1
-        loss_mask[i, p:p + n] = 1
+        loss_mask[i, p:p + n] = 1 if r.loss_mask is None else torch.tensor(r.loss_mask, dtype=torch.float32)
         gen_logprobs[i, p:p + n] = torch.tensor(r.response_logprobs)
     if cfg.mask_truncated:
         loss_mask = mask_truncated_rows(loss_mask, [r.finish_reason for r in rollouts])  # (B, L)

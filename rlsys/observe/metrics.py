@@ -73,7 +73,21 @@ def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_si
         "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
         "rollout/weight_version": rollouts[0].weight_version,
         "tokens/response": sum(lengths),
+        **(tool_stats(rollouts) if any(r.loss_mask is not None for r in rollouts) else {}),
     }
+
+
+def tool_stats(rollouts: list[Rollout]) -> dict[str, float]:
+    """generator.tools: turns per rollout, tool calls and failed calls per rollout, the share of
+    rollouts that called a tool, and the share of response tokens that are tools' output."""
+    n = len(rollouts)
+    tokens = sum(len(r.response_ids) for r in rollouts)
+    return {"tools/turns_mean": sum(r.turns for r in rollouts) / n,
+            "tools/calls_mean": sum(r.tool_calls for r in rollouts) / n,
+            "tools/errors_mean": sum(r.tool_errors for r in rollouts) / n,
+            "tools/used_frac": sum(r.tool_calls > 0 for r in rollouts) / n,
+            "tools/output_token_frac": sum(len(r.loss_mask) - sum(r.loss_mask) for r in rollouts
+                                           if r.loss_mask is not None) / max(tokens, 1)}
 
 
 class RunLog:

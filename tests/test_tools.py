@@ -1,0 +1,112 @@
+"""Rollouts that call tools (rlsys.actors.tools): turns assembled exactly, tool outputs masked out of
+the loss with no log-prob, the turn and token budgets kept, the calculator's answers and refusals."""
+
+import pytest
+import torch
+
+from rlsys.actors.tools import Turn, calculate, multi_turn, run_calculator, tool_call
+from rlsys.config import AlgoConfig
+from rlsys.math.batch import make_batch
+from rlsys.types import Rollout
+
+
+def tokenize(text: str) -> list[int]:
+    """A character tokenizer offset to 1000, so a tool's tokens cannot be mistaken for the script's."""
+    return [1000 + ord(c) for c in text]
+
+
+class Script:
+    """An engine that answers each context with the next of its scripted turns, and records what it
+    was asked (the context it continued from and the token budget)."""
+
+    def __init__(self, turns: dict[int, list[Turn]]):
+        self.turns = {k: list(v) for k, v in turns.items()}  # prompt's first token -> its turns in order
+        self.asked: list[tuple[list[int], int]] = []
+
+    def __call__(self, contexts, budgets):
+        self.asked += list(zip(contexts, budgets))
+        return [self.turns[ctx[0]].pop(0) for ctx in contexts]
+
+
+def turn(ids, text, stop=None, finish="stop"):
+    return Turn(list(ids), [-0.5] * len(ids), text, finish, stop)
+
+
+def calc(tool, call):
+    assert tool == "calculator"
+    return run_calculator(call)
+
+
+def test_a_tool_call_is_answered_masked_and_continued_from_the_whole_context():
+    engine = Script({
+        1: [turn([11, 12, 13], "<calc> 6 * 7 </calc>", stop="</calc>"),
+            turn([14, 15], " <answer> 42 </answer>")],
+        2: [turn([21, 22], "<answer> 5 </answer>")],  # answers at once: one turn, no tool
+    })
+    a, b = multi_turn([[1, 100], [2, 200]], engine, tokenize, ["calculator"], max_turns=4, max_tokens=64,
+                      run_tool=calc)
+    output = " <output> 42 </output>"
+    assert a.response_ids == [11, 12, 13] + tokenize(output) + [14, 15]
+    assert a.loss_mask == [1, 1, 1] + [0] * len(output) + [1, 1]
+    assert a.logprobs == [-0.5] * 3 + [0.0] * len(output) + [-0.5] * 2
+    assert a.text == "<calc> 6 * 7 </calc>" + output + " <answer> 42 </answer>"
+    assert (a.turns, a.tool_calls, a.tool_errors, a.finish_reason) == (2, 1, 0, "stop")
+    assert (b.response_ids, b.loss_mask, b.turns, b.tool_calls) == ([21, 22], [1, 1], 1, 0)
+    # turn 2 continued from the prompt, the sampled call and the output, with what was left of the budget
+    assert engine.asked == [([1, 100], 64), ([2, 200], 64),
+                            ([1, 100, 11, 12, 13] + tokenize(output), 64 - 3 - len(output))]
+
+
+def test_a_failed_call_says_why_in_its_output_and_is_counted():
+    engine = Script({1: [turn([11], "<calc> 1 / 0 </calc>", stop="</calc>"), turn([12], " done")]})
+    [r] = multi_turn([[1]], engine, tokenize, ["calculator"], max_turns=3, max_tokens=100, run_tool=calc)
+    assert r.text == "<calc> 1 / 0 </calc> <output> error: division by zero </output> done"
+    assert (r.tool_calls, r.tool_errors, r.turns) == (1, 1, 2)
+
+
+def test_the_turn_limit_ends_a_rollout_at_its_last_call_unanswered():
+    call = turn([11], "<calc> 1 + 1 </calc>", stop="</calc>")
+    engine = Script({1: [call, call]})
+    [r] = multi_turn([[1]], engine, tokenize, ["calculator"], max_turns=2, max_tokens=100, run_tool=calc)
+    assert (r.turns, r.tool_calls) == (2, 1)  # the second call is the last turn: no output, no third turn
+    assert r.loss_mask[-1] == 1 and r.text.endswith("</calc>") and r.finish_reason == "stop"
+
+
+def test_the_token_budget_cuts_an_output_that_does_not_fit_and_ends_the_rollout():
+    engine = Script({1: [turn(range(11, 21), "<calc> 9 ** 9 </calc>", stop="</calc>")]})
+    [r] = multi_turn([[1]], engine, tokenize, ["calculator"], max_turns=4, max_tokens=16, run_tool=calc)
+    assert len(r.response_ids) == 16 and r.loss_mask == [1] * 10 + [0] * 6
+    assert r.response_ids[10:] == tokenize(" <output> 387420489 </output>")[:6]
+    assert r.finish_reason == "length" and r.turns == 1
+    # a call that used the last token itself: no room for an output, no tool run
+    engine = Script({1: [turn(range(11, 17), "<calc> 2 </calc>", stop="</calc>")]})
+    [r] = multi_turn([[1]], engine, tokenize, ["calculator"], max_turns=4, max_tokens=6, run_tool=calc)
+    assert (r.tool_calls, r.finish_reason, r.loss_mask) == (0, "length", [1] * 6)
+
+
+def test_a_call_is_the_last_element_of_its_tag():
+    assert tool_call("<calc> 1 </calc> then <calc> 2 * 3 </calc>", "calc") == "2 * 3"
+    assert tool_call("no call </calc>", "calc") == ""
+
+
+def test_calculator_answers_arithmetic_and_refuses_everything_else():
+    assert calculate("347 * 862") == "299114"
+    assert calculate("2 ^ 10") == "1024" and calculate("3 × 4") == "12"
+    assert calculate("10 / 4") == "2.5" and calculate("1 / 3") == "0.3333333333"
+    for expression, why in [("__import__('os').system('id')", "not arithmetic"), ("x + 1", "not arithmetic: Name"),
+                            ("9 ** 9 ** 9", "exponent"), ("10 ** 99 * 10 ** 99", "out of range"),
+                            ("1 +", "not an expression"), ("(-1) ** 0.5", "out of range")]:
+        with pytest.raises(ValueError, match=why):
+            calculate(expression)
+
+
+def test_tool_output_tokens_are_in_the_row_but_out_of_the_loss():
+    def rollout(mask, reward_group=0):
+        return Rollout(prompt_index=0, group=reward_group, prompt_ids=[5, 6], response_ids=[7, 8, 9, 10],
+                       response_logprobs=[-1.0, 0.0, 0.0, -2.0], text="", finish_reason="stop", weight_version=0,
+                       answer="", loss_mask=mask)
+
+    batch = make_batch([rollout([1, 0, 0, 1]), rollout(None)], [1.0, 0.0], AlgoConfig(group_size=2))
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]] * 2  # the model reads the output tokens
+    assert batch.attention_mask.tolist() == [[1] * 6] * 2
+    assert torch.equal(batch.loss_mask, torch.tensor([[0, 0, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float32))
