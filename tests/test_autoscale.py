@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -47,21 +48,24 @@ def rollout_nodes(nodes: LocalNodes) -> list[str]:
 
 def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_again(autoscaling, tmp_path):
     run_dir = tmp_path / "run"
-    # Steps take about 1 s each here; an engine joins 15-30 s after it is asked for (a node from the
-    # autoscaler, then vLLM's start), slower on a loaded machine: CI once took 29 steps to grow the
-    # first time and the 26 steps left after the drain were too few to grow again. 100 leaves the
-    # regrowth about twice the first growth's time.
-    steps = 100
+    # Bound by events, not a step count (an engine joins 15-30 s after it is asked for, slower on a
+    # loaded machine): the run, with total_steps far beyond what it needs, is stopped with SIGTERM
+    # once the pool has grown, given back the drained node and grown again, plus two steps.
     drained_node = None
+
+    def pool_events() -> list[dict]:
+        pool = run_dir / "pool.jsonl"
+        return [e for p in read_jsonl(pool) for e in p["events"]] if pool.is_file() else []
+
     with Background(
-            [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", f"trainer.total_steps={steps}",
+            [str(BIN / "rlsys"), "train", "configs/tiny.yaml", "trainer.progress=false", "trainer.total_steps=1000",
              f"trainer.output_dir={run_dir}", f"cluster.address={autoscaling.address}",
              "cluster.placement=disaggregated", "cluster.shared_storage=true", "generator.num_cpus=2",
              "generator.num_engines=1", "data.prompts_per_step=4", "learner.mini_batch_size=16",
              "autoscale.enabled=true", "autoscale.min_generators=1", "autoscale.max_generators=2",
              "autoscale.patience=1", "autoscale.grow_above=0.2"],
             tmp_path / "driver.log", REPO) as run:
-        deadline = time.time() + 900
+        deadline, stop_after = time.time() + 900, None
         while run.proc.poll() is None and time.time() < deadline:
             pool = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
             if drained_node is None and pool and len(pool[-1]["engines"]) == 2:
@@ -69,18 +73,27 @@ def test_pool_grows_with_the_autoscaler_gives_back_a_draining_node_and_grows_aga
                 newest = max(pool[-1]["engines"], key=int)
                 drained_node = pool[-1]["engines"][newest]
                 autoscaling.drain(drained_node)
+            kinds = [e["event"] for e in pool_events() if e["event"] in ("join", "drained")]
+            if stop_after is None and kinds[:3] == ["join", "drained", "join"]:
+                stop_after = len(pool) + 2
+            if stop_after is not None and len(pool) >= stop_after:
+                run.proc.send_signal(signal.SIGTERM)  # the step in progress finishes, is checkpointed, exit 0
+                break
             time.sleep(1)
-        code = run.wait(timeout=60)
+        code = run.wait(timeout=300)
     out = run.output()
     assert code == 0, out[-6000:]
     assert drained_node is not None, "the pool never grew to 2 engines:\n" + out[-4000:]
+    assert stop_after is not None, "the pool did not grow, give back the drained node and grow again in 900 s:\n" \
+        + out[-4000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
+    steps = len(metrics)
     assert [(m["rollout/weight_version"], m["weight_version"]) for m in metrics] == [(s, s + 1) for s in range(steps)]
     assert [m["rollouts/count"] for m in metrics] == [4 * 8] * steps
     sizes = [m["pool/size"] for m in metrics]
     changes = [b for a, b in zip(sizes, sizes[1:]) if a != b]
     assert changes[:3] == [2, 1, 2], f"pool sizes per step: {sizes}"
-    events = [e for p in read_jsonl(run_dir / "pool.jsonl") for e in p["events"]]
+    events = pool_events()
     kinds = [e["event"] for e in events]
     # (the pool may change again later in the run: the policy is free to, what matters is this order)
     assert [k for k in kinds if k in ("join", "drained")][:3] == ["join", "drained", "join"], events

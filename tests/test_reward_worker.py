@@ -9,6 +9,11 @@ from rlsys.actors.reward_worker import RewardWorker
 from rlsys.types import RewardResult
 from rlsys.math.rewards import accuracy, combine, score
 
+HANG_S = 5.0
+"""The per-sample timeout of the tests that hang a sample: what a hang costs them. A sample that does
+not hang is scored in milliseconds; 5 s leaves a busy machine (CI, a test run beside a training run)
+three orders of magnitude before a sound sample would count as hung."""
+
 # Scorers must be module-level (the child process unpickles them by name). A scorer gives the
 # accuracy only: the worker computes the format score itself, in the parent.
 
@@ -95,7 +100,7 @@ def test_real_worker_matches_direct_scoring():
 
 
 def test_hanging_scorer_times_out_and_scoring_continues():
-    cfg = make_cfg(timeout_s=1.0)
+    cfg = make_cfg(timeout_s=HANG_S)
     worker = RewardWorker(cfg, scorer=hang_on_marker)
     try:
         ok = (tagged("4"), "4")
@@ -117,7 +122,7 @@ def test_hanging_scorer_times_out_and_scoring_continues():
 
 def test_timeout_pays_the_format_score_of_the_workers_format_mode():
     # partial mode: a well-formed think block alone is worth 0.5, so the reward is 0.2 * 0.5.
-    cfg = RewardConfig(timeout_s=1.0, require_answer_tag=False, accuracy_weight=0.8, format_weight=0.2,
+    cfg = RewardConfig(timeout_s=HANG_S, require_answer_tag=False, accuracy_weight=0.8, format_weight=0.2,
                        verifier="math", format_mode="partial")
     with RewardWorker(cfg, scorer=hang_on_marker) as worker:
         got = worker.score([(" <think> HANG </think> so 4", "4"), (" <think> 2 + 2 </think> so 4", "4")])
@@ -212,7 +217,7 @@ def test_unpicklable_scorer_is_rejected():
 def test_real_verifier_blowup_cannot_stall():
     # math-verify/sympy on a power tower runs for a long time (it did with math-verify 0.9.0):
     # whatever it does, the sample scores 0 and the ones around it score normally.
-    cfg = make_cfg(timeout_s=1.0)
+    cfg = make_cfg(timeout_s=HANG_S)
     ok = (tagged("7"), "7")
     tower = (tagged("10^{10^{10^{10}}}"), "2")
     with RewardWorker(cfg) as worker:
@@ -224,7 +229,7 @@ def test_real_verifier_blowup_cannot_stall():
 def test_streamed_samples_queued_behind_a_hang_or_an_error_are_neither_lost_nor_stale():
     # More samples than are queued in the child at once, a hang in the middle: the ones queued
     # behind it in the killed child are sent again to the fresh one.
-    cfg = make_cfg(timeout_s=1.0)
+    cfg = make_cfg(timeout_s=HANG_S)
     ok, hang = (tagged("4"), "4"), (tagged("4") + " HANG", "4")
     worker = RewardWorker(cfg, scorer=hang_on_marker)
     try:
@@ -250,7 +255,7 @@ def test_language_reward_is_added_with_its_weight_even_when_the_check_fails():
     # R1's third rule reward: 0.8 * accuracy + 0.2 * format + 0.1 * language consistency. Reasoning
     # "add 三 and four": words add, 三, and, four -> 3 of 4 English. A hanging verifier still pays
     # format and language (both computed in the parent).
-    cfg = RewardConfig(timeout_s=1.0, require_answer_tag=True, accuracy_weight=0.8, format_weight=0.2,
+    cfg = RewardConfig(timeout_s=HANG_S, require_answer_tag=True, accuracy_weight=0.8, format_weight=0.2,
                        language_weight=0.1, language="en", verifier="math")
     mixed = " <think> add 三 and four </think> <answer> 7 </answer>"
     with RewardWorker(cfg, scorer=hang_on_marker) as worker:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -61,6 +62,7 @@ def train(cfg: Config) -> Path:
     groups = launch(cfg, model_path, verifier)
     run = Run(cfg, run_dir, groups, prompts, eval_problems, storage, start)
     loop = asynchronous if cfg.trainer.max_staleness > 0 else synchronous
+    previous = signal.signal(signal.SIGTERM, run.request_stop)  # after init_ray, whose own handler exits at once
     try:
         if resumed is not None:  # the checkpoint's learner, and its weights on every generator
             trained = groups.learner.load_state(resume_from, storage=storage)
@@ -82,6 +84,7 @@ def train(cfg: Config) -> Path:
                "collectives went with it)." if e.name.startswith("learner") else "")
         raise RuntimeError(f"{located(e, groups.placement)}.{why} The run stops. {last_checkpoint(run_dir)}") from e
     finally:
+        signal.signal(signal.SIGTERM, previous)
         run.close()
     return run_dir
 
@@ -135,9 +138,25 @@ class Run:
         self.timeline = Timeline() if cfg.profile.enabled else None
         self.bar = tqdm(range(start, cfg.trainer.total_steps), desc="grpo", initial=start,
                         total=cfg.trainer.total_steps, disable=not cfg.trainer.progress, dynamic_ncols=True)
+        self.stop_signal: int | None = None  # SIGTERM received: the run stops after the step in progress
+        self.stopping = False  # the step being recorded is the last: it is checkpointed, the loop ends
 
     def steps(self, start: int):
-        return self.bar
+        for step in self.bar:
+            yield step
+            if self.stopping:
+                print(f"[rlsys] stopped after step {step} on signal {self.stop_signal} (SIGTERM), its checkpoint "
+                      f"written: trainer.resume=auto continues the run", flush=True)
+                return
+
+    def request_stop(self, signum: int, frame) -> None:
+        """SIGTERM (`ray job stop`, a scheduler's preemption, `kill`): the step in progress finishes and is
+        checkpointed, then the run ends (exit 0). A second SIGTERM stops at once, as Ctrl-C does."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt(f"signal {signum} received twice")
+        self.stop_signal = signum
+        print(f"[rlsys] signal {signum} (SIGTERM): the run stops after the step in progress, with a checkpoint "
+              f"(send it again to stop at once)", flush=True)
 
     def record(self, step: int, version: int, got: Collected, learn: dict, timings: dict, step_s: float,
                pool: dict, prompt_state: dict | None = None, extra: dict | None = None) -> None:
@@ -145,6 +164,7 @@ class Run:
         the sample, evaluation, checkpoint, upload, progress bar. prompt_state: the prompt stream's
         position a resume continues from (None: where it is now)."""
         cfg, rollouts, scores = self.cfg, got.rollouts, got.scores
+        self.stopping = self.stop_signal is not None  # read once: a signal from here on stops after the next step
         check_logprob_gap(step, learn, cfg.trainer.logprob_gap_warn, cfg.trainer.logprob_gap_stop)
         self.bad_streak = check_bad_steps(step, learn, self.bad_streak, cfg.learner.max_bad_steps)
         stats = rollout_stats(rollouts, scores, cfg.algo.group_size, cfg.trainer.reflection_words)
@@ -166,7 +186,7 @@ class Run:
                   "answer": rollouts[0].answer,
                   "reward": scores[0].reward}
         self.log.log(step, metrics, sample)  # before the save: a checkpoint never holds a step the log lacks
-        if due(step, cfg.trainer.save_every, last) or last:
+        if due(step, cfg.trainer.save_every, last) or last or self.stopping:
             with self.timer.spans.span("save"):
                 save(self.groups, self.run_dir, version, self.prompts, cfg, prompt_state, self.storage)
         if self.storage is not None:
