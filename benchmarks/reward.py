@@ -104,6 +104,7 @@ def run(quick: bool) -> Section:
     section.figures.append(Figure.repeated("reward pool, 2 workers samples/s", two, "samples/s",
                                            "reward pool, 1 worker, same samples", one))
     sandbox_figure(section, 16 if quick else 64, repeats)
+    sandbox_pool_figure(section, 16 if quick else 64, repeats)
     return section
 
 
@@ -158,6 +159,73 @@ def sandbox_figure(section: Section, count: int, repeats: int) -> None:
         "the same program in a plain subprocess, no isolation", reference, target=0.5,
         note="1 - ratio = the cost of isolation; the issue's bar: isolation at most doubles an execution's cost"))
     section.rows.append({"what": "sandbox", "executions": count, "isolated_per_s": ours, "plain_per_s": reference})
+
+
+def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int = 2) -> None:
+    """What code rewards get in a run: `count` distinct programs (none from the cache) judged by a warm
+    pool of `workers` sandbox worker actors (rlsys.cluster.sandboxes, over Ray) against the same harness
+    programs run by `workers` threads, each with a plain subprocess in a temporary folder."""
+    import json
+    import os
+    import secrets
+    import subprocess
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlsys.cluster.remote import SandboxActor
+    from rlsys.cluster.sandboxes import SandboxPool
+    from rlsys.config import CodeConfig
+    from rlsys.sandbox.judge import harness, limits_of
+
+    if os.geteuid() != 0:
+        print("[reward] sandbox pool figure skipped: the sandbox's per-run uids need root", flush=True)
+        return
+    tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
+    gold = json.dumps({"tests": tests})
+    code = CodeConfig(wall_s=10.0)
+    pool = SandboxPool(lambda: SandboxActor.options(num_cpus=0).remote(code), workers, workers, 10**6,
+                       limits_of(code), timeout_s=60.0)
+    pool.wait_ready()
+    rounds = iter(range(10**9))
+
+    def programs() -> list[str]:  # distinct each call: the pool's cache must not answer
+        r = next(rounds)
+        return [f"def add(a, b):\n    return a + b  # {r}.{i}" for i in range(count)]
+
+    def isolated() -> float:
+        batch = programs()
+        start = time.perf_counter()
+        verdicts = pool.judge([(p, gold) for p in batch])
+        assert all(v.passed == 3 for v in verdicts)
+        return count / (time.perf_counter() - start)
+
+    def one_plain(program: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "main.py"), "w") as f:
+                f.write(harness(program, tests))
+            nonce = secrets.token_hex(16)
+            out = subprocess.run([code.python, "-I", "main.py"], cwd=folder, input=nonce + "\n",
+                                 capture_output=True, text=True, timeout=10).stdout
+            assert out.count(f"{nonce} ") == 3 and " 0 " not in out.replace(nonce, "")
+
+    def plain() -> float:
+        batch = programs()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(workers) as threads:
+            list(threads.map(one_plain, batch))
+        return count / (time.perf_counter() - start)
+
+    try:
+        isolated(), plain()  # warm-up
+        ours, reference = interleaved(isolated, plain, repeats)
+    finally:
+        pool.close()
+    section.figures.append(Figure.repeated(
+        f"code reward executions/s, warm pool of {workers} sandbox workers (Ray actors)", ours, "executions/s",
+        f"the same programs in plain subprocesses, {workers} at a time", reference, target=0.5,
+        note="what a code run's reward step gets; the issue's bar: isolation at most doubles an execution's cost"))
+    section.rows.append({"what": "sandbox_pool", "executions": count, "workers": workers, "isolated_per_s": ours,
+                         "plain_per_s": reference})
 
 
 if __name__ == "__main__":

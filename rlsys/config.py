@@ -142,8 +142,9 @@ class CodeConfig:
     """The interpreter programs run under, inside the sandbox (the system's: a sandbox uid can read it)."""
     partial: bool = False
     """False: accuracy 1 only when every test passes (R1) | True: the fraction of tests passed."""
-    wall_s: float = 4.0
-    """Wall-clock deadline of one program with all its tests; the whole process tree is killed at it."""
+    wall_s: float = 3.0
+    """Wall-clock deadline of one program with all its tests; the whole process tree is killed at it
+    (reward.timeout_s, the deadline of a worker's call, must be at least 2 s longer)."""
     cpu_s: int = 2
     """CPU seconds a program may use (RLIMIT_CPU)."""
     memory_mb: int = 512

@@ -174,7 +174,7 @@ def test_a_code_run_judges_with_the_sandbox_workers_in_place_of_the_reward_worke
 
     out = tmp_path / "run"
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "rlsys"), "train", "configs/tiny.yaml",
-                           "data.path=null", "data.name=code_functions", "reward.verifier=code",
+                           "data.name=code_functions", "reward.verifier=code", "generator.max_model_len=1024",
                            "trainer.total_steps=2", "reward.code.workers=2", f"trainer.output_dir={out}",
                            "trainer.progress=false"],
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,

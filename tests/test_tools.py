@@ -86,7 +86,8 @@ def test_the_token_budget_cuts_an_output_that_does_not_fit_and_ends_the_rollout(
 
 def test_a_call_is_the_last_element_of_its_tag():
     assert tool_call("<calc> 1 </calc> then <calc> 2 * 3 </calc>", "calc") == "2 * 3"
-    assert tool_call("no call </calc>", "calc") == ""
+    assert tool_call(" 6 * 7 </calc>", "calc") == "6 * 7"  # the prompt opened the call
+    assert tool_call("no call at all", "calc") == ""
 
 
 def test_calculator_answers_arithmetic_and_refuses_everything_else():
@@ -110,3 +111,43 @@ def test_tool_output_tokens_are_in_the_row_but_out_of_the_loss():
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]] * 2  # the model reads the output tokens
     assert batch.attention_mask.tolist() == [[1] * 6] * 2
     assert torch.equal(batch.loss_mask, torch.tensor([[0, 0, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float32))
+
+
+def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_cluster):
+    """SmolLM2-135M-Instruct in a real vLLM engine, greedy, on a prompt whose worked example calls the
+    calculator and which opens the next call: the model writes the expression and closes the call
+    (it does not open one unprompted at this size), the engine stops at </calc>, the output is put in and masked out
+    (log-prob 0), and the engine continues from the whole context. The model's own tokens around the
+    output are what the engine sampled; the output's tokens are exactly the tokenizer's."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rlsys.cluster.groups import launch
+    from rlsys.config import load_config
+    from rlsys.data.models import resolve_model
+
+    cfg = load_config(None, ["model.path=smollm2-135m-instruct", "generator.num_engines=1", "generator.tools=[calculator]",
+                             "generator.max_turns=3", "generator.max_tokens=48", "generator.max_model_len=512",
+                             "reward.num_workers=1"])
+    model_path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompt = ("Q: What is 12 * 3?\nA: <calc> 12 * 3 </calc> <output> 36 </output> The answer is 36.\n\n"
+              "Q: What is 347 * 862?\nA: <calc>")
+    ids = tokenizer.encode(prompt)
+    groups = launch(cfg, model_path, verifier="number", train=False)
+    try:
+        [r] = ray.get(groups.generators.engines[0].actor.generate.remote([(0, 0, ids, "299114")], n=1, greedy=True))
+    finally:
+        groups.shutdown()
+    assert r.tool_calls >= 1 and r.turns == r.tool_calls + 1, r.text
+    assert r.text.startswith(" 347 * 862 </calc>"), r.text
+    first = r.text.index("</calc>") + len("</calc>")
+    output = r.text[first:r.text.index("</output>") + len("</output>")]
+    assert output == " <output> 299114 </output>", r.text  # the model copied the numbers into its call
+    out_ids = tokenizer.encode(output, add_special_tokens=False)
+    start = r.loss_mask.index(0)
+    assert r.loss_mask[start:start + len(out_ids)] == [0] * len(out_ids) and r.response_ids[start:start + len(out_ids)] \
+        == out_ids
+    assert all(lp == 0.0 for lp, m in zip(r.response_logprobs, r.loss_mask) if m == 0)
+    assert sum(r.loss_mask[start + len(out_ids):]) > 0, "the engine went on after the output"
+    assert len(r.response_ids) <= 48 and len(r.loss_mask) == len(r.response_ids) == len(r.response_logprobs)

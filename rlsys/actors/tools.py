@@ -109,10 +109,13 @@ def multi_turn(prompts: list[list[int]], engine_step: EngineStep, tokenize: Toke
 
 
 def tool_call(text: str, tag: str) -> str:
-    """The content of the last `<tag> ... </tag>` of text (the call that ended the turn)."""
-    start = text.rfind(f"<{tag}>")
+    """The content of the call that ended the turn: from the last `<tag>` before the last `</tag>`,
+    or from the start of the response when the prompt (or data.prefill) opened the call."""
     end = text.rfind(f"</{tag}>")
-    return text[start + len(tag) + 2:end].strip() if 0 <= start < end else ""
+    if end < 0:
+        return ""
+    start = text.rfind(f"<{tag}>", 0, end)
+    return text[start + len(tag) + 2 if start >= 0 else 0:end].strip()
 
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
