@@ -51,7 +51,10 @@ def summarize(metrics: Path, k: int) -> dict:
 
     rows = read_jsonl(metrics)
     last = max(rows, key=lambda r: r["step"])
-    row = {"steps": len(rows), "pass@1": last["eval/pass@1"], f"cons@{k}": last[f"eval/cons@{k}"]}
+    evals = [r for r in rows if "eval/pass@1" in r]
+    row = {"steps": len(rows), "pass@1 on the way": ", ".join(f"{r['eval/pass@1']:.3g} (step {r['step'] + 1})"
+                                                               for r in evals if r is not last),
+           "pass@1": last["eval/pass@1"], f"cons@{k}": last[f"eval/cons@{k}"]}
     for key in LEARNER_KEYS:
         values = [r[key] for r in rows if key in r]
         row[key] = statistics.fmean(values) if values else None
@@ -59,7 +62,7 @@ def summarize(metrics: Path, k: int) -> dict:
 
 
 def table(results: dict[str, dict], k: int) -> str:
-    head = ["run", "steps", "pass@1", f"cons@{k}", *LEARNER_KEYS]
+    head = ["run", "steps", "pass@1 on the way", "pass@1", f"cons@{k}", *LEARNER_KEYS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results.items():
         cells = [name] + [("" if row[h] is None else f"{row[h]:.4g}" if isinstance(row[h], float) else str(row[h]))
@@ -77,12 +80,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--keep", type=Path, help="copy each finished run's metrics and config here; "
                         "a run kept here is not run again")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the runs kept in "
+                        "--keep (those not kept yet are left out, and named)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_intermixed_args(argv)
 
     from rlsys.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.table_only and not args.keep:
+        parser.error("--table-only reads the kept runs: give --keep")
     if not cfg.eval.every:
         parser.error("the runs are compared by their last held-out evaluation: eval.every must be > 0")
     results = {}
@@ -93,6 +100,9 @@ def main(argv: list[str]) -> int:
             kept = args.keep / f"{name}.metrics.jsonl" if args.keep else None
             if kept is not None and finished(kept, cfg.trainer.total_steps):
                 results[name] = summarize(kept, cfg.eval.k)
+                continue
+            if args.table_only:
+                print(f"[off_policy_runs] {name}: not kept yet, left out of the table", flush=True)
                 continue
             if not finished(run / "metrics.jsonl", cfg.trainer.total_steps):
                 resume = ["trainer.resume=auto"] if (run / "metrics.jsonl").is_file() else []
