@@ -39,12 +39,19 @@ from pathlib import Path
 MODES = ("bwrap", "unsafe_rlimits_only")
 UID_LOCKS = Path("/tmp/rlsys-sandbox-uids")  # one lock file per sandbox uid in use on this machine
 
-# Sets the limits, drops to the sandbox's uid, and runs bwrap (or the program itself in
-# unsafe_rlimits_only mode) as its child, reaping every process orphaned below it (it is their
-# subreaper) until none is left, then exits as bwrap did. A separate interpreter rather than
-# subprocess's preexec_fn, which is unsafe in a process with threads (Ray actors have several); the
-# subreaper so that what the sandbox leaves is reaped at once, not whenever the machine's init gets
-# to it (a container's PID 1 may take seconds), and its uid is free for the next run.
+# How a run starts. As root in bwrap mode: util-linux's `prlimit` sets the limits and execs bwrap,
+# started as the run's uid by subprocess itself (its user/group arguments act between fork and exec,
+# in C: safe in a process with threads, unlike preexec_fn). Whatever the program leaves lives in
+# bwrap's PID namespace, which the kernel empties when the namespace's init ends; that init's own
+# exit is not waited for by bwrap, so this process is made a subreaper (`adopt_orphans`) and `reap`
+# waits for it by pid (only pids of the run's uid: never another child's status). Otherwise (not
+# root, no prlimit, or unsafe_rlimits_only mode, which has no PID namespace) the launcher below does
+# it in Python, a process more per run: it sets the limits, drops to the uid and runs bwrap or the
+# program as its child, reaping every process orphaned below it (it is their subreaper) until none
+# is left, so that what the run leaves is reaped at once, not whenever the machine's init gets to it
+# (a container's PID 1 may take seconds), and its uid is free for the next run.
+PRLIMIT_OPTIONS = {"RLIMIT_CPU": "--cpu", "RLIMIT_AS": "--as", "RLIMIT_FSIZE": "--fsize", "RLIMIT_NPROC": "--nproc",
+                   "RLIMIT_NOFILE": "--nofile", "RLIMIT_CORE": "--core"}
 _LAUNCHER = r"""
 import ctypes, json, os, resource, signal, sys
 spec = json.loads(sys.argv[1])
@@ -160,6 +167,9 @@ class Sandbox:
         if not Path(python).is_file():
             raise SandboxUnavailable(f"the sandbox's interpreter {python} does not exist (reward.code.python)")
         self.bwrap = (bwrap or bwrap_binary()) if mode == "bwrap" else None
+        self.prlimit = shutil.which("prlimit", path="/usr/bin:/bin") if mode == "bwrap" and self.root else None
+        if self.prlimit is not None:
+            adopt_orphans()
         probe = self.run([python, "-c", "print('sandbox ok')"], {}, Limits(wall_s=30))
         if probe.stdout.strip() != "sandbox ok":
             hint = ("; where the machine forbids user namespaces, reward.code.sandbox=unsafe_rlimits_only runs "
@@ -201,8 +211,9 @@ class Sandbox:
     def _execute(self, argv: list[str], scratch: Path, uid: int | None, limits: Limits, stdin: bytes) -> Execution:
         import json
 
+        launcher = self.prlimit is None
         if self.mode == "bwrap":
-            extra = 3  # the launcher, bwrap's monitor and the namespace's init
+            extra = 2 + launcher  # bwrap's monitor and the namespace's init (and the launcher)
             inner = "/work"
             program = [self.bwrap, *bwrap_args(scratch, self.python), "--", *argv]
             cwd = "/"
@@ -211,12 +222,16 @@ class Sandbox:
         rlimits = limits.rlimits(extra)
         if uid is None:  # not root: the limit counts every process of this user
             rlimits["RLIMIT_NPROC"] += len(processes_of(os.getuid()))
-        spec = json.dumps({"rlimits": rlimits, "uid": uid})
         env = {"PATH": "/usr/bin:/bin", "HOME": inner, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        as_uid = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+        if launcher:
+            spec = json.dumps({"rlimits": rlimits, "uid": uid})
+            command, as_uid = [sys.executable, "-I", "-S", "-c", _LAUNCHER, spec, *program], {}
+        else:
+            command = [self.prlimit, *(f"{PRLIMIT_OPTIONS[k]}={v}:{v}" for k, v in rlimits.items()), "--", *program]
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, spec, program[0], *program[1:]],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=env, start_new_session=True, **as_uid)
         out, err, verdict = read_capped(proc, stdin, start + limits.wall_s, limits.output_bytes)
         code = proc.wait()
         if verdict is None:
@@ -318,6 +333,15 @@ def processes_of(uid: int) -> list[int]:
     return pids
 
 
+def adopt_orphans() -> None:
+    """Makes this process the subreaper of its descendants (PR_SET_CHILD_SUBREAPER): a process whose
+    parent ends is reparented here, not to the machine's init, so `reap` can wait for it at once."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def reap(uid: int, timeout_s: float = 5.0) -> None:
     """Waits until no process of `uid` (a sandbox uid no one else uses) is left, SIGKILLing any it
     finds (the PID namespace's end has already killed them: they are exiting, or zombies waiting to
@@ -329,6 +353,8 @@ def reap(uid: int, timeout_s: float = 5.0) -> None:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.waitpid(pid, os.WNOHANG)  # an orphan of the run this process adopted (adopt_orphans)
+            except (ProcessLookupError, ChildProcessError):
                 continue
-        time.sleep(0.01)
+        if processes_of(uid):
+            time.sleep(0.01)
