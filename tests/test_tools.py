@@ -151,3 +151,18 @@ def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_c
     assert all(lp == 0.0 for lp, m in zip(r.response_logprobs, r.loss_mask) if m == 0)
     assert sum(r.loss_mask[start + len(out_ids):]) > 0, "the engine went on after the output"
     assert len(r.response_ids) <= 48 and len(r.loss_mask) == len(r.response_ids) == len(r.response_logprobs)
+
+
+def test_tool_metrics_count_turns_calls_errors_and_output_tokens():
+    from rlsys.observe.metrics import tool_stats
+
+    def rollout(mask, turns, calls, errors):
+        return Rollout(prompt_index=0, group=0, prompt_ids=[1], response_ids=[2] * len(mask),
+                       response_logprobs=[0.0] * len(mask), text="", finish_reason="stop", weight_version=0, answer="",
+                       loss_mask=mask, turns=turns, tool_calls=calls, tool_errors=errors)
+
+    stats = tool_stats([rollout([1, 0, 0, 1], 2, 1, 0), rollout([1, 1], 1, 0, 0), rollout([1, 0, 1, 0, 1, 1], 3, 2, 1),
+                        rollout([1, 1, 1, 1], 1, 0, 0)])
+    # 16 response tokens, 4 of them tools' output; 7 turns, 3 calls (1 failed) over 4 rollouts, 2 of which called
+    assert stats == {"tools/turns_mean": 7 / 4, "tools/calls_mean": 3 / 4, "tools/errors_mean": 1 / 4,
+                     "tools/used_frac": 2 / 4, "tools/output_token_frac": 4 / 16}

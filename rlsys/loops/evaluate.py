@@ -16,6 +16,7 @@ from pathlib import Path
 from rlsys.config import DataConfig, EvalConfig, GeneratorConfig
 from rlsys.data.prompts import DataError, apply_template, check_prompt_lengths, encode
 from rlsys.math.rewards import answer_key, check_golds
+from rlsys.observe.metrics import tool_stats
 
 
 @dataclass
@@ -121,6 +122,7 @@ def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig,
         "format": statistics.fmean(s.format for s in scores),
         "format/full": statistics.fmean(s.format == 1.0 for s in scores),  # R1's whole format (partial credit aside)
         "response_length/mean": statistics.fmean(n for r in results for n in r.lengths),
+        **(tool_stats(rollouts) if any(r.loss_mask is not None for r in rollouts) else {}),
         "seconds": time.time() - t0,
         "results": [r.__dict__ for r in results],
     }
