@@ -166,3 +166,24 @@ def test_tool_metrics_count_turns_calls_errors_and_output_tokens():
     # 16 response tokens, 4 of them tools' output; 7 turns, 3 calls (1 failed) over 4 rollouts, 2 of which called
     assert stats == {"tools/turns_mean": 7 / 4, "tools/calls_mean": 3 / 4, "tools/errors_mean": 1 / 4,
                      "tools/used_frac": 2 / 4, "tools/output_token_frac": 4 / 16}
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="the sandbox's per-run uids need root")
+def test_the_python_tool_runs_in_the_sandbox_and_reports_its_failure():
+    from rlsys.actors.generator import Generator
+    from rlsys.sandbox.execute import Limits, Sandbox
+
+    generator = Generator.__new__(Generator)  # the tool alone: no engine needed
+    generator.tool_sandbox, generator.tool_limits = Sandbox(), Limits(wall_s=5.0)
+    try:
+        assert generator._run_tool("python", "print(2 ** 100)") == (str(2 ** 100), False)
+        assert generator._run_tool("python", "import os; print(sorted(os.environ))") == \
+            ("['HOME', 'LANG', 'PATH', 'PWD', 'PYTHONDONTWRITEBYTECODE']", False)  # nothing of the worker's environment
+        output, failed = generator._run_tool("python", "1 / 0")
+        assert failed and output.startswith("error: exit code 1: ZeroDivisionError")
+        output, failed = generator._run_tool("python", "while True: pass")
+        assert failed and output in ("error: killed by SIGKILL", "error: past the wall-clock deadline",
+                                     "error: killed by SIGXCPU")
+        assert generator._run_tool("calculator", "2 * 21") == ("42", False)
+    finally:
+        generator.tool_sandbox.close()
