@@ -38,6 +38,8 @@ class Rollout:
     tool_calls: int = 0
     tool_errors: int = 0
     """Tool calls made, and those whose tool failed (its error message was the output)."""
+    tool_seconds: float = 0.0
+    """Seconds its tool calls took (the python tool's: sandboxed runs)."""
 
 
 @dataclass

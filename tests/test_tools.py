@@ -165,7 +165,7 @@ def test_tool_metrics_count_turns_calls_errors_and_output_tokens():
                         rollout([1, 1, 1, 1], 1, 0, 0)])
     # 16 response tokens, 4 of them tools' output; 7 turns, 3 calls (1 failed) over 4 rollouts, 2 of which called
     assert stats == {"tools/turns_mean": 7 / 4, "tools/calls_mean": 3 / 4, "tools/errors_mean": 1 / 4,
-                     "tools/used_frac": 2 / 4, "tools/output_token_frac": 4 / 16}
+                     "tools/used_frac": 2 / 4, "tools/output_token_frac": 4 / 16, "tools/seconds": 0.0}
 
 
 @pytest.mark.skipif(__import__("os").geteuid() != 0, reason="the sandbox's per-run uids need root")

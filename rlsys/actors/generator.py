@@ -231,7 +231,7 @@ class Generator:
         return [Rollout(prompt_index=row, group=group, prompt_ids=list(ids), response_ids=r.response_ids,
                         response_logprobs=r.logprobs, text=r.text, finish_reason=r.finish_reason,
                         weight_version=self.version, answer=answer, loss_mask=r.loss_mask, turns=r.turns,
-                        tool_calls=r.tool_calls, tool_errors=r.tool_errors)
+                        tool_calls=r.tool_calls, tool_errors=r.tool_errors, tool_seconds=r.tool_seconds)
                 for (group, row, ids, answer), r in zip(requests, done)]
 
     def _run_tool(self, tool: str, call: str) -> tuple[str, bool]:

@@ -21,6 +21,7 @@ import ast
 import dataclasses
 import math
 import operator
+import time
 from typing import Callable
 
 TOOLS = ("calculator", "python")
@@ -51,6 +52,7 @@ class ToolRollout:
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
+    tool_seconds: float = 0.0
 
 
 EngineStep = Callable[[list[list[int]], list[int]], list[Turn]]
@@ -90,7 +92,9 @@ def multi_turn(prompts: list[list[int]], engine_step: EngineStep, tokenize: Toke
                     r.finish_reason = "length"
                 continue
             call = tool_call(r.text, TAGS[tool])
+            start = time.perf_counter()
             output, failed = run_tool(tool, call)
+            r.tool_seconds += time.perf_counter() - start
             r.tool_calls += 1
             r.tool_errors += failed
             block = f" <output> {output[:OUTPUT_CHARS]} </output>"

@@ -52,7 +52,8 @@ class Groups:
     def tracks(self) -> dict[str, list[Span]]:
         """The spans every actor recorded since the last call, by track name ("generator 0", ...)."""
         named = [(f"generator {e.index}", e.actor) for e in self.generators.engines]
-        named += [(f"reward {i}", a) for i, a in enumerate(self.rewards.actors)]
+        role = "sandbox" if isinstance(self.rewards, CodeRewardPool) else "reward"  # the sandbox's spans: runs
+        named += [(f"{role} {i}", a) for i, a in enumerate(self.rewards.actors)]
         named += [(f"learner {i}", a) for i, a in enumerate(self.learner.actors if self.learner else [])]
         spans = ray.get([a.take_spans.remote() for _, a in named])
         return {name: s for (name, _), s in zip(named, spans)}

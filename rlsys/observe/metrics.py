@@ -79,7 +79,8 @@ def rollout_stats(rollouts: list[Rollout], results: list[RewardResult], group_si
 
 def tool_stats(rollouts: list[Rollout]) -> dict[str, float]:
     """generator.tools: turns per rollout, tool calls and failed calls per rollout, the share of
-    rollouts that called a tool, and the share of response tokens that are tools' output."""
+    rollouts that called a tool, the share of response tokens that are tools' output, and the seconds
+    the tools took in all (summed over rollouts: the engines wait on them between turns)."""
     n = len(rollouts)
     tokens = sum(len(r.response_ids) for r in rollouts)
     return {"tools/turns_mean": sum(r.turns for r in rollouts) / n,
@@ -87,7 +88,8 @@ def tool_stats(rollouts: list[Rollout]) -> dict[str, float]:
             "tools/errors_mean": sum(r.tool_errors for r in rollouts) / n,
             "tools/used_frac": sum(r.tool_calls > 0 for r in rollouts) / n,
             "tools/output_token_frac": sum(len(r.loss_mask) - sum(r.loss_mask) for r in rollouts
-                                           if r.loss_mask is not None) / max(tokens, 1)}
+                                           if r.loss_mask is not None) / max(tokens, 1),
+            "tools/seconds": sum(r.tool_seconds for r in rollouts)}
 
 
 class RunLog:
