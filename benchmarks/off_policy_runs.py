@@ -2,10 +2,11 @@
 side by side.
 
     python benchmarks/off_policy_runs.py configs/r1_zero_sums.yaml [key=value ...] --out runs/off_policy \
-        [--staleness 1 2] [--methods tis mis icepop seq_mask]
+        [--staleness 0 1 2] [--methods tis mis icepop seq_mask]
 
 Each run is `rlsys train CONFIG trainer.max_staleness=S algo.off_policy=M algo.off_policy_rows=all
-trainer.output_dir=OUT/s<S>_<M> key=value ...`, one after another (each takes the whole machine).
+trainer.output_dir=OUT/s<S>_<M> key=value ...`, one after another (each takes the whole machine);
+staleness 0 is one synchronous run, s0_sync, the reference.
 A run whose folder already holds a finished run (its last step logged with its evaluation) is not run again,
 so the grid can be filled over several sittings; an unfinished one continues (trainer.resume=auto).
 Then OUT/table.md and OUT/table.json: per run, the final held-out pass@1 and cons@k, the mean
@@ -93,29 +94,31 @@ def main(argv: list[str]) -> int:
     if not cfg.eval.every:
         parser.error("the runs are compared by their last held-out evaluation: eval.every must be > 0")
     results = {}
-    for staleness in args.staleness:
-        for method in args.methods:
-            name = f"s{staleness}_{method}"
-            run = (args.out / name).resolve()
-            kept = args.keep / f"{name}.metrics.jsonl" if args.keep else None
-            if kept is not None and finished(kept, cfg.trainer.total_steps):
-                results[name] = summarize(kept, cfg.eval.k)
-                continue
-            if args.table_only:
-                print(f"[off_policy_runs] {name}: not kept yet, left out of the table", flush=True)
-                continue
-            if not finished(run / "metrics.jsonl", cfg.trainer.total_steps):
-                resume = ["trainer.resume=auto"] if (run / "metrics.jsonl").is_file() else []
-                cmd = [sys.executable, "-m", "rlsys.cli", "train", args.config, *args.overrides,
-                       f"trainer.max_staleness={staleness}", f"algo.off_policy={method}", "algo.off_policy_rows=all",
-                       f"trainer.output_dir={run}", "trainer.progress=false", *resume]
-                print(f"[off_policy_runs] {name}: {' '.join(cmd[3:])}", flush=True)
-                subprocess.run(cmd, cwd=REPO, check=True)
-            if kept is not None:
-                args.keep.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(run / "metrics.jsonl", kept)
-                shutil.copyfile(run / "config.yaml", args.keep / f"{name}.config.yaml")
-            results[name] = summarize(run / "metrics.jsonl", cfg.eval.k)
+    # staleness 0: one synchronous run, the reference (no stale row; the default correction, on stale rows only)
+    grid = [(s, m) for s in args.staleness for m in (["sync"] if s == 0 else args.methods)]
+    for staleness, method in grid:
+        name = f"s{staleness}_{method}"
+        run = (args.out / name).resolve()
+        kept = args.keep / f"{name}.metrics.jsonl" if args.keep else None
+        if kept is not None and finished(kept, cfg.trainer.total_steps):
+            results[name] = summarize(kept, cfg.eval.k)
+            continue
+        if args.table_only:
+            print(f"[off_policy_runs] {name}: not kept yet, left out of the table", flush=True)
+            continue
+        if not finished(run / "metrics.jsonl", cfg.trainer.total_steps):
+            resume = ["trainer.resume=auto"] if (run / "metrics.jsonl").is_file() else []
+            correction = [] if staleness == 0 else [f"algo.off_policy={method}", "algo.off_policy_rows=all"]
+            cmd = [sys.executable, "-m", "rlsys.cli", "train", args.config, *args.overrides,
+                   f"trainer.max_staleness={staleness}", *correction,
+                   f"trainer.output_dir={run}", "trainer.progress=false", *resume]
+            print(f"[off_policy_runs] {name}: {' '.join(cmd[3:])}", flush=True)
+            subprocess.run(cmd, cwd=REPO, check=True)
+        if kept is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run / "metrics.jsonl", kept)
+            shutil.copyfile(run / "config.yaml", args.keep / f"{name}.config.yaml")
+        results[name] = summarize(run / "metrics.jsonl", cfg.eval.k)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(table(results, cfg.eval.k))
