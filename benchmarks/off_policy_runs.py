@@ -10,7 +10,7 @@ staleness 0 is one synchronous run, s0_sync, the reference.
 A run whose folder already holds a finished run (its last step logged with its evaluation) is not run again,
 so the grid can be filled over several sittings; an unfinished one continues (trainer.resume=auto).
 Then OUT/table.md and OUT/table.json: per run, the final held-out pass@1 and cons@k, the mean
-mismatch KL (k3 of generator vs learner log-probs over the run), the shares of masked tokens and
+mismatch KL (k3 of generator vs learner log-probs over the run), the shares of capped tokens, of masked tokens and
 sequences, the mean importance weight and the share of stale rows.
 
 --keep DIR copies each finished run's metrics.jsonl and config.yaml to DIR/<name>.metrics.jsonl and
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 METHODS = ("tis", "mis", "icepop", "seq_mask")
-LEARNER_KEYS = ("mismatch_kl", "is_masked_frac", "is_masked_seq_frac", "is_weight_mean", "stale_frac")
+LEARNER_KEYS = ("mismatch_kl", "is_capped_frac", "is_masked_frac", "is_masked_seq_frac", "is_weight_mean", "stale_frac")
 
 
 def finished(metrics: Path, total_steps: int) -> bool:
