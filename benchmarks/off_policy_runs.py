@@ -72,6 +72,40 @@ def table(results: dict[str, dict], k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(runs: dict[str, Path], out: Path, untrained: float | None = None) -> Path:
+    """Two panels: each run's mismatch KL per step (k3 of generator vs learner, every row), and its
+    held-out pass@1 at each evaluation (the untrained model's, the same for every run, dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlsys.observe.metrics import read_jsonl
+
+    fig, (kl_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, metrics in runs.items():
+        rows = sorted(read_jsonl(metrics), key=lambda r: r["step"])
+        style = "-" if name.startswith("s1") else "--" if name.startswith("s2") else ":"
+        kl_ax.plot([r["step"] + 1 for r in rows], [r.get("mismatch_kl", float("nan")) for r in rows], style, label=name)
+        evals = [(r["step"] + 1, r["eval/pass@1"]) for r in rows if "eval/pass@1" in r]
+        acc_ax.plot([0] + [s for s, _ in evals] if untrained is not None else [s for s, _ in evals],
+                    ([untrained] if untrained is not None else []) + [a for _, a in evals], style, marker="o",
+                    label=name)
+    if untrained is not None:
+        acc_ax.axhline(untrained, color="grey", linestyle=":", linewidth=1)
+    kl_ax.set(xlabel="step", ylabel="mismatch KL (k3, generator vs learner)", title="generator/learner mismatch",
+              yscale="log")
+    acc_ax.set(xlabel="step", ylabel="held-out pass@1", title="held-out accuracy (50 problems x 4)")
+    for ax in (kl_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
@@ -81,6 +115,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--keep", type=Path, help="copy each finished run's metrics and config here; "
                         "a run kept here is not run again")
+    parser.add_argument("--plot", type=Path, help="also draw the runs' mismatch KL and held-out accuracy into this PNG")
+    parser.add_argument("--untrained", type=float, help="the untrained model's held-out pass@1, drawn at step 0")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the runs kept in "
                         "--keep (those not kept yet are left out, and named)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
@@ -120,6 +156,10 @@ def main(argv: list[str]) -> int:
             shutil.copyfile(run / "config.yaml", args.keep / f"{name}.config.yaml")
         results[name] = summarize(run / "metrics.jsonl", cfg.eval.k)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        sources = {name: (args.keep / f"{name}.metrics.jsonl" if args.keep else args.out / name / "metrics.jsonl")
+                   for name in results}
+        print(f"[off_policy_runs] plot: {plot(sources, args.plot, args.untrained)}", flush=True)
     (args.out / "table.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(table(results, cfg.eval.k))
     print(table(results, cfg.eval.k))
