@@ -39,9 +39,10 @@ from pathlib import Path
 MODES = ("bwrap", "unsafe_rlimits_only")
 UID_LOCKS = Path("/tmp/rlsys-sandbox-uids")  # one lock file per sandbox uid in use on this machine
 
-# How a run starts. As root in bwrap mode: util-linux's `prlimit` sets the limits and execs bwrap,
-# started as the run's uid by subprocess itself (its user/group arguments act between fork and exec,
-# in C: safe in a process with threads, unlike preexec_fn). Whatever the program leaves lives in
+# How a run starts. As root in bwrap mode: util-linux's `prlimit` sets the limits and execs
+# `setpriv`, which takes the run's uid and execs bwrap: C programs only, started by a vfork-able
+# subprocess (no preexec_fn, no user/group arguments, which make CPython fork the whole parent: slow
+# from a large process such as a Ray actor). Whatever the program leaves lives in
 # bwrap's PID namespace, which the kernel empties when the namespace's init ends; that init's own
 # exit is not waited for by bwrap, so this process is made a subreaper (`adopt_orphans`) and `reap`
 # waits for it by pid (only pids of the run's uid: never another child's status). Otherwise (not
@@ -167,7 +168,8 @@ class Sandbox:
         if not Path(python).is_file():
             raise SandboxUnavailable(f"the sandbox's interpreter {python} does not exist (reward.code.python)")
         self.bwrap = (bwrap or bwrap_binary()) if mode == "bwrap" else None
-        self.prlimit = shutil.which("prlimit", path="/usr/bin:/bin") if mode == "bwrap" and self.root else None
+        tools = [shutil.which(t, path="/usr/bin:/bin") for t in ("prlimit", "setpriv")]
+        self.prlimit, self.setpriv = tools if mode == "bwrap" and self.root and all(tools) else (None, None)
         if self.prlimit is not None:
             adopt_orphans()
         probe = self.run([python, "-c", "print('sandbox ok')"], {}, Limits(wall_s=30))
@@ -223,15 +225,15 @@ class Sandbox:
         if uid is None:  # not root: the limit counts every process of this user
             rlimits["RLIMIT_NPROC"] += len(processes_of(os.getuid()))
         env = {"PATH": "/usr/bin:/bin", "HOME": inner, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-        as_uid = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
         if launcher:
             spec = json.dumps({"rlimits": rlimits, "uid": uid})
-            command, as_uid = [sys.executable, "-I", "-S", "-c", _LAUNCHER, spec, *program], {}
-        else:
-            command = [self.prlimit, *(f"{PRLIMIT_OPTIONS[k]}={v}:{v}" for k, v in rlimits.items()), "--", *program]
+            command = [sys.executable, "-I", "-S", "-c", _LAUNCHER, spec, *program]
+        else:  # as root, with a uid of its own (uid is not None)
+            command = [self.prlimit, *(f"{PRLIMIT_OPTIONS[k]}={v}:{v}" for k, v in rlimits.items()), "--",
+                       self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *program]
         start = time.monotonic()
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=env, start_new_session=True, **as_uid)
+                                cwd=cwd, env=env, start_new_session=True)
         out, err, verdict = read_capped(proc, stdin, start + limits.wall_s, limits.output_bytes)
         code = proc.wait()
         if verdict is None:
