@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import json
 import math
 import time
 
@@ -32,10 +30,8 @@ import ray
 from rlsys.actors.sandbox_worker import TestsRun
 from rlsys.cluster.deadlines import LOST
 from rlsys.sandbox.execute import Limits
-from rlsys.sandbox.judge import NO_CODE, Judgement, parse_gold, tally
+from rlsys.sandbox.judge import CACHE_SIZE, NO_CODE, Judgement, judgement_key, parse_gold, tally
 
-CACHE_SIZE = 4096
-"""Judgements kept by the pool, most recent first out last."""
 ATTEMPTS = 2
 """Workers a run may lose (dead or hung) before it is judged failed rather than run again."""
 
@@ -90,12 +86,11 @@ class SandboxPool:
         error (GoldError); nothing a program does raises here."""
         specs = [parse_gold(gold) for _, gold in programs]
         keys, jobs, hits = [], {}, 0
-        for (code, _), spec in zip(programs, specs):
+        for (code, gold), spec in zip(programs, specs):
             if code is None:
                 keys.append(None)
                 continue
-            key = hashlib.sha256(json.dumps([code, spec["tests"], spec.get("setup", ""),
-                                             dataclasses.asdict(self.limits)]).encode()).hexdigest()
+            key = judgement_key(code, gold, self.limits)
             keys.append(key)
             if key in self.cache or key in jobs:
                 hits += 1

@@ -162,10 +162,15 @@ def tally(results: dict[int, tuple[bool, str]], total: int, run: Execution | Non
     return Judgement(passed, total, reason, run)
 
 
-CACHE_SIZE = 4096
+CACHE_SIZE = 4096  # judgements kept (a process's, or the sandbox pool's in a run), the oldest out first
 _CACHE: dict[str, Judgement] = {}  # (program, tests, limits) -> judgement, oldest first
 _SANDBOXES: dict = {}  # one per reward.code setting in a process (the reward worker's child holds one)
 log = logging.getLogger(__name__)
+
+
+def judgement_key(code: str | None, gold: str, limits: Limits) -> str:
+    """What a judgement is cached by: the program, the problem's tests (its gold) and the limits."""
+    return hashlib.sha256(json.dumps([code, gold, dataclasses.asdict(limits)]).encode()).hexdigest()
 
 
 def open_sandbox(code_cfg, concurrency: int = 64) -> Sandbox:
@@ -196,7 +201,7 @@ def code_accuracy(completion: str, gold: str, cfg) -> float:
     warning level when the sandbox had to stop it: deadline, output cap, a signal)."""
     sandbox, limits = sandbox_for(cfg.code)
     code = extract_code(completion)
-    key = hashlib.sha256(json.dumps([code, gold, dataclasses.asdict(limits)]).encode()).hexdigest()
+    key = judgement_key(code, gold, limits)
     verdict = _CACHE.get(key)
     if verdict is None:  # the same program on the same tests (a group's identical answers) runs once
         verdict = judge_program(sandbox, code, gold, limits)
