@@ -115,15 +115,29 @@ def all_passed(out: str, nonce: str, tests: int) -> bool:
     return len(lines) == tests and all(parts[2] == "1" for parts in lines)
 
 
+def run_plain(python: str, program: str, tests: int) -> None:
+    """The reference side of the sandbox figures: a harness program (rlsys.sandbox.judge.harness) run
+    by a plain subprocess in a temporary folder, no isolation; every test must pass."""
+    import os
+    import secrets
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "main.py"), "w") as f:
+            f.write(program)
+        nonce = secrets.token_hex(16)
+        out = subprocess.run([python, "-I", "main.py"], cwd=folder, input=nonce + "\n", capture_output=True,
+                             text=True, timeout=10).stdout
+        assert all_passed(out, nonce, tests), out
+
+
 def sandbox_figure(section: Section, count: int, repeats: int) -> None:
     """The cost of isolation: a program judged against its tests in the sandbox (a fresh bwrap with
     namespaces, limits and its own uid each time: rlsys.sandbox) against the same harness program
     run by a plain subprocess in a temporary folder, no isolation. Executions/s, one after another."""
     import json
     import os
-    import secrets
-    import subprocess
-    import tempfile
 
     from rlsys.sandbox.execute import Limits, Sandbox
     from rlsys.sandbox.judge import harness, judge
@@ -147,13 +161,7 @@ def sandbox_figure(section: Section, count: int, repeats: int) -> None:
     def plain() -> float:
         start = time.perf_counter()
         for _ in range(count):
-            with tempfile.TemporaryDirectory() as folder:
-                with open(os.path.join(folder, "main.py"), "w") as f:
-                    f.write(program)
-                nonce = secrets.token_hex(16)
-                out = subprocess.run([sandbox.python, "-I", "main.py"], cwd=folder, input=nonce + "\n",
-                                     capture_output=True, text=True, timeout=10).stdout
-                assert all_passed(out, nonce, 3), out
+            run_plain(sandbox.python, program, tests=3)
         return count / (time.perf_counter() - start)
 
     try:
@@ -174,9 +182,6 @@ def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int
     programs run by `workers` threads, each with a plain subprocess in a temporary folder."""
     import json
     import os
-    import secrets
-    import subprocess
-    import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
     from rlsys.cluster.remote import SandboxActor
@@ -207,13 +212,7 @@ def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int
         return count / (time.perf_counter() - start)
 
     def one_plain(program: str) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            with open(os.path.join(folder, "main.py"), "w") as f:
-                f.write(harness(program, tests))
-            nonce = secrets.token_hex(16)
-            out = subprocess.run([code.python, "-I", "main.py"], cwd=folder, input=nonce + "\n",
-                                 capture_output=True, text=True, timeout=10).stdout
-            assert all_passed(out, nonce, 3), out
+        run_plain(code.python, harness(program, tests), tests=3)
 
     def plain() -> float:
         batch = programs()
