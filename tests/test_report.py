@@ -41,6 +41,7 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
     assert (tmp_path / "reward.png").stat().st_size > 1000 and (tmp_path / "timing.png").is_file()
     assert (tmp_path / "lengths.png").stat().st_size > 1000 and (tmp_path / "signatures.png").stat().st_size > 1000
     assert "actors" not in text  # no timeline.json: not a profiled run
+    assert "tools.png" not in text and not (tmp_path / "tools.png").exists()  # no generator.tools
     assert "samples" not in text and not (tmp_path / "samples.md").exists()  # no samples.jsonl
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(
         {"step": i, "prompt": "...", "question": f"{i} + 1 =", "completion": f"<think> t </think> {i + 1}",
@@ -50,6 +51,16 @@ def test_report_writes_plots_and_names_a_missing_run(tmp_path):
     assert [line.split(" | ")[1] for line in table[2:]] == ["0 + 1 =", "1 + 1 =", "2 + 1 ="]  # first, middle, last
     with pytest.raises(FileNotFoundError, match="no metrics"):
         report(tmp_path / "nope")
+
+
+def test_a_run_with_tools_gets_its_tool_use_plot(tmp_path):
+    tools = [r | {"tools/used_frac": 0.25 * i, "tools/errors_mean": 0.0} for i, r in enumerate(rows([0.1, 0.5, 0.9]))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tools))
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "step_0.json").write_text(json.dumps({"pass@1": 0.2, "cons@4": 0.3, "k": 4, "format": 0.1,
+                                                                 "tools/used_frac": 0.5}))
+    assert str(tmp_path / "tools.png") in report(tmp_path)
+    assert (tmp_path / "tools.png").stat().st_size > 1000
 
 
 def test_sparkline_maps_zero_to_one_onto_eight_blocks():

@@ -2,9 +2,9 @@
 
 Prints the reward at the start and the end, wall time (per step too) and the phases' split (in an
 asynchronous run the phases overlap: the overlap is printed, not added to the loop time); writes
-`reward.png` (mean reward and its accuracy and format parts per step) and `timing.png`
-(seconds per phase per step) into the run folder, and `samples.md`: the logged sample answer of
-the first, middle and last step.
+`reward.png` (mean reward and its accuracy and format parts per step), `timing.png` (seconds
+per phase per step), `lengths.png`, `signatures.png` and, in a run with tools, `tools.png` into the
+run folder, and `samples.md`: the logged sample answer of the first, middle and last step.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def plot(rows: list[dict], run_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out[2], dpi=100)
     out.append(signatures(rows, run_dir, plt))
+    if "tools/used_frac" in rows[0]:
+        out.append(tool_use(rows, run_dir, plt))
     plt.close("all")
     return out
 
@@ -107,6 +109,32 @@ def signatures(rows: list[dict], run_dir: Path, plt) -> Path:
     fig.suptitle(f"R1-Zero signatures: {run_dir.name}")
     fig.tight_layout()
     path = run_dir / "signatures.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def tool_use(rows: list[dict], run_dir: Path, plt) -> Path:
+    """tools.png, for a run with generator.tools: whether the model learns to use its tool where it
+    pays: the share of rollouts that called a tool and the tool calls that failed (per rollout),
+    beside accuracy (training samples, and each evaluation's held-out pass@1 and its own tool use)."""
+    steps = [r["step"] for r in rows]
+    fig, (use, acc) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    use.plot(steps, [r["tools/used_frac"] for r in rows], label="rollouts that called a tool")
+    use.plot(steps, [r["tools/errors_mean"] for r in rows], label="failed calls per rollout")
+    held = sorted(evaluations(run_dir))
+    used = [(version, s["tools/used_frac"]) for version, s in held if "tools/used_frac" in s]
+    if used:
+        use.plot(*zip(*used), "o-", label="held-out: rollouts that called a tool")
+    use.set(xlabel="step", ylabel="share / per rollout", ylim=(-0.02, 1.02))
+    use.legend()
+    acc.plot(steps, [r["reward/accuracy"] for r in rows], label="training samples")
+    if held:
+        acc.plot([v for v, _ in held], [s["pass@1"] for _, s in held], "o-", label="held-out pass@1")
+    acc.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    acc.legend()
+    fig.suptitle(f"tool use: {run_dir.name}")
+    fig.tight_layout()
+    path = run_dir / "tools.png"
     fig.savefig(path, dpi=100)
     return path
 
