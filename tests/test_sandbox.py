@@ -206,3 +206,23 @@ def test_a_scratch_root_other_users_cannot_enter_is_refused(tmp_path):
     closed.mkdir(mode=0o700)
     with pytest.raises(SandboxUnavailable, match="closed to other users"):
         Sandbox(scratch_root=str(closed))
+
+
+def test_a_uid_still_used_by_a_dying_run_is_not_given_to_the_next(sandbox):
+    """A worker killed mid-run frees its uid's lock at once, but its run's processes die and are reaped
+    a moment later (by whoever adopted them): the next run takes another uid, not one whose processes
+    would count against its own process limit or be taken for its escapees."""
+    uid = "import os; print(os.getuid())"
+    leftover = subprocess.Popen(["setpriv", f"--reuid={UID_BASE}", f"--regid={UID_BASE}", "--clear-groups",
+                                 "sleep", "30"])  # a stand-in for the dying run of a killed worker
+    try:
+        deadline = time.monotonic() + 5
+        while not processes_of(UID_BASE):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert sandbox.python_source(uid, LIMITS).stdout == f"{UID_BASE + 1}\n"
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert sandbox.python_source(uid, LIMITS).stdout == f"{UID_BASE}\n"  # gone: the uid serves again
+    nothing_left(sandbox)

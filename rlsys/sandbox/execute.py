@@ -245,8 +245,10 @@ class Sandbox:
                          time.monotonic() - start)
 
     def _take_uid(self) -> tuple[int | None, object]:
-        """A uid no other run on this machine holds, and the open lock file that holds it (closing it
-        frees the uid). flock, not a list in memory: several processes (reward workers) share the range."""
+        """A uid no other run on this machine holds and no process uses, and the open lock file that
+        holds it (closing it frees the uid). flock, not a list in memory: several processes (reward and
+        sandbox workers) share the range; a worker killed mid-run frees its lock at once, its run's
+        processes a moment later."""
         if not self.root:
             return None, None
         UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -257,6 +259,9 @@ class Sandbox:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     lock.close()
+                    continue
+                if processes_of(uid):  # a run whose owner was killed mid-run: its tree is still dying, and
+                    lock.close()  # is reaped by whoever adopted it; the uid is taken again once it is gone
                     continue
                 return uid, lock
             time.sleep(0.01)  # every uid is running something: wait for one
