@@ -165,6 +165,9 @@ class CodeConfig:
     """Programs waiting per worker above which the pool grows by a worker (one scoring call at a time)."""
     num_cpus: float = 0.5
     """Logical CPUs reserved per sandbox worker (its programs run as its children)."""
+    runs_per_worker: int = 2
+    """Runs one sandbox worker does at once (threads of the actor, each run with its own uid and
+    process tree): the Ray round trip of one run overlaps another's execution."""
 
 
 @dataclass
@@ -754,7 +757,7 @@ LOWER_BOUNDS: dict[str, tuple[str, float]] = {
                               "learner.mini_batch_size", "learner.micro_batch_size", "learner.epochs", "eval.k",
                               "eval.limit", "sft.epochs", "reward.code.cpu_s", "reward.code.processes",
                               "reward.code.output_kb", "reward.code.workers", "reward.code.backlog",
-                              "generator.max_turns")},
+                              "reward.code.runs_per_worker", "generator.max_turns")},
     **{k: (">", 0) for k in ("learner.lr", "learner.grad_clip", "learner.num_cpus", "learner.sync_bucket_mb",
                              "generator.num_cpus", "generator.max_model_len", "generator.kv_cache_gib",
                              "reward.num_cpus", "reward.timeout_s", "reward.code.wall_s", "reward.code.num_cpus",

@@ -40,8 +40,13 @@ class SlowOnMarker(SandboxWorker):
             f.write(json.dumps([os.getpid(), code[:20], indices]) + "\n")
         if "HANG_WORKER" in code:
             time.sleep(3600)
-        if "KILL_WORKER" in code and not os.path.exists(self.log_path + ".killed"):
-            open(self.log_path + ".killed", "w").close()
+        if "KILL_WORKER_WITH_ANOTHER" in code and not os.path.exists(self.log_path + ".killed"):
+            # killed once the worker's other run is in flight beside this one
+            deadline = time.monotonic() + 30
+            while sum(pid == os.getpid() for pid, _, _ in runs_logged(self.log_path)) < 2:
+                assert time.monotonic() < deadline, "the worker's second run never came"
+                time.sleep(0.05)
+        if "KILL_WORKER" in code and first_time(self.log_path + ".killed"):  # one kill, however many runs race
             os.kill(os.getpid(), signal.SIGKILL)
         return super().run(code, tests, indices, setup)
 
@@ -54,13 +59,22 @@ class Recording(Placed, SlowOnMarker):
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor above: tests/ is no package on workers
 
 
+def first_time(marker):
+    """True for the one caller that creates `marker` (O_EXCL: atomic across the workers' processes)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def runs_logged(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def pool_of(make, workers=2, max_workers=2, backlog=4, timeout_s=20.0, max_restarts=3):
+def pool_of(make, workers=2, max_workers=2, backlog=4, timeout_s=20.0, max_restarts=3, runs_per_worker=1):
     pool = SandboxPool(make, workers, max_workers, backlog, limits_of(CODE), timeout_s, start_timeout_s=120,
-                       max_restarts=max_restarts)
+                       max_restarts=max_restarts, runs_per_worker=runs_per_worker)
     pool.wait_ready()
     return pool
 
@@ -123,6 +137,26 @@ def test_a_worker_that_dies_or_hangs_is_replaced_and_the_run_done_again(ray_clus
         # a fourth failure is past cluster.max_actor_restarts=3: the run stops, naming it
         with pytest.raises(RuntimeError, match="4 sandbox worker failures in this run, cluster.max_actor_restarts=3"):
             pool.judge([(hang + "\n# another", ADD)])
+    finally:
+        pool.close()
+
+
+def test_a_worker_runs_two_programs_at_once_and_when_it_dies_both_go_again(ray_cluster, tmp_path):
+    """reward.code.runs_per_worker=2: one worker (a threaded actor) has both programs in flight at once;
+    killed during them (the other one sleeps 2 s in its sandbox, so it is still running), it is replaced
+    once, and both runs are done again on the new worker."""
+    log = str(tmp_path / "runs.jsonl")
+    pool = pool_of(lambda: Recording.options(num_cpus=0.5, max_concurrency=2).remote(CODE, log), workers=1,
+                   max_workers=1, runs_per_worker=2)
+    try:
+        killer, other = RIGHT + "\n# KILL_WORKER_WITH_ANOTHER", "import time\ntime.sleep(2)\n" + RIGHT
+        verdicts = pool.judge([(killer, ADD), (other, ADD)])
+        assert [(v.passed, v.total, v.reason) for v in verdicts] == [(4, 4, ""), (4, 4, "")]
+        runs = runs_logged(log)
+        first, second = {pid for pid, _, _ in runs[:2]}, {pid for pid, _, _ in runs[2:]}
+        assert len(runs) == 4 and len(first) == 1 and len(second) == 1 and first != second  # 2 at once, twice
+        assert sorted(code for _, code, _ in runs[2:]) == sorted([killer[:20], other[:20]])
+        assert pool.restarts == 1
     finally:
         pool.close()
 

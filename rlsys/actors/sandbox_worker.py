@@ -3,7 +3,8 @@
 Plain class, no Ray here (rlsys.cluster.remote makes it an actor; rlsys.cluster.sandboxes pools
 them). Each call is one sandboxed run (rlsys.sandbox.execute: a fresh process tree with its own
 namespaces, limits and wall deadline), so nothing a program does outlives its call and the worker
-itself never runs model-written code.
+itself never runs model-written code. Calls may come from several threads at once
+(reward.code.runs_per_worker): the sandbox gives each concurrent run its own uid.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class TestsRun:
 
 class SandboxWorker:
     def __init__(self, code_cfg: CodeConfig):
-        self.sandbox = open_sandbox(code_cfg, concurrency=4)  # probed: a machine that cannot stops here
+        self.sandbox = open_sandbox(code_cfg)  # probed: a machine that cannot stops here
         self.limits = limits_of(code_cfg)
 
     def run(self, code: str, tests: list[str], indices: list[int], setup: str = "") -> TestsRun:

@@ -8,10 +8,11 @@ verifier children (rlsys.cluster.rewards.CodeRewardPool scores the samples with 
 - a program's tests are split over several workers when there are fewer programs than workers
   (the program runs once per part), so a step with one long program still uses the pool;
 - every run is a call to one worker with a deadline (reward.timeout_s; the sandbox's own wall
-  deadline, reward.code.wall_s, is shorter, so a worker past it is hung, not its program): a worker
-  that dies or hangs is killed and replaced and its run goes to another worker; a run that loses
-  two workers is judged failed, with the reason (at most cluster.max_actor_restarts replacements a
-  run, then the run stops);
+  deadline, reward.code.wall_s, is shorter, so a worker past it is hung, not its program); a worker
+  does reward.code.runs_per_worker runs at once (threads, each run its own uid and process tree), so
+  the Ray round trip of one run overlaps the others' execution; a worker that dies or hangs is
+  killed and replaced and its runs go to other workers; a run that loses two workers is judged
+  failed, with the reason (at most cluster.max_actor_restarts replacements a run, then the run stops);
 - elastic: the pool starts with reward.code.workers, grows by one worker a call while more than
   reward.code.backlog programs wait per worker (up to reward.code.max_workers; a new worker serves once
   it has started, the call does not wait for it), and shrinks by one when a call's runs would have
@@ -56,11 +57,13 @@ class _Run:
 
 class SandboxPool:
     def __init__(self, make, workers: int, max_workers: int, backlog: int, limits: Limits, timeout_s: float,
-                 start_timeout_s: float = 300.0, max_restarts: int = 3):
-        """make(): a new sandbox worker actor (rlsys.cluster.remote.SandboxActor); workers: the
-        pool's size at the start and its floor; limits: the runs' limits (part of the cache key);
-        timeout_s: the deadline of one worker call; start_timeout_s: of a worker's start."""
+                 start_timeout_s: float = 300.0, max_restarts: int = 3, runs_per_worker: int = 1):
+        """make(): a new sandbox worker actor (rlsys.cluster.remote.SandboxActor, made with
+        max_concurrency=runs_per_worker); workers: the pool's size at the start and its floor; limits:
+        the runs' limits (part of the cache key); timeout_s: the deadline of one worker call;
+        start_timeout_s: of a worker's start; runs_per_worker: calls in flight to one worker at once."""
         self.make, self.min_workers, self.max_workers, self.backlog = make, workers, max_workers, backlog
+        self.runs_per_worker = runs_per_worker
         self.limits, self.timeout_s, self.start_timeout_s = limits, timeout_s, start_timeout_s
         self.max_restarts, self.restarts = max_restarts, 0
         self.ready: list = []  # workers that serve
@@ -136,21 +139,23 @@ class SandboxPool:
         return runs
 
     def _run_all(self, runs: list[_Run], jobs: dict[str, _Job]) -> tuple[float, int]:
-        """Every run on some worker, each worker one run at a time; returns (sandbox seconds, runs cut
-        at their wall deadline)."""
+        """Every run on some worker, each worker `runs_per_worker` runs at a time; returns (sandbox
+        seconds, runs cut at their wall deadline)."""
         queue = collections.deque(runs)
         inflight: dict = {}  # ObjectRef -> (actor, run, time sent)
         seconds, timeouts = 0.0, 0
         while queue or inflight:
             self._admit(timeout=0.0)
-            busy = {id(actor) for actor, _, _ in inflight.values()}
-            for actor in [a for a in self.ready if id(a) not in busy]:
-                if not queue:
-                    break
-                run = queue.popleft()
-                job = jobs[run.key]
-                ref = actor.run.remote(job.code, [job.tests[i] for i in run.indices], run.indices, job.setup)
-                inflight[ref] = (actor, run, time.monotonic())
+            busy = collections.Counter(id(actor) for actor, _, _ in inflight.values())
+            for _ in range(self.runs_per_worker):  # round-robin: every worker's first run before any second
+                for actor in [a for a in self.ready if busy[id(a)] < self.runs_per_worker]:
+                    if not queue:
+                        break
+                    run = queue.popleft()
+                    job = jobs[run.key]
+                    ref = actor.run.remote(job.code, [job.tests[i] for i in run.indices], run.indices, job.setup)
+                    inflight[ref] = (actor, run, time.monotonic())
+                    busy[id(actor)] += 1
             if not inflight:  # no worker serves yet: wait for one to start
                 if not self.starting:
                     raise RuntimeError("the sandbox pool has no worker left to run programs on")
@@ -160,11 +165,13 @@ class SandboxPool:
             ready, _ = ray.wait(list(inflight), num_returns=1,
                                 timeout=max(0.0, min(1.0, oldest + self.timeout_s - time.monotonic())))
             for ref in ready:
+                if ref not in inflight:  # its worker was lost with another of its runs: already sent again
+                    continue
                 actor, run, _ = inflight.pop(ref)
                 try:
                     got: TestsRun = ray.get(ref)
                 except LOST as e:
-                    self._lost(actor, run, f"died ({type(e).__name__})", queue, jobs)
+                    self._lost(actor, run, f"died ({type(e).__name__})", queue, jobs, inflight)
                     continue
                 jobs[run.key].results.update(got.results)
                 seconds += got.execution.seconds
@@ -174,12 +181,16 @@ class SandboxPool:
                     jobs[run.key].cut.append(got.execution.reason)
             now = time.monotonic()
             for ref in [r for r, (_, _, sent) in inflight.items() if now - sent > self.timeout_s]:
+                if ref not in inflight:  # its worker was lost with another of its runs
+                    continue
                 actor, run, _ = inflight.pop(ref)
-                self._lost(actor, run, f"gave no result within {self.timeout_s:g}s (reward.timeout_s)", queue, jobs)
+                self._lost(actor, run, f"gave no result within {self.timeout_s:g}s (reward.timeout_s)", queue, jobs,
+                           inflight)
         return seconds, timeouts
 
-    def _lost(self, actor, run: _Run, why: str, queue, jobs: dict[str, _Job]) -> None:
-        """A worker died or hung on `run`: replace it; the run goes again, or is judged failed after ATTEMPTS."""
+    def _lost(self, actor, run: _Run, why: str, queue, jobs: dict[str, _Job], inflight: dict) -> None:
+        """A worker died or hung on `run`: replace it; the run goes again, or is judged failed after
+        ATTEMPTS. The worker's other runs in flight go again as they were (they did not lose it)."""
         self.restarts += 1
         if self.restarts > self.max_restarts:
             raise RuntimeError(f"a sandbox worker {why}; {self.restarts} sandbox worker failures in this run, "
@@ -188,6 +199,8 @@ class SandboxPool:
         ray.kill(actor)
         self.ready.remove(actor)
         self._start()
+        for ref in [r for r, (a, _, _) in inflight.items() if a is actor]:
+            queue.appendleft(inflight.pop(ref)[1])
         run.attempts += 1
         if run.attempts < ATTEMPTS:
             queue.append(run)
