@@ -3,6 +3,7 @@ the ratio and target arithmetic, the result schema, the timeline's busy shares, 
 benchmarks (weight sync, learner) on tiny settings."""
 
 import json
+import threading
 import math
 
 import pytest
@@ -127,6 +128,8 @@ def test_busy_split_by_hand(tmp_path):
     timeline.add("driver", spans(("step", 0, 10_000), ("step", 10_000, 10_000)))
     timeline.add("generator 0", spans(("generate", 0, 4_000), ("receive_weights", 8_000, 2_000)))
     timeline.add("learner 0", spans(("train", 12_000, 5_000), ("train", 30_000, 5_000)))
+    # a threaded actor: two runs at once, 2-6 ms and 4-8 ms, busy 6 ms (their union), not 8
+    timeline.add("sandbox 0", spans(("run", 2_000, 4_000), ("run", 4_000, 4_000)))
     path = timeline.write(tmp_path / "timeline.json")
     trace = json.loads(path.read_text())
     assert {e["ph"] for e in trace["traceEvents"]} == {"M", "X"}
@@ -134,6 +137,7 @@ def test_busy_split_by_hand(tmp_path):
     split = busy_split(tracks)
     assert split["generator"] == pytest.approx({"generate": 0.2, "receive_weights": 0.1, "idle": 0.7})
     assert split["learner"] == pytest.approx({"train": 0.25, "idle": 0.75})
+    assert split["sandbox"] == pytest.approx({"run": 0.3, "idle": 0.7})
     assert list(split["generator"])[-1] == "idle"
     assert busy_split(tracks, skip_steps=1)["generator"] == {"idle": 1.0}
 
@@ -144,6 +148,7 @@ def test_spans_time_what_they_wrap():
         sum(range(10_000))
     (span,) = spans.take()
     assert span["name"] == "work" and span["args"] == {"step": 3} and span["dur"] >= 0
+    assert span["tid"] == threading.get_native_id()
     assert spans.take() == []
     off = Spans(enabled=False)  # a run without profiling keeps nothing
     with off.span("work"):

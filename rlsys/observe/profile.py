@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
@@ -42,9 +43,9 @@ class Spans:
         start = time.perf_counter()
         try:
             yield
-        finally:
+        finally:  # the thread: a threaded actor (a sandbox worker's runs) has spans that overlap
             self.spans.append({"name": name, "ts": ts, "dur": int((time.perf_counter() - start) * 1e6),
-                               "args": args})
+                               "args": args, "tid": threading.get_native_id()})
 
     def take(self) -> list[Span]:
         out = list(self.spans)
@@ -103,8 +104,8 @@ class Timeline:
         for pid, (track, spans) in enumerate(sorted(self.tracks.items(), key=lambda kv: _track_order(kv[0]))):
             events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": track}})
             events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
-            events += [{"ph": "X", "name": s["name"], "ts": s["ts"], "dur": s["dur"], "pid": pid, "tid": 0,
-                        "args": s.get("args", {})} for s in spans]
+            events += [{"ph": "X", "name": s["name"], "ts": s["ts"], "dur": s["dur"], "pid": pid,
+                        "tid": s.get("tid", 0), "args": s.get("args", {})} for s in spans]
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def write(self, path: Path) -> Path:
@@ -127,7 +128,8 @@ def read_tracks(path: Path) -> dict[str, list[Span]]:
     tracks: dict[str, list[Span]] = {name: [] for name in names.values()}
     for e in events:
         if e["ph"] == "X":
-            tracks[names[e["pid"]]].append({"name": e["name"], "ts": e["ts"], "dur": e["dur"], "args": e["args"]})
+            tracks[names[e["pid"]]].append({"name": e["name"], "ts": e["ts"], "dur": e["dur"], "args": e["args"],
+                                            "tid": e["tid"]})
     return tracks
 
 
@@ -136,7 +138,8 @@ def busy_split(tracks: dict[str, list[Span]], skip_steps: int = 0) -> dict[str, 
     of its actors spent in each phase, and idle (the rest).
 
     The window is the driver's steps (its "step" spans), after `skip_steps` warm-up steps; each
-    actor span is clipped to the window. Shares of a group add up to 1.
+    actor span is clipped to the window. An actor's spans of one phase that overlap (a threaded
+    actor: a sandbox worker's concurrent runs) count once, as their union. Shares of a group add up to 1.
     """
     steps = sorted((s for s in tracks.get("driver", []) if s["name"] == "step"), key=lambda s: s["ts"])[skip_steps:]
     if not steps:
@@ -149,13 +152,27 @@ def busy_split(tracks: dict[str, list[Span]], skip_steps: int = 0) -> dict[str, 
         if role == "driver":
             continue
         busy: dict[str, float] = defaultdict(float)
-        for s in spans:
+        for name, start, end in _union(spans):
             for a, b in windows:
-                overlap = min(b, s["ts"] + s["dur"]) - max(a, s["ts"])
+                overlap = min(b, end) - max(a, start)
                 if overlap > 0:
-                    busy[s["name"]] += overlap / wall
+                    busy[name] += overlap / wall
         busy["idle"] = max(0.0, 1.0 - sum(busy.values()))
         groups[role].append(busy)
     return {role: {phase: sum(a.get(phase, 0.0) for a in actors) / len(actors)
                    for phase in sorted({p for a in actors for p in a}, key=lambda p: (p == "idle", p))}
             for role, actors in groups.items()}
+
+
+def _union(spans: list[Span]) -> list[tuple[str, int, int]]:
+    """(name, start, end) of each phase's spans, overlapping ones merged."""
+    out: list[tuple[str, int, int]] = []
+    for name in {s["name"] for s in spans}:
+        merged: list[list[int]] = []
+        for start, end in sorted((s["ts"], s["ts"] + s["dur"]) for s in spans if s["name"] == name):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        out += [(name, a, b) for a, b in merged]
+    return out
