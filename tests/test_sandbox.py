@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.sandbox.execute import Limits, Sandbox, SandboxUnavailable, processes_of
+from rlsys.sandbox.execute import Limits, Sandbox, SandboxUnavailable, processes_of, reap
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = Limits(wall_s=6.0, cpu_s=2, memory_mb=256, processes=8, output_bytes=64 << 10)
@@ -211,18 +211,26 @@ def test_a_scratch_root_other_users_cannot_enter_is_refused(tmp_path):
 def test_a_uid_still_used_by_a_dying_run_is_not_given_to_the_next(sandbox):
     """A worker killed mid-run frees its uid's lock at once, but its run's processes die and are reaped
     a moment later (by whoever adopted them): the next run takes another uid, not one whose processes
-    would count against its own process limit or be taken for its escapees."""
+    would count against its own process limit or be taken for its escapees; once they are reaped the
+    uid serves again."""
     uid = "import os; print(os.getuid())"
-    leftover = subprocess.Popen(["setpriv", f"--reuid={UID_BASE}", f"--regid={UID_BASE}", "--clear-groups",
-                                 "sleep", "30"])  # a stand-in for the dying run of a killed worker
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import sys\nfrom rlsys.sandbox.execute import Limits, Sandbox\n"
+        f"box = Sandbox(uid_base={UID_BASE}, concurrency=2)\nprint(box.scratch_root, flush=True)\n"
+        "box.python_source('import time; time.sleep(30)', Limits(wall_s=60))")], stdout=subprocess.PIPE, text=True)
+    scratch = owner.stdout.readline().strip()
     try:
-        deadline = time.monotonic() + 5
-        while not processes_of(UID_BASE):
+        deadline = time.monotonic() + 10
+        while not processes_of(UID_BASE):  # its run started
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        owner.kill()  # SIGKILL mid-run: its sandbox dies with it (bwrap --die-with-parent), adopted by this process
+        owner.wait()
+        assert processes_of(UID_BASE)  # dying or dead, not yet reaped
         assert sandbox.python_source(uid, LIMITS).stdout == f"{UID_BASE + 1}\n"
+        reap(UID_BASE)  # their adopter (this process, a subreaper) waits for them
+        assert sandbox.python_source(uid, LIMITS).stdout == f"{UID_BASE}\n"  # gone: the uid serves again
+        nothing_left(sandbox)
     finally:
-        leftover.kill()
-        leftover.wait()
-    assert sandbox.python_source(uid, LIMITS).stdout == f"{UID_BASE}\n"  # gone: the uid serves again
-    nothing_left(sandbox)
+        owner.kill()
+        shutil.rmtree(scratch, ignore_errors=True)  # the killed owner's, which its exit did not remove

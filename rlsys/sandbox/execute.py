@@ -202,6 +202,7 @@ class Sandbox:
         finally:
             if uid is not None:
                 reap(uid)  # the PID namespace already took them down; the uid is reused only once they are gone
+                os.ftruncate(lock.fileno(), 0)  # a clean end: the next run need not look for leftovers
             shutil.rmtree(scratch, ignore_errors=False)
             if lock is not None:
                 lock.close()  # releases the uid
@@ -248,7 +249,7 @@ class Sandbox:
         """A uid no other run on this machine holds and no process uses, and the open lock file that
         holds it (closing it frees the uid). flock, not a list in memory: several processes (reward and
         sandbox workers) share the range; a worker killed mid-run frees its lock at once, its run's
-        processes a moment later."""
+        processes a moment later, and leaves the lock file marked."""
         if not self.root:
             return None, None
         UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -260,9 +261,14 @@ class Sandbox:
                 except BlockingIOError:
                     lock.close()
                     continue
-                if processes_of(uid):  # a run whose owner was killed mid-run: its tree is still dying, and
-                    lock.close()  # is reaped by whoever adopted it; the uid is taken again once it is gone
+                # A lock file that is not empty: the last run under this uid did not end cleanly (its owner was
+                # killed mid-run); its tree is still dying, reaped by whoever adopted it, and the uid is taken
+                # again once it is gone. (A scan of /proc for every run would cost a tenth of a run.)
+                if os.fstat(lock.fileno()).st_size and processes_of(uid):
+                    lock.close()
                     continue
+                lock.write("running\n")  # emptied by the run's clean end (run: after reap)
+                lock.flush()
                 return uid, lock
             time.sleep(0.01)  # every uid is running something: wait for one
 
