@@ -360,6 +360,7 @@ def reap(uid: int, timeout_s: float = 5.0) -> None:
     finds (the PID namespace's end has already killed them: they are exiting, or zombies waiting to
     be reaped). A process that outlives the timeout is an escape: raises."""
     deadline = time.monotonic() + timeout_s
+    pause = 0.0002  # the namespace's init is usually a moment from its end: poll fast, then back off
     while pids := processes_of(uid):
         if time.monotonic() > deadline:
             raise RuntimeError(f"sandbox uid {uid}: processes {pids} outlived their run by {timeout_s} s")
@@ -370,4 +371,5 @@ def reap(uid: int, timeout_s: float = 5.0) -> None:
             except (ProcessLookupError, ChildProcessError):
                 continue
         if processes_of(uid):
-            time.sleep(0.01)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.01)
