@@ -178,8 +178,9 @@ def sandbox_figure(section: Section, count: int, repeats: int) -> None:
 
 def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int = 2) -> None:
     """What code rewards get in a run: `count` distinct programs (none from the cache) judged by a warm
-    pool of `workers` sandbox worker actors (rlsys.cluster.sandboxes, over Ray) against the same harness
-    programs run by `workers` threads, each with a plain subprocess in a temporary folder."""
+    pool of `workers` sandbox worker actors (rlsys.cluster.sandboxes, over Ray; each does
+    reward.code.runs_per_worker runs at once, the default) against the same harness programs run by
+    as many threads as the pool runs programs at once, each with a plain subprocess in a temporary folder."""
     import json
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -195,9 +196,10 @@ def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int
     tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
     gold = json.dumps({"tests": tests})
     code = CodeConfig(wall_s=10.0)
-    pool = SandboxPool(lambda: SandboxActor.options(num_cpus=0).remote(code), workers, workers, 10**6,
-                       limits_of(code), timeout_s=60.0)
+    pool = SandboxPool(lambda: SandboxActor.options(num_cpus=0, max_concurrency=code.runs_per_worker).remote(code),
+                       workers, workers, 10**6, limits_of(code), timeout_s=60.0, runs_per_worker=code.runs_per_worker)
     pool.wait_ready()
+    at_once = workers * code.runs_per_worker  # the plain side runs as many at a time as the pool does
     rounds = iter(range(10**9))
 
     def programs() -> list[str]:  # distinct each call: the pool's cache must not answer
@@ -217,7 +219,7 @@ def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int
     def plain() -> float:
         batch = programs()
         start = time.perf_counter()
-        with ThreadPoolExecutor(workers) as threads:
+        with ThreadPoolExecutor(at_once) as threads:
             list(threads.map(one_plain, batch))
         return count / (time.perf_counter() - start)
 
@@ -227,10 +229,12 @@ def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int
     finally:
         pool.close()
     section.figures.append(Figure.repeated(
-        f"code reward executions/s, warm pool of {workers} sandbox workers (Ray actors)", ours, "executions/s",
-        f"the same programs in plain subprocesses, {workers} at a time", reference, target=0.5,
+        f"code reward executions/s, warm pool of {workers} sandbox workers (Ray actors), "
+        f"{code.runs_per_worker} runs each at once", ours, "executions/s",
+        f"the same programs in plain subprocesses, {at_once} at a time", reference, target=0.5,
         note="what a code run's reward step gets; the issue's bar: isolation at most doubles an execution's cost"))
-    section.rows.append({"what": "sandbox_pool", "executions": count, "workers": workers, "isolated_per_s": ours,
+    section.rows.append({"what": "sandbox_pool", "executions": count, "workers": workers,
+                         "runs_per_worker": code.runs_per_worker, "isolated_per_s": ours,
                          "plain_per_s": reference})
 
 
