@@ -165,8 +165,6 @@ class SandboxPool:
             ready, _ = ray.wait(list(inflight), num_returns=1,
                                 timeout=max(0.0, min(1.0, oldest + self.timeout_s - time.monotonic())))
             for ref in ready:
-                if ref not in inflight:  # its worker was lost with another of its runs: already sent again
-                    continue
                 actor, run, _ = inflight.pop(ref)
                 try:
                     got: TestsRun = ray.get(ref)

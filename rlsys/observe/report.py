@@ -121,7 +121,7 @@ def tool_use(rows: list[dict], run_dir: Path, plt) -> Path:
     fig, (use, acc) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     use.plot(steps, [r["tools/used_frac"] for r in rows], label="rollouts that called a tool")
     use.plot(steps, [r["tools/errors_mean"] for r in rows], label="failed calls per rollout")
-    held = sorted(evaluations(run_dir))
+    held = evaluations(run_dir)  # in version order
     used = [(version, s["tools/used_frac"]) for version, s in held if "tools/used_frac" in s]
     if used:
         use.plot(*zip(*used), "o-", label="held-out: rollouts that called a tool")
