@@ -335,6 +335,42 @@ def test_dump_stacks_signals_only_a_live_actor_it_recorded_never_a_process_with_
         ray.kill(live)
 
 
+def test_a_stack_deeper_than_faulthandler_prints_is_dumped_whole(ray_cluster, tmp_path):
+    """faulthandler prints a thread's innermost 100 frames and cuts the rest, the outermost frames
+    that name the call the actor is in (CI saw a generator in a torch.compile lose its rlsys frames
+    this way). An actor waiting 150 calls deep: its file has faulthandler's cut dump, without the
+    method's name, then py-spy's whole stack, with it."""
+    from rlsys.cluster.deadlines import FAULTHANDLER_CUT, dump_stacks
+    from rlsys.cluster.remote import Placed
+
+    ray = ray_cluster
+
+    def dig(n: int) -> None:
+        if n:
+            return dig(n - 1)
+        time.sleep(600)
+
+    @ray.remote
+    class Deep(Placed):
+        def wait_150_calls_deep(self) -> None:
+            dig(150)
+
+    actor = Deep.options(num_cpus=0).remote()
+    try:
+        where = ray.get(actor.whereami.remote())
+        actor.wait_150_calls_deep.remote()
+        time.sleep(2)  # in its sleep, 150 frames down
+        folder = dump_stacks([where | {"role": "learner", "rank": 0}], tmp_path / "stacks")
+        text = (folder / "learner-0.txt").read_text()
+        cut, _, whole = text.partition("# faulthandler cut a stack at 100 frames; py-spy's full dump:")
+        assert FAULTHANDLER_CUT in cut.splitlines(), text[:3000]
+        assert "wait_150_calls_deep" not in cut, cut[-3000:]
+        assert "wait_150_calls_deep" in whole, text[-3000:]
+        assert whole.count("dig (") >= 150, whole[-3000:]
+    finally:
+        ray.kill(actor)
+
+
 def test_a_phase_past_its_deadline_stops_the_run_with_the_stacks_in_the_run_folder(tmp_path):
     """deadlines.generate_s far below what generating takes: the run stops at its first step with
     a message naming the phase and the engines still generating, and the stack of every actor is

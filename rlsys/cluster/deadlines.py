@@ -9,7 +9,11 @@ deadline raises PhaseTimeout naming the actors still busy. A lost actor raises A
 Stacks: every actor registers faulthandler on SIGUSR1 when it starts (`install_stack_dump`, from
 rlsys.cluster.remote.Placed); `dump_stacks` runs a tiny task on each actor's node that sends the
 signal and reads back what the actor wrote (all threads, Python frames), which works even while
-the actor is stuck in a C call such as a collective. No ptrace, no dashboard needed.
+the actor is stuck in a C call such as a collective. No ptrace, no dashboard needed. faulthandler
+prints at most the innermost 100 frames of a thread and marks a cut with a line "  ..."; a stack that
+deep (a torch.compile under way, say) loses the outermost frames, the ones that say which rlsys
+call it is in, so a cut dump is followed by py-spy's full one (ray[default] installs py-spy; it
+needs ptrace, which a container may forbid: then the file says why it is missing).
 SIGUSR1 kills a process without the handler, and a recorded pid may since belong to another
 process (a replaced reward worker's, say), so only a live actor of the run that is still the
 process that installed the handler is signalled (see `dump_stacks`).
@@ -21,6 +25,8 @@ import faulthandler
 import os
 import re
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -174,8 +180,32 @@ def signal_and_read(pid: int, wait_s: float) -> str:
             time.sleep(0.2)  # the rest of the threads
             with open(path) as f:
                 f.seek(before)
-                return f.read()
+                text = f.read()
+            if FAULTHANDLER_CUT in text.splitlines():
+                text += full_stack(pid)
+            return text
     return f"(process {pid} wrote no stack within {wait_s:g}s)"
+
+
+FAULTHANDLER_CUT = "  ..."  # the line faulthandler writes in place of the frames past its 100th
+
+
+def full_stack(pid: int, timeout_s: float = 20.0) -> str:
+    """Every thread's whole Python stack of process `pid`, read from outside by py-spy (ptrace), for
+    when faulthandler's dump was cut; or, when py-spy cannot read it, the reason."""
+    head = "\n# faulthandler cut a stack at 100 frames; py-spy's full dump:\n"
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.is_file():
+        return f"{head}(no py-spy beside {sys.executable}: install ray[default] or py-spy)\n"
+    try:
+        done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"{head}(py-spy gave no dump within {timeout_s:g}s)\n"
+    if done.returncode != 0:
+        why = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[-1]
+        return f"{head}(py-spy could not read process {pid}: {why}; it needs ptrace: CAP_SYS_PTRACE in a container)\n"
+    return head + done.stdout
 
 
 def run_actors() -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
