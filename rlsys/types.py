@@ -40,6 +40,14 @@ class Rollout:
     """Tool calls made, and those whose tool failed (its error message was the output)."""
     tool_seconds: float = 0.0
     """Seconds its tool calls took (the python tool's: sandboxed runs)."""
+    own_text: str | None = None
+    """generator.tools: `text` without the tools' outputs, only what the model wrote. None: all of
+    `text` is the model's."""
+
+    def model_text(self) -> str:
+        """What the rewards judge: the model's own text. A tool's output is not the model's answer
+        (with it counted, a lenient reader paid a policy that called the calculator and stopped)."""
+        return self.text if self.own_text is None else self.own_text
 
 
 @dataclass

@@ -50,6 +50,7 @@ def test_a_tool_call_is_answered_masked_and_continued_from_the_whole_context():
     assert a.loss_mask == [1, 1, 1] + [0] * len(output) + [1, 1]
     assert a.logprobs == [-0.5] * 3 + [0.0] * len(output) + [-0.5] * 2
     assert a.text == "<calc> 6 * 7 </calc>" + output + " <answer> 42 </answer>"
+    assert a.own_text == "<calc> 6 * 7 </calc> <answer> 42 </answer>"  # what the rewards judge
     assert (a.turns, a.tool_calls, a.tool_errors, a.finish_reason) == (2, 1, 0, "stop")
     assert (b.response_ids, b.loss_mask, b.turns, b.tool_calls) == ([21, 22], [1, 1], 1, 0)
     # turn 2 continued from the prompt, the sampled call and the output, with what was left of the budget
@@ -151,6 +152,36 @@ def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_c
     assert all(lp == 0.0 for lp, m in zip(r.response_logprobs, r.loss_mask) if m == 0)
     assert sum(r.loss_mask[start + len(out_ids):]) > 0, "the engine went on after the output"
     assert len(r.response_ids) <= 48 and len(r.loss_mask) == len(r.response_ids) == len(r.response_logprobs)
+
+
+def test_the_rewards_judge_the_models_own_text_never_a_tools_output(ray_cluster):
+    """A rollout that called the calculator and stopped has the right number only in the tool's
+    output: accuracy 0 with the lenient reader (the last number in the text would be the tool's).
+    One that copied the output into its answer: 1. The reward workers see the text without the
+    output, and evaluation's answer key is the model's."""
+    from rlsys.cluster.remote import RewardActor
+    from rlsys.cluster.rewards import RewardPool
+    from rlsys.config import RewardConfig
+    from rlsys.math.rewards import answer_key
+
+    engine = Script({
+        1: [turn([11], "<think> <calc> 6 * 7 </calc>", stop="</calc>"), turn([12], " </think>")],
+        2: [turn([21], "<think> <calc> 6 * 7 </calc>", stop="</calc>"), turn([22], " </think> 42")],
+    })
+    stopped, copied = multi_turn([[1], [2]], engine, tokenize, ["calculator"], max_turns=4, max_tokens=64,
+                                 run_tool=calc)
+    rollouts = [Rollout(prompt_index=i, group=i, prompt_ids=[i + 1], response_ids=r.response_ids,
+                        response_logprobs=r.logprobs, text=r.text, own_text=r.own_text, finish_reason="stop",
+                        weight_version=0, answer="42", loss_mask=r.loss_mask)
+                for i, r in enumerate([stopped, copied])]
+    assert "42" in rollouts[0].text and rollouts[0].model_text() == "<think> <calc> 6 * 7 </calc> </think>"
+    cfg = RewardConfig(verifier="number", require_answer_tag=False)
+    pool = RewardPool([RewardActor.options(num_cpus=0).remote(cfg)])
+    try:
+        assert [s.accuracy for s in pool.score(rollouts)] == [0.0, 1.0]
+    finally:
+        pool.close()
+    assert [answer_key(r.model_text(), cfg) for r in rollouts] == ["7", "42"]  # the last number the model wrote
 
 
 def test_tool_metrics_count_turns_calls_errors_and_output_tokens():

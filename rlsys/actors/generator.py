@@ -229,7 +229,7 @@ class Generator:
                           lambda text: tokenizer.encode(text, add_special_tokens=False), self.cfg.tools,
                           self.cfg.max_turns, params.max_tokens, self._run_tool)
         return [Rollout(prompt_index=row, group=group, prompt_ids=list(ids), response_ids=r.response_ids,
-                        response_logprobs=r.logprobs, text=r.text, finish_reason=r.finish_reason,
+                        response_logprobs=r.logprobs, text=r.text, own_text=r.own_text, finish_reason=r.finish_reason,
                         weight_version=self.version, answer=answer, loss_mask=r.loss_mask, turns=r.turns,
                         tool_calls=r.tool_calls, tool_errors=r.tool_errors, tool_seconds=r.tool_seconds)
                 for (group, row, ids, answer), r in zip(requests, done)]

@@ -9,7 +9,9 @@ the call's answer is part of the assistant's text, as DeepSeek-R1's tool-free te
 for); the engine continues from the prompt, everything sampled and the output, with the prefix
 cache holding the earlier turns' KV. The output's tokens are in the response but not the model's:
 their loss mask is 0 and they carry no log-prob (0.0, never read: the learner's loss, KL and
-mismatch metrics see only masked-in tokens).
+mismatch metrics see only masked-in tokens). Nor are they judged: the rewards read the rollout's
+own text (Rollout.model_text), the turns without the outputs, so copying a tool's output into the
+answer counts and leaving it in the output does not.
 
 `multi_turn` is pure logic over an `engine_step` function, so the tests run it on scripted turns;
 Generator.generate hands it one over its vLLM engine.
@@ -48,6 +50,7 @@ class ToolRollout:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     loss_mask: list[int] = dataclasses.field(default_factory=list)  # 1: sampled by the model, 0: a tool's output
     text: str = ""
+    own_text: str = ""  # text without the tools' outputs: what the model wrote
     finish_reason: str = "stop"
     turns: int = 0
     tool_calls: int = 0
@@ -83,6 +86,7 @@ def multi_turn(prompts: list[list[int]], engine_step: EngineStep, tokenize: Toke
             r.logprobs += turn.logprobs
             r.loss_mask += [1] * len(turn.token_ids)
             r.text += turn.text
+            r.own_text += turn.text
             r.turns += 1
             r.finish_reason = turn.finish_reason
             left = max_tokens - len(r.response_ids)

@@ -51,7 +51,7 @@ class RewardPool:
         """Every sample scored once. A worker that dies (its process killed, its node lost) or
         gives no answer within timeout_s (hung) is killed, with its verifier child, and replaced;
         its share is scored again by the new one; at most max_restarts times a run."""
-        samples = [(self.prefill + r.text, r.answer) for r in rollouts]
+        samples = [(self.prefill + r.model_text(), r.answer) for r in rollouts]
         size = math.ceil(len(samples) / len(self.actors))
         shares = [samples[i * size:(i + 1) * size] for i in range(len(self.actors))]
         results: list[list[RewardResult] | None] = [None] * len(shares)
@@ -106,7 +106,7 @@ class CodeRewardPool:
         return self.sandboxes.actors
 
     def score(self, rollouts: list[Rollout]) -> list[RewardResult]:
-        completions = [self.prefill + r.text for r in rollouts]
+        completions = [self.prefill + r.model_text() for r in rollouts]
         verdicts = self.sandboxes.judge([(extract_code(c), r.answer) for c, r in zip(completions, rollouts)])
         results = []
         for completion, verdict in zip(completions, verdicts):

@@ -107,7 +107,7 @@ def run_eval(groups, problems: list[Problem], cfg: EvalConfig, data: DataConfig,
     results = []
     for i, problem in enumerate(problems):
         mine = list(zip(rollouts[i * cfg.k:(i + 1) * cfg.k], scores[i * cfg.k:(i + 1) * cfg.k]))
-        answers = [answer_key(data.prefill + r.text, groups.rewards.cfg) for r, _ in mine]
+        answers = [answer_key(data.prefill + r.model_text(), groups.rewards.cfg) for r, _ in mine]
         correct = [s.accuracy == 1.0 for _, s in mine]
         cons, cons_ok = consensus(answers, correct)
         results.append(ProblemResult(i, problem.question, problem.gold, answers, correct, cons, cons_ok,

@@ -100,7 +100,7 @@ def sample(cfg: Config, model: str, dataset: str, k: int, out: Path, filters: Fi
             scored = []
             for r, s in zip(rollouts, scores):
                 i = r.prompt_index
-                language = (language_consistency(cfg.data.prefill + r.text, filters.language)
+                language = (language_consistency(cfg.data.prefill + r.model_text(), filters.language)
                             if filters.language else None)
                 scored.append(Candidate(i, rows[i][0], rows[i][1], r.text, s.accuracy, s.format,
                                         r.finish_reason == "stop", language, len(r.response_ids)))
