@@ -130,6 +130,8 @@ def test_sample_keeps_by_its_rules_and_records_provenance(tmp_path):
     ("  - {name: a, kind: train, overrides: [learner.mini_batch_size=3]}", r"stages\[0\] \(a\): .*mini_batch_size"),
     ("  - {name: a, kind: sample, near_duplicate: 2}", "near-duplicate"),
     ("  - {name: a, kind: sample, few_shot: nowhere.jsonl}", r"stages\[0\] \(a\): few-shot file nowhere.jsonl: file not found"),
+    ("  - {name: a, kind: sample, overrides: ['generator.tools=[calculator]']}",
+     r"stages\[0\] \(a\): generator.tools=\['calculator'\]: rejection sampling with tools is not supported"),
 ])
 def test_bad_pipeline_files_stop_with_the_stage_named(tmp_path, stages, message):
     with pytest.raises(ConfigError, match=message):

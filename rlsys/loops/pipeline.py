@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rlsys.config import Config, ConfigError, load_config
 from rlsys.data.prompts import DataError, load_shots
 from rlsys.data.traces import Filters
+from rlsys.loops.sample import check_sampling
 
 KINDS = ("sample", "sft", "train")
 
@@ -127,7 +128,9 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
             except (ConfigError, DataError) as e:
                 raise ConfigError(f"{where}: {e}") from None
         try:  # the stage's rlsys config, checked now rather than after the stages before it have run
-            load_config(cfg.config, [*cfg.overrides, *s.overrides])
+            stage_cfg = load_config(cfg.config, [*cfg.overrides, *s.overrides])
+            if s.kind == "sample":
+                check_sampling(stage_cfg)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         seen[s.name] = s.kind

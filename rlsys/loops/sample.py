@@ -43,6 +43,16 @@ def questions(dataset: str, split: str, limit: int | None, cfg: Config) -> tuple
                                   f"--dataset {dataset} --split {split}")
 
 
+def check_sampling(cfg: Config) -> None:
+    """What `rlsys sample` cannot do, refused before anything starts. generator.tools: a sample's
+    text holds the tools' outputs, and `rlsys sft` trains on every token of a response, so the model
+    would learn to write the outputs itself."""
+    if cfg.generator.tools:
+        raise ConfigError(f"generator.tools={list(cfg.generator.tools)}: rejection sampling with tools is not "
+                          "supported (SFT would train on the tools' outputs as the model's own text); "
+                          "sample without tools: generator.tools=[]")
+
+
 def checkpoint_step(model_path: str) -> int | None:
     """The training step of a checkpoint folder (.../checkpoints/step_N), else None."""
     name = Path(model_path).name
@@ -64,6 +74,7 @@ def sample(cfg: Config, model: str, dataset: str, k: int, out: Path, filters: Fi
     from rlsys.loops.evaluate import require_usable_golds
 
     filters.check()
+    check_sampling(cfg)
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
     if out.exists():
