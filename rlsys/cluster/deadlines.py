@@ -190,9 +190,10 @@ def signal_and_read(pid: int, wait_s: float) -> str:
 FAULTHANDLER_CUT = "  ..."  # the line faulthandler writes in place of the frames past its 100th
 
 
-def full_stack(pid: int, timeout_s: float = 20.0) -> str:
+def full_stack(pid: int, timeout_s: float = 10.0) -> str:
     """Every thread's whole Python stack of process `pid`, read from outside by py-spy (ptrace), for
-    when faulthandler's dump was cut; or, when py-spy cannot read it, the reason."""
+    when faulthandler's dump was cut; or, when py-spy cannot read it, the reason. timeout_s keeps
+    the signal, the read and this within the wait_s + 20 s that dump_stacks gives each node."""
     head = "\n# faulthandler cut a stack at 100 frames; py-spy's full dump:\n"
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.is_file():
