@@ -196,7 +196,7 @@ def sandbox_pool_figure(section: Section, count: int, repeats: int, workers: int
     tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
     gold = json.dumps({"tests": tests})
     code = CodeConfig(wall_s=10.0)
-    pool = SandboxPool(lambda: SandboxActor.options(num_cpus=0, max_concurrency=code.runs_per_worker).remote(code),
+    pool = SandboxPool(lambda n: SandboxActor.options(num_cpus=0, max_concurrency=n).remote(code),
                        workers, workers, 10**6, limits_of(code), timeout_s=60.0, runs_per_worker=code.runs_per_worker)
     pool.wait_ready()
     at_once = workers * code.runs_per_worker  # the plain side runs as many at a time as the pool does

@@ -81,7 +81,7 @@ def pool_of(make, workers=2, max_workers=2, backlog=4, timeout_s=20.0, max_resta
 
 def test_pool_judges_as_the_sandbox_does_each_program_once_and_splits_tests_over_free_workers(ray_cluster, tmp_path):
     log = str(tmp_path / "runs.jsonl")
-    pool = pool_of(lambda: Recording.options(num_cpus=0.5).remote(CODE, log))
+    pool = pool_of(lambda n: Recording.options(num_cpus=0.5, max_concurrency=n).remote(CODE, log))
     try:
         # One program, two workers: its 4 tests go in two parts of 2, one per worker; the verdict is the one
         # a single sandbox run gives.
@@ -115,7 +115,8 @@ def test_pool_judges_as_the_sandbox_does_each_program_once_and_splits_tests_over
 
 def test_a_worker_that_dies_or_hangs_is_replaced_and_the_run_done_again(ray_cluster, tmp_path):
     log = str(tmp_path / "runs.jsonl")
-    pool = pool_of(lambda: Recording.options(num_cpus=0.5).remote(CODE, log), timeout_s=10.0, max_restarts=3)
+    pool = pool_of(lambda n: Recording.options(num_cpus=0.5, max_concurrency=n).remote(CODE, log), timeout_s=10.0,
+                   max_restarts=3)
     try:
         # killed once (the marker file makes the second try live): the run goes again and passes
         killer = RIGHT + "\n# KILL_WORKER"
@@ -146,7 +147,7 @@ def test_a_worker_runs_two_programs_at_once_and_when_it_dies_both_go_again(ray_c
     killed during them (the other one sleeps 2 s in its sandbox, so it is still running), it is replaced
     once, and both runs are done again on the new worker."""
     log = str(tmp_path / "runs.jsonl")
-    pool = pool_of(lambda: Recording.options(num_cpus=0.5, max_concurrency=2).remote(CODE, log), workers=1,
+    pool = pool_of(lambda n: Recording.options(num_cpus=0.5, max_concurrency=n).remote(CODE, log), workers=1,
                    max_workers=1, runs_per_worker=2)
     try:
         killer, other = RIGHT + "\n# KILL_WORKER_WITH_ANOTHER", "import time\ntime.sleep(2)\n" + RIGHT
@@ -162,7 +163,8 @@ def test_a_worker_runs_two_programs_at_once_and_when_it_dies_both_go_again(ray_c
 
 
 def test_the_pool_grows_while_runs_wait_and_shrinks_back(ray_cluster):
-    pool = pool_of(lambda: SandboxActor.options(num_cpus=0.5).remote(CODE), workers=1, max_workers=3, backlog=2)
+    pool = pool_of(lambda n: SandboxActor.options(num_cpus=0.5, max_concurrency=n).remote(CODE), workers=1,
+                   max_workers=3, backlog=2)
     try:
         programs = [(f"def add(a, b):\n    return a + b + {i} - {i}", ADD) for i in range(12)]
         assert [v.passed for v in pool.judge(programs)] == [4] * 12  # 12 runs > 2 per worker: one more asked
@@ -177,7 +179,7 @@ def test_the_pool_grows_while_runs_wait_and_shrinks_back(ray_cluster):
 
 
 def test_code_reward_pool_pays_accuracy_from_the_sandbox_and_format_on_the_driver(ray_cluster):
-    pool = pool_of(lambda: SandboxActor.options(num_cpus=0.5).remote(CODE))
+    pool = pool_of(lambda n: SandboxActor.options(num_cpus=0.5, max_concurrency=n).remote(CODE))
     try:
         cfg = RewardConfig(verifier="code", accuracy_weight=0.8, format_weight=0.2, require_answer_tag=True,
                            code=CODE)

@@ -137,13 +137,14 @@ def launch(cfg: Config, model_path: str, verifier: str, train: bool = True) -> G
     reward_cpus = code.num_cpus if verifier == "code" else cfg.reward.num_cpus
 
     def reward_worker():
-        if verifier == "code":  # the programs' judges, in place of the reward workers (rlsys.cluster.sandboxes)
-            return SandboxActor.options(num_cpus=reward_cpus, max_concurrency=code.runs_per_worker).remote(code)
         return RewardActor.options(num_cpus=reward_cpus).remote(reward_cfg)
+
+    def sandbox_worker(max_concurrency: int):  # the programs' judges, in place of the reward workers
+        return SandboxActor.options(num_cpus=reward_cpus, max_concurrency=max_concurrency).remote(code)
 
     sandboxes = None
     if verifier == "code":
-        sandboxes = SandboxPool(reward_worker, code.workers, code.max_workers, code.backlog, limits_of(code),
+        sandboxes = SandboxPool(sandbox_worker, code.workers, code.max_workers, code.backlog, limits_of(code),
                                 cfg.reward.timeout_s, cfg.deadlines.start_s, cfg.cluster.max_actor_restarts,
                                 code.runs_per_worker)
         rewards = [a for a, _ in sandboxes.starting.values()]

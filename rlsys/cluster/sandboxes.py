@@ -58,10 +58,11 @@ class _Run:
 class SandboxPool:
     def __init__(self, make, workers: int, max_workers: int, backlog: int, limits: Limits, timeout_s: float,
                  start_timeout_s: float = 300.0, max_restarts: int = 3, runs_per_worker: int = 1):
-        """make(): a new sandbox worker actor (rlsys.cluster.remote.SandboxActor, made with
-        max_concurrency=runs_per_worker); workers: the pool's size at the start and its floor; limits:
-        the runs' limits (part of the cache key); timeout_s: the deadline of one worker call;
-        start_timeout_s: of a worker's start; runs_per_worker: calls in flight to one worker at once."""
+        """make(max_concurrency): a new sandbox worker actor (rlsys.cluster.remote.SandboxActor) that
+        takes that many calls at once: the pool passes runs_per_worker, so the two agree. workers: the
+        pool's size at the start and its floor; limits: the runs' limits (part of the cache key);
+        timeout_s: the deadline of one worker call; start_timeout_s: of a worker's start;
+        runs_per_worker: calls in flight to one worker at once."""
         self.make, self.min_workers, self.max_workers, self.backlog = make, workers, max_workers, backlog
         self.runs_per_worker = runs_per_worker
         self.limits, self.timeout_s, self.start_timeout_s = limits, timeout_s, start_timeout_s
@@ -214,7 +215,7 @@ class SandboxPool:
             ray.kill(self.ready.pop())
 
     def _start(self) -> None:
-        actor = self.make()
+        actor = self.make(self.runs_per_worker)
         self.starting[actor.whereami.remote()] = (actor, time.monotonic())
 
     def _admit(self, timeout: float, block: bool = False) -> list[dict]:
