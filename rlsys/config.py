@@ -124,8 +124,12 @@ class GeneratorConfig:
     tools: list[str] = field(default_factory=list)
     """Tools the model may call in its rollouts (rlsys.actors.tools): calculator (`<calc> 3 * 4
     </calc>`) | python (`<python> print(1) </python>`, run in reward.code's sandbox). The output comes
-    back as `<output> ... </output>` in the text and generation goes on; its tokens are left out of the
-    loss. The prompt must tell the model how to call them. []: no tools, one turn."""
+    back (generator.tool_output) and generation goes on; its tokens are left out of the loss and of
+    what the rewards judge. The prompt must tell the model how to call them. []: no tools, one turn."""
+    tool_output: str = "block"
+    """How a tool's output comes back: block (`<output> ... </output>` inside the assistant's text,
+    R1's text form) | turn (a message of role tool in the chat template, then a new assistant turn:
+    data.template=chat)."""
     max_turns: int = 4
     """With generator.tools: turns per rollout at most (a turn ends at a tool call or the end); the
     tokens of all turns and tool outputs together stay within generator.max_tokens."""
@@ -738,6 +742,7 @@ CHOICES: dict[str, tuple] = {
     "reward.verifier": ("auto", "math", "number", "reasoning_gym", "code"),  # auto + rlsys.math.rewards.VERIFIERS
     "reward.code.sandbox": ("bwrap", "unsafe_rlimits_only"),  # rlsys.sandbox.execute.MODES
     "generator.tools": ("calculator", "python"),  # rlsys.actors.tools.TOOLS: each item one of these
+    "generator.tool_output": ("block", "turn"),  # rlsys.actors.tools.OUTPUT_FORMS
     "reward.language": ("ar", "de", "el", "en", "es", "fa", "fr", "he", "hi", "id", "it", "ja", "ko", "nl", "pl", "pt",
                         "ru", "th", "tr", "uk", "vi", "zh"),  # rlsys.math.language.SCRIPTS
     "algo.aggregation": ("token", "sequence"),
@@ -933,6 +938,14 @@ def _training_samples_the_full_distribution(cfg: Config) -> str | None:
         return (f"generator.top_p={cfg.generator.top_p}: training needs top_p = 1; with top-p the generators sample "
                 "a truncated distribution that the learner's log-probs (full vocabulary) do not reproduce, so the "
                 "importance ratios would be wrong (eval.top_p sets evaluation sampling)")
+
+
+@rule("generator.tool_output", "data.template")
+def _tool_turns_need_the_chat_template(cfg: Config) -> str | None:
+    """generator.tool_output=turn needs data.template=chat (a tool turn is a chat message)."""
+    if cfg.generator.tool_output == "turn" and cfg.data.template != "chat":
+        return (f"generator.tool_output=turn needs data.template=chat (a tool turn is a chat message), "
+                f"got data.template={cfg.data.template}")
 
 
 @rule("data.system_prompt", "data.template")

@@ -389,7 +389,7 @@ def test_declared_checks_name_real_keys_and_match_the_components_lists():
     from rlsys.math.language import SCRIPTS
     from rlsys.math.rewards import VERIFIERS
     from rlsys.sandbox.execute import MODES
-    from rlsys.actors.tools import TOOLS
+    from rlsys.actors.tools import OUTPUT_FORMS, TOOLS
 
     cfg = Config()
     for key in [*CHOICES, *LOWER_BOUNDS, *RANGES, *(k for r in RULES for k in r.keys)]:
@@ -397,6 +397,7 @@ def test_declared_checks_name_real_keys_and_match_the_components_lists():
     assert CHOICES["reward.verifier"] == ("auto", *VERIFIERS)
     assert CHOICES["reward.code.sandbox"] == MODES
     assert CHOICES["generator.tools"] == TOOLS
+    assert CHOICES["generator.tool_output"] == OUTPUT_FORMS
     assert CHOICES["reward.language"] == tuple(sorted(SCRIPTS))
     assert all(r.says and r.check(cfg) is None for r in RULES), "the defaults break no rule"
 
@@ -408,6 +409,8 @@ def test_declared_checks_name_real_keys_and_match_the_components_lists():
     (["learner.min_lr_ratio=1.5"], "learner.min_lr_ratio must be in [0.0, 1.0], got 1.5"),
     (["reward.code.memory_mb=8"], "reward.code.memory_mb must be >= 16, got 8"),
     (["generator.tools=[calculator,shell]"], "generator.tools: each item must be calculator or python, got 'shell'"),
+    (["generator.tool_output=turn"], "generator.tool_output=turn needs data.template=chat (a tool turn is a chat "
+                                     "message), got data.template=r1_zero"),
     (["reward.code.workers=3", "reward.code.max_workers=2"], "reward.code.max_workers=2 is below reward.code.workers=3"),
     (["autoscale.enabled=true", "autoscale.grow_above=1.5", "generator.num_engines=2"],
      "autoscale.grow_above must be in (0, 1) and autoscale.patience >= 1, got 1.5, 2"),

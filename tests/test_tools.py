@@ -4,7 +4,7 @@ the loss with no log-prob, the turn and token budgets kept, the calculator's ans
 import pytest
 import torch
 
-from rlsys.actors.tools import Turn, calculate, multi_turn, run_calculator, tool_call
+from rlsys.actors.tools import Turn, calculate, chat_tool_turn, multi_turn, run_calculator, tool_call
 from rlsys.config import AlgoConfig
 from rlsys.math.batch import make_batch
 from rlsys.types import Rollout
@@ -56,6 +56,45 @@ def test_a_tool_call_is_answered_masked_and_continued_from_the_whole_context():
     # turn 2 continued from the prompt, the sampled call and the output, with what was left of the budget
     assert engine.asked == [([1, 100], 64), ([2, 200], 64),
                             ([1, 100, 11, 12, 13] + tokenize(output), 64 - 3 - len(output))]
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from rlsys.config import load_config
+    from rlsys.data.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(load_config(None, ["model.path=smollm2-135m-instruct"]).model))
+
+
+def test_a_tool_turn_is_the_chat_templates_own_text_masked_out():
+    """generator.tool_output=turn: after the call, the assistant's turn is closed, the output comes as a
+    message of role tool and a new assistant turn opens, all as SmolLM2's chat template writes them
+    and all masked out; the next turn continues from there. A template without a tool role is refused
+    by name."""
+    tokenizer = smollm2_tokenizer()
+    between = chat_tool_turn(tokenizer, "42")
+    assert between == "<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    engine = Script({1: [turn([11, 12], "<calc> 6 * 7 </calc>", stop="</calc>"),
+                         turn([14, 15], "<answer> 42 </answer>")]})
+    [a] = multi_turn([[1, 100]], engine, encode, ["calculator"], max_turns=4, max_tokens=64, run_tool=calc,
+                     wrap=lambda out: chat_tool_turn(tokenizer, out))
+    assert a.response_ids == [11, 12] + encode(between) + [14, 15]
+    assert encode(between)[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the special token, not its letters
+    assert a.loss_mask == [1, 1] + [0] * len(encode(between)) + [1, 1]
+    assert a.text == "<calc> 6 * 7 </calc>" + between + "<answer> 42 </answer>"
+    assert a.own_text == "<calc> 6 * 7 </calc><answer> 42 </answer>"
+    assert engine.asked[1] == ([1, 100, 11, 12] + encode(between), 64 - 2 - len(encode(between)))
+
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool "
+                               "role here') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match=r"cannot render a tool message \(TemplateError: no tool role here\); "
+                                         r"use generator.tool_output=block"):
+        chat_tool_turn(tokenizer, "42")
 
 
 def test_a_failed_call_says_why_in_its_output_and_is_counted():
@@ -114,14 +153,16 @@ def test_tool_output_tokens_are_in_the_row_but_out_of_the_loss():
     assert torch.equal(batch.loss_mask, torch.tensor([[0, 0, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.float32))
 
 
-def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_cluster):
+@pytest.mark.parametrize("form", ["block", "turn"])
+def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_cluster, form):
     """SmolLM2-135M-Instruct in a real vLLM engine, greedy, on a prompt whose worked example calls the
     calculator and which opens the next call: the model writes the expression and closes the call
-    (it does not open one unprompted at this size), the engine stops at </calc>, the output is put in and masked out
-    (log-prob 0), and the engine continues from the whole context. The model's own tokens around the
-    output are what the engine sampled; the output's tokens are exactly the tokenizer's."""
+    (it does not open one unprompted at this size), the engine stops at </calc>, the output is put in
+    and masked out (log-prob 0), and the engine continues from the whole context. block: the output
+    inside the text; turn: as a chat message of role tool, the example written in the chat template
+    too. The model's own tokens around the output are what the engine sampled; the output's tokens
+    are exactly the tokenizer's."""
     import ray
-    from transformers import AutoTokenizer
 
     from rlsys.cluster.groups import launch
     from rlsys.config import load_config
@@ -129,11 +170,20 @@ def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_c
 
     cfg = load_config(None, ["model.path=smollm2-135m-instruct", "generator.num_engines=1", "generator.tools=[calculator]",
                              "generator.max_turns=3", "generator.max_tokens=48", "generator.max_model_len=512",
-                             "reward.num_workers=1"])
+                             "reward.num_workers=1", f"generator.tool_output={form}",
+                             f"data.template={'chat' if form == 'turn' else 'r1_zero'}"])
     model_path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompt = ("Q: What is 12 * 3?\nA: <calc> 12 * 3 </calc> <output> 36 </output> The answer is 36.\n\n"
-              "Q: What is 347 * 862?\nA: <calc>")
+    tokenizer = smollm2_tokenizer()
+    if form == "block":
+        prompt = ("Q: What is 12 * 3?\nA: <calc> 12 * 3 </calc> <output> 36 </output> The answer is 36.\n\n"
+                  "Q: What is 347 * 862?\nA: <calc>")
+        expected = " <output> 299114 </output>"
+    else:
+        prompt = tokenizer.apply_chat_template([
+            {"role": "user", "content": "What is 12 * 3?"}, {"role": "assistant", "content": "<calc> 12 * 3 </calc>"},
+            {"role": "tool", "content": "36"}, {"role": "assistant", "content": "The answer is 36."},
+            {"role": "user", "content": "What is 347 * 862?"}], tokenize=False, add_generation_prompt=True) + "<calc>"
+        expected = chat_tool_turn(tokenizer, "299114")
     ids = tokenizer.encode(prompt)
     groups = launch(cfg, model_path, verifier="number", train=False)
     try:
@@ -143,15 +193,15 @@ def test_a_real_engine_calls_the_calculator_and_continues_after_its_output(ray_c
     assert r.tool_calls >= 1 and r.turns == r.tool_calls + 1, r.text
     assert r.text.startswith(" 347 * 862 </calc>"), r.text
     first = r.text.index("</calc>") + len("</calc>")
-    output = r.text[first:r.text.index("</output>") + len("</output>")]
-    assert output == " <output> 299114 </output>", r.text  # the model copied the numbers into its call
-    out_ids = tokenizer.encode(output, add_special_tokens=False)
+    assert r.text[first:first + len(expected)] == expected, r.text  # the model copied the numbers into its call
+    out_ids = tokenizer.encode(expected, add_special_tokens=False)
     start = r.loss_mask.index(0)
     assert r.loss_mask[start:start + len(out_ids)] == [0] * len(out_ids) and r.response_ids[start:start + len(out_ids)] \
         == out_ids
     assert all(lp == 0.0 for lp, m in zip(r.response_logprobs, r.loss_mask) if m == 0)
     assert sum(r.loss_mask[start + len(out_ids):]) > 0, "the engine went on after the output"
     assert len(r.response_ids) <= 48 and len(r.loss_mask) == len(r.response_ids) == len(r.response_logprobs)
+    assert r.model_text().startswith(r.text[:first]) and expected not in r.model_text(), r.model_text()  # judged
 
 
 def test_the_rewards_judge_the_models_own_text_never_a_tools_output(ray_cluster):

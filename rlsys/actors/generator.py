@@ -168,6 +168,10 @@ class Generator:
         )
         if not torch.cuda.is_available():  # each push reallocates the layers vLLM reloads: keep them on the heap
             self.llm.collective_rpc("rlsys_keep_freed_memory")
+        if cfg.tools and cfg.tool_output == "turn":  # a template without a tool role stops the start, named
+            from rlsys.actors.tools import chat_tool_turn
+
+            chat_tool_turn(self.llm.get_tokenizer(), "0")
 
     def generate(self, prompts: list[PromptRequest], n: int, greedy: bool = False,
                  temperature: float | None = None, top_p: float | None = None, max_tokens: int | None = None,
@@ -208,7 +212,7 @@ class Generator:
         one engine call for every rollout still going (the prefix cache holds the earlier turns)."""
         from vllm import SamplingParams
 
-        from rlsys.actors.tools import Turn, multi_turn, stop_strings
+        from rlsys.actors.tools import Turn, chat_tool_turn, multi_turn, output_block, stop_strings
 
         tokenizer = self.llm.get_tokenizer()
         stops = stop_strings(self.cfg.tools)
@@ -225,9 +229,10 @@ class Generator:
             return turns
 
         requests = [req for req in prompts for _ in range(n)]
+        wrap = output_block if self.cfg.tool_output == "block" else lambda out: chat_tool_turn(tokenizer, out)
         done = multi_turn([ids for _, _, ids, _ in requests], engine_step,
                           lambda text: tokenizer.encode(text, add_special_tokens=False), self.cfg.tools,
-                          self.cfg.max_turns, params.max_tokens, self._run_tool)
+                          self.cfg.max_turns, params.max_tokens, self._run_tool, wrap)
         return [Rollout(prompt_index=row, group=group, prompt_ids=list(ids), response_ids=r.response_ids,
                         response_logprobs=r.logprobs, text=r.text, own_text=r.own_text, finish_reason=r.finish_reason,
                         weight_version=self.version, answer=answer, loss_mask=r.loss_mask, turns=r.turns,

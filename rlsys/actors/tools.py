@@ -4,10 +4,11 @@ generation goes on, up to generator.max_turns turns and generator.max_tokens tok
 A call is an element the model writes: `<calc> 347 * 862 </calc>` (calculator: arithmetic on
 numbers) or `<python> print(2 ** 100) </python>` (Python: the program's stdout, run in the code
 rewards' sandbox, rlsys.sandbox). Generation stops at the closing tag (a vLLM stop string kept in
-the output); the tool runs; its output comes back as `<output> ... </output>` (R1's text template:
-the call's answer is part of the assistant's text, as DeepSeek-R1's tool-free template leaves room
-for); the engine continues from the prompt, everything sampled and the output, with the prefix
-cache holding the earlier turns' KV. The output's tokens are in the response but not the model's:
+the output); the tool runs; its output comes back (generator.tool_output) as `<output> ... </output>`
+in the assistant's text (block: R1's text form, as DeepSeek-R1's tool-free template leaves room for)
+or as a chat message of role tool followed by a new assistant turn (turn: `chat_tool_turn`, the
+model's chat template rendering both); the engine continues from the prompt, everything sampled
+and the outputs, with the prefix cache holding the earlier turns' KV. The output's tokens are in the response but not the model's:
 their loss mask is 0 and they carry no log-prob (0.0, never read: the learner's loss, KL and
 mismatch metrics see only masked-in tokens). Nor are they judged: the rewards read the rollout's
 own text (Rollout.model_text), the turns without the outputs, so copying a tool's output into the
@@ -28,8 +29,35 @@ from typing import Callable
 
 TOOLS = ("calculator", "python")
 TAGS = {"calculator": "calc", "python": "python"}
+OUTPUT_FORMS = ("block", "turn")
 OUTPUT_CHARS = 200
 """A tool's output is cut to this many characters (a program that prints megabytes costs no context)."""
+
+
+def output_block(output: str) -> str:
+    """generator.tool_output=block: the output inside the assistant's text."""
+    return f" <output> {output} </output>"
+
+
+def chat_tool_turn(tokenizer, output: str) -> str:
+    """generator.tool_output=turn: the text from the end of the assistant's call to the start of its
+    next turn, as the model's chat template renders it: the assistant turn's end, a message of role
+    tool holding `output`, and the next assistant turn's opening. A template that has no tool role
+    raises ValueError naming it."""
+    mark = "\x00CALL\x00"  # where the assistant's text ends: nothing a template writes
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+    from jinja2 import TemplateError  # what transformers' templates raise, their raise_exception included
+
+    try:
+        text = tokenizer.apply_chat_template(turns + [{"role": "tool", "content": output}], tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as e:
+        raise ValueError(f"generator.tool_output=turn: the model's chat template cannot render a tool message "
+                         f"({type(e).__name__}: {e}); use generator.tool_output=block") from e
+    if text.count(mark) != 1 or output not in text[text.index(mark):]:
+        raise ValueError("generator.tool_output=turn: the model's chat template does not show the assistant's text "
+                         "and then the tool's output; use generator.tool_output=block")
+    return text[text.index(mark) + len(mark):]
 
 
 @dataclasses.dataclass
@@ -68,11 +96,13 @@ def stop_strings(tools: list[str]) -> list[str]:
 
 
 def multi_turn(prompts: list[list[int]], engine_step: EngineStep, tokenize: Tokenize, tools: list[str],
-               max_turns: int, max_tokens: int, run_tool: Callable[[str, str], tuple[str, bool]]) -> list[ToolRollout]:
+               max_turns: int, max_tokens: int, run_tool: Callable[[str, str], tuple[str, bool]],
+               wrap: Callable[[str], str] = output_block) -> list[ToolRollout]:
     """One rollout per prompt (repeat a prompt for several samples). Each turn continues every
     unfinished rollout; a turn that ends at a tool's closing tag, with turns and tokens left, gets the
-    tool's output (run_tool(tool, call) -> (output, failed)) appended, masked out, and goes on. A
-    rollout whose tokens reach max_tokens ends with finish_reason "length", the output cut if need be."""
+    tool's output (run_tool(tool, call) -> (output, failed)) appended as wrap(output), masked out, and
+    goes on. A rollout whose tokens reach max_tokens ends with finish_reason "length", the output cut
+    if need be."""
     rollouts = [ToolRollout(list(p)) for p in prompts]
     active = list(range(len(prompts)))
     by_stop = {f"</{TAGS[t]}>": t for t in tools}
@@ -101,7 +131,7 @@ def multi_turn(prompts: list[list[int]], engine_step: EngineStep, tokenize: Toke
             r.tool_seconds += time.perf_counter() - start
             r.tool_calls += 1
             r.tool_errors += failed
-            block = f" <output> {output[:OUTPUT_CHARS]} </output>"
+            block = wrap(output[:OUTPUT_CHARS])
             ids = tokenize(block)
             if len(ids) >= left:  # no room left to answer after the output: the rollout ends here
                 ids = ids[:left]
