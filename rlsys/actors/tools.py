@@ -8,11 +8,11 @@ the output); the tool runs; its output comes back (generator.tool_output) as `<o
 in the assistant's text (block: R1's text form, as DeepSeek-R1's tool-free template leaves room for)
 or as a chat message of role tool followed by a new assistant turn (turn: `chat_tool_turn`, the
 model's chat template rendering both); the engine continues from the prompt, everything sampled
-and the outputs, with the prefix cache holding the earlier turns' KV. The output's tokens are in the response but not the model's:
-their loss mask is 0 and they carry no log-prob (0.0, never read: the learner's loss, KL and
-mismatch metrics see only masked-in tokens). Nor are they judged: the rewards read the rollout's
-own text (Rollout.model_text), the turns without the outputs, so copying a tool's output into the
-answer counts and leaving it in the output does not.
+and the outputs, with the prefix cache holding the earlier turns' KV. The output's tokens are in the
+response but not the model's: their loss mask is 0 and they carry no log-prob (0.0, never read: the
+learner's loss, KL and mismatch metrics see only masked-in tokens). Nor are they judged: the
+rewards read the rollout's own text (Rollout.model_text), the turns without the outputs, so copying
+a tool's output into the answer counts and leaving it in the output does not.
 
 `multi_turn` is pure logic over an `engine_step` function, so the tests run it on scripted turns;
 Generator.generate hands it one over its vLLM engine.
@@ -44,20 +44,21 @@ def chat_tool_turn(tokenizer, output: str) -> str:
     next turn, as the model's chat template renders it: the assistant turn's end, a message of role
     tool holding `output`, and the next assistant turn's opening. A template that has no tool role
     raises ValueError naming it."""
-    mark = "\x00CALL\x00"  # where the assistant's text ends: nothing a template writes
-    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
     from jinja2 import TemplateError  # what transformers' templates raise, their raise_exception included
 
+    mark = "\x00CALL\x00"  # where the assistant's text ends: nothing a template writes
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
     try:
         text = tokenizer.apply_chat_template(turns + [{"role": "tool", "content": output}], tokenize=False,
                                              add_generation_prompt=True)
     except TemplateError as e:
         raise ValueError(f"generator.tool_output=turn: the model's chat template cannot render a tool message "
                          f"({type(e).__name__}: {e}); use generator.tool_output=block") from e
-    if text.count(mark) != 1 or output not in text[text.index(mark):]:
+    after = text.partition(mark)[2]
+    if text.count(mark) != 1 or output not in after:
         raise ValueError("generator.tool_output=turn: the model's chat template does not show the assistant's text "
                          "and then the tool's output; use generator.tool_output=block")
-    return text[text.index(mark) + len(mark):]
+    return after
 
 
 @dataclasses.dataclass
